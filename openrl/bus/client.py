@@ -1,0 +1,287 @@
+"""The JetStream client every OpenRL process uses: a few verbs, one ack policy.
+
+- `Bus.connect` opens a connection that reconnects forever and pings every few seconds.
+- `Bus.ensure` creates (or updates) every stream and bucket; it is idempotent, so every
+  process calls it at start and nobody has to run a migration first.
+- `Bus.publish` publishes with a deterministic `Nats-Msg-Id`, so a retried publish of the
+  same request is dropped by JetStream's duplicate window.
+- `Bus.consume` is the pull loop; `_deliver` is the only place that decides ack / nak /
+  term / in_progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import msgspec
+import nats
+import structlog
+from nats.js import api
+from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+
+from openrl.bus import subjects
+from openrl.bus.errors import InvalidRequest
+from openrl.bus.messages import Future, decode, encode
+
+log = structlog.get_logger(__name__)
+
+# Largest message the bus accepts; the embedded server is started with this
+# max_payload and the gateway refuses bodies above it with 413 (nats-py closes the
+# connection on an oversize publish, so it must never get that far).
+MAX_PAYLOAD = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    url: str = "nats://127.0.0.1:4222"
+    name: str = "openrl"
+    futures_ttl_s: float = 6 * 3600  # results stay retrievable this long after they finish
+    duplicate_window_s: float = 600
+    replicas: int = 1  # 3 on a clustered NATS
+
+
+class Bus:
+    """A connection plus handles on the streams and buckets OpenRL uses."""
+
+    def __init__(self, nc: nats.NATS, cfg: BusConfig):
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.cfg = cfg
+        self.futures: KeyValue
+        self.models: KeyValue
+        self.sessions: KeyValue
+        self.workers: KeyValue
+
+    @classmethod
+    async def connect(cls, cfg: BusConfig) -> Bus:
+        async def on_error(e: Exception) -> None:
+            log.warning("bus_error", error=repr(e))
+
+        async def on_disconnect() -> None:
+            log.warning("bus_disconnected", url=cfg.url)
+
+        async def on_reconnect() -> None:
+            log.info("bus_reconnected", url=cfg.url)
+
+        nc = await nats.connect(
+            servers=[cfg.url],
+            name=cfg.name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            ping_interval=5,
+            max_outstanding_pings=3,
+            connect_timeout=5,
+            allow_reconnect=True,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+        )
+        bus = cls(nc, cfg)
+        await bus.ensure()
+        return bus
+
+    async def close(self) -> None:
+        if self.nc.is_connected:
+            await self.nc.drain()
+
+    # -- topology ---------------------------------------------------------------
+
+    async def ensure(self) -> None:
+        """Create or update every stream and bucket. Safe to call from every process."""
+        r = self.cfg.replicas
+        await self._ensure_stream(
+            api.StreamConfig(
+                name=subjects.TRAIN_STREAM,
+                subjects=[f"{subjects.PREFIX}.train.>"],
+                retention=api.RetentionPolicy.LIMITS,  # a log: kept for replay and recovery
+                storage=api.StorageType.FILE,
+                duplicate_window=self.cfg.duplicate_window_s,
+                max_msg_size=MAX_PAYLOAD,
+                num_replicas=r,
+            )
+        )
+        await self._ensure_stream(
+            api.StreamConfig(
+                name=subjects.CREATE_STREAM,
+                subjects=[f"{subjects.PREFIX}.create.>"],
+                retention=api.RetentionPolicy.WORK_QUEUE,
+                storage=api.StorageType.FILE,
+                duplicate_window=self.cfg.duplicate_window_s,
+                num_replicas=r,
+            )
+        )
+        self.futures = await self._ensure_kv(subjects.FUTURES_BUCKET, ttl=self.cfg.futures_ttl_s)
+        self.models = await self._ensure_kv(subjects.MODELS_BUCKET)
+        self.sessions = await self._ensure_kv(subjects.SESSIONS_BUCKET)
+        self.workers = await self._ensure_kv(subjects.WORKERS_BUCKET, ttl=30)
+
+    async def _ensure_stream(self, cfg: api.StreamConfig) -> None:
+        try:
+            await self.js.add_stream(cfg)
+        except BadRequestError:  # exists with another config: bring it to ours
+            await self.js.update_stream(cfg)
+
+    async def _ensure_kv(self, bucket: str, ttl: float | None = None) -> KeyValue:
+        try:
+            return await self.js.key_value(bucket)
+        except (NotFoundError, BadRequestError):
+            pass
+        try:
+            return await self.js.create_key_value(
+                api.KeyValueConfig(
+                    bucket=bucket,
+                    history=1,
+                    ttl=ttl,
+                    max_value_size=MAX_PAYLOAD,
+                    storage=api.StorageType.FILE,
+                    replicas=self.cfg.replicas,
+                )
+            )
+        except BadRequestError:  # a racing process created it first
+            return await self.js.key_value(bucket)
+
+    # -- publishing ---------------------------------------------------------------
+
+    async def publish(self, subject: str, msg: msgspec.Struct, *, msg_id: str) -> None:
+        """Publish to a stream; `msg_id` makes a retried publish of the same request a no-op."""
+        await self.js.publish(subject, encode(msg), headers={"Nats-Msg-Id": msg_id}, timeout=10)
+
+    # -- key-value helpers ----------------------------------------------------------
+
+    async def kv_get(self, kv: KeyValue, key: str, type_: type):
+        """The decoded value under `key`, or None."""
+        try:
+            entry = await kv.get(subjects.kv_key(key))
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return decode(entry.value, type_)
+
+    async def kv_put(self, kv: KeyValue, key: str, value: msgspec.Struct) -> None:
+        await kv.put(subjects.kv_key(key), encode(value))
+
+    async def kv_create(self, kv: KeyValue, key: str, value: msgspec.Struct) -> bool:
+        """Write `value` only if `key` is absent; False when it already existed."""
+        try:
+            await kv.create(subjects.kv_key(key), encode(value))
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def finish_future(self, fut: Future) -> None:
+        """Store a finished future and wake whoever long-polls it."""
+        await self.kv_put(self.futures, fut.request_id, fut)
+        await self.nc.publish(subjects.done(fut.request_id), b"")
+
+    # -- consuming -----------------------------------------------------------------
+
+    async def consume(
+        self,
+        *,
+        stream: str,
+        durable: str,
+        filter_subject: str,
+        type_: object,
+        handle: Callable[[object], Awaitable[None]],
+        ack_wait_s: float = 30.0,
+        max_inflight: int = 256,
+        batch: int = 16,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        """Pull messages and hand each to `handle` in its own task until `stop` is set.
+
+        Handlers run concurrently (up to `max_inflight`), so a handler may wait (for its
+        model's turn, say) without blocking the others; the message is kept alive with
+        in-progress acks while it waits.
+        """
+        config = api.ConsumerConfig(
+            durable_name=durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=ack_wait_s,
+            max_ack_pending=max(4 * max_inflight, 1024),
+            filter_subject=filter_subject,
+        )
+        try:  # pull_subscribe ignores config changes to an existing consumer: apply them
+            await self.js.add_consumer(stream, config)
+        except BadRequestError:
+            pass
+        sub = await self.js.pull_subscribe(filter_subject, durable=durable, stream=stream)
+        slots = asyncio.Semaphore(max_inflight)
+        tasks: set[asyncio.Task] = set()
+        stop = stop or asyncio.Event()
+        log.info("consumer_started", stream=stream, durable=durable, filter=filter_subject)
+        try:
+            while not stop.is_set():
+                free = max(1, min(batch, slots._value))  # noqa: SLF001 - no public accessor
+                try:
+                    msgs = await sub.fetch(free, timeout=1.0)
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    continue
+                except nats.errors.ConnectionClosedError:
+                    return
+                except Exception as e:  # reconnecting, consumer recreated, ...
+                    log.warning("fetch_failed", durable=durable, error=repr(e))
+                    await asyncio.sleep(0.5)
+                    continue
+                for raw in msgs:
+                    await slots.acquire()
+                    task = asyncio.create_task(_deliver(raw, type_, handle, ack_wait_s))
+                    tasks.add(task)
+                    task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+        finally:
+            # Unfinished work is handed back: unacked messages are redelivered after
+            # ack_wait (or at once, for the ones we nak here).
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                await sub.unsubscribe()
+            except Exception:  # connection already gone
+                pass
+
+
+async def _keep_alive(raw, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await raw.in_progress()
+        except Exception:  # connection blip: the next tick tries again
+            pass
+
+
+async def _deliver(raw, type_: object, handle: Callable[[object], Awaitable[None]], ack_wait_s: float) -> None:
+    """The only place that decides ack / nak / term / in_progress."""
+    try:
+        msg = decode(raw.data, type_)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        log.error("message_undecodable", subject=raw.subject, error=str(e))
+        return await raw.term()
+    keep_alive = asyncio.create_task(_keep_alive(raw, max(ack_wait_s / 3, 0.5)))
+    started = time.monotonic()
+    try:
+        await handle(msg)
+    except asyncio.CancelledError:
+        keep_alive.cancel()
+        try:  # shutting down: hand the message back now rather than after ack_wait
+            await raw.nak()
+        except Exception:
+            pass
+        raise
+    except InvalidRequest as e:
+        # Handlers record user errors on the future themselves; this is the backstop.
+        log.warning("message_invalid", subject=raw.subject, error=str(e))
+        await raw.term()
+    except Exception:
+        log.exception("message_failed", subject=raw.subject, delivered=raw.metadata.num_delivered)
+        await raw.nak(delay=2.0)
+    else:
+        await raw.ack()
+        log.debug("message_done", subject=raw.subject, seconds=round(time.monotonic() - started, 4))
+    finally:
+        keep_alive.cancel()

@@ -1,0 +1,211 @@
+"""Every message that travels on the bus, in one place.
+
+Rules (see STYLE.md):
+- append-only: to evolve a message, append a field with a default; never rename,
+  retype or reorder a field;
+- arrays travel as packed little-endian bytes (`tokens` is int32, `logprobs` float32),
+  never as lists of numbers;
+- no pickle: `encode`/`decode` use msgspec's msgpack codec only.
+
+`kw_only` is not inherited by subclasses, so every Struct repeats it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+# ---------------------------------------------------------------------------
+# Tensors and data
+
+
+class Tensor(msgspec.Struct, frozen=True, kw_only=True):
+    """A Tinker TensorData: dense (or CSR) little-endian bytes plus dtype and shape.
+
+    `shape` is empty when the client sent none (then it is 1-D, inferred from the
+    byte length). For CSR, `data` holds the values and `crow`/`col` int64 indices.
+    """
+
+    dtype: Literal["float32", "int64"]
+    data: bytes
+    shape: list[int] = []
+    crow: bytes | None = None
+    col: bytes | None = None
+
+
+class Datum(msgspec.Struct, frozen=True, kw_only=True):
+    """One training example: the model input and the loss inputs keyed by name."""
+
+    tokens: bytes  # int32 little-endian, the concatenated text chunks
+    loss_fn_inputs: dict[str, Tensor] = {}
+
+
+class AdamParams(msgspec.Struct, frozen=True, kw_only=True):
+    """Tinker's AdamParams; defaults are Tinker's, not torch's (spec §5.8)."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+class LoraSpec(msgspec.Struct, frozen=True, kw_only=True):
+    rank: int = 32
+    seed: int = 0
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+
+# ---------------------------------------------------------------------------
+# Train stream: openrl.train.<base>.<model>. One ordered log per model; the owning
+# trainer applies these strictly in seq_id order, each exactly once.
+
+
+class ForwardBackward(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="forward_backward"):
+    request_id: str
+    model_id: str
+    seq_id: int
+    loss_fn: str
+    loss_fn_config: dict[str, float | str] = {}
+    forward_only: bool = False
+    data: list[Datum] = []
+
+
+class OptimStep(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="optim_step"):
+    request_id: str
+    model_id: str
+    seq_id: int
+    adam: AdamParams = AdamParams()
+
+
+class Rejected(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="rejected"):
+    """A training request the gateway could address but not accept (bad content).
+
+    It still occupies its seq_id so the model's sequence has no gap; the trainer fails
+    its future with category "user" when its turn comes, and changes nothing.
+    """
+
+    request_id: str
+    model_id: str
+    seq_id: int
+    error: str
+
+
+TrainRequest = ForwardBackward | OptimStep | Rejected
+
+
+# ---------------------------------------------------------------------------
+# Create queue: openrl.create.<base>. Any trainer serving <base> may take it.
+
+
+class CreateModel(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="create_model"):
+    request_id: str
+    model_id: str
+    base_model: str
+    lora: LoraSpec = LoraSpec()
+
+
+# ---------------------------------------------------------------------------
+# KV records
+
+
+class ModelRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """KV `models`, key = model_id. Written by the gateway at create time."""
+
+    model_id: str
+    session_id: str
+    owner: str  # key id of the API key that created it
+    base_model: str
+    lora: LoraSpec
+    created_at: float
+    create_request_id: str
+    user_metadata: dict[str, str] = {}
+
+
+class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """KV `sessions`, key = session_id."""
+
+    session_id: str
+    owner: str
+    created_at: float
+    tags: list[str] = []
+    user_metadata: dict[str, str] = {}
+    project_id: str | None = None
+    display_name: str | None = None
+    finished_at: float | None = None
+    finish_reason: str | None = None
+    last_heartbeat: float = 0.0
+
+
+class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """KV `workers`, key = worker id. Heartbeat of a live worker; expires with the bucket TTL."""
+
+    worker_id: str
+    kind: Literal["trainer", "sampler", "rewarder"]
+    host: str
+    pid: int
+    base_model: str
+    model_name: str = ""  # the name clients use (HF-style), may equal base_model
+    tokenizer_id: str = ""  # what get_info reports as model_data.tokenizer_id
+    arch: str = ""
+    vocab_size: int = 0
+    max_context: int = 0
+    lora_alpha: int = 32
+    lora_targets: list[str] = []
+    device: str = ""
+    started_at: float = 0.0
+    heartbeat_at: float = 0.0
+    busy_fraction: float = 0.0
+    models: int = 0
+
+
+class ForwardBackwardResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The result of a forward / forward_backward: per-datum float32 logprobs plus metrics."""
+
+    logprobs: list[bytes]  # float32 little-endian, one array per datum, in request order
+    metrics: dict[str, float]  # "name:reduction" keys, always with "loss:sum"
+
+
+class Future(msgspec.Struct, frozen=True, kw_only=True):
+    """KV `futures`, key = request_id.
+
+    state "pending" is written by the gateway when it accepts a request; the worker
+    overwrites it with "done" or "failed" (error + category, as Tinker's RequestFailed).
+    A done payload is either the JSON body of the Tinker result (`content_type`
+    "json") or a msgspec result Struct named by `content_type` (e.g.
+    "forward_backward" → `ForwardBackwardResult`), which the gateway turns into the
+    protobuf the SDK expects: protocol encodings stay at the edge.
+    """
+
+    request_id: str
+    owner: str
+    request_type: str  # Tinker's X-Tinker-Request-Type, e.g. "ForwardBackward"
+    state: Literal["pending", "done", "failed"] = "pending"
+    content_type: Literal["json", "forward_backward"] = "json"
+    payload: bytes = b""
+    error: str = ""
+    category: Literal["user", "server", "unknown", ""] = ""
+    created_at: float = 0.0
+    finished_at: float = 0.0
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+_decoders: dict[object, msgspec.msgpack.Decoder] = {}
+
+
+def decode(data: bytes, type_: object):
+    """Decode `data` as `type_` (a Struct or a tagged union); raises msgspec.DecodeError/ValidationError."""
+    dec = _decoders.get(type_)
+    if dec is None:
+        dec = _decoders[type_] = msgspec.msgpack.Decoder(type_)
+    return dec.decode(data)

