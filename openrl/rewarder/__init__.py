@@ -1,0 +1,1 @@
+"""Reward workers (CPU): user reward functions run as competing consumers. Not built yet."""

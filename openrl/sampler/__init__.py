@@ -1,0 +1,1 @@
+"""Sampling workers: generation backends and adapter caching. Not built yet."""

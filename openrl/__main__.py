@@ -1,0 +1,3 @@
+from openrl.cli import main
+
+main()

@@ -1,0 +1,303 @@
+"""`openrl up | gateway | trainer | nats | demo`.
+
+Every flag also reads an `OPENRL_*` environment variable (the Kubernetes manifests set
+those); flags win. Configuration is built here and passed down as frozen dataclasses:
+no other module reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import structlog
+
+from openrl import logs
+
+log = structlog.get_logger("openrl")
+
+DEFAULT_BASE_MODEL = "openrl/tiny-qwen3"
+
+
+def _env(name: str, default=None):
+    return os.environ.get(f"OPENRL_{name}", default)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nats-url", default=_env("NATS_URL", "nats://127.0.0.1:4222"), help="NATS server URL [OPENRL_NATS_URL]")
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="[OPENRL_LOG_LEVEL]")
+    p.add_argument("--log-format", default=_env("LOG_FORMAT", "auto"), choices=["auto", "json", "console"], help="[OPENRL_LOG_FORMAT]")
+
+
+def _api_keys(values: list[str] | None) -> tuple[str, ...]:
+    keys = list(values or [])
+    keys += [k.strip() for k in (_env("API_KEYS", "") or "").split(",") if k.strip()]
+    return tuple(dict.fromkeys(keys))
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+# -- openrl gateway ------------------------------------------------------------------
+
+
+def cmd_gateway(args: argparse.Namespace) -> None:
+    from aiohttp import web
+
+    from openrl.bus.client import Bus, BusConfig
+    from openrl.gateway.app import GatewayConfig, make_app
+
+    keys = _api_keys(args.api_key)
+    if not keys:
+        sys.exit("openrl gateway: no API key configured (--api-key or OPENRL_API_KEYS)")
+    bad = [k for k in keys if not k.startswith("tml-")]
+    if bad:
+        sys.exit("openrl gateway: API keys must start with 'tml-' (the tinker SDK refuses other keys)")
+    cfg = GatewayConfig(
+        host=args.host,
+        port=args.port,
+        nats_url=args.nats_url,
+        api_keys=keys,
+        long_poll_s=args.long_poll_s,
+        fwdbwd_max_chunk_len=args.fwdbwd_max_chunk_len,
+        proto_compress_fwdbwd=args.proto_compress,
+    )
+
+    async def main() -> None:
+        stop = _stop_event()
+        bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-gateway"))
+        runner = web.AppRunner(make_app(cfg, bus), access_log=None, handle_signals=False, shutdown_timeout=5)
+        await runner.setup()
+        site = web.TCPSite(runner, cfg.host, cfg.port, backlog=4096)
+        await site.start()
+        log.info("gateway_listening", url=f"http://{cfg.host}:{cfg.port}", nats=cfg.nats_url)
+        await stop.wait()
+        log.info("gateway_stopping")
+        await runner.cleanup()
+        await bus.close()
+
+    asyncio.run(main())
+
+
+# -- openrl trainer ------------------------------------------------------------------
+
+
+def cmd_trainer(args: argparse.Namespace) -> None:
+    from openrl.bus.client import Bus, BusConfig
+    from openrl.trainer.default_model import DEFAULT_MODEL, resolve_model_path
+    from openrl.trainer.engine import LoraEngine
+    from openrl.trainer.service import Trainer, TrainerConfig
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    path = resolve_model_path(args.base_model)
+    cfg = TrainerConfig(
+        base_model=args.base_model,
+        model_path=path,
+        tokenizer_id=args.tokenizer_id or args.base_model,
+        nats_url=args.nats_url,
+        worker_id=args.worker_id or "",
+    )
+    started = time.monotonic()
+    engine = LoraEngine(path, model_name=args.base_model, device=args.device or None)
+    log.info("base_model_loaded", base_model=args.base_model, path=path, seconds=round(time.monotonic() - started, 2),
+             default=args.base_model == DEFAULT_MODEL)
+
+    async def main() -> None:
+        stop = _stop_event()
+        bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-trainer"))
+        await Trainer(cfg, bus, engine).run(stop)
+        await bus.close()
+
+    asyncio.run(main())
+
+
+# -- openrl nats ---------------------------------------------------------------------
+
+
+def cmd_nats(args: argparse.Namespace) -> None:
+    from openrl.bus.server import NatsServer
+
+    server = NatsServer(Path(args.data_dir) / "nats", port=args.port)
+    os.execv(server.command()[0], server.command())  # become nats-server: signals go straight to it
+
+
+# -- openrl demo ---------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from openrl.demo import run_sft_demo
+
+    run_sft_demo(args.base_url, args.api_key, base_model=args.base_model, steps=args.steps)
+
+
+# -- openrl up -----------------------------------------------------------------------
+
+
+def _wait_ready(url: str, timeout_s: float, sup) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        sup.poll()
+        try:
+            with urllib.request.urlopen(f"{url}/api/v1/healthz", timeout=2) as r:
+                if json.loads(r.read()).get("trainers"):
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    from openrl.bus.server import free_port
+    from openrl.supervisor import Child, Supervisor, openrl_argv
+
+    data_dir = Path(args.data_dir).expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key_file = data_dir / "api-key"
+    if args.api_key:
+        api_key = args.api_key
+    elif key_file.exists():
+        api_key = key_file.read_text().strip()
+    else:
+        api_key = "tml-" + secrets.token_urlsafe(24)
+        key_file.write_text(api_key + "\n")
+        key_file.chmod(0o600)
+    if not api_key.startswith("tml-"):
+        sys.exit("openrl up: --api-key must start with 'tml-' (the tinker SDK refuses other keys)")
+    nats_port = args.nats_port or free_port()
+    nats_url = f"nats://127.0.0.1:{nats_port}"
+    url = f"http://{args.host}:{args.port}"
+    common = ["--nats-url", nats_url, "--log-format", "json", "--log-level", args.log_level]
+    children = [
+        Child("nats", openrl_argv("nats", "--data-dir", str(data_dir), "--port", str(nats_port))),
+        Child("trainer", openrl_argv("trainer", "--base-model", args.base_model, *common, *(["--threads", str(args.threads)] if args.threads else [])), grace_s=15),
+        Child(
+            "gateway",
+            openrl_argv("gateway", "--host", args.host, "--port", str(args.port), "--api-key", api_key, *common,
+                        "--fwdbwd-max-chunk-len", str(args.fwdbwd_max_chunk_len)),
+        ),
+    ]
+    sup = Supervisor(data_dir, children)
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    sup.start_all()
+    try:
+        log.info("waiting_for_stack", hint="the first start builds the default model (about a minute)")
+        if not _wait_ready(url, args.ready_timeout_s, sup):
+            log.error("stack_not_ready", logs=str(data_dir / "logs"))
+            sys.exit(1)
+        sup.write_stack({"base_url": url, "api_key": api_key, "nats_url": nats_url, "base_model": args.base_model, "data_dir": str(data_dir)})
+        print(f"\nOpenRL is up.\n  export TINKER_BASE_URL={url}\n  export TINKER_API_KEY={api_key}\n  base model: {args.base_model}\n  logs: {data_dir / 'logs'}\n", flush=True)
+        demo = None
+        if args.demo:
+            demo = subprocess.Popen(
+                openrl_argv("demo", "--base-url", url, "--api-key", api_key, "--base-model", args.base_model, "--steps", str(args.demo_steps))
+            )
+        while not stopping:
+            sup.poll()
+            if demo is not None and demo.poll() is not None:
+                if args.exit_after_demo:
+                    break
+                print("Demo finished; the stack is still up. Ctrl-C to stop.", flush=True)
+                demo = None
+            time.sleep(0.5)
+    finally:
+        sup.stop_all()
+    if args.demo and args.exit_after_demo and demo is not None and demo.returncode:
+        sys.exit(demo.returncode)
+
+
+# -- parser ---------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="openrl", description="Self-hosted Tinker post-training service")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run nats-server, gateway and trainer on this machine, supervised")
+    up.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    up.add_argument("--port", type=int, default=int(_env("PORT", 8000)))
+    up.add_argument("--data-dir", default=_env("DATA_DIR", "~/.openrl"), help="state: NATS store, logs, pids [OPENRL_DATA_DIR]")
+    up.add_argument("--base-model", default=_env("BASE_MODEL", DEFAULT_BASE_MODEL), help="HF name or path; the default is built locally")
+    up.add_argument("--api-key", default=_env("API_KEY"), help="a tml-... key; generated and saved in the data dir when absent")
+    up.add_argument("--nats-port", type=int, default=int(_env("NATS_PORT", 0)))
+    up.add_argument("--threads", type=int, default=int(_env("THREADS", 0)), help="torch threads for the trainer (0 = torch default)")
+    up.add_argument("--fwdbwd-max-chunk-len", type=int, default=int(_env("FWDBWD_MAX_CHUNK_LEN", 1024)))
+    up.add_argument("--ready-timeout-s", type=float, default=900.0)
+    up.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    up.add_argument("--demo", action="store_true", help="run a short SFT demo through the tinker SDK once the stack is up")
+    up.add_argument("--demo-steps", type=int, default=40)
+    up.add_argument("--exit-after-demo", action="store_true", help="stop the stack when the demo ends")
+    up.set_defaults(func=cmd_up)
+
+    gw = sub.add_parser("gateway", help="the Tinker HTTP gateway")
+    _add_common(gw)
+    gw.add_argument("--host", default=_env("HOST", "0.0.0.0"))
+    gw.add_argument("--port", type=int, default=int(_env("PORT", 8000)))
+    gw.add_argument("--api-key", action="append", help="accepted API key (repeatable) [OPENRL_API_KEYS, comma-separated]")
+    gw.add_argument("--long-poll-s", type=float, default=float(_env("LONG_POLL_S", 25.0)))
+    gw.add_argument("--fwdbwd-max-chunk-len", type=int, default=int(_env("FWDBWD_MAX_CHUNK_LEN", 1024)))
+    gw.add_argument("--proto-compress", action="store_true", default=_env("PROTO_COMPRESS", "") == "1",
+                    help="ask clients to zstd-compress forward_backward bodies")
+    gw.set_defaults(func=cmd_gateway)
+
+    tr = sub.add_parser("trainer", help="a LoRA trainer for one base model")
+    _add_common(tr)
+    tr.add_argument("--base-model", default=_env("BASE_MODEL", DEFAULT_BASE_MODEL))
+    tr.add_argument("--tokenizer-id", default=_env("TOKENIZER_ID", ""), help="what get_info reports (default: the base model name)")
+    tr.add_argument("--device", default=_env("DEVICE", ""), help="cuda | mps | cpu (default: the best available)")
+    tr.add_argument("--threads", type=int, default=int(_env("THREADS", 0)))
+    tr.add_argument("--worker-id", default=_env("WORKER_ID", ""))
+    tr.set_defaults(func=cmd_trainer)
+
+    nt = sub.add_parser("nats", help="the embedded nats-server (JetStream, file store under the data dir)")
+    nt.add_argument("--data-dir", default=_env("DATA_DIR", "~/.openrl"))
+    nt.add_argument("--port", type=int, default=int(_env("NATS_PORT", 4222)))
+    nt.set_defaults(func=cmd_nats)
+
+    dm = sub.add_parser("demo", help="a short SFT loop through the unmodified tinker SDK")
+    dm.add_argument("--base-url", default=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
+    dm.add_argument("--api-key", default=os.environ.get("TINKER_API_KEY"))
+    dm.add_argument("--base-model", default=_env("BASE_MODEL", DEFAULT_BASE_MODEL))
+    dm.add_argument("--steps", type=int, default=40)
+    dm.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.command in ("gateway", "trainer"):
+        logs.configure(args.log_level, args.log_format)
+    else:
+        logs.configure(getattr(args, "log_level", "info"), "console")
+    logs.set_process_name(args.command)
+    if args.command == "nats":
+        args.data_dir = str(Path(args.data_dir).expanduser())
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

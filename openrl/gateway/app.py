@@ -1,0 +1,485 @@
+"""The aiohttp gateway: the Tinker HTTP protocol in front of the bus.
+
+Stateless: every fact it needs (sessions, models, futures, live workers) is in JetStream,
+so any replica answers any request, and a restarted gateway answers the same client.
+It validates and authenticates, turns a Tinker call into a bus message with a
+deterministic request id, and long-polls results. It never imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from openrl.bus import subjects
+from openrl.bus.client import MAX_PAYLOAD, Bus
+from openrl.bus.errors import InvalidRequest, NotFound, Unauthorized, Unavailable
+from openrl.bus.messages import (
+    AdamParams,
+    CreateModel,
+    ForwardBackwardResult,
+    Future,
+    LoraSpec,
+    ModelRecord,
+    OptimStep,
+    Rejected,
+    SessionRecord,
+    WorkerInfo,
+    decode,
+)
+from openrl.gateway import wire
+from openrl.gateway.futures import Waiters
+
+log = structlog.get_logger(__name__)
+
+API = "/api/v1"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    nats_url: str = "nats://127.0.0.1:4222"
+    api_keys: tuple[str, ...] = ()
+    long_poll_s: float = 25.0  # below the SDK's 45 s read timeout on retrieve_future
+    max_body_bytes: int = MAX_PAYLOAD - 256 * 1024  # headroom for the bus envelope
+    fwdbwd_max_chunk_len: int = 1024
+    proto_compress_fwdbwd: bool = False
+    client_config_extra: dict[str, Any] = field(default_factory=dict)
+
+
+def key_id(api_key: str) -> str:
+    """What the system stores and compares: never the key itself."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:24]
+
+
+def request_id(kind: str, *parts: object) -> str:
+    """Deterministic: a retried submission maps to the same id on any replica."""
+    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=12).hexdigest()
+    return f"{kind}-{digest}"
+
+
+# -- request bodies (msgspec validates types; unknown fields are ignored) --------------
+
+
+class _LoraConfig(msgspec.Struct, kw_only=True):
+    rank: int
+    seed: int | None = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+
+class _OptimizerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    type: str = "adamw"
+
+
+class CreateModelBody(msgspec.Struct, kw_only=True):
+    session_id: str
+    model_seq_id: int
+    base_model: str
+    lora_config: _LoraConfig | None = None
+    optimizer_config: _OptimizerConfig = _OptimizerConfig()
+    user_metadata: dict[str, Any] | None = None
+
+
+class CreateSessionBody(msgspec.Struct, kw_only=True):
+    tags: list[str] = []
+    user_metadata: dict[str, Any] | None = None
+    sdk_version: str = ""
+    project_id: str | None = None
+    display_name: str | None = None
+
+
+class SessionBody(msgspec.Struct, kw_only=True):
+    session_id: str
+
+
+class FinishBody(msgspec.Struct, kw_only=True):
+    reason: dict[str, Any] | None = None
+    detail: str | None = None
+
+
+class ModelBody(msgspec.Struct, kw_only=True):
+    model_id: str
+
+
+class _AdamParams(msgspec.Struct, kw_only=True):
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+class OptimStepBody(msgspec.Struct, kw_only=True):
+    model_id: str
+    seq_id: int
+    adam_params: _AdamParams | None = None
+    optimizer_params: dict[str, Any] | None = None
+
+
+class RetrieveBody(msgspec.Struct, kw_only=True):
+    request_id: str
+    allow_metadata_only: bool = False
+
+
+async def _body(request: web.Request, type_: type):
+    raw = await request.read()  # raises 413 above client_max_size
+    try:
+        return msgspec.json.decode(raw or b"{}", type=type_)
+    except msgspec.ValidationError as e:
+        raise InvalidRequest(f"invalid request body: {e}") from None
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json", headers=headers)
+
+
+# -- the service -----------------------------------------------------------------------
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig, bus: Bus):
+        self.cfg = cfg
+        self.bus = bus
+        self.keys = {key_id(k) for k in cfg.api_keys}
+        self.waiters = Waiters(bus)
+        self._workers: tuple[float, list[WorkerInfo]] = (0.0, [])
+
+    # -- auth and lookups
+
+    def owner(self, request: web.Request) -> str:
+        key = request.headers.get("X-API-Key", "")
+        if not key:
+            raise Unauthorized("missing X-API-Key header")
+        kid = key_id(key)
+        if kid not in self.keys:
+            raise Unauthorized("unknown API key")
+        return kid
+
+    async def session(self, session_id: str, owner: str) -> SessionRecord:
+        rec = await self.bus.kv_get(self.bus.sessions, session_id, SessionRecord)
+        if rec is None or rec.owner != owner:  # another key's session looks absent
+            raise NotFound(f"unknown session {session_id!r}")
+        return rec
+
+    async def model(self, model_id: str, owner: str) -> ModelRecord:
+        rec = await self.bus.kv_get(self.bus.models, model_id, ModelRecord)
+        if rec is None or rec.owner != owner:
+            raise NotFound(f"unknown model_id {model_id!r}")
+        return rec
+
+    async def workers(self) -> list[WorkerInfo]:
+        """Live workers (heartbeats in KV), cached for a second."""
+        at, cached = self._workers
+        if time.monotonic() - at < 1.0:
+            return cached
+        found = []
+        try:
+            keys = await self.bus.workers.keys()
+        except Exception:  # nats-py raises NoKeysError on an empty bucket
+            keys = []
+        for k in keys:
+            info = await self.bus.kv_get(self.bus.workers, k, WorkerInfo)
+            if info is not None and time.time() - info.heartbeat_at < 15:
+                found.append(info)
+        self._workers = (time.monotonic(), found)
+        return found
+
+    async def trainer_for(self, base_model: str) -> WorkerInfo:
+        trainers = [w for w in await self.workers() if w.kind == "trainer"]
+        for w in trainers:
+            if base_model in (w.base_model, w.model_name):
+                return w
+        served = sorted({w.model_name or w.base_model for w in trainers})
+        if not served:
+            raise Unavailable("no trainer is running yet; retry shortly")
+        raise InvalidRequest(f"base model {base_model!r} is not served here; available: {served}")
+
+    async def accept(self, rid: str, owner: str, request_type: str) -> bool:
+        """Record a pending future; False when this request id was accepted before."""
+        fut = Future(request_id=rid, owner=owner, request_type=request_type, created_at=time.time())
+        return await self.bus.kv_create(self.bus.futures, rid, fut)
+
+    # -- bootstrap and sessions
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        trainers = [w.worker_id for w in await self.workers() if w.kind == "trainer"]
+        return _json({"status": "ok", "bus": self.bus.nc.is_connected, "trainers": trainers})
+
+    async def client_config(self, request: web.Request) -> web.Response:
+        return _json(
+            {
+                "pjwt_auth_enabled": False,
+                "credential_default_source": "api_key",
+                "parallel_fwdbwd_chunks": True,
+                "proto_compress_fwdbwd": self.cfg.proto_compress_fwdbwd,
+                "fwdbwd_max_chunk_len": self.cfg.fwdbwd_max_chunk_len,
+                # A chunk must fit in one bus message after conversion.
+                "fwdbwd_max_chunk_bytes_count": min(5_000_000, self.cfg.max_body_bytes // 2),
+                "sample_use_retrieve_futures": False,
+                "custom_loss_server_side": False,
+                "sample_join_sampling_session": False,
+                **self.cfg.client_config_extra,
+            }
+        )
+
+    async def create_session(self, request: web.Request) -> web.Response:
+        owner = self.owner(request)
+        body = await _body(request, CreateSessionBody)
+        # The SDK retries create_session with one idempotency key: derive the id from it.
+        idem = request.headers.get("X-Idempotency-Key") or uuid.uuid4().hex
+        sid = "s-" + hashlib.blake2b(f"{owner}|{idem}".encode(), digest_size=8).hexdigest()
+        rec = SessionRecord(
+            session_id=sid,
+            owner=owner,
+            created_at=time.time(),
+            tags=body.tags,
+            user_metadata={str(k): str(v) for k, v in (body.user_metadata or {}).items()},
+            project_id=body.project_id,
+            display_name=body.display_name,
+            last_heartbeat=time.time(),
+        )
+        if await self.bus.kv_create(self.bus.sessions, sid, rec):
+            log.info("session_created", session_id=sid, owner=owner)
+        return _json({"type": "create_session", "session_id": sid})
+
+    async def session_heartbeat(self, request: web.Request) -> web.Response:
+        owner = self.owner(request)
+        body = await _body(request, SessionBody)
+        rec = await self.session(body.session_id, owner)
+        if rec.finished_at is not None:
+            return _json({"detail": f"session {rec.session_id} is finished"}, status=410)
+        await self.bus.kv_put(self.bus.sessions, rec.session_id, msgspec.structs.replace(rec, last_heartbeat=time.time()))
+        return _json({"type": "session_heartbeat"})
+
+    async def finish_session(self, request: web.Request) -> web.Response:
+        owner = self.owner(request)
+        rec = await self.session(request.match_info["session_id"], owner)
+        body = await _body(request, FinishBody)
+        if rec.finished_at is None:  # first wins
+            reason = str((body.reason or {}).get("type", "success"))
+            await self.bus.kv_put(
+                self.bus.sessions, rec.session_id, msgspec.structs.replace(rec, finished_at=time.time(), finish_reason=reason)
+            )
+            log.info("session_finished", session_id=rec.session_id, reason=reason)
+        return _json({})
+
+    async def telemetry(self, request: web.Request) -> web.Response:
+        self.owner(request)
+        try:
+            batch = msgspec.json.decode(await request.read())
+            for event in batch.get("events", []) if isinstance(batch, dict) else []:
+                if isinstance(event, dict) and event.get("event") in ("GENERIC_EVENT", "UNHANDLED_EXCEPTION"):
+                    log.debug("client_event", name=event.get("event_name"), error=event.get("error_message"))
+        except msgspec.DecodeError:
+            pass  # telemetry is best effort both ways
+        return _json({"status": "accepted"})
+
+    async def server_capabilities(self, request: web.Request) -> web.Response:
+        models = {}
+        for w in await self.workers():
+            name = w.model_name or w.base_model
+            entry = models.setdefault(name, {"model_name": name, "max_context_length": w.max_context})
+            entry["trainable" if w.kind == "trainer" else "sampleable"] = True
+        return _json({"supported_models": list(models.values())})
+
+    # -- models
+
+    async def create_model(self, request: web.Request) -> web.Response:
+        owner = self.owner(request)
+        body = await _body(request, CreateModelBody)
+        session = await self.session(body.session_id, owner)
+        if session.finished_at is not None:
+            raise InvalidRequest(f"session {session.session_id} is finished")
+        if body.model_seq_id < 0:
+            raise InvalidRequest("model_seq_id must be >= 0")
+        if body.optimizer_config.type != "adamw":
+            raise InvalidRequest(f"optimizer {body.optimizer_config.type!r} is not supported; use adamw")
+        lora = body.lora_config or _LoraConfig(rank=32)
+        if not 1 <= lora.rank <= 256:
+            raise InvalidRequest(f"lora rank must be in [1, 256], got {lora.rank}")
+        if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
+            raise InvalidRequest("at least one of train_attn, train_mlp, train_unembed must be true")
+        trainer = await self.trainer_for(body.base_model)
+        model_id = f"{session.session_id}:train:{body.model_seq_id}"  # the SDK assumes this formula
+        rid = request_id("create", model_id)
+        seed = lora.seed if lora.seed is not None else int(hashlib.blake2b(model_id.encode(), digest_size=4).hexdigest(), 16)
+        spec = LoraSpec(
+            rank=lora.rank, seed=seed, train_unembed=lora.train_unembed, train_mlp=lora.train_mlp, train_attn=lora.train_attn
+        )
+        record = ModelRecord(
+            model_id=model_id,
+            session_id=session.session_id,
+            owner=owner,
+            base_model=trainer.model_name or trainer.base_model,
+            lora=spec,
+            created_at=time.time(),
+            create_request_id=rid,
+            user_metadata={str(k): str(v) for k, v in (body.user_metadata or {}).items()},
+        )
+        if not await self.bus.kv_create(self.bus.models, model_id, record):
+            existing = await self.model(model_id, owner)
+            return _json({"request_id": existing.create_request_id, "model_id": model_id})
+        await self.accept(rid, owner, "CreateModel")
+        msg = CreateModel(request_id=rid, model_id=model_id, base_model=record.base_model, lora=spec)
+        await self.bus.publish(subjects.create(record.base_model), msg, msg_id=rid)
+        log.info("model_create_submitted", model_id=model_id, base_model=record.base_model, rank=spec.rank)
+        return _json({"request_id": rid, "model_id": model_id})
+
+    async def get_info(self, request: web.Request) -> web.Response:
+        owner = self.owner(request)
+        body = await _body(request, ModelBody)
+        rec = await self.model(body.model_id, owner)
+        trainer = await self.trainer_for(rec.base_model)
+        return _json(
+            {
+                "type": "get_info",
+                "model_id": rec.model_id,
+                "model_data": {"arch": trainer.arch, "model_name": rec.base_model, "tokenizer_id": trainer.tokenizer_id},
+                "is_lora": True,
+                "lora_rank": rec.lora.rank,
+                "model_name": rec.base_model,
+                "optimizer_config": {"type": "adamw"},
+                # Beyond Tinker's schema (the SDK ignores extra fields): the LoRA convention.
+                "lora_alpha": trainer.lora_alpha,
+                "lora_target_modules": trainer.lora_targets,
+            }
+        )
+
+    # -- training (ordered by seq_id per model, on the train stream)
+
+    async def forward_backward(self, request: web.Request) -> web.Response:
+        owner = self.owner(request)
+        raw = await request.read()
+        raw = wire.decompress(raw, request.headers.get("Content-Encoding"), self.cfg.max_body_bytes)
+        parsed = wire.parse_forward_backward(raw)
+        rec = await self.model(parsed.model_id, owner)
+        rid = request_id("train", rec.model_id, parsed.seq_id)
+        kind = "Forward" if parsed.forward_only else "ForwardBackward"
+        try:
+            msg = wire.to_message(parsed, rid)
+        except InvalidRequest as e:
+            # Bad content still takes its seq_id, so the sequence never has a gap.
+            msg = Rejected(request_id=rid, model_id=rec.model_id, seq_id=parsed.seq_id, error=str(e))
+        return await self._submit_train(rec, msg, owner, kind)
+
+    async def optim_step(self, request: web.Request) -> web.Response:
+        owner = self.owner(request)
+        body = await _body(request, OptimStepBody)
+        if body.seq_id < 1:
+            raise InvalidRequest(f"seq_id must be >= 1, got {body.seq_id}")
+        rec = await self.model(body.model_id, owner)
+        rid = request_id("train", rec.model_id, body.seq_id)
+        if body.adam_params is None:
+            kind = (body.optimizer_params or {}).get("type", "missing")
+            msg = Rejected(
+                request_id=rid, model_id=rec.model_id, seq_id=body.seq_id, error=f"optimizer {kind!r} is not supported; send adam_params"
+            )
+        else:
+            msg = OptimStep(
+                request_id=rid,
+                model_id=rec.model_id,
+                seq_id=body.seq_id,
+                adam=AdamParams(**msgspec.structs.asdict(body.adam_params)),
+            )
+        return await self._submit_train(rec, msg, owner, "OptimStep")
+
+    async def _submit_train(self, rec: ModelRecord, msg, owner: str, kind: str) -> web.Response:
+        await self.accept(msg.request_id, owner, kind)
+        # Always publish, even for a request seen before: the first attempt may have died
+        # between accepting and publishing. JetStream drops the duplicate by Nats-Msg-Id,
+        # and the trainer applies each seq_id once.
+        await self.bus.publish(subjects.train(rec.base_model, rec.model_id), msg, msg_id=msg.request_id)
+        return _json({"request_id": msg.request_id, "model_id": rec.model_id})
+
+    # -- futures
+
+    async def retrieve_future(self, request: web.Request) -> web.Response:
+        owner = self.owner(request)
+        body = await _body(request, RetrieveBody)
+        timeout = self.cfg.long_poll_s
+        client_timeout = request.headers.get("x-stainless-read-timeout")
+        if client_timeout:
+            try:
+                timeout = max(0.0, min(timeout, float(client_timeout) - 5))
+            except ValueError:
+                pass
+        fut = await self.waiters.wait(body.request_id, timeout)
+        if fut is None or fut.owner != owner:
+            raise NotFound(f"unknown request_id {body.request_id!r}")
+        if fut.state == "pending":
+            # 408 is the SDK's quiet "try again" (a 200 try_again logs a warning per poll).
+            return _json({"type": "try_again", "request_id": fut.request_id, "queue_state": "active"}, status=408)
+        if fut.state == "failed":
+            return _json({"error": fut.error, "category": fut.category or "unknown"})
+        if fut.content_type == "forward_backward":
+            result = decode(fut.payload, ForwardBackwardResult)
+            return web.Response(body=wire.forward_backward_output(result), content_type="application/x-protobuf")
+        return web.Response(body=fut.payload, content_type="application/json")
+
+
+# -- errors: translated here, and only here ---------------------------------------------
+
+
+@web.middleware
+async def errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except Unauthorized as e:
+        return _json({"detail": str(e), "type": "unauthorized"}, status=401)
+    except NotFound as e:
+        return _json({"detail": str(e), "type": "not_found"}, status=404)
+    except InvalidRequest as e:
+        return _json({"detail": str(e), "type": "invalid_request"}, status=400)
+    except Unavailable as e:
+        return _json({"detail": str(e), "type": "unavailable"}, status=503, headers={"Retry-After": "2"})
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        # Never a bare 4xx: the SDK reads an empty 400 as a proxy drop and retries.
+        return _json({"detail": e.reason if e.text is None else e.text, "type": "http_error"}, status=e.status)
+    except Exception:
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("request_failed", path=request.path, error_id=error_id)
+        return _json({"detail": f"internal error (id {error_id})", "type": "internal"}, status=500)
+
+
+def make_app(cfg: GatewayConfig, bus: Bus) -> web.Application:
+    gw = Gateway(cfg, bus)
+    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[errors])
+    app["gateway"] = gw
+
+    async def on_startup(app: web.Application) -> None:
+        await gw.waiters.start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await gw.waiters.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    r = app.router
+    r.add_get(f"{API}/healthz", gw.healthz)
+    r.add_post(f"{API}/client/config", gw.client_config)
+    r.add_post(f"{API}/create_session", gw.create_session)
+    r.add_post(f"{API}/session_heartbeat", gw.session_heartbeat)
+    r.add_post(f"{API}/sessions/{{session_id}}/finish", gw.finish_session)
+    r.add_post(f"{API}/telemetry", gw.telemetry)
+    r.add_get(f"{API}/get_server_capabilities", gw.server_capabilities)
+    r.add_post(f"{API}/create_model", gw.create_model)
+    r.add_post(f"{API}/get_info", gw.get_info)
+    r.add_post(f"{API}/forward_backward", gw.forward_backward)
+    r.add_post(f"{API}/optim_step", gw.optim_step)
+    r.add_post(f"{API}/retrieve_future", gw.retrieve_future)
+    return app

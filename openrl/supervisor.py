@@ -1,0 +1,100 @@
+"""`openrl up`: nats-server, gateway and trainer as separate OS processes, supervised.
+
+A child that dies is restarted with back-off; Ctrl-C or SIGTERM stops the workers first
+(SIGTERM, then SIGKILL after the grace period) and nats-server last. Every child's
+output goes to `<data-dir>/logs/<role>.log`; pids are in `<data-dir>/run/<role>.pid` and
+the connection facts in `<data-dir>/run/stack.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Child:
+    role: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    grace_s: float = 10.0
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = 0.0
+
+
+class Supervisor:
+    def __init__(self, data_dir: Path, children: list[Child]):
+        self.data_dir = data_dir
+        self.children = children
+        self.logs = data_dir / "logs"
+        self.run_dir = data_dir / "run"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.stopping = False
+
+    def start(self, child: Child) -> None:
+        out = open(self.logs / f"{child.role}.log", "ab")
+        env = {**os.environ, **child.env}
+        child.proc = subprocess.Popen(child.argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        out.close()
+        child.started_at = time.monotonic()
+        (self.run_dir / f"{child.role}.pid").write_text(f"{child.proc.pid}\n")
+        log.info("process_started", role=child.role, pid=child.proc.pid, log=str(self.logs / f"{child.role}.log"))
+
+    def start_all(self) -> None:
+        for child in self.children:
+            self.start(child)
+
+    def poll(self) -> None:
+        """Restart whatever died (not while stopping)."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.proc is None:
+                if now >= child.next_start:
+                    self.start(child)
+                continue
+            code = child.proc.poll()
+            if code is None or self.stopping:
+                continue
+            # Back off on crash loops; a child that ran a while restarts at once.
+            backoff = 0.5 if now - child.started_at > 30 else min(10.0, 0.5 * 2**child.restarts)
+            child.restarts += 1
+            child.proc = None
+            child.next_start = now + backoff
+            log.warning("process_died", role=child.role, code=code, restart_in_s=backoff, restarts=child.restarts)
+
+    def stop_all(self) -> None:
+        self.stopping = True
+        for child in reversed(self.children):  # workers first, the broker last
+            proc = child.proc
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(child.grace_s)
+            except subprocess.TimeoutExpired:
+                log.warning("process_killed", role=child.role, after_s=child.grace_s)
+                proc.kill()
+                proc.wait()
+            log.info("process_stopped", role=child.role, code=proc.returncode)
+            (self.run_dir / f"{child.role}.pid").unlink(missing_ok=True)
+
+    def write_stack(self, facts: dict) -> None:
+        (self.run_dir / "stack.json").write_text(json.dumps(facts, indent=2) + "\n")
+
+
+def openrl_argv(*args: str) -> list[str]:
+    """How a child is launched: `python -m openrl <role> ...`, so `ps` shows the role."""
+    return [sys.executable, "-m", "openrl", *args]

@@ -1,0 +1,276 @@
+"""The trainer process: many LoRA tenants of one base model, fed by the bus.
+
+Order and exactly-once (ARCHITECTURE.md, contract 2):
+- each model has a `Tenant` with `next_seq`; a request waits (unacked, kept alive with
+  in-progress acks) until its seq_id is next, runs, and only then is acked;
+- a request whose seq_id is already applied is a duplicate: acked, never re-applied;
+- a model this process does not hold yet is *hydrated*: re-created from its record (the
+  LoRA init is a pure function of the seed) and brought forward by replaying, in seq
+  order, every request of its log (the train stream) whose future is already finished.
+  Those are exactly the requests whose effects the previous owner had applied, so after
+  a kill -9 the state is the same as if nothing had happened (on CPU, bit for bit).
+  Replay cost grows with the log; snapshots that bound it come with checkpoints.
+
+All model compute runs on one thread, in arrival order across tenants, so the event
+loop stays free for heartbeats and in-progress acks while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import msgspec
+import structlog
+from nats.js.errors import NotFoundError
+
+from openrl.bus import subjects
+from openrl.bus.client import Bus
+from openrl.bus.errors import InvalidRequest
+from openrl.bus.messages import (
+    CreateModel,
+    ForwardBackward,
+    ForwardBackwardResult,
+    Future,
+    ModelRecord,
+    OptimStep,
+    Rejected,
+    TrainRequest,
+    WorkerInfo,
+    decode,
+    encode,
+)
+from openrl.trainer.engine import LoraEngine
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    base_model: str  # the name clients use, e.g. "openrl/tiny-qwen3" or "Qwen/Qwen3-0.6B"
+    model_path: str  # what from_pretrained loads (a local snapshot dir or the same name)
+    tokenizer_id: str = ""  # what get_info reports; defaults to base_model
+    nats_url: str = "nats://127.0.0.1:4222"
+    worker_id: str = ""
+    heartbeat_s: float = 2.0
+    ack_wait_s: float = 30.0
+
+
+@dataclass
+class Tenant:
+    model_id: str
+    owner: str
+    next_seq: int
+    turn: asyncio.Condition
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig, bus: Bus, engine: LoraEngine):
+        self.cfg = cfg
+        self.bus = bus
+        self.engine = engine
+        self.worker_id = cfg.worker_id or f"trainer-{socket.gethostname()}-{os.getpid()}"
+        self.tenants: dict[str, Tenant] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._recent: OrderedDict[str, Future] = OrderedDict()  # re-sent if a KV write was lost
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._busy_s = 0.0
+        self._started = time.time()
+
+    # -- compute on the single compute thread
+
+    async def _run(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            return await loop.run_in_executor(self._pool, fn, *args)
+        finally:
+            self._busy_s += time.perf_counter() - started
+
+    def _apply(self, msg: TrainRequest, owner: str) -> Future:
+        """Run one training request. Never raises: errors become failed futures."""
+        base = dict(request_id=msg.request_id, owner=owner, finished_at=time.time())
+        try:
+            if isinstance(msg, Rejected):
+                raise InvalidRequest(msg.error)
+            if isinstance(msg, ForwardBackward):
+                out = self.engine.forward_backward(msg)
+                result = ForwardBackwardResult(logprobs=[a.tobytes() for a in out.logprobs], metrics=out.metrics)
+                kind = "Forward" if msg.forward_only else "ForwardBackward"
+                return Future(request_type=kind, state="done", content_type="forward_backward", payload=encode(result), **base)
+            metrics = self.engine.optim_step(msg.model_id, msg.adam)
+            return Future(request_type="OptimStep", state="done", payload=msgspec.json.encode({"metrics": metrics}), **base)
+        except InvalidRequest as e:
+            return Future(request_type=type(msg).__name__, state="failed", error=str(e), category="user", **base)
+        except Exception as e:  # a bug or an OOM: fail this request, keep serving
+            log.exception("train_request_failed", model_id=msg.model_id, seq_id=msg.seq_id)
+            return Future(request_type=type(msg).__name__, state="failed", error=f"trainer error: {e!r}", category="server", **base)
+
+    # -- tenants
+
+    async def tenant(self, model_id: str) -> Tenant | None:
+        t = self.tenants.get(model_id)
+        if t is not None:
+            return t
+        async with self._locks.setdefault(model_id, asyncio.Lock()):
+            t = self.tenants.get(model_id)
+            if t is None:
+                t = await self._hydrate(model_id)
+                if t is not None:
+                    self.tenants[model_id] = t
+            return t
+
+    async def _hydrate(self, model_id: str) -> Tenant | None:
+        rec = await self.bus.kv_get(self.bus.models, model_id, ModelRecord)
+        if rec is None:
+            return None
+        started = time.monotonic()
+        if not self.engine.has(model_id):
+            await self._run(self.engine.create, model_id, rec.lora)
+        entries = await self._read_log(rec)
+        seq = 1
+        while seq in entries:
+            msg = entries[seq]
+            fut = await self.bus.kv_get(self.bus.futures, msg.request_id, Future)
+            if fut is None or fut.state == "pending":
+                break  # not applied before: the live path will apply it
+            await self._run(self._apply, msg, rec.owner)
+            seq += 1
+        log.info("model_loaded", model_id=model_id, replayed=seq - 1, seconds=round(time.monotonic() - started, 3))
+        return Tenant(model_id=model_id, owner=rec.owner, next_seq=seq, turn=asyncio.Condition())
+
+    async def _read_log(self, rec: ModelRecord) -> dict[int, TrainRequest]:
+        """The model's training requests from the stream, first occurrence of each seq_id."""
+        subject = subjects.train(rec.base_model, rec.model_id)
+        entries: dict[int, TrainRequest] = {}
+        seq = 1
+        while True:
+            try:
+                raw = await self.bus.js.get_msg(subjects.TRAIN_STREAM, seq=seq, subject=subject, next=True)
+            except NotFoundError:
+                return entries
+            try:
+                msg = decode(raw.data, TrainRequest)
+                entries.setdefault(msg.seq_id, msg)
+            except msgspec.MsgspecError:
+                log.error("log_entry_undecodable", model_id=rec.model_id, stream_seq=raw.seq)
+            seq = raw.seq + 1
+
+    # -- handlers
+
+    async def on_create(self, msg: CreateModel) -> None:
+        t = await self.tenant(msg.model_id)
+        if t is None:
+            raise InvalidRequest(f"no record for model {msg.model_id}")
+        fut = Future(
+            request_id=msg.request_id,
+            owner=t.owner,
+            request_type="CreateModel",
+            state="done",
+            payload=msgspec.json.encode({"type": "create_model", "model_id": msg.model_id}),
+            finished_at=time.time(),
+        )
+        await self.bus.finish_future(fut)
+        log.info("model_created", model_id=msg.model_id, rank=msg.lora.rank, tenants=len(self.tenants))
+
+    async def on_train(self, msg: TrainRequest) -> None:
+        t = await self.tenant(msg.model_id)
+        if t is None:  # the gateway checks this; a hand-published message might not
+            raise InvalidRequest(f"unknown model {msg.model_id}")
+        async with t.turn:
+            await t.turn.wait_for(lambda: t.next_seq >= msg.seq_id)
+            if msg.seq_id < t.next_seq:
+                return await self._resend(msg)
+            fut = await self._run(self._apply, msg, t.owner)
+            t.next_seq += 1  # state and counter move together, before any await that may fail
+            t.turn.notify_all()
+        self._remember(fut)
+        await self.bus.finish_future(fut)
+
+    async def _resend(self, msg: TrainRequest) -> None:
+        """A duplicate delivery: make sure its result reached KV (the first write may be lost)."""
+        fut = self._recent.get(msg.request_id)
+        if fut is None:
+            return
+        stored = await self.bus.kv_get(self.bus.futures, msg.request_id, Future)
+        if stored is None or stored.state == "pending":
+            await self.bus.finish_future(fut)
+
+    def _remember(self, fut: Future) -> None:
+        self._recent[fut.request_id] = fut
+        while len(self._recent) > 256:
+            self._recent.popitem(last=False)
+
+    # -- the process
+
+    def info(self) -> WorkerInfo:
+        now = time.time()
+        base = self.engine.info
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            kind="trainer",
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            base_model=self.cfg.base_model,
+            model_name=self.cfg.base_model,
+            tokenizer_id=self.cfg.tokenizer_id or self.cfg.base_model,
+            arch=base.arch,
+            vocab_size=base.vocab_size,
+            max_context=base.max_context,
+            lora_alpha=base.lora_alpha,
+            lora_targets=list(base.lora_targets),
+            device=base.device,
+            started_at=self._started,
+            heartbeat_at=now,
+            busy_fraction=min(1.0, self._busy_s / max(now - self._started, 1e-9)),
+            models=len(self.tenants),
+        )
+
+    async def heartbeat(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.bus.kv_put(self.bus.workers, self.worker_id, self.info())
+            except Exception as e:  # reconnecting: try again next tick
+                log.warning("heartbeat_failed", error=repr(e))
+            try:
+                await asyncio.wait_for(stop.wait(), self.cfg.heartbeat_s)
+            except asyncio.TimeoutError:
+                pass
+        try:
+            await self.bus.workers.delete(subjects.kv_key(self.worker_id))
+        except Exception:
+            pass
+
+    async def run(self, stop: asyncio.Event) -> None:
+        base = self.cfg.base_model
+        durable = subjects.trainer_consumer(base)
+        log.info("trainer_ready", worker_id=self.worker_id, base_model=base, device=self.engine.info.device)
+        try:
+            await asyncio.gather(
+                self.heartbeat(stop),
+                self.bus.consume(
+                    stream=subjects.CREATE_STREAM,
+                    durable=durable,
+                    filter_subject=subjects.create(base),
+                    type_=CreateModel,
+                    handle=self.on_create,
+                    stop=stop,
+                ),
+                self.bus.consume(
+                    stream=subjects.TRAIN_STREAM,
+                    durable=durable,
+                    filter_subject=subjects.train_all(base),
+                    type_=TrainRequest,
+                    handle=self.on_train,
+                    ack_wait_s=self.cfg.ack_wait_s,
+                    max_inflight=1024,
+                    stop=stop,
+                ),
+            )
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,107 @@
+"""The bus against a real nats-server: topology, dedup, and the single ack policy."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import msgspec
+import pytest
+
+from openrl.bus import messages as m
+from openrl.bus import subjects
+from openrl.bus.client import Bus, BusConfig
+from openrl.bus.errors import InvalidRequest
+
+
+@pytest.fixture
+async def bus(nats_server):
+    b = await Bus.connect(BusConfig(url=nats_server.url))
+    yield b
+    await b.close()
+
+
+def test_messages_round_trip_and_pack_arrays():
+    import numpy as np
+
+    tokens = np.arange(5, dtype=np.int32)
+    fb = m.ForwardBackward(
+        request_id="r", model_id="s:train:0", seq_id=3, loss_fn="cross_entropy", loss_fn_config={"beta": 0.1, "mode": "x"},
+        data=[m.Datum(tokens=tokens.tobytes(), loss_fn_inputs={"weights": m.Tensor(dtype="float32", data=b"\0" * 20, shape=[5])})],
+    )
+    raw = m.encode(fb)
+    back = m.decode(raw, m.TrainRequest)
+    assert back == fb
+    assert np.frombuffer(back.data[0].tokens, dtype=np.int32).tolist() == [0, 1, 2, 3, 4]
+    assert b"pickle" not in raw and isinstance(raw, bytes)
+    # the union is tagged: an OptimStep never decodes as a ForwardBackward
+    assert type(m.decode(m.encode(m.OptimStep(request_id="r", model_id="x", seq_id=1)), m.TrainRequest)) is m.OptimStep
+    with pytest.raises(msgspec.ValidationError):
+        m.decode(m.encode(m.CreateModel(request_id="r", model_id="x", base_model="b")), m.TrainRequest)
+
+
+def test_subject_tokens_are_safe_and_distinct():
+    a, b = subjects.token("Qwen/Qwen3-0.6B"), subjects.token("Qwen/Qwen3-0_6B")
+    assert a != b
+    for t in (a, b, subjects.token("s-1:train:0"), subjects.token("a.b*c>d e")):
+        assert not any(c in t for c in ". *>")
+    assert subjects.token("s-1:train:0") == "s-1:train:0"  # readable when already safe
+    assert subjects.kv_key("s-1:train:0") != subjects.kv_key("s-1_train_0")
+
+
+async def test_ensure_is_idempotent(bus):
+    await bus.ensure()
+    await bus.ensure()
+    info = await bus.js.stream_info(subjects.TRAIN_STREAM)
+    assert info.config.duplicate_window == bus.cfg.duplicate_window_s
+
+
+async def test_publish_with_same_msg_id_is_stored_once(bus):
+    model = f"s-{uuid.uuid4().hex[:8]}:train:0"
+    subj = subjects.train("dedup-base", model)
+    msg = m.OptimStep(request_id="r1", model_id=model, seq_id=1)
+    for _ in range(3):
+        await bus.publish(subj, msg, msg_id=f"{model}-1")
+    info = await bus.js.stream_info(subjects.TRAIN_STREAM, subjects_filter=subj)
+    assert info.state.subjects == {subj: 1}
+
+
+async def test_kv_create_only_once(bus):
+    key = f"k-{uuid.uuid4().hex}"
+    assert await bus.kv_create(bus.models, key, m.LoraSpec(rank=4))
+    assert not await bus.kv_create(bus.models, key, m.LoraSpec(rank=8))
+    assert (await bus.kv_get(bus.models, key, m.LoraSpec)).rank == 4
+    assert await bus.kv_get(bus.models, "absent-" + key, m.LoraSpec) is None
+
+
+async def test_ack_policy_ack_term_and_redeliver(bus):
+    """ok → ack (once); undecodable / InvalidRequest → term (never again);
+    any other exception → nak, redelivered until it succeeds."""
+    base = f"ack-{uuid.uuid4().hex[:8]}"
+    subj = subjects.train(base, "m")
+    calls: dict[int, int] = {}
+    stop = asyncio.Event()
+
+    async def handle(msg: m.OptimStep) -> None:
+        calls[msg.seq_id] = calls.get(msg.seq_id, 0) + 1
+        if msg.seq_id == 2:
+            raise InvalidRequest("bad")
+        if msg.seq_id == 3 and calls[3] < 3:
+            raise RuntimeError("transient")
+        if calls.get(1) and calls.get(3, 0) >= 3:
+            stop.set()
+
+    await bus.js.publish(subj, b"\xff not msgpack")
+    for seq in (1, 2, 3):
+        await bus.publish(subj, m.OptimStep(request_id=f"r{seq}", model_id="m", seq_id=seq), msg_id=f"{base}-{seq}")
+    task = asyncio.create_task(
+        bus.consume(stream=subjects.TRAIN_STREAM, durable=f"t-{base}", filter_subject=subjects.train_all(base),
+                    type_=m.TrainRequest, handle=handle, stop=stop, ack_wait_s=5)
+    )
+    await asyncio.wait_for(stop.wait(), 30)
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert calls == {1: 1, 2: 1, 3: 3}
+    info = await bus.js.consumer_info(subjects.TRAIN_STREAM, f"t-{base}")
+    assert info.num_pending == 0 and info.num_ack_pending == 0

@@ -1,0 +1,134 @@
+"""Shared fixtures: a real nats-server, a real `openrl up` stack, real tinker clients.
+
+The default model is built once into a test HF cache (outside the repo, reused across
+runs; its revision changes when the recipe does) and every process, the tests' own
+included, runs with HF_HUB_OFFLINE=1: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# Must be set before huggingface_hub is imported anywhere (it reads them at import).
+os.environ.setdefault("OPENRL_TEST_HF_HOME", str(Path.home() / ".cache" / "openrl-tests" / "hf"))
+os.environ["HF_HOME"] = os.environ["OPENRL_TEST_HF_HOME"]
+os.environ.pop("HF_HUB_CACHE", None)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+
+API_KEY = "tml-test-key-0123456789"
+OTHER_KEY = "tml-other-key-9876543210"
+BASE_MODEL = "openrl/tiny-qwen3"
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory):
+    from openrl.bus.server import NatsServer
+
+    with NatsServer(tmp_path_factory.mktemp("nats")) as server:
+        yield server
+
+
+@dataclass
+class Stack:
+    url: str
+    api_key: str
+    data_dir: Path
+    nats_url: str
+    proc: subprocess.Popen
+
+    def pid(self, role: str) -> int:
+        return int((self.data_dir / "run" / f"{role}.pid").read_text())
+
+    def wait_restarted(self, role: str, old_pid: int, timeout_s: float = 60) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                pid = self.pid(role)
+                if pid != old_pid:
+                    return pid
+            except (FileNotFoundError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{role} was not restarted")
+
+    def healthz(self) -> dict:
+        with urllib.request.urlopen(f"{self.url}/api/v1/healthz", timeout=5) as r:
+            return json.loads(r.read())
+
+    def service_client(self, api_key: str | None = None, base_url: str | None = None):
+        import tinker
+
+        return tinker.ServiceClient(base_url=base_url or self.url, api_key=api_key or self.api_key)
+
+
+def _free_port() -> int:
+    from openrl.bus.server import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """`openrl up` as a user runs it: separate processes, supervised."""
+    data_dir = tmp_path_factory.mktemp("stack")
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(port),
+        "--api-key", API_KEY, "--log-level", "info",
+    ]
+    env = {**os.environ, "OPENRL_API_KEYS": OTHER_KEY}
+    log = open(data_dir / "up.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    stack_file = data_dir / "run" / "stack.json"
+    deadline = time.monotonic() + 900
+    while not stack_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"openrl up failed to start; see {data_dir}/up.log and {data_dir}/logs:\n" + (data_dir / "up.log").read_text()[-4000:])
+        time.sleep(0.3)
+    facts = json.loads(stack_file.read_text())
+    yield Stack(url=facts["base_url"], api_key=API_KEY, data_dir=data_dir, nats_url=facts["nats_url"], proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def extra_gateway(stack, tmp_path_factory):
+    """A second gateway replica on the same bus, serving fwdbwd_max_chunk_len=2."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("gw2") / "gateway.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "openrl", "gateway", "--host", "127.0.0.1", "--port", str(port), "--nats-url", stack.nats_url,
+         "--api-key", API_KEY, "--fwdbwd-max-chunk-len", "2"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/v1/healthz", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("second gateway did not start:\n" + log_path.read_text())
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(15)
+    log.close()
