@@ -1,0 +1,1 @@
+"""Trainer: LoRA training of many tenants on one base model."""
