@@ -79,7 +79,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory):
+def default_model() -> Path:
+    """The default model's snapshot in the test HF cache, built on first use (a few minutes)."""
+    from openrl.trainer.default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, default_model):
     """`openrl up` as a user runs it: separate processes, supervised."""
     data_dir = tmp_path_factory.mktemp("stack")
     port = _free_port()

@@ -1,0 +1,85 @@
+"""The offline default model: built locally, installed as an HF cache entry, loadable by name."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from openrl.trainer import default_model as dm
+
+
+def test_small_build_installs_a_loadable_hf_cache_entry(tmp_path):
+    snap = dm.ensure_default_model(tmp_path, warmup_steps=5)
+    assert snap == tmp_path / "models--openrl--tiny-qwen3" / "snapshots" / dm.revision(5)
+    assert (tmp_path / "models--openrl--tiny-qwen3" / "refs" / "main").read_text() == snap.name
+    # Loads by its hub name, offline, the way the tinker SDK and cookbook look tokenizers up.
+    tok = AutoTokenizer.from_pretrained(dm.DEFAULT_MODEL, cache_dir=tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(dm.DEFAULT_MODEL, cache_dir=tmp_path)
+    assert model.config.model_type == "qwen3"
+    assert model.config.vocab_size == len(tok)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    # Specials are single tokens; digits split one per token; any unicode round-trips.
+    assert len(tok.encode("<|im_start|>", add_special_tokens=False)) == 1
+    assert len(tok.encode("123", add_special_tokens=False)) == 3
+    for s in ("What is 12+34?", "naïve café ✓ 日本"):
+        assert tok.decode(tok.encode(s, add_special_tokens=False)) == s
+    # Built once: a second call reuses it.
+    mtime = (snap / "model.safetensors").stat().st_mtime_ns
+    assert dm.ensure_default_model(tmp_path, warmup_steps=5) == snap
+    assert (snap / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_build_is_deterministic_and_concurrent_callers_share_one_build(tmp_path):
+    results, errors = [], []
+
+    def call():
+        try:
+            results.append(dm.ensure_default_model(tmp_path / "a", warmup_steps=3))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results[0] == results[1]
+    leftovers = [p.name for p in (tmp_path / "a" / "models--openrl--tiny-qwen3").iterdir() if p.name.startswith(".build-")]
+    assert leftovers == []
+    other = dm.ensure_default_model(tmp_path / "b", warmup_steps=3)
+    a = AutoModelForCausalLM.from_pretrained(results[0]).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(other).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_revision_tracks_the_recipe():
+    assert dm.revision() != dm.revision(dm.WARMUP_STEPS + 1)
+    assert len(dm.revision()) == 40
+
+
+def test_default_model_has_signal(default_model):
+    """The warm-up gives demos and RL something to start from; a random model would not."""
+    stats = dm.build_stats(default_model)
+    assert stats["loss_end"] < stats["loss_start"] / 2
+    assert stats["copy_accuracy"] >= 0.5, stats
+
+
+def test_sdk_tokenizer_lookup_finds_it_offline(default_model):
+    from tinker.lib.public_interfaces.sampling_client import _load_tokenizer_from_model_info
+
+    tok = _load_tokenizer_from_model_info(dm.DEFAULT_MODEL)
+    assert tok.eos_token == "<|im_end|>"
+    assert tok.chat_template is not None
+
+
+def test_resolve_model_path_leaves_other_names_alone():
+    assert dm.resolve_model_path("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"
+    assert dm.resolve_model_path("/models/mine") == "/models/mine"
+
+
+def test_copy_prompt_is_chat_messages():
+    assert dm.copy_prompt("apple") == [{"role": "user", "content": "Say the word: apple"}]
