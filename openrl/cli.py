@@ -80,7 +80,11 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     async def main() -> None:
         stop = _stop_event()
         bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-gateway"))
-        runner = web.AppRunner(make_app(cfg, bus), access_log=None, handle_signals=False, shutdown_timeout=5)
+        # auto_decompress off: forward_backward bodies may be zstd (proto_compress_fwdbwd),
+        # and the gateway decompresses them itself, bounded by the body limit.
+        runner = web.AppRunner(
+            make_app(cfg, bus), access_log=None, handle_signals=False, shutdown_timeout=5, auto_decompress=False
+        )
         await runner.setup()
         site = web.TCPSite(runner, cfg.host, cfg.port, backlog=4096)
         await site.start()

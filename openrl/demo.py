@@ -36,14 +36,14 @@ def make_datum(tokenizer, question: str, answer: str):
     )
 
 
-def run_sft_demo(base_url: str, api_key: str | None, *, base_model: str, steps: int = 40, batch: int = 8, lr: float = 2e-3) -> list[float]:
+def run_sft_demo(base_url: str, api_key: str | None, *, base_model: str, steps: int = 40, batch: int = 8, examples: int = 16, lr: float = 2e-3) -> list[float]:
     import tinker
     from tqdm import tqdm
 
     service = tinker.ServiceClient(base_url=base_url, api_key=api_key)
-    training = service.create_lora_training_client(base_model=base_model, rank=16)
+    training = service.create_lora_training_client(base_model=base_model, rank=16).result()
     tokenizer = training.get_tokenizer()
-    data = [make_datum(tokenizer, q, a) for q, a in sft_examples(32)]
+    data = [make_datum(tokenizer, q, a) for q, a in sft_examples(examples)]
     losses = []
     bar = tqdm(range(steps), desc="SFT", unit="step")
     started = time.monotonic()
@@ -58,5 +58,5 @@ def run_sft_demo(base_url: str, api_key: str | None, *, base_model: str, steps: 
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     elapsed = time.monotonic() - started
     print(f"loss per token {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps ({steps / elapsed:.2f} steps/s)", flush=True)
-    service.close()
+    service.close("success").result()
     return losses

@@ -117,13 +117,14 @@ def stack(tmp_path_factory, default_model):
 
 @pytest.fixture(scope="session")
 def extra_gateway(stack, tmp_path_factory):
-    """A second gateway replica on the same bus, serving fwdbwd_max_chunk_len=2."""
+    """A second gateway replica on the same bus, serving fwdbwd_max_chunk_len=2 and asking
+    clients to zstd-compress forward_backward bodies."""
     port = _free_port()
     log_path = tmp_path_factory.mktemp("gw2") / "gateway.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "openrl", "gateway", "--host", "127.0.0.1", "--port", str(port), "--nats-url", stack.nats_url,
-         "--api-key", API_KEY, "--fwdbwd-max-chunk-len", "2"],
+         "--api-key", API_KEY, "--fwdbwd-max-chunk-len", "2", "--proto-compress"],
         stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

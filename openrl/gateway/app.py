@@ -127,6 +127,11 @@ class OptimStepBody(msgspec.Struct, kw_only=True):
     optimizer_params: dict[str, Any] | None = None
 
 
+class SequencedBody(msgspec.Struct, kw_only=True):
+    model_id: str
+    seq_id: int
+
+
 class RetrieveBody(msgspec.Struct, kw_only=True):
     request_id: str
     allow_metadata_only: bool = False
@@ -396,6 +401,23 @@ class Gateway:
             )
         return await self._submit_train(rec, msg, owner, "OptimStep")
 
+    def not_yet(self, kind: str, what: str):
+        """A sequenced call this server does not implement yet. It still takes its seq_id
+        (the SDK numbered it), so it is logged as `Rejected`: the future fails with a user
+        error naming the call, and the model's later requests are not stuck behind a gap."""
+
+        async def handler(request: web.Request) -> web.Response:
+            owner = self.owner(request)
+            body = await _body(request, SequencedBody)
+            if body.seq_id < 1:
+                raise InvalidRequest(f"seq_id must be >= 1, got {body.seq_id}")
+            rec = await self.model(body.model_id, owner)
+            rid = request_id("train", rec.model_id, body.seq_id)
+            msg = Rejected(request_id=rid, model_id=rec.model_id, seq_id=body.seq_id, error=f"{what} is not supported by this server yet")
+            return await self._submit_train(rec, msg, owner, kind)
+
+        return handler
+
     async def _submit_train(self, rec: ModelRecord, msg, owner: str, kind: str) -> web.Response:
         await self.accept(msg.request_id, owner, kind)
         # Always publish, even for a request seen before: the first attempt may have died
@@ -482,4 +504,11 @@ def make_app(cfg: GatewayConfig, bus: Bus) -> web.Application:
     r.add_post(f"{API}/forward_backward", gw.forward_backward)
     r.add_post(f"{API}/optim_step", gw.optim_step)
     r.add_post(f"{API}/retrieve_future", gw.retrieve_future)
+    for path, kind, what in [
+        ("save_weights", "SaveWeights", "save_state"),
+        ("load_weights", "LoadWeights", "load_state"),
+        ("save_weights_for_sampler", "SaveWeightsForSampler", "save_weights_for_sampler (sampling)"),
+        ("save_weights_external", "SaveWeightsExternal", "save_weights_external"),
+    ]:
+        r.add_post(f"{API}/{path}", gw.not_yet(kind, what))
     return app

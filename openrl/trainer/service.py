@@ -6,9 +6,11 @@ Order and exactly-once (ARCHITECTURE.md, contract 2):
 - a request whose seq_id is already applied is a duplicate: acked, never re-applied;
 - a model this process does not hold yet is *hydrated*: re-created from its record (the
   LoRA init is a pure function of the seed) and brought forward by replaying, in seq
-  order, every request of its log (the train stream) whose future is already finished.
-  Those are exactly the requests whose effects the previous owner had applied, so after
-  a kill -9 the state is the same as if nothing had happened (on CPU, bit for bit).
+  order, every request of its log (the train stream) up to the first gap in seq_ids. The
+  previous owner applied a prefix of that sequence and nothing else, so after a kill -9
+  the state is the same as if nothing had happened (on CPU, bit for bit). Requests past
+  that prefix are applied now and their futures finished here; their redelivered
+  messages then count as duplicates.
   Replay cost grows with the log; snapshots that bound it come with checkpoints.
 
 All model compute runs on one thread, in arrival order across tenants, so the event
@@ -134,14 +136,18 @@ class Trainer:
             await self._run(self.engine.create, model_id, rec.lora)
         entries = await self._read_log(rec)
         seq = 1
+        finished = 0
         while seq in entries:
-            msg = entries[seq]
-            fut = await self.bus.kv_get(self.bus.futures, msg.request_id, Future)
-            if fut is None or fut.state == "pending":
-                break  # not applied before: the live path will apply it
-            await self._run(self._apply, msg, rec.owner)
+            fut = await self._run(self._apply, entries[seq], rec.owner)
+            self._remember(fut)
+            stored = await self.bus.kv_get(self.bus.futures, fut.request_id, Future)
+            if stored is not None and stored.state == "pending":
+                # Logged but never applied (or applied and the result lost with the old
+                # owner): this is its first result. Its message, redelivered, is a duplicate.
+                await self.bus.finish_future(fut)
+                finished += 1
             seq += 1
-        log.info("model_loaded", model_id=model_id, replayed=seq - 1, seconds=round(time.monotonic() - started, 3))
+        log.info("model_loaded", model_id=model_id, replayed=seq - 1, finished=finished, seconds=round(time.monotonic() - started, 3))
         return Tenant(model_id=model_id, owner=rec.owner, next_seq=seq, turn=asyncio.Condition())
 
     async def _read_log(self, rec: ModelRecord) -> dict[int, TrainRequest]:

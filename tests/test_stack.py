@@ -1,0 +1,341 @@
+"""The unmodified tinker SDK against `openrl up`: real nats-server, gateway and trainer processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+import tinker
+from tinker.proto.request_conv import forward_backward_request_to_proto
+from tinker.proto.response_conv import deserialize_forward_backward_output
+
+from openrl.demo import make_datum, run_sft_demo, sft_examples
+
+from conftest import API_KEY, BASE_MODEL, OTHER_KEY
+
+pytestmark = pytest.mark.timeout(600)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def training_client(stack, *, seed: int, rank: int = 8, base_url: str | None = None, api_key: str | None = None):
+    service = stack.service_client(api_key=api_key, base_url=base_url)
+    return service, service.create_lora_training_client(base_model=BASE_MODEL, rank=rank, seed=seed).result()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(stack):
+    service, tc = training_client(stack, seed=0, rank=1)
+    return tc.get_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def data(tokenizer):
+    return [make_datum(tokenizer, q, a) for q, a in sft_examples(8, seed=1)]
+
+
+def logprobs(out) -> list[np.ndarray]:
+    return [o["logprobs"].to_numpy() for o in out.loss_fn_outputs]
+
+
+def sdk_steps(tc, batches, lr=5e-3) -> None:
+    for batch in batches:
+        fb = tc.forward_backward(batch, loss_fn="cross_entropy")
+        opt = tc.optim_step(tinker.types.AdamParams(learning_rate=lr))
+        fb.result(timeout=120)  # a stuck sequence fails here instead of hanging the suite
+        opt.result(timeout=120)
+
+
+class Raw:
+    """Hand-made HTTP requests for what the SDK never sends: chosen seq_ids, junk bodies."""
+
+    def __init__(self, url: str, api_key: str = API_KEY):
+        self.http = httpx.Client(base_url=f"{url}/api/v1", timeout=60)
+        self.api_key = api_key
+
+    def post(self, path: str, *, json=None, content: bytes | None = None, headers=None, api_key: str | None = None):
+        h = {"X-API-Key": api_key or self.api_key, **(headers or {})}
+        if api_key == "":
+            del h["X-API-Key"]
+        return self.http.post(path, json=json, content=content, headers=h)
+
+    def forward_backward(self, model_id: str, seq_id: int, datums, *, loss_fn="cross_entropy", forward_only=False):
+        req = tinker.types.ForwardBackwardRequest(
+            model_id=model_id,
+            seq_id=seq_id,
+            forward_backward_input=tinker.types.ForwardBackwardInput(data=datums, loss_fn=loss_fn),
+        )
+        proto = forward_backward_request_to_proto(req)
+        proto.forward_only = forward_only
+        return self.post("/forward_backward", content=proto.SerializeToString(), headers={"Content-Type": "application/x-protobuf"})
+
+    def optim_step(self, model_id: str, seq_id: int, lr: float = 5e-3):
+        return self.post("/optim_step", json={"model_id": model_id, "seq_id": seq_id, "adam_params": {"learning_rate": lr}})
+
+    def result(self, request_id: str, timeout_s: float = 120):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            r = self.post("/retrieve_future", json={"request_id": request_id}, headers={"Accept": "application/x-protobuf"})
+            if r.status_code != 408:
+                return r
+        raise TimeoutError(request_id)
+
+    def forward_logprobs(self, model_id: str, seq_id: int, datums) -> list[np.ndarray]:
+        r = self.forward_backward(model_id, seq_id, datums, forward_only=True)
+        assert r.status_code == 200, r.text
+        res = self.result(r.json()["request_id"])
+        assert res.headers["content-type"].startswith("application/x-protobuf"), res.text
+        return logprobs(deserialize_forward_backward_output(res.content))
+
+
+def assert_logprobs_equal(a: list[np.ndarray], b: list[np.ndarray], rtol=1e-5, atol=1e-6):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+def assert_healthy(stack):
+    health = stack.healthz()
+    assert health["status"] == "ok" and health["bus"] and health["trainers"], health
+
+
+# ---------------------------------------------------------------------- the SDK loop
+
+
+def test_sft_loss_falls_by_more_than_half(stack):
+    """The README's demo loop, 30 steps: one pass over 16 examples is 2 steps."""
+    losses = run_sft_demo(stack.url, stack.api_key, base_model=BASE_MODEL, steps=30)
+    first, last = np.mean(losses[:2]), np.mean(losses[-2:])
+    assert last < first / 2, losses
+
+
+def test_get_info_and_capabilities(stack):
+    service, tc = training_client(stack, seed=3, rank=4)
+    info = tc.get_info()
+    assert info.model_data.model_name == BASE_MODEL and info.model_data.arch == "qwen3"
+    assert info.lora_rank == 4 and info.model_id == tc.model_id
+    assert tc.model_id.endswith(":train:0")
+    caps = Raw(stack.url).http.get("/get_server_capabilities", headers={"X-API-Key": API_KEY}).json()
+    assert {"model_name": BASE_MODEL, "max_context_length": 2048, "trainable": True} in caps["supported_models"]
+    raw = Raw(stack.url).post("/get_info", json={"model_id": tc.model_id}).json()
+    assert raw["lora_alpha"] == 32
+    assert set(raw["lora_target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
+
+
+def test_chunked_forward_backward_equals_unchunked(stack, extra_gateway, data):
+    """The second gateway serves fwdbwd_max_chunk_len=2: 8 datums become 4 chunks, 4 seq_ids,
+    each zstd-compressed by the SDK (proto_compress_fwdbwd)."""
+    _, chunked = training_client(stack, seed=11, base_url=extra_gateway)
+    _, whole = training_client(stack, seed=11)
+    outs = []
+    for tc in (chunked, whole):
+        fb = tc.forward_backward(data, loss_fn="cross_entropy").result()
+        tc.optim_step(tinker.types.AdamParams(learning_rate=2e-3)).result()
+        after = tc.forward(data, loss_fn="cross_entropy").result()
+        outs.append((fb, after))
+    (fb_c, after_c), (fb_w, after_w) = outs
+    assert fb_c.metrics["loss:sum"] == pytest.approx(fb_w.metrics["loss:sum"], rel=1e-5)
+    assert_logprobs_equal(logprobs(fb_c), logprobs(fb_w))
+    # The gradients of all chunks were accumulated into one step.
+    assert after_c.metrics["loss:sum"] == pytest.approx(after_w.metrics["loss:sum"], rel=1e-5)
+    assert after_c.metrics["loss:sum"] < fb_c.metrics["loss:sum"]
+    assert_logprobs_equal(logprobs(after_c), logprobs(after_w))
+
+
+def test_out_of_order_and_retried_requests_apply_once_in_order(stack, data):
+    """seq 3, 2, 1 arrive reversed and seq 2 twice; the result equals the in-order SDK run."""
+    _, sdk = training_client(stack, seed=21)
+    sdk_steps(sdk, [[data[0]], [data[1]]])  # seq 1 fb(d0), 2 optim, 3 fb(d1), 4 optim
+    _, raw_tc = training_client(stack, seed=21)
+    raw = Raw(stack.url)
+    model = raw_tc.model_id
+    # The same four requests by hand, out of order, with a retry of seq 3.
+    r4 = raw.optim_step(model, 4)
+    r3 = raw.forward_backward(model, 3, [data[1]])
+    r3_again = raw.forward_backward(model, 3, [data[1]])
+    r2 = raw.optim_step(model, 2)
+    time.sleep(0.5)  # nothing may run yet: seq 1 is missing
+    pending = raw.post("/retrieve_future", json={"request_id": r4.json()["request_id"]}, headers={"x-stainless-read-timeout": "6"})
+    assert pending.status_code == 408 and pending.json()["type"] == "try_again"
+    r1 = raw.forward_backward(model, 1, [data[0]])
+    for r in (r1, r2, r3, r3_again, r4):
+        assert r.status_code == 200, r.text
+    assert r3_again.json()["request_id"] == r3.json()["request_id"]
+    for r in (r1, r2, r3, r4):
+        assert raw.result(r.json()["request_id"]).status_code == 200
+    # A retry after the fact returns the original id and changes nothing.
+    assert raw.forward_backward(model, 3, [data[1]]).json()["request_id"] == r3.json()["request_id"]
+    got = raw.forward_logprobs(model, 5, data)
+    want = logprobs(sdk.forward(data, loss_fn="cross_entropy").result())
+    assert_logprobs_equal(got, want, rtol=0, atol=0)
+
+
+def test_results_are_retrievable_repeatedly_and_from_any_gateway(stack, extra_gateway, data):
+    _, tc = training_client(stack, seed=31)
+    fut = tc.forward_backward(data[:2], loss_fn="cross_entropy")
+    first = fut.result()
+    rid = fut.request_id if hasattr(fut, "request_id") else None
+    if rid is None:  # the SDK keeps it on the inner APIFuture
+        rid = Raw(stack.url).forward_backward(tc.model_id, 1, data[:2]).json()["request_id"]
+    for url in (stack.url, extra_gateway, stack.url):
+        r = Raw(url).result(rid)
+        assert r.status_code == 200
+        out = deserialize_forward_backward_output(r.content)
+        assert out.metrics["loss:sum"] == pytest.approx(first.metrics["loss:sum"], rel=1e-6)
+    # Another key does not see this key's futures.
+    assert Raw(stack.url, api_key=OTHER_KEY).result(rid).status_code == 404
+
+
+# ---------------------------------------------------------------------- failures
+
+
+def _final_logprobs_of_run(stack, data, *, seed: int, steps: int, kill_at: int | None = None):
+    _, tc = training_client(stack, seed=seed)
+    killed = None
+    for step in range(steps):
+        if step == kill_at:
+            killed = stack.pid("trainer")
+            os.kill(killed, signal.SIGKILL)
+        batch = [data[(step * 2 + i) % len(data)] for i in range(2)]
+        sdk_steps(tc, [batch])
+    if killed is not None:
+        assert stack.wait_restarted("trainer", killed) != killed
+    return logprobs(tc.forward(data, loss_fn="cross_entropy").result())
+
+
+def test_trainer_kill_9_mid_run_completes_with_identical_weights(stack, data):
+    """The supervisor restarts the trainer; it rebuilds each model from its seed plus the
+    train-stream log, so the run finishes with the weights of a run without the fault."""
+    clean = _final_logprobs_of_run(stack, data, seed=41, steps=8)
+    faulty = _final_logprobs_of_run(stack, data, seed=41, steps=8, kill_at=4)
+    assert_logprobs_equal(faulty, clean, rtol=0, atol=0)
+    assert_healthy(stack)
+
+
+def test_gateway_kill_9_mid_run_completes(stack, data):
+    _, tc = training_client(stack, seed=51)
+    sdk_steps(tc, [data[:2]])
+    old = stack.pid("gateway")
+    os.kill(old, signal.SIGKILL)
+    sdk_steps(tc, [data[2:4], data[4:6]])  # the SDK retries until the restarted gateway answers
+    assert stack.wait_restarted("gateway", old) != old
+    assert_healthy(stack)
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def victim(stack):
+    """A model that bad requests are aimed at; it must keep working afterwards."""
+    _, tc = training_client(stack, seed=61)
+    return tc
+
+
+PROTO = {"Content-Type": "application/x-protobuf"}
+
+
+@pytest.mark.parametrize(
+    "path, kwargs, status, detail",
+    [
+        ("/create_session", dict(content=b"{not json", headers={"Content-Type": "application/json"}), 400, "not valid JSON"),
+        ("/optim_step", dict(content=b"{\"model_id\": ", headers={"Content-Type": "application/json"}), 400, "not valid JSON"),
+        ("/forward_backward", dict(content=b"\xff\xff\xff\xff garbage", headers=PROTO), 400, "protobuf"),
+        ("/forward_backward", dict(content=b"\x28\x01", headers={**PROTO, "Content-Encoding": "zstd"}), 400, "zstd"),
+        ("/optim_step", dict(json={"model_id": "m", "seq_id": "one"}), 400, "seq_id"),
+        ("/create_model", dict(json={"session_id": 5, "model_seq_id": 0, "base_model": BASE_MODEL}), 400, "session_id"),
+        ("/retrieve_future", dict(json={"request_id": ["x"]}), 400, "request_id"),
+        ("/optim_step", dict(json={"model_id": "nobody:train:0", "seq_id": 1, "adam_params": {}}), 404, "unknown model_id"),
+        ("/get_info", dict(json={"model_id": "nobody:train:0"}), 404, "unknown model_id"),
+        ("/retrieve_future", dict(json={"request_id": "train-000"}), 404, "unknown request_id"),
+        ("/create_model", dict(json={"session_id": "no-such-session", "model_seq_id": 0, "base_model": BASE_MODEL}), 404, "unknown session"),
+        ("/get_info", dict(json={"model_id": "x"}, api_key=""), 401, "missing"),
+        ("/get_info", dict(json={"model_id": "x"}, api_key="tml-wrong-key-000000"), 401, "unknown API key"),
+        ("/create_session", dict(json={}, api_key="not-a-tml-key"), 401, "unknown API key"),
+    ],
+)
+def test_bad_http_requests_get_clear_4xx_json(stack, path, kwargs, status, detail):
+    r = Raw(stack.url).post(path, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert detail in r.json()["detail"], r.json()
+
+
+def test_unknown_base_model_and_bad_lora_are_400(stack):
+    raw = Raw(stack.url)
+    session = raw.post("/create_session", json={"sdk_version": "test"}).json()["session_id"]
+    for body, detail in [
+        ({"base_model": "no/such-model"}, "not served here"),
+        ({"base_model": BASE_MODEL, "lora_config": {"rank": 0}}, "rank"),
+        ({"base_model": BASE_MODEL, "lora_config": {"rank": 4, "train_attn": False, "train_mlp": False, "train_unembed": False}}, "train_"),
+        ({"base_model": BASE_MODEL, "optimizer_config": {"type": "dimuon"}}, "adamw"),
+    ]:
+        r = raw.post("/create_model", json={"session_id": session, "model_seq_id": 0, **body})
+        assert r.status_code == 400 and detail in r.json()["detail"], r.text
+
+
+def test_oversize_body_is_413(stack, victim):
+    r = Raw(stack.url).post("/forward_backward", content=b"\0" * (33 * 1024 * 1024), headers=PROTO)
+    assert r.status_code == 413 and r.headers["content-type"].startswith("application/json")
+
+
+def _datum(tokens, targets, weights=None, targets_dtype="int64"):
+    inputs = {"target_tokens": tinker.types.TensorData(data=targets, dtype=targets_dtype, shape=[len(targets)])}
+    if weights is not None:
+        inputs["weights"] = tinker.types.TensorData(data=weights, dtype="float32", shape=[len(weights)])
+    return tinker.types.Datum(model_input=tinker.types.ModelInput.from_ints(tokens), loss_fn_inputs=inputs)
+
+
+BAD_DATA = {
+    "token id outside the vocabulary": ([_datum([1, 2, 10**6], [2, 3, 4])], "cross_entropy", "token ids must be in"),
+    "negative target id": ([_datum([1, 2, 3], [2, -3, 4])], "cross_entropy", "token ids must be in"),
+    "targets shorter than tokens": ([_datum([1, 2, 3], [2, 3])], "cross_entropy", "shape must be [3]"),
+    "weights longer than tokens": ([_datum([1, 2], [2, 3], [1.0, 1.0, 1.0])], "cross_entropy", "shape must be [2]"),
+    "targets as floats": ([_datum([1, 2], [2.0, 3.0], targets_dtype="float32")], "cross_entropy", "dtype must be int64"),
+    "unknown loss_fn": ([_datum([1, 2], [2, 3])], "no_such_loss", "no_such_loss"),
+    "unimplemented loss_fn": ([_datum([1, 2], [2, 3])], "ppo", "supported: cross_entropy"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_fails_the_future_as_user_error_and_changes_nothing(stack, victim, data, case):
+    datums, loss_fn, message = BAD_DATA[case]
+    before = logprobs(victim.forward(data[:2], loss_fn="cross_entropy").result())
+    with pytest.raises(tinker.RequestFailedError) as err:
+        victim.forward_backward(datums, loss_fn=loss_fn).result()
+    assert err.value.category == tinker.types.RequestErrorCategory.User
+    assert message in str(err.value)
+    # Nothing was applied, and the model's sequence goes on.
+    victim.optim_step(tinker.types.AdamParams(learning_rate=1e-1)).result()
+    assert_logprobs_equal(logprobs(victim.forward(data[:2], loss_fn="cross_entropy").result()), before, rtol=0, atol=0)
+    assert_healthy(stack)
+
+
+def test_unimplemented_sequenced_calls_fail_as_user_error_without_a_gap(stack, victim, data):
+    with pytest.raises(tinker.RequestFailedError) as err:
+        victim.save_state("ckpt").result()
+    assert err.value.category == tinker.types.RequestErrorCategory.User and "save_state" in str(err.value)
+    victim.forward(data[:1], loss_fn="cross_entropy").result()  # the next seq_id still runs
+
+
+def test_bad_optimizer_params_fail_as_user_error(stack, victim):
+    with pytest.raises(tinker.RequestFailedError) as err:
+        victim.optim_step(tinker.types.AdamParams(learning_rate=1e-3, beta1=1.5)).result()
+    assert err.value.category == tinker.types.RequestErrorCategory.User and "beta1" in str(err.value)
+    victim.optim_step(tinker.types.AdamParams(learning_rate=1e-3)).result()
+
+
+def test_stack_processes_show_their_roles_and_log_under_the_data_dir(stack):
+    for role in ("nats", "trainer", "gateway"):
+        pid = stack.pid(role)
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        if role == "nats":
+            assert "nats-server" in cmdline
+        else:
+            assert f"openrl {role}" in cmdline or f"openrl-{role}" in open(f"/proc/{pid}/comm").read(), cmdline
+        assert (stack.data_dir / "logs" / f"{role}.log").stat().st_size > 0
