@@ -188,15 +188,28 @@ class Trainer:
         t = await self.tenant(msg.model_id)
         if t is None:  # the gateway checks this; a hand-published message might not
             raise InvalidRequest(f"unknown model {msg.model_id}")
+        received = time.perf_counter()
         async with t.turn:
             await t.turn.wait_for(lambda: t.next_seq >= msg.seq_id)
             if msg.seq_id < t.next_seq:
                 return await self._resend(msg)
+            started = time.perf_counter()
             fut = await self._run(self._apply, msg, t.owner)
             t.next_seq += 1  # state and counter move together, before any await that may fail
             t.turn.notify_all()
+        computed = time.perf_counter()
         self._remember(fut)
         await self.bus.finish_future(fut)
+        log.debug(
+            "train_applied",
+            model_id=msg.model_id,
+            seq_id=msg.seq_id,
+            type=type(msg).__name__,
+            state=fut.state,
+            wait_ms=round((started - received) * 1000, 2),
+            compute_ms=round((computed - started) * 1000, 2),
+            finish_ms=round((time.perf_counter() - computed) * 1000, 2),
+        )
 
     async def _resend(self, msg: TrainRequest) -> None:
         """A duplicate delivery: make sure its result reached KV (the first write may be lost)."""
