@@ -214,11 +214,19 @@ def cmd_up(args: argparse.Namespace) -> None:
             log.error("stack_not_ready", logs=str(data_dir / "logs"))
             sys.exit(1)
         sup.write_stack({"base_url": url, "api_key": api_key, "nats_url": nats_url, "base_model": args.base_model, "data_dir": str(data_dir)})
-        print(f"\nOpenRL is up.\n  export TINKER_BASE_URL={url}\n  export TINKER_API_KEY={api_key}\n  base model: {args.base_model}\n  logs: {data_dir / 'logs'}\n", flush=True)
+        offline = "\n  export HF_HUB_OFFLINE=1   # get_tokenizer() finds the local default model" if args.base_model == DEFAULT_BASE_MODEL else ""
+        print(
+            f"\nOpenRL is up.\n  export TINKER_BASE_URL={url}\n  export TINKER_API_KEY={api_key}{offline}\n"
+            f"  base model: {args.base_model}\n  logs: {data_dir / 'logs'}\n",
+            flush=True,
+        )
         demo = None
         if args.demo:
+            # The default model exists only in the local HF cache: look nowhere else for it.
+            env = {**os.environ, "HF_HUB_OFFLINE": "1"} if args.base_model == DEFAULT_BASE_MODEL else None
             demo = subprocess.Popen(
-                openrl_argv("demo", "--base-url", url, "--api-key", api_key, "--base-model", args.base_model, "--steps", str(args.demo_steps))
+                openrl_argv("demo", "--base-url", url, "--api-key", api_key, "--base-model", args.base_model, "--steps", str(args.demo_steps)),
+                env=env,
             )
         while not stopping:
             sup.poll()
