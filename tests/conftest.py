@@ -106,13 +106,35 @@ def stack(tmp_path_factory, default_model):
         time.sleep(0.3)
     facts = json.loads(stack_file.read_text())
     yield Stack(url=facts["base_url"], api_key=API_KEY, data_dir=data_dir, nats_url=facts["nats_url"], proc=proc)
-    proc.send_signal(signal.SIGTERM)
+    pids = {role: stack_pid(data_dir, role) for role in ("nats", "trainer", "gateway")}
+    proc.send_signal(signal.SIGTERM)  # what Ctrl-C does
     try:
-        proc.wait(60)
+        code = proc.wait(60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    log.close()
+        raise AssertionError("openrl up did not stop within 60 s of SIGTERM") from None
+    finally:
+        log.close()
+    assert code == 0, f"openrl up exited with {code}"
+    alive = [role for role, pid in pids.items() if _alive(pid)]
+    assert not alive, f"still running after openrl up stopped: {alive}"
+
+
+def stack_pid(data_dir: Path, role: str) -> int:
+    return int((data_dir / "run" / f"{role}.pid").read_text())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes (its parent has not reaped it yet).
+    try:
+        return open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.fixture(scope="session")
@@ -122,11 +144,17 @@ def extra_gateway(stack, tmp_path_factory):
     port = _free_port()
     log_path = tmp_path_factory.mktemp("gw2") / "gateway.log"
     log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "openrl", "gateway", "--host", "127.0.0.1", "--port", str(port), "--nats-url", stack.nats_url,
-         "--api-key", API_KEY, "--fwdbwd-max-chunk-len", "2", "--proto-compress"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    # Configured the way the Kubernetes manifests do it: OPENRL_* environment variables.
+    env = {
+        **os.environ,
+        "OPENRL_HOST": "127.0.0.1",
+        "OPENRL_PORT": str(port),
+        "OPENRL_NATS_URL": stack.nats_url,
+        "OPENRL_API_KEYS": f"{API_KEY},{OTHER_KEY}",
+        "OPENRL_FWDBWD_MAX_CHUNK_LEN": "2",
+        "OPENRL_PROTO_COMPRESS": "1",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "openrl", "gateway"], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:

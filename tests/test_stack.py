@@ -227,6 +227,29 @@ def test_gateway_kill_9_mid_run_completes(stack, data):
     assert_healthy(stack)
 
 
+def test_nats_kill_9_mid_run_completes(stack, data):
+    """nats-server dies and is restarted on its file store: the gateway answers 503 (the
+    SDK retries) while the bus is away, workers reconnect, and no accepted request is lost."""
+    _, tc = training_client(stack, seed=71)
+    sdk_steps(tc, [data[:2]])
+    old = stack.pid("nats")
+    os.kill(old, signal.SIGKILL)
+    sdk_steps(tc, [data[2:4], data[4:6]])
+    assert stack.wait_restarted("nats", old) != old
+    _, again = training_client(stack, seed=71)  # same seed, no fault: the same weights
+    sdk_steps(again, [data[:2], data[2:4], data[4:6]])
+    assert_logprobs_equal(
+        logprobs(tc.forward(data, loss_fn="cross_entropy").result()),
+        logprobs(again.forward(data, loss_fn="cross_entropy").result()),
+        rtol=0,
+        atol=0,
+    )
+    deadline = time.monotonic() + 30
+    while not stack.healthz()["trainers"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert_healthy(stack)
+
+
 # ---------------------------------------------------------------------- bad input
 
 

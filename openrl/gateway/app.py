@@ -8,6 +8,7 @@ deterministic request id, and long-polls results. It never imports torch.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import uuid
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import nats.errors
+import nats.js.errors
 import structlog
 from aiohttp import web
 
@@ -455,6 +458,22 @@ class Gateway:
 # -- errors: translated here, and only here ---------------------------------------------
 
 
+# Errors that mean "the bus is down or reconnecting", not "this request is wrong".
+BUS_UNAVAILABLE = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.NoServersError,
+    nats.errors.NoRespondersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.errors.TimeoutError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+    asyncio.TimeoutError,
+)
+
+
 @web.middleware
 async def errors(request: web.Request, handler):
     try:
@@ -467,6 +486,11 @@ async def errors(request: web.Request, handler):
         return _json({"detail": str(e), "type": "invalid_request"}, status=400)
     except Unavailable as e:
         return _json({"detail": str(e), "type": "unavailable"}, status=503, headers={"Retry-After": "2"})
+    except BUS_UNAVAILABLE as e:
+        # The bus is down or reconnecting: nothing was decided, so the client may retry.
+        log.warning("bus_unavailable", path=request.path, error=repr(e))
+        return _json({"detail": f"message bus unavailable: {type(e).__name__}; retry shortly", "type": "unavailable"},
+                     status=503, headers={"Retry-After": "2"})  # fmt: skip
     except web.HTTPException as e:
         if e.status < 400:
             raise
