@@ -321,7 +321,7 @@ BAD_DATA = {
     "weights longer than tokens": ([_datum([1, 2], [2, 3], [1.0, 1.0, 1.0])], "cross_entropy", "shape must be [2]"),
     "targets as floats": ([_datum([1, 2], [2.0, 3.0], targets_dtype="float32")], "cross_entropy", "dtype must be int64"),
     "unknown loss_fn": ([_datum([1, 2], [2, 3])], "no_such_loss", "no_such_loss"),
-    "unimplemented loss_fn": ([_datum([1, 2], [2, 3])], "ppo", "supported: cross_entropy"),
+    "unimplemented loss_fn": ([_datum([1, 2], [2, 3])], "stable_reinforce", "math is unpublished"),
 }
 
 

@@ -1,7 +1,9 @@
 """Multi-tenant LoRA training: one frozen base model, one peft adapter and one AdamW per model_id.
 
 Pure compute: no networking, no asyncio, called from a single thread. Every request is
-validated completely before any state is touched, so an `InvalidRequest` changes nothing.
+validated completely before any state is touched, and gradients that come out non-finite
+are refused before they reach `.grad`, so an `InvalidRequest` changes nothing. The loss
+math is in `losses.py`; this file turns a request into its tensors and back.
 
 All tenants live in one `PeftModel` as named adapters ("t0", "t1", ...: model ids may hold
 '.', which peft cannot take). Before computing for a tenant we make its adapter the only
@@ -11,6 +13,7 @@ its parameters alone, and each tenant's AdamW holds only its own parameters.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -18,18 +21,18 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec, Tensor
+from openrl.trainer import losses
 
 log = structlog.get_logger(__name__)
 
 LORA_ALPHA = 32  # Tinker ("LoRA without regret"): alpha is 32 whatever the rank
 MAX_RANK = 256
-LOSSES = ("cross_entropy",)
+LOSSES = tuple(losses.SIGNATURES)
 
 # Which modules each LoraSpec flag targets; names shared by Llama, Qwen2/3, Mistral...
 TARGETS = {
@@ -39,7 +42,6 @@ TARGETS = {
 }
 
 _NP_DTYPES = {"int64": np.dtype("<i8"), "float32": np.dtype("<f4")}
-_INPUTS = {"target_tokens": "int64", "weights": "float32"}  # cross_entropy's inputs and their dtypes
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class BaseInfo:
 
 @dataclass
 class FwdBwdResult:
-    logprobs: list[np.ndarray]  # per datum, float32 (N,): lp of target_tokens[i] given tokens[:i+1]
+    logprobs: list[np.ndarray]  # per datum, float32 shaped as its target_tokens ((N,) or (N, K))
     metrics: dict[str, float]  # "loss:sum", "tokens:sum"
 
 
@@ -70,11 +72,12 @@ class _Tenant:
 
 @dataclass
 class _Batch:
-    """A validated request: per datum int64 arrays of tokens and targets, float32 weights."""
+    """A validated request: each datum's tokens and target shape, and the loss inputs of
+    all datums concatenated along tokens (M), defaults filled in."""
 
-    tokens_D: list[np.ndarray]
-    targets_D: list[np.ndarray]
-    weights_D: list[np.ndarray]
+    tokens_D: list[np.ndarray]  # int64 (N,)
+    shapes_D: list[tuple[int, ...]]  # target_tokens' shape: (N,), or (N, K) for top-K cross_entropy
+    x: dict[str, np.ndarray]  # (M,) float32 each; target_tokens (M, K) int64, weights (M, K)
 
 
 def pick_device() -> str:
@@ -200,24 +203,27 @@ class LoraEngine:
 
     def forward_backward(self, req: ForwardBackward) -> FwdBwdResult:
         tenant = self._tenant(req.model_id)
-        if req.loss_fn not in LOSSES:
-            raise InvalidRequest(f"loss_fn {req.loss_fn!r} is not supported; supported: {', '.join(LOSSES)}")
-        batch = _parse(req.data, self.info.vocab_size, self.info.max_context)
+        signature = _check_loss_fn(req.loss_fn)
+        config = _check_config(req.loss_fn, signature, req.loss_fn_config)
+        batch = _parse(req.data, req.loss_fn, signature, config, self.info.vocab_size, self.info.max_context)
         if not batch.tokens_D:
             return FwdBwdResult(logprobs=[], metrics={"loss:sum": 0.0, "tokens:sum": 0.0})
         self._activate(tenant)
-        if req.forward_only:
-            with torch.inference_mode():
-                lp_M, loss = self._cross_entropy(batch)
-        else:
-            lp_M, loss = self._cross_entropy(batch)
-            loss.backward()  # accumulates into .grad until optim_step
+        with torch.inference_mode() if req.forward_only else contextlib.nullcontext():
+            lp_M_K, loss = self._loss(req.loss_fn, batch, config)
+        if not req.forward_only:
+            self._accumulate(tenant, loss)
         lengths = [len(t) for t in batch.tokens_D]
-        logprobs = np.split(lp_M.detach().float().cpu().numpy(), np.cumsum(lengths)[:-1])
+        rows_D = np.split(lp_M_K.detach().cpu().numpy(), np.cumsum(lengths)[:-1])
+        # Drop the K padding; 1-D targets give 1-D logprobs.
+        logprobs = [
+            np.ascontiguousarray(rows[:, 0] if len(shape) == 1 else rows[:, : shape[1]])
+            for rows, shape in zip(rows_D, batch.shapes_D)
+        ]
         return FwdBwdResult(logprobs=logprobs, metrics={"loss:sum": loss.item(), "tokens:sum": float(sum(lengths))})
 
-    def _cross_entropy(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """One padded forward of every datum; returns (logprobs of real positions, -sum(w * lp))."""
+    def _loss(self, loss_fn: str, batch: _Batch, config: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One padded forward of every datum; returns (lp of real positions (M, K), summed loss)."""
         lengths = [len(t) for t in batch.tokens_D]
         ids_B_T = np.zeros((len(lengths), max(lengths)), dtype=np.int64)
         real_B_T = np.zeros(ids_B_T.shape, dtype=bool)
@@ -228,11 +234,32 @@ class LoraEngine:
         # Right padding under a causal mask: real positions never attend to the pads after
         # them, so no attention_mask is needed and SDPA keeps its fast is_causal path.
         logits_B_T_V = self.peft(input_ids=torch.from_numpy(ids_B_T).to(device)).logits
-        logits_M_V = logits_B_T_V[torch.from_numpy(real_B_T).to(device)]
-        targets_M = torch.from_numpy(np.concatenate(batch.targets_D)).to(device)
-        weights_M = torch.from_numpy(np.concatenate(batch.weights_D)).to(device)
-        lp_M = -F.cross_entropy(logits_M_V.float(), targets_M, reduction="none")
-        return lp_M, -(weights_M * lp_M).sum()
+        logits_M_V = logits_B_T_V[torch.from_numpy(real_B_T).to(device)].float()
+        x = {name: torch.from_numpy(values).to(device) for name, values in batch.x.items()}
+        # fp32 log_softmax, as F.cross_entropy computes it; one gather serves (N,) and (N, K).
+        lp_M_K = torch.log_softmax(logits_M_V, dim=-1).gather(1, x.pop("target_tokens"))
+        lp_M = lp_M_K if loss_fn == "cross_entropy" else lp_M_K[:, 0]  # only cross_entropy takes (N, K)
+        return lp_M_K, losses.total(loss_fn, lp_M, x, config)
+
+    def _accumulate(self, tenant: _Tenant, loss: torch.Tensor) -> None:
+        """`loss.backward()`, all or nothing: gradients that are not finite are refused before
+        they reach `.grad` (one NaN would make every later step NaN)."""
+        params = list(tenant.params.values())
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        present = [g for g in grads if g is not None]
+        if present and not torch.isfinite(torch.nn.utils.get_total_norm(present)):
+            raise InvalidRequest(
+                f"the loss's gradients are not finite (loss {loss.item()}); nothing was applied. "
+                "Usually logprobs far from the model's own make exp(lp - logprobs) overflow: "
+                "check that logprobs are the sampler's logprobs of target_tokens"
+            )
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
 
     def optim_step(self, model_id: str, adam: AdamParams) -> dict[str, float]:
         tenant = self._tenant(model_id)
@@ -275,17 +302,79 @@ def _check_adam(adam: AdamParams) -> None:
         raise InvalidRequest(f"grad_clip_norm must be >= 0, got {adam.grad_clip_norm}")
 
 
-def _parse(data: list[Datum], vocab: int, max_context: int) -> _Batch:
-    batch = _Batch(tokens_D=[], targets_D=[], weights_D=[])
+def _check_loss_fn(loss_fn: str) -> losses.Signature:
+    signature = losses.SIGNATURES.get(loss_fn)
+    if signature is not None:
+        return signature
+    why = {
+        # tinker-cookbook 0.6.1's default RL loss, so users meet this first.
+        "stable_reinforce": ": its math is unpublished, so OpenRL cannot reproduce it; "
+        "use importance_sampling, ppo or cispo instead",
+        "custom": ": server-side custom losses (uploaded loss graphs) are not implemented",
+    }.get(loss_fn, "")
+    raise InvalidRequest(f"loss_fn {loss_fn!r} is not supported{why}; supported: {', '.join(losses.SIGNATURES)}")
+
+
+def _check_config(loss_fn: str, signature: losses.Signature, config: dict[str, float | str]) -> dict[str, float]:
+    """The loss's config: the request's values over the defaults, every one a finite number."""
+    values = dict(signature.config)
+    unknown = sorted(set(config) - set(values))
+    if unknown:
+        takes = sorted(values) or "no keys"
+        raise InvalidRequest(f"loss_fn_config: unknown {unknown}; {loss_fn} takes {takes}")
+    for key, value in config.items():
+        if isinstance(value, str) or not math.isfinite(value):
+            raise InvalidRequest(f"loss_fn_config[{key!r}] must be a finite number, got {value!r}")
+        values[key] = float(value)
+    if "clip_low_threshold" in values:
+        low, high = values["clip_low_threshold"], values["clip_high_threshold"]
+        if not 0 <= low <= high:
+            raise InvalidRequest(f"loss_fn_config: need 0 <= clip_low_threshold <= clip_high_threshold, got {low}, {high}")
+    if values.get("beta", 0.0) < 0:
+        raise InvalidRequest(f"loss_fn_config['beta'] must be >= 0, got {values['beta']}")
+    return values
+
+
+def _parse(
+    data: list[Datum], loss_fn: str, signature: losses.Signature, config: dict[str, float], vocab: int, max_context: int
+) -> _Batch:
+    tokens_D, inputs_D = [], []
     for i, datum in enumerate(data):
-        tokens, targets, weights = _parse_datum(datum, f"data[{i}]", vocab, max_context)
-        batch.tokens_D.append(tokens)
-        batch.targets_D.append(targets)
-        batch.weights_D.append(weights)
+        tokens, inputs = _parse_datum(datum, f"data[{i}]", loss_fn, signature, config, vocab, max_context)
+        tokens_D.append(tokens)
+        inputs_D.append(inputs)
+    shapes_D = [inputs["target_tokens"].shape for inputs in inputs_D]
+    batch = _Batch(tokens_D=tokens_D, shapes_D=shapes_D, x={})
+    if not data:
+        return batch
+    # Pad top-K targets to the widest K with token 0 and weight 0: pads add nothing.
+    width = max(1 if len(shape) == 1 else shape[1] for shape in shapes_D)
+    for name in inputs_D[0]:
+        arrays = [inputs[name] for inputs in inputs_D]
+        if name in ("target_tokens", "weights"):
+            arrays = [_pad_columns(a, width) for a in arrays]
+        batch.x[name] = np.concatenate(arrays)
+    if loss_fn == "gspo":
+        batch.x["datum_index"] = np.repeat(np.arange(len(tokens_D)), [len(t) for t in tokens_D])
     return batch
 
 
-def _parse_datum(datum: Datum, where: str, vocab: int, max_context: int) -> tuple[np.ndarray, ...]:
+def _pad_columns(a: np.ndarray, width: int) -> np.ndarray:
+    """(N,) or (N, K) -> (N, width), zeros on the right."""
+    a_N_K = a.reshape(len(a), -1)
+    return np.pad(a_N_K, ((0, 0), (0, width - a_N_K.shape[1])))
+
+
+def _parse_datum(
+    datum: Datum,
+    where: str,
+    loss_fn: str,
+    signature: losses.Signature,
+    config: dict[str, float],
+    vocab: int,
+    max_context: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A datum's tokens and its loss inputs, every one present (defaults filled in)."""
     if len(datum.tokens) % 4:
         raise InvalidRequest(f"{where}.tokens: {len(datum.tokens)} bytes is not a whole number of int32")
     tokens = np.frombuffer(datum.tokens, dtype="<i4").astype(np.int64)
@@ -295,20 +384,32 @@ def _parse_datum(datum: Datum, where: str, vocab: int, max_context: int) -> tupl
     if n > max_context:
         raise InvalidRequest(f"{where}.tokens: {n} tokens exceed the max context {max_context}")
     _check_ids(tokens, f"{where}.tokens", vocab)
-    unknown = sorted(set(datum.loss_fn_inputs) - set(_INPUTS))
+    given = datum.loss_fn_inputs
+    unknown = sorted(set(given) - set(signature.accepts()))
     if unknown:
-        raise InvalidRequest(f"{where}.loss_fn_inputs: unknown {unknown}; cross_entropy takes {sorted(_INPUTS)}")
-    if "target_tokens" not in datum.loss_fn_inputs:
-        raise InvalidRequest(f"{where}.loss_fn_inputs: target_tokens is required")
-    targets = _input(datum, "target_tokens", where, n)
+        raise InvalidRequest(f"{where}.loss_fn_inputs: unknown {unknown}; {loss_fn} takes {signature.accepts()}")
+    for name in signature.required:
+        if name not in given:
+            raise InvalidRequest(f"{where}.loss_fn_inputs: {name} is required by {loss_fn}")
+    top_k = loss_fn == "cross_entropy"  # only cross_entropy takes (N, K) targets
+    targets = _input(given, "target_tokens", where, (n,), top_k=top_k)
     _check_ids(targets, f"{where}.loss_fn_inputs.target_tokens", vocab)
-    if "weights" in datum.loss_fn_inputs:
-        weights = _input(datum, "weights", where, n)
-        if not np.isfinite(weights).all():
-            raise InvalidRequest(f"{where}.loss_fn_inputs.weights: values must be finite")
-    else:
-        weights = np.ones(n, dtype=np.float32)
-    return tokens, targets, weights
+    inputs = {"target_tokens": targets}
+    for name in sorted(set(given) - {"target_tokens"}):
+        shape = targets.shape if name == "weights" else (n,)
+        inputs[name] = _input(given, name, where, shape, top_k=False)
+    if loss_fn == "cross_entropy" and "weights" not in inputs:
+        inputs["weights"] = np.ones(targets.shape, dtype=np.float32)
+    if "clip_low_threshold" in config:
+        for name in ("clip_low_threshold", "clip_high_threshold"):
+            inputs.setdefault(name, np.full(n, config[name], dtype=np.float32))
+        _check_thresholds(inputs["clip_low_threshold"], inputs["clip_high_threshold"], where)
+    if loss_fn == "gspo" and not inputs["sequence_ratio_mask"].any():
+        raise InvalidRequest(
+            f"{where}.loss_fn_inputs.sequence_ratio_mask is all zero; gspo's sequence ratio "
+            "is a mean over the marked tokens, so mark at least one (usually the sampled ones)"
+        )
+    return tokens, inputs
 
 
 def _check_ids(ids: np.ndarray, where: str, vocab: int) -> None:
@@ -317,17 +418,37 @@ def _check_ids(ids: np.ndarray, where: str, vocab: int) -> None:
         raise InvalidRequest(f"{where}: token ids must be in [0, {vocab}), got {lo if lo < 0 else hi}")
 
 
-def _input(datum: Datum, name: str, where: str, n: int) -> np.ndarray:
-    """A loss input as a (n,) array of its required dtype."""
+def _check_thresholds(low_N: np.ndarray, high_N: np.ndarray, where: str) -> None:
+    bad = np.flatnonzero((low_N < 0) | (low_N > high_N))
+    if len(bad):
+        i = int(bad[0])
+        raise InvalidRequest(
+            f"{where}.loss_fn_inputs: need 0 <= clip_low_threshold <= clip_high_threshold at every token, "
+            f"got {low_N[i]:g}, {high_N[i]:g} at position {i}"
+        )
+
+
+def _input(given: dict[str, Tensor], name: str, where: str, shape: tuple[int, ...], *, top_k: bool) -> np.ndarray:
+    """A loss input as an array of its required dtype and `shape` ((N, K) too if `top_k`),
+    floats finite."""
     where = f"{where}.loss_fn_inputs.{name}"
-    t = datum.loss_fn_inputs[name]
-    if t.dtype != _INPUTS[name]:
-        raise InvalidRequest(f"{where}: dtype must be {_INPUTS[name]}, got {t.dtype}")
+    t = given[name]
+    dtype = losses.INPUT_DTYPES.get(name, "float32")
+    if t.dtype != dtype:
+        raise InvalidRequest(f"{where}: dtype must be {dtype}, got {t.dtype}")
     values = _array(t, where)
-    if values.ndim == 2 and values.shape[0] == n:
-        raise InvalidRequest(f"{where}: 2-D (N, K) inputs are not supported yet, got shape {list(values.shape)}")
-    if values.shape != (n,):
-        raise InvalidRequest(f"{where}: shape must be [{n}] (one per token), got {list(values.shape)}")
+    want = list(shape)
+    if top_k and values.ndim == 2 and values.shape[0] == shape[0]:
+        if values.shape[1] < 1:
+            raise InvalidRequest(f"{where}: (N, K) needs K >= 1, got shape {list(values.shape)}")
+    elif values.shape != shape:
+        also = f" or [{shape[0]}, K] (top-K)" if top_k else ""
+        what = "that of target_tokens" if name == "weights" else "one per token"
+        top_k_elsewhere = name == "target_tokens" and values.ndim == 2 and not top_k
+        hint = "; only cross_entropy takes (N, K) top-K targets" if top_k_elsewhere else ""
+        raise InvalidRequest(f"{where}: shape must be {want}{also} ({what}), got {list(values.shape)}{hint}")
+    if dtype == "float32" and not np.isfinite(values).all():
+        raise InvalidRequest(f"{where}: values must be finite")
     return values
 
 
