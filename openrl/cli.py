@@ -75,6 +75,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         long_poll_s=args.long_poll_s,
         fwdbwd_max_chunk_len=args.fwdbwd_max_chunk_len,
         proto_compress_fwdbwd=args.proto_compress,
+        sample_queue_max=args.sample_queue_max,
     )
 
     async def main() -> None:
@@ -132,6 +133,39 @@ def cmd_trainer(args: argparse.Namespace) -> None:
     asyncio.run(main())
 
 
+# -- openrl sampler -------------------------------------------------------------------
+
+
+def cmd_sampler(args: argparse.Namespace) -> None:
+    from openrl.bus.client import Bus, BusConfig
+    from openrl.sampler.backend import TransformersSampler
+    from openrl.sampler.service import Sampler, SamplerConfig
+    from openrl.trainer.default_model import resolve_model_path
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    path = resolve_model_path(args.base_model)
+    cfg = SamplerConfig(
+        base_model=args.base_model,
+        model_path=path,
+        nats_url=args.nats_url,
+        worker_id=args.worker_id or "",
+        default_max_tokens=args.default_max_tokens,
+        max_batch=args.max_batch,
+    )
+    backend = TransformersSampler(path, device=args.device or None)
+
+    async def main() -> None:
+        stop = _stop_event()
+        bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-sampler"))
+        await Sampler(cfg, bus, backend).run(stop)
+        await bus.close()
+
+    asyncio.run(main())
+
+
 # -- openrl nats ---------------------------------------------------------------------
 
 
@@ -154,13 +188,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # -- openrl up -----------------------------------------------------------------------
 
 
-def _wait_ready(url: str, timeout_s: float, sup) -> bool:
+def _wait_ready(url: str, timeout_s: float, sup, samplers: int) -> bool:
+    """Until the gateway answers and sees the trainer and every sampler."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         sup.poll()
         try:
             with urllib.request.urlopen(f"{url}/api/v1/healthz", timeout=2) as r:
-                if json.loads(r.read()).get("trainers"):
+                health = json.loads(r.read())
+                if health.get("trainers") and len(health.get("samplers", [])) >= samplers:
                     return True
         except OSError:
             pass
@@ -192,6 +228,12 @@ def cmd_up(args: argparse.Namespace) -> None:
     children = [
         Child("nats", openrl_argv("nats", "--data-dir", str(data_dir), "--port", str(nats_port))),
         Child("trainer", openrl_argv("trainer", "--base-model", args.base_model, *common, *(["--threads", str(args.threads)] if args.threads else [])), grace_s=15),
+        *[
+            Child(f"sampler-{i}" if args.samplers > 1 else "sampler",
+                  openrl_argv("sampler", "--base-model", args.base_model, *common, *(["--threads", str(args.threads)] if args.threads else [])),
+                  grace_s=15)
+            for i in range(args.samplers)
+        ],
         Child(
             "gateway",
             openrl_argv("gateway", "--host", args.host, "--port", str(args.port), "--api-key", api_key, *common,
@@ -210,7 +252,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     sup.start_all()
     try:
         log.info("waiting_for_stack", hint="the first start builds the default model (about a minute)")
-        if not _wait_ready(url, args.ready_timeout_s, sup):
+        if not _wait_ready(url, args.ready_timeout_s, sup, args.samplers):
             log.error("stack_not_ready", logs=str(data_dir / "logs"))
             sys.exit(1)
         sup.write_stack({"base_url": url, "api_key": api_key, "nats_url": nats_url, "base_model": args.base_model, "data_dir": str(data_dir)})
@@ -256,6 +298,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--base-model", default=_env("BASE_MODEL", DEFAULT_BASE_MODEL), help="HF name or path; the default is built locally")
     up.add_argument("--api-key", default=_env("API_KEY"), help="a tml-... key; generated and saved in the data dir when absent")
     up.add_argument("--nats-port", type=int, default=int(_env("NATS_PORT", 0)))
+    up.add_argument("--samplers", type=int, default=int(_env("SAMPLERS", 1)), help="sampler processes (competing consumers)")
     up.add_argument("--threads", type=int, default=int(_env("THREADS", 0)), help="torch threads for the trainer (0 = torch default)")
     up.add_argument("--fwdbwd-max-chunk-len", type=int, default=int(_env("FWDBWD_MAX_CHUNK_LEN", 1024)))
     up.add_argument("--ready-timeout-s", type=float, default=900.0)
@@ -272,6 +315,8 @@ def parser() -> argparse.ArgumentParser:
     gw.add_argument("--api-key", action="append", help="accepted API key (repeatable) [OPENRL_API_KEYS, comma-separated]")
     gw.add_argument("--long-poll-s", type=float, default=float(_env("LONG_POLL_S", 25.0)))
     gw.add_argument("--fwdbwd-max-chunk-len", type=int, default=int(_env("FWDBWD_MAX_CHUNK_LEN", 1024)))
+    gw.add_argument("--sample-queue-max", type=int, default=int(_env("SAMPLE_QUEUE_MAX", 4096)),
+                    help="sample requests waiting for a sampler before asample answers 429")
     gw.add_argument("--proto-compress", action="store_true", default=_env("PROTO_COMPRESS", "") == "1",
                     help="ask clients to zstd-compress forward_backward bodies")
     gw.set_defaults(func=cmd_gateway)
@@ -284,6 +329,16 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=int(_env("THREADS", 0)))
     tr.add_argument("--worker-id", default=_env("WORKER_ID", ""))
     tr.set_defaults(func=cmd_trainer)
+
+    sm = sub.add_parser("sampler", help="a sampler for one base model (competing consumer of its sample queue)")
+    _add_common(sm)
+    sm.add_argument("--base-model", default=_env("BASE_MODEL", DEFAULT_BASE_MODEL))
+    sm.add_argument("--device", default=_env("DEVICE", ""), help="cuda | mps | cpu (default: the best available)")
+    sm.add_argument("--threads", type=int, default=int(_env("THREADS", 0)))
+    sm.add_argument("--worker-id", default=_env("WORKER_ID", ""))
+    sm.add_argument("--default-max-tokens", type=int, default=int(_env("DEFAULT_MAX_TOKENS", 256)), help="when a request sets none")
+    sm.add_argument("--max-batch", type=int, default=int(_env("MAX_BATCH", 64)), help="requests batched together")
+    sm.set_defaults(func=cmd_sampler)
 
     nt = sub.add_parser("nats", help="the embedded nats-server (JetStream, file store under the data dir)")
     nt.add_argument("--data-dir", default=_env("DATA_DIR", "~/.openrl"))
@@ -301,7 +356,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if args.command in ("gateway", "trainer"):
+    if args.command in ("gateway", "trainer", "sampler"):
         logs.configure(args.log_level, args.log_format)
     else:
         logs.configure(getattr(args, "log_level", "info"), "console")

@@ -93,7 +93,7 @@ def stack(tmp_path_factory, default_model):
     port = _free_port()
     cmd = [
         sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(port),
-        "--api-key", API_KEY, "--log-level", "info",
+        "--api-key", API_KEY, "--log-level", "info", "--samplers", "2", "--threads", "1",
     ]
     env = {**os.environ, "OPENRL_API_KEYS": OTHER_KEY}
     log = open(data_dir / "up.log", "wb")
@@ -106,7 +106,7 @@ def stack(tmp_path_factory, default_model):
         time.sleep(0.3)
     facts = json.loads(stack_file.read_text())
     yield Stack(url=facts["base_url"], api_key=API_KEY, data_dir=data_dir, nats_url=facts["nats_url"], proc=proc)
-    pids = {role: stack_pid(data_dir, role) for role in ("nats", "trainer", "gateway")}
+    pids = {role: stack_pid(data_dir, role) for role in ("nats", "trainer", "gateway", "sampler-0", "sampler-1")}
     proc.send_signal(signal.SIGTERM)  # what Ctrl-C does
     try:
         code = proc.wait(60)

@@ -121,7 +121,7 @@ def test_get_info_and_capabilities(stack):
     assert info.lora_rank == 4 and info.model_id == tc.model_id
     assert tc.model_id.endswith(":train:0")
     caps = Raw(stack.url).http.get("/get_server_capabilities", headers={"X-API-Key": API_KEY}).json()
-    assert {"model_name": BASE_MODEL, "max_context_length": 2048, "trainable": True} in caps["supported_models"]
+    assert {"model_name": BASE_MODEL, "max_context_length": 2048, "trainable": True, "sampleable": True} in caps["supported_models"]
     raw = Raw(stack.url).post("/get_info", json={"model_id": tc.model_id}).json()
     assert raw["lora_alpha"] == 32
     assert set(raw["lora_target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
@@ -145,6 +145,39 @@ def test_chunked_forward_backward_equals_unchunked(stack, extra_gateway, data):
     assert after_c.metrics["loss:sum"] == pytest.approx(after_w.metrics["loss:sum"], rel=1e-5)
     assert after_c.metrics["loss:sum"] < fb_c.metrics["loss:sum"]
     assert_logprobs_equal(logprobs(after_c), logprobs(after_w))
+
+
+def test_rl_losses_and_top_k_targets_through_the_sdk(stack, data):
+    """The RL losses run end to end, and (N, K) top-K targets come back as (N, K) logprobs."""
+    _, tc = training_client(stack, seed=91)
+    d = data[0]
+    n = d.model_input.length
+    targets = np.asarray(d.loss_fn_inputs["target_tokens"].to_numpy(), dtype=np.int64)
+    topk = np.stack([targets, (targets + 1) % 100], axis=1)
+    datum_k = tinker.types.Datum(
+        model_input=d.model_input,
+        loss_fn_inputs={
+            "target_tokens": tinker.types.TensorData.from_numpy(topk),
+            "weights": tinker.types.TensorData.from_numpy(np.full((n, 2), 0.5, dtype=np.float32)),
+        },
+    )
+    out = tc.forward_backward([datum_k, d], loss_fn="cross_entropy").result()
+    assert [o["logprobs"].to_numpy().shape for o in out.loss_fn_outputs] == [(n, 2), (n,)]
+    base = logprobs(tc.forward([d], loss_fn="cross_entropy").result())[0]
+    rl = tinker.types.Datum(
+        model_input=d.model_input,
+        loss_fn_inputs={
+            "target_tokens": targets.tolist(),
+            "logprobs": (base - 0.1).tolist(),
+            "advantages": [1.0] * n,
+        },
+    )
+    for loss_fn, config in [("importance_sampling", None), ("ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}),
+                            ("cispo", None), ("dro", {"beta": 0.1})]:  # fmt: skip
+        res = tc.forward_backward([rl], loss_fn=loss_fn, loss_fn_config=config).result()
+        assert np.isfinite(res.metrics["loss:sum"]), loss_fn
+        np.testing.assert_allclose(logprobs(res)[0], base, atol=1e-5)  # no step in between
+    tc.optim_step(tinker.types.AdamParams(learning_rate=1e-3)).result()
 
 
 def test_out_of_order_and_retried_requests_apply_once_in_order(stack, data):
@@ -354,11 +387,12 @@ def test_bad_optimizer_params_fail_as_user_error(stack, victim):
 
 
 def test_stack_processes_show_their_roles_and_log_under_the_data_dir(stack):
-    for role in ("nats", "trainer", "gateway"):
+    for role in ("nats", "trainer", "gateway", "sampler-0", "sampler-1"):
         pid = stack.pid(role)
         cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
         if role == "nats":
             assert "nats-server" in cmdline
         else:
-            assert f"openrl {role}" in cmdline or f"openrl-{role}" in open(f"/proc/{pid}/comm").read(), cmdline
+            kind = role.split("-")[0]
+            assert f"openrl {kind}" in cmdline and open(f"/proc/{pid}/comm").read().startswith(f"openrl-{kind}"), cmdline
         assert (stack.data_dir / "logs" / f"{role}.log").stat().st_size > 0

@@ -20,8 +20,9 @@ import msgspec
 import nats
 import structlog
 from nats.js import api
-from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
 
 from openrl.bus import subjects
 from openrl.bus.errors import InvalidRequest
@@ -55,6 +56,9 @@ class Bus:
         self.models: KeyValue
         self.sessions: KeyValue
         self.workers: KeyValue
+        self.weights: KeyValue
+        self.samplers: KeyValue
+        self.objects: ObjectStore
 
     @classmethod
     async def connect(cls, cfg: BusConfig) -> Bus:
@@ -114,10 +118,35 @@ class Bus:
                 num_replicas=r,
             )
         )
+        await self._ensure_stream(
+            api.StreamConfig(
+                name=subjects.SAMPLE_STREAM,
+                subjects=[f"{subjects.PREFIX}.sample.>"],
+                retention=api.RetentionPolicy.WORK_QUEUE,
+                storage=api.StorageType.FILE,
+                duplicate_window=self.cfg.duplicate_window_s,
+                max_msg_size=MAX_PAYLOAD,
+                num_replicas=r,
+            )
+        )
         self.futures = await self._ensure_kv(subjects.FUTURES_BUCKET, ttl=self.cfg.futures_ttl_s)
         self.models = await self._ensure_kv(subjects.MODELS_BUCKET)
         self.sessions = await self._ensure_kv(subjects.SESSIONS_BUCKET)
         self.workers = await self._ensure_kv(subjects.WORKERS_BUCKET, ttl=30)
+        self.weights = await self._ensure_kv(subjects.WEIGHTS_BUCKET)
+        self.samplers = await self._ensure_kv(subjects.SAMPLERS_BUCKET)
+        self.objects = await self._ensure_objects(subjects.WEIGHTS_OBJECTS)
+
+    async def _ensure_objects(self, bucket: str) -> ObjectStore:
+        try:
+            return await self.js.object_store(bucket)
+        except (BucketNotFoundError, NotFoundError):
+            pass
+        try:
+            cfg = api.ObjectStoreConfig(storage=api.StorageType.FILE, replicas=self.cfg.replicas)
+            return await self.js.create_object_store(bucket, config=cfg)
+        except BadRequestError:  # a racing process created it first
+            return await self.js.object_store(bucket)
 
     async def _ensure_stream(self, cfg: api.StreamConfig) -> None:
         try:

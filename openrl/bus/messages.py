@@ -52,6 +52,10 @@ class AdamParams(msgspec.Struct, frozen=True, kw_only=True):
     grad_clip_norm: float = 0.0
 
 
+# The LoRA convention every worker follows (Tinker's): alpha is 32 whatever the rank.
+LORA_ALPHA = 32
+
+
 class LoraSpec(msgspec.Struct, frozen=True, kw_only=True):
     rank: int = 32
     seed: int = 0
@@ -95,7 +99,25 @@ class Rejected(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=
     error: str
 
 
-TrainRequest = ForwardBackward | OptimStep | Rejected
+class SaveWeights(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="save_weights"):
+    """Publish the model's weights as of this point in its sequence.
+
+    kind "sampler": the LoRA adapter, for samplers. Named saves are addressed as
+    `tinker://<model>/sampler_weights/<name>`; an unnamed one (save_weights_and_get_sampling_client)
+    carries the id of the ephemeral sampler that will read it.
+    """
+
+    request_id: str
+    model_id: str
+    seq_id: int
+    kind: Literal["sampler"] = "sampler"
+    name: str = ""  # "" for an unnamed sampler save
+    sampler_id: str = ""  # the sampler to create, for an unnamed save
+    overwrite: bool = False
+    ttl_s: float | None = None
+
+
+TrainRequest = ForwardBackward | OptimStep | Rejected | SaveWeights
 
 
 # ---------------------------------------------------------------------------
@@ -163,11 +185,93 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     models: int = 0
 
 
+class WeightsRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """KV `weights`, key = the tinker:// path. The bytes are in the object store under `object`."""
+
+    path: str  # tinker://<model_id>/sampler_weights/<name>
+    owner: str
+    model_id: str
+    base_model: str
+    kind: Literal["sampler"]
+    name: str
+    object: str  # object-store name of the safetensors adapter
+    lora: LoraSpec
+    seq_id: int  # the weights are the model's state after every request before this seq_id
+    size_bytes: int
+    created_at: float
+    expires_at: float | None = None
+
+
+class SamplerRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """KV `samplers`, key = sampler id (`<session>:sample:<n>`): what a sampling session samples."""
+
+    sampler_id: str
+    owner: str
+    session_id: str
+    base_model: str
+    model_path: str | None = None  # tinker:// path, None for the base model
+    weights: str | None = None  # object-store name of the adapter, None for the base model
+    lora: LoraSpec | None = None
+    created_at: float = 0.0
+
+
+# ---------------------------------------------------------------------------
+# Sample stream: openrl.sample.<base>. A work queue; any sampler of <base> takes a request.
+
+
+class SampleRequest(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    sampler_id: str
+    base_model: str
+    weights: str | None = None  # adapter object name; None samples the base model
+    lora: LoraSpec | None = None
+    prompt: bytes  # int32 little-endian
+    num_samples: int = 1
+    max_tokens: int = 0  # 0: the sampler's default
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_strings: list[str] = []
+    stop_token_ids: list[int] = []
+    stop_at_eos: bool = True  # False when the client sent stop=[]
+    prompt_logprobs: bool = False
+    prompt_logprobs_last_n: int | None = None
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    target_prompt_logprobs: Tensor | None = None  # int64 [L-1, K], -1 = nothing asked
+    prompt_alt_tokens_k: int = 0
+
+
+class TopK(msgspec.Struct, frozen=True, kw_only=True):
+    """[rows, k] top-k token ids (int64) and logprobs (float32); empty cells (0, -99999)."""
+
+    k: int
+    tokens: bytes
+    logprobs: bytes
+
+
+class SampledSequence(msgspec.Struct, frozen=True, kw_only=True):
+    tokens: bytes  # int32, generated tokens only
+    logprobs: bytes  # float32, one per generated token
+    stop_reason: Literal["stop", "length"]
+    topk: TopK | None = None
+
+
+class SampleResult(msgspec.Struct, frozen=True, kw_only=True):
+    sequences: list[SampledSequence]
+    prompt_logprobs: bytes | None = None  # float32 [L], NaN where not scored
+    topk_prompt: TopK | None = None
+    target_prompt_logprobs: Tensor | None = None  # float32, shape and layout of the request
+    prompt_alt: TopK | None = None  # [L-1, k] independent draws and their logprobs
+
+
 class ForwardBackwardResult(msgspec.Struct, frozen=True, kw_only=True):
     """The result of a forward / forward_backward: per-datum float32 logprobs plus metrics."""
 
     logprobs: list[bytes]  # float32 little-endian, one array per datum, in request order
     metrics: dict[str, float]  # "name:reduction" keys, always with "loss:sum"
+    trailing: list[list[int]] = []  # per datum, the shape after N: [] for (N,), [K] for (N, K) targets
 
 
 class Future(msgspec.Struct, frozen=True, kw_only=True):
@@ -185,7 +289,7 @@ class Future(msgspec.Struct, frozen=True, kw_only=True):
     owner: str
     request_type: str  # Tinker's X-Tinker-Request-Type, e.g. "ForwardBackward"
     state: Literal["pending", "done", "failed"] = "pending"
-    content_type: Literal["json", "forward_backward"] = "json"
+    content_type: Literal["json", "forward_backward", "sample"] = "json"
     payload: bytes = b""
     error: str = ""
     category: Literal["user", "server", "unknown", ""] = ""

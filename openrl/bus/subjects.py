@@ -14,12 +14,16 @@ PREFIX = "openrl"
 # Streams (JetStream) and what they hold.
 TRAIN_STREAM = "OPENRL_TRAIN"  # limits retention: the per-model training log (replay, recovery)
 CREATE_STREAM = "OPENRL_CREATE"  # work queue: model creation for any trainer of a base model
+SAMPLE_STREAM = "OPENRL_SAMPLE"  # work queue: sample requests for any sampler of a base model
 
 # Key-value buckets.
 FUTURES_BUCKET = "openrl-futures"
 MODELS_BUCKET = "openrl-models"
 SESSIONS_BUCKET = "openrl-sessions"
 WORKERS_BUCKET = "openrl-workers"
+WEIGHTS_BUCKET = "openrl-weights"  # KV: tinker:// path -> WeightsRecord
+SAMPLERS_BUCKET = "openrl-samplers"  # KV: sampler id -> SamplerRecord
+WEIGHTS_OBJECTS = "openrl-weights"  # object store: adapter safetensors
 
 _SAFE = re.compile(r"[^A-Za-z0-9_\-:]")
 
@@ -51,6 +55,14 @@ def done(request_id: str) -> str:
 
 
 DONE_ALL = f"{PREFIX}.done.>"
+
+
+def sample(base_model: str) -> str:
+    return f"{PREFIX}.sample.{token(base_model)}"
+
+
+def sampler_consumer(base_model: str) -> str:
+    return f"sampler-{token(base_model)}".replace(":", "_")
 
 
 def trainer_consumer(base_model: str) -> str:

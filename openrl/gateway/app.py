@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import struct
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import nats.js.errors
 import structlog
 from aiohttp import web
 
-from openrl.bus import subjects
+from openrl.bus import paths, subjects
 from openrl.bus.client import MAX_PAYLOAD, Bus
 from openrl.bus.errors import InvalidRequest, NotFound, Unauthorized, Unavailable
 from openrl.bus.messages import (
@@ -33,7 +34,13 @@ from openrl.bus.messages import (
     ModelRecord,
     OptimStep,
     Rejected,
+    SampleRequest,
+    SampleResult,
+    SamplerRecord,
+    SaveWeights,
     SessionRecord,
+    Tensor,
+    WeightsRecord,
     WorkerInfo,
     decode,
 )
@@ -55,6 +62,7 @@ class GatewayConfig:
     max_body_bytes: int = MAX_PAYLOAD - 256 * 1024  # headroom for the bus envelope
     fwdbwd_max_chunk_len: int = 1024
     proto_compress_fwdbwd: bool = False
+    sample_queue_max: int = 4096  # sample requests waiting for a sampler; above it, 429
     client_config_extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -130,6 +138,63 @@ class OptimStepBody(msgspec.Struct, kw_only=True):
     optimizer_params: dict[str, Any] | None = None
 
 
+class SaveForSamplerBody(msgspec.Struct, kw_only=True):
+    model_id: str
+    seq_id: int
+    path: str | None = None  # the name, for a named save
+    sampling_session_seq_id: int | None = None  # for an unnamed save
+    kind: str = "snapshot"
+    ttl_seconds: int | None = None
+
+
+class CreateSamplingSessionBody(msgspec.Struct, kw_only=True):
+    session_id: str
+    sampling_session_seq_id: int
+    base_model: str | None = None
+    model_path: str | None = None
+
+
+class _Chunk(msgspec.Struct, kw_only=True):
+    type: str = "encoded_text"
+    tokens: list[int] = []
+
+
+class _ModelInput(msgspec.Struct, kw_only=True):
+    chunks: list[_Chunk]
+
+
+class _SamplingParams(msgspec.Struct, kw_only=True):
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: Any = None  # a string, a list of strings, a list of token ids, or None
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+
+
+class _JsonTensor(msgspec.Struct, kw_only=True):
+    data: list[int]
+    dtype: str = "int64"
+    shape: list[int] | None = None
+    sparse_crow_indices: list[int] | None = None
+    sparse_col_indices: list[int] | None = None
+
+
+class ASampleBody(msgspec.Struct, kw_only=True):
+    sampling_session_id: str
+    seq_id: int
+    num_samples: int = 1
+    prompt: _ModelInput
+    sampling_params: _SamplingParams
+    prompt_logprobs: bool | None = None
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    prompt_alt_tokens_k: int = 0
+    target_prompt_logprobs: _JsonTensor | None = None
+    prompt_logprobs_last_n: int | None = None
+    record_stability_info: bool | None = None
+
+
 class SequencedBody(msgspec.Struct, kw_only=True):
     model_id: str
     seq_id: int
@@ -150,6 +215,63 @@ async def _body(request: web.Request, type_: type):
         raise InvalidRequest(f"request body is not valid JSON: {e}") from None
 
 
+def sample_fields(body: ASampleBody) -> dict[str, Any]:
+    """The SampleRequest fields of an asample body, checked for what needs no model."""
+    tokens: list[int] = []
+    for chunk in body.prompt.chunks:
+        if chunk.type != "encoded_text":
+            raise InvalidRequest(f"prompt: {chunk.type} chunks are not supported; this server serves text-only models")
+        tokens += chunk.tokens
+    if not tokens:
+        raise InvalidRequest("prompt is empty")
+    if any(not -(2**31) <= t < 2**31 for t in tokens):
+        raise InvalidRequest("prompt: token ids must fit in int32")
+    params = body.sampling_params
+    stop = params.stop
+    stop_strings: list[str] = []
+    stop_ids: list[int] = []
+    if isinstance(stop, str):
+        stop_strings = [stop]
+    elif isinstance(stop, list) and all(isinstance(x, str) for x in stop):
+        stop_strings = stop
+    elif isinstance(stop, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in stop):
+        stop_ids = stop
+    elif stop is not None:
+        raise InvalidRequest("sampling_params.stop must be a string, a list of strings or a list of token ids")
+    if params.max_tokens is not None and params.max_tokens < 1:
+        raise InvalidRequest(f"sampling_params.max_tokens must be >= 1, got {params.max_tokens}")
+    target = None
+    if body.target_prompt_logprobs is not None:
+        t = body.target_prompt_logprobs
+        if t.dtype != "int64":
+            raise InvalidRequest(f"target_prompt_logprobs must be int64, got {t.dtype}")
+        target = Tensor(
+            dtype="int64",
+            data=struct.pack(f"<{len(t.data)}q", *t.data),
+            shape=list(t.shape or [len(t.data)]),
+            crow=None if t.sparse_crow_indices is None else struct.pack(f"<{len(t.sparse_crow_indices)}q", *t.sparse_crow_indices),
+            col=None if t.sparse_col_indices is None else struct.pack(f"<{len(t.sparse_col_indices)}q", *t.sparse_col_indices),
+        )
+    return dict(
+        prompt=struct.pack(f"<{len(tokens)}i", *tokens),
+        num_samples=body.num_samples,
+        max_tokens=params.max_tokens or 0,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        seed=params.seed,
+        stop_strings=stop_strings,
+        stop_token_ids=stop_ids,
+        stop_at_eos=not (isinstance(stop, list) and not stop),
+        prompt_logprobs=bool(body.prompt_logprobs),
+        prompt_logprobs_last_n=body.prompt_logprobs_last_n,
+        topk_prompt_logprobs=body.topk_prompt_logprobs,
+        topk_sample_logprobs=body.topk_sample_logprobs,
+        target_prompt_logprobs=target,
+        prompt_alt_tokens_k=body.prompt_alt_tokens_k,
+    )
+
+
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json", headers=headers)
 
@@ -164,6 +286,7 @@ class Gateway:
         self.keys = {key_id(k) for k in cfg.api_keys}
         self.waiters = Waiters(bus)
         self._workers: tuple[float, list[WorkerInfo]] = (0.0, [])
+        self._backlog: tuple[float, int] = (0.0, 0)
 
     # -- auth and lookups
 
@@ -223,8 +346,15 @@ class Gateway:
     # -- bootstrap and sessions
 
     async def healthz(self, request: web.Request) -> web.Response:
-        trainers = [w.worker_id for w in await self.workers() if w.kind == "trainer"]
-        return _json({"status": "ok", "bus": self.bus.nc.is_connected, "trainers": trainers})
+        workers = await self.workers()
+        return _json(
+            {
+                "status": "ok",
+                "bus": self.bus.nc.is_connected,
+                "trainers": [w.worker_id for w in workers if w.kind == "trainer"],
+                "samplers": [w.worker_id for w in workers if w.kind == "sampler"],
+            }
+        )
 
     async def client_config(self, request: web.Request) -> web.Response:
         return _json(
@@ -404,6 +534,113 @@ class Gateway:
             )
         return await self._submit_train(rec, msg, owner, "OptimStep")
 
+    # -- sampling
+
+    async def save_weights_for_sampler(self, request: web.Request) -> web.Response:
+        owner = self.owner(request)
+        body = await _body(request, SaveForSamplerBody)
+        if body.seq_id < 1:
+            raise InvalidRequest(f"seq_id must be >= 1, got {body.seq_id}")
+        rec = await self.model(body.model_id, owner)
+        rid = request_id("train", rec.model_id, body.seq_id)
+        sampler_id = ""
+        if body.path:
+            paths.check_name(body.path)
+            if body.ttl_seconds is not None and not 3600 <= body.ttl_seconds <= 10 * 365 * 86400:
+                raise InvalidRequest(f"ttl_seconds must be between 3600 and 10 years, got {body.ttl_seconds}")
+        else:
+            if body.sampling_session_seq_id is None:
+                raise InvalidRequest("give either path (a name) or sampling_session_seq_id")
+            sampler_id = f"{rec.session_id}:sample:{body.sampling_session_seq_id}"
+            # Recorded now; the client learns the id only once the trainer has stored the weights.
+            record = SamplerRecord(
+                sampler_id=sampler_id, owner=owner, session_id=rec.session_id, base_model=rec.base_model,
+                weights=paths.adapter_object(rec.model_id, body.seq_id), lora=rec.lora, created_at=time.time(),
+            )  # fmt: skip
+            await self.bus.kv_create(self.bus.samplers, sampler_id, record)
+        msg = SaveWeights(
+            request_id=rid, model_id=rec.model_id, seq_id=body.seq_id, kind="sampler", name=body.path or "",
+            sampler_id=sampler_id, overwrite=False, ttl_s=float(body.ttl_seconds) if body.ttl_seconds else None,
+        )  # fmt: skip
+        return await self._submit_train(rec, msg, owner, "SaveWeightsForSampler")
+
+    async def create_sampling_session(self, request: web.Request) -> web.Response:
+        owner = self.owner(request)
+        body = await _body(request, CreateSamplingSessionBody)
+        session = await self.session(body.session_id, owner)
+        if body.sampling_session_seq_id < 0:
+            raise InvalidRequest("sampling_session_seq_id must be >= 0")
+        sampler_id = f"{session.session_id}:sample:{body.sampling_session_seq_id}"
+        if body.model_path:
+            saved = await self.saved_weights(body.model_path, owner)
+            record = SamplerRecord(
+                sampler_id=sampler_id, owner=owner, session_id=session.session_id, base_model=saved.base_model,
+                model_path=saved.path, weights=saved.object, lora=saved.lora, created_at=time.time(),
+            )  # fmt: skip
+        elif body.base_model:
+            base = await self.served_model(body.base_model)
+            record = SamplerRecord(sampler_id=sampler_id, owner=owner, session_id=session.session_id, base_model=base, created_at=time.time())
+        else:
+            raise InvalidRequest("give base_model or model_path")
+        if not await self.bus.kv_create(self.bus.samplers, sampler_id, record):
+            record = await self.sampler(sampler_id, owner)  # a retried create: the first one stands
+        return _json({"sampling_session_id": record.sampler_id, "type": "create_sampling_session"})
+
+    async def get_sampler(self, request: web.Request) -> web.Response:
+        owner = self.owner(request)
+        record = await self.sampler(request.match_info["sampler_id"], owner)
+        return _json({"sampler_id": record.sampler_id, "base_model": record.base_model, "model_path": record.model_path})
+
+    async def asample(self, request: web.Request) -> web.Response:
+        owner = self.owner(request)
+        body = await _body(request, ASampleBody)
+        sampler = await self.sampler(body.sampling_session_id, owner)
+        msg_fields = sample_fields(body)
+        rid = request_id("sample", sampler.sampler_id, body.seq_id)
+        if await self.sample_backlog() >= self.cfg.sample_queue_max:
+            return _json({"detail": "sample queue is full; retry shortly", "type": "rate_limited"}, status=429, headers={"Retry-After": "1"})
+        msg = SampleRequest(request_id=rid, sampler_id=sampler.sampler_id, base_model=sampler.base_model, weights=sampler.weights,
+                            lora=sampler.lora, **msg_fields)  # fmt: skip
+        await self.accept(rid, owner, "Sample")
+        await self.bus.publish(subjects.sample(sampler.base_model), msg, msg_id=rid)
+        return _json({"request_id": rid, "sample_sequence_ids": [f"{rid}:{i}" for i in range(body.num_samples)]})
+
+    async def sample_backlog(self) -> int:
+        """Sample requests not yet taken by a sampler, re-read at most every 0.25 s."""
+        at, n = self._backlog
+        if time.monotonic() - at > 0.25:
+            info = await self.bus.js.stream_info(subjects.SAMPLE_STREAM)
+            n = info.state.messages
+            self._backlog = (time.monotonic(), n)
+        return n
+
+    async def sampler(self, sampler_id: str, owner: str) -> SamplerRecord:
+        rec = await self.bus.kv_get(self.bus.samplers, sampler_id, SamplerRecord)
+        if rec is None or rec.owner != owner:
+            raise NotFound(f"unknown sampling session {sampler_id!r}")
+        return rec
+
+    async def saved_weights(self, path: str, owner: str) -> WeightsRecord:
+        parsed = paths.parse(path)
+        if parsed.segment != "sampler_weights":
+            raise InvalidRequest(f"sampling needs sampler weights (tinker://<model>/sampler_weights/<name>), got {path!r}")
+        rec = await self.bus.kv_get(self.bus.weights, str(parsed), WeightsRecord)
+        if rec is None or rec.owner != owner:
+            raise NotFound(f"no saved weights at {path!r}")
+        if rec.expires_at is not None and rec.expires_at < time.time():
+            raise NotFound(f"the weights at {path!r} have expired")
+        return rec
+
+    async def served_model(self, base_model: str) -> str:
+        workers = await self.workers()
+        for w in workers:
+            if base_model in (w.base_model, w.model_name):
+                return w.model_name or w.base_model
+        served = sorted({w.model_name or w.base_model for w in workers})
+        if not served:
+            raise Unavailable("no worker is running yet; retry shortly")
+        raise InvalidRequest(f"base model {base_model!r} is not served here; available: {served}")
+
     def not_yet(self, kind: str, what: str):
         """A sequenced call this server does not implement yet. It still takes its seq_id
         (the SDK numbered it), so it is logged as `Rejected`: the future fails with a user
@@ -452,6 +689,8 @@ class Gateway:
         if fut.content_type == "forward_backward":
             result = decode(fut.payload, ForwardBackwardResult)
             return web.Response(body=wire.forward_backward_output(result), content_type="application/x-protobuf")
+        if fut.content_type == "sample":
+            return web.Response(body=wire.sample_response(decode(fut.payload, SampleResult)), content_type="application/x-protobuf")
         return web.Response(body=fut.payload, content_type="application/json")
 
 
@@ -528,10 +767,13 @@ def make_app(cfg: GatewayConfig, bus: Bus) -> web.Application:
     r.add_post(f"{API}/forward_backward", gw.forward_backward)
     r.add_post(f"{API}/optim_step", gw.optim_step)
     r.add_post(f"{API}/retrieve_future", gw.retrieve_future)
+    r.add_post(f"{API}/save_weights_for_sampler", gw.save_weights_for_sampler)
+    r.add_post(f"{API}/create_sampling_session", gw.create_sampling_session)
+    r.add_get(f"{API}/samplers/{{sampler_id}}", gw.get_sampler)
+    r.add_post(f"{API}/asample", gw.asample)
     for path, kind, what in [
         ("save_weights", "SaveWeights", "save_state"),
         ("load_weights", "LoadWeights", "load_state"),
-        ("save_weights_for_sampler", "SaveWeightsForSampler", "save_weights_for_sampler (sampling)"),
         ("save_weights_external", "SaveWeightsExternal", "save_weights_external"),
     ]:
         r.add_post(f"{API}/{path}", gw.not_yet(kind, what))

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import zstandard
 
 from openrl.bus.errors import InvalidRequest
-from openrl.bus.messages import Datum, ForwardBackward, ForwardBackwardResult, Tensor
+from openrl.bus.messages import Datum, ForwardBackward, ForwardBackwardResult, SampleResult, Tensor, TopK
 from openrl.gateway.proto import pb
 
 _DTYPES = {pb.DTYPE_FLOAT32: "float32", pb.DTYPE_INT64: "int64"}
@@ -96,19 +97,73 @@ def _tensor(index: int, name: str, t: pb.Tensor) -> Tensor:
 
 
 def forward_backward_output(result: ForwardBackwardResult) -> bytes:
-    """ForwardBackwardOutput protobuf: one ArrayRecord whose `logprobs` field is a
-    BatchedTensor (all datums concatenated, int64 *byte* offsets, trailing_shape [])."""
+    """ForwardBackwardOutput protobuf: ArrayRecords whose `logprobs` field is a BatchedTensor
+    (datums concatenated, int64 *byte* offsets). Consecutive datums with the same trailing
+    shape ([] for (N,) targets, [K] for top-K) share one record; the client concatenates them."""
     out = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
     for key, value in result.metrics.items():
         out.metrics[key] = value
-    record = out.loss_fn_outputs.add()
-    record.type_tag = "ArrayRecord"
-    record.num_datums = len(result.logprobs)
-    offsets = [0]
-    for arr in result.logprobs:
-        offsets.append(offsets[-1] + len(arr))
-    field = record.fields["logprobs"]
-    field.data = b"".join(result.logprobs)
-    field.offsets = struct.pack(f"<{len(offsets)}q", *offsets)
-    field.dtype = pb.DTYPE_FLOAT32
+    trailing = result.trailing or [[] for _ in result.logprobs]
+    start = 0
+    while start < len(result.logprobs) or not out.loss_fn_outputs:
+        end = start + 1
+        while end < len(result.logprobs) and trailing[end] == trailing[start]:
+            end += 1
+        arrays = result.logprobs[start:end]
+        record = out.loss_fn_outputs.add()
+        record.type_tag = "ArrayRecord"
+        record.num_datums = len(arrays)
+        offsets = [0]
+        for arr in arrays:
+            offsets.append(offsets[-1] + len(arr))
+        field = record.fields["logprobs"]
+        field.data = b"".join(arrays)
+        field.offsets = struct.pack(f"<{len(offsets)}q", *offsets)
+        field.dtype = pb.DTYPE_FLOAT32
+        field.trailing_shape.extend(trailing[start] if arrays else [])
+        start = end
     return out.SerializeToString()
+
+
+_STOP = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
+_PB_DTYPES = {"float32": pb.DTYPE_FLOAT32, "int64": pb.DTYPE_INT64}
+
+
+def sample_response(result: SampleResult) -> bytes:
+    """SampleResponse protobuf (spec §5.7). Top-k token ids go out as int32, as the schema says."""
+    out = pb.SampleResponse(prompt_cache_hit_tokens=0)
+    for seq in result.sequences:
+        s = out.sequences.add(stop_reason=_STOP[seq.stop_reason], tokens=seq.tokens, logprobs=seq.logprobs)
+        if seq.topk is not None:
+            _topk(s.topk_sampled_logprobs, seq.topk)
+    if result.prompt_logprobs is not None:
+        out.prompt_logprobs = result.prompt_logprobs
+    if result.topk_prompt is not None:
+        _topk(out.topk_prompt_logprobs, result.topk_prompt)
+    if result.target_prompt_logprobs is not None:
+        _tensor_out(out.target_prompt_logprobs, result.target_prompt_logprobs)
+    if result.prompt_alt is not None:
+        alt = result.prompt_alt
+        rows = len(alt.logprobs) // 4 // max(alt.k, 1)
+        _tensor_out(out.prompt_alt_tokens.tokens, Tensor(dtype="int64", data=alt.tokens, shape=[rows, alt.k]))
+        _tensor_out(out.prompt_alt_tokens.logprobs, Tensor(dtype="float32", data=alt.logprobs, shape=[rows, alt.k]))
+    return out.SerializeToString()
+
+
+def _topk(msg, topk: TopK) -> None:
+    ids = np.frombuffer(topk.tokens, dtype="<i8").astype("<i4")
+    msg.k = topk.k
+    msg.length = len(ids) // max(topk.k, 1)
+    msg.token_ids = ids.tobytes()
+    msg.logprobs = topk.logprobs
+
+
+def _tensor_out(msg, t: Tensor) -> None:
+    msg.dtype = _PB_DTYPES[t.dtype]
+    msg.shape.extend(t.shape)
+    if t.crow is not None:
+        msg.sparse_csr.values = t.data
+        msg.sparse_csr.crow_indices = t.crow
+        msg.sparse_csr.col_indices = t.col or b""
+    else:
+        msg.dense = t.data

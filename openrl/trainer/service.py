@@ -31,7 +31,7 @@ import msgspec
 import structlog
 from nats.js.errors import NotFoundError
 
-from openrl.bus import subjects
+from openrl.bus import paths, subjects
 from openrl.bus.client import Bus
 from openrl.bus.errors import InvalidRequest
 from openrl.bus.messages import (
@@ -42,11 +42,14 @@ from openrl.bus.messages import (
     ModelRecord,
     OptimStep,
     Rejected,
+    SaveWeights,
     TrainRequest,
+    WeightsRecord,
     WorkerInfo,
     decode,
     encode,
 )
+from openrl.trainer import weights
 from openrl.trainer.engine import LoraEngine
 
 log = structlog.get_logger(__name__)
@@ -69,6 +72,7 @@ class Tenant:
     owner: str
     next_seq: int
     turn: asyncio.Condition
+    record: ModelRecord
 
 
 class Trainer:
@@ -102,7 +106,11 @@ class Trainer:
                 raise InvalidRequest(msg.error)
             if isinstance(msg, ForwardBackward):
                 out = self.engine.forward_backward(msg)
-                result = ForwardBackwardResult(logprobs=[a.tobytes() for a in out.logprobs], metrics=out.metrics)
+                result = ForwardBackwardResult(
+                    logprobs=[a.astype("<f4").tobytes() for a in out.logprobs],
+                    metrics=out.metrics,
+                    trailing=[list(a.shape[1:]) for a in out.logprobs],
+                )
                 kind = "Forward" if msg.forward_only else "ForwardBackward"
                 return Future(request_type=kind, state="done", content_type="forward_backward", payload=encode(result), **base)
             metrics = self.engine.optim_step(msg.model_id, msg.adam)
@@ -112,6 +120,41 @@ class Trainer:
         except Exception as e:  # a bug or an OOM: fail this request, keep serving
             log.exception("train_request_failed", model_id=msg.model_id, seq_id=msg.seq_id)
             return Future(request_type=type(msg).__name__, state="failed", error=f"trainer error: {e!r}", category="server", **base)
+
+    async def _step(self, msg: TrainRequest, rec: ModelRecord) -> Future:
+        """Apply one request of the model's sequence; the caller holds the model's turn."""
+        if isinstance(msg, SaveWeights):
+            return await self._save(msg, rec)
+        return await self._run(self._apply, msg, rec.owner)
+
+    async def _save(self, msg: SaveWeights, rec: ModelRecord) -> Future:
+        """Publish the adapter as of this seq_id to the object store, then record where it is."""
+        base = dict(request_id=msg.request_id, owner=rec.owner, request_type="SaveWeightsForSampler")
+        try:
+            path = paths.make(rec.model_id, "sampler_weights", msg.name) if msg.name else None
+            if path is not None:
+                existing = await self.bus.kv_get(self.bus.weights, path, WeightsRecord)
+                # The same request replayed or redelivered is not a second save.
+                if existing is not None and not msg.overwrite and (existing.model_id, existing.seq_id) != (rec.model_id, msg.seq_id):
+                    raise InvalidRequest(f"{path} already exists; pass a new name (or overwrite)")
+            blob = await self._run(weights.adapter_bytes, self.engine, rec.model_id)
+            obj = paths.adapter_object(rec.model_id, msg.seq_id)
+            await self.bus.objects.put(obj, blob)
+            if path is None:
+                result = {"sampling_session_id": msg.sampler_id, "type": "save_weights_for_sampler"}
+            else:
+                now = time.time()
+                record = WeightsRecord(
+                    path=path, owner=rec.owner, model_id=rec.model_id, base_model=rec.base_model, kind="sampler",
+                    name=msg.name, object=obj, lora=rec.lora, seq_id=msg.seq_id, size_bytes=len(blob), created_at=now,
+                    expires_at=now + msg.ttl_s if msg.ttl_s else None,
+                )  # fmt: skip
+                await self.bus.kv_put(self.bus.weights, path, record)
+                result = {"path": path, "type": "save_weights_for_sampler"}
+            log.info("weights_saved", model_id=rec.model_id, seq_id=msg.seq_id, object=obj, bytes=len(blob), path=path)
+            return Future(state="done", payload=msgspec.json.encode(result), finished_at=time.time(), **base)
+        except InvalidRequest as e:
+            return Future(state="failed", error=str(e), category="user", finished_at=time.time(), **base)
 
     # -- tenants
 
@@ -138,7 +181,7 @@ class Trainer:
         seq = 1
         finished = 0
         while seq in entries:
-            fut = await self._run(self._apply, entries[seq], rec.owner)
+            fut = await self._step(entries[seq], rec)
             self._remember(fut)
             stored = await self.bus.kv_get(self.bus.futures, fut.request_id, Future)
             if stored is not None and stored.state == "pending":
@@ -148,7 +191,7 @@ class Trainer:
                 finished += 1
             seq += 1
         log.info("model_loaded", model_id=model_id, replayed=seq - 1, finished=finished, seconds=round(time.monotonic() - started, 3))
-        return Tenant(model_id=model_id, owner=rec.owner, next_seq=seq, turn=asyncio.Condition())
+        return Tenant(model_id=model_id, owner=rec.owner, next_seq=seq, turn=asyncio.Condition(), record=rec)
 
     async def _read_log(self, rec: ModelRecord) -> dict[int, TrainRequest]:
         """The model's training requests from the stream, first occurrence of each seq_id."""
@@ -194,7 +237,7 @@ class Trainer:
             if msg.seq_id < t.next_seq:
                 return await self._resend(msg)
             started = time.perf_counter()
-            fut = await self._run(self._apply, msg, t.owner)
+            fut = await self._step(msg, t.record)
             t.next_seq += 1  # state and counter move together, before any await that may fail
             t.turn.notify_all()
         computed = time.perf_counter()
