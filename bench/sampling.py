@@ -1,0 +1,314 @@
+"""Sampling through the stack, measured against bare generation in the same run.
+
+1. Sampling throughput ratio: generated tokens per second through the whole path
+   (tinker SDK -> gateway -> JetStream work queue -> sampler -> KV future -> gateway -> SDK),
+   many `sample` futures in flight at once, divided by the same generation done bare: the
+   sampler's own backend (`TransformersSampler`) called in this process with the same
+   prompts, seeds and max_tokens as one list of `SampleSpec`s. `stop=[]` on both sides, so
+   every sequence runs to max_tokens and both sides generate the same number of tokens.
+   Stack and bare repetitions are interleaved and the medians compared, with the same torch
+   thread count on both sides (`openrl up --threads N --samplers 1`).
+2. Two samplers vs one: the same stack-side workload on a second stack started with
+   `--samplers 2` (competing consumers of the same queue), tokens/s and the 2-vs-1 ratio.
+   Both samplers share this machine's cores, so on a small CPU machine expect little gain.
+3. Weight-sync latency: on a LoRA training client (one training step first, so the adapter
+   is non-zero), the time from `save_weights_and_get_sampling_client()` to the first token
+   of `sample(..., max_tokens=1)` on the client it returns; repeated with a training step in
+   between each, p50/p99.
+
+    python bench/sampling.py [--prompts 32] [--samples 2] [--max-tokens 64] [--reps 5] [--sync-reps 10] [--threads N] [--quick]
+        [--out bench/results/sampling.json]
+
+Prints the figures and writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+API_KEY = "tml-bench-key-0000000000"
+BASE_MODEL = "openrl/tiny-qwen3"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- the stack -------------------------------------------------------------------------
+
+
+def start_stack(data_dir: Path, threads: int, samplers: int) -> tuple[subprocess.Popen, str]:
+    from openrl.bus.server import free_port
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = open(data_dir / "up.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(port), "--api-key", API_KEY,
+         "--threads", str(threads), "--samplers", str(samplers)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    stack_file = data_dir / "run" / "stack.json"
+    deadline = time.monotonic() + 900
+    while not stack_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_stack(proc)
+            sys.exit(f"openrl up failed; see {data_dir}/up.log")
+        time.sleep(0.3)
+    return proc, json.loads(stack_file.read_text())["base_url"]
+
+
+def stop_stack(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+# -- workload --------------------------------------------------------------------------
+
+
+def make_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
+    """Chat prompts of the kinds the default model was warmed up on, token ids with the
+    generation prompt appended."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["river", "apple", "stone", "cloud", "green", "piano", "tiger", "lemon", "orbit", "candle"]
+    prompts = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            text = f"What is {rng.randint(10, 99)}+{rng.randint(10, 99)}?"
+        elif kind == 1:
+            text = f"Say the word: {rng.choice(words)}"
+        else:
+            text = "Repeat after me: " + " ".join(rng.choice(words) for _ in range(rng.randint(2, 5)))
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        prompts.append(tokenizer.encode(chat, add_special_tokens=False))
+    return prompts
+
+
+def bare_runner(model_path: str, prompts: list[list[int]], samples: int, max_tokens: int):
+    """The sampler's backend in this process: every prompt in one call, as one batch."""
+    from openrl.sampler.backend import SampleSpec, TransformersSampler
+
+    sampler = TransformersSampler(model_path, device="cpu")
+
+    def run() -> tuple[float, int]:
+        specs = [
+            SampleSpec(prompt=list(p), num_samples=samples, max_tokens=max_tokens, temperature=1.0, seed=i, stop_at_eos=False)
+            for i, p in enumerate(prompts)
+        ]
+        t0 = time.perf_counter()
+        results = sampler.sample(specs)
+        elapsed = time.perf_counter() - t0
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return elapsed, sum(len(s.tokens) for r in results for s in r.sequences)
+
+    return run
+
+
+def stack_runner(url: str, prompts: list[list[int]], samples: int, max_tokens: int):
+    """The unmodified tinker SDK on the base model: every prompt's `sample` future in flight at once."""
+    import tinker
+    from tinker import types
+
+    service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
+    sc = service.create_sampling_client(base_model=BASE_MODEL).result()
+    inputs = [types.ModelInput.from_ints(p) for p in prompts]
+
+    def run() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        futures = [
+            sc.sample(x, samples, types.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i, stop=[]))
+            for i, x in enumerate(inputs)
+        ]
+        results = [f.result() for f in futures]
+        elapsed = time.perf_counter() - t0
+        return elapsed, sum(len(s.tokens) for r in results for s in r.sequences)
+
+    return run
+
+
+def summarize(runs: list[tuple[float, int]]) -> dict:
+    secs = [t for t, _ in runs]
+    tokens = [n for _, n in runs]
+    med = float(np.median(secs))
+    return {
+        "reps": len(runs),
+        "tokens_per_rep": tokens[0] if len(set(tokens)) == 1 else tokens,
+        "seconds_median": round(med, 4),
+        "seconds_min": round(min(secs), 4),
+        "seconds_max": round(max(secs), 4),
+        "tokens_per_s": round(float(np.median([n / t for t, n in runs])), 1),
+    }
+
+
+def interleaved(runners: dict, reps: int, warmup: int) -> dict:
+    """One repetition of each in turn: every side sees the same machine conditions."""
+    runs = {name: [] for name in runners}
+    for i in range(reps + warmup):
+        for name, run in runners.items():
+            r = run()
+            if i >= warmup:
+                runs[name].append(r)
+    return {name: summarize(rs) for name, rs in runs.items()}
+
+
+def repeated(run, reps: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        run()
+    return summarize([run() for _ in range(reps)])
+
+
+def bench_weight_sync(url: str, tokenizer, prompt: list[int], reps: int, rank: int) -> dict:
+    """save_weights_and_get_sampling_client() -> first token of a max_tokens=1 sample on it."""
+    import tinker
+    from tinker import types
+
+    from openrl.demo import make_datum, sft_examples
+
+    service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
+    tc = service.create_lora_training_client(base_model=BASE_MODEL, rank=rank).result()
+    data = [make_datum(tokenizer, q, a) for q, a in sft_examples(4, seed=1)]
+    adam = types.AdamParams(learning_rate=1e-3)
+    x = types.ModelInput.from_ints(prompt)
+    params = types.SamplingParams(max_tokens=1, temperature=1.0, seed=0)
+
+    def train_step() -> None:
+        fb = tc.forward_backward(data, loss_fn="cross_entropy")
+        opt = tc.optim_step(adam)
+        fb.result()
+        opt.result()
+
+    def sync() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        sc = tc.save_weights_and_get_sampling_client().result()
+        t1 = time.perf_counter()
+        out = sc.sample(x, 1, params).result()
+        t2 = time.perf_counter()
+        assert len(out.sequences[0].tokens) == 1
+        return t1 - t0, t2 - t0
+
+    train_step()  # the adapter's B starts at zero: make it non-zero first
+    sync()  # warm-up: connections, the sampler's first adapter load into peft
+    saves, totals = [], []
+    for _ in range(reps):
+        train_step()
+        s, t = sync()
+        saves.append(s)
+        totals.append(t)
+    ms = lambda xs, q: round(float(np.percentile(xs, q)) * 1000, 1)  # noqa: E731
+    return {
+        "reps": reps,
+        "rank": rank,
+        "p50_ms": ms(totals, 50),
+        "p99_ms": ms(totals, 99),
+        "max_ms": ms(totals, 100),
+        "save_p50_ms": ms(saves, 50),
+        "first_token_after_save_p50_ms": ms([t - s for s, t in zip(saves, totals)], 50),
+        "all_ms": [round(t * 1000, 1) for t in totals],
+    }
+
+
+# -- main ------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=32, help="chat prompts per repetition")
+    p.add_argument("--samples", type=int, default=2, help="num_samples per prompt")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per sequence (stop=[]: always all of them)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per side")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per side first")
+    p.add_argument("--sync-reps", type=int, default=10, help="timed weight syncs")
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank of the weight-sync training client")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: all cores)")
+    p.add_argument("--no-two-samplers", action="store_true", help="skip the --samplers 2 stack")
+    p.add_argument("--quick", action="store_true", help="a tiny run to check the script: 4 prompts x 2 x 8 tokens, 2 reps, 3 syncs")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "sampling.json"))
+    args = p.parse_args()
+    if args.quick:
+        args.prompts, args.samples, args.max_tokens, args.reps, args.warmup, args.sync_reps = 4, 2, 8, 2, 1, 3
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TINKER_TELEMETRY"] = "0"
+    import torch
+    from transformers import AutoTokenizer
+
+    from openrl.trainer.default_model import ensure_default_model
+
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    model_path = str(ensure_default_model())
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompts = make_prompts(tokenizer, args.prompts)
+    expected_tokens = args.prompts * args.samples * args.max_tokens
+    workload = f"{args.prompts} prompts x {args.samples} samples x {args.max_tokens} tokens = {expected_tokens} tokens per rep"
+    print(f"workload: {workload}; prompt lengths {min(map(len, prompts))}-{max(map(len, prompts))}; torch threads {threads}", flush=True)
+
+    results: dict = {"machine": {"cpus": len(os.sched_getaffinity(0)), "torch_threads": threads, "cuda": torch.cuda.is_available()}}
+    bare = bare_runner(model_path, prompts, args.samples, args.max_tokens)
+    with tempfile.TemporaryDirectory(prefix="openrl-bench-sampling-") as tmp:
+        proc, url = start_stack(Path(tmp) / "one", threads, samplers=1)
+        try:
+            stack = stack_runner(url, prompts, args.samples, args.max_tokens)
+            results.update(interleaved({"stack_1_sampler": stack, "bare": bare}, args.reps, args.warmup))
+            s, b = results["stack_1_sampler"], results["bare"]
+            results["ratio"] = round(s["tokens_per_s"] / b["tokens_per_s"], 3)
+            print(f"bare backend, in process: {b['tokens_per_s']} tokens/s (median {b['seconds_median']} s per rep)", flush=True)
+            print(f"through the stack, 1 sampler: {s['tokens_per_s']} tokens/s (median {s['seconds_median']} s per rep)", flush=True)
+            print(f"stack / bare = {results['ratio']:.3f} (target >= 0.90)", flush=True)
+            if args.quick:
+                print("(--quick: a few requests of a few tokens; per-request overhead dominates, the ratio says little)", flush=True)
+            for name in ("stack_1_sampler", "bare"):
+                if results[name]["tokens_per_rep"] != expected_tokens:
+                    print(f"WARNING: {name} generated {results[name]['tokens_per_rep']} tokens per rep, expected {expected_tokens}", flush=True)
+
+            results["weight_sync"] = w = bench_weight_sync(url, tokenizer, prompts[0], args.sync_reps, args.rank)
+            print(
+                f"weight sync (save_weights_and_get_sampling_client -> first token), rank {w['rank']}, {w['reps']} reps: "
+                f"p50 {w['p50_ms']} ms, p99 {w['p99_ms']} ms (target <= 200 ms); "
+                f"of which save p50 {w['save_p50_ms']} ms, first token p50 {w['first_token_after_save_p50_ms']} ms",
+                flush=True,
+            )
+        finally:
+            stop_stack(proc)
+
+        if not args.no_two_samplers:
+            proc, url = start_stack(Path(tmp) / "two", threads, samplers=2)
+            try:
+                results["stack_2_samplers"] = t = repeated(stack_runner(url, prompts, args.samples, args.max_tokens), args.reps, args.warmup)
+            finally:
+                stop_stack(proc)
+            results["two_vs_one_sampler"] = round(t["tokens_per_s"] / results["stack_1_sampler"]["tokens_per_s"], 3)
+            print(
+                f"through the stack, 2 samplers: {t['tokens_per_s']} tokens/s; 2 vs 1 = {results['two_vs_one_sampler']:.3f} "
+                f"({results['machine']['cpus']} CPU cores, {threads} torch threads per sampler: the two samplers share "
+                f"the same cores, so little gain is expected here; the gain comes with a device or cores per sampler)",
+                flush=True,
+            )
+
+    results["config"] = {k: v for k, v in vars(args).items() if k != "out"}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
