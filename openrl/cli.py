@@ -182,6 +182,12 @@ def cmd_nats(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from openrl.demo import run_sft_demo
 
+    if args.rl:
+        from openrl.demo import run_rl_demo
+
+        rewards = run_rl_demo(args.base_url, args.api_key, base_model=args.base_model, steps=args.steps)
+        print(f"mean reward {sum(rewards[:5]) / 5:.2f} (first 5 steps) -> {sum(rewards[-5:]) / 5:.2f} (last 5)", flush=True)
+        return
     run_sft_demo(args.base_url, args.api_key, base_model=args.base_model, steps=args.steps)
 
 
@@ -350,6 +356,7 @@ def parser() -> argparse.ArgumentParser:
     dm.add_argument("--api-key", default=os.environ.get("TINKER_API_KEY"))
     dm.add_argument("--base-model", default=_env("BASE_MODEL", DEFAULT_BASE_MODEL))
     dm.add_argument("--steps", type=int, default=40)
+    dm.add_argument("--rl", action="store_true", help="a GRPO-style RL loop (sampling + importance_sampling) instead of SFT")
     dm.set_defaults(func=cmd_demo)
     return p
 

@@ -139,8 +139,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="session")
 def extra_gateway(stack, tmp_path_factory):
-    """A second gateway replica on the same bus, serving fwdbwd_max_chunk_len=2 and asking
-    clients to zstd-compress forward_backward bodies."""
+    """A second gateway replica on the same bus, serving fwdbwd_max_chunk_len=2, asking
+    clients to zstd-compress forward_backward bodies, and refusing all sampling with 429."""
     port = _free_port()
     log_path = tmp_path_factory.mktemp("gw2") / "gateway.log"
     log = open(log_path, "wb")
@@ -153,6 +153,7 @@ def extra_gateway(stack, tmp_path_factory):
         "OPENRL_API_KEYS": f"{API_KEY},{OTHER_KEY}",
         "OPENRL_FWDBWD_MAX_CHUNK_LEN": "2",
         "OPENRL_PROTO_COMPRESS": "1",
+        "OPENRL_SAMPLE_QUEUE_MAX": "0",  # every asample is over the bound: 429
     }
     proc = subprocess.Popen([sys.executable, "-m", "openrl", "gateway"], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"

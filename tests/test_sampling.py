@@ -16,7 +16,7 @@ import tinker
 from tinker import types
 
 from conftest import API_KEY, BASE_MODEL
-from openrl.demo import make_datum, sft_examples
+from openrl.demo import make_datum, run_rl_demo, sft_examples
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -49,6 +49,13 @@ def forward_logprobs(tc, tokens: list[int]) -> np.ndarray:
         loss_fn_inputs={"target_tokens": tokens[1:], "weights": [0.0] * (len(tokens) - 1)},
     )
     return tc.forward([datum], loss_fn="cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+
+
+def test_rl_loop_through_the_sdk_raises_the_reward(stack):
+    """GRPO-style: a fresh sampling client each step, group advantages, importance_sampling."""
+    rewards = run_rl_demo(stack.url, stack.api_key, base_model=BASE_MODEL, steps=20, progress=False)
+    first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
+    assert last > first + 0.1 and last > 0.9, rewards
 
 
 def test_sampled_logprobs_match_the_trainers_forward(trained):
@@ -196,6 +203,21 @@ def test_bad_sample_content_fails_as_user_error(trained, tokens, params, detail)
         sc.sample(types.ModelInput.from_ints(tokens), 1, types.SamplingParams(**params)).result()
     assert err.value.category == types.RequestErrorCategory.User and detail in str(err.value)
     assert sc.sample(types.ModelInput.from_ints([1, 2, 3]), 1, types.SamplingParams(max_tokens=2)).result().sequences
+
+
+def test_full_sample_queue_answers_429_and_accepts_nothing(stack, extra_gateway, trained):
+    tc, _, _ = trained
+    sc = tc.save_weights_and_get_sampling_client().result()
+    payload = {
+        "sampling_session_id": sc._sampling_session_id, "seq_id": 7, "num_samples": 1,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2, 3]}]},
+        "sampling_params": {"max_tokens": 2}, "type": "sample",
+    }  # fmt: skip
+    r = httpx.post(f"{extra_gateway}/api/v1/asample", json=payload, headers={"X-API-Key": API_KEY}, timeout=30)
+    assert r.status_code == 429 and r.headers["Retry-After"] and "queue is full" in r.json()["detail"]
+    # Nothing was accepted: the same seq_id on the main gateway is a fresh request that runs.
+    r = httpx.post(f"{stack.url}/api/v1/asample", json=payload, headers={"X-API-Key": API_KEY}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["sample_sequence_ids"]) == 1
 
 
 def test_sampler_kill_9_during_50_concurrent_samples_loses_nothing(stack, trained):
