@@ -290,7 +290,8 @@ def main() -> None:
             stop_stack(proc)
 
         if not args.no_two_samplers:
-            proc, url = start_stack(Path(tmp) / "two", threads, samplers=2)
+            # The cores are shared out between the two samplers, as `openrl up` does by default.
+            proc, url = start_stack(Path(tmp) / "two", max(1, threads // 2), samplers=2)
             try:
                 results["stack_2_samplers"] = t = repeated(stack_runner(url, prompts, args.samples, args.max_tokens), args.reps, args.warmup)
             finally:
@@ -298,7 +299,7 @@ def main() -> None:
             results["two_vs_one_sampler"] = round(t["tokens_per_s"] / results["stack_1_sampler"]["tokens_per_s"], 3)
             print(
                 f"through the stack, 2 samplers: {t['tokens_per_s']} tokens/s; 2 vs 1 = {results['two_vs_one_sampler']:.3f} "
-                f"({results['machine']['cpus']} CPU cores, {threads} torch threads per sampler: the two samplers share "
+                f"({results['machine']['cpus']} CPU cores, {max(1, threads // 2)} torch threads per sampler: the two samplers share "
                 f"the same cores, so little gain is expected here; the gain comes with a device or cores per sampler)",
                 flush=True,
             )

@@ -227,16 +227,19 @@ def cmd_up(args: argparse.Namespace) -> None:
         key_file.chmod(0o600)
     if not api_key.startswith("tml-"):
         sys.exit("openrl up: --api-key must start with 'tml-' (the tinker SDK refuses other keys)")
+    # Every torch process would otherwise take all cores; on a CPU machine they then thrash
+    # (small matmuls slow down 100x). Share the cores out unless told otherwise.
+    threads = args.threads or max(1, len(os.sched_getaffinity(0)) // (1 + args.samplers))
     nats_port = args.nats_port or free_port()
     nats_url = f"nats://127.0.0.1:{nats_port}"
     url = f"http://{args.host}:{args.port}"
     common = ["--nats-url", nats_url, "--log-format", "json", "--log-level", args.log_level]
     children = [
         Child("nats", openrl_argv("nats", "--data-dir", str(data_dir), "--port", str(nats_port))),
-        Child("trainer", openrl_argv("trainer", "--base-model", args.base_model, *common, *(["--threads", str(args.threads)] if args.threads else [])), grace_s=15),
+        Child("trainer", openrl_argv("trainer", "--base-model", args.base_model, *common, "--threads", str(threads)), grace_s=15),
         *[
             Child(f"sampler-{i}" if args.samplers > 1 else "sampler",
-                  openrl_argv("sampler", "--base-model", args.base_model, *common, *(["--threads", str(args.threads)] if args.threads else [])),
+                  openrl_argv("sampler", "--base-model", args.base_model, *common, "--threads", str(threads)),
                   grace_s=15)
             for i in range(args.samplers)
         ],
@@ -305,7 +308,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--api-key", default=_env("API_KEY"), help="a tml-... key; generated and saved in the data dir when absent")
     up.add_argument("--nats-port", type=int, default=int(_env("NATS_PORT", 0)))
     up.add_argument("--samplers", type=int, default=int(_env("SAMPLERS", 1)), help="sampler processes (competing consumers)")
-    up.add_argument("--threads", type=int, default=int(_env("THREADS", 0)), help="torch threads for the trainer (0 = torch default)")
+    up.add_argument("--threads", type=int, default=int(_env("THREADS", 0)), help="torch threads per trainer and sampler process (0: the cores shared out among them)")
     up.add_argument("--fwdbwd-max-chunk-len", type=int, default=int(_env("FWDBWD_MAX_CHUNK_LEN", 1024)))
     up.add_argument("--ready-timeout-s", type=float, default=900.0)
     up.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))

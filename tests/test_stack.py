@@ -180,6 +180,30 @@ def test_rl_losses_and_top_k_targets_through_the_sdk(stack, data):
     tc.optim_step(tinker.types.AdamParams(learning_rate=1e-3)).result()
 
 
+def test_forward_backward_custom_equals_the_builtin_loss(stack, data):
+    """The SDK's two-round protocol (forward, then cross_entropy with weights -dC/dlp) with
+    C = the cross_entropy sum gives the built-in loss and the same update."""
+    import torch
+
+    def custom(batch, logprobs_list):
+        loss = sum(-(torch.as_tensor(d.loss_fn_inputs["weights"].to_numpy()) * lp).sum() for d, lp in zip(batch, logprobs_list))
+        return loss, {"custom:sum": float(loss.detach())}
+
+    _, builtin = training_client(stack, seed=81)
+    _, custom_tc = training_client(stack, seed=81)
+    a = builtin.forward_backward(data[:4], loss_fn="cross_entropy").result()
+    b = custom_tc.forward_backward_custom(data[:4], custom).result()
+    assert b.metrics["loss:sum"] == pytest.approx(a.metrics["loss:sum"], rel=1e-5)
+    for tc in (builtin, custom_tc):
+        tc.optim_step(tinker.types.AdamParams(learning_rate=1e-2)).result()
+    assert_logprobs_equal(
+        logprobs(custom_tc.forward(data, loss_fn="cross_entropy").result()),
+        logprobs(builtin.forward(data, loss_fn="cross_entropy").result()),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
 def test_out_of_order_and_retried_requests_apply_once_in_order(stack, data):
     """seq 3, 2, 1 arrive reversed and seq 2 twice; the result equals the in-order SDK run."""
     _, sdk = training_client(stack, seed=21)

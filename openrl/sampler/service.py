@@ -48,7 +48,11 @@ class SamplerConfig:
     worker_id: str = ""
     default_max_tokens: int = 256
     max_batch: int = 64  # requests per batch
-    batch_wait_s: float = 0.003  # after the first request, how long to wait for company
+    # After the first request, keep collecting while more keep arriving (each within
+    # `batch_gap_s` of the last), for at most `batch_wait_s`: a burst of requests from a
+    # client's loop becomes one batch instead of a small one and a late big one.
+    batch_gap_s: float = 0.02
+    batch_wait_s: float = 0.15
     cached_adapters: int = 32  # adapter blobs kept in memory
     heartbeat_s: float = 2.0
     ack_wait_s: float = 10.0  # a dead sampler's requests go to another after this; in-progress acks keep live ones
@@ -59,6 +63,7 @@ class _Job:
     msg: SampleRequest
     spec: be.SampleSpec
     done: asyncio.Future
+    queued: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 class Sampler:
@@ -157,9 +162,9 @@ class Sampler:
             jobs = [first]
             deadline = time.monotonic() + self.cfg.batch_wait_s
             while len(jobs) < self.cfg.max_batch:
-                left = deadline - time.monotonic()
+                wait = min(self.cfg.batch_gap_s, deadline - time.monotonic())
                 try:
-                    jobs.append(self._queue.get_nowait() if left <= 0 else await asyncio.wait_for(self._queue.get(), left))
+                    jobs.append(self._queue.get_nowait() if wait <= 0 else await asyncio.wait_for(self._queue.get(), wait))
                 except (asyncio.QueueEmpty, asyncio.TimeoutError):
                     break
             await self._run_batch(jobs)
@@ -184,6 +189,8 @@ class Sampler:
             results = [InvalidRequest(f"sampler error: {e!r}")] * len(jobs)
         finally:
             self._busy_s += time.perf_counter() - started
+        log.debug("batch_ran", requests=len(jobs), rows=sum(j.spec.num_samples for j in jobs), seconds=round(time.perf_counter() - started, 3),
+                  waited_ms=round((started - min(j.queued for j in jobs)) * 1000, 1))  # fmt: skip
         for job, result in zip(jobs, results):
             if not job.done.done():
                 job.done.set_result(result)
@@ -261,6 +268,7 @@ class Sampler:
                     handle=self.on_sample,
                     ack_wait_s=self.cfg.ack_wait_s,
                     max_inflight=4 * self.cfg.max_batch,
+                    batch=self.cfg.max_batch,
                     stop=stop,
                 ),
             )
