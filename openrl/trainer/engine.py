@@ -14,6 +14,7 @@ its parameters alone, and each tenant's AdamW holds only its own parameters.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import numpy as np
 import structlog
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save as safetensors_save
 from transformers import AutoModelForCausalLM
 
 from openrl.bus.errors import InvalidRequest, NotFound
@@ -42,6 +44,14 @@ TARGETS = {
 }
 
 _NP_DTYPES = {"int64": np.dtype("<i8"), "float32": np.dtype("<f4")}
+
+# Checkpoints (export_state / import_state): safetensors tensors keyed like a saved peft
+# adapter, AdamW state under "optimizer.<key>.<exp_avg|exp_avg_sq|step>", string metadata.
+STATE_FORMAT = "openrl.lora_state"
+STATE_VERSION = "1"
+OPTIMIZER_PREFIX = "optimizer."
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+_FLAGS = tuple(TARGETS)  # train_attn, train_mlp, train_unembed
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,18 @@ class _Tenant:
     lora: LoraSpec
     params: dict[str, torch.nn.Parameter]  # stable name (adapter name removed) -> parameter
     opt: torch.optim.AdamW
+
+
+@dataclass(frozen=True)
+class _StateMeta:
+    """A checkpoint's metadata, parsed and checked for form (not yet against a tenant)."""
+
+    lora: LoraSpec
+    lora_alpha: int
+    targets: tuple[str, ...]
+    arch: str
+    vocab_size: int
+    optimizer: str  # "adamw" | "none"
 
 
 @dataclass
@@ -129,8 +151,7 @@ class LoraEngine:
             raise InvalidRequest(f"model {model_id!r} already exists")
         if not 1 <= lora.rank <= MAX_RANK:
             raise InvalidRequest(f"lora rank must be in [1, {MAX_RANK}], got {lora.rank}")
-        wanted = [n for flag, names in TARGETS.items() if getattr(lora, flag) for n in names]
-        targets = [n for n in self.info.lora_targets if n in wanted]
+        targets = self._targets(lora)
         if not targets:
             raise InvalidRequest("lora targets nothing: set at least one of train_attn, train_mlp, train_unembed")
         adapter = f"t{self._next}"
@@ -142,10 +163,18 @@ class LoraEngine:
             for name, p in self.peft.named_parameters()
             if f".{adapter}." in name
         }
-        # fused: one kernel for all of a tenant's small LoRA tensors; CPU/MPS keep torch's default.
-        opt = torch.optim.AdamW(params.values(), lr=0.0, fused=True if self.info.device == "cuda" else None)
+        opt = self._new_adamw(params)
         self._tenants[model_id] = _Tenant(adapter=adapter, lora=lora, params=params, opt=opt)
         log.info("tenant_created", model_id=model_id, adapter=adapter, rank=lora.rank, targets=len(targets))
+
+    def _targets(self, lora: LoraSpec) -> list[str]:
+        """The modules a LoraSpec targets on this base model, in `info.lora_targets` order."""
+        wanted = [n for flag, names in TARGETS.items() if getattr(lora, flag) for n in names]
+        return [n for n in self.info.lora_targets if n in wanted]
+
+    def _new_adamw(self, params: dict[str, torch.nn.Parameter]) -> torch.optim.AdamW:
+        # fused: one kernel for all of a tenant's small LoRA tensors; CPU/MPS keep torch's default.
+        return torch.optim.AdamW(params.values(), lr=0.0, fused=True if self.info.device == "cuda" else None)
 
     def _inject(self, adapter: str, config: LoraConfig, seed: int) -> None:
         """Add an adapter whose init depends on `seed` alone, not on the global RNG or other tenants."""
@@ -186,6 +215,142 @@ class LoraEngine:
         """CPU copies of the gradients accumulated since the last optim_step (None where none)."""
         params = self._tenant(model_id).params
         return {name: None if p.grad is None else p.grad.to("cpu", copy=True) for name, p in params.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def export_state(self, model_id: str, *, with_optimizer: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tenant's checkpoint: CPU tensors and string metadata (safetensors-ready).
+
+        Adapter weights are keyed exactly as `adapter_state` (peft keys). With the optimizer,
+        also each parameter's AdamW state as "optimizer.<key>.exp_avg", ".exp_avg_sq" (the
+        parameter's shape and dtype) and ".step" (float32 scalar); a parameter AdamW has not
+        stepped yet is written as its fresh state (zeros, step 0), which AdamW treats the same.
+        Pending gradients are not part of a checkpoint."""
+        tenant = self._tenant(model_id)
+        tensors = self.adapter_state(model_id)
+        if with_optimizer:
+            for name, p in tenant.params.items():
+                state = tenant.opt.state.get(p) or {}
+                for moment in _MOMENTS:
+                    value = state.get(moment)
+                    cpu = torch.zeros(p.shape, dtype=p.dtype) if value is None else value.detach().to("cpu", copy=True)
+                    tensors[f"{OPTIMIZER_PREFIX}{name}.{moment}"] = cpu
+                step = state.get("step")
+                step = torch.zeros(()) if step is None else torch.as_tensor(step).detach().to("cpu", torch.float32, copy=True)
+                tensors[f"{OPTIMIZER_PREFIX}{name}.step"] = step.reshape(())
+        lora = tenant.lora
+        metadata = {
+            "format": STATE_FORMAT,
+            "format_version": STATE_VERSION,
+            "rank": str(lora.rank),
+            "seed": str(lora.seed),
+            **{flag: _bool_str(getattr(lora, flag)) for flag in _FLAGS},
+            "lora_alpha": str(self.info.lora_alpha),
+            "target_modules": json.dumps(self._targets(lora)),
+            "base_model": self.info.model_name,
+            "base_arch": self.info.arch,
+            "vocab_size": str(self.info.vocab_size),
+            "dtype": self.info.dtype,
+            "optimizer": "adamw" if with_optimizer else "none",
+        }
+        return tensors, metadata
+
+    def import_state(
+        self, model_id: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, with_optimizer: bool
+    ) -> None:
+        """Load a checkpoint into an existing tenant. Everything is checked before anything
+        changes (an `InvalidRequest` leaves the tenant as it was): format, rank, targets and
+        base model, every key present with the parameter's shape and finite values, and the
+        optimizer state when `with_optimizer`. Then the weights are copied in; with_optimizer
+        restores AdamW's moments and step exactly, otherwise the optimizer starts fresh.
+        Pending (accumulated) gradients are dropped either way."""
+        tenant = self._tenant(model_id)
+        meta = _parse_state_metadata(metadata)
+        self._check_compatible(tenant, meta)
+        if with_optimizer and meta.optimizer != "adamw":
+            raise InvalidRequest("checkpoint was saved without optimizer state; load it without the optimizer")
+        weight_keys = set(tenant.params)
+        opt_keys = {f"{OPTIMIZER_PREFIX}{name}.{part}" for name in tenant.params for part in (*_MOMENTS, "step")}
+        need = weight_keys | (opt_keys if with_optimizer else set())
+        allowed = weight_keys | (opt_keys if meta.optimizer == "adamw" else set())
+        missing, unknown = sorted(need - set(tensors)), sorted(set(tensors) - allowed)
+        if missing:
+            raise InvalidRequest(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+        if unknown:
+            raise InvalidRequest(f"checkpoint has {len(unknown)} unexpected tensor(s), e.g. {unknown[:3]}")
+        for name, p in tenant.params.items():
+            _check_state_tensor(tensors[name], name, p.shape)
+            if with_optimizer:
+                for moment in _MOMENTS:
+                    key = f"{OPTIMIZER_PREFIX}{name}.{moment}"
+                    _check_state_tensor(tensors[key], key, p.shape)
+                key = f"{OPTIMIZER_PREFIX}{name}.exp_avg_sq"
+                if (tensors[key] < 0).any():
+                    raise InvalidRequest(f"checkpoint tensor {key!r} has negative values")
+                key = f"{OPTIMIZER_PREFIX}{name}.step"
+                _check_state_tensor(tensors[key], key, None)
+                step = tensors[key].double().item()
+                if step < 0 or step != int(step):
+                    raise InvalidRequest(f"checkpoint tensor {key!r} must be a whole number >= 0, got {step}")
+
+        # Validated: from here nothing can refuse.
+        opt = self._new_adamw(tenant.params)
+        fused = bool(opt.param_groups[0].get("fused")) or bool(opt.param_groups[0].get("capturable"))
+        step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        with torch.no_grad():
+            for name, p in tenant.params.items():
+                p.copy_(tensors[name])
+                p.grad = None
+                if with_optimizer:
+                    # As AdamW itself lays out its state: moments like the parameter, step a
+                    # scalar on the parameter's device when fused/capturable, else on the CPU.
+                    moments = {
+                        m: tensors[f"{OPTIMIZER_PREFIX}{name}.{m}"].to(p.device, p.dtype, copy=True).contiguous()
+                        for m in _MOMENTS
+                    }
+                    step = tensors[f"{OPTIMIZER_PREFIX}{name}.step"].double().item()
+                    device = p.device if fused else torch.device("cpu")
+                    opt.state[p] = {"step": torch.tensor(step, dtype=step_dtype, device=device), **moments}
+        tenant.opt = opt
+        log.info("tenant_state_loaded", model_id=model_id, adapter=tenant.adapter, optimizer=with_optimizer)
+
+    def _check_compatible(self, tenant: _Tenant, meta: _StateMeta) -> None:
+        info, targets = self.info, tuple(self._targets(tenant.lora))
+        if meta.arch != info.arch or meta.vocab_size != info.vocab_size:
+            raise InvalidRequest(
+                f"checkpoint is for a {meta.arch} base with vocab {meta.vocab_size}, "
+                f"this trainer serves {info.arch} with vocab {info.vocab_size}"
+            )
+        if meta.lora_alpha != info.lora_alpha:
+            raise InvalidRequest(f"checkpoint lora_alpha {meta.lora_alpha} differs from this trainer's {info.lora_alpha}")
+        if meta.lora.rank != tenant.lora.rank:
+            raise InvalidRequest(f"checkpoint lora rank {meta.lora.rank} differs from the model's rank {tenant.lora.rank}")
+        if sorted(meta.targets) != sorted(targets):
+            raise InvalidRequest(
+                f"checkpoint lora targets {list(meta.targets)} differ from the model's targets {list(targets)}"
+            )
+
+    def peft_files(self, model_id: str) -> dict[str, bytes]:
+        """The tenant's adapter as a standard peft folder, {filename: bytes}:
+        "adapter_model.safetensors" and "adapter_config.json", loadable with
+        `PeftModel.from_pretrained(base_model, folder)` (base = `info.model_name`)."""
+        tenant = self._tenant(model_id)
+        weights = {k: v.contiguous() for k, v in self.adapter_state(model_id).items()}
+        config = LoraConfig(
+            r=tenant.lora.rank,
+            lora_alpha=self.info.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=self._targets(tenant.lora),
+            bias="none",
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=self.info.model_name,
+            inference_mode=True,
+        ).to_dict()
+        config = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
+        return {
+            "adapter_model.safetensors": safetensors_save(weights, metadata={"format": "pt"}),
+            "adapter_config.json": (json.dumps(config, indent=2, sort_keys=True, default=str) + "\n").encode(),
+        }
 
     def _tenant(self, model_id: str) -> _Tenant:
         tenant = self._tenants.get(model_id)
@@ -279,6 +444,80 @@ class LoraEngine:
         tenant.opt.step()
         tenant.opt.zero_grad(set_to_none=True)
         return {"grad_norm:mean": norm.item(), "learning_rate:mean": adam.learning_rate}
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def _bool_str(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def lora_spec_of(metadata: dict[str, str]) -> LoraSpec:
+    """The LoraSpec a checkpoint was made with (to create the tenant before import_state)."""
+    return _parse_state_metadata(metadata).lora
+
+
+def _parse_state_metadata(metadata: dict[str, str] | None) -> _StateMeta:
+    if not isinstance(metadata, dict) or metadata.get("format") != STATE_FORMAT:
+        raise InvalidRequest(f"not an OpenRL training checkpoint (metadata format is not {STATE_FORMAT!r})")
+    version = metadata.get("format_version")
+    if version != STATE_VERSION:
+        raise InvalidRequest(f"checkpoint format_version {version!r} is not supported (this trainer reads {STATE_VERSION!r})")
+
+    def field(key: str) -> str:
+        value = metadata.get(key)
+        if not isinstance(value, str):
+            raise InvalidRequest(f"checkpoint metadata lacks {key!r}")
+        return value
+
+    def integer(key: str) -> int:
+        value = field(key)
+        try:
+            return int(value)
+        except ValueError:
+            raise InvalidRequest(f"checkpoint metadata {key!r} must be an integer, got {value!r}") from None
+
+    flags = {}
+    for flag in _FLAGS:
+        value = field(flag)
+        if value not in ("true", "false"):
+            raise InvalidRequest(f"checkpoint metadata {flag!r} must be 'true' or 'false', got {value!r}")
+        flags[flag] = value == "true"
+    try:
+        targets = json.loads(field("target_modules"))
+    except json.JSONDecodeError:
+        targets = None
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        got = metadata["target_modules"]
+        raise InvalidRequest(f"checkpoint metadata 'target_modules' must be a JSON list of names, got {got!r}")
+    optimizer = field("optimizer")
+    if optimizer not in ("adamw", "none"):
+        raise InvalidRequest(f"checkpoint optimizer {optimizer!r} is not supported (adamw or none)")
+    rank = integer("rank")
+    if not 1 <= rank <= MAX_RANK:
+        raise InvalidRequest(f"checkpoint lora rank must be in [1, {MAX_RANK}], got {rank}")
+    return _StateMeta(
+        lora=LoraSpec(rank=rank, seed=integer("seed"), **flags),
+        lora_alpha=integer("lora_alpha"),
+        targets=tuple(targets),
+        arch=field("base_arch"),
+        vocab_size=integer("vocab_size"),
+        optimizer=optimizer,
+    )
+
+
+def _check_state_tensor(t: object, key: str, shape: torch.Size | None) -> None:
+    """A checkpoint tensor: floating point, `shape` (a scalar when None), every value finite."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise InvalidRequest(f"checkpoint tensor {key!r} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
+    if shape is None:
+        if t.numel() != 1:
+            raise InvalidRequest(f"checkpoint tensor {key!r} must be a scalar, got shape {list(t.shape)}")
+    elif t.shape != shape:
+        raise InvalidRequest(f"checkpoint tensor {key!r} has shape {list(t.shape)}, the model's is {list(shape)}")
+    if not torch.isfinite(t).all():
+        raise InvalidRequest(f"checkpoint tensor {key!r} has non-finite values")
 
 
 # ---------------------------------------------------------------------- validation
