@@ -166,6 +166,36 @@ def cmd_sampler(args: argparse.Namespace) -> None:
     asyncio.run(main())
 
 
+# -- openrl export -------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Write a saved checkpoint out of the object store: an external_weights path becomes its
+    PEFT folder; a weights or sampler_weights path becomes its safetensors file."""
+    from openrl.bus import paths
+    from openrl.bus.client import Bus, BusConfig
+    from openrl.bus.messages import WeightsRecord
+
+    parsed = paths.parse(args.path)
+    out = Path(args.out_dir)
+
+    async def main() -> None:
+        bus = await Bus.connect(BusConfig(url=args.nats_url, name="openrl-export"))
+        try:
+            rec = await bus.kv_get(bus.weights, str(parsed), WeightsRecord)
+            if rec is None:
+                sys.exit(f"openrl export: no checkpoint at {args.path}")
+            out.mkdir(parents=True, exist_ok=True)
+            names = {f: f"{rec.object}/{f}" for f in rec.files} if rec.files else {"checkpoint.safetensors": rec.object}
+            for name, obj in names.items():
+                (out / name).write_bytes((await bus.objects.get(obj)).data)
+            print(f"wrote {', '.join(sorted(names))} to {out}")
+        finally:
+            await bus.close()
+
+    asyncio.run(main())
+
+
 # -- openrl nats ---------------------------------------------------------------------
 
 
@@ -348,6 +378,12 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--default-max-tokens", type=int, default=int(_env("DEFAULT_MAX_TOKENS", 256)), help="when a request sets none")
     sm.add_argument("--max-batch", type=int, default=int(_env("MAX_BATCH", 64)), help="requests batched together")
     sm.set_defaults(func=cmd_sampler)
+
+    ex = sub.add_parser("export", help="write a saved checkpoint (e.g. a PEFT folder from save_weights_external) to a directory")
+    _add_common(ex)
+    ex.add_argument("path", help="tinker://<model>/<segment>/<name>")
+    ex.add_argument("out_dir")
+    ex.set_defaults(func=cmd_export)
 
     nt = sub.add_parser("nats", help="the embedded nats-server (JetStream, file store under the data dir)")
     nt.add_argument("--data-dir", default=_env("DATA_DIR", "~/.openrl"))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+import warnings
 
 import httpx
 import numpy as np
@@ -248,6 +251,100 @@ def test_results_are_retrievable_repeatedly_and_from_any_gateway(stack, extra_ga
     assert Raw(stack.url, api_key=OTHER_KEY).result(rid).status_code == 404
 
 
+# ---------------------------------------------------------------------- checkpoints
+
+
+def test_save_state_then_resume_with_optimizer_equals_not_stopping(stack, data):
+    service, straight = training_client(stack, seed=101)
+    _, stopped = training_client(stack, seed=101)
+    batches = [data[0:2], data[2:4], data[4:6], data[6:8]]
+    sdk_steps(straight, batches)
+    sdk_steps(stopped, batches[:2])
+    path = stopped.save_state("half").result().path
+    assert path == f"tinker://{stopped.model_id}/weights/half"
+    resumed = service.create_training_client_from_state_with_optimizer(path).result()
+    assert resumed.model_id != stopped.model_id and resumed.model_id.endswith(f":train:{1}")
+    sdk_steps(resumed, batches[2:])
+    want = logprobs(straight.forward(data, loss_fn="cross_entropy").result())
+    assert_logprobs_equal(logprobs(resumed.forward(data, loss_fn="cross_entropy").result()), want, rtol=0, atol=0)
+    # Without the optimizer the weights are the same but Adam starts afresh: a different path.
+    fresh = service.create_training_client_from_state(path).result()
+    at_save = logprobs(stopped.forward(data, loss_fn="cross_entropy").result())
+    assert_logprobs_equal(logprobs(fresh.forward(data, loss_fn="cross_entropy").result()), at_save, rtol=0, atol=0)
+    sdk_steps(fresh, batches[2:])
+    assert np.abs(np.concatenate(logprobs(fresh.forward(data, loss_fn="cross_entropy").result())) - np.concatenate(want)).max() > 1e-6
+
+
+def test_a_model_created_from_state_survives_a_trainer_kill_9(stack, data):
+    """Recovery rebuilds it from the checkpoint (its seq 0) plus its log."""
+    service, straight = training_client(stack, seed=141)
+    _, stopped = training_client(stack, seed=141)
+    sdk_steps(straight, [data[:4], data[4:], data[:4]])
+    sdk_steps(stopped, [data[:4]])
+    resumed = service.create_training_client_from_state_with_optimizer(stopped.save_state("pre-kill").result().path).result()
+    sdk_steps(resumed, [data[4:]])
+    victim = stack.pid("trainer")
+    os.kill(victim, signal.SIGKILL)
+    sdk_steps(resumed, [data[:4]])
+    assert stack.wait_restarted("trainer", victim) != victim
+    want = logprobs(straight.forward(data, loss_fn="cross_entropy").result())
+    assert_logprobs_equal(logprobs(resumed.forward(data, loss_fn="cross_entropy").result()), want, rtol=0, atol=0)
+
+
+def test_load_state_in_place_goes_back_to_the_checkpoint(stack, data):
+    _, tc = training_client(stack, seed=111)
+    sdk_steps(tc, [data[:4]])
+    path = tc.save_state("early").result().path
+    early = logprobs(tc.forward(data, loss_fn="cross_entropy").result())
+    sdk_steps(tc, [data[4:], data[:4]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the SDK may mark the in-place load deprecated
+        tc.load_state_with_optimizer(path).result()
+    assert_logprobs_equal(logprobs(tc.forward(data, loss_fn="cross_entropy").result()), early, rtol=0, atol=0)
+
+
+def test_save_weights_external_is_a_peft_folder(stack, data, default_model, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, tc = training_client(stack, seed=121)
+    sdk_steps(tc, [data[:4]])
+    path = tc.save_weights_external("export").result().path
+    assert path == f"tinker://{tc.model_id}/external_weights/export"
+    out = subprocess.run(
+        [sys.executable, "-m", "openrl", "export", path, str(tmp_path / "peft"), "--nats-url", stack.nats_url],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(default_model), tmp_path / "peft").eval()
+    want = logprobs(tc.forward(data[:2], loss_fn="cross_entropy").result())
+    for d, lp in zip(data[:2], want):
+        tokens = torch.tensor([d.model_input.to_ints()])
+        targets = torch.tensor(d.loss_fn_inputs["target_tokens"].to_numpy())
+        with torch.no_grad():
+            got = torch.log_softmax(model(input_ids=tokens).logits[0].float(), -1).gather(1, targets[:, None])[:, 0]
+        np.testing.assert_allclose(got.numpy(), lp, atol=1e-4)
+
+
+def test_bad_checkpoint_requests(stack, data):
+    service, tc = training_client(stack, seed=131)
+    path = tc.save_state("taken").result().path
+    with pytest.raises(tinker.RequestFailedError) as err:
+        tc.save_state("taken").result()
+    assert err.value.category == tinker.types.RequestErrorCategory.User and "already exists" in str(err.value)
+    tc.forward(data[:1], loss_fn="cross_entropy").result()  # the sequence goes on
+    raw = Raw(stack.url)
+    missing = f"tinker://{tc.model_id}/weights/nope"
+    assert raw.post("/load_weights", json={"model_id": tc.model_id, "seq_id": 99, "path": missing, "optimizer": False}).status_code == 404
+    assert raw.post("/load_weights", json={"path": "not-a-path", "session_id": "x", "model_seq_id": 0}).status_code == 400
+    other = Raw(stack.url, api_key=OTHER_KEY)
+    session = other.post("/create_session", json={"sdk_version": "test"}).json()["session_id"]
+    r = other.post("/load_weights", json={"path": path, "session_id": session, "model_seq_id": 0, "optimizer": True})
+    assert r.status_code == 404, r.text  # another key's checkpoint does not exist for you
+    assert raw.post("/save_weights", json={"model_id": tc.model_id, "seq_id": 99, "path": "a/b"}).status_code == 400
+
+
 # ---------------------------------------------------------------------- failures
 
 
@@ -394,13 +491,6 @@ def test_bad_data_fails_the_future_as_user_error_and_changes_nothing(stack, vict
     victim.optim_step(tinker.types.AdamParams(learning_rate=1e-1)).result()
     assert_logprobs_equal(logprobs(victim.forward(data[:2], loss_fn="cross_entropy").result()), before, rtol=0, atol=0)
     assert_healthy(stack)
-
-
-def test_unimplemented_sequenced_calls_fail_as_user_error_without_a_gap(stack, victim, data):
-    with pytest.raises(tinker.RequestFailedError) as err:
-        victim.save_state("ckpt").result()
-    assert err.value.category == tinker.types.RequestErrorCategory.User and "save_state" in str(err.value)
-    victim.forward(data[:1], loss_fn="cross_entropy").result()  # the next seq_id still runs
 
 
 def test_bad_optimizer_params_fail_as_user_error(stack, victim):

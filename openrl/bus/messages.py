@@ -105,19 +105,33 @@ class SaveWeights(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", t
     kind "sampler": the LoRA adapter, for samplers. Named saves are addressed as
     `tinker://<model>/sampler_weights/<name>`; an unnamed one (save_weights_and_get_sampling_client)
     carries the id of the ephemeral sampler that will read it.
+    kind "state" (save_state): adapter + AdamW state + step, `tinker://<model>/weights/<name>`.
+    kind "external" (save_weights_external): a standard PEFT adapter folder,
+    `tinker://<model>/external_weights/<name>`.
     """
 
     request_id: str
     model_id: str
     seq_id: int
-    kind: Literal["sampler"] = "sampler"
+    kind: Literal["sampler", "state", "external"] = "sampler"
     name: str = ""  # "" for an unnamed sampler save
     sampler_id: str = ""  # the sampler to create, for an unnamed save
     overwrite: bool = False
     ttl_s: float | None = None
 
 
-TrainRequest = ForwardBackward | OptimStep | Rejected | SaveWeights
+class LoadWeights(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="load_weights"):
+    """load_state[_with_optimizer] into an existing model, in its sequence."""
+
+    request_id: str
+    model_id: str
+    seq_id: int
+    path: str  # tinker://<run>/weights/<name>
+    object: str  # its object-store name (the gateway checked it exists and may be read)
+    with_optimizer: bool = False
+
+
+TrainRequest = ForwardBackward | OptimStep | Rejected | SaveWeights | LoadWeights
 
 
 # ---------------------------------------------------------------------------
@@ -129,6 +143,7 @@ class CreateModel(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", t
     model_id: str
     base_model: str
     lora: LoraSpec = LoraSpec()
+    init_path: str = ""  # create-via-load: the checkpoint it starts from (the record has the object)
 
 
 # ---------------------------------------------------------------------------
@@ -146,6 +161,8 @@ class ModelRecord(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float
     create_request_id: str
     user_metadata: dict[str, str] = {}
+    init_state: str | None = None  # create-via-load: object name of the checkpoint loaded at seq 0
+    init_with_optimizer: bool = False
 
 
 class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -188,18 +205,19 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
 class WeightsRecord(msgspec.Struct, frozen=True, kw_only=True):
     """KV `weights`, key = the tinker:// path. The bytes are in the object store under `object`."""
 
-    path: str  # tinker://<model_id>/sampler_weights/<name>
+    path: str  # tinker://<model_id>/<segment>/<name>
     owner: str
     model_id: str
     base_model: str
-    kind: Literal["sampler"]
+    kind: Literal["sampler", "state", "external"]
     name: str
-    object: str  # object-store name of the safetensors adapter
+    object: str  # object-store name (a prefix of its `files` for an external folder)
     lora: LoraSpec
     seq_id: int  # the weights are the model's state after every request before this seq_id
     size_bytes: int
     created_at: float
     expires_at: float | None = None
+    files: list[str] = []  # external: the folder's file names, each at f"{object}/{name}"
 
 
 class SamplerRecord(msgspec.Struct, frozen=True, kw_only=True):

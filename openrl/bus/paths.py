@@ -49,3 +49,13 @@ def parse(path: str) -> TinkerPath:
 
 def adapter_object(model_id: str, seq_id: int) -> str:
     return f"adapters/{model_id}/seq-{seq_id:09d}"
+
+
+SEGMENT_OF_KIND = {"sampler": "sampler_weights", "state": "weights", "external": "external_weights"}
+
+
+def checkpoint_object(model_id: str, seq_id: int, kind: str) -> str:
+    """Where a save of `kind` at `seq_id` keeps its bytes; the sampler kind is the adapter version."""
+    if kind == "sampler":
+        return adapter_object(model_id, seq_id)
+    return f"{kind}/{model_id}/seq-{seq_id:09d}"

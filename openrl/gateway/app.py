@@ -29,6 +29,7 @@ from openrl.bus.messages import (
     AdamParams,
     CreateModel,
     ForwardBackwardResult,
+    LoadWeights,
     Future,
     LoraSpec,
     ModelRecord,
@@ -138,6 +139,27 @@ class OptimStepBody(msgspec.Struct, kw_only=True):
     optimizer_params: dict[str, Any] | None = None
 
 
+class SaveNamedBody(msgspec.Struct, kw_only=True):
+    model_id: str
+    seq_id: int
+    path: str
+    ttl_seconds: int | None = None
+    overwrite: bool | None = None
+    user_metadata: dict[str, Any] | None = None
+
+
+class LoadBody(msgspec.Struct, kw_only=True):
+    path: str
+    optimizer: bool = False
+    model_id: str | None = None  # legacy in-place load
+    seq_id: int | None = None
+    session_id: str | None = None  # create-via-load
+    model_seq_id: int | None = None
+    base_model: str | None = None
+    optimizer_config: _OptimizerConfig | None = None
+    user_metadata: dict[str, Any] | None = None
+
+
 class SaveForSamplerBody(msgspec.Struct, kw_only=True):
     model_id: str
     seq_id: int
@@ -195,11 +217,6 @@ class ASampleBody(msgspec.Struct, kw_only=True):
     record_stability_info: bool | None = None
 
 
-class SequencedBody(msgspec.Struct, kw_only=True):
-    model_id: str
-    seq_id: int
-
-
 class RetrieveBody(msgspec.Struct, kw_only=True):
     request_id: str
     allow_metadata_only: bool = False
@@ -213,6 +230,11 @@ async def _body(request: web.Request, type_: type):
         raise InvalidRequest(f"invalid request body: {e}") from None
     except msgspec.DecodeError as e:
         raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+
+
+def _check_ttl(ttl_seconds: int | None) -> None:
+    if ttl_seconds is not None and not 3600 <= ttl_seconds <= 10 * 365 * 86400:
+        raise InvalidRequest(f"ttl_seconds must be between 3600 and 10 years, got {ttl_seconds}")
 
 
 def sample_fields(body: ASampleBody) -> dict[str, Any]:
@@ -467,14 +489,82 @@ class Gateway:
             create_request_id=rid,
             user_metadata={str(k): str(v) for k, v in (body.user_metadata or {}).items()},
         )
-        if not await self.bus.kv_create(self.bus.models, model_id, record):
-            existing = await self.model(model_id, owner)
-            return _json({"request_id": existing.create_request_id, "model_id": model_id})
-        await self.accept(rid, owner, "CreateModel")
-        msg = CreateModel(request_id=rid, model_id=model_id, base_model=record.base_model, lora=spec)
+        return await self._submit_create(record, owner)
+
+    async def _submit_create(self, record: ModelRecord, owner: str, init_path: str = "") -> web.Response:
+        """Record the model once; (re)accept and (re)publish on every attempt, since a first
+        attempt may have died in between. Accept and publish are idempotent by request id."""
+        if not await self.bus.kv_create(self.bus.models, record.model_id, record):
+            record = await self.model(record.model_id, owner)  # a retry: the first record stands
+        rid = record.create_request_id
+        kind = "LoadWeights" if record.init_state else "CreateModel"
+        await self.accept(rid, owner, kind)
+        msg = CreateModel(request_id=rid, model_id=record.model_id, base_model=record.base_model, lora=record.lora, init_path=init_path)
         await self.bus.publish(subjects.create(record.base_model), msg, msg_id=rid)
-        log.info("model_create_submitted", model_id=model_id, base_model=record.base_model, rank=spec.rank)
-        return _json({"request_id": rid, "model_id": model_id})
+        log.info("model_create_submitted", model_id=record.model_id, base_model=record.base_model, rank=record.lora.rank, init=init_path or None)
+        return _json({"request_id": rid, "model_id": record.model_id})
+
+    # -- checkpoints
+
+    async def save_weights(self, request: web.Request) -> web.Response:
+        """save_state: adapter + optimizer state, resumable (tinker://<model>/weights/<name>)."""
+        return await self._save_named(request, "state", "SaveWeights")
+
+    async def save_weights_external(self, request: web.Request) -> web.Response:
+        """A standard PEFT adapter folder (tinker://<model>/external_weights/<name>)."""
+        return await self._save_named(request, "external", "SaveWeightsExternal")
+
+    async def _save_named(self, request: web.Request, kind: str, request_type: str) -> web.Response:
+        owner = self.owner(request)
+        body = await _body(request, SaveNamedBody)
+        if body.seq_id < 1:
+            raise InvalidRequest(f"seq_id must be >= 1, got {body.seq_id}")
+        rec = await self.model(body.model_id, owner)
+        rid = request_id("train", rec.model_id, body.seq_id)
+        paths.check_name(body.path)
+        _check_ttl(body.ttl_seconds)
+        msg = SaveWeights(
+            request_id=rid, model_id=rec.model_id, seq_id=body.seq_id, kind=kind, name=body.path,
+            overwrite=bool(body.overwrite), ttl_s=float(body.ttl_seconds) if body.ttl_seconds else None,
+        )  # fmt: skip
+        return await self._submit_train(rec, msg, owner, request_type)
+
+    async def load_weights(self, request: web.Request) -> web.Response:
+        """Two modes (spec §3.2): create-via-load (session_id + model_seq_id: a new model whose
+        seq 0 is the checkpoint) or the legacy in-place load (model_id + seq_id, in sequence)."""
+        owner = self.owner(request)
+        body = await _body(request, LoadBody)
+        saved = await self.saved_weights(body.path, owner, segment="weights")
+        if body.model_id is not None:
+            if body.seq_id is None or body.seq_id < 1:
+                raise InvalidRequest("load_weights into a model needs seq_id >= 1")
+            rec = await self.model(body.model_id, owner)
+            if saved.base_model != rec.base_model:
+                raise InvalidRequest(f"{body.path} was trained on {saved.base_model}, this model is {rec.base_model}")
+            rid = request_id("train", rec.model_id, body.seq_id)
+            msg = LoadWeights(request_id=rid, model_id=rec.model_id, seq_id=body.seq_id, path=saved.path, object=saved.object,
+                              with_optimizer=body.optimizer)  # fmt: skip
+            return await self._submit_train(rec, msg, owner, "LoadWeights")
+        if body.session_id is None or body.model_seq_id is None:
+            raise InvalidRequest("load_weights needs model_id and seq_id, or session_id and model_seq_id")
+        if body.model_seq_id < 0:
+            raise InvalidRequest("model_seq_id must be >= 0")
+        if body.optimizer_config is not None and body.optimizer_config.type != "adamw":
+            raise InvalidRequest(f"optimizer {body.optimizer_config.type!r} is not supported; use adamw")
+        session = await self.session(body.session_id, owner)
+        if session.finished_at is not None:
+            raise InvalidRequest(f"session {session.session_id} is finished")
+        if body.base_model and body.base_model != saved.base_model:
+            raise InvalidRequest(f"{body.path} was trained on {saved.base_model}, not {body.base_model}")
+        await self.trainer_for(saved.base_model)
+        model_id = f"{session.session_id}:train:{body.model_seq_id}"
+        record = ModelRecord(
+            model_id=model_id, session_id=session.session_id, owner=owner, base_model=saved.base_model, lora=saved.lora,
+            created_at=time.time(), create_request_id=request_id("create", model_id),
+            user_metadata={str(k): str(v) for k, v in (body.user_metadata or {}).items()},
+            init_state=saved.object, init_with_optimizer=body.optimizer,
+        )  # fmt: skip
+        return await self._submit_create(record, owner, init_path=saved.path)
 
     async def get_info(self, request: web.Request) -> web.Response:
         owner = self.owner(request)
@@ -546,8 +636,7 @@ class Gateway:
         sampler_id = ""
         if body.path:
             paths.check_name(body.path)
-            if body.ttl_seconds is not None and not 3600 <= body.ttl_seconds <= 10 * 365 * 86400:
-                raise InvalidRequest(f"ttl_seconds must be between 3600 and 10 years, got {body.ttl_seconds}")
+            _check_ttl(body.ttl_seconds)
         else:
             if body.sampling_session_seq_id is None:
                 raise InvalidRequest("give either path (a name) or sampling_session_seq_id")
@@ -620,10 +709,11 @@ class Gateway:
             raise NotFound(f"unknown sampling session {sampler_id!r}")
         return rec
 
-    async def saved_weights(self, path: str, owner: str) -> WeightsRecord:
+    async def saved_weights(self, path: str, owner: str, segment: str = "sampler_weights") -> WeightsRecord:
         parsed = paths.parse(path)
-        if parsed.segment != "sampler_weights":
-            raise InvalidRequest(f"sampling needs sampler weights (tinker://<model>/sampler_weights/<name>), got {path!r}")
+        if parsed.segment != segment:
+            what = "sampling needs sampler weights" if segment == "sampler_weights" else "loading needs a saved state"
+            raise InvalidRequest(f"{what} (tinker://<model>/{segment}/<name>), got {path!r}")
         rec = await self.bus.kv_get(self.bus.weights, str(parsed), WeightsRecord)
         if rec is None or rec.owner != owner:
             raise NotFound(f"no saved weights at {path!r}")
@@ -640,23 +730,6 @@ class Gateway:
         if not served:
             raise Unavailable("no worker is running yet; retry shortly")
         raise InvalidRequest(f"base model {base_model!r} is not served here; available: {served}")
-
-    def not_yet(self, kind: str, what: str):
-        """A sequenced call this server does not implement yet. It still takes its seq_id
-        (the SDK numbered it), so it is logged as `Rejected`: the future fails with a user
-        error naming the call, and the model's later requests are not stuck behind a gap."""
-
-        async def handler(request: web.Request) -> web.Response:
-            owner = self.owner(request)
-            body = await _body(request, SequencedBody)
-            if body.seq_id < 1:
-                raise InvalidRequest(f"seq_id must be >= 1, got {body.seq_id}")
-            rec = await self.model(body.model_id, owner)
-            rid = request_id("train", rec.model_id, body.seq_id)
-            msg = Rejected(request_id=rid, model_id=rec.model_id, seq_id=body.seq_id, error=f"{what} is not supported by this server yet")
-            return await self._submit_train(rec, msg, owner, kind)
-
-        return handler
 
     async def _submit_train(self, rec: ModelRecord, msg, owner: str, kind: str) -> web.Response:
         await self.accept(msg.request_id, owner, kind)
@@ -771,10 +844,7 @@ def make_app(cfg: GatewayConfig, bus: Bus) -> web.Application:
     r.add_post(f"{API}/create_sampling_session", gw.create_sampling_session)
     r.add_get(f"{API}/samplers/{{sampler_id}}", gw.get_sampler)
     r.add_post(f"{API}/asample", gw.asample)
-    for path, kind, what in [
-        ("save_weights", "SaveWeights", "save_state"),
-        ("load_weights", "LoadWeights", "load_state"),
-        ("save_weights_external", "SaveWeightsExternal", "save_weights_external"),
-    ]:
-        r.add_post(f"{API}/{path}", gw.not_yet(kind, what))
+    r.add_post(f"{API}/save_weights", gw.save_weights)
+    r.add_post(f"{API}/save_weights_external", gw.save_weights_external)
+    r.add_post(f"{API}/load_weights", gw.load_weights)
     return app

@@ -27,12 +27,11 @@ from safetensors.torch import save as safetensors_save
 from transformers import AutoModelForCausalLM
 
 from openrl.bus.errors import InvalidRequest, NotFound
-from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec, Tensor
+from openrl.bus.messages import LORA_ALPHA, AdamParams, Datum, ForwardBackward, LoraSpec, Tensor
 from openrl.trainer import losses
 
 log = structlog.get_logger(__name__)
 
-LORA_ALPHA = 32  # Tinker ("LoRA without regret"): alpha is 32 whatever the rank
 MAX_RANK = 256
 LOSSES = tuple(losses.SIGNATURES)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import msgspec
 import structlog
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 from openrl.bus import paths, subjects
 from openrl.bus.client import Bus
@@ -42,6 +42,7 @@ from openrl.bus.messages import (
     ModelRecord,
     OptimStep,
     Rejected,
+    LoadWeights,
     SaveWeights,
     TrainRequest,
     WeightsRecord,
@@ -125,36 +126,77 @@ class Trainer:
         """Apply one request of the model's sequence; the caller holds the model's turn."""
         if isinstance(msg, SaveWeights):
             return await self._save(msg, rec)
+        if isinstance(msg, LoadWeights):
+            return await self._load(msg, rec)
         return await self._run(self._apply, msg, rec.owner)
 
     async def _save(self, msg: SaveWeights, rec: ModelRecord) -> Future:
-        """Publish the adapter as of this seq_id to the object store, then record where it is."""
-        base = dict(request_id=msg.request_id, owner=rec.owner, request_type="SaveWeightsForSampler")
+        """Store the model's state as of this seq_id in the object store, then record where it is.
+
+        The object name is a function of (model, seq_id, kind), so a replayed or redelivered
+        save writes the same object again and is not mistaken for a second save of the name.
+        """
+        kind_name = {"sampler": "SaveWeightsForSampler", "state": "SaveWeights", "external": "SaveWeightsExternal"}[msg.kind]
+        base = dict(request_id=msg.request_id, owner=rec.owner, request_type=kind_name)
         try:
-            path = paths.make(rec.model_id, "sampler_weights", msg.name) if msg.name else None
+            segment = paths.SEGMENT_OF_KIND[msg.kind]
+            path = paths.make(rec.model_id, segment, msg.name) if msg.name else None
+            if path is None and msg.kind != "sampler":
+                raise InvalidRequest(f"{kind_name} needs a name")
             if path is not None:
                 existing = await self.bus.kv_get(self.bus.weights, path, WeightsRecord)
-                # The same request replayed or redelivered is not a second save.
                 if existing is not None and not msg.overwrite and (existing.model_id, existing.seq_id) != (rec.model_id, msg.seq_id):
-                    raise InvalidRequest(f"{path} already exists; pass a new name (or overwrite)")
-            blob = await self._run(weights.adapter_bytes, self.engine, rec.model_id)
-            obj = paths.adapter_object(rec.model_id, msg.seq_id)
-            await self.bus.objects.put(obj, blob)
+                    raise InvalidRequest(f"{path} already exists; save under a new name")
+            obj = paths.checkpoint_object(rec.model_id, msg.seq_id, msg.kind)
+            files: list[str] = []
+            if msg.kind == "sampler":
+                blob = await self._run(weights.adapter_bytes, self.engine, rec.model_id)
+                await self.bus.objects.put(obj, blob)
+                size = len(blob)
+            elif msg.kind == "state":
+                blob = await self._run(lambda: weights.state_bytes(self.engine, rec.model_id, with_optimizer=True))
+                await self.bus.objects.put(obj, blob)
+                size = len(blob)
+            else:
+                folder = await self._run(self.engine.peft_files, rec.model_id)
+                for name, data in folder.items():
+                    await self.bus.objects.put(f"{obj}/{name}", data)
+                files, size = sorted(folder), sum(len(d) for d in folder.values())
             if path is None:
                 result = {"sampling_session_id": msg.sampler_id, "type": "save_weights_for_sampler"}
             else:
                 now = time.time()
                 record = WeightsRecord(
-                    path=path, owner=rec.owner, model_id=rec.model_id, base_model=rec.base_model, kind="sampler",
-                    name=msg.name, object=obj, lora=rec.lora, seq_id=msg.seq_id, size_bytes=len(blob), created_at=now,
-                    expires_at=now + msg.ttl_s if msg.ttl_s else None,
+                    path=path, owner=rec.owner, model_id=rec.model_id, base_model=rec.base_model, kind=msg.kind,
+                    name=msg.name, object=obj, lora=rec.lora, seq_id=msg.seq_id, size_bytes=size, created_at=now,
+                    expires_at=now + msg.ttl_s if msg.ttl_s else None, files=files,
                 )  # fmt: skip
                 await self.bus.kv_put(self.bus.weights, path, record)
-                result = {"path": path, "type": "save_weights_for_sampler"}
-            log.info("weights_saved", model_id=rec.model_id, seq_id=msg.seq_id, object=obj, bytes=len(blob), path=path)
+                result = {"path": path, "type": {"sampler": "save_weights_for_sampler", "state": "save_weights", "external": "save_weights_external"}[msg.kind]}
+                if msg.kind == "external":
+                    result["size_bytes"] = size
+            log.info("weights_saved", model_id=rec.model_id, seq_id=msg.seq_id, kind=msg.kind, object=obj, bytes=size, path=path)
             return Future(state="done", payload=msgspec.json.encode(result), finished_at=time.time(), **base)
         except InvalidRequest as e:
             return Future(state="failed", error=str(e), category="user", finished_at=time.time(), **base)
+
+    async def _load(self, msg: LoadWeights, rec: ModelRecord) -> Future:
+        """load_state in sequence: the checkpoint replaces the weights (and the optimizer)."""
+        base = dict(request_id=msg.request_id, owner=rec.owner, request_type="LoadWeights")
+        try:
+            await self._import(rec.model_id, msg.object, msg.with_optimizer)
+            result = {"path": msg.path, "type": "load_weights"}
+            return Future(state="done", payload=msgspec.json.encode(result), finished_at=time.time(), **base)
+        except InvalidRequest as e:
+            return Future(state="failed", error=str(e), category="user", finished_at=time.time(), **base)
+
+    async def _import(self, model_id: str, obj: str, with_optimizer: bool) -> None:
+        try:
+            blob = (await self.bus.objects.get(obj)).data
+        except (ObjectNotFoundError, NotFoundError):
+            raise InvalidRequest(f"checkpoint data {obj} is gone (expired or deleted)") from None
+        tensors, meta = await self._run(weights.read_state, blob)
+        await self._run(lambda: self.engine.import_state(model_id, tensors, meta, with_optimizer=with_optimizer))
 
     # -- tenants
 
@@ -177,6 +219,12 @@ class Trainer:
         started = time.monotonic()
         if not self.engine.has(model_id):
             await self._run(self.engine.create, model_id, rec.lora)
+            if rec.init_state is not None:  # create-via-load: the checkpoint is seq 0
+                try:
+                    await self._import(model_id, rec.init_state, rec.init_with_optimizer)
+                except InvalidRequest:
+                    await self._run(self.engine.drop, model_id)
+                    raise
         entries = await self._read_log(rec)
         seq = 1
         finished = 0
@@ -213,15 +261,28 @@ class Trainer:
     # -- handlers
 
     async def on_create(self, msg: CreateModel) -> None:
-        t = await self.tenant(msg.model_id)
+        kind = "LoadWeights" if msg.init_path else "CreateModel"
+        try:
+            t = await self.tenant(msg.model_id)
+        except InvalidRequest as e:  # create-via-load of a checkpoint that does not fit
+            stored = await self.bus.kv_get(self.bus.futures, msg.request_id, Future)
+            owner = stored.owner if stored is not None else ""
+            await self.bus.finish_future(
+                Future(request_id=msg.request_id, owner=owner, request_type=kind, state="failed", error=str(e), category="user", finished_at=time.time())
+            )
+            return
         if t is None:
             raise InvalidRequest(f"no record for model {msg.model_id}")
+        if msg.init_path:
+            result = {"type": "load_weights", "model_id": msg.model_id, "path": msg.init_path}
+        else:
+            result = {"type": "create_model", "model_id": msg.model_id}
         fut = Future(
             request_id=msg.request_id,
             owner=t.owner,
-            request_type="CreateModel",
+            request_type=kind,
             state="done",
-            payload=msgspec.json.encode({"type": "create_model", "model_id": msg.model_id}),
+            payload=msgspec.json.encode(result),
             finished_at=time.time(),
         )
         await self.bus.finish_future(fut)
