@@ -1,0 +1,249 @@
+"""Many LoRA tenants in one LoraEngine train exactly as each would alone.
+
+Eight tenants of one tiny base model, with different seeds, ranks (4, 8, 16) and target
+mixes (train_mlp / train_attn / train_unembed), get their requests interleaved in an
+irregular order: one tenant's forward_backward often lands between another's
+forward_backward and optim_step, gradients accumulate over several calls, losses mix
+cross_entropy and importance_sampling, forward-only calls come in between. Each tenant
+must end with bitwise the same weights, optimizer state and results (`torch.equal` on
+CPU) as the same tenant given the same request sequence in an engine of its own.
+Dropping tenants (the active one and an idle one) must leave the others' weights,
+pending gradients and optimizer state untouched, and training continues exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config
+
+from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec, Tensor
+from openrl.trainer.engine import LoraEngine
+
+VOCAB = 96
+
+# model_id -> LoraSpec. Ids hold '.', as real ones do; every flag mix but "nothing".
+SPECS = {
+    "run.a": LoraSpec(rank=4, seed=1),
+    "run.b": LoraSpec(rank=8, seed=2, train_mlp=False),
+    "run.c": LoraSpec(rank=16, seed=3, train_attn=False),
+    "run.d": LoraSpec(rank=4, seed=4, train_unembed=False),
+    "run.e": LoraSpec(rank=8, seed=5, train_mlp=False, train_unembed=False),  # attention only
+    "run.f": LoraSpec(rank=16, seed=6, train_attn=False, train_unembed=False),  # MLP only
+    "run.g": LoraSpec(rank=4, seed=7, train_attn=False, train_mlp=False),  # unembed only
+    "run.h": LoraSpec(rank=8, seed=1),  # same seed as run.a, another rank
+}
+LATE = ("run.i", LoraSpec(rank=16, seed=9, train_unembed=False))  # created after the drops
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The model is tiny: threads only add overhead, and far more on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    config = Qwen3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("qwen3")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
+
+
+# ---------------------------------------------------------------------- requests
+
+
+def tensor(values, dtype: str) -> Tensor:
+    arr = np.asarray(values, dtype="<i8" if dtype == "int64" else "<f4")
+    return Tensor(dtype=dtype, data=arr.tobytes(), shape=list(arr.shape))
+
+
+def make_fb(model_id: str, loss_fn: str, seed: int, *, forward_only: bool = False) -> ForwardBackward:
+    """A forward_backward of 1-3 random datums of 2-11 tokens (ragged: padding matters)."""
+    rng = np.random.default_rng(seed)
+    data = []
+    for _ in range(rng.integers(1, 4)):
+        n = int(rng.integers(2, 12))
+        tokens = rng.integers(0, VOCAB, n)
+        inputs = {"target_tokens": tensor(rng.integers(0, VOCAB, n), "int64")}
+        if loss_fn == "cross_entropy":
+            inputs["weights"] = tensor(rng.uniform(-0.5, 1.5, n), "float32")
+        else:  # importance_sampling: sampler logprobs near the model's own (~ -log V), advantages
+            inputs["logprobs"] = tensor(-np.log(VOCAB) + rng.uniform(-0.3, 0.3, n), "float32")
+            inputs["advantages"] = tensor(rng.normal(0, 1, n), "float32")
+        data.append(Datum(tokens=tokens.astype("<i4").tobytes(), loss_fn_inputs=inputs))
+    return ForwardBackward(
+        request_id=f"r{seed}", model_id=model_id, seq_id=seed, loss_fn=loss_fn, forward_only=forward_only, data=data
+    )
+
+
+def tenant_script(model_id: str, index: int, steps: int) -> list[tuple]:
+    """One tenant's requests: per step 1-3 forward_backward calls (loss chosen at random,
+    sometimes a forward-only one in between), then an optim_step with the tenant's own
+    hyperparameters. Ends with a forward_backward whose gradients stay pending."""
+    rng = np.random.default_rng(1000 + index)
+    adam = AdamParams(
+        learning_rate=float(rng.choice([1e-3, 5e-3, 2e-2])),
+        beta1=float(rng.choice([0.9, 0.8])),
+        weight_decay=float(rng.choice([0.0, 0.1])),
+        grad_clip_norm=float(rng.choice([0.0, 0.05, 1.0])),  # 0.05: clipping active
+    )
+    ops: list[tuple] = []
+    seed = 10_000 * (index + 1)
+    for _ in range(steps):
+        for _ in range(rng.integers(1, 4)):
+            loss_fn = str(rng.choice(["cross_entropy", "importance_sampling"]))
+            ops.append(("fb", make_fb(model_id, loss_fn, seed := seed + 1)))
+            if rng.random() < 0.2:
+                ops.append(("fwd", make_fb(model_id, "cross_entropy", seed := seed + 1, forward_only=True)))
+        ops.append(("step", model_id, adam))
+    ops.append(("fb", make_fb(model_id, "cross_entropy", seed := seed + 1)))
+    return ops
+
+
+def run(engine: LoraEngine, op: tuple):
+    """Apply one request; returns what a client would get back."""
+    if op[0] == "step":
+        _, model_id, adam = op
+        return engine.optim_step(model_id, adam)
+    out = engine.forward_backward(op[1])
+    return out.metrics, out.logprobs
+
+
+def model_of(op: tuple) -> str:
+    return op[1] if op[0] == "step" else op[1].model_id
+
+
+def interleave(scripts: dict[str, list[tuple]], seed: int) -> list[tuple]:
+    """Merge the scripts in a random order that keeps each tenant's own order."""
+    rng = np.random.default_rng(seed)
+    queues = {m: list(ops) for m, ops in scripts.items()}
+    merged = []
+    while queues:
+        m = str(rng.choice(sorted(queues)))
+        merged.append(queues[m].pop(0))
+        if not queues[m]:
+            del queues[m]
+    return merged
+
+
+# ---------------------------------------------------------------------- comparisons
+
+
+def snapshot(engine: LoraEngine, model_id: str) -> dict[str, torch.Tensor | None]:
+    """Weights, AdamW moments and steps (export_state) and pending gradients of a tenant."""
+    tensors, _ = engine.export_state(model_id, with_optimizer=True)
+    grads = {f"grad.{k}": g for k, g in engine.adapter_grads(model_id).items()}
+    return {**tensors, **grads}
+
+
+def assert_identical(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys(), what
+    for k, w in want.items():
+        g = got[k]
+        if w is None or g is None:
+            assert g is None and w is None, f"{what}: {k} pending gradient in one engine only"
+        else:
+            assert g.dtype == w.dtype and torch.equal(g, w), f"{what}: {k} differs (max |diff| {(g - w).abs().max()})"
+
+
+def assert_same_result(got, want, what: str) -> None:
+    if isinstance(want, dict):  # optim_step metrics
+        assert got == want, what
+        return
+    (got_metrics, got_lp), (want_metrics, want_lp) = got, want
+    assert got_metrics == want_metrics, what
+    assert len(got_lp) == len(want_lp), what
+    for g, w in zip(got_lp, want_lp):
+        assert np.array_equal(g, w), f"{what}: logprobs differ"
+
+
+# ---------------------------------------------------------------------- the test
+
+
+def test_interleaved_tenants_train_exactly_as_alone(model_path):
+    scripts = {m: tenant_script(m, i, steps=3) for i, m in enumerate(SPECS)}
+    order = interleave(scripts, seed=4)
+
+    # The order really is interleaved: some tenant's forward_backward falls between another
+    # tenant's forward_backward and its optim_step, and tenants switch on most requests.
+    pending: set[str] = set()  # tenants with gradients accumulated and not yet applied
+    cut_in = 0
+    for op in order:
+        m = model_of(op)
+        if op[0] == "fb":
+            cut_in += bool(pending - {m})
+            pending.add(m)
+        elif op[0] == "step":
+            pending.discard(m)
+    switches = sum(model_of(a) != model_of(b) for a, b in zip(order, order[1:]))
+    assert cut_in >= 20 and switches >= len(order) // 2, (cut_in, switches, len(order))
+    losses_used = {op[1].loss_fn for op in order if op[0] == "fb"}
+    assert losses_used == {"cross_entropy", "importance_sampling"}
+
+    shared = LoraEngine(model_path, device="cpu")
+    for m, spec in SPECS.items():
+        shared.create(m, spec)
+    shared_out: dict[str, list] = {m: [] for m in SPECS}
+    for op in order:
+        shared_out[model_of(op)].append(run(shared, op))
+
+    # Every tenant alone, in an engine of its own, with its own requests in its own order.
+    alone: dict[str, LoraEngine] = {}
+    for m, spec in SPECS.items():
+        alone[m] = LoraEngine(model_path, device="cpu")
+        alone[m].create(m, spec)
+        outs = [run(alone[m], op) for op in scripts[m]]
+        assert len(outs) == len(shared_out[m])
+        for i, (got, want) in enumerate(zip(shared_out[m], outs)):
+            assert_same_result(got, want, f"{m} request {i} ({scripts[m][i][0]})")
+        assert_identical(snapshot(shared, m), snapshot(alone[m], m), m)
+
+    # The tenants really differ: target modules follow the flags, and the weights moved.
+    for m, spec in SPECS.items():
+        modules = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in shared.adapter_state(m)}
+        assert ("lm_head" in modules) == spec.train_unembed, m
+        assert bool(modules & {"q_proj", "o_proj"}) == spec.train_attn, m
+        assert bool(modules & {"gate_proj", "down_proj"}) == spec.train_mlp, m
+        a_weights = [v for k, v in shared.adapter_state(m).items() if "lora_A" in k]
+        assert all(v.shape[0] == spec.rank for v in a_weights), m
+        b_weights = [v for k, v in shared.adapter_state(m).items() if "lora_B" in k]
+        assert any(v.any() for v in b_weights), f"{m} never trained"  # B starts at zero
+        assert any(g is not None for g in shared.adapter_grads(m).values()), f"{m} has no pending gradient"
+
+    # Drop the tenant of the last request (the active adapter), then an idle one: the others
+    # keep their weights, pending gradients and optimizer state, bit for bit.
+    last = model_of(order[-1])
+    idle = next(m for m in SPECS if m != last)
+    for victim in (last, idle):
+        before = {m: snapshot(shared, m) for m in shared.model_ids() if m != victim}
+        shared.drop(victim)
+        assert not shared.has(victim)
+        for m, snap in before.items():
+            assert_identical(snapshot(shared, m), snap, f"{m} after dropping {victim}")
+
+    # Training goes on exactly: the survivors apply their pending gradients and take more
+    # steps, interleaved, alongside a tenant created after the drops.
+    late_id, late_spec = LATE
+    shared.create(late_id, late_spec)
+    alone[late_id] = LoraEngine(model_path, device="cpu")
+    alone[late_id].create(late_id, late_spec)
+    survivors = shared.model_ids()
+    assert set(survivors) == (set(SPECS) - {last, idle}) | {late_id}
+    more = {}
+    for i, m in enumerate(survivors):
+        tail = tenant_script(m, 100 + i, steps=2)
+        more[m] = [("step", m, AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)), *tail]
+    for op in interleave(more, seed=5):
+        m = model_of(op)
+        assert_same_result(run(shared, op), run(alone[m], op), f"{m} after the drops")
+    for m in survivors:
+        assert_identical(snapshot(shared, m), snapshot(alone[m], m), f"{m} after the drops")
