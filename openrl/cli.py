@@ -118,6 +118,7 @@ def cmd_trainer(args: argparse.Namespace) -> None:
         tokenizer_id=args.tokenizer_id or args.base_model,
         nats_url=args.nats_url,
         worker_id=args.worker_id or "",
+        snapshot_every=args.snapshot_every,
     )
     started = time.monotonic()
     engine = LoraEngine(path, model_name=args.base_model, device=args.device or None)
@@ -196,6 +197,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     asyncio.run(main())
 
 
+# -- openrl prepare ------------------------------------------------------------------
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    """Build and install the default model now (it is otherwise built on first use)."""
+    from openrl.trainer.default_model import DEFAULT_MODEL, build_stats, ensure_default_model
+
+    started = time.monotonic()
+    path = ensure_default_model()
+    print(json.dumps({"model": DEFAULT_MODEL, "path": str(path), "seconds": round(time.monotonic() - started, 1), "build": build_stats(path)}))
+
+
 # -- openrl nats ---------------------------------------------------------------------
 
 
@@ -266,7 +279,8 @@ def cmd_up(args: argparse.Namespace) -> None:
     common = ["--nats-url", nats_url, "--log-format", "json", "--log-level", args.log_level]
     children = [
         Child("nats", openrl_argv("nats", "--data-dir", str(data_dir), "--port", str(nats_port))),
-        Child("trainer", openrl_argv("trainer", "--base-model", args.base_model, *common, "--threads", str(threads)), grace_s=15),
+        Child("trainer", openrl_argv("trainer", "--base-model", args.base_model, *common, "--threads", str(threads),
+                                     "--snapshot-every", str(args.snapshot_every)), grace_s=15),
         *[
             Child(f"sampler-{i}" if args.samplers > 1 else "sampler",
                   openrl_argv("sampler", "--base-model", args.base_model, *common, "--threads", str(threads)),
@@ -338,6 +352,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--api-key", default=_env("API_KEY"), help="a tml-... key; generated and saved in the data dir when absent")
     up.add_argument("--nats-port", type=int, default=int(_env("NATS_PORT", 0)))
     up.add_argument("--samplers", type=int, default=int(_env("SAMPLERS", 1)), help="sampler processes (competing consumers)")
+    up.add_argument("--snapshot-every", type=int, default=int(_env("SNAPSHOT_EVERY", 64)), help="trainer snapshot interval, in requests")
     up.add_argument("--threads", type=int, default=int(_env("THREADS", 0)), help="torch threads per trainer and sampler process (0: the cores shared out among them)")
     up.add_argument("--fwdbwd-max-chunk-len", type=int, default=int(_env("FWDBWD_MAX_CHUNK_LEN", 1024)))
     up.add_argument("--ready-timeout-s", type=float, default=900.0)
@@ -367,6 +382,8 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default=_env("DEVICE", ""), help="cuda | mps | cpu (default: the best available)")
     tr.add_argument("--threads", type=int, default=int(_env("THREADS", 0)))
     tr.add_argument("--worker-id", default=_env("WORKER_ID", ""))
+    tr.add_argument("--snapshot-every", type=int, default=int(_env("SNAPSHOT_EVERY", 64)),
+                    help="snapshot a model's full state every N requests (at an optim_step); 0 = never")
     tr.set_defaults(func=cmd_trainer)
 
     sm = sub.add_parser("sampler", help="a sampler for one base model (competing consumer of its sample queue)")
@@ -384,6 +401,9 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("path", help="tinker://<model>/<segment>/<name>")
     ex.add_argument("out_dir")
     ex.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("prepare", help="build the offline default model into the HF cache now (e.g. in an image build)")
+    pr.set_defaults(func=cmd_prepare)
 
     nt = sub.add_parser("nats", help="the embedded nats-server (JetStream, file store under the data dir)")
     nt.add_argument("--data-dir", default=_env("DATA_DIR", "~/.openrl"))

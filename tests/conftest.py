@@ -93,7 +93,7 @@ def stack(tmp_path_factory, default_model):
     port = _free_port()
     cmd = [
         sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(port),
-        "--api-key", API_KEY, "--log-level", "info", "--samplers", "2", "--threads", "1",
+        "--api-key", API_KEY, "--log-level", "info", "--samplers", "2", "--threads", "1", "--snapshot-every", "4",
     ]
     env = {**os.environ, "OPENRL_API_KEYS": OTHER_KEY}
     log = open(data_dir / "up.log", "wb")

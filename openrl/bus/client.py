@@ -58,6 +58,7 @@ class Bus:
         self.workers: KeyValue
         self.weights: KeyValue
         self.samplers: KeyValue
+        self.snapshots: KeyValue
         self.objects: ObjectStore
 
     @classmethod
@@ -135,6 +136,7 @@ class Bus:
         self.workers = await self._ensure_kv(subjects.WORKERS_BUCKET, ttl=30)
         self.weights = await self._ensure_kv(subjects.WEIGHTS_BUCKET)
         self.samplers = await self._ensure_kv(subjects.SAMPLERS_BUCKET)
+        self.snapshots = await self._ensure_kv(subjects.SNAPSHOTS_BUCKET)
         self.objects = await self._ensure_objects(subjects.WEIGHTS_OBJECTS)
 
     async def _ensure_objects(self, bucket: str) -> ObjectStore:

@@ -220,6 +220,18 @@ class WeightsRecord(msgspec.Struct, frozen=True, kw_only=True):
     files: list[str] = []  # external: the folder's file names, each at f"{object}/{name}"
 
 
+class SnapshotRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """KV `snapshots`, key = model_id: the newest full state (adapter + AdamW) of a model,
+    taken right after request `seq_id` applied. Recovery loads it and replays only the log
+    after it, so recovery time is bounded by the snapshot interval, not the model's age."""
+
+    model_id: str
+    seq_id: int
+    object: str
+    size_bytes: int
+    created_at: float
+
+
 class SamplerRecord(msgspec.Struct, frozen=True, kw_only=True):
     """KV `samplers`, key = sampler id (`<session>:sample:<n>`): what a sampling session samples."""
 

@@ -59,3 +59,7 @@ def checkpoint_object(model_id: str, seq_id: int, kind: str) -> str:
     if kind == "sampler":
         return adapter_object(model_id, seq_id)
     return f"{kind}/{model_id}/seq-{seq_id:09d}"
+
+
+def snapshot_object(model_id: str, seq_id: int) -> str:
+    return f"snapshots/{model_id}/seq-{seq_id:09d}"

@@ -23,6 +23,7 @@ SESSIONS_BUCKET = "openrl-sessions"
 WORKERS_BUCKET = "openrl-workers"
 WEIGHTS_BUCKET = "openrl-weights"  # KV: tinker:// path -> WeightsRecord
 SAMPLERS_BUCKET = "openrl-samplers"  # KV: sampler id -> SamplerRecord
+SNAPSHOTS_BUCKET = "openrl-snapshots"  # KV: model id -> SnapshotRecord (the newest)
 WEIGHTS_OBJECTS = "openrl-weights"  # object store: adapter safetensors
 
 _SAFE = re.compile(r"[^A-Za-z0-9_\-:]")

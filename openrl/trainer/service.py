@@ -11,7 +11,8 @@ Order and exactly-once (ARCHITECTURE.md, contract 2):
   the state is the same as if nothing had happened (on CPU, bit for bit). Requests past
   that prefix are applied now and their futures finished here; their redelivered
   messages then count as duplicates.
-  Replay cost grows with the log; snapshots that bound it come with checkpoints.
+  Every `snapshot_every` requests (at an optim_step) the model's full state is stored in the
+  object store, and recovery starts from the newest snapshot, replaying only what follows.
 
 All model compute runs on one thread, in arrival order across tenants, so the event
 loop stays free for heartbeats and in-progress acks while a step runs.
@@ -44,6 +45,7 @@ from openrl.bus.messages import (
     Rejected,
     LoadWeights,
     SaveWeights,
+    SnapshotRecord,
     TrainRequest,
     WeightsRecord,
     WorkerInfo,
@@ -65,6 +67,9 @@ class TrainerConfig:
     worker_id: str = ""
     heartbeat_s: float = 2.0
     ack_wait_s: float = 30.0
+    # A model's full state is snapshotted at the first optim_step at least this many requests
+    # after the last snapshot (0: never); recovery replays at most about this many requests.
+    snapshot_every: int = 64
 
 
 @dataclass
@@ -74,6 +79,7 @@ class Tenant:
     next_seq: int
     turn: asyncio.Condition
     record: ModelRecord
+    since_snapshot: int = 0
 
 
 class Trainer:
@@ -225,8 +231,16 @@ class Trainer:
                 except InvalidRequest:
                     await self._run(self.engine.drop, model_id)
                     raise
-        entries = await self._read_log(rec)
         seq = 1
+        snap = await self.bus.kv_get(self.bus.snapshots, model_id, SnapshotRecord)
+        if snap is not None:
+            try:
+                await self._import(model_id, snap.object, with_optimizer=True)
+                seq = snap.seq_id + 1
+            except InvalidRequest as e:  # unreadable: the full log still rebuilds it
+                log.warning("snapshot_unusable", model_id=model_id, seq_id=snap.seq_id, error=str(e))
+        entries = await self._read_log(rec)
+        first = seq
         finished = 0
         while seq in entries:
             fut = await self._step(entries[seq], rec)
@@ -238,7 +252,7 @@ class Trainer:
                 await self.bus.finish_future(fut)
                 finished += 1
             seq += 1
-        log.info("model_loaded", model_id=model_id, replayed=seq - 1, finished=finished, seconds=round(time.monotonic() - started, 3))
+        log.info("model_loaded", model_id=model_id, snapshot=first - 1, replayed=seq - first, finished=finished, seconds=round(time.monotonic() - started, 3))
         return Tenant(model_id=model_id, owner=rec.owner, next_seq=seq, turn=asyncio.Condition(), record=rec)
 
     async def _read_log(self, rec: ModelRecord) -> dict[int, TrainRequest]:
@@ -300,10 +314,19 @@ class Trainer:
             started = time.perf_counter()
             fut = await self._step(msg, t.record)
             t.next_seq += 1  # state and counter move together, before any await that may fail
+            t.since_snapshot += 1
+            snapshot = None
+            # Only right after a successful optim_step: no gradients pending, which a snapshot
+            # would not hold. Exported while this model's turn is still held.
+            if isinstance(msg, OptimStep) and fut.state == "done" and 0 < self.cfg.snapshot_every <= t.since_snapshot:
+                snapshot = await self._run(lambda: weights.state_bytes(self.engine, msg.model_id, with_optimizer=True))
+                t.since_snapshot = 0
             t.turn.notify_all()
         computed = time.perf_counter()
         self._remember(fut)
         await self.bus.finish_future(fut)
+        if snapshot is not None:
+            await self._store_snapshot(msg.model_id, msg.seq_id, snapshot)
         log.debug(
             "train_applied",
             model_id=msg.model_id,
@@ -314,6 +337,23 @@ class Trainer:
             compute_ms=round((computed - started) * 1000, 2),
             finish_ms=round((time.perf_counter() - computed) * 1000, 2),
         )
+
+    async def _store_snapshot(self, model_id: str, seq_id: int, blob: bytes) -> None:
+        """Upload, then point the record at it, then drop the previous one. A crash in between
+        leaves the previous record (still valid: recovery just replays more)."""
+        obj = paths.snapshot_object(model_id, seq_id)
+        try:
+            previous = await self.bus.kv_get(self.bus.snapshots, model_id, SnapshotRecord)
+            if previous is not None and previous.seq_id >= seq_id:
+                return  # a replayed request: a newer snapshot exists
+            await self.bus.objects.put(obj, blob)
+            record = SnapshotRecord(model_id=model_id, seq_id=seq_id, object=obj, size_bytes=len(blob), created_at=time.time())
+            await self.bus.kv_put(self.bus.snapshots, model_id, record)
+            if previous is not None:
+                await self.bus.objects.delete(previous.object)
+            log.info("snapshot_saved", model_id=model_id, seq_id=seq_id, bytes=len(blob))
+        except Exception as e:  # not fatal: the log still holds everything
+            log.warning("snapshot_failed", model_id=model_id, seq_id=seq_id, error=repr(e))
 
     async def _resend(self, msg: TrainRequest) -> None:
         """A duplicate delivery: make sure its result reached KV (the first write may be lost)."""
