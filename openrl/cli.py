@@ -272,7 +272,7 @@ def cmd_up(args: argparse.Namespace) -> None:
         sys.exit("openrl up: --api-key must start with 'tml-' (the tinker SDK refuses other keys)")
     # Every torch process would otherwise take all cores; on a CPU machine they then thrash
     # (small matmuls slow down 100x). Share the cores out unless told otherwise.
-    threads = args.threads or max(1, len(os.sched_getaffinity(0)) // (1 + args.samplers))
+    threads = args.threads or max(1, logs.usable_cpus() // (1 + args.samplers))
     nats_port = args.nats_port or free_port()
     nats_url = f"nats://127.0.0.1:{nats_port}"
     url = f"http://{args.host}:{args.port}"

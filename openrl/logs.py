@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 
 import structlog
@@ -41,3 +42,11 @@ def set_process_name(role: str) -> None:
         libc.prctl(15, f"openrl-{role}"[:15].encode(), 0, 0, 0)  # PR_SET_NAME
     except (OSError, AttributeError):  # not Linux
         pass
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (the affinity mask on Linux, the CPU count elsewhere)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import structlog
 
+from openrl.logs import usable_cpus
+
 log = structlog.get_logger(__name__)
 
 DEFAULT_MODEL = "openrl/tiny-qwen3"
@@ -273,7 +275,7 @@ def build_default_model(out_dir: Path, *, warmup_steps: int, seed: int = 0) -> d
 
     started = time.monotonic()
     threads = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(usable_cpus())
     try:
         # fork_rng: seeding must not disturb the caller's global RNG state.
         with torch.random.fork_rng(devices=[]):
