@@ -518,6 +518,51 @@ def test_bad_data_fails_the_future_as_user_error_and_changes_nothing(stack, vict
     assert_healthy(stack)
 
 
+def _with_spans(proto, model_lengths, loss_lengths, offset=0):
+    for datum in proto.data:
+        for field, lengths in (("model_input_spans", model_lengths), ("loss_fn_input_spans", loss_lengths)):
+            for i, n in enumerate(lengths):
+                span = getattr(datum, field).add()
+                run = span.sampled_tokens if i else span.prompt_tokens
+                run.sequence_id, run.offset, run.length = "sample-x:0", offset, n
+    return proto
+
+
+@pytest.mark.parametrize(
+    "model_lengths, loss_lengths, offset, error",
+    [
+        ((4, None), (4, None), 0, None),  # tiling runs: accepted
+        ((4, None), (), 0, "as a pair"),
+        ((4, 1), (4, None), 0, "cover"),
+        ((4, None), (4, None), -1, "offset >= 0"),
+    ],
+)
+def test_provenance_spans_are_validated(stack, data, model_lengths, loss_lengths, offset, error):
+    d = data[0]
+    n = d.model_input.length
+
+    def resolve(lengths):  # None: the rest of the field after the first run
+        return [n - lengths[0] if x is None else x for x in lengths]
+
+    req = tinker.types.ForwardBackwardRequest(
+        model_id="set-below", seq_id=1, forward_backward_input=tinker.types.ForwardBackwardInput(data=[d], loss_fn="cross_entropy")
+    )
+    proto = _with_spans(forward_backward_request_to_proto(req), resolve(model_lengths), resolve(loss_lengths), offset)
+    proto.forward_only = True
+    # Sent on a fresh model so seq 1 is next.
+    _, tc = training_client(stack, seed=161)
+    proto.model_id = tc.model_id
+    raw = Raw(stack.url)
+    r = raw.post("/forward_backward", content=proto.SerializeToString(), headers=PROTO)
+    assert r.status_code == 200, r.text
+    res = raw.result(r.json()["request_id"])
+    if error is None:
+        assert res.headers["content-type"].startswith("application/x-protobuf"), res.text
+    else:
+        body = res.json()
+        assert body["category"] == "user" and error in body["error"], body
+
+
 def test_bad_optimizer_params_fail_as_user_error(stack, victim):
     with pytest.raises(tinker.RequestFailedError) as err:
         victim.optim_step(tinker.types.AdamParams(learning_rate=1e-3, beta1=1.5)).result()

@@ -80,7 +80,33 @@ def _datum(index: int, d: pb.Datum) -> Datum:
             raise InvalidRequest(f"datum {index}: encoded_text tokens are not int32 bytes")
         tokens += chunk.encoded_text.tokens
     inputs = {name: _tensor(index, name, t) for name, t in d.loss_fn_inputs.items()}
+    _check_spans(index, d, len(tokens) // 4)
     return Datum(tokens=bytes(tokens), loss_fn_inputs=inputs)
+
+
+def _check_spans(index: int, d: pb.Datum, n_tokens: int) -> None:
+    """Provenance spans (which sampled sequence each run of tokens came from) are not used by
+    any supported loss, but they are checked as the SDK defines them: both lists or neither,
+    each run naming a sequence with offset, length >= 0, the runs tiling their field."""
+    model_spans, loss_spans = list(d.model_input_spans), list(d.loss_fn_input_spans)
+    if not model_spans and not loss_spans:
+        return
+    if not model_spans or not loss_spans:
+        raise InvalidRequest(f"datum {index}: provenance comes as a pair: send both model_input_spans and loss_fn_input_spans, or neither")
+    target = d.loss_fn_inputs.get("target_tokens")
+    if target is None:
+        raise InvalidRequest(f"datum {index}: loss_fn_input_spans annotate target_tokens, which is missing")
+    rows = int(target.shape[0]) if len(target.shape) else len(target.dense) // 8
+    for field, spans, total in (("model_input_spans", model_spans, n_tokens), ("loss_fn_input_spans", loss_spans, rows)):
+        covered = 0
+        for j, span in enumerate(spans):
+            kind = span.WhichOneof("span")
+            run = getattr(span, kind) if kind else None
+            if run is None or not run.sequence_id or run.offset < 0 or run.length < 0:
+                raise InvalidRequest(f"datum {index}: {field}[{j}] needs a sequence_id, offset >= 0 and length >= 0")
+            covered += run.length
+        if covered != total:
+            raise InvalidRequest(f"datum {index}: {field} cover {covered} positions, but the field has {total}")
 
 
 def _tensor(index: int, name: str, t: pb.Tensor) -> Tensor:
