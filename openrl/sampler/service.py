@@ -5,10 +5,12 @@ work queue, so N processes share the load and a request that a dead sampler held
 redelivered to another one (or to the restarted one) after `ack_wait`; while a request
 is being generated its message is kept alive with in-progress acks.
 
-Requests are batched: each message's handler validates its request and puts it on a
-queue; one batcher drains what is waiting (up to `max_batch`), runs it as one batch on
-the compute thread (base model and any number of adapters mixed) and hands each result
-back to its handler, which stores the future and acks.
+Requests are batched continuously: each message's handler validates its request, fetches
+its adapter's weights and puts it on a queue; one loop on the compute thread admits what
+is queued (up to `max_batch` requests active) into the running decode between steps (base
+model and any number of adapters mixed in every forward, `backend.Scheduler`), and hands
+each request's result back to its handler as soon as it finishes; the handler stores the
+future and acks. A request never waits for a batch it missed to finish.
 
 Adapters are versioned by the model and seq_id they were saved at (`adapters/<model>/
 seq-<n>` in the object store), so "the weights as of that point in the model's sequence"
@@ -21,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import queue
 import socket
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -47,12 +51,8 @@ class SamplerConfig:
     nats_url: str = "nats://127.0.0.1:4222"
     worker_id: str = ""
     default_max_tokens: int = 256
-    max_batch: int = 64  # requests per batch
-    # After the first request, keep collecting while more keep arriving (each within
-    # `batch_gap_s` of the last), for at most `batch_wait_s`: a burst of requests from a
-    # client's loop becomes one batch instead of a small one and a late big one.
-    batch_gap_s: float = 0.02
-    batch_wait_s: float = 0.15
+    max_batch: int = 64  # requests generating at once; more wait in the queue
+    idle_wait_s: float = 0.25  # the compute loop checks for shutdown this often when idle
     cached_adapters: int = 32  # adapter blobs kept in memory
     heartbeat_s: float = 2.0
     ack_wait_s: float = 10.0  # a dead sampler's requests go to another after this; in-progress acks keep live ones
@@ -63,7 +63,21 @@ class _Job:
     msg: SampleRequest
     spec: be.SampleSpec
     done: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    blob: bytes | None = None  # the adapter's weights (fetched by the handler), None for the base model
     queued: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def resolve(self, result) -> None:
+        """From the compute thread: hand the result to the waiting handler."""
+        try:
+            self.loop.call_soon_threadsafe(_set_result, self.done, result)
+        except RuntimeError:  # the event loop is closed: shutting down, nobody is waiting
+            pass
+
+
+def _set_result(done: asyncio.Future, result) -> None:
+    if not done.done():
+        done.set_result(result)
 
 
 class Sampler:
@@ -72,7 +86,8 @@ class Sampler:
         self.bus = bus
         self.backend = backend
         self.worker_id = cfg.worker_id or f"sampler-{socket.gethostname()}-{os.getpid()}"
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._jobs: queue.Queue[_Job] = queue.Queue()  # handlers -> the compute loop
+        self._halt = threading.Event()
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self._fetching: dict[str, asyncio.Future] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sample")
@@ -114,12 +129,13 @@ class Sampler:
         base["owner"] = stored.owner
         try:
             spec = self.spec(msg)
-            # Content checks now; the adapter is loaded right before its batch runs.
+            # Content checks now; the adapter is loaded right before the request joins the decode.
             self.backend.validate(dataclasses.replace(spec, adapter=None))
-            if msg.weights is not None:
-                await self._blob(msg.weights)  # fetch now, so the batch never waits on the network
-            job = _Job(msg=msg, spec=spec, done=asyncio.get_running_loop().create_future())
-            await self._queue.put(job)
+            # Fetch the weights now, so the compute loop never waits on the network.
+            blob = await self._blob(msg.weights) if msg.weights is not None else None
+            loop = asyncio.get_running_loop()
+            job = _Job(msg=msg, spec=spec, done=loop.create_future(), loop=loop, blob=blob)
+            self._jobs.put(job)
             result = await job.done
             if isinstance(result, InvalidRequest):
                 raise result
@@ -151,71 +167,88 @@ class Sampler:
         log.info("adapter_fetched", object=name, bytes=len(result.data))
         return result.data
 
-    # -- the batcher
+    # -- the compute loop
 
-    async def batcher(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                first = await asyncio.wait_for(self._queue.get(), 0.5)
-            except asyncio.TimeoutError:
-                continue
-            jobs = [first]
-            deadline = time.monotonic() + self.cfg.batch_wait_s
-            while len(jobs) < self.cfg.max_batch:
-                wait = min(self.cfg.batch_gap_s, deadline - time.monotonic())
-                try:
-                    jobs.append(self._queue.get_nowait() if wait <= 0 else await asyncio.wait_for(self._queue.get(), wait))
-                except (asyncio.QueueEmpty, asyncio.TimeoutError):
-                    break
-            await self._run_batch(jobs)
-
-    async def _run_batch(self, jobs: list[_Job]) -> None:
-        # Adapter blobs are in memory (fetched by the handlers); load the missing ones here,
-        # right before the batch, so an LRU eviction in the backend can never strand a job.
-        blobs = {}
-        for job in jobs:
-            key = job.spec.adapter
-            if key is not None and key not in blobs:
-                try:
-                    blobs[key] = await self._blob(key)
-                except InvalidRequest as e:
-                    blobs[key] = e
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Run the compute loop on the compute thread until `stop`."""
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
+        self._halt.clear()
+        worker = loop.run_in_executor(self._pool, self._serve_loop)
+        stopping = asyncio.ensure_future(stop.wait())
         try:
-            results = await loop.run_in_executor(self._pool, self._compute, jobs, blobs)
-        except Exception as e:  # a bug or an OOM: fail these requests, keep serving
-            log.exception("sample_batch_failed", size=len(jobs))
-            results = [InvalidRequest(f"sampler error: {e!r}")] * len(jobs)
+            await asyncio.wait([worker, stopping], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self._busy_s += time.perf_counter() - started
-        log.debug("batch_ran", requests=len(jobs), rows=sum(j.spec.num_samples for j in jobs), seconds=round(time.perf_counter() - started, 3),
-                  waited_ms=round((started - min(j.queued for j in jobs)) * 1000, 1))  # fmt: skip
-        for job, result in zip(jobs, results):
-            if not job.done.done():
-                job.done.set_result(result)
+            self._halt.set()
+            stopping.cancel()
+        if worker.done():
+            worker.result()  # the loop itself failed (a bug): let the process die and restart
 
-    def _compute(self, jobs: list[_Job], blobs: dict) -> list:
+    def _serve_loop(self) -> None:
+        """Admit queued jobs between decode steps; resolve each job when its request finishes."""
+        scheduler = be.Scheduler(self.backend)
+        active: dict[int, _Job] = {}
+        n = 0
+        while not self._halt.is_set():
+            while len(active) < self.cfg.max_batch:
+                try:
+                    if active or not scheduler.idle:
+                        job = self._jobs.get_nowait()
+                    else:
+                        job = self._jobs.get(timeout=self.cfg.idle_wait_s)
+                except queue.Empty:
+                    break
+                error = self._load_adapter(job)
+                if error is not None:
+                    job.resolve(error)
+                    continue
+                try:
+                    scheduler.add(n, job.spec)  # an invalid spec comes back from the next step
+                except Exception as e:  # a bug: fail this request only
+                    log.exception("sample_add_failed", request_id=job.msg.request_id)
+                    job.resolve(InvalidRequest(f"sampler error: {e!r}"))
+                    continue
+                active[n] = job
+                n += 1
+            if scheduler.idle:
+                continue
+            started = time.perf_counter()
+            try:
+                finished = scheduler.step()
+            except Exception as e:  # a bug or an OOM: fail the requests in flight, keep serving
+                log.exception("sample_step_failed", requests=scheduler.requests, rows=scheduler.rows)
+                error = InvalidRequest(f"sampler error: {e!r}")
+                finished = [(i, error) for i in scheduler.abort()]
+            finally:
+                self._busy_s += time.perf_counter() - started
+            for i, result in finished:
+                job = active.pop(i)
+                job.resolve(result)
+                log.debug("sample_done", request_id=job.msg.request_id, rows=job.spec.num_samples,
+                          ms=round((time.perf_counter() - job.queued) * 1000, 1))  # fmt: skip
+        # Shutting down: requests still in flight are never answered here, so their messages are
+        # not acked and go to another sampler (or this one, restarted).
+
+    def _load_adapter(self, job: _Job) -> InvalidRequest | None:
+        """Load the job's adapter into the backend if it is not there (right before admission,
+        so an LRU eviction can never strand a job; running requests pin theirs)."""
         from safetensors.torch import load
 
-        out: list = [None] * len(jobs)
-        runnable = []
-        for i, job in enumerate(jobs):
-            key = job.spec.adapter
-            if key is not None and not self.backend.has_adapter(key):
-                blob = blobs.get(key)
-                if isinstance(blob, InvalidRequest) or blob is None:
-                    out[i] = blob or InvalidRequest(f"adapter {key} is not available")
-                    continue
-                state = load(blob)
-                lora = job.msg.lora
-                targets = sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in state})
-                self.backend.load_adapter(key, state, rank=lora.rank if lora else _rank(state), alpha=LORA_ALPHA, target_modules=targets)
-            runnable.append(i)
-        results = self.backend.sample([jobs[i].spec for i in runnable]) if runnable else []
-        for i, result in zip(runnable, results):
-            out[i] = result
-        return out
+        key = job.spec.adapter
+        if key is None or self.backend.has_adapter(key):
+            return None
+        if job.blob is None:
+            return InvalidRequest(f"adapter {key} is not available")
+        try:
+            state = load(job.blob)
+            lora = job.msg.lora
+            targets = sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in state})
+            self.backend.load_adapter(key, state, rank=lora.rank if lora else _rank(state), alpha=LORA_ALPHA, target_modules=targets)
+        except InvalidRequest as e:
+            return e
+        except Exception as e:  # a corrupt blob or a bug: fail this request only
+            log.exception("adapter_load_failed", key=key)
+            return InvalidRequest(f"sampler error loading adapter {key}: {e!r}")
+        return None
 
     # -- the process
 
@@ -259,7 +292,7 @@ class Sampler:
         try:
             await asyncio.gather(
                 self.heartbeat(stop),
-                self.batcher(stop),
+                self.serve(stop),
                 self.bus.consume(
                     stream=subjects.SAMPLE_STREAM,
                     durable=subjects.sampler_consumer(self.cfg.base_model),
@@ -273,6 +306,7 @@ class Sampler:
                 ),
             )
         finally:
+            self._halt.set()
             self._pool.shutdown(wait=False, cancel_futures=True)
 
 

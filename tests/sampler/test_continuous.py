@@ -1,0 +1,284 @@
+"""Continuous batching: requests that join a running decode (Scheduler) get exactly what they
+get alone, and what full forwards say; rows leave as they finish; adapters stay pinned.
+
+Uses the tiny models, adapters and references of test_backend.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from openrl.bus.errors import InvalidRequest
+from openrl.sampler.backend import SampleSpec, Scheduler, TransformersSampler
+from test_backend import (  # noqa: F401  (fixtures)
+    TOL,
+    VOCAB,
+    engine,
+    load_from_engine,
+    one,
+    one_thread,
+    prompts,
+    ref_greedy,
+    ref_logits,
+    ref_logprobs,
+    ref_model,
+    sampler,
+    tiny_path,
+    trainer_logprobs,
+)
+
+
+def run(scheduler: Scheduler, arrivals: dict[int, list[tuple[object, SampleSpec]]], check=None) -> dict:
+    """Step until idle, adding arrivals[k] right before step k; every result by spec_id."""
+    results, k = {}, 0
+    while k <= max(arrivals, default=0) or not scheduler.idle:
+        for spec_id, spec in arrivals.get(k, []):
+            scheduler.add(spec_id, spec)
+        for spec_id, result in scheduler.step():
+            assert spec_id not in results
+            results[spec_id] = result
+        if check is not None:
+            check(scheduler)
+        k += 1
+    return results
+
+
+def assert_same(alone, together, spec: SampleSpec) -> None:
+    assert not isinstance(together, Exception), together
+    assert len(together.sequences) == spec.num_samples
+    for a, b in zip(alone.sequences, together.sequences, strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, **TOL)
+        assert a.stop_reason == b.stop_reason
+        if spec.topk_sample_logprobs:
+            np.testing.assert_array_equal(a.topk_tokens, b.topk_tokens)
+            np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, **TOL)
+    for name in ("prompt_logprobs", "topk_prompt_tokens", "topk_prompt_logprobs", "prompt_alt_tokens", "prompt_alt_logprobs"):
+        x, y = getattr(alone, name), getattr(together, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            np.testing.assert_allclose(x, y, **TOL)
+
+
+def cache_is_tight(scheduler: Scheduler) -> None:
+    """After a step the running cache is exactly as wide as its longest row (prompt + tokens)."""
+    if scheduler.rows:
+        assert scheduler._mask_b_W.shape[1] == int((scheduler._plen + scheduler._t).max())
+        assert scheduler._cache.layers[0].keys.shape[2] == scheduler._mask_b_W.shape[1]
+
+
+@pytest.mark.parametrize("joiner_adapter", [None, "m1", "m2"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("joiner_len", [2, 20])  # shorter than the running cache, and longer
+def test_request_joining_mid_generation_gets_what_it_gets_alone(
+    sampler, ref_model, engine, joiner_adapter, temperature, joiner_len
+):
+    first_len = 5
+    p_first, p_join = prompts(20 + joiner_len, (first_len, joiner_len))
+    running = SampleSpec(prompt=p_first, num_samples=2, max_tokens=30, seed=3, adapter="m1" if joiner_adapter is None else None, stop_at_eos=False)  # fmt: skip
+    joiner = SampleSpec(
+        prompt=p_join, num_samples=2, max_tokens=12, temperature=temperature, seed=11, adapter=joiner_adapter, stop_at_eos=False
+    )  # fmt: skip
+    results = run(Scheduler(sampler), {0: [("running", running)], 7: [("joiner", joiner)]}, check=cache_is_tight)
+    assert_same(one(sampler, running), results["running"], running)
+    assert_same(one(sampler, joiner), results["joiner"], joiner)
+    # And what the full forwards say, independently of the sampler.
+    for seq in results["joiner"].sequences:
+        assert len(seq.tokens) == 12 and seq.stop_reason == "length"
+        if joiner_adapter is None:
+            if temperature == 0.0:
+                assert seq.tokens.tolist() == ref_greedy(ref_model, p_join, 12)
+            np.testing.assert_allclose(seq.logprobs, ref_logprobs(ref_model, p_join, seq.tokens), **TOL)
+        else:
+            np.testing.assert_allclose(seq.logprobs, trainer_logprobs(engine, joiner_adapter, p_join, seq.tokens), **TOL)
+    if temperature == 0.0:
+        a, b = results["joiner"].sequences
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+    else:
+        assert results["joiner"].sequences[0].tokens.tolist() != results["joiner"].sequences[1].tokens.tolist()
+
+
+def test_joining_request_gets_its_prompt_statistics(sampler, ref_model):
+    p_first, p_join = prompts(30, (4, 9))
+    running = SampleSpec(prompt=p_first, num_samples=3, max_tokens=20, seed=1, stop_at_eos=False)
+    targets = np.array([[5, -1], [7, 8]] * 4, dtype=np.int64)
+    joiner = SampleSpec(
+        prompt=p_join, num_samples=2, max_tokens=6, temperature=0.8, seed=2, stop_at_eos=False,
+        prompt_logprobs=True, topk_prompt_logprobs=3, topk_sample_logprobs=4, target_prompt_logprobs=targets,
+        prompt_alt_tokens_k=2, adapter="m2",
+    )  # fmt: skip
+    results = run(Scheduler(sampler), {0: [("running", running)], 5: [("joiner", joiner)]}, check=cache_is_tight)
+    alone = one(sampler, joiner)
+    assert_same(alone, results["joiner"], joiner)
+    np.testing.assert_allclose(alone.target_prompt_logprobs, results["joiner"].target_prompt_logprobs, **TOL)
+    assert results["joiner"].sequences[0].topk_tokens.shape == (6, 4)
+    assert results["running"].sequences[0].topk_tokens is None  # asked for none, though it shared the buffers
+    assert_same(one(sampler, running), results["running"], running)
+
+
+def test_many_staggered_arrivals_all_complete_correctly(sampler, ref_model):
+    """Random requests arriving over time, more rows than fit (they wait), rows stopping at
+    different times, an invalid request among them: each equals its request alone."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 24, 24)
+    specs = []
+    for i, n in enumerate(lengths):
+        stop = rng.integers(4, VOCAB, int(rng.integers(0, 3))).tolist()
+        specs.append(
+            SampleSpec(
+                prompt=prompts(100 + i, (int(n),))[0],
+                num_samples=int(rng.integers(1, 4)),
+                max_tokens=int(rng.integers(1, 25)),
+                temperature=float(rng.choice([0.0, 0.7, 1.0])),
+                top_k=int(rng.choice([-1, 5])),
+                seed=int(rng.integers(0, 1000)),
+                stop_token_ids=stop,
+                stop_at_eos=bool(rng.integers(0, 2)),
+                adapter=[None, "m1", "m2"][i % 3],
+                topk_sample_logprobs=int(rng.choice([0, 0, 2])),
+                prompt_logprobs=bool(rng.integers(0, 2)),
+            )
+        )
+    bad = SampleSpec(prompt=[1, 2], num_samples=1, max_tokens=5, top_p=0.0)
+    missing = SampleSpec(prompt=[1, 2], num_samples=1, max_tokens=5, adapter="nope")
+    arrivals: dict[int, list] = {}
+    for i, spec in enumerate(specs):
+        arrivals.setdefault(int(rng.integers(0, 30)), []).append((i, spec))
+    arrivals.setdefault(9, []).extend([("bad", bad), ("missing", missing)])
+    saved = sampler.max_batch_rows
+    sampler.max_batch_rows = 8  # fewer rows than arrive: requests wait for rows to free up
+    seen_rows = []
+    try:
+        scheduler = Scheduler(sampler)
+
+        def check(s: Scheduler) -> None:
+            cache_is_tight(s)
+            assert s.rows <= 8
+            seen_rows.append(s.rows)
+
+        results = run(scheduler, arrivals, check=check)
+    finally:
+        sampler.max_batch_rows = saved
+    assert scheduler.idle and scheduler.rows == 0 and not sampler._pins
+    assert isinstance(results["bad"], InvalidRequest) and "top_p" in str(results["bad"])
+    assert isinstance(results["missing"], InvalidRequest) and "nope" in str(results["missing"])
+    assert len(results) == len(specs) + 2
+    assert max(seen_rows) > 3  # requests really shared steps
+    stopped = 0
+    for i, spec in enumerate(specs):
+        assert_same(one(sampler, spec), results[i], spec)
+        stopped += sum(s.stop_reason == "stop" for s in results[i].sequences)
+        if spec.adapter is None:
+            temperature = 1.0 if spec.temperature == 0.0 else spec.temperature  # greedy: logprobs at 1
+            for seq in results[i].sequences:
+                np.testing.assert_allclose(seq.logprobs, ref_logprobs(ref_model, spec.prompt, seq.tokens, temperature), **TOL)
+    assert stopped > 0  # some rows left early
+
+
+def test_adapters_in_use_are_never_evicted_or_replaced_under_a_request(tiny_path, engine):
+    sampler = TransformersSampler(tiny_path, device="cpu", max_adapters=1)
+    load_from_engine(sampler, engine, "m1", key="x")
+    p = prompts(40, (6,))[0]
+    spec = SampleSpec(prompt=p, num_samples=2, max_tokens=15, seed=4, adapter="x", stop_at_eos=False)
+    alone = one(sampler, spec)
+    scheduler = Scheduler(sampler)
+    scheduler.add("a", spec)
+    results = dict(scheduler.step())
+    load_from_engine(sampler, engine, "m2", key="y")  # over the cap: "x" is in use, so it stays
+    assert sampler.adapter_keys() == ["x", "y"]
+    load_from_engine(sampler, engine, "m2", key="x")  # replaced; the running request keeps the old weights
+    assert sampler.adapter_keys() == ["x"]  # "y", not in use, makes room
+    assert len(sampler.peft.peft_config) == 2  # the new "x", and the old one until its request finishes
+    while not scheduler.idle:
+        results.update(scheduler.step())
+    assert_same(alone, results["a"], spec)
+    # Finished: the old weights are gone and the cap holds again (the newest stays).
+    assert sampler.adapter_keys() == ["x"] and not sampler._pins and not sampler._doomed
+    assert len(sampler.peft.peft_config) == 1
+    [seq] = one(sampler, SampleSpec(prompt=p, num_samples=1, max_tokens=8, seed=4, adapter="x", stop_at_eos=False)).sequences
+    np.testing.assert_allclose(seq.logprobs, trainer_logprobs(engine, "m2", p, seq.tokens), **TOL)
+
+
+def test_abort_drops_everything_and_the_scheduler_goes_on(sampler):
+    p, q = prompts(50, (3, 7))
+    scheduler = Scheduler(sampler)
+    scheduler.add("a", SampleSpec(prompt=p, num_samples=2, max_tokens=10, seed=1, adapter="m1"))
+    scheduler.step()
+    scheduler.add("b", SampleSpec(prompt=q, num_samples=1, max_tokens=10, seed=2))
+    scheduler.add("bad", SampleSpec(prompt=[], num_samples=1, max_tokens=10))
+    assert sorted(scheduler.abort()) == ["a", "b"]
+    assert scheduler.rows == 0 and not sampler._pins
+    assert [i for i, r in scheduler.step()] == ["bad"]  # finished (here: failed) results still come back
+    assert scheduler.idle
+    spec = SampleSpec(prompt=q, num_samples=1, max_tokens=10, seed=2, adapter="m2")
+    results = run(scheduler, {0: [("c", spec)]})
+    assert_same(one(sampler, spec), results["c"], spec)
+
+
+
+def test_a_step_that_raises_can_be_aborted(sampler, monkeypatch):
+    """A failure (a bug, out of memory) while a request is being admitted: abort names every
+    request in flight, including the one being admitted, and releases their adapters."""
+    p, q = prompts(70, (4, 6))
+    scheduler = Scheduler(sampler)
+    scheduler.add("a", SampleSpec(prompt=p, num_samples=2, max_tokens=10, seed=1, adapter="m2"))
+    scheduler.step()
+    scheduler.add("b", SampleSpec(prompt=q, num_samples=1, max_tokens=10, seed=2, adapter="m1"))
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(sampler, "_forward", out_of_memory)
+    with pytest.raises(RuntimeError):
+        scheduler.step()
+    pinned = dict(sampler._pins)  # by "a" and "b"
+    with pytest.raises(RuntimeError):
+        sampler.sample([SampleSpec(prompt=p, num_samples=1, max_tokens=3, adapter="m1")])
+    assert sampler._pins == pinned  # sample() released what it pinned
+    monkeypatch.undo()
+    assert sorted(scheduler.abort()) == ["a", "b"]
+    assert scheduler.idle and scheduler.rows == 0 and not sampler._pins
+    spec = SampleSpec(prompt=q, num_samples=2, max_tokens=7, seed=3, adapter="m1")
+    assert_same(one(sampler, spec), run(scheduler, {0: [("c", spec)]})["c"], spec)
+
+async def test_service_loop_answers_each_request_as_it_finishes(sampler):
+    """The sampler service's compute loop (no bus): jobs queued while others run are admitted
+    between steps and answered on the event loop; a short request is not held up by a long one."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from openrl.sampler.service import Sampler, SamplerConfig, _Job
+
+    service = Sampler(SamplerConfig(base_model="tiny", model_path="tiny", max_batch=3), bus=None, backend=sampler)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    serving = asyncio.create_task(service.serve(stop))
+    ps = prompts(60, (5, 3, 12, 7, 2))
+    specs = [
+        SampleSpec(prompt=ps[0], num_samples=2, max_tokens=40, seed=1, stop_at_eos=False),
+        SampleSpec(prompt=ps[1], num_samples=1, max_tokens=3, seed=2, adapter="m1", stop_at_eos=False),
+        SampleSpec(prompt=ps[2], num_samples=3, max_tokens=9, temperature=0.0, adapter="m2"),
+        SampleSpec(prompt=ps[3], num_samples=1, max_tokens=6, seed=4, top_p=0.0),  # invalid
+        SampleSpec(prompt=ps[4], num_samples=2, max_tokens=5, seed=5, adapter="unloaded"),  # no weights: fails alone
+        SampleSpec(prompt=ps[3], num_samples=1, max_tokens=8, seed=6, adapter="m1", prompt_logprobs=True),
+    ]
+    order: list[int] = []
+    try:
+        jobs = []
+        for i, spec in enumerate(specs):
+            job = _Job(msg=SimpleNamespace(request_id=str(i), lora=None), spec=spec, done=loop.create_future(), loop=loop)
+            job.done.add_done_callback(lambda _, i=i: order.append(i))
+            service._jobs.put(job)
+            jobs.append(job)
+            await asyncio.sleep(0.005)
+        results = await asyncio.wait_for(asyncio.gather(*(j.done for j in jobs)), 60)
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 10)
+    assert isinstance(results[3], InvalidRequest) and "top_p" in str(results[3])
+    assert isinstance(results[4], InvalidRequest) and "unloaded" in str(results[4])
+    for i in (0, 1, 2, 5):
+        assert_same(one(sampler, specs[i]), results[i], specs[i])
+    assert order[-1] == 0  # the long request, first in, finished last
+    assert not sampler._pins
