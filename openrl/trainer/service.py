@@ -66,7 +66,9 @@ class TrainerConfig:
     nats_url: str = "nats://127.0.0.1:4222"
     worker_id: str = ""
     heartbeat_s: float = 2.0
-    ack_wait_s: float = 30.0
+    # A request held by a trainer that died is redelivered after this; live ones are kept alive
+    # with in-progress acks (every ack_wait_s / 3), so it bounds recovery, not step time.
+    ack_wait_s: float = 10.0
     # A model's full state is snapshotted at the first optim_step at least this many requests
     # after the last snapshot (0: never); recovery replays at most about this many requests.
     snapshot_every: int = 64
