@@ -30,8 +30,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime
@@ -39,40 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-API_KEY = "tml-bench-key-0000000000"
+from common import API_KEY, start_stack, stop_stack
+
 BASE_MODEL = "openrl/tiny-qwen3"
 ROOT = Path(__file__).resolve().parent.parent
 NO_SNAPSHOT = 1_000_000
-
-
-def start_stack(data_dir: Path, threads: int, snapshot_every: int, samplers: int) -> tuple[subprocess.Popen, str]:
-    from openrl.bus.server import free_port
-
-    port = free_port()
-    log = open(data_dir / "up.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(port), "--api-key", API_KEY,
-         "--threads", str(threads), "--samplers", str(samplers), "--snapshot-every", str(snapshot_every)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    stack_file = data_dir / "run" / "stack.json"
-    deadline = time.monotonic() + 900
-    while not stack_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_stack(proc)
-            sys.exit(f"openrl up failed; see {data_dir}/up.log:\n{(data_dir / 'up.log').read_text()[-3000:]}")
-        time.sleep(0.3)
-    return proc, json.loads(stack_file.read_text())["base_url"]
-
-
-def stop_stack(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def log_events(path: Path, offset: int = 0) -> list[dict]:
@@ -130,7 +99,9 @@ def measure_point(args: argparse.Namespace, steps: int, snapshot_every: int, dat
 
     with tempfile.TemporaryDirectory(prefix="openrl-bench-recovery-") as tmp:
         data_dir = Path(tmp)
-        proc, url = start_stack(data_dir, args.threads, snapshot_every, args.samplers)
+        proc, url = start_stack(
+            data_dir, "--threads", str(args.threads), "--samplers", str(args.samplers), "--snapshot-every", str(snapshot_every)
+        )
         trainer_log = data_dir / "logs" / "trainer.log"
         try:
             service = tinker.ServiceClient(base_url=url, api_key=API_KEY)

@@ -27,53 +27,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-API_KEY = "tml-bench-key-0000000000"
+from common import API_KEY, start_stack, stop_stack
+
 BASE_MODEL = "openrl/tiny-qwen3"
 ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- the stack -------------------------------------------------------------------------
-
-
-def start_stack(data_dir: Path, threads: int, samplers: int) -> tuple[subprocess.Popen, str]:
-    from openrl.bus.server import free_port
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = open(data_dir / "up.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(port), "--api-key", API_KEY,
-         "--threads", str(threads), "--samplers", str(samplers)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    stack_file = data_dir / "run" / "stack.json"
-    deadline = time.monotonic() + 900
-    while not stack_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_stack(proc)
-            sys.exit(f"openrl up failed; see {data_dir}/up.log")
-        time.sleep(0.3)
-    return proc, json.loads(stack_file.read_text())["base_url"]
-
-
-def stop_stack(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 # -- workload --------------------------------------------------------------------------
@@ -264,7 +230,7 @@ def main() -> None:
     results: dict = {"machine": {"cpus": len(os.sched_getaffinity(0)), "torch_threads": threads, "cuda": torch.cuda.is_available()}}
     bare = bare_runner(model_path, prompts, args.samples, args.max_tokens)
     with tempfile.TemporaryDirectory(prefix="openrl-bench-sampling-") as tmp:
-        proc, url = start_stack(Path(tmp) / "one", threads, samplers=1)
+        proc, url = start_stack(Path(tmp) / "one", "--threads", str(threads), "--samplers", "1")
         try:
             stack = stack_runner(url, prompts, args.samples, args.max_tokens)
             results.update(interleaved({"stack_1_sampler": stack, "bare": bare}, args.reps, args.warmup))
@@ -291,7 +257,7 @@ def main() -> None:
 
         if not args.no_two_samplers:
             # The cores are shared out between the two samplers, as `openrl up` does by default.
-            proc, url = start_stack(Path(tmp) / "two", max(1, threads // 2), samplers=2)
+            proc, url = start_stack(Path(tmp) / "two", "--threads", str(max(1, threads // 2)), "--samplers", "2")
             try:
                 results["stack_2_samplers"] = t = repeated(stack_runner(url, prompts, args.samples, args.max_tokens), args.reps, args.warmup)
             finally:

@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,36 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-API_KEY = "tml-bench-key-0000000000"
+from common import API_KEY, fb_message, start_stack, stop_stack
+
 BASE_MODEL = "openrl/tiny-qwen3"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def start_stack(data_dir: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    from openrl.bus.server import free_port
-
-    port = free_port()
-    log = open(data_dir / "up.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(port), "--api-key", API_KEY,
-         "--threads", str(threads)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    stack_file = data_dir / "run" / "stack.json"
-    deadline = time.monotonic() + 900
-    while not stack_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            sys.exit(f"openrl up failed; see {data_dir}/up.log")
-        time.sleep(0.3)
-    return proc, json.loads(stack_file.read_text())["base_url"]
-
-
-def stop_stack(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def percentile_ms(samples: list[float], q: float) -> float:
@@ -162,27 +133,13 @@ def stack_stepper(url: str, batches: list[np.ndarray], *, as_lists: bool = False
 
 def engine_stepper(model_path: str, batches: list[np.ndarray]):
     """The trainer's own LoraEngine, in process, fed the bus messages the gateway would build."""
-    from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec, Tensor
+    from openrl.bus.messages import AdamParams, LoraSpec
     from openrl.trainer.engine import LoraEngine
 
     engine = LoraEngine(model_path, device="cpu")
     engine.create("m", LoraSpec(rank=32, seed=0))
 
-    def message(b: np.ndarray) -> ForwardBackward:
-        n = b.shape[1] - 1
-        data = [
-            Datum(
-                tokens=row[:-1].astype("<i4").tobytes(),
-                loss_fn_inputs={
-                    "target_tokens": Tensor(dtype="int64", data=row[1:].astype("<i8").tobytes(), shape=[n]),
-                    "weights": Tensor(dtype="float32", data=np.ones(n, "<f4").tobytes(), shape=[n]),
-                },
-            )
-            for row in b
-        ]
-        return ForwardBackward(request_id="r", model_id="m", seq_id=1, loss_fn="cross_entropy", data=data)
-
-    messages = [message(b) for b in batches]
+    messages = [fb_message("m", b) for b in batches]
 
     def step(i: int) -> float:
         t0 = time.perf_counter()
@@ -266,7 +223,7 @@ def main() -> None:
 
     results: dict = {"machine": {"cpus": len(os.sched_getaffinity(0)), "torch_threads": threads, "cuda": torch.cuda.is_available()}}
     with tempfile.TemporaryDirectory(prefix="openrl-bench-") as tmp:
-        proc, url = start_stack(Path(tmp), threads)
+        proc, url = start_stack(Path(tmp), "--threads", str(threads))
         try:
             results["noop_request"] = bench_noop_latency(url, args.requests)
             print(f"no-op request, sequential: p50 {results['noop_request']['p50_ms']} ms, p99 {results['noop_request']['p99_ms']} ms", flush=True)

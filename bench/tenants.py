@@ -31,25 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common import fb_message
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def fb_message(model_id: str, rows: np.ndarray):
-    """A cross_entropy forward_backward of `rows` (each L+1 tokens: inputs and shifted targets)."""
-    from openrl.bus.messages import Datum, ForwardBackward, Tensor
-
-    n = rows.shape[1] - 1
-    data = [
-        Datum(
-            tokens=row[:-1].astype("<i4").tobytes(),
-            loss_fn_inputs={
-                "target_tokens": Tensor(dtype="int64", data=row[1:].astype("<i8").tobytes(), shape=[n]),
-                "weights": Tensor(dtype="float32", data=np.ones(n, "<f4").tobytes(), shape=[n]),
-            },
-        )
-        for row in rows
-    ]
-    return ForwardBackward(request_id="r", model_id=model_id, seq_id=1, loss_fn="cross_entropy", data=data)
 
 
 def make_engine(model_path: str, device: str, model_ids: list[str], rank: int):

@@ -175,6 +175,24 @@ class Bus:
         except BadRequestError:  # a racing process created it first
             return await self.js.key_value(bucket)
 
+    # -- worker liveness ----------------------------------------------------------
+
+    async def heartbeat(self, worker_id: str, info: Callable[[], msgspec.Struct], every_s: float, stop: asyncio.Event) -> None:
+        """Put `info()` in the workers bucket every `every_s` until `stop`, then remove it."""
+        while not stop.is_set():
+            try:
+                await self.kv_put(self.workers, worker_id, info())
+            except Exception as e:  # reconnecting: try again next tick
+                log.warning("heartbeat_failed", error=repr(e))
+            try:
+                await asyncio.wait_for(stop.wait(), every_s)
+            except asyncio.TimeoutError:
+                pass
+        try:
+            await self.workers.delete(subjects.kv_key(worker_id))
+        except Exception:
+            pass
+
     # -- publishing ---------------------------------------------------------------
 
     async def publish(self, subject: str, msg: msgspec.Struct, *, msg_id: str) -> None:

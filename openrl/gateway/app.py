@@ -321,17 +321,18 @@ class Gateway:
             raise Unauthorized("unknown API key")
         return kid
 
-    async def session(self, session_id: str, owner: str) -> SessionRecord:
-        rec = await self.bus.kv_get(self.bus.sessions, session_id, SessionRecord)
-        if rec is None or rec.owner != owner:  # another key's session looks absent
-            raise NotFound(f"unknown session {session_id!r}")
+    async def _owned(self, kv, key: str, type_: type, owner: str, what: str):
+        """The record under `key` if `owner` owns it; another key's record looks absent."""
+        rec = await self.bus.kv_get(kv, key, type_)
+        if rec is None or rec.owner != owner:
+            raise NotFound(f"unknown {what} {key!r}")
         return rec
 
+    async def session(self, session_id: str, owner: str) -> SessionRecord:
+        return await self._owned(self.bus.sessions, session_id, SessionRecord, owner, "session")
+
     async def model(self, model_id: str, owner: str) -> ModelRecord:
-        rec = await self.bus.kv_get(self.bus.models, model_id, ModelRecord)
-        if rec is None or rec.owner != owner:
-            raise NotFound(f"unknown model_id {model_id!r}")
-        return rec
+        return await self._owned(self.bus.models, model_id, ModelRecord, owner, "model_id")
 
     async def workers(self) -> list[WorkerInfo]:
         """Live workers (heartbeats in KV), cached for a second."""
@@ -350,15 +351,19 @@ class Gateway:
         self._workers = (time.monotonic(), found)
         return found
 
-    async def trainer_for(self, base_model: str) -> WorkerInfo:
-        trainers = [w for w in await self.workers() if w.kind == "trainer"]
-        for w in trainers:
+    async def worker_for(self, base_model: str, kind: str | None = None) -> WorkerInfo:
+        """A live worker (of `kind`, or any) serving `base_model`, by its name or its path."""
+        workers = [w for w in await self.workers() if kind is None or w.kind == kind]
+        for w in workers:
             if base_model in (w.base_model, w.model_name):
                 return w
-        served = sorted({w.model_name or w.base_model for w in trainers})
+        served = sorted({w.model_name or w.base_model for w in workers})
         if not served:
-            raise Unavailable("no trainer is running yet; retry shortly")
+            raise Unavailable(f"no {kind or 'worker'} is running yet; retry shortly")
         raise InvalidRequest(f"base model {base_model!r} is not served here; available: {served}")
+
+    async def trainer_for(self, base_model: str) -> WorkerInfo:
+        return await self.worker_for(base_model, "trainer")
 
     async def accept(self, rid: str, owner: str, request_type: str) -> bool:
         """Record a pending future; False when this request id was accepted before."""
@@ -667,7 +672,8 @@ class Gateway:
                 model_path=saved.path, weights=saved.object, lora=saved.lora, created_at=time.time(),
             )  # fmt: skip
         elif body.base_model:
-            base = await self.served_model(body.base_model)
+            worker = await self.worker_for(body.base_model)
+            base = worker.model_name or worker.base_model
             record = SamplerRecord(sampler_id=sampler_id, owner=owner, session_id=session.session_id, base_model=base, created_at=time.time())
         else:
             raise InvalidRequest("give base_model or model_path")
@@ -704,10 +710,7 @@ class Gateway:
         return n
 
     async def sampler(self, sampler_id: str, owner: str) -> SamplerRecord:
-        rec = await self.bus.kv_get(self.bus.samplers, sampler_id, SamplerRecord)
-        if rec is None or rec.owner != owner:
-            raise NotFound(f"unknown sampling session {sampler_id!r}")
-        return rec
+        return await self._owned(self.bus.samplers, sampler_id, SamplerRecord, owner, "sampling session")
 
     async def saved_weights(self, path: str, owner: str, segment: str = "sampler_weights") -> WeightsRecord:
         parsed = paths.parse(path)
@@ -720,16 +723,6 @@ class Gateway:
         if rec.expires_at is not None and rec.expires_at < time.time():
             raise NotFound(f"the weights at {path!r} have expired")
         return rec
-
-    async def served_model(self, base_model: str) -> str:
-        workers = await self.workers()
-        for w in workers:
-            if base_model in (w.base_model, w.model_name):
-                return w.model_name or w.base_model
-        served = sorted({w.model_name or w.base_model for w in workers})
-        if not served:
-            raise Unavailable("no worker is running yet; retry shortly")
-        raise InvalidRequest(f"base model {base_model!r} is not served here; available: {served}")
 
     async def _submit_train(self, rec: ModelRecord, msg, owner: str, kind: str) -> web.Response:
         await self.accept(msg.request_id, owner, kind)

@@ -272,26 +272,11 @@ class Sampler:
             models=len(self._blobs),
         )
 
-    async def heartbeat(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.bus.kv_put(self.bus.workers, self.worker_id, self.info())
-            except Exception as e:  # reconnecting: try again next tick
-                log.warning("heartbeat_failed", error=repr(e))
-            try:
-                await asyncio.wait_for(stop.wait(), self.cfg.heartbeat_s)
-            except asyncio.TimeoutError:
-                pass
-        try:
-            await self.bus.workers.delete(subjects.kv_key(self.worker_id))
-        except Exception:
-            pass
-
     async def run(self, stop: asyncio.Event) -> None:
         log.info("sampler_ready", worker_id=self.worker_id, base_model=self.cfg.base_model, device=self.backend.info.device)
         try:
             await asyncio.gather(
-                self.heartbeat(stop),
+                self.bus.heartbeat(self.worker_id, self.info, self.cfg.heartbeat_s, stop),
                 self.serve(stop),
                 self.bus.consume(
                     stream=subjects.SAMPLE_STREAM,

@@ -396,28 +396,13 @@ class Trainer:
             models=len(self.tenants),
         )
 
-    async def heartbeat(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.bus.kv_put(self.bus.workers, self.worker_id, self.info())
-            except Exception as e:  # reconnecting: try again next tick
-                log.warning("heartbeat_failed", error=repr(e))
-            try:
-                await asyncio.wait_for(stop.wait(), self.cfg.heartbeat_s)
-            except asyncio.TimeoutError:
-                pass
-        try:
-            await self.bus.workers.delete(subjects.kv_key(self.worker_id))
-        except Exception:
-            pass
-
     async def run(self, stop: asyncio.Event) -> None:
         base = self.cfg.base_model
         durable = subjects.trainer_consumer(base)
         log.info("trainer_ready", worker_id=self.worker_id, base_model=base, device=self.engine.info.device)
         try:
             await asyncio.gather(
-                self.heartbeat(stop),
+                self.bus.heartbeat(self.worker_id, self.info, self.cfg.heartbeat_s, stop),
                 self.bus.consume(
                     stream=subjects.CREATE_STREAM,
                     durable=durable,

@@ -1,0 +1,67 @@
+"""What the benchmarks share: a real `openrl up` stack in a subprocess, and the bus message a
+forward_backward of random rows becomes (for in-process engine baselines)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+API_KEY = "tml-bench-key-0000000000"
+
+
+def start_stack(data_dir: Path, *up_args: str) -> tuple[subprocess.Popen, str]:
+    """`openrl up` on a free port with its state under `data_dir`; returns (process, base URL)."""
+    from openrl.bus.server import free_port
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = open(data_dir / "up.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(free_port()), "--api-key", API_KEY,
+         *up_args],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    stack_file = data_dir / "run" / "stack.json"
+    deadline = time.monotonic() + 900
+    while not stack_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_stack(proc)
+            sys.exit(f"openrl up failed; see {data_dir}/up.log:\n{(data_dir / 'up.log').read_text()[-3000:]}")
+        time.sleep(0.3)
+    return proc, json.loads(stack_file.read_text())["base_url"]
+
+
+def stop_stack(proc: subprocess.Popen) -> None:
+    """SIGTERM, as Ctrl-C; the whole process group is killed if it does not stop in a minute."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def fb_message(model_id: str, rows: np.ndarray):
+    """A cross_entropy forward_backward of `rows` (each L+1 tokens: inputs and shifted targets)."""
+    from openrl.bus.messages import Datum, ForwardBackward, Tensor
+
+    n = rows.shape[1] - 1
+    data = [
+        Datum(
+            tokens=row[:-1].astype("<i4").tobytes(),
+            loss_fn_inputs={
+                "target_tokens": Tensor(dtype="int64", data=row[1:].astype("<i8").tobytes(), shape=[n]),
+                "weights": Tensor(dtype="float32", data=np.ones(n, "<f4").tobytes(), shape=[n]),
+            },
+        )
+        for row in rows
+    ]
+    return ForwardBackward(request_id="r", model_id=model_id, seq_id=1, loss_fn="cross_entropy", data=data)
