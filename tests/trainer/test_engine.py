@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+from transformers import AutoModelForCausalLM
 
 from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec, Tensor
@@ -22,31 +22,6 @@ from openrl.trainer.engine import LORA_ALPHA, LoraEngine
 
 VOCAB = 96
 TOL = dict(rtol=1e-4, atol=1e-5)
-
-
-def _save_tiny(path, config) -> str:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def qwen3_path(tmp_path_factory):
-    config = Qwen3Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True,
-    )  # fmt: skip
-    return _save_tiny(tmp_path_factory.mktemp("qwen3"), config)
-
-
-@pytest.fixture(scope="module")
-def llama_path(tmp_path_factory):
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    )  # fmt: skip
-    return _save_tiny(tmp_path_factory.mktemp("llama"), config)
 
 
 # ---------------------------------------------------------------------- request builders

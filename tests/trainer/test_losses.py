@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from transformers import AutoModelForCausalLM
 
 from openrl.bus.errors import InvalidRequest
 from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec, Tensor
@@ -28,18 +28,6 @@ RANK = 4
 # which for a tiny eps turns rounding noise in near-zero gradients into lr-sized differences
 # (test_engine.py covers AdamW itself).
 ADAM = AdamParams(learning_rate=1e-2, beta1=0.8, beta2=0.9, eps=1e-4, weight_decay=0.1, grad_clip_norm=0.5)
-
-
-@pytest.fixture(scope="module")
-def qwen3_path(tmp_path_factory):
-    config = Qwen3Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("qwen3")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return str(path)
 
 
 # ---------------------------------------------------------------------- request builders

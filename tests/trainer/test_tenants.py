@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
 
 from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec, Tensor
 from openrl.trainer.engine import LoraEngine
@@ -44,18 +43,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> str:
-    config = Qwen3Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("qwen3")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return str(path)
 
 
 # ---------------------------------------------------------------------- requests
@@ -169,7 +156,7 @@ def assert_same_result(got, want, what: str) -> None:
 # ---------------------------------------------------------------------- the test
 
 
-def test_interleaved_tenants_train_exactly_as_alone(model_path):
+def test_interleaved_tenants_train_exactly_as_alone(qwen3_path):
     scripts = {m: tenant_script(m, i, steps=3) for i, m in enumerate(SPECS)}
     order = interleave(scripts, seed=4)
 
@@ -189,7 +176,7 @@ def test_interleaved_tenants_train_exactly_as_alone(model_path):
     losses_used = {op[1].loss_fn for op in order if op[0] == "fb"}
     assert losses_used == {"cross_entropy", "importance_sampling"}
 
-    shared = LoraEngine(model_path, device="cpu")
+    shared = LoraEngine(qwen3_path, device="cpu")
     for m, spec in SPECS.items():
         shared.create(m, spec)
     shared_out: dict[str, list] = {m: [] for m in SPECS}
@@ -199,7 +186,7 @@ def test_interleaved_tenants_train_exactly_as_alone(model_path):
     # Every tenant alone, in an engine of its own, with its own requests in its own order.
     alone: dict[str, LoraEngine] = {}
     for m, spec in SPECS.items():
-        alone[m] = LoraEngine(model_path, device="cpu")
+        alone[m] = LoraEngine(qwen3_path, device="cpu")
         alone[m].create(m, spec)
         outs = [run(alone[m], op) for op in scripts[m]]
         assert len(outs) == len(shared_out[m])
@@ -234,7 +221,7 @@ def test_interleaved_tenants_train_exactly_as_alone(model_path):
     # steps, interleaved, alongside a tenant created after the drops.
     late_id, late_spec = LATE
     shared.create(late_id, late_spec)
-    alone[late_id] = LoraEngine(model_path, device="cpu")
+    alone[late_id] = LoraEngine(qwen3_path, device="cpu")
     alone[late_id].create(late_id, late_spec)
     survivors = shared.model_ids()
     assert set(survivors) == (set(SPECS) - {last, idle}) | {late_id}
