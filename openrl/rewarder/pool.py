@@ -1,0 +1,238 @@
+"""A pool of reward worker processes (child.py) with a per-call timeout and a memory cap.
+
+User code never runs in the rewarder itself: a crash, a C-level hang or a memory blow-up
+takes down one worker process at most. Each call borrows an idle worker; when the call
+raises, returns garbage or runs out of memory the worker says so, and when it dies or
+outlives `timeout_s` the pool kills it. Either way the item gets an `ItemScore` with an
+error, and a dead worker is replaced in the background, so the pool keeps its size.
+
+The parent never imports the reward function: a module that fails to import, hangs or
+crashes at import shows up here as a worker that does not get ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import struct
+import sys
+import time
+
+import msgspec
+import structlog
+
+from openrl.bus.errors import InvalidRequest, Unavailable
+from openrl.bus.messages import ItemScore, ScoreItem
+from openrl.rewarder.child import Ready
+
+log = structlog.get_logger(__name__)
+
+_HEADER = struct.Struct("<I")
+_ready_decoder = msgspec.msgpack.Decoder(Ready)
+_score_decoder = msgspec.msgpack.Decoder(ItemScore)
+
+
+class RewardLoadError(InvalidRequest):
+    """The reward function cannot be loaded (bad spec, import error): a configuration error."""
+
+
+class _Worker:
+    def __init__(self, proc: asyncio.subprocess.Process):
+        self.proc = proc
+        self.calls = 0
+
+    async def send(self, msg: msgspec.Struct) -> None:
+        data = msgspec.msgpack.encode(msg)
+        self.proc.stdin.write(_HEADER.pack(len(data)) + data)
+        await self.proc.stdin.drain()
+
+    async def receive(self) -> bytes:
+        (n,) = _HEADER.unpack(await self.proc.stdout.readexactly(_HEADER.size))
+        return await self.proc.stdout.readexactly(n)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+
+
+class Pool:
+    def __init__(self, fn: str, name: str, size: int, *, timeout_s: float = 30.0, memory_mb: int = 2048, start_timeout_s: float = 60.0):
+        if size < 1:
+            raise ValueError(f"pool size must be >= 1, got {size}")
+        self.fn = fn
+        self.name = name
+        self.size = size
+        self.timeout_s = timeout_s
+        self.memory_mb = memory_mb
+        self.start_timeout_s = start_timeout_s
+        self.broken: str | None = None  # set when workers can no longer be started
+        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._workers: set[_Worker] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._closing = False
+        self._broken = asyncio.Event()
+        self._busy_s = 0.0  # finished calls
+        self._running: dict[int, float] = {}  # call id -> start (monotonic)
+        self._next_call = 0
+        self.replaced = 0
+
+    # -- workers
+
+    async def _spawn(self) -> _Worker:
+        env = {
+            **os.environ,
+            # The worker imports the function exactly as this process would.
+            "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path),
+            # One call at a time per process: the pool is the parallelism (and BLAS thread
+            # pools would eat the address-space limit).
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1"),
+            "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "1"),
+        }
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "openrl.rewarder", self.name, "worker", self.fn,
+            "--memory-mb", str(self.memory_mb), "--parent", str(os.getpid()),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+        )  # fmt: skip
+        worker = _Worker(proc)
+        try:
+            ready = _ready_decoder.decode(await asyncio.wait_for(worker.receive(), self.start_timeout_s))
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, msgspec.DecodeError, ConnectionError) as e:
+            worker.kill()
+            await proc.wait()
+            why = "did not get ready in time" if isinstance(e, asyncio.TimeoutError) else f"died while starting ({_exit_status(proc.returncode)})"
+            raise RewardLoadError(f"reward worker for {self.fn} {why}; see the log for its output") from None
+        except BaseException:
+            worker.kill()
+            raise
+        if ready.error:
+            await proc.wait()
+            raise RewardLoadError(ready.error)
+        self._workers.add(worker)
+        log.debug("reward_worker_started", name=self.name, pid=proc.pid)
+        return worker
+
+    async def start(self) -> None:
+        """Start every worker; raises RewardLoadError when the function cannot be loaded."""
+        results = await asyncio.gather(*(self._spawn() for _ in range(self.size)), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for r in results:
+            if not isinstance(r, BaseException):
+                self._idle.put_nowait(r)
+        if errors:
+            await self.close()
+            raise errors[0]
+        log.info("reward_pool_started", name=self.name, fn=self.fn, size=self.size, pids=self.pids())
+
+    def pids(self) -> list[int]:
+        return sorted(w.proc.pid for w in self._workers)
+
+    def _retire(self, worker: _Worker, why: str) -> None:
+        """Kill `worker` and start its replacement in the background."""
+        worker.kill()
+        self._workers.discard(worker)
+        if self._closing:
+            return
+        self.replaced += 1
+        log.warning("reward_worker_replaced", name=self.name, pid=worker.proc.pid, reason=why)
+        task = asyncio.create_task(self._replace(worker))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _replace(self, old: _Worker) -> None:
+        await old.proc.wait()  # reap it
+        for attempt in range(6):
+            if self._closing:
+                return
+            try:
+                self._idle.put_nowait(await self._spawn())
+                return
+            except RewardLoadError as e:
+                log.error("reward_worker_start_failed", name=self.name, attempt=attempt, error=str(e))
+                await asyncio.sleep(min(8.0, 0.25 * 2**attempt))
+        self.broken = f"reward workers for {self.fn} keep failing to start"
+        self._broken.set()
+
+    async def wait_broken(self) -> str:
+        await self._broken.wait()
+        return self.broken or ""
+
+    # -- calls
+
+    async def score(self, item: ScoreItem) -> ItemScore:
+        """Score one item in a worker; every failure of the user code is an ItemScore error."""
+        worker = await self._take()
+        call_id = self._next_call
+        self._next_call += 1
+        started = self._running[call_id] = time.monotonic()
+        try:
+            await worker.send(item)
+            data = await asyncio.wait_for(worker.receive(), self.timeout_s)
+            score = _score_decoder.decode(data)
+        except asyncio.TimeoutError:
+            self._retire(worker, "timeout")
+            score = ItemScore(error=f"reward function timed out after {self.timeout_s:g} s", error_kind="timeout")
+        except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(worker.proc.wait(), 2.0)
+            status = _exit_status(worker.proc.returncode)
+            self._retire(worker, "crashed")
+            score = ItemScore(error=f"reward worker process died ({status})", error_kind="crashed")
+        except BaseException:  # cancelled mid-call (shutdown, request handed back): its state is unknown
+            self._retire(worker, "cancelled")
+            raise
+        else:
+            worker.calls += 1
+            if score.error_kind == "memory":  # a MemoryError may leave the process half-broken
+                self._retire(worker, "memory")
+            else:
+                self._idle.put_nowait(worker)
+        finally:
+            self._busy_s += time.monotonic() - self._running.pop(call_id)
+        return msgspec.structs.replace(score, seconds=round(time.monotonic() - started, 6))
+
+    async def _take(self) -> _Worker:
+        if self.broken:
+            raise Unavailable(self.broken)
+        take = asyncio.ensure_future(self._idle.get())
+        broken = asyncio.ensure_future(self._broken.wait())
+        try:
+            await asyncio.wait([take, broken], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            broken.cancel()
+            if not take.done():
+                take.cancel()
+        if not take.done() or take.cancelled():
+            raise Unavailable(self.broken or "reward pool is broken")
+        return take.result()
+
+    def busy_seconds(self) -> float:
+        """Seconds workers have spent in calls so far, counting the calls still running."""
+        now = time.monotonic()
+        return self._busy_s + sum(now - t for t in self._running.values())
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        workers = list(self._workers)
+        for w in workers:
+            with contextlib.suppress(Exception):
+                w.proc.stdin.close()  # an idle worker exits on EOF
+            w.kill()
+        await asyncio.gather(*(w.proc.wait() for w in workers), return_exceptions=True)
+        self._workers.clear()
+
+
+def _exit_status(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

@@ -1,0 +1,136 @@
+"""The worker-process pool on its own: every way user code can fail becomes an error for
+that item, dead or hung workers are replaced, and the pool keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from openrl.rewarder.pool import Pool, RewardLoadError
+
+from rewarder_helpers import item
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def _full(pool: Pool, timeout_s: float = 20) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while len(pool.pids()) < pool.size or pool._idle.qsize() < pool.size:  # noqa: SLF001 - waiting for replacements
+        assert time.monotonic() < deadline, f"pool did not refill: {pool.pids()}"
+        await asyncio.sleep(0.05)
+    return pool.pids()
+
+
+@pytest.fixture
+async def chaos_pool():
+    pool = Pool("chaos_rewards:chaos", "chaos-pool", 2, timeout_s=1.5, memory_mb=256)
+    await pool.start()
+    yield pool
+    pids = pool.pids()
+    await pool.close()
+    assert not [p for p in pids if _alive(p)], "close() left workers running"
+
+
+FAILURES = [
+    ("raise:x", "exception", "ValueError: boom x"),
+    ("sleep:30", "timeout", "timed out after 1.5 s"),
+    ("exit", "crashed", "exit code 3"),
+    ("kill", "crashed", "killed by SIGKILL"),
+    ("oom:1024", "memory", "limit 256 MB"),
+    ("nan", "bad_result", "returned nan"),
+    ("str", "bad_result", "expected a float or a dict of floats"),
+]
+
+
+@pytest.mark.parametrize("completion,kind,message", FAILURES, ids=[f[0] for f in FAILURES])
+async def test_a_failing_call_is_an_error_for_its_item_and_the_pool_keeps_serving(chaos_pool, completion, kind, message):
+    before = await _full(chaos_pool)
+    score = await chaos_pool.score(item(completion))
+    assert score.reward is None
+    assert score.error_kind == kind
+    assert message in score.error
+    if kind == "timeout":
+        assert 1.5 <= score.seconds < 3.0
+    # The same pool goes on scoring, at full size, with the failed worker replaced if it had to go.
+    for i in range(4):
+        assert (await chaos_pool.score(item(f"ok:{i}"))).reward == float(i)
+    after = await _full(chaos_pool)
+    replaced = kind in ("timeout", "crashed", "memory")
+    assert chaos_pool.replaced == (1 if replaced else 0)
+    assert (set(after) != set(before)) == replaced
+    for pid in set(before) - set(after):
+        assert not _alive(pid), f"replaced worker {pid} still runs"
+
+
+async def test_failures_and_successes_in_parallel_each_get_their_own_result(chaos_pool):
+    completions = ["ok:1", "kill", "ok:2", "sleep:30", "raise:y", "ok:3", "exit", "dict", "ok:4"]
+    scores = await asyncio.gather(*(chaos_pool.score(item(c)) for c in completions))
+    assert [s.reward for s in scores] == [1.0, None, 2.0, None, None, 3.0, None, 1.25, 4.0]
+    assert [s.error_kind for s in scores] == [None, "crashed", None, "timeout", "exception", None, "crashed", None, None]
+    assert scores[7].metrics == {"format": 0.25, "correct": 1.0}
+    assert len(await _full(chaos_pool)) == 2
+
+
+async def test_user_output_and_stdin_do_not_touch_the_protocol(chaos_pool):
+    assert (await chaos_pool.score(item("print"))).reward == 2.0
+    assert (await chaos_pool.score(item("stdin"))).reward == 0.0  # stdin is /dev/null
+    assert (await chaos_pool.score(item("reference", reference={"x": 4.5}))).reward == 4.5
+    assert chaos_pool.replaced == 0
+
+
+async def test_calls_run_in_parallel_in_separate_processes(chaos_pool):
+    started = time.monotonic()
+    scores = await asyncio.gather(*(chaos_pool.score(item("sleep:0.6")) for _ in range(4)))
+    elapsed = time.monotonic() - started
+    assert [s.reward for s in scores] == [1.0] * 4
+    assert 1.1 < elapsed < 2.5, elapsed  # two at a time
+    pids = {(await chaos_pool.score(item("pid"))).reward for _ in range(6)}
+    assert pids <= {float(p) for p in chaos_pool.pids()} and os.getpid() not in pids
+    assert chaos_pool.busy_seconds() >= 2.3
+
+
+async def test_workers_show_their_role_in_ps(chaos_pool):
+    for pid in chaos_pool.pids():
+        cmdline = open(f"/proc/{pid}/cmdline").read().split("\0")
+        assert cmdline[1:6] == ["-m", "openrl.rewarder", "chaos-pool", "worker", "chaos_rewards:chaos"], cmdline
+        assert open(f"/proc/{pid}/comm").read().strip() == "openrl-rewardfn"
+
+
+async def test_async_functions_and_dicts_of_floats():
+    pool = Pool("chaos_rewards:async_length", "async", 1, timeout_s=5, memory_mb=256)
+    await pool.start()
+    try:
+        score = await pool.score(item("abcd", prompt="xy"))
+        assert score.reward == 4.0 and score.metrics == {"reward": 4.0, "prompt_chars": 2.0} and score.error is None
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize(
+    "fn,message",
+    [
+        ("broken_rewards:anything", "this reward module is broken on purpose"),
+        ("chaos_rewards:missing", "has no attribute 'missing'"),
+        ("chaos_rewards:raise_at_import", "is not callable"),
+        ("no_such_module_xyz:fn", "No module named 'no_such_module_xyz'"),
+        ("not-a-spec", "module:function"),
+    ],
+)
+async def test_a_function_that_cannot_be_loaded_is_a_clear_error(fn, message):
+    pool = Pool(fn, "bad", 2, timeout_s=5)
+    with pytest.raises(RewardLoadError) as e:
+        await pool.start()
+    assert message in str(e.value)
+    assert pool.pids() == []
