@@ -395,55 +395,7 @@ class TransformersSampler:
 
     def validate(self, spec: SampleSpec) -> None:
         """Raise InvalidRequest (NotFound for an unloaded adapter) naming the bad field. No compute."""
-        vocab, n = self.info.vocab_size, len(spec.prompt)
-        if n == 0:
-            raise InvalidRequest("prompt is empty")
-        _check_ids(spec.prompt, "prompt", vocab)
-        if not _is_int(spec.num_samples) or not 1 <= spec.num_samples <= MAX_NUM_SAMPLES:
-            raise InvalidRequest(f"num_samples must be in [1, {MAX_NUM_SAMPLES}], got {spec.num_samples}")
-        if not _is_int(spec.max_tokens) or spec.max_tokens < 1:
-            raise InvalidRequest(f"sampling_params.max_tokens must be >= 1, got {spec.max_tokens}")
-        if n + spec.max_tokens > self.info.max_context:
-            raise InvalidRequest(
-                f"prompt ({n} tokens) + sampling_params.max_tokens ({spec.max_tokens}) exceeds "
-                f"the model's context of {self.info.max_context} tokens"
-            )
-        if not math.isfinite(spec.temperature) or spec.temperature < 0:
-            raise InvalidRequest(f"sampling_params.temperature must be >= 0, got {spec.temperature}")
-        if not math.isfinite(spec.top_p) or not 0 < spec.top_p <= 1:
-            raise InvalidRequest(f"sampling_params.top_p must be in (0, 1], got {spec.top_p}")
-        if not _is_int(spec.top_k) or (spec.top_k != -1 and spec.top_k < 1):
-            raise InvalidRequest(f"sampling_params.top_k must be -1 (off) or >= 1, got {spec.top_k}")
-        if spec.seed is not None and not _is_int(spec.seed):
-            raise InvalidRequest(f"sampling_params.seed must be an integer, got {spec.seed!r}")
-        _check_ids(spec.stop_token_ids, "sampling_params.stop", vocab)
-        if spec.stop_strings:
-            if self.tokenizer is None:
-                raise InvalidRequest("sampling_params.stop: stop strings need a tokenizer, and this model has none")
-            if not all(isinstance(s, str) and s for s in spec.stop_strings):
-                raise InvalidRequest("sampling_params.stop: stop strings must be non-empty strings")
-        for name in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
-            k = getattr(spec, name)
-            if not _is_int(k) or not 0 <= k <= MAX_TOPK:
-                raise InvalidRequest(f"{name} must be in [0, {MAX_TOPK}], got {k}")
-        last_n = spec.prompt_logprobs_last_n
-        if last_n is not None:
-            if not (spec.prompt_logprobs or spec.topk_prompt_logprobs):
-                raise InvalidRequest("prompt_logprobs_last_n needs prompt_logprobs or topk_prompt_logprobs")
-            if not _is_int(last_n) or not 1 <= last_n <= n - 1:
-                raise InvalidRequest(
-                    f"prompt_logprobs_last_n must be in [1, {n - 1}] (prompt length - 1), got {last_n}"
-                )
-        targets = spec.target_prompt_logprobs
-        if targets is not None:
-            targets = np.asarray(targets)
-            if targets.ndim != 2 or targets.shape[0] != n - 1 or targets.dtype.kind not in "iu":
-                raise InvalidRequest(
-                    f"target_prompt_logprobs must be an integer [len(prompt) - 1, K] = [{n - 1}, K] tensor, "
-                    f"got {targets.dtype} {list(targets.shape)}"
-                )
-            if targets.size and (targets.min() < -1 or targets.max() >= vocab):
-                raise InvalidRequest(f"target_prompt_logprobs: ids must be -1 or in [0, {vocab})")
+        check_spec(spec, self.info)
         if spec.adapter is not None and spec.adapter not in self._adapters:
             raise NotFound(f"adapter {spec.adapter!r} is not loaded on this sampler")
 
@@ -898,6 +850,61 @@ class _StopStrings:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def check_spec(spec: SampleSpec, info: SamplerInfo) -> None:
+    """Raise InvalidRequest naming the bad field of `spec` for a model described by `info`. No compute.
+
+    Every backend checks this; a backend adds its own limits (and adapter lookup) on top."""
+    vocab, n = info.vocab_size, len(spec.prompt)
+    if n == 0:
+        raise InvalidRequest("prompt is empty")
+    _check_ids(spec.prompt, "prompt", vocab)
+    if not _is_int(spec.num_samples) or not 1 <= spec.num_samples <= MAX_NUM_SAMPLES:
+        raise InvalidRequest(f"num_samples must be in [1, {MAX_NUM_SAMPLES}], got {spec.num_samples}")
+    if not _is_int(spec.max_tokens) or spec.max_tokens < 1:
+        raise InvalidRequest(f"sampling_params.max_tokens must be >= 1, got {spec.max_tokens}")
+    if n + spec.max_tokens > info.max_context:
+        raise InvalidRequest(
+            f"prompt ({n} tokens) + sampling_params.max_tokens ({spec.max_tokens}) exceeds "
+            f"the model's context of {info.max_context} tokens"
+        )
+    if not math.isfinite(spec.temperature) or spec.temperature < 0:
+        raise InvalidRequest(f"sampling_params.temperature must be >= 0, got {spec.temperature}")
+    if not math.isfinite(spec.top_p) or not 0 < spec.top_p <= 1:
+        raise InvalidRequest(f"sampling_params.top_p must be in (0, 1], got {spec.top_p}")
+    if not _is_int(spec.top_k) or (spec.top_k != -1 and spec.top_k < 1):
+        raise InvalidRequest(f"sampling_params.top_k must be -1 (off) or >= 1, got {spec.top_k}")
+    if spec.seed is not None and not _is_int(spec.seed):
+        raise InvalidRequest(f"sampling_params.seed must be an integer, got {spec.seed!r}")
+    _check_ids(spec.stop_token_ids, "sampling_params.stop", vocab)
+    if spec.stop_strings:
+        if not info.has_tokenizer:
+            raise InvalidRequest("sampling_params.stop: stop strings need a tokenizer, and this model has none")
+        if not all(isinstance(s, str) and s for s in spec.stop_strings):
+            raise InvalidRequest("sampling_params.stop: stop strings must be non-empty strings")
+    for name in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
+        k = getattr(spec, name)
+        if not _is_int(k) or not 0 <= k <= MAX_TOPK:
+            raise InvalidRequest(f"{name} must be in [0, {MAX_TOPK}], got {k}")
+    last_n = spec.prompt_logprobs_last_n
+    if last_n is not None:
+        if not (spec.prompt_logprobs or spec.topk_prompt_logprobs):
+            raise InvalidRequest("prompt_logprobs_last_n needs prompt_logprobs or topk_prompt_logprobs")
+        if not _is_int(last_n) or not 1 <= last_n <= n - 1:
+            raise InvalidRequest(
+                f"prompt_logprobs_last_n must be in [1, {n - 1}] (prompt length - 1), got {last_n}"
+            )
+    targets = spec.target_prompt_logprobs
+    if targets is not None:
+        targets = np.asarray(targets)
+        if targets.ndim != 2 or targets.shape[0] != n - 1 or targets.dtype.kind not in "iu":
+            raise InvalidRequest(
+                f"target_prompt_logprobs must be an integer [len(prompt) - 1, K] = [{n - 1}, K] tensor, "
+                f"got {targets.dtype} {list(targets.shape)}"
+            )
+        if targets.size and (targets.min() < -1 or targets.max() >= vocab):
+            raise InvalidRequest(f"target_prompt_logprobs: ids must be -1 or in [0, {vocab})")
 
 
 def _wants_prompt_stats(spec: SampleSpec) -> bool:
