@@ -16,6 +16,11 @@ Adapters are versioned by the model and seq_id they were saved at (`adapters/<mo
 seq-<n>` in the object store), so "the weights as of that point in the model's sequence"
 is a lookup, never a race. Fetched adapters are cached as bytes (bounded LRU) and loaded
 into the backend on demand.
+
+The backend is the transformers one (above: a compute thread and `backend.Scheduler`) or an
+`AsyncBackend`, which batches the requests in flight on its own (vLLM's engine,
+`vllm_backend.VllmSampler`): each handler then awaits its request on the event loop, and
+there is no compute thread.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import structlog
@@ -80,11 +86,30 @@ def _set_result(done: asyncio.Future, result) -> None:
         done.set_result(result)
 
 
+class AsyncBackend(Protocol):
+    """A backend that batches the requests in flight itself, on the event loop (vLLM's engine)."""
+
+    info: be.SamplerInfo
+
+    def validate(self, spec: be.SampleSpec) -> None:
+        """Raise InvalidRequest naming the bad field. No compute."""
+
+    async def sample(self, spec: be.SampleSpec, blob: bytes | None) -> be.SampleResult:
+        """The request's result (its adapter loaded from `blob` if needed); InvalidRequest: a user error."""
+
+    @property
+    def dead(self) -> bool:
+        """The engine has failed for good: the process should exit (and be restarted)."""
+
+
 class Sampler:
-    def __init__(self, cfg: SamplerConfig, bus: Bus, backend: be.TransformersSampler):
+    def __init__(self, cfg: SamplerConfig, bus: Bus, backend: be.TransformersSampler | AsyncBackend):
         self.cfg = cfg
         self.bus = bus
         self.backend = backend
+        self._threaded = isinstance(backend, be.TransformersSampler)  # else it batches on the event loop
+        self._inflight = 0  # requests an AsyncBackend is generating
+        self._busy_from = 0.0
         self.worker_id = cfg.worker_id or f"sampler-{socket.gethostname()}-{os.getpid()}"
         self._jobs: queue.Queue[_Job] = queue.Queue()  # handlers -> the compute loop
         self._halt = threading.Event()
@@ -133,17 +158,32 @@ class Sampler:
             self.backend.validate(dataclasses.replace(spec, adapter=None))
             # Fetch the weights now, so the compute loop never waits on the network.
             blob = await self._blob(msg.weights) if msg.weights is not None else None
-            loop = asyncio.get_running_loop()
-            job = _Job(msg=msg, spec=spec, done=loop.create_future(), loop=loop, blob=blob)
-            self._jobs.put(job)
-            result = await job.done
-            if isinstance(result, InvalidRequest):
-                raise result
+            if self._threaded:
+                loop = asyncio.get_running_loop()
+                job = _Job(msg=msg, spec=spec, done=loop.create_future(), loop=loop, blob=blob)
+                self._jobs.put(job)
+                result = await job.done
+                if isinstance(result, InvalidRequest):
+                    raise result
+            else:
+                result = await self._sample_async(spec, blob)
             fut = Future(state="done", content_type="sample", payload=encode(to_bus(result, msg.target_prompt_logprobs)), finished_at=time.time(), **base)
             self.served += 1
         except InvalidRequest as e:
             fut = Future(state="failed", error=str(e), category="user", finished_at=time.time(), **base)
         await self.bus.finish_future(fut)
+
+    async def _sample_async(self, spec: be.SampleSpec, blob: bytes | None) -> be.SampleResult:
+        """An AsyncBackend's request; the time with any in flight counts as busy."""
+        if self._inflight == 0:
+            self._busy_from = time.perf_counter()
+        self._inflight += 1
+        try:
+            return await self.backend.sample(spec, blob)
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._busy_s += time.perf_counter() - self._busy_from
 
     async def _blob(self, name: str) -> bytes:
         blob = self._blobs.get(name)
@@ -170,7 +210,9 @@ class Sampler:
     # -- the compute loop
 
     async def serve(self, stop: asyncio.Event) -> None:
-        """Run the compute loop on the compute thread until `stop`."""
+        """Run the compute loop on the compute thread until `stop` (an AsyncBackend: watch it)."""
+        if not self._threaded:
+            return await self._watch(stop)
         loop = asyncio.get_running_loop()
         self._halt.clear()
         worker = loop.run_in_executor(self._pool, self._serve_loop)
@@ -182,6 +224,17 @@ class Sampler:
             stopping.cancel()
         if worker.done():
             worker.result()  # the loop itself failed (a bug): let the process die and restart
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        """Until `stop`; raise when the AsyncBackend's engine has died, so the process exits and is
+        restarted (its unacked requests go to another sampler meanwhile)."""
+        while not stop.is_set():
+            if self.backend.dead:
+                raise RuntimeError("the sampling engine died")
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.cfg.idle_wait_s)
+            except asyncio.TimeoutError:
+                pass
 
     def _serve_loop(self) -> None:
         """Admit queued jobs between decode steps; resolve each job when its request finishes."""

@@ -1,0 +1,663 @@
+"""The vLLM sampler backend (openrl/sampler/vllm_backend.py).
+
+Without vLLM (CI, CPU machines) its pure parts run for real: request validation; our request as
+vLLM sampling parameters; vLLM's outputs (built here from plain-torch references, laid out as
+vLLM's logprobs processor lays them out: the actual token at its rank, then the top-k at ranks
+1..k) as our results, checked against the transformers backend on the same tokens; the PEFT
+folder vLLM loads, checked by loading it with peft; the sampler service awaiting an async
+backend over a real NATS; the CLI's refusal when vLLM is missing.
+
+With vLLM and a CUDA device, the backend itself runs on the default model (bf16) against
+plain-torch fp32 references and the trainer's forward; skipped cleanly otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from openrl.bus.errors import InvalidRequest, NotFound
+from openrl.bus.messages import Future, SampleRequest, SampleResult as BusSampleResult, decode
+from openrl.sampler.backend import MAX_TOPK, SampleSpec, TransformersSampler
+from openrl.sampler.sampling import SENTINEL_LOGPROB, derive_seed
+from openrl.sampler.vllm_backend import (
+    Completion,
+    adapter_files,
+    first_stop_string,
+    finish,
+    sampling_kwargs,
+    stop_ids,
+    to_result,
+    top,
+    validate,
+)
+from test_backend import (  # noqa: F401  (fixtures)
+    BAD,
+    EOS,
+    TOL,
+    base,
+    chat_prompt,
+    datum,
+    engine,
+    one,
+    one_thread,
+    prompts,
+    ref_logits,
+    ref_logprobs,
+    ref_model,
+    sampler,
+    tiny_path,
+    trainer_logprobs,
+)
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+NO_GPU_REASON = "needs vllm (pip install 'openrl[vllm]') and a CUDA device"
+
+
+# ---------------------------------------------------------------------- what vLLM's outputs look like
+
+
+def vllm_position(logp_V: torch.Tensor, token: int, k: int) -> dict[int, tuple[float, int]]:
+    """One position as vLLM returns it (in plain types): the actual token with its rank (1 + how
+    many tokens are more likely), then the k most likely at ranks 1..k (overwriting the actual
+    token's entry when it is among them)."""
+    logp = logp_V.float()
+    position = {int(token): (float(logp[token]), int((logp > logp[token]).sum()) + 1)}
+    if k:
+        values, tokens = logp.topk(k)
+        for rank, (t, v) in enumerate(zip(tokens.tolist(), values.tolist(), strict=True), start=1):
+            position[t] = (v, rank)
+    return position
+
+
+def vllm_rows(model, prompt, generated: list[list[int]], temperature: float, k: int, finish_reason="length") -> list[Completion]:
+    """Completions for `generated` (one list of tokens per row) with vLLM's processed logprobs:
+    log_softmax(logits / temperature) (temperature 1 when greedy)."""
+    rows = []
+    for tokens in generated:
+        seq = list(prompt) + list(tokens)
+        logp_T_V = (ref_logits(model, seq[:-1])[len(prompt) - 1 :] / temperature).log_softmax(-1)
+        positions = [vllm_position(logp_T_V[i], t, k) for i, t in enumerate(tokens)]
+        rows.append(Completion(token_ids=list(tokens), logprobs=positions, finish_reason=finish_reason))
+    return rows
+
+
+def vllm_prompt(model, prompt, k: int) -> list:
+    """vLLM's prompt logprobs: None, then each prompt token at temperature 1 with the top-k."""
+    logp_M_V = ref_logits(model, prompt)[:-1].log_softmax(-1)
+    return [None] + [vllm_position(logp_M_V[i], prompt[i + 1], k) for i in range(len(prompt) - 1)]
+
+
+# ---------------------------------------------------------------------- requests
+
+
+VLLM_BAD = [
+    (dict(target_prompt_logprobs=np.zeros((2, 1), dtype=np.int64)), "target_prompt_logprobs"),
+    (dict(prompt_alt_tokens_k=2), "prompt_alt_tokens_k"),
+    (dict(temperature=0.005), "temperature"),
+    (dict(temperature=1e-5), "temperature"),
+]
+
+
+@pytest.mark.parametrize("bad, field", [b for b in BAD if b[1] != "adapter"] + VLLM_BAD)
+def test_validate_names_the_field(sampler, bad, field):
+    """Everything the transformers backend refuses, and what vLLM cannot do, is a user error naming the field."""
+    with pytest.raises(InvalidRequest, match=field):
+        validate(base(**bad), sampler.info)
+
+
+@pytest.mark.parametrize("ok", [dict(temperature=0.0), dict(temperature=9e-6), dict(temperature=0.01), dict(temperature=2.5),
+                                dict(top_k=3, top_p=0.5, seed=-4), dict(topk_sample_logprobs=MAX_TOPK, topk_prompt_logprobs=MAX_TOPK),
+                                dict(prompt_logprobs=True, prompt_logprobs_last_n=2), dict(stop_at_eos=False)])  # fmt: skip
+def test_validate_accepts_what_vllm_does(sampler, ok):
+    validate(base(**ok), sampler.info)
+
+
+def test_sampling_kwargs():
+    spec = SampleSpec(
+        prompt=[5, 6, 7], num_samples=3, max_tokens=9, temperature=0.7, top_k=5, top_p=0.9, seed=11,
+        stop_strings=["ab"], stop_token_ids=[8], prompt_logprobs=True, topk_prompt_logprobs=3, topk_sample_logprobs=2,
+    )  # fmt: skip
+    rows = [sampling_kwargs(spec, j, (3, 9)) for j in range(3)]
+    assert rows[0] == dict(
+        n=1, max_tokens=9, temperature=0.7, top_k=5, top_p=0.9, seed=derive_seed(11, 0, 0), ignore_eos=True,
+        stop_token_ids=[3, 8, 9], stop=["ab"], detokenize=True, skip_special_tokens=False, logprobs=2, prompt_logprobs=3,
+    )  # fmt: skip
+    # Every row its own stream, the same on every call; prompt logprobs from row 0 only.
+    assert [r["seed"] for r in rows] == [derive_seed(11, 0, j) for j in range(3)]
+    assert len({r["seed"] for r in rows}) == 3
+    assert [r["prompt_logprobs"] for r in rows] == [3, None, None]
+    assert all(0 <= r["seed"] < 2**63 for r in rows)  # what torch.Generator.manual_seed takes, never vLLM's -1
+    # stop=[]: no EOS; no stop strings: no text.
+    plain = sampling_kwargs(dataclasses.replace(spec, stop_at_eos=False, stop_strings=[]), 0, (3, 9))
+    assert plain["stop_token_ids"] == [8] and plain["stop"] == [] and plain["detokenize"] is False and plain["ignore_eos"]
+    # Greedy: no top-k/top-p (they would truncate vLLM's logprobs in a mixed batch), no seed.
+    greedy = sampling_kwargs(dataclasses.replace(spec, temperature=0.0), 1, (3,))
+    assert (greedy["temperature"], greedy["top_k"], greedy["top_p"], greedy["seed"]) == (0.0, -1, 1.0, None)
+    assert sampling_kwargs(dataclasses.replace(spec, seed=None), 0, ())["seed"] is None
+    # prompt_logprobs alone: vLLM's 0 (the prompt token only); neither: none asked.
+    assert sampling_kwargs(dataclasses.replace(spec, topk_prompt_logprobs=0), 0, ())["prompt_logprobs"] == 0
+    assert sampling_kwargs(dataclasses.replace(spec, topk_prompt_logprobs=0, prompt_logprobs=False), 0, ())["prompt_logprobs"] is None
+
+
+# ---------------------------------------------------------------------- outputs
+
+
+def test_top_picks_the_k_most_likely():
+    position = {7: (-9.0, 50), 1: (-0.1, 1), 2: (-1.0, 2), 4: (-1.5, 3)}  # 7: the sampled token, far down
+    tokens, logprobs = top(position, 2)
+    assert tokens.tolist() == [1, 2] and logprobs.tolist() == pytest.approx([-0.1, -1.0])
+    tokens, logprobs = top(position, 3)
+    assert tokens.tolist() == [1, 2, 4]
+    tokens, logprobs = top({1: (-0.5, 1), 2: (-0.9, 2)}, 4)  # fewer entries than k: Tinker's sentinel cells
+    assert tokens.tolist() == [1, 2, 0, 0] and logprobs[2:].tolist() == [SENTINEL_LOGPROB] * 2
+    assert tokens.dtype == np.int64 and logprobs.dtype == np.float32
+    # A sampled token tied with the k-th (rank k) does not displace vLLM's own top-k entry.
+    tokens, _ = top({9: (-1.0, 2), 1: (-0.1, 1), 2: (-1.0, 2)}, 2)
+    assert tokens.tolist()[0] == 1 and len(set(tokens.tolist())) == 2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_outputs_match_the_transformers_backend_on_the_same_tokens(sampler, ref_model, temperature):
+    """vLLM-shaped outputs for the tokens the transformers backend drew become exactly its result."""
+    p = prompts(30, (9,))[0]
+    spec = SampleSpec(
+        prompt=p, num_samples=2, max_tokens=7, temperature=temperature, seed=4, stop_at_eos=False,
+        prompt_logprobs=True, topk_prompt_logprobs=4, topk_sample_logprobs=3,
+    )  # fmt: skip
+    expected = one(sampler, spec)
+    rows = vllm_rows(ref_model, p, [s.tokens.tolist() for s in expected.sequences], temperature or 1.0, 3)
+    got = to_result(spec, rows, vllm_prompt(ref_model, p, 4), stop_ids(spec, sampler.info.eos_token_ids), None)
+    for a, b in zip(expected.sequences, got.sequences, strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        assert b.tokens.dtype == np.int32 and b.logprobs.dtype == np.float32
+        np.testing.assert_allclose(a.logprobs, b.logprobs, **TOL)
+        assert a.stop_reason == b.stop_reason == "length"
+        np.testing.assert_array_equal(a.topk_tokens, b.topk_tokens)
+        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, **TOL)
+    np.testing.assert_allclose(expected.prompt_logprobs, got.prompt_logprobs, **TOL)  # NaN in the same places
+    np.testing.assert_array_equal(expected.topk_prompt_tokens, got.topk_prompt_tokens)
+    np.testing.assert_allclose(expected.topk_prompt_logprobs, got.topk_prompt_logprobs, **TOL)
+    assert got.target_prompt_logprobs is None and got.prompt_alt_tokens is None
+
+    # prompt_logprobs_last_n: NaN (and sentinel top-k rows) before the last N, as the transformers backend.
+    last = dataclasses.replace(spec, prompt_logprobs_last_n=3)
+    expected = one(sampler, last)
+    got = to_result(last, rows, vllm_prompt(ref_model, p, 4), set(), None)
+    assert np.isnan(got.prompt_logprobs[:6]).all() and not np.isnan(got.prompt_logprobs[6:]).any()
+    np.testing.assert_allclose(expected.prompt_logprobs, got.prompt_logprobs, **TOL)
+    np.testing.assert_allclose(expected.topk_prompt_logprobs, got.topk_prompt_logprobs, **TOL)
+    assert (got.topk_prompt_logprobs[:6] == SENTINEL_LOGPROB).all()
+
+
+def test_no_prompt_statistics_unless_asked(sampler, ref_model):
+    p = prompts(31, (5,))[0]
+    spec = SampleSpec(prompt=p, num_samples=1, max_tokens=3, stop_at_eos=False)
+    got = to_result(spec, vllm_rows(ref_model, p, [[5, 6, 7]], 1.0, 0), None, set(), None)
+    assert got.prompt_logprobs is None and got.topk_prompt_tokens is None
+    assert got.sequences[0].topk_tokens is None
+    with pytest.raises(RuntimeError):  # one row per sample, or the engine misbehaved
+        to_result(dataclasses.replace(spec, num_samples=2), vllm_rows(ref_model, p, [[5]], 1.0, 0), None, set(), None)
+
+
+def row(tokens, reason) -> Completion:
+    return Completion(token_ids=list(tokens), logprobs=[{t: (-1.0, 1)} for t in tokens], finish_reason=reason)
+
+
+def test_stop_reasons_are_the_transformers_backends():
+    spec = SampleSpec(prompt=[1, 2], num_samples=1, max_tokens=4)
+    stops = {3}
+
+    def seq(tokens, reason):
+        s = finish(row(tokens, reason), spec, stops, None)
+        return s.tokens.tolist(), s.stop_reason
+
+    # vLLM checks the length first: a stop token drawn as the last allowed token comes back "length".
+    assert seq([10, 11, 12, 3], "length") == ([10, 11, 12, 3], "stop")
+    assert seq([10, 11, 12, 13], "length") == ([10, 11, 12, 13], "length")
+    assert seq([10, 3], "stop") == ([10, 3], "stop")
+    assert seq([10, 3, 11], "length") == ([10, 3], "stop")  # never past the first stop token
+    with pytest.raises(RuntimeError, match="abort"):
+        seq([10], "abort")
+    with pytest.raises(RuntimeError, match="logprobs"):
+        finish(Completion(token_ids=[10, 11], logprobs=[{10: (-1.0, 1)}], finish_reason="length"), spec, stops, None)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model)
+
+
+def test_stop_strings_cut_after_the_first_token_that_completes_one(tokenizer):
+    def decode(ids):
+        return tokenizer.decode(ids, skip_special_tokens=False)
+
+    text = "the cat sat on the mat, and then it ran off to 17 other mats."
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    checked = 0
+    for start in range(0, len(text) - 4, 3):
+        stop = text[start : start + 4]
+        linear = next(i for i in range(1, len(tokens) + 1) if stop in decode(tokens[:i]))
+        assert first_stop_string(tokens, ["zzzq", stop], decode) == linear
+        spec = SampleSpec(prompt=[1], num_samples=1, max_tokens=len(tokens), stop_strings=["zzzq", stop])
+        got = finish(row(tokens, "stop" if linear < len(tokens) else "length"), spec, set(), decode)
+        assert got.tokens.tolist() == tokens[:linear] and got.stop_reason == "stop"
+        checked += linear < len(tokens)
+    assert checked > 5  # most stops end inside the text
+    spec = SampleSpec(prompt=[1], num_samples=1, max_tokens=len(tokens), stop_strings=["zzzq"])
+    got = finish(row(tokens, "length"), spec, set(), decode)
+    assert got.tokens.tolist() == tokens and got.stop_reason == "length"
+    assert first_stop_string(tokens, [], decode) is None
+
+
+# ---------------------------------------------------------------------- adapters
+
+
+def test_adapter_files_are_the_peft_folder_the_trainer_agrees_with(tiny_path, engine, tmp_path):
+    """The folder vLLM loads (adapter_config.json + adapter_model.safetensors), loaded with peft,
+    computes the trainer's logprobs."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from openrl.trainer.weights import adapter_bytes
+
+    blob = adapter_bytes(engine, "m2")  # rank 8, attention only
+    files = adapter_files(blob, max_rank=8, base_model=tiny_path)
+    assert sorted(files) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads(files["adapter_config.json"])
+    assert (config["r"], config["lora_alpha"], config["bias"], config["peft_type"]) == (8, 32, "none", "LORA")
+    assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32), str(tmp_path)).eval()
+    p, g = prompts(32, (6, 8))
+    with torch.inference_mode():
+        logp = model(input_ids=torch.tensor([p + g])).logits[0, :-1].float().log_softmax(-1)
+    ours = logp[torch.arange(len(p) - 1, len(p) + len(g) - 1), torch.tensor(g)].numpy()
+    np.testing.assert_allclose(ours, trainer_logprobs(engine, "m2", p, g), **TOL)
+    assert json.loads(adapter_files(adapter_bytes(engine, "m1"), max_rank=8)["adapter_config.json"])["target_modules"] == [
+        "down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "up_proj", "v_proj"
+    ]  # fmt: skip
+
+
+def test_bad_adapter_blobs_are_user_errors(engine):
+    from safetensors.torch import save
+
+    state = engine.adapter_state("m2")
+    with pytest.raises(InvalidRequest, match="safetensors"):
+        adapter_files(b"not safetensors", max_rank=64)
+    with pytest.raises(InvalidRequest, match="max-lora-rank"):
+        adapter_files(save({k: v.contiguous() for k, v in state.items()}), max_rank=4)
+    broken = {k: v.clone().contiguous() for k, v in state.items()}
+    next(iter(broken.values()))[0, 0] = float("nan")
+    with pytest.raises(InvalidRequest, match="finite"):
+        adapter_files(save(broken), max_rank=64)
+    with pytest.raises(InvalidRequest, match="lora_B"):
+        adapter_files(save({k: v.contiguous() for k, v in state.items() if "lora_B" not in k}), max_rank=64)
+    with pytest.raises(InvalidRequest, match="unexpected"):
+        adapter_files(save({"model.embed_tokens.weight": torch.zeros(2, 2)}), max_rank=64)
+
+
+# ---------------------------------------------------------------------- the service with an async backend
+
+
+class InThread:
+    """A small real AsyncBackend: the transformers sampler, one request at a time on its own thread."""
+
+    def __init__(self, sampler: TransformersSampler):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.sampler = sampler
+        self.info = sampler.info
+        self.dead = False
+        self.thread = ThreadPoolExecutor(max_workers=1)
+
+    def validate(self, spec):
+        self.sampler.validate(dataclasses.replace(spec, adapter=None))
+
+    async def sample(self, spec, blob):
+        from safetensors.torch import load
+
+        if spec.adapter is not None and not self.sampler.has_adapter(spec.adapter):
+            state = load(blob)
+            targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in state})
+            rank = next(v.shape[0] for k, v in state.items() if "lora_A" in k)
+            self.sampler.load_adapter(spec.adapter, state, rank=rank, alpha=32, target_modules=targets)
+        [result] = await asyncio.get_running_loop().run_in_executor(self.thread, self.sampler.sample, [spec])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+async def test_service_awaits_an_async_backend(nats_server, tiny_path, engine, sampler):
+    """Requests go straight to an AsyncBackend from their handlers (no compute thread): results
+    and user errors land on the futures as with the transformers path; a dead engine ends `serve`."""
+    from openrl.bus.client import Bus, BusConfig
+    from openrl.sampler.service import Sampler, SamplerConfig, to_bus
+    from openrl.trainer.weights import adapter_bytes
+
+    bus = await Bus.connect(BusConfig(url=nats_server.url))
+    try:
+        weights = "adapters/vllm-test-m1/seq-1"
+        await bus.objects.put(weights, adapter_bytes(engine, "m1"))
+        backend = InThread(TransformersSampler(tiny_path, device="cpu"))
+        service = Sampler(SamplerConfig(base_model="tiny", model_path=tiny_path, idle_wait_s=0.05), bus, backend)
+        p = prompts(33, (6,))[0]
+        requests = {
+            "base": dict(weights=None, top_p=1.0),
+            "adapter": dict(weights=weights, top_p=1.0),
+            "bad": dict(weights=None, top_p=0.0),
+            "missing": dict(weights="adapters/vllm-test-none/seq-1", top_p=1.0),
+        }
+        msgs = {}
+        for name, kw in requests.items():
+            rid = f"vllm-test-{name}-{os.getpid()}"
+            await bus.kv_put(bus.futures, rid, Future(request_id=rid, owner="k", request_type="Sample"))
+            msgs[name] = SampleRequest(
+                request_id=rid, sampler_id="s", base_model="tiny", prompt=np.asarray(p, dtype="<i4").tobytes(),
+                num_samples=2, max_tokens=5, seed=3, stop_at_eos=False, topk_sample_logprobs=2, **kw,
+            )  # fmt: skip
+        await asyncio.gather(*(service.on_sample(m) for m in msgs.values()))
+        futures = {name: await bus.kv_get(bus.futures, m.request_id, Future) for name, m in msgs.items()}
+        for name, adapter in (("base", None), ("adapter", "m1")):  # the sampler fixture has m1's weights as "m1"
+            assert futures[name].state == "done", futures[name]
+            spec = SampleSpec(prompt=p, num_samples=2, max_tokens=5, seed=3, stop_at_eos=False, topk_sample_logprobs=2, adapter=adapter)
+            got, expected = decode(futures[name].payload, BusSampleResult), to_bus(one(sampler, spec))
+            assert len(got.sequences) == 2
+            for a, b in zip(got.sequences, expected.sequences, strict=True):
+                assert a.tokens == b.tokens and a.stop_reason == b.stop_reason and a.topk.tokens == b.topk.tokens
+                np.testing.assert_allclose(np.frombuffer(a.logprobs, "<f4"), np.frombuffer(b.logprobs, "<f4"), **TOL)
+        assert futures["bad"].state == "failed" and futures["bad"].category == "user" and "top_p" in futures["bad"].error
+        assert futures["missing"].state == "failed" and futures["missing"].category == "user"
+        assert service.served == 2 and service._busy_s > 0 and service._inflight == 0
+
+        stop = asyncio.Event()
+        watching = asyncio.create_task(service.serve(stop))
+        await asyncio.sleep(0.1)
+        assert not watching.done()
+        backend.dead = True
+        with pytest.raises(RuntimeError, match="died"):
+            await asyncio.wait_for(watching, 5)
+        backend.dead = False
+        stop.set()
+        await asyncio.wait_for(service.serve(stop), 5)  # returns once stopped
+    finally:
+        await bus.close()
+
+
+# ---------------------------------------------------------------------- the CLI
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vllm is installed here")
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_cli_without_vllm_says_how_to_install_it(how):
+    argv = [sys.executable, "-m", "openrl", "sampler", "--nats-url", "nats://127.0.0.1:1"]
+    env = {k: v for k, v in os.environ.items() if k != "OPENRL_SAMPLER_BACKEND"}
+    if how == "flag":
+        argv += ["--backend", "vllm"]
+    else:
+        env["OPENRL_SAMPLER_BACKEND"] = "vllm"
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0
+    assert "pip install 'openrl[vllm]'" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_the_module_imports_without_vllm():
+    code = "import sys, openrl.sampler.vllm_backend, openrl.sampler.service; sys.exit(1 if 'vllm' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+# ---------------------------------------------------------------------- on a GPU, with vLLM
+
+# The engine runs in bf16 (as the transformers backend on CUDA); references are fp32 on the CPU.
+BF16_MAX = 0.1  # largest |vLLM - reference| logprob difference allowed
+BF16_MEAN = 0.03
+gpu = pytest.mark.skipif(not (HAS_VLLM and torch.cuda.is_available()), reason=NO_GPU_REASON)
+
+
+def assert_close_bf16(got, expected):
+    diff = np.abs(np.asarray(got, dtype=np.float64) - np.asarray(expected, dtype=np.float64))
+    assert diff.max() < BF16_MAX and diff.mean() < BF16_MEAN, (diff.max(), diff.mean())
+
+
+@pytest.fixture(scope="module")
+async def vllm_sampler(default_model, tmp_path_factory):
+    if not (HAS_VLLM and torch.cuda.is_available()):
+        pytest.skip(NO_GPU_REASON)
+    from openrl.sampler.vllm_backend import VllmSampler
+
+    s = VllmSampler(str(default_model), gpu_memory_utilization=0.25, max_loras=2, max_lora_rank=16, max_adapters=2,
+                    adapter_dir=str(tmp_path_factory.mktemp("vllm-adapters")), enforce_eager=True)  # fmt: skip
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def default_ref(default_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def default_engine(default_model):
+    """Tenants on the default model: "attn" (rank 8, no lm_head), "unembed" (rank 8, with lm_head), "big" (rank 32)."""
+    from openrl.bus.messages import AdamParams, ForwardBackward, LoraSpec
+    from openrl.trainer.engine import LoraEngine
+
+    if not (HAS_VLLM and torch.cuda.is_available()):
+        pytest.skip(NO_GPU_REASON)
+    engine = LoraEngine(str(default_model), device="cpu")
+    rng = np.random.default_rng(0)
+    vocab = engine.info.vocab_size
+    for model_id, lora in (
+        ("attn", LoraSpec(rank=8, seed=1, train_unembed=False)),
+        ("unembed", LoraSpec(rank=8, seed=2)),
+        ("big", LoraSpec(rank=32, seed=3, train_unembed=False)),
+    ):
+        engine.create(model_id, lora)
+        data = [datum(rng.integers(0, vocab, 12), rng.integers(0, vocab, 12)) for _ in range(2)]
+        for _ in range(3):
+            engine.forward_backward(ForwardBackward(request_id="r", model_id=model_id, seq_id=1, loss_fn="cross_entropy", data=data))
+            engine.optim_step(model_id, AdamParams(learning_rate=0.05))
+    return engine
+
+
+def random_prompt(seed: int, n: int) -> list[int]:
+    return np.random.default_rng(seed).integers(10, 800, n).tolist()
+
+
+@gpu
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+async def test_vllm_sampled_logprobs_are_the_tempered_forward(vllm_sampler, default_ref, temperature):
+    p = random_prompt(1, 10)
+    spec = SampleSpec(prompt=p, num_samples=3, max_tokens=12, temperature=temperature, seed=5, stop_at_eos=False)
+    r = await vllm_sampler.sample(spec)
+    assert len(r.sequences) == 3
+    for seq in r.sequences:
+        assert len(seq.tokens) == 12 and seq.stop_reason == "length"
+        expected = ref_logprobs(default_ref, p, seq.tokens, temperature)
+        assert_close_bf16(seq.logprobs, expected)
+        if temperature != 1.0:  # the check can tell tempered from untempered logprobs
+            assert np.abs(ref_logprobs(default_ref, p, seq.tokens, 1.0) - expected).max() > 3 * BF16_MAX
+    if temperature == 1.0:
+        assert len({tuple(s.tokens) for s in r.sequences}) == 3  # each row its own stream
+
+
+@gpu
+async def test_vllm_greedy_follows_the_argmax(vllm_sampler, default_ref):
+    p = chat_prompt(vllm_sampler, "apple")
+    r = await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=2, max_tokens=10, temperature=0.0, stop_at_eos=False))
+    a, b = r.sequences
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    logits = ref_logits(default_ref, p + a.tokens.tolist()[:-1])[len(p) - 1 :]
+    top2 = logits.topk(2).values
+    for t, (row, (first, second)) in enumerate(zip(logits, top2.tolist(), strict=True)):
+        if first - second > 2 * BF16_MAX:  # not a near-tie that bf16 may break either way
+            assert a.tokens[t] == int(row.argmax()), t
+    assert_close_bf16(a.logprobs, ref_logprobs(default_ref, p, a.tokens, 1.0))  # greedy logprobs: temperature 1
+
+
+@gpu
+async def test_vllm_seeds_are_reproducible(vllm_sampler):
+    p = random_prompt(2, 8)
+    spec = SampleSpec(prompt=p, num_samples=2, max_tokens=20, seed=123, stop_at_eos=False)
+    first, again = await vllm_sampler.sample(spec), await vllm_sampler.sample(spec)
+    for a, b in zip(first.sequences, again.sequences, strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+    other = await vllm_sampler.sample(dataclasses.replace(spec, seed=124))
+    assert other.sequences[0].tokens.tolist() != first.sequences[0].tokens.tolist()
+    unseeded = dataclasses.replace(spec, seed=None, num_samples=1)
+    x, y = await vllm_sampler.sample(unseeded), await vllm_sampler.sample(unseeded)
+    assert x.sequences[0].tokens.tolist() != y.sequences[0].tokens.tolist()
+
+
+@gpu
+async def test_vllm_stop_token_ids_and_length(vllm_sampler):
+    p = random_prompt(3, 6)
+    full = (await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=1, max_tokens=12, temperature=0, stop_at_eos=False))).sequences[0].tokens.tolist()
+    i = next(i for i in range(2, 12) if full[i] not in full[:i])
+
+    async def greedy(**kw):
+        [seq] = (await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=1, temperature=0, stop_at_eos=False, **kw))).sequences
+        return seq.tokens.tolist(), seq.stop_reason
+
+    assert await greedy(max_tokens=12, stop_token_ids=[full[i]]) == (full[: i + 1], "stop")
+    assert await greedy(max_tokens=i) == (full[:i], "length")
+    assert await greedy(max_tokens=i + 1, stop_token_ids=[full[i]]) == (full[: i + 1], "stop")  # on the last allowed token
+
+
+@gpu
+async def test_vllm_eos_and_stop_strings(vllm_sampler):
+    tok, p = vllm_sampler.tokenizer, chat_prompt(vllm_sampler, "banana")
+    [seq] = (await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=1, max_tokens=20, temperature=0))).sequences
+    assert seq.stop_reason == "stop" and seq.tokens[-1] in vllm_sampler.info.eos_token_ids
+    [run_on] = (await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=1, max_tokens=20, temperature=0, stop_at_eos=False))).sequences
+    assert run_on.stop_reason == "length" and len(run_on.tokens) == 20
+    assert run_on.tokens[: len(seq.tokens)].tolist() == seq.tokens.tolist()
+    text = tok.decode(run_on.tokens.tolist(), skip_special_tokens=False)
+    stop = text[4:9]
+    cut = next(i for i in range(1, 21) if stop in tok.decode(run_on.tokens[:i].tolist(), skip_special_tokens=False))
+    spec = SampleSpec(prompt=p, num_samples=1, max_tokens=20, temperature=0, stop_strings=["zzzq", stop], stop_at_eos=False)
+    [cut_seq] = (await vllm_sampler.sample(spec)).sequences
+    assert cut_seq.tokens.tolist() == run_on.tokens[:cut].tolist() and cut_seq.stop_reason == "stop"
+
+
+@gpu
+async def test_vllm_prompt_and_topk_logprobs(vllm_sampler, default_ref):
+    p = random_prompt(4, 9)
+    spec = SampleSpec(prompt=p, num_samples=2, max_tokens=4, temperature=0.8, seed=2, stop_at_eos=False,
+                      prompt_logprobs=True, topk_prompt_logprobs=4, topk_sample_logprobs=3)  # fmt: skip
+    r = await vllm_sampler.sample(spec)
+    logp = ref_logits(default_ref, p).log_softmax(-1)[:-1]  # row i predicts p[i + 1], temperature 1
+    assert r.prompt_logprobs.shape == (9,) and np.isnan(r.prompt_logprobs[0])
+    assert_close_bf16(r.prompt_logprobs[1:], logp[torch.arange(8), torch.tensor(p[1:])].numpy())
+    assert r.topk_prompt_tokens.shape == (9, 4) and (r.topk_prompt_logprobs[0] == SENTINEL_LOGPROB).all()
+    # The values are the top 4, and each is its token's logprob (token order may differ at bf16 near-ties).
+    assert_close_bf16(r.topk_prompt_logprobs[1:], logp.topk(4).values.numpy())
+    assert_close_bf16(r.topk_prompt_logprobs[1:], logp.gather(1, torch.from_numpy(r.topk_prompt_tokens[1:])).numpy())
+    for seq in r.sequences:
+        tempered = (ref_logits(default_ref, p + seq.tokens.tolist()[:-1])[len(p) - 1 :] / 0.8).log_softmax(-1)
+        assert seq.topk_tokens.shape == (4, 3)
+        assert_close_bf16(seq.topk_logprobs, tempered.topk(3).values.numpy())
+        assert_close_bf16(seq.topk_logprobs, tempered.gather(1, torch.from_numpy(seq.topk_tokens)).numpy())
+    r = await vllm_sampler.sample(dataclasses.replace(spec, prompt_logprobs_last_n=3))
+    assert np.isnan(r.prompt_logprobs[:6]).all() and not np.isnan(r.prompt_logprobs[6:]).any()
+    assert (r.topk_prompt_logprobs[:6] == SENTINEL_LOGPROB).all() and (r.topk_prompt_logprobs[6:] > SENTINEL_LOGPROB).all()
+
+
+@gpu
+async def test_vllm_top_k_samples_only_the_top_k(vllm_sampler, default_ref):
+    """Never a token outside the top k; the logprobs are vLLM's processed ones: the tempered
+    distribution renormalised over the top k (the transformers backend reports them before truncation)."""
+    p = random_prompt(5, 6)
+    temperature, k = 1.3, 3
+    r = await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=16, max_tokens=3, temperature=temperature, top_k=k, seed=0, stop_at_eos=False))
+    for seq in r.sequences:
+        scaled = ref_logits(default_ref, p + seq.tokens.tolist()[:-1])[len(p) - 1 :] / temperature
+        for t, (row, token) in enumerate(zip(scaled, seq.tokens.tolist(), strict=True)):
+            values, tokens = row.topk(k + 1)
+            kth, next_ = float(values[k - 1]), float(values[k])
+            assert float(row[token]) >= kth - BF16_MAX, (t, token)  # in the top k, up to bf16 noise at the edge
+            if kth - next_ > 2 * BF16_MAX:  # an unambiguous top-k set
+                truncated = row[tokens[:k]].log_softmax(-1)
+                assert abs(seq.logprobs[t] - float(truncated[tokens[:k].tolist().index(token)])) < BF16_MAX
+
+
+@gpu
+async def test_vllm_lora_adapters_match_the_trainer(vllm_sampler, default_engine, default_ref):
+    from openrl.trainer.weights import adapter_bytes
+
+    p = random_prompt(6, 7)
+    blob = adapter_bytes(default_engine, "attn")
+    key = "adapters/attn/seq-1"
+    spec = SampleSpec(prompt=p, num_samples=2, max_tokens=10, seed=9, stop_at_eos=False, adapter=key)
+    base_spec = dataclasses.replace(spec, adapter=None)
+    tuned, plain = await asyncio.gather(vllm_sampler.sample(spec, blob), vllm_sampler.sample(base_spec))  # one batch, mixed
+    assert vllm_sampler.has_adapter(key)
+    for seq in tuned.sequences:
+        expected = trainer_logprobs(default_engine, "attn", p, seq.tokens)
+        assert_close_bf16(seq.logprobs, expected)
+        assert np.abs(ref_logprobs(default_ref, p, seq.tokens) - expected).max() > 3 * BF16_MAX  # the adapter matters
+    for seq in plain.sequences:
+        assert_close_bf16(seq.logprobs, ref_logprobs(default_ref, p, seq.tokens))
+    again = await vllm_sampler.sample(spec)  # loaded: no blob needed
+    np.testing.assert_array_equal(again.sequences[0].tokens, tuned.sequences[0].tokens)
+
+
+@gpu
+async def test_vllm_adapter_lru_evicts_engine_and_folder(vllm_sampler, default_engine):
+    from openrl.trainer.weights import adapter_bytes
+
+    blob = adapter_bytes(default_engine, "attn")
+    spec = SampleSpec(prompt=random_prompt(7, 5), num_samples=1, max_tokens=2, seed=1)
+    for key in ("lru/a", "lru/b", "lru/c"):  # max_adapters=2
+        await vllm_sampler.sample(dataclasses.replace(spec, adapter=key), blob)
+    assert vllm_sampler.adapter_keys()[-2:] == ["lru/b", "lru/c"] and not vllm_sampler.has_adapter("lru/a")
+    await asyncio.gather(*list(vllm_sampler._removing))
+    assert len(list(vllm_sampler._dir.iterdir())) == 2  # the evicted adapter's folder is gone
+    with pytest.raises(NotFound):
+        await vllm_sampler.sample(dataclasses.replace(spec, adapter="lru/a"))
+    await vllm_sampler.sample(dataclasses.replace(spec, adapter="lru/a"), blob)  # loads again, under a fresh id
+
+
+@gpu
+async def test_vllm_lm_head_adapter_works_or_is_refused_by_name(vllm_sampler, default_engine):
+    from openrl.trainer.weights import adapter_bytes
+
+    p = random_prompt(8, 6)
+    spec = SampleSpec(prompt=p, num_samples=1, max_tokens=6, seed=2, stop_at_eos=False, adapter="adapters/unembed/seq-1")
+    try:
+        r = await vllm_sampler.sample(spec, adapter_bytes(default_engine, "unembed"))
+    except InvalidRequest as e:
+        assert "lm_head" in str(e)
+        return
+    assert_close_bf16(r.sequences[0].logprobs, trainer_logprobs(default_engine, "unembed", p, r.sequences[0].tokens))
+
+
+@gpu
+async def test_vllm_refuses_what_it_cannot_do(vllm_sampler, default_engine):
+    from openrl.trainer.weights import adapter_bytes
+
+    p = random_prompt(9, 5)
+    for bad, field in VLLM_BAD:
+        if field == "target_prompt_logprobs":
+            bad = dict(target_prompt_logprobs=np.zeros((4, 1), dtype=np.int64))
+        with pytest.raises(InvalidRequest, match=field):
+            await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=1, max_tokens=2, **bad))
+    with pytest.raises(InvalidRequest, match="rank"):  # 32 > --max-lora-rank 16
+        await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=1, max_tokens=2, adapter="big"), adapter_bytes(default_engine, "big"))
+    assert not vllm_sampler.has_adapter("big")
+    ok = await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=1, max_tokens=2))  # the engine carries on
+    assert len(ok.sequences[0].tokens) >= 1
