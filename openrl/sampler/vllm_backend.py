@@ -361,6 +361,10 @@ class VllmSampler:
             disable_log_stats=True,
         )
         self.engine = AsyncLLM.from_engine_args(args)
+        mode = self.engine.model_config.logprobs_mode  # an enum in vLLM 0.10, a string in 0.11
+        if getattr(mode, "value", mode) != "processed_logprobs":
+            self.engine.shutdown()
+            raise RuntimeError(f"vLLM runs with logprobs_mode {mode!r}, not 'processed_logprobs': the logprobs would be wrong")
         log.info("sampler_loaded", backend="vllm", path=model_path, dtype=DTYPE, eos=self.info.eos_token_ids,
                  max_loras=max_loras, max_lora_rank=max_lora_rank)  # fmt: skip
 
