@@ -175,10 +175,13 @@ class Pool:
             self._retire(worker, "timeout")
             score = ItemScore(error=f"reward function timed out after {self.timeout_s:g} s", error_kind="timeout")
         except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError):
-            with contextlib.suppress(asyncio.TimeoutError):
+            try:  # the pipe closed: wait briefly for the exit status, which says why
                 await asyncio.wait_for(worker.proc.wait(), 2.0)
-            status = _exit_status(worker.proc.returncode)
-            self._retire(worker, "crashed")
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                status = _exit_status(worker.proc.returncode)
+                self._retire(worker, "crashed")
             score = ItemScore(error=f"reward worker process died ({status})", error_kind="crashed")
         except BaseException:  # cancelled mid-call (shutdown, request handed back): its state is unknown
             self._retire(worker, "cancelled")
@@ -200,11 +203,15 @@ class Pool:
         broken = asyncio.ensure_future(self._broken.wait())
         try:
             await asyncio.wait([take, broken], return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled while waiting: a worker we already got goes back
+            if take.done() and not take.cancelled():
+                self._idle.put_nowait(take.result())
+            take.cancel()
+            raise
         finally:
             broken.cancel()
-            if not take.done():
-                take.cancel()
-        if not take.done() or take.cancelled():
+        if not take.done():
+            take.cancel()
             raise Unavailable(self.broken or "reward pool is broken")
         return take.result()
 

@@ -134,3 +134,18 @@ async def test_a_function_that_cannot_be_loaded_is_a_clear_error(fn, message):
         await pool.start()
     assert message in str(e.value)
     assert pool.pids() == []
+
+
+async def test_cancelled_calls_leave_the_pool_whole(chaos_pool):
+    """A request handed back mid-call (shutdown) kills the busy worker; waiting calls just leave."""
+    running = [asyncio.create_task(chaos_pool.score(item("sleep:30"))) for _ in range(2)]
+    waiting = [asyncio.create_task(chaos_pool.score(item("ok:1"))) for _ in range(3)]
+    await asyncio.sleep(0.5)
+    busy = chaos_pool.pids()
+    for task in running + waiting:
+        task.cancel()
+    await asyncio.gather(*running, *waiting, return_exceptions=True)
+    after = await _full(chaos_pool)
+    assert not set(after) & set(busy) and not [p for p in busy if _alive(p)]
+    assert [s.reward for s in await asyncio.gather(*(chaos_pool.score(item(f"ok:{i}")) for i in range(4)))] == [0.0, 1.0, 2.0, 3.0]
+    assert chaos_pool.busy_seconds() < 5
