@@ -339,7 +339,6 @@ class VllmSampler:
         self.info, self.tokenizer = model_info(model_path)
         self.max_lora_rank = max_lora_rank
         self.max_adapters = max_adapters
-        self._dir = Path(tempfile.mkdtemp(prefix="openrl-vllm-adapters-", dir=adapter_dir))  # mode 700
         self._loras: OrderedDict[str, _Lora] = OrderedDict()  # by adapter key, least recently used first
         self._loading: dict[str, asyncio.Future] = {}
         self._removing: set[asyncio.Task] = set()
@@ -365,6 +364,7 @@ class VllmSampler:
         if getattr(mode, "value", mode) != "processed_logprobs":
             self.engine.shutdown()
             raise RuntimeError(f"vLLM runs with logprobs_mode {mode!r}, not 'processed_logprobs': the logprobs would be wrong")
+        self._dir = Path(tempfile.mkdtemp(prefix="openrl-vllm-adapters-", dir=adapter_dir))  # mode 700, ours alone
         log.info("sampler_loaded", backend="vllm", path=model_path, dtype=DTYPE, eos=self.info.eos_token_ids,
                  max_loras=max_loras, max_lora_rank=max_lora_rank)  # fmt: skip
 
@@ -399,7 +399,13 @@ class VllmSampler:
                                                  output_kind=RequestOutputKind.FINAL_ONLY))  # fmt: skip
                 except ValueError as e:  # a value this vLLM version will not take
                     raise InvalidRequest(f"sampling_params: vLLM refused them: {e}") from None
-            outs = await asyncio.gather(*(self._generate(spec.prompt, p, lora) for p in params))
+            rows = [asyncio.ensure_future(self._generate(spec.prompt, p, lora)) for p in params]
+            try:
+                outs = await asyncio.gather(*rows)
+            except BaseException:
+                for task in rows:  # a failed row (or a cancelled request) stops the others: vLLM aborts them
+                    task.cancel()
+                raise
         finally:
             if lora is not None:
                 self._release(lora)

@@ -327,6 +327,12 @@ class InThread:
         self.sampler.validate(dataclasses.replace(spec, adapter=None))
 
     async def sample(self, spec, blob):
+        [result] = await asyncio.get_running_loop().run_in_executor(self.thread, self._sample, spec, blob)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _sample(self, spec, blob):
         from safetensors.torch import load
 
         if spec.adapter is not None and not self.sampler.has_adapter(spec.adapter):
@@ -334,10 +340,7 @@ class InThread:
             targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in state})
             rank = next(v.shape[0] for k, v in state.items() if "lora_A" in k)
             self.sampler.load_adapter(spec.adapter, state, rank=rank, alpha=32, target_modules=targets)
-        [result] = await asyncio.get_running_loop().run_in_executor(self.thread, self.sampler.sample, [spec])
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return self.sampler.sample([spec])
 
 
 async def test_service_awaits_an_async_backend(nats_server, tiny_path, engine, sampler):
