@@ -42,7 +42,6 @@ from openrl.sampler.vllm_backend import (
 )
 from test_backend import (  # noqa: F401  (fixtures)
     BAD,
-    EOS,
     TOL,
     base,
     chat_prompt,
