@@ -1,0 +1,1 @@
+"""An example reward package: plain functions, no openrl import needed."""
