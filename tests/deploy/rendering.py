@@ -82,6 +82,21 @@ def render():
     return build
 
 
+def helm_merge(a, b):
+    """How helm combines -f files: maps merge key by key, anything else is replaced."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: helm_merge(a[k], b[k]) if k in a and k in b else b.get(k, a.get(k)) for k in {**a, **b}}
+    return b
+
+
+def nats_values(overlay: str) -> dict:
+    """The NATS chart values an overlay runs against, its -f files merged as helm does."""
+    values: dict = {}
+    for f in NATS_VALUES[overlay]:
+        values = helm_merge(values, yaml.safe_load(f.read_text()))
+    return values
+
+
 # -- reading rendered objects ------------------------------------------------------------
 
 

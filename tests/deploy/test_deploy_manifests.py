@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shlex
 import sys
@@ -14,7 +15,6 @@ from urllib.parse import urlparse
 
 import jsonschema
 import pytest
-import yaml
 
 from openrl.bus import subjects
 from openrl.bus.client import MAX_PAYLOAD
@@ -26,7 +26,6 @@ from rendering import (  # noqa: F401 - render is a fixture
     IMAGE_UID,
     LIBRARY_ENV,
     NAMESPACE,
-    NATS_VALUES,
     OVERLAYS,
     ROOT,
     container_env,
@@ -35,6 +34,7 @@ from rendering import (  # noqa: F401 - render is a fixture
     env_read_by_subcommand,
     find,
     lookup,
+    nats_values,
     one,
     pod_labels,
     pod_spec,
@@ -213,7 +213,7 @@ def test_operator_created_objects_are_documented():
 def parse_openrl(argv: list[str], env: dict[str, str], monkeypatch):
     from openrl import cli
 
-    for k in [k for k in __import__("os").environ if k.startswith("OPENRL_")]:
+    for k in [k for k in os.environ if k.startswith("OPENRL_")]:
         monkeypatch.delenv(k)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -468,18 +468,6 @@ def test_workers_talk_to_nats_and_dns_only(render):
 # -- NATS and autoscaling ---------------------------------------------------------------
 
 
-def nats_values(overlay: str) -> dict:
-    """The chart values an overlay runs against, files merged as helm merges -f files."""
-    def merge(a, b):
-        if isinstance(a, dict) and isinstance(b, dict):
-            return {k: merge(a[k], b[k]) if k in a and k in b else b.get(k, a.get(k)) for k in {**a, **b}}
-        return b
-    values: dict = {}
-    for f in NATS_VALUES[overlay]:
-        values = merge(values, yaml.safe_load(f.read_text()))
-    return values
-
-
 @pytest.mark.parametrize("overlay", list(OVERLAYS))
 def test_stream_replicas_match_the_nats_cluster(render, overlay, monkeypatch):
     objs = render(OVERLAYS[overlay])
@@ -488,8 +476,7 @@ def test_stream_replicas_match_the_nats_cluster(render, overlay, monkeypatch):
     servers = cluster["replicas"] if cluster.get("enabled") else 1
     for c in containers(objs, init=False):
         if c.openrl_subcommand:
-            args = parse_openrl(c.spec["args"], container_env(objs, c), monkeypatch) if overlay == "dev-cpu" else \
-                parse_openrl(c.spec["args"], container_env(objs, c, OPERATOR_SECRETS), monkeypatch)
+            args = parse_openrl(c.spec["args"], container_env(objs, c, OPERATOR_SECRETS), monkeypatch)
             assert args.nats_replicas == servers, f"{overlay}: {c.where} makes R{args.nats_replicas} streams on {servers} servers"
 
 

@@ -24,23 +24,9 @@ import yaml
 from openrl.bus import subjects
 from openrl.bus.client import MAX_PAYLOAD, Bus, BusConfig
 from openrl.bus.server import find_binary, free_port, wait_for_port
-from rendering import DEPLOY, NATS_VALUES
+from rendering import DEPLOY, NATS_VALUES, nats_values
 
 SCHEMA = json.loads((Path(__file__).parent / "schemas" / "nats-values.schema.json").read_text())
-
-
-def helm_merge(a, b):
-    """How helm combines -f files: maps merge key by key, anything else is replaced."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return {k: helm_merge(a[k], b[k]) if k in a and k in b else b.get(k, a.get(k)) for k in {**a, **b}}
-    return b
-
-
-def values_for(overlay: str) -> dict:
-    values: dict = {}
-    for f in NATS_VALUES[overlay]:
-        values = helm_merge(values, yaml.safe_load(f.read_text()))
-    return values
 
 
 def unquote(value):
@@ -107,7 +93,7 @@ def servers():
 
 @pytest.mark.parametrize("overlay", list(NATS_VALUES))
 def test_values_fit_the_charts_layout(overlay):
-    jsonschema.validate(values_for(overlay), SCHEMA)
+    jsonschema.validate(nats_values(overlay), SCHEMA)
 
 
 def test_schema_rejects_a_misspelt_key():
@@ -118,7 +104,7 @@ def test_schema_rejects_a_misspelt_key():
 
 
 def test_production_values_are_three_nodes_on_volumes_with_our_max_payload():
-    cfg = values_for("gpu")["config"]
+    cfg = nats_values("gpu")["config"]
     assert cfg["cluster"] == {"enabled": True, "replicas": 3}
     fs = cfg["jetstream"]["fileStore"]
     assert cfg["jetstream"]["enabled"] and fs["enabled"] and fs["pvc"]["enabled"]
@@ -130,7 +116,7 @@ def test_production_values_are_three_nodes_on_volumes_with_our_max_payload():
 
 def test_dev_values_run_a_server_with_our_limits(tmp_path, servers):
     """One node (values-dev.yaml): R1 streams, a MAX_PAYLOAD-sized body goes through."""
-    values = values_for("dev-cpu")
+    values = nats_values("dev-cpu")
     port, http = free_port(), free_port()
     servers.start(nats_conf(values, name="nats-0", port=port, http_port=http, store_dir=tmp_path / "js"), tmp_path / "nats.conf", port)
     v = varz(http)
@@ -156,7 +142,7 @@ def test_production_values_run_a_three_node_cluster_with_r3_streams(tmp_path, se
     """Three nodes as values.yaml describes them, routes between them, JetStream on each:
     OpenRL's bus with the gpu overlay's OPENRL_NATS_REPLICAS makes R3 streams and buckets,
     and a large message published on one node is stored on all three."""
-    values = values_for("gpu")
+    values = nats_values("gpu")
     n = values["config"]["cluster"]["replicas"]
     ports, https, cports = ([free_port() for _ in range(n)] for _ in range(3))
     routes = [f"nats://127.0.0.1:{p}" for p in cports]
