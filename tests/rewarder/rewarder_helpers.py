@@ -2,7 +2,8 @@
 (`python -m openrl rewarder ...`), and bus-level submit/wait helpers that do what the
 gateway does (a pending future, then the request on the work queue).
 
-(A module of its own, not conftest.py: tests/ has several conftest modules of one name.)"""
+The fixtures `bus` and `rewarders` are imported by the test modules that use them: a
+tests/rewarder/conftest.py would shadow tests/conftest.py for `from conftest import ...`."""
 
 from __future__ import annotations
 
@@ -17,12 +18,37 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from openrl.bus import subjects
-from openrl.bus.client import Bus
+from openrl.bus.client import Bus, BusConfig
 from openrl.bus.messages import Future, ScoreItem, ScoreRequest, WorkerInfo
 
 HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+async def bus(nats_server):
+    b = await Bus.connect(BusConfig(url=nats_server.url))
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+def rewarders(nats_server, tmp_path):
+    """Start rewarder processes; each is stopped with SIGTERM at the end and must exit 0."""
+    started: list[RewarderProc] = []
+
+    def start(fn: str, name: str, *args: str) -> RewarderProc:
+        p = start_rewarder(nats_server.url, tmp_path, fn, name, *args)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        if p.proc.poll() is None:
+            code = p.stop()
+            assert code == 0, f"rewarder {p.name} exited with {code} on SIGTERM:\n{p.output()}"
 
 
 def unique(prefix: str) -> str:

@@ -16,7 +16,7 @@ import pytest
 from openrl.bus import subjects
 from openrl.bus.messages import Future, ScoreRequest
 
-from rewarder_helpers import HERE, item, result, submit, unique, wait_heartbeat, workers
+from rewarder_helpers import HERE, bus, item, result, rewarders, submit, unique, wait_heartbeat, workers  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.timeout(300)
 
