@@ -25,7 +25,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from openrl.bus import subjects
-from openrl.bus.errors import InvalidRequest
+from openrl.bus.errors import InvalidRequest, Unavailable
 from openrl.bus.messages import Future, decode, encode
 
 log = structlog.get_logger(__name__)
@@ -34,6 +34,10 @@ log = structlog.get_logger(__name__)
 # max_payload and the gateway refuses bodies above it with 413 (nats-py closes the
 # connection on an oversize publish, so it must never get that far).
 MAX_PAYLOAD = 32 * 1024 * 1024
+
+# How long a worker's heartbeat entry outlives its last beat: a worker is alive while its
+# entry exists (there is no clock comparison across hosts).
+WORKER_TTL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class Bus:
         self.weights: KeyValue
         self.samplers: KeyValue
         self.snapshots: KeyValue
+        self.leases: KeyValue
         self.objects: ObjectStore
 
     @classmethod
@@ -130,13 +135,27 @@ class Bus:
                 num_replicas=r,
             )
         )
+        await self._ensure_stream(
+            api.StreamConfig(
+                name=subjects.REWARD_STREAM,
+                subjects=[f"{subjects.PREFIX}.reward.>"],
+                retention=api.RetentionPolicy.WORK_QUEUE,
+                storage=api.StorageType.FILE,
+                duplicate_window=self.cfg.duplicate_window_s,
+                max_msg_size=MAX_PAYLOAD,
+                num_replicas=r,
+            )
+        )
         self.futures = await self._ensure_kv(subjects.FUTURES_BUCKET, ttl=self.cfg.futures_ttl_s)
         self.models = await self._ensure_kv(subjects.MODELS_BUCKET)
         self.sessions = await self._ensure_kv(subjects.SESSIONS_BUCKET)
-        self.workers = await self._ensure_kv(subjects.WORKERS_BUCKET, ttl=30)
+        # A worker whose heartbeat (every 2 s) stops is gone from here after this TTL; a dead
+        # trainer's models move to another trainer then (trainer/service.py, leases).
+        self.workers = await self._ensure_kv(subjects.WORKERS_BUCKET, ttl=WORKER_TTL_S)
         self.weights = await self._ensure_kv(subjects.WEIGHTS_BUCKET)
         self.samplers = await self._ensure_kv(subjects.SAMPLERS_BUCKET)
         self.snapshots = await self._ensure_kv(subjects.SNAPSHOTS_BUCKET)
+        self.leases = await self._ensure_kv(subjects.LEASES_BUCKET)
         self.objects = await self._ensure_objects(subjects.WEIGHTS_OBJECTS)
 
     async def _ensure_objects(self, bucket: str) -> ObjectStore:
@@ -158,9 +177,16 @@ class Bus:
 
     async def _ensure_kv(self, bucket: str, ttl: float | None = None) -> KeyValue:
         try:
-            return await self.js.key_value(bucket)
+            kv = await self.js.key_value(bucket)
         except (NotFoundError, BadRequestError):
             pass
+        else:
+            if ttl is not None:  # a store from an older version: bring its TTL to ours
+                info = await self.js.stream_info(f"KV_{bucket}")
+                if abs((info.config.max_age or 0) - ttl) > 1e-3:
+                    info.config.max_age = ttl
+                    await self.js.update_stream(info.config)
+            return kv
         try:
             return await self.js.create_key_value(
                 api.KeyValueConfig(
@@ -241,17 +267,26 @@ class Bus:
         max_inflight: int = 256,
         batch: int = 16,
         stop: asyncio.Event | None = None,
+        start_seq: int | None = None,
+        inactive_threshold_s: float | None = None,
+        fetch_timeout_s: float = 1.0,
     ) -> None:
         """Pull messages and hand each to `handle` in its own task until `stop` is set.
 
         Handlers run concurrently (up to `max_inflight`), so a handler may wait (for its
         model's turn, say) without blocking the others; the message is kept alive with
         in-progress acks while it waits.
+
+        A new durable starts at stream sequence `start_seq` (default: the first message); an
+        existing one keeps its position and its unacked messages. `inactive_threshold_s` lets
+        the server delete a durable nobody has pulled from for that long.
         """
         config = api.ConsumerConfig(
             durable_name=durable,
             ack_policy=api.AckPolicy.EXPLICIT,
-            deliver_policy=api.DeliverPolicy.ALL,
+            deliver_policy=api.DeliverPolicy.ALL if start_seq is None else api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start_seq,
+            inactive_threshold=inactive_threshold_s,
             ack_wait=ack_wait_s,
             max_ack_pending=max(4 * max_inflight, 1024),
             filter_subject=filter_subject,
@@ -269,7 +304,7 @@ class Bus:
             while not stop.is_set():
                 free = max(1, min(batch, slots._value))  # noqa: SLF001 - no public accessor
                 try:
-                    msgs = await sub.fetch(free, timeout=1.0)
+                    msgs = await sub.fetch(free, timeout=fetch_timeout_s)
                 except (nats.errors.TimeoutError, asyncio.TimeoutError):
                     continue
                 except nats.errors.ConnectionClosedError:
@@ -322,6 +357,9 @@ async def _deliver(raw, type_: object, handle: Callable[[object], Awaitable[None
         except Exception:
             pass
         raise
+    except Unavailable as e:  # not this worker's to do right now (say, a model that moved)
+        log.info("message_handed_back", subject=raw.subject, reason=str(e))
+        await raw.nak(delay=1.0)
     except InvalidRequest as e:
         # Handlers record user errors on the future themselves; this is the backstop.
         log.warning("message_invalid", subject=raw.subject, error=str(e))

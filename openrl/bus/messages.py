@@ -162,6 +162,7 @@ class ModelRecord(msgspec.Struct, frozen=True, kw_only=True):
     create_request_id: str
     user_metadata: dict[str, str] = {}
     init_state: str | None = None  # create-via-load: object name of the checkpoint loaded at seq 0
+    init_path: str = ""  # ... and its tinker:// path
     init_with_optimizer: bool = False
 
 
@@ -200,6 +201,8 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_at: float = 0.0
     busy_fraction: float = 0.0
     models: int = 0
+    reward_name: str = ""  # a rewarder: the reward function it serves
+    concurrency: int = 0  # a rewarder: calls it runs at once (its process pool)
 
 
 class WeightsRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -230,6 +233,22 @@ class SnapshotRecord(msgspec.Struct, frozen=True, kw_only=True):
     object: str
     size_bytes: int
     created_at: float
+
+
+class Lease(msgspec.Struct, frozen=True, kw_only=True):
+    """KV `leases`, key = subjects.lease_key(base, model): the one trainer that owns a model.
+
+    Written with compare-and-set only (create, or update at the revision read), so two
+    trainers never both think they won. `epoch` counts owners; `failed` marks a model no
+    trainer can load (a create-via-load of an unusable checkpoint), so none keeps trying."""
+
+    model_id: str
+    base_model: str
+    owner: str  # the trainer's worker id
+    epoch: int = 1
+    acquired_at: float = 0.0
+    previous_owner: str = ""
+    failed: str | None = None
 
 
 class SamplerRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -326,6 +345,44 @@ class Future(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float = 0.0
     finished_at: float = 0.0
 
+
+
+# ---------------------------------------------------------------------------
+# Reward stream: openrl.reward.<name>. A work queue; any rewarder serving <name> takes a request.
+
+
+class ScoreItem(msgspec.Struct, frozen=True, kw_only=True):
+    prompt: str = ""
+    completion: str
+    reference: bytes = b"null"  # the task's reference data as JSON text (any JSON value)
+
+
+class ScoreRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Score every item with the reward function `reward_name`; the result goes to the
+    future `request_id` (a `ScoreResult` as JSON)."""
+
+    request_id: str
+    reward_name: str
+    items: list[ScoreItem]
+
+
+class ItemScore(msgspec.Struct, frozen=True, kw_only=True):
+    """One item's outcome: its reward (and named components), or the error that replaced it."""
+
+    reward: float | None = None
+    metrics: dict[str, float] = {}
+    error: str | None = None
+    error_kind: Literal["exception", "timeout", "crashed", "memory", "bad_result"] | None = None
+    seconds: float = 0.0
+
+
+class ScoreResult(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="score"):
+    """The payload of a done score future, as JSON: one ItemScore per item, in request order."""
+
+    request_id: str
+    reward_name: str
+    scores: list[ItemScore]
+    worker_id: str = ""
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -15,6 +15,7 @@ PREFIX = "openrl"
 TRAIN_STREAM = "OPENRL_TRAIN"  # limits retention: the per-model training log (replay, recovery)
 CREATE_STREAM = "OPENRL_CREATE"  # work queue: model creation for any trainer of a base model
 SAMPLE_STREAM = "OPENRL_SAMPLE"  # work queue: sample requests for any sampler of a base model
+REWARD_STREAM = "OPENRL_REWARD"  # work queue: score requests for any rewarder of a reward function
 
 # Key-value buckets.
 FUTURES_BUCKET = "openrl-futures"
@@ -24,6 +25,7 @@ WORKERS_BUCKET = "openrl-workers"
 WEIGHTS_BUCKET = "openrl-weights"  # KV: tinker:// path -> WeightsRecord
 SAMPLERS_BUCKET = "openrl-samplers"  # KV: sampler id -> SamplerRecord
 SNAPSHOTS_BUCKET = "openrl-snapshots"  # KV: model id -> SnapshotRecord (the newest)
+LEASES_BUCKET = "openrl-leases"  # KV: <base>.<model id> -> Lease (which trainer owns a model)
 WEIGHTS_OBJECTS = "openrl-weights"  # object store: adapter safetensors
 
 _SAFE = re.compile(r"[^A-Za-z0-9_\-:]")
@@ -66,8 +68,32 @@ def sampler_consumer(base_model: str) -> str:
     return f"sampler-{token(base_model)}".replace(":", "_")
 
 
+def reward(name: str) -> str:
+    return f"{PREFIX}.reward.{token(name)}"
+
+
+def rewarder_consumer(name: str) -> str:
+    """One durable per reward function, shared by all its rewarders (competing consumers)."""
+    return f"rewarder-{token(name)}".replace(":", "_")
+
+
 def trainer_consumer(base_model: str) -> str:
     return f"trainer-{token(base_model)}".replace(":", "_")
+
+
+def lease_key(base_model: str, model_id: str) -> str:
+    """A model's key in the leases bucket: grouped by base model, so a trainer watches `lease_prefix`."""
+    return f"{token(base_model)}.{model_id}"
+
+
+def lease_prefix(base_model: str) -> str:
+    return f"{kv_key(token(base_model))}.>"
+
+
+def train_consumer(base_model: str, model_id: str) -> str:
+    """The durable consumer of one model's training requests; it outlives its owner, so a new
+    owner resumes exactly where the old one stopped (unacked messages are redelivered)."""
+    return f"train-{token(base_model)}-{token(model_id)}".replace(":", "_")
 
 
 def kv_key(name: str) -> str:
