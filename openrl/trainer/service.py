@@ -29,14 +29,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import msgspec
+import nats
 import structlog
-from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.errors import KeyWrongLastSequenceError, NoKeysError, NotFoundError, ObjectNotFoundError
+from nats.js.kv import KV_DEL, KV_PURGE
 
 from openrl.bus import paths, subjects
 from openrl.bus.client import Bus
-from openrl.bus.errors import InvalidRequest
+from openrl.bus.errors import InvalidRequest, Unavailable
 from openrl.bus.messages import (
     CreateModel,
+    Lease,
     ForwardBackward,
     ForwardBackwardResult,
     Future,
@@ -72,6 +75,12 @@ class TrainerConfig:
     # A model's full state is snapshotted at the first optim_step at least this many requests
     # after the last snapshot (0: never); recovery replays at most about this many requests.
     snapshot_every: int = 64
+    # How often ownership is checked: orphaned models (owner's heartbeat gone) are taken over,
+    # models whose lease moved elsewhere are released.
+    lease_check_s: float = 1.0
+    # Per-model durable consumers nobody pulls from for this long are deleted by the server
+    # (a model idle that long is rebuilt from its snapshot + log when it comes back).
+    consumer_idle_s: float = 24 * 3600
 
 
 @dataclass
@@ -82,6 +91,15 @@ class Tenant:
     turn: asyncio.Condition
     record: ModelRecord
     since_snapshot: int = 0
+    first_unapplied: int | None = None  # stream sequence a new durable consumer starts at
+
+
+@dataclass
+class Held:
+    """A model this trainer owns: the task consuming its training requests."""
+
+    stop: asyncio.Event
+    task: asyncio.Task
 
 
 class Trainer:
@@ -92,6 +110,13 @@ class Trainer:
         self.worker_id = cfg.worker_id or f"trainer-{socket.gethostname()}-{os.getpid()}"
         self.tenants: dict[str, Tenant] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Ownership (see "leases" below): every lease of this base model as last seen, and
+        # the models this process holds (consumes the training requests of).
+        self.leases: dict[str, tuple[Lease, int]] = {}  # model_id -> (lease, KV revision)
+        self._lease_keys: dict[str, str] = {}  # KV key -> model_id (deletes carry only the key)
+        self.held: dict[str, Held] = {}
+        self._acquiring: dict[str, asyncio.Task] = {}
+        self._stop = asyncio.Event()
         self._recent: OrderedDict[str, Future] = OrderedDict()  # re-sent if a KV write was lost
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._busy_s = 0.0
@@ -241,11 +266,11 @@ class Trainer:
                 seq = snap.seq_id + 1
             except InvalidRequest as e:  # unreadable: the full log still rebuilds it
                 log.warning("snapshot_unusable", model_id=model_id, seq_id=snap.seq_id, error=str(e))
-        entries = await self._read_log(rec)
+        entries, after = await self._read_log(rec)
         first = seq
         finished = 0
         while seq in entries:
-            fut = await self._step(entries[seq], rec)
+            fut = await self._step(entries[seq][1], rec)
             self._remember(fut)
             stored = await self.bus.kv_get(self.bus.futures, fut.request_id, Future)
             if stored is not None and stored.state == "pending":
@@ -255,21 +280,26 @@ class Trainer:
                 finished += 1
             seq += 1
         log.info("model_loaded", model_id=model_id, snapshot=first - 1, replayed=seq - first, finished=finished, seconds=round(time.monotonic() - started, 3))
-        return Tenant(model_id=model_id, owner=rec.owner, next_seq=seq, turn=asyncio.Condition(), record=rec)
+        unapplied = [stream_seq for seq_id, (stream_seq, _) in entries.items() if seq_id >= seq]
+        return Tenant(
+            model_id=model_id, owner=rec.owner, next_seq=seq, turn=asyncio.Condition(), record=rec,
+            first_unapplied=min(unapplied) if unapplied else (after if entries else None),
+        )  # fmt: skip
 
-    async def _read_log(self, rec: ModelRecord) -> dict[int, TrainRequest]:
-        """The model's training requests from the stream, first occurrence of each seq_id."""
+    async def _read_log(self, rec: ModelRecord) -> tuple[dict[int, tuple[int, TrainRequest]], int]:
+        """The model's training requests from the stream, first occurrence of each seq_id, as
+        {seq_id: (stream sequence, request)}, and the stream sequence after the last one read."""
         subject = subjects.train(rec.base_model, rec.model_id)
-        entries: dict[int, TrainRequest] = {}
+        entries: dict[int, tuple[int, TrainRequest]] = {}
         seq = 1
         while True:
             try:
                 raw = await self.bus.js.get_msg(subjects.TRAIN_STREAM, seq=seq, subject=subject, next=True)
             except NotFoundError:
-                return entries
+                return entries, seq
             try:
                 msg = decode(raw.data, TrainRequest)
-                entries.setdefault(msg.seq_id, msg)
+                entries.setdefault(msg.seq_id, (raw.seq, msg))
             except msgspec.MsgspecError:
                 log.error("log_entry_undecodable", model_id=rec.model_id, stream_seq=raw.seq)
             seq = raw.seq + 1
@@ -277,40 +307,29 @@ class Trainer:
     # -- handlers
 
     async def on_create(self, msg: CreateModel) -> None:
-        kind = "LoadWeights" if msg.init_path else "CreateModel"
-        try:
-            t = await self.tenant(msg.model_id)
-        except InvalidRequest as e:  # create-via-load of a checkpoint that does not fit
-            stored = await self.bus.kv_get(self.bus.futures, msg.request_id, Future)
-            owner = stored.owner if stored is not None else ""
-            await self.bus.finish_future(
-                Future(request_id=msg.request_id, owner=owner, request_type=kind, state="failed", error=str(e), category="user", finished_at=time.time())
-            )
-            return
-        if t is None:
-            raise InvalidRequest(f"no record for model {msg.model_id}")
-        if msg.init_path:
-            result = {"type": "load_weights", "model_id": msg.model_id, "path": msg.init_path}
-        else:
-            result = {"type": "create_model", "model_id": msg.model_id}
-        fut = Future(
-            request_id=msg.request_id,
-            owner=t.owner,
-            request_type=kind,
-            state="done",
-            payload=msgspec.json.encode(result),
-            finished_at=time.time(),
-        )
-        await self.bus.finish_future(fut)
-        log.info("model_created", model_id=msg.model_id, rank=msg.lora.rank, tenants=len(self.tenants))
+        """Place a new model (any trainer of the base model may get this message): write its
+        lease for the least loaded live trainer. The owner, this one or another, picks the
+        lease up, builds the model and finishes the create future (`_acquire`)."""
+        lease = await self._place(msg.model_id)
+        if lease.failed is not None:  # a retried create of a model that could not be built
+            rec = await self.bus.kv_get(self.bus.models, msg.model_id, ModelRecord)
+            if rec is not None:
+                await self._finish_create(rec, error=lease.failed)
+        elif lease.owner == self.worker_id:
+            await self._acquire(msg.model_id)
+        log.info("model_placed", model_id=msg.model_id, owner=lease.owner, rank=msg.lora.rank)
 
     async def on_train(self, msg: TrainRequest) -> None:
-        t = await self.tenant(msg.model_id)
+        if msg.model_id not in self.held:  # released (the lease moved) meanwhile
+            raise Unavailable(f"model {msg.model_id} is not held here")
+        t = await self.tenant(msg.model_id)  # built on first use after a restart or takeover
         if t is None:  # the gateway checks this; a hand-published message might not
             raise InvalidRequest(f"unknown model {msg.model_id}")
         received = time.perf_counter()
         async with t.turn:
             await t.turn.wait_for(lambda: t.next_seq >= msg.seq_id)
+            if msg.model_id not in self.held:
+                raise Unavailable(f"model {msg.model_id} was released")
             if msg.seq_id < t.next_seq:
                 return await self._resend(msg)
             started = time.perf_counter()
@@ -371,6 +390,216 @@ class Trainer:
         while len(self._recent) > 256:
             self._recent.popitem(last=False)
 
+    # -- leases: which trainer owns which model
+    #
+    # The leases bucket is the truth: one key per model, written only by compare-and-set.
+    # Every trainer watches the leases of its base model. A trainer holds (consumes the
+    # training requests of) exactly the models whose lease names it. A model whose owner's
+    # heartbeat is gone is taken over by the least loaded live trainer; the old owner, if it
+    # was only paused, sees the lease move and lets go. The model's durable consumer and its
+    # log outlive any owner, so the new owner rebuilds the state and resumes where the old
+    # one stopped.
+
+    def _lease_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for lease, _ in self.leases.values():
+            if lease.failed is None:
+                counts[lease.owner] = counts.get(lease.owner, 0) + 1
+        return counts
+
+    async def _live_trainers(self) -> set[str]:
+        """Worker ids of the trainers of this base model whose heartbeat is current (and this one)."""
+        live = {self.worker_id}
+        try:
+            keys = await self.bus.workers.keys()
+        except NoKeysError:
+            keys = []
+        for key in keys:
+            try:
+                info = await self.bus.kv_get(self.bus.workers, key, WorkerInfo)
+            except (msgspec.MsgspecError, NotFoundError):
+                continue
+            if info is not None and info.kind == "trainer" and info.base_model == self.cfg.base_model:
+                live.add(info.worker_id)
+        return live
+
+    async def _place(self, model_id: str) -> Lease:
+        """The model's lease: the existing one, or a new one for the least loaded live trainer."""
+        key = subjects.lease_key(self.cfg.base_model, model_id)
+        lease = await self.bus.kv_get(self.bus.leases, key, Lease)
+        if lease is not None:
+            return lease
+        load = self._lease_counts()
+        owner = min(await self._live_trainers(), key=lambda w: (load.get(w, 0), w))
+        lease = Lease(model_id=model_id, base_model=self.cfg.base_model, owner=owner, acquired_at=time.time())
+        if not await self.bus.kv_create(self.bus.leases, key, lease):
+            lease = await self.bus.kv_get(self.bus.leases, key, Lease)  # another trainer placed it first
+        return lease
+
+    async def _acquire(self, model_id: str) -> None:
+        """Start consuming the model's training requests. A new model (its create future still
+        pending) is built now and its create future finished; one taken over or held before a
+        restart is rebuilt (snapshot + log) when its next request arrives (`on_train`)."""
+        async with self._locks.setdefault(f"own:{model_id}", asyncio.Lock()):
+            if model_id in self.held:
+                return
+            rec = await self.bus.kv_get(self.bus.models, model_id, ModelRecord)
+            if rec is None:
+                log.error("lease_without_model_record", model_id=model_id)
+                return
+            stored = await self.bus.kv_get(self.bus.futures, rec.create_request_id, Future)
+            if stored is not None and stored.state == "pending":
+                try:
+                    await self.tenant(model_id)
+                except InvalidRequest as e:  # create-via-load of a checkpoint that does not fit
+                    await self._finish_create(rec, error=str(e))
+                    await self._mark_failed(model_id, str(e))
+                    return
+                await self._finish_create(rec)
+            stop = asyncio.Event()
+            task = asyncio.create_task(self._consume_model(rec, stop), name=f"train:{model_id}")
+            self.held[model_id] = Held(stop=stop, task=task)
+            log.info("model_acquired", model_id=model_id, built=model_id in self.tenants, held=len(self.held))
+
+    async def _consume_model(self, rec: ModelRecord, stop: asyncio.Event) -> None:
+        t = self.tenants.get(rec.model_id)
+        await self.bus.consume(
+            stream=subjects.TRAIN_STREAM,
+            durable=subjects.train_consumer(rec.base_model, rec.model_id),
+            filter_subject=subjects.train(rec.base_model, rec.model_id),
+            type_=TrainRequest,
+            handle=self.on_train,
+            ack_wait_s=self.cfg.ack_wait_s,
+            max_inflight=256,
+            stop=stop,
+            # Only used if the durable does not exist (a new model, or one idle past
+            # consumer_idle_s): skip what the build above already applied.
+            start_seq=t.first_unapplied if t is not None else None,
+            inactive_threshold_s=self.cfg.consumer_idle_s,
+            fetch_timeout_s=5.0,  # a fetch returns as soon as a message arrives; idle models poll slowly
+        )
+
+    async def _finish_create(self, rec: ModelRecord, error: str | None = None) -> None:
+        """The create (or create-via-load) future, if still pending: done, or failed with `error`."""
+        stored = await self.bus.kv_get(self.bus.futures, rec.create_request_id, Future)
+        if stored is None or stored.state != "pending":
+            return
+        init = rec.init_state is not None
+        base = dict(request_id=rec.create_request_id, owner=rec.owner, request_type="LoadWeights" if init else "CreateModel", finished_at=time.time())
+        if error is not None:
+            fut = Future(state="failed", error=error, category="user", **base)
+        else:
+            result = {"type": "load_weights", "model_id": rec.model_id, "path": rec.init_path} if init else {"type": "create_model", "model_id": rec.model_id}
+            fut = Future(state="done", payload=msgspec.json.encode(result), **base)
+        await self.bus.finish_future(fut)
+
+    async def _mark_failed(self, model_id: str, error: str) -> None:
+        key = subjects.lease_key(self.cfg.base_model, model_id)
+        entry = self.leases.get(model_id)
+        lease = entry[0] if entry else await self.bus.kv_get(self.bus.leases, key, Lease)
+        if lease is not None and lease.owner == self.worker_id and lease.failed is None:
+            await self.bus.kv_put(self.bus.leases, key, msgspec.structs.replace(lease, failed=error))
+
+    async def _release(self, model_id: str) -> None:
+        """Stop consuming a model and forget it (its lease now names another trainer)."""
+        held = self.held.pop(model_id, None)
+        if held is None:
+            return
+        held.stop.set()
+        held.task.cancel()
+        await asyncio.gather(held.task, return_exceptions=True)
+        self.tenants.pop(model_id, None)
+        if self.engine.has(model_id):
+            await self._run(self.engine.drop, model_id)
+        log.warning("model_released", model_id=model_id, held=len(self.held))
+
+    def _reconcile(self, model_id: str) -> None:
+        """Make what this process holds agree with the lease (without blocking the caller)."""
+        entry = self.leases.get(model_id)
+        mine = entry is not None and entry[0].owner == self.worker_id and entry[0].failed is None
+        if mine and model_id not in self.held and model_id not in self._acquiring:
+            task = asyncio.create_task(self._acquire(model_id))
+            self._acquiring[model_id] = task
+            task.add_done_callback(lambda _: self._acquiring.pop(model_id, None))
+        elif not mine and model_id in self.held:
+            asyncio.create_task(self._release(model_id))
+
+    async def _watch_leases(self) -> None:
+        """Keep `self.leases` current from the bucket (an ordered consumer; it survives reconnects)."""
+        while not self._stop.is_set():
+            watcher = None
+            try:
+                watcher = await self.bus.leases.watch(subjects.lease_prefix(self.cfg.base_model))
+                while not self._stop.is_set():
+                    try:
+                        entry = await watcher.updates(timeout=1.0)
+                    except nats.errors.TimeoutError:
+                        continue
+                    if entry is None:  # the initial values are all in
+                        continue
+                    if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
+                        model_id = self._lease_keys.pop(entry.key, None)
+                        if model_id is not None:
+                            self.leases.pop(model_id, None)
+                            self._reconcile(model_id)
+                        continue
+                    try:
+                        lease = decode(entry.value, Lease)
+                    except msgspec.MsgspecError:
+                        log.error("lease_undecodable", key=entry.key)
+                        continue
+                    self._lease_keys[entry.key] = lease.model_id
+                    self.leases[lease.model_id] = (lease, entry.revision)
+                    self._reconcile(lease.model_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # reconnecting: watch again
+                log.warning("lease_watch_failed", error=repr(e))
+                await asyncio.sleep(1.0)
+            finally:
+                if watcher is not None:
+                    try:
+                        await watcher.stop()
+                    except Exception:
+                        pass
+
+    async def _check_leases(self) -> None:
+        """Take over the models of dead trainers (each goes to the least loaded live trainer,
+        computed the same way by every trainer, so they do not race for the same model)."""
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.cfg.lease_check_s)
+                return
+            except asyncio.TimeoutError:
+                pass
+            try:
+                live = await self._live_trainers()
+                load = {w: n for w, n in self._lease_counts().items() if w in live}
+                orphans = sorted(m for m, (lease, _) in self.leases.items() if lease.failed is None and lease.owner not in live)
+                for model_id in orphans:
+                    heir = min(live, key=lambda w: (load.get(w, 0), w))
+                    load[heir] = load.get(heir, 0) + 1
+                    if heir == self.worker_id:
+                        await self._take_over(model_id)
+                for model_id in list(self.leases):
+                    self._reconcile(model_id)  # a missed watch event, a failed acquire
+            except Exception as e:
+                log.warning("lease_check_failed", error=repr(e))
+
+    async def _take_over(self, model_id: str) -> None:
+        lease, revision = self.leases[model_id]
+        new = msgspec.structs.replace(
+            lease, owner=self.worker_id, epoch=lease.epoch + 1, acquired_at=time.time(), previous_owner=lease.owner
+        )
+        key = subjects.kv_key(subjects.lease_key(self.cfg.base_model, model_id))
+        try:
+            revision = await self.bus.leases.update(key, encode(new), last=revision)
+        except KeyWrongLastSequenceError:
+            return  # another trainer moved it first; the watch brings the news
+        self.leases[model_id] = (new, revision)
+        log.warning("model_taken_over", model_id=model_id, previous_owner=lease.owner, epoch=new.epoch)
+        self._reconcile(model_id)
+
     # -- the process
 
     def info(self) -> WorkerInfo:
@@ -398,29 +627,30 @@ class Trainer:
 
     async def run(self, stop: asyncio.Event) -> None:
         base = self.cfg.base_model
-        durable = subjects.trainer_consumer(base)
+        self._stop = stop
         log.info("trainer_ready", worker_id=self.worker_id, base_model=base, device=self.engine.info.device)
+        try:  # the single shared train consumer of versions before leases: unused now
+            await self.bus.js.delete_consumer(subjects.TRAIN_STREAM, subjects.trainer_consumer(base))
+        except NotFoundError:
+            pass
         try:
             await asyncio.gather(
                 self.bus.heartbeat(self.worker_id, self.info, self.cfg.heartbeat_s, stop),
                 self.bus.consume(
                     stream=subjects.CREATE_STREAM,
-                    durable=durable,
+                    durable=subjects.trainer_consumer(base),
                     filter_subject=subjects.create(base),
                     type_=CreateModel,
                     handle=self.on_create,
                     stop=stop,
                 ),
-                self.bus.consume(
-                    stream=subjects.TRAIN_STREAM,
-                    durable=durable,
-                    filter_subject=subjects.train_all(base),
-                    type_=TrainRequest,
-                    handle=self.on_train,
-                    ack_wait_s=self.cfg.ack_wait_s,
-                    max_inflight=1024,
-                    stop=stop,
-                ),
+                self._watch_leases(),
+                self._check_leases(),
             )
         finally:
+            # Stop consuming; unfinished requests are handed back (nak) for the next owner.
+            for held in self.held.values():
+                held.stop.set()
+                held.task.cancel()
+            await asyncio.gather(*(h.task for h in self.held.values()), return_exceptions=True)
             self._pool.shutdown(wait=False, cancel_futures=True)
