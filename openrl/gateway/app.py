@@ -353,7 +353,7 @@ class Gateway:
 
     async def worker_for(self, base_model: str, kind: str | None = None) -> WorkerInfo:
         """A live worker (of `kind`, or any) serving `base_model`, by its name or its path."""
-        workers = [w for w in await self.workers() if kind is None or w.kind == kind]
+        workers = [w for w in await self.workers() if w.kind == kind or (kind is None and w.kind != "rewarder")]
         for w in workers:
             if base_model in (w.base_model, w.model_name):
                 return w
@@ -380,6 +380,7 @@ class Gateway:
                 "bus": self.bus.nc.is_connected,
                 "trainers": [w.worker_id for w in workers if w.kind == "trainer"],
                 "samplers": [w.worker_id for w in workers if w.kind == "sampler"],
+                "rewarders": [w.worker_id for w in workers if w.kind == "rewarder"],
             }
         )
 
@@ -455,6 +456,8 @@ class Gateway:
     async def server_capabilities(self, request: web.Request) -> web.Response:
         models = {}
         for w in await self.workers():
+            if w.kind == "rewarder":  # serves a reward function, not a model
+                continue
             name = w.model_name or w.base_model
             entry = models.setdefault(name, {"model_name": name, "max_context_length": w.max_context})
             entry["trainable" if w.kind == "trainer" else "sampleable"] = True
@@ -567,7 +570,7 @@ class Gateway:
             model_id=model_id, session_id=session.session_id, owner=owner, base_model=saved.base_model, lora=saved.lora,
             created_at=time.time(), create_request_id=request_id("create", model_id),
             user_metadata={str(k): str(v) for k, v in (body.user_metadata or {}).items()},
-            init_state=saved.object, init_with_optimizer=body.optimizer,
+            init_state=saved.object, init_path=saved.path, init_with_optimizer=body.optimizer,
         )  # fmt: skip
         return await self._submit_create(record, owner, init_path=saved.path)
 
@@ -840,4 +843,7 @@ def make_app(cfg: GatewayConfig, bus: Bus) -> web.Application:
     r.add_post(f"{API}/save_weights", gw.save_weights)
     r.add_post(f"{API}/save_weights_external", gw.save_weights_external)
     r.add_post(f"{API}/load_weights", gw.load_weights)
+    from openrl.gateway import scoring  # imported here: it builds on this module
+
+    scoring.add_routes(app, gw)
     return app
