@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -34,6 +35,8 @@ def _env(name: str, default=None):
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats-url", default=_env("NATS_URL", "nats://127.0.0.1:4222"), help="NATS server URL [OPENRL_NATS_URL]")
+    p.add_argument("--nats-replicas", type=int, default=int(_env("NATS_REPLICAS", 1)),
+                   help="replicas of every stream and bucket: 3 on a 3-node NATS cluster; the same in every process [OPENRL_NATS_REPLICAS]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="[OPENRL_LOG_LEVEL]")
     p.add_argument("--log-format", default=_env("LOG_FORMAT", "auto"), choices=["auto", "json", "console"], help="[OPENRL_LOG_FORMAT]")
 
@@ -80,7 +83,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
     async def main() -> None:
         stop = _stop_event()
-        bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-gateway"))
+        bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-gateway", replicas=args.nats_replicas))
         # auto_decompress off: forward_backward bodies may be zstd (proto_compress_fwdbwd),
         # and the gateway decompresses them itself, bounded by the body limit.
         runner = web.AppRunner(
@@ -127,7 +130,7 @@ def cmd_trainer(args: argparse.Namespace) -> None:
 
     async def main() -> None:
         stop = _stop_event()
-        bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-trainer"))
+        bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-trainer", replicas=args.nats_replicas))
         await Trainer(cfg, bus, engine).run(stop)
         await bus.close()
 
@@ -138,6 +141,17 @@ def cmd_trainer(args: argparse.Namespace) -> None:
 
 
 def cmd_sampler(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    if args.backend not in ("transformers", "vllm"):
+        sys.exit(f"openrl sampler: --backend must be transformers or vllm, got {args.backend!r}")
+    if args.backend == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            sys.exit("openrl sampler: the vllm backend needs vLLM, which is not installed: pip install 'openrl[vllm]' "
+                     "(or use --backend transformers)")
+        if args.device not in ("", "cuda"):
+            sys.exit(f"openrl sampler: the vllm backend runs on cuda only, not --device {args.device}")
+
     from openrl.bus.client import Bus, BusConfig
     from openrl.sampler.backend import TransformersSampler
     from openrl.sampler.service import Sampler, SamplerConfig
@@ -156,13 +170,107 @@ def cmd_sampler(args: argparse.Namespace) -> None:
         default_max_tokens=args.default_max_tokens,
         max_batch=args.max_batch,
     )
-    backend = TransformersSampler(path, device=args.device or None)
+    backend = TransformersSampler(path, device=args.device or None) if args.backend == "transformers" else None
 
     async def main() -> None:
         stop = _stop_event()
-        bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-sampler"))
-        await Sampler(cfg, bus, backend).run(stop)
-        await bus.close()
+        sampler_backend = backend
+        if sampler_backend is None:  # vLLM's engine binds to the event loop that uses it: build it here
+            from openrl.sampler.vllm_backend import VllmSampler
+
+            sampler_backend = VllmSampler(
+                path,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                max_loras=args.max_loras,
+                max_lora_rank=args.max_lora_rank,
+                max_adapters=cfg.cached_adapters,
+                adapter_dir=args.cache_dir or None,
+            )
+        try:
+            bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-sampler", replicas=args.nats_replicas))
+            await Sampler(cfg, bus, sampler_backend).run(stop)
+            await bus.close()
+        finally:
+            if backend is None:
+                sampler_backend.close()
+
+    asyncio.run(main())
+
+
+# -- openrl rewarder ------------------------------------------------------------------
+
+REWARD_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _reward_fn(fn: str) -> str:
+    """`module:function`, or the name of a built-in reward (exact_match, math, sql)."""
+    from openrl.rewarder.builtin import REWARDS
+
+    if ":" not in fn and fn in REWARDS:
+        return REWARDS[fn]
+    module, sep, attr = fn.partition(":")
+    if not (module and sep and attr):
+        sys.exit(f"openrl: a reward function is module:function or one of {', '.join(REWARDS)}, got {fn!r}")
+    return fn
+
+
+def _reward_name(name: str, fn_spec: str = "") -> str:
+    """`name`, or by default the built-in's name or the function's name."""
+    if not name:
+        name = fn_spec if ":" not in fn_spec else fn_spec.rpartition(":")[2].rpartition(".")[2]
+    if not REWARD_NAME.fullmatch(name):
+        sys.exit(f"openrl: reward names are 1-64 letters, digits, '-' or '_', got {name!r}")
+    return name
+
+
+def _up_rewarders(specs: list[str] | None) -> dict[str, str]:
+    """What `openrl up` runs, name -> module:function: the built-ins, then each
+    `[name=]module:function` of --rewarder / OPENRL_REWARDERS (a name may replace a built-in)."""
+    from openrl.rewarder.builtin import REWARDS
+
+    rewarders = dict(REWARDS)
+    specs = list(specs or []) + [s.strip() for s in (_env("REWARDERS", "") or "").split(",") if s.strip()]
+    for spec in specs:
+        name, _, fn = spec.partition("=") if "=" in spec else ("", "", spec)
+        rewarders[_reward_name(name, fn)] = _reward_fn(fn)
+    return rewarders
+
+
+def cmd_rewarder(args: argparse.Namespace) -> None:
+    from openrl.bus.client import Bus, BusConfig
+    from openrl.rewarder.pool import Pool, RewardLoadError
+    from openrl.rewarder.service import Rewarder, RewarderConfig
+
+    if not args.fn:
+        sys.exit("openrl rewarder: --fn module:function is required [OPENRL_REWARD_FN]")
+    fn = _reward_fn(args.fn)
+    cfg = RewarderConfig(
+        fn=fn,
+        name=_reward_name(args.name, args.fn),
+        nats_url=args.nats_url,
+        concurrency=args.concurrency or logs.usable_cpus(),
+        timeout_s=args.timeout_s,
+        memory_mb=args.memory_mb,
+        worker_id=args.worker_id or "",
+    )
+    if cfg.concurrency < 1 or cfg.timeout_s <= 0 or cfg.memory_mb < 0:
+        sys.exit("openrl rewarder: --concurrency must be >= 1, --timeout-s > 0 and --memory-mb >= 0")
+
+    async def main() -> None:
+        stop = _stop_event()
+        pool = Pool(cfg.fn, cfg.name, cfg.concurrency, timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb)
+        try:
+            try:
+                await pool.start()  # before touching the bus: a bad --fn fails here, clearly
+            except RewardLoadError as e:
+                sys.exit(f"openrl rewarder: {e}")
+            bus = await Bus.connect(BusConfig(url=cfg.nats_url, name=f"openrl-rewarder-{cfg.name}", replicas=args.nats_replicas))
+            try:
+                await Rewarder(cfg, bus, pool).run(stop)
+            finally:
+                await bus.close()
+        finally:
+            await pool.close()
 
     asyncio.run(main())
 
@@ -181,7 +289,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     out = Path(args.out_dir)
 
     async def main() -> None:
-        bus = await Bus.connect(BusConfig(url=args.nats_url, name="openrl-export"))
+        bus = await Bus.connect(BusConfig(url=args.nats_url, name="openrl-export", replicas=args.nats_replicas))
         try:
             rec = await bus.kv_get(bus.weights, str(parsed), WeightsRecord)
             if rec is None:
@@ -237,15 +345,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # -- openrl up -----------------------------------------------------------------------
 
 
-def _wait_ready(url: str, timeout_s: float, sup, samplers: int) -> bool:
-    """Until the gateway answers and sees the trainer and every sampler."""
+def _wait_ready(url: str, timeout_s: float, sup, samplers: int, trainers: int = 1) -> bool:
+    """Until the gateway answers and sees every trainer and every sampler."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         sup.poll()
         try:
             with urllib.request.urlopen(f"{url}/api/v1/healthz", timeout=2) as r:
                 health = json.loads(r.read())
-                if health.get("trainers") and len(health.get("samplers", [])) >= samplers:
+                if len(health.get("trainers", [])) >= trainers and len(health.get("samplers", [])) >= samplers:
                     return True
         except OSError:
             pass
@@ -272,20 +380,33 @@ def cmd_up(args: argparse.Namespace) -> None:
         sys.exit("openrl up: --api-key must start with 'tml-' (the tinker SDK refuses other keys)")
     # Every torch process would otherwise take all cores; on a CPU machine they then thrash
     # (small matmuls slow down 100x). Share the cores out unless told otherwise.
-    threads = args.threads or max(1, logs.usable_cpus() // (1 + args.samplers))
+    if args.trainers < 1 or args.samplers < 0:
+        sys.exit("openrl up: --trainers must be >= 1 and --samplers >= 0")
+    threads = args.threads or max(1, logs.usable_cpus() // (args.trainers + args.samplers))
     nats_port = args.nats_port or free_port()
     nats_url = f"nats://127.0.0.1:{nats_port}"
     url = f"http://{args.host}:{args.port}"
     common = ["--nats-url", nats_url, "--log-format", "json", "--log-level", args.log_level]
     children = [
         Child("nats", openrl_argv("nats", "--data-dir", str(data_dir), "--port", str(nats_port))),
-        Child("trainer", openrl_argv("trainer", "--base-model", args.base_model, *common, "--threads", str(threads),
-                                     "--snapshot-every", str(args.snapshot_every)), grace_s=15),
+        # Stable worker ids: a restarted trainer takes its own models straight back.
+        *[
+            Child(name, openrl_argv("trainer", "--base-model", args.base_model, *common, "--threads", str(threads),
+                                    "--snapshot-every", str(args.snapshot_every), "--worker-id", name), grace_s=15)
+            for name in (["trainer"] if args.trainers == 1 else [f"trainer-{i}" for i in range(args.trainers)])
+        ],
         *[
             Child(f"sampler-{i}" if args.samplers > 1 else "sampler",
                   openrl_argv("sampler", "--base-model", args.base_model, *common, "--threads", str(threads)),
                   grace_s=15)
             for i in range(args.samplers)
+        ],
+        # One process per reward function: each is its own group of competing consumers and
+        # fails, restarts and scales on its own, as in a cluster.
+        *[
+            Child(f"rewarder-{name}", openrl_argv("rewarder", "--fn", fn, "--name", name, *common,
+                                                 "--concurrency", str(args.reward_concurrency)))
+            for name, fn in _up_rewarders(args.rewarder).items()
         ],
         Child(
             "gateway",
@@ -305,7 +426,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     sup.start_all()
     try:
         log.info("waiting_for_stack", hint="the first start builds the default model (about a minute)")
-        if not _wait_ready(url, args.ready_timeout_s, sup, args.samplers):
+        if not _wait_ready(url, args.ready_timeout_s, sup, args.samplers, args.trainers):
             log.error("stack_not_ready", logs=str(data_dir / "logs"))
             sys.exit(1)
         sup.write_stack({"base_url": url, "api_key": api_key, "nats_url": nats_url, "base_model": args.base_model, "data_dir": str(data_dir)})
@@ -351,6 +472,10 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--base-model", default=_env("BASE_MODEL", DEFAULT_BASE_MODEL), help="HF name or path; the default is built locally")
     up.add_argument("--api-key", default=_env("API_KEY"), help="a tml-... key; generated and saved in the data dir when absent")
     up.add_argument("--nats-port", type=int, default=int(_env("NATS_PORT", 0)))
+    up.add_argument("--trainers", type=int, default=int(_env("TRAINERS", 1)), help="trainer processes (models are spread over them; a dead one's models move)")
+    up.add_argument("--rewarder", action="append", metavar="[NAME=]MODULE:FN",
+                    help="also run a rewarder for this reward function (repeatable) [OPENRL_REWARDERS, comma-separated]")
+    up.add_argument("--reward-concurrency", type=int, default=int(_env("REWARD_CONCURRENCY", 2)), help="worker processes per rewarder")
     up.add_argument("--samplers", type=int, default=int(_env("SAMPLERS", 1)), help="sampler processes (competing consumers)")
     up.add_argument("--snapshot-every", type=int, default=int(_env("SNAPSHOT_EVERY", 64)), help="trainer snapshot interval, in requests")
     up.add_argument("--threads", type=int, default=int(_env("THREADS", 0)), help="torch threads per trainer and sampler process (0: the cores shared out among them)")
@@ -394,7 +519,29 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--worker-id", default=_env("WORKER_ID", ""))
     sm.add_argument("--default-max-tokens", type=int, default=int(_env("DEFAULT_MAX_TOKENS", 256)), help="when a request sets none")
     sm.add_argument("--max-batch", type=int, default=int(_env("MAX_BATCH", 64)), help="requests batched together")
+    sm.add_argument("--backend", default=_env("SAMPLER_BACKEND", "transformers"), choices=["transformers", "vllm"],
+                    help="transformers (CPU, MPS, CUDA) or vllm (CUDA; pip install 'openrl[vllm]') [OPENRL_SAMPLER_BACKEND]")
+    sm.add_argument("--gpu-memory-utilization", type=float, default=float(_env("GPU_MEMORY_UTILIZATION", 0.9)),
+                    help="vllm: the fraction of GPU memory vLLM may take [OPENRL_GPU_MEMORY_UTILIZATION]")
+    sm.add_argument("--max-loras", type=int, default=int(_env("MAX_LORAS", 8)),
+                    help="vllm: distinct adapters in one batch [OPENRL_MAX_LORAS]")
+    sm.add_argument("--max-lora-rank", type=int, default=int(_env("MAX_LORA_RANK", 64)),
+                    help="vllm: the largest adapter rank served: 8, 16, 32, 64, 128, 256, 320 or 512 [OPENRL_MAX_LORA_RANK]")
+    sm.add_argument("--cache-dir", default=_env("CACHE_DIR", ""),
+                    help="vllm: where the sampler makes its private adapter folder (default: the system temp dir) [OPENRL_CACHE_DIR]")
     sm.set_defaults(func=cmd_sampler)
+
+    rw = sub.add_parser("rewarder", help="score completions with one reward function (competing consumer of its queue)")
+    _add_common(rw)
+    rw.add_argument("--fn", default=_env("REWARD_FN", ""), help="module:function, or a built-in: exact_match, math, sql [OPENRL_REWARD_FN]")
+    rw.add_argument("--name", default=_env("REWARD_NAME", ""), help="the name clients score with (default: the function's name) [OPENRL_REWARD_NAME]")
+    rw.add_argument("--concurrency", type=int, default=int(_env("REWARD_CONCURRENCY", 0)),
+                    help="worker processes, i.e. calls at once (default: the usable CPUs) [OPENRL_REWARD_CONCURRENCY]")
+    rw.add_argument("--timeout-s", type=float, default=float(_env("REWARD_TIMEOUT_S", 30.0)), help="per call [OPENRL_REWARD_TIMEOUT_S]")
+    rw.add_argument("--memory-mb", type=int, default=int(_env("REWARD_MEMORY_MB", 2048)),
+                    help="address-space limit of each worker process, 0 = none [OPENRL_REWARD_MEMORY_MB]")
+    rw.add_argument("--worker-id", default=_env("WORKER_ID", ""))
+    rw.set_defaults(func=cmd_rewarder)
 
     ex = sub.add_parser("export", help="write a saved checkpoint (e.g. a PEFT folder from save_weights_external) to a directory")
     _add_common(ex)
@@ -422,7 +569,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if args.command in ("gateway", "trainer", "sampler"):
+    if args.command in ("gateway", "trainer", "sampler", "rewarder"):
         logs.configure(args.log_level, args.log_format)
     else:
         logs.configure(getattr(args, "log_level", "info"), "console")
