@@ -118,6 +118,7 @@ class SaveWeights(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", t
     sampler_id: str = ""  # the sampler to create, for an unnamed save
     overwrite: bool = False
     ttl_s: float | None = None
+    user_metadata: dict[str, str] = {}
 
 
 class LoadWeights(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="load_weights"):
@@ -221,6 +222,8 @@ class WeightsRecord(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float
     expires_at: float | None = None
     files: list[str] = []  # external: the folder's file names, each at f"{object}/{name}"
+    public: bool = False  # published: other keys may read (sample, load, copy) but not change it
+    user_metadata: dict[str, str] = {}
 
 
 class SnapshotRecord(msgspec.Struct, frozen=True, kw_only=True):

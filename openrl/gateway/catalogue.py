@@ -1,0 +1,514 @@
+"""The REST catalogue (RestClient / AdminClient), read from the records the stack already keeps.
+
+    GET    /api/v1/training_runs                                   ?limit&offset&access_scope&project_id
+    GET    /api/v1/training_runs/{run}
+    GET    /api/v1/training_runs/{run}/checkpoints
+    DELETE /api/v1/training_runs/{run}/checkpoints/{segment}/{name}          (record and blobs)
+    POST   /api/v1/training_runs/{run}/checkpoints/{segment}/{name}/publish
+    DELETE /api/v1/training_runs/{run}/checkpoints/{segment}/{name}/publish
+    PUT    /api/v1/training_runs/{run}/checkpoints/{segment}/{name}/ttl      {"ttl_seconds": int | null}
+    GET    /api/v1/checkpoints                                     ?limit&offset, newest first
+    POST   /api/v1/weights_info                                    {"tinker_path"}
+    GET    /api/v1/sessions                                        ?limit&offset, newest first
+    GET    /api/v1/sessions/{sid}
+    PUT    /api/v1/sessions/{sid}/project                          {"project_id"}
+    POST   /api/v1/sessions/search                                 SessionSearchRequest
+    GET    /api/v1/billing/usage/checkpoints/current               ?project_id
+
+Training runs are the models bucket, checkpoints the weights bucket (tinker:// path ->
+WeightsRecord, bytes in the object store), sessions the sessions bucket; nothing here has state
+of its own. Another key's run, session or checkpoint does not exist for you (404), except a
+published checkpoint: anyone may read it (weights_info, sample, load), only its owner may change
+it (403 for others). Expired checkpoints are invisible at once and deleted, blobs included, by
+the reaper every gateway runs (`reap`); deleting twice is harmless, so replicas need no lock.
+
+Listings scan their bucket's keys (filtered by key prefix where the id allows): fine for
+thousands of records; an index per owner is the next step beyond that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import web
+from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError, ObjectDeletedError, ObjectNotFoundError
+
+from openrl.bus import paths, subjects
+from openrl.bus.errors import InvalidRequest, NotFound, OpenRLError
+from openrl.bus.messages import Lease, ModelRecord, SamplerRecord, SessionRecord, WeightsRecord, decode
+from openrl.gateway.app import API, Gateway, _body, _check_ttl, _json
+from openrl.gateway.names import check_id, check_name
+
+log = structlog.get_logger(__name__)
+
+REAP_EVERY_S = 5.0
+CHECKPOINT_TYPE = {"state": "training", "sampler": "sampler", "external": "external"}
+SEGMENTS = {"weights": "state", "sampler_weights": "sampler", "external_weights": "external"}
+MAX_LIMIT = 1000
+
+
+class Forbidden(NotFound):
+    """The caller may read this (it is published) but not change it: 403."""
+
+
+class _TtlBody(msgspec.Struct, kw_only=True):
+    ttl_seconds: int | None = None
+
+
+class _PathBody(msgspec.Struct, kw_only=True):
+    tinker_path: str
+
+
+class _ProjectBody(msgspec.Struct, kw_only=True):
+    project_id: str | None = None
+
+
+class _Cursor(msgspec.Struct, kw_only=True):
+    last_created_at: str
+    last_session_id: str
+
+
+class _SearchBody(msgspec.Struct, kw_only=True):
+    session_id: str | None = None
+    project_ids: list[str] | None = None
+    user_metadata: dict[str, str] = {}
+    display_name: str | None = None
+    owner: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "own"})
+    statuses: list[dict[str, Any]] | None = None
+    limit: int = 50
+    cursor: _Cursor | None = None
+
+
+def iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat()
+
+
+def _page(request: web.Request, default_limit: int) -> tuple[int, int]:
+    try:
+        limit = int(request.query.get("limit", default_limit))
+        offset = int(request.query.get("offset", 0))
+    except ValueError:
+        raise InvalidRequest("limit and offset must be integers") from None
+    if not 1 <= limit <= MAX_LIMIT or offset < 0:
+        raise InvalidRequest(f"limit must be in [1, {MAX_LIMIT}] and offset >= 0")
+    return limit, offset
+
+
+def checkpoint_json(rec: WeightsRecord) -> dict[str, Any]:
+    segment = paths.SEGMENT_OF_KIND[rec.kind]
+    return {
+        "checkpoint_id": f"{segment}/{rec.name}",
+        "checkpoint_type": CHECKPOINT_TYPE[rec.kind],
+        "time": iso(rec.created_at),
+        "tinker_path": rec.path,
+        "size_bytes": rec.size_bytes,
+        "public": rec.public,
+        "user_metadata": rec.user_metadata,
+        "expires_at": None if rec.expires_at is None else iso(rec.expires_at),
+    }
+
+
+def _live(rec: WeightsRecord, now: float) -> bool:
+    return rec.expires_at is None or rec.expires_at > now
+
+
+class Catalogue:
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+        self.bus = gw.bus
+
+    # -- reading buckets
+
+    async def records(self, kv, type_: type, prefix: str = "") -> list:
+        """Every record in `kv` whose (unescaped) key starts with `prefix`."""
+        try:
+            keys = await kv.keys()
+        except NoKeysError:
+            return []
+        want = subjects.kv_key(prefix)
+        found = []
+        for key in keys:
+            if not key.startswith(want):
+                continue
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:  # deleted since the listing
+                continue
+            if entry.value:
+                try:
+                    found.append(decode(entry.value, type_))
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    log.warning("catalogue_record_undecodable", bucket=kv._name, key=key)  # noqa: SLF001
+        return found
+
+    async def checkpoints(self, owner: str | None = None, run: str | None = None) -> list[WeightsRecord]:
+        """Live named checkpoints, newest first: of one run, or of one owner, or all."""
+        now = time.time()
+        recs = await self.records(self.bus.weights, WeightsRecord, f"{paths.SCHEME}{run}/" if run else "")
+        recs = [r for r in recs if _live(r, now) and (owner is None or r.owner == owner)]
+        return sorted(recs, key=lambda r: (r.created_at, r.path), reverse=True)
+
+    async def checkpoint(self, run: str, segment: str, name: str, owner: str, *, write: bool) -> WeightsRecord:
+        """The live checkpoint at this address if `owner` may read it (or change it, with `write`)."""
+        check_id(run, "training run id")
+        if segment not in SEGMENTS:
+            raise InvalidRequest(f"unknown checkpoint kind {segment!r}; expected one of {', '.join(SEGMENTS)}")
+        check_name(name)
+        path = f"{paths.SCHEME}{run}/{segment}/{name}"
+        rec = await self.bus.kv_get(self.bus.weights, path, WeightsRecord)
+        if rec is None or not _live(rec, time.time()) or (rec.owner != owner and not rec.public):
+            raise NotFound(f"no checkpoint at {path!r}")
+        if write and rec.owner != owner:
+            raise Forbidden(f"{path} is published by another key: you may read it, not change it")
+        return rec
+
+    async def delete(self, rec: WeightsRecord, why: str) -> None:
+        """Blobs first, then the record: a delete cut short is finished by the next one."""
+        for obj in [f"{rec.object}/{f}" for f in rec.files] or [rec.object]:
+            try:
+                await self.bus.objects.delete(obj)
+            except (ObjectNotFoundError, ObjectDeletedError, NotFoundError):
+                pass
+        try:
+            await self.bus.weights.delete(subjects.kv_key(rec.path))
+        except KeyNotFoundError:
+            pass
+        log.info("checkpoint_deleted", path=rec.path, owner=rec.owner, bytes=rec.size_bytes, reason=why)
+
+    async def update(self, rec: WeightsRecord, **changes) -> None:
+        await self.bus.kv_put(self.bus.weights, rec.path, msgspec.structs.replace(rec, **changes))
+
+    async def runs(self, owner: str) -> list[ModelRecord]:
+        recs = [r for r in await self.records(self.bus.models, ModelRecord) if r.owner == owner]
+        return sorted(recs, key=lambda r: (r.created_at, r.model_id), reverse=True)
+
+    async def run_json(self, rec: ModelRecord, checkpoints: list[WeightsRecord] | None = None) -> dict[str, Any]:
+        if checkpoints is None:
+            checkpoints = await self.checkpoints(run=rec.model_id)
+        last = rec.created_at
+        try:  # the last request on the model's training log is the last thing that touched it
+            msg = await self.bus.js.get_last_msg(subjects.TRAIN_STREAM, subjects.train(rec.base_model, rec.model_id))
+            if msg.time is not None:
+                last = max(last, msg.time.timestamp())
+        except NotFoundError:
+            pass
+        lease = await self.bus.kv_get(self.bus.leases, subjects.lease_key(rec.base_model, rec.model_id), Lease)
+        training = next((c for c in checkpoints if c.kind == "state"), None)
+        sampler = next((c for c in checkpoints if c.kind == "sampler"), None)
+        return {
+            "training_run_id": rec.model_id,
+            "base_model": rec.base_model,
+            "model_owner": rec.owner,
+            "is_lora": True,
+            "corrupted": bool(lease and lease.failed),
+            "lora_rank": rec.lora.rank,
+            "last_request_time": iso(last),
+            "last_checkpoint": checkpoint_json(training) if training else None,
+            "last_sampler_checkpoint": checkpoint_json(sampler) if sampler else None,
+            "user_metadata": rec.user_metadata,
+        }
+
+    async def sessions(self, owner: str) -> list[SessionRecord]:
+        recs = [r for r in await self.records(self.bus.sessions, SessionRecord) if r.owner == owner]
+        return sorted(recs, key=lambda r: (r.created_at, r.session_id), reverse=True)
+
+    # -- training runs
+
+    async def list_training_runs(self, request: web.Request) -> web.Response:
+        owner = self.gw.owner(request)
+        limit, offset = _page(request, 20)
+        runs = await self.runs(owner)
+        project = request.query.get("project_id")
+        if project is not None:
+            in_project = {s.session_id for s in await self.sessions(owner) if s.project_id == project}
+            runs = [r for r in runs if r.session_id in in_project]
+        page = runs[offset : offset + limit]
+        return _json(
+            {
+                "training_runs": [await self.run_json(r) for r in page],
+                "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)},
+            }
+        )
+
+    async def get_training_run(self, request: web.Request) -> web.Response:
+        owner = self.gw.owner(request)
+        run = check_id(request.match_info["run"], "training run id")
+        return _json(await self.run_json(await self.gw.model(run, owner)))
+
+    # -- checkpoints
+
+    async def list_checkpoints(self, request: web.Request) -> web.Response:
+        owner = self.gw.owner(request)
+        run = check_id(request.match_info["run"], "training run id")
+        await self.gw.model(run, owner)
+        recs = await self.checkpoints(owner, run=run)
+        return _json({"checkpoints": [checkpoint_json(r) for r in recs], "cursor": None})
+
+    async def list_user_checkpoints(self, request: web.Request) -> web.Response:
+        owner = self.gw.owner(request)
+        limit, offset = _page(request, 100)
+        recs = await self.checkpoints(owner)
+        return _json(
+            {
+                "checkpoints": [checkpoint_json(r) for r in recs[offset : offset + limit]],
+                "cursor": {"offset": offset, "limit": limit, "total_count": len(recs)},
+            }
+        )
+
+    def _address(self, request: web.Request) -> tuple[str, str, str]:
+        m = request.match_info
+        return m["run"], m["segment"], m["name"]
+
+    async def delete_checkpoint(self, request: web.Request) -> web.Response:
+        owner = self.gw.owner(request)
+        rec = await self.checkpoint(*self._address(request), owner, write=True)
+        await self.delete(rec, "deleted by owner")
+        return _json({})
+
+    async def publish(self, request: web.Request) -> web.Response:
+        owner = self.gw.owner(request)
+        rec = await self.checkpoint(*self._address(request), owner, write=True)
+        if rec.public:  # 400, not 409: the SDK retries 409 for minutes
+            raise InvalidRequest(f"{rec.path} is already public")
+        await self.update(rec, public=True)
+        log.info("checkpoint_published", path=rec.path, owner=owner)
+        return _json({})
+
+    async def unpublish(self, request: web.Request) -> web.Response:
+        owner = self.gw.owner(request)
+        rec = await self.checkpoint(*self._address(request), owner, write=True)
+        if not rec.public:
+            raise InvalidRequest(f"{rec.path} is not public")
+        await self.update(rec, public=False)
+        log.info("checkpoint_unpublished", path=rec.path, owner=owner)
+        return _json({})
+
+    async def set_ttl(self, request: web.Request) -> web.Response:
+        owner = self.gw.owner(request)
+        rec = await self.checkpoint(*self._address(request), owner, write=True)
+        body = await _body(request, _TtlBody)
+        _check_ttl(body.ttl_seconds)
+        expires = None if body.ttl_seconds is None else time.time() + body.ttl_seconds
+        await self.update(rec, expires_at=expires)
+        log.info("checkpoint_ttl_set", path=rec.path, owner=owner, ttl_seconds=body.ttl_seconds)
+        return _json({})
+
+    async def bad_checkpoint_address(self, request: web.Request) -> web.Response:
+        """Anything under .../checkpoints/ that is not <segment>/<name>[/publish|/ttl]."""
+        self.gw.owner(request)
+        raise InvalidRequest(f"malformed checkpoint id {request.match_info['rest'][:200]!r}; expected <segment>/<name>")
+
+    async def weights_info(self, request: web.Request) -> web.Response:
+        owner = self.gw.owner(request)
+        body = await _body(request, _PathBody)
+        parsed = paths.parse(body.tinker_path)
+        rec = await self.checkpoint(parsed.model_id, parsed.segment, parsed.name, owner, write=False)
+        return _json(
+            {
+                "base_model": rec.base_model,
+                "optimizer_config": {"type": "adamw"},
+                "is_lora": True,
+                "lora_rank": rec.lora.rank,
+                "train_unembed": rec.lora.train_unembed,
+                "train_mlp": rec.lora.train_mlp,
+                "train_attn": rec.lora.train_attn,
+            }
+        )
+
+    # -- sessions
+
+    async def list_sessions(self, request: web.Request) -> web.Response:
+        owner = self.gw.owner(request)
+        limit, offset = _page(request, 20)
+        recs = await self.sessions(owner)
+        return _json({"sessions": [s.session_id for s in recs[offset : offset + limit]]})
+
+    async def get_session(self, request: web.Request) -> web.Response:
+        owner = self.gw.owner(request)
+        sid = check_id(request.match_info["session_id"], "session id")
+        rec = await self.gw.session(sid, owner)
+        runs = await self.records(self.bus.models, ModelRecord, f"{sid}:train:")
+        samplers = await self.records(self.bus.samplers, SamplerRecord, f"{sid}:sample:")
+        return _json(
+            {
+                "training_run_ids": [r.model_id for r in sorted(runs, key=lambda r: r.created_at) if r.owner == owner],
+                "sampler_ids": [s.sampler_id for s in sorted(samplers, key=lambda s: s.created_at) if s.owner == owner],
+                "user_metadata": rec.user_metadata,
+                "display_name": rec.display_name,
+            }
+        )
+
+    async def assign_project(self, request: web.Request) -> web.Response:
+        owner = self.gw.owner(request)
+        sid = check_id(request.match_info["session_id"], "session id")
+        rec = await self.gw.session(sid, owner)
+        body = await _body(request, _ProjectBody)
+        if not body.project_id or len(body.project_id) > 256:
+            raise InvalidRequest("project_id must be a non-empty string of at most 256 characters")
+        await self.bus.kv_put(self.bus.sessions, rec.session_id, msgspec.structs.replace(rec, project_id=body.project_id))
+        log.info("session_project_assigned", session_id=sid, owner=owner, project_id=body.project_id)
+        return _json({})
+
+    async def search_sessions(self, request: web.Request) -> web.Response:
+        owner = self.gw.owner(request)
+        body = await _body(request, _SearchBody)
+        if not 1 <= body.limit <= 200:
+            raise InvalidRequest("limit must be in [1, 200]")
+        owner_type = body.owner.get("type", "own")
+        if owner_type not in ("own", "accessible", "user"):
+            raise InvalidRequest(f"unknown owner type {owner_type!r}")
+        # One key is one principal here: "accessible" is what it owns; "user" must name it.
+        if owner_type == "user" and owner not in [str(u).rsplit(":", 1)[-1] for u in body.owner.get("owner_urns") or []]:
+            return _json({"sessions": [], "next_cursor": None})
+        sessions = await self.sessions(owner)
+        checkpoints = await self.checkpoints(owner)
+        per_session: dict[str, list[WeightsRecord]] = {}
+        runs = {r.model_id: r.session_id for r in await self.runs(owner)}
+        for c in checkpoints:
+            per_session.setdefault(runs.get(c.model_id, ""), []).append(c)
+
+        def matches(s: SessionRecord) -> bool:
+            by_id = body.session_id is not None and s.session_id == body.session_id
+            words = (body.display_name or "").lower().split()
+            by_name = bool(words) and all(w in (s.display_name or "").lower() for w in words)
+            if (body.session_id is not None or words) and not (by_id or by_name):
+                return False
+            if body.project_ids is not None and s.project_id not in body.project_ids:
+                return False
+            if any(s.user_metadata.get(k) != v for k, v in body.user_metadata.items()):
+                return False
+            if body.statuses is not None:
+                return any(_status_matches(s, q) for q in body.statuses)
+            return True
+
+        found = [s for s in sessions if matches(s)]
+        if body.cursor is not None:
+            after = (datetime.fromisoformat(body.cursor.last_created_at).timestamp(), body.cursor.last_session_id)
+            found = [s for s in found if (s.created_at, s.session_id) < after]
+        page = found[: body.limit]
+        summaries = []
+        for s in page:
+            mine = per_session.get(s.session_id, [])
+            summaries.append(
+                {
+                    "session_id": s.session_id,
+                    "created_at": iso(s.created_at),
+                    "owner": s.owner,
+                    "project_id": s.project_id or "",
+                    "status": _status(s),
+                    "checkpoints_count": len(mine),
+                    "display_name": s.display_name,
+                    "user_metadata": s.user_metadata,
+                    "checkpoint_storage_bytes": sum(c.size_bytes for c in mine),
+                }
+            )
+        cursor = None
+        if len(found) > body.limit:
+            last = page[-1]
+            cursor = {"last_created_at": iso(last.created_at), "last_session_id": last.session_id}
+        return _json({"sessions": summaries, "next_cursor": cursor})
+
+    # -- usage
+
+    async def storage_usage(self, request: web.Request) -> web.Response:
+        owner = self.gw.owner(request)
+        project = request.query.get("project_id")
+        projects = {s.session_id: s.project_id for s in await self.sessions(owner)}
+        runs = {r.model_id: projects.get(r.session_id) for r in await self.runs(owner)}
+        groups: dict[str | None, list[WeightsRecord]] = {}
+        for c in await self.checkpoints(owner):
+            groups.setdefault(runs.get(c.model_id), []).append(c)
+        data = [
+            {
+                "project_id": p,
+                "org_user_urn": f"openrl:key:{owner}",
+                "checkpoint_count": len(cs),
+                "size_bytes": sum(c.size_bytes for c in cs),
+                "size_gigabytes": sum(c.size_bytes for c in cs) / 1e9,
+            }
+            for p, cs in sorted(groups.items(), key=lambda kv: kv[0] or "")
+            if project is None or p == project
+        ]
+        return _json({"data": data, "effective_rate_usd_per_gigabyte_month": None})
+
+    # -- expiry
+
+    async def reap_once(self) -> int:
+        """Delete every expired checkpoint (record and blobs); the number deleted."""
+        now = time.time()
+        expired = [r for r in await self.records(self.bus.weights, WeightsRecord) if not _live(r, now)]
+        for rec in expired:
+            await self.delete(rec, "expired")
+        return len(expired)
+
+    async def reap(self, every_s: float = REAP_EVERY_S) -> None:
+        while True:
+            try:
+                await self.reap_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the bus reconnecting: try again next round
+                log.warning("reap_failed", error=repr(e))
+            await asyncio.sleep(every_s)
+
+
+def _status(s: SessionRecord) -> dict[str, Any]:
+    if s.finished_at is None:
+        return {"type": "active"}
+    reason = s.finish_reason if s.finish_reason in ("success", "errored", "interrupted") else "success"
+    return {"type": "client_finished", "reason": {"type": reason}}
+
+
+def _status_matches(s: SessionRecord, query: dict[str, Any]) -> bool:
+    status = _status(s)
+    if query.get("type") != status["type"]:
+        return False
+    reasons = query.get("reasons")
+    return status["type"] != "client_finished" or not reasons or status["reason"]["type"] in reasons
+
+
+@web.middleware
+async def forbidden(request: web.Request, handler):
+    """403 for a published checkpoint another key tries to change (before `errors` makes it a 404)."""
+    try:
+        return await handler(request)
+    except Forbidden as e:
+        return _json({"detail": str(e), "type": "forbidden"}, status=403)
+
+
+def add_routes(app: web.Application, gw: Gateway) -> None:
+    cat = Catalogue(gw)
+    app["catalogue"] = cat
+    app.middlewares.append(forbidden)
+    r = app.router
+    ckpt = f"{API}/training_runs/{{run}}/checkpoints/{{segment}}/{{name}}"
+    r.add_get(f"{API}/training_runs", cat.list_training_runs)
+    r.add_get(f"{API}/training_runs/{{run}}", cat.get_training_run)
+    r.add_get(f"{API}/training_runs/{{run}}/checkpoints", cat.list_checkpoints)
+    r.add_post(f"{ckpt}/publish", cat.publish)
+    r.add_delete(f"{ckpt}/publish", cat.unpublish)
+    r.add_put(f"{ckpt}/ttl", cat.set_ttl)
+    r.add_delete(ckpt, cat.delete_checkpoint)
+    r.add_route("*", f"{API}/training_runs/{{run}}/checkpoints/{{rest:.+}}", cat.bad_checkpoint_address)
+    r.add_get(f"{API}/checkpoints", cat.list_user_checkpoints)
+    r.add_post(f"{API}/weights_info", cat.weights_info)
+    r.add_get(f"{API}/sessions", cat.list_sessions)
+    r.add_post(f"{API}/sessions/search", cat.search_sessions)
+    r.add_get(f"{API}/sessions/{{session_id}}", cat.get_session)
+    r.add_put(f"{API}/sessions/{{session_id}}/project", cat.assign_project)
+    r.add_get(f"{API}/billing/usage/checkpoints/current", cat.storage_usage)
+
+    async def start_reaper(app: web.Application) -> None:
+        app["reaper"] = asyncio.create_task(cat.reap())
+
+    async def stop_reaper(app: web.Application) -> None:
+        app["reaper"].cancel()
+        await asyncio.gather(app["reaper"], return_exceptions=True)
+
+    app.on_startup.append(start_reaper)
+    app.on_cleanup.append(stop_reaper)
