@@ -320,6 +320,30 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 # -- openrl nats ---------------------------------------------------------------------
 
 
+def cmd_record(args: argparse.Namespace) -> None:
+    from openrl.bus import record
+
+    subjects = [x.strip() for x in args.subjects.split(",") if x.strip()]
+    if not subjects:
+        sys.exit("openrl record: --subjects needs at least one subject pattern")
+
+    async def main() -> None:
+        await record.record(args.nats_url, subjects, Path(args.out), _stop_event(), duration_s=args.duration_s or None)
+
+    asyncio.run(main())
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    from openrl.bus import record
+
+    subjects = [x.strip() for x in (args.subjects or "").split(",") if x.strip()] or None
+    try:
+        sent = asyncio.run(record.replay(Path(args.file), args.to, subjects=subjects, pace=args.pace, speed=args.speed))
+    except (OSError, record.RecordFormatError) as e:
+        sys.exit(f"openrl replay: {e}")
+    print(f"replayed {sent} messages into {args.to}", flush=True)
+
+
 def cmd_nats(args: argparse.Namespace) -> None:
     from openrl.bus.server import NatsServer
 
@@ -552,6 +576,21 @@ def parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="build the offline default model into the HF cache now (e.g. in an image build)")
     pr.set_defaults(func=cmd_prepare)
 
+    rc = sub.add_parser("record", help="record bus traffic (subjects, headers, payloads, times) to a file")
+    _add_common(rc)
+    rc.add_argument("--subjects", default=_env("RECORD_SUBJECTS", "openrl.>"),
+                    help="comma-separated subject patterns, e.g. 'openrl.>,$KV.openrl-models.>' [OPENRL_RECORD_SUBJECTS]")
+    rc.add_argument("--out", required=True, help="the recording file to write")
+    rc.add_argument("--duration-s", type=float, default=0, help="stop after this long (0: at SIGINT/SIGTERM)")
+    rc.set_defaults(func=cmd_record)
+    rp = sub.add_parser("replay", help="publish a recording into a bus (JetStream where a stream holds the subject)")
+    _add_common(rp)
+    rp.add_argument("file", help="a file written by openrl record")
+    rp.add_argument("--to", required=True, help="NATS URL of the stack to replay into")
+    rp.add_argument("--pace", choices=["instant", "original"], default="instant", help="as fast as possible, or with the recorded gaps")
+    rp.add_argument("--speed", type=float, default=1.0, help="with --pace original: this many times faster")
+    rp.add_argument("--subjects", default="", help="comma-separated patterns: replay only matching messages")
+    rp.set_defaults(func=cmd_replay)
     nt = sub.add_parser("nats", help="the embedded nats-server (JetStream, file store under the data dir)")
     nt.add_argument("--data-dir", default=_env("DATA_DIR", "~/.openrl"))
     nt.add_argument("--port", type=int, default=int(_env("NATS_PORT", 4222)))

@@ -66,12 +66,16 @@ class Rewarder:
         try:
             entry = await self.bus.futures.get(key)
         except KeyNotFoundError:
-            return  # expired, or never accepted: nobody is waiting
-        if entry.value is None:
-            return
-        pending = decode(entry.value, Future)
-        if pending.state != "pending":
-            return  # scored before (a redelivery after the result was stored)
+            # Published straight to the bus (a recipe, a replayed recording), not through the
+            # gateway: score it all the same; the result is created, not updated.
+            entry = None
+        if entry is not None and entry.value is not None:
+            pending = decode(entry.value, Future)
+            if pending.state != "pending":
+                return  # scored before (a redelivery after the result was stored)
+        else:
+            entry = None
+            pending = Future(request_id=msg.request_id, owner="", request_type="Score", created_at=time.time())
         started = time.monotonic()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -82,7 +86,10 @@ class Rewarder:
                              worker_id=self.worker_id)  # fmt: skip
         done = msgspec.structs.replace(pending, state="done", content_type="json", payload=msgspec.json.encode(result), finished_at=time.time())
         try:
-            await self.bus.futures.update(key, encode(done), last=entry.revision)
+            if entry is None:
+                await self.bus.futures.create(key, encode(done))
+            else:
+                await self.bus.futures.update(key, encode(done), last=entry.revision)
         except KeyWrongLastSequenceError:
             log.info("score_already_recorded", request_id=msg.request_id)
             return

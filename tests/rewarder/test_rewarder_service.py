@@ -149,14 +149,19 @@ async def test_a_finished_request_is_never_scored_again(bus, rewarders, tmp_path
     assert (await result(bus, rid))["scores"][0]["reward"] == 7.0
     # The same request again, past JetStream's duplicate window (another msg id): a redelivery.
     await bus.publish(subjects.reward(name), ScoreRequest(request_id=rid, reward_name=name, items=[item("", reference=ref)]), msg_id=rid + "-again")
-    # A request whose future is gone (expired) has nobody waiting: dropped, not scored.
-    await bus.publish(subjects.reward(name), ScoreRequest(request_id="gone", reward_name=name, items=[item("", reference=ref)]), msg_id=unique("gone"))
+    # A request published straight to the bus (a recipe, a replayed recording: no future was
+    # accepted for it) is scored all the same, its result created; a later copy is not rescored.
+    direct = unique("direct")
+    copy = ScoreRequest(request_id=direct, reward_name=name, items=[item("", reference={"i": 9, "log": str(log)})])
+    await bus.publish(subjects.reward(name), copy, msg_id=unique("copy"))
+    assert (await result(bus, direct))["scores"][0]["reward"] == 9.0
+    await bus.publish(subjects.reward(name), copy, msg_id=unique("copy"))
     # Garbage on the queue is dropped (terminated) and the worker keeps going.
     await bus.js.publish(subjects.reward(name), b"\xc1 not msgpack")
     after = await submit(bus, name, [item("", reference={"i": 8, "log": str(log)})])
     assert (await result(bus, after))["scores"][0]["reward"] == 8.0
     await asyncio.sleep(0.5)
-    assert log.read_text().split() == ["7", "8"]
+    assert log.read_text().split() == ["7", "9", "8"]
     info = await bus.js.consumer_info(subjects.REWARD_STREAM, subjects.rewarder_consumer(name))
     assert info.num_pending == 0 and info.num_ack_pending == 0
 
