@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,6 +40,10 @@ MAX_PAYLOAD = 32 * 1024 * 1024
 # entry exists (there is no clock comparison across hosts).
 WORKER_TTL_S = 10.0
 
+# The NATS header that carries a request's trace id (the gateway's X-Request-Id) from the
+# publisher's structlog context to the worker's (openrl/metrics.py).
+TRACE_HEADER = "Openrl-Trace-Id"
+
 
 @dataclass(frozen=True)
 class BusConfig:
@@ -65,6 +70,8 @@ class Bus:
         self.snapshots: KeyValue
         self.leases: KeyValue
         self.objects: ObjectStore
+        # Told when a consumed message starts and how it ends (openrl.metrics.MessageObserver).
+        self.observer = None
 
     @classmethod
     async def connect(cls, cfg: BusConfig) -> Bus:
@@ -223,7 +230,11 @@ class Bus:
 
     async def publish(self, subject: str, msg: msgspec.Struct, *, msg_id: str) -> None:
         """Publish to a stream; `msg_id` makes a retried publish of the same request a no-op."""
-        await self.js.publish(subject, encode(msg), headers={"Nats-Msg-Id": msg_id}, timeout=10)
+        headers = {"Nats-Msg-Id": msg_id}
+        trace_id = structlog.contextvars.get_contextvars().get("trace_id")
+        if trace_id:
+            headers[TRACE_HEADER] = trace_id
+        await self.js.publish(subject, encode(msg), headers=headers, timeout=10)
 
     # -- key-value helpers ----------------------------------------------------------
 
@@ -315,7 +326,9 @@ class Bus:
                     continue
                 for raw in msgs:
                     await slots.acquire()
-                    task = asyncio.create_task(_deliver(raw, type_, handle, ack_wait_s))
+                    # A context of its own: the message's trace id, not whatever the consumer was started under.
+                    task = asyncio.create_task(_deliver(raw, type_, handle, ack_wait_s, (self.observer, stream, durable)),
+                                               context=contextvars.Context())
                     tasks.add(task)
                     task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
         finally:
@@ -339,13 +352,34 @@ async def _keep_alive(raw, every_s: float) -> None:
             pass
 
 
-async def _deliver(raw, type_: object, handle: Callable[[object], Awaitable[None]], ack_wait_s: float) -> None:
-    """The only place that decides ack / nak / term / in_progress."""
+async def _deliver(raw, type_: object, handle: Callable[[object], Awaitable[None]], ack_wait_s: float, observed=(None, "", "")) -> None:
+    """Handle one message with its trace id (if it carries one) bound in the log context, and
+    tell the bus's observer (metrics) when it starts and how it ended."""
+    observer, stream, durable = observed
+    trace_id = (raw.headers or {}).get(TRACE_HEADER, "")[:128]
+    started = time.monotonic()
+    outcome = "handed_back"  # unless _decide returns: cancelled (shutting down), message nak'd
+    if observer is not None:
+        observer.started(stream, durable)
+    try:
+        with structlog.contextvars.bound_contextvars(**({"trace_id": trace_id} if trace_id else {})):
+            outcome = await _decide(raw, type_, handle, ack_wait_s)
+    except Exception:  # the ack itself failed (connection lost): redelivered after ack_wait
+        outcome = "error"
+        raise
+    finally:
+        if observer is not None:
+            observer.finished(stream, durable, outcome, time.monotonic() - started)
+
+
+async def _decide(raw, type_: object, handle: Callable[[object], Awaitable[None]], ack_wait_s: float) -> str:
+    """The only place that decides ack / nak / term / in_progress; returns which it did."""
     try:
         msg = decode(raw.data, type_)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         log.error("message_undecodable", subject=raw.subject, error=str(e))
-        return await raw.term()
+        await raw.term()
+        return "term"
     keep_alive = asyncio.create_task(_keep_alive(raw, max(ack_wait_s / 3, 0.5)))
     started = time.monotonic()
     try:
@@ -354,21 +388,26 @@ async def _deliver(raw, type_: object, handle: Callable[[object], Awaitable[None
         keep_alive.cancel()
         try:  # shutting down: hand the message back now rather than after ack_wait
             await raw.nak()
+            log.info("message_handed_back", subject=raw.subject, reason="shutting down")
         except Exception:
             pass
         raise
     except Unavailable as e:  # not this worker's to do right now (say, a model that moved)
         log.info("message_handed_back", subject=raw.subject, reason=str(e))
         await raw.nak(delay=1.0)
+        return "nak"
     except InvalidRequest as e:
         # Handlers record user errors on the future themselves; this is the backstop.
         log.warning("message_invalid", subject=raw.subject, error=str(e))
         await raw.term()
+        return "term"
     except Exception:
         log.exception("message_failed", subject=raw.subject, delivered=raw.metadata.num_delivered)
         await raw.nak(delay=2.0)
+        return "nak"
     else:
         await raw.ack()
-        log.debug("message_done", subject=raw.subject, seconds=round(time.monotonic() - started, 4))
+        log.info("message_handled", subject=raw.subject, seconds=round(time.monotonic() - started, 4))
+        return "ack"
     finally:
         keep_alive.cancel()

@@ -23,6 +23,7 @@ class Waiters:
         self.recheck_s = recheck_s
         self._events: dict[str, set[asyncio.Event]] = {}
         self._sub = None
+        self.closing = False  # shutting down: waits return at once (pending: "try again")
 
     async def start(self) -> None:
         self._sub = await self.bus.nc.subscribe(subjects.DONE_ALL, cb=self._on_done)
@@ -30,6 +31,13 @@ class Waiters:
     async def stop(self) -> None:
         if self._sub is not None:
             await self._sub.unsubscribe()
+
+    def close(self) -> None:
+        """Answer every long poll now (still pending ones with "try again"), and later ones at once."""
+        self.closing = True
+        for events in self._events.values():
+            for event in events:
+                event.set()
 
     @property
     def pending(self) -> int:
@@ -53,7 +61,7 @@ class Waiters:
                 if fut is None or fut.state != "pending":
                     return fut
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or self.closing:
                     return fut
                 event.clear()
                 try:

@@ -41,6 +41,7 @@ import numpy as np
 import structlog
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 
+from openrl import metrics
 from openrl.bus import subjects
 from openrl.bus.client import Bus
 from openrl.bus.errors import InvalidRequest
@@ -169,6 +170,7 @@ class Sampler:
                 result = await self._sample_async(spec, blob)
             fut = Future(state="done", content_type="sample", payload=encode(to_bus(result, msg.target_prompt_logprobs)), finished_at=time.time(), **base)
             self.served += 1
+            metrics.SAMPLED_TOKENS.inc(sum(len(seq.tokens) for seq in result.sequences))
         except InvalidRequest as e:
             fut = Future(state="failed", error=str(e), category="user", finished_at=time.time(), **base)
         await self.bus.finish_future(fut)
@@ -187,6 +189,7 @@ class Sampler:
 
     async def _blob(self, name: str) -> bytes:
         blob = self._blobs.get(name)
+        metrics.ADAPTER_CACHE.inc(result="miss" if blob is None else "hit")
         if blob is not None:
             self._blobs.move_to_end(name)
             return blob
@@ -296,6 +299,7 @@ class Sampler:
             lora = job.msg.lora
             targets = sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in state})
             self.backend.load_adapter(key, state, rank=lora.rank if lora else _rank(state), alpha=LORA_ALPHA, target_modules=targets)
+            metrics.ADAPTER_LOADS.inc()
         except InvalidRequest as e:
             return e
         except Exception as e:  # a corrupt blob or a bug: fail this request only
