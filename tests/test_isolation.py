@@ -19,7 +19,6 @@ import pytest
 import tinker
 from tinker import types
 
-from openrl.bus import subjects
 from openrl.bus.client import Bus, BusConfig
 from openrl.bus.messages import WeightsRecord
 from openrl.demo import make_datum, sft_examples

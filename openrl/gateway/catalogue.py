@@ -39,7 +39,7 @@ from aiohttp import web
 from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError, ObjectDeletedError, ObjectNotFoundError
 
 from openrl.bus import paths, subjects
-from openrl.bus.errors import InvalidRequest, NotFound, OpenRLError
+from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import Lease, ModelRecord, SamplerRecord, SessionRecord, WeightsRecord, decode
 from openrl.gateway.app import API, Gateway, _body, _check_ttl, _json
 from openrl.gateway.names import check_id, check_name
