@@ -334,8 +334,43 @@ def check_command(c, command: list[str], kind: str) -> None:
         assert command[0] in COREUTILS, f"{c.where}: unknown command {command}"
 
 
+def metrics_port(objs, c, external=None) -> int:
+    """The port the container serves /metrics on: OPENRL_METRICS_PORT as its env sets it,
+    which must be its port named `metrics`."""
+    port = int(container_env(objs, c, external).get("OPENRL_METRICS_PORT", "0"))
+    assert port, f"{c.where}: OPENRL_METRICS_PORT unset: no /metrics, /healthz or /livez"
+    named = {pt.get("name"): pt["containerPort"] for pt in c.spec.get("ports", [])}
+    assert named.get("metrics") == port, f"{c.where}: port 'metrics' {named.get('metrics')} != OPENRL_METRICS_PORT {port}"
+    return port
+
+
+def check_http_probe(objs, c, get: dict, kind: str, external=None) -> None:
+    from openrl import metrics
+
+    if get["port"] in ("metrics", 9090):
+        metrics_port(objs, c, external)
+        assert get["path"] in metrics.ROUTES, f"{c.where}: the metrics server serves no {get['path']}"
+        # Readiness means bus connected and model loaded (/healthz); liveness must not fail
+        # while NATS is down, or an outage would restart every pod (/livez).
+        assert get["path"] == ("/livez" if kind == "liveness" else "/healthz"), f"{c.where}: {kind} probes {get['path']}"
+    else:
+        assert get["path"] in gateway_routes(), f"{c.where}: the gateway serves no {get['path']}"
+
+
+def test_pods_are_scraped_on_their_metrics_port(target):
+    _, objs, external = target
+    for c in containers(objs, init=False):
+        if c.openrl_subcommand not in ("gateway", "trainer", "sampler", "rewarder"):
+            continue
+        port = metrics_port(objs, c, external)
+        annotations = c.workload["spec"]["template"]["metadata"].get("annotations", {})
+        assert annotations.get("prometheus.io/scrape") == "true", c.where
+        assert annotations.get("prometheus.io/port") == str(port), c.where
+        assert annotations.get("prometheus.io/path", "/metrics") == "/metrics", c.where
+
+
 def test_probes_exist_and_check_real_readiness(target):
-    _, objs, _ = target
+    _, objs, external = target
     for c in containers(objs, init=False):
         sub = c.openrl_subcommand
         if sub is None:
@@ -351,7 +386,7 @@ def test_probes_exist_and_check_real_readiness(target):
                 check_command(c, p["exec"]["command"], kind)
                 assert p.get("timeoutSeconds", 1) >= 5, f"{c.where}: a Python probe needs more than {p.get('timeoutSeconds', 1)} s"
             elif "httpGet" in p:
-                assert p["httpGet"]["path"] in gateway_routes()
+                check_http_probe(objs, c, p["httpGet"], kind, external)
             else:
                 port = p["tcpSocket"]["port"]
                 assert port in {pt.get("name") for pt in c.spec["ports"]} | {pt["containerPort"] for pt in c.spec["ports"]}
@@ -431,11 +466,19 @@ def test_only_the_gateway_is_reachable(render):
             labels = pod_labels(w)
             ingress = [p for p in policies if "Ingress" in p["spec"]["policyTypes"] and p["spec"].get("ingress")
                        and selects(p["spec"]["podSelector"], labels)]
+            # Prometheus may reach the metrics port, from its own namespace only.
+            rules = [rule for p in ingress for rule in p["spec"]["ingress"]]
+            scrape = [r for r in rules if {pt["port"] for pt in r["ports"]} == {9090}]
+            for rule in scrape:
+                assert rule.get("from") and all(x["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+                                                and "podSelector" not in x for x in rule["from"]), f"{name}: metrics open to {rule}"
+            if labels.get("app.kubernetes.io/part-of") == "openrl" and labels.get("app.kubernetes.io/component") != "model-download":
+                assert scrape, f"{name}: {w['metadata']['name']} cannot be scraped"
+            ports = {pt["port"] for rule in rules if rule not in scrape for pt in rule["ports"]}
             if labels.get("app.kubernetes.io/component") == "gateway":
-                ports = {pt["port"] for p in ingress for rule in p["spec"]["ingress"] for pt in rule["ports"]}
                 assert ports == {c["ports"][0]["containerPort"] for c in pod_spec(w)["containers"]}
             else:
-                assert not ingress, f"{name}: {w['metadata']['name']} accepts connections"
+                assert not ports, f"{name}: {w['metadata']['name']} accepts connections on {ports}"
 
 
 def test_workers_talk_to_nats_and_dns_only(render):
