@@ -379,6 +379,7 @@ async def observe_http(request: web.Request, handler):
 
 
 Readiness = Callable[[], dict[str, bool]]
+ROUTES = ("/metrics", "/healthz", "/livez")  # what `serve` answers (the manifests' probes and scrapes use them)
 
 
 async def serve(port: int, host: str = "0.0.0.0", ready: Readiness | None = None, registry: Registry = REGISTRY) -> web.AppRunner | None:
