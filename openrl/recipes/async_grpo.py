@@ -34,6 +34,7 @@ import json
 import os
 import random
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,7 @@ class Group:
     rewards_G: list[float]
     errors: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    reward_s: float = 0.0  # time the reward function ran on these completions (summed)
 
 
 def say_word_tasks(n: int, seed: int = 0) -> list[Task]:
@@ -198,6 +200,7 @@ class AsyncGRPO:
         self.changed = asyncio.Condition()  # version or dropped moved: the producer may launch more
         self.ready: asyncio.Queue[Group | BaseException] = asyncio.Queue()
         self.running: set[asyncio.Task] = set()
+        self.run_id = uuid.uuid4().hex  # scoring requests of this run: retried ones are scored once
 
     async def rollout(self, i: int, sampler, version: int) -> None:
         from tinker import types
@@ -211,7 +214,7 @@ class AsyncGRPO:
             seqs = response.sequences
             texts = [self.tokenizer.decode(s.tokens, skip_special_tokens=True) for s in seqs]
             items = [{"prompt": self.tasks[t].prompt, "completion": c, "reference": self.tasks[t].reference} for c in texts]
-            scores = await self.rewards.score(cfg.reward_name, items, idempotency_key=f"{cfg.name}-{cfg.seed}-{id(self)}-{i}")
+            scores = await self.rewards.score(cfg.reward_name, items, idempotency_key=f"{self.run_id}-{i}")
             metrics: dict[str, float] = {}
             for s in scores:
                 for k, v in s.metrics.items():
@@ -220,7 +223,7 @@ class AsyncGRPO:
                 Group(index=i, version=version, prompt_G=prompt, tokens_G=[list(s.tokens) for s in seqs],
                       logprobs_G=[list(s.logprobs) for s in seqs],
                       rewards_G=[s.reward if s.reward is not None else 0.0 for s in scores],  # a failed item scores 0
-                      errors=sum(s.reward is None for s in scores), metrics=metrics)
+                      errors=sum(s.reward is None for s in scores), metrics=metrics, reward_s=sum(s.seconds for s in scores))
             )  # fmt: skip
         except BaseException as e:  # the trainer re-raises it
             await self.ready.put(e)
@@ -309,6 +312,7 @@ class AsyncGRPO:
                     "logprob/mismatch_fresh": row_fresh,
                     "datums": len(datums),
                     "reward/errors": sum(g.errors for g in batch),
+                    "time/reward_s": sum(g.reward_s for g in batch),
                     **{f"score/{k}": sum(g.metrics.get(k, 0.0) for g in batch) / len(batch) for k in sorted({k for g in batch for k in g.metrics})},
                 }  # fmt: skip
                 log.append(row)
@@ -381,7 +385,8 @@ def train_sequential(cfg: Config, tasks: Sequence[Task], training=None) -> list[
                 scores = rewards.score(cfg.reward_name, [{"prompt": tasks[t].prompt, "completion": c, "reference": tasks[t].reference} for c in texts])
                 groups.append(Group(index=k, version=step, prompt_G=prompts[t], tokens_G=[list(s.tokens) for s in seqs],
                                     logprobs_G=[list(s.logprobs) for s in seqs],
-                                    rewards_G=[s.reward if s.reward is not None else 0.0 for s in scores]))  # fmt: skip
+                                    rewards_G=[s.reward if s.reward is not None else 0.0 for s in scores],
+                                    reward_s=sum(s.seconds for s in scores)))  # fmt: skip
             datums = [d for g in groups for d in group_datums(g)]
             if datums:
                 fwd = training.forward_backward(datums, loss_fn="importance_sampling")
@@ -390,7 +395,8 @@ def train_sequential(cfg: Config, tasks: Sequence[Task], training=None) -> list[
                 opt.result()
             rewards_all = [r for g in groups for r in g.rewards_G]
             log.append({"step": step, "reward/mean": sum(rewards_all) / len(rewards_all), "time/step": time.monotonic() - t0,
-                        "time/elapsed": time.monotonic() - started, "staleness/mean": 0.0, "staleness/max": 0, "datums": len(datums)})  # fmt: skip
+                        "time/elapsed": time.monotonic() - started, "staleness/mean": 0.0, "staleness/max": 0, "datums": len(datums),
+                        "time/reward_s": sum(g.reward_s for g in groups)})  # fmt: skip
     log.plot()
     if service is not None:
         service.close("success").result()
