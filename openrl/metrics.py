@@ -302,7 +302,7 @@ async def consumer_stats(js) -> tuple[dict[str, dict], list[dict]]:
     return streams, consumers
 
 
-def queue_collector(bus, min_interval_s: float = 2.0) -> Callable[[], Awaitable[None]]:
+def queue_collector(bus, min_interval_s: float = 0.0) -> Callable[[], Awaitable[None]]:
     """A collector that sets the queue gauges from consumer info (at most every `min_interval_s`)."""
     last = [0.0]
 

@@ -237,10 +237,9 @@ def test_sigterm_trainer_hands_its_models_over_at_once(stack, tmp_path):
                 break
         victim = clients[-1]
         assert leases(stack)[victim.model_id]["owner"] == EXTRA
-        reference = next((c for c in clients if leases(stack)[c.model_id]["owner"] == "trainer"), None)
-        if reference is None:
-            reference = service.create_lora_training_client(base_model=BASE_MODEL, rank=4, seed=21).result()
-        assert leases(stack)[reference.model_id]["owner"] == "trainer"
+        # The fault-free run: the same model (same seed), trained only after the SIGTERM, so
+        # whichever trainer it was placed on, no request of it is ever interrupted.
+        reference = service.create_lora_training_client(base_model=BASE_MODEL, rank=4, seed=21).result()
 
         tokenizer = victim.get_tokenizer()
         batches = [[make_datum(tokenizer, q, a) for q, a in sft_examples(8, seed=s)] for s in range(30)]
