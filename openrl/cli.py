@@ -344,6 +344,36 @@ def cmd_replay(args: argparse.Namespace) -> None:
     print(f"replayed {sent} messages into {args.to}", flush=True)
 
 
+def cmd_dlq(args: argparse.Namespace) -> None:
+    from openrl.bus import dlq
+    from openrl.bus.client import Bus, BusConfig
+    from openrl.bus.errors import InvalidRequest
+
+    async def main() -> None:
+        bus = await Bus.connect(BusConfig(url=args.nats_url, name="openrl-dlq", replicas=args.nats_replicas))
+        try:
+            if args.action == "list":
+                letters = await dlq.list_dead(bus)
+                if args.json:
+                    print(json.dumps([vars(x) for x in letters], indent=1))
+                    return
+                print(f"{len(letters)} dead letter(s)")
+                for x in letters:
+                    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(x.at))
+                    print(f"{x.id:>6}  {when}  {x.stream}  {x.subject}  request={x.request_id or '-'}  delivered={x.delivered}\n        {x.reason}")
+            else:
+                if args.id is None:
+                    sys.exit("openrl dlq retry: which one? openrl dlq retry ID (see openrl dlq list)")
+                letter = await dlq.retry(bus, args.id)
+                print(f"dead letter {letter.id} published again to {letter.subject} (request {letter.request_id or '-'})")
+        except InvalidRequest as e:
+            sys.exit(f"openrl dlq: {e}")
+        finally:
+            await bus.close()
+
+    asyncio.run(main())
+
+
 def cmd_nats(args: argparse.Namespace) -> None:
     from openrl.bus.server import NatsServer
 
@@ -591,6 +621,12 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--speed", type=float, default=1.0, help="with --pace original: this many times faster")
     rp.add_argument("--subjects", default="", help="comma-separated patterns: replay only matching messages")
     rp.set_defaults(func=cmd_replay)
+    dq = sub.add_parser("dlq", help="dead letters: messages that failed max_deliver times (list, retry ID)")
+    _add_common(dq)
+    dq.add_argument("action", choices=["list", "retry"])
+    dq.add_argument("id", nargs="?", type=int, help="with retry: the dead letter's id (from list)")
+    dq.add_argument("--json", action="store_true", help="with list: JSON")
+    dq.set_defaults(func=cmd_dlq)
     nt = sub.add_parser("nats", help="the embedded nats-server (JetStream, file store under the data dir)")
     nt.add_argument("--data-dir", default=_env("DATA_DIR", "~/.openrl"))
     nt.add_argument("--port", type=int, default=int(_env("NATS_PORT", 4222)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,14 @@ MAX_PAYLOAD = 32 * 1024 * 1024
 # How long a worker's heartbeat entry outlives its last beat: a worker is alive while its
 # entry exists (there is no clock comparison across hosts).
 WORKER_TTL_S = 10.0
+
+# A message delivered this many times without being handled (its handler kept failing, or
+# the worker holding it kept dying) is a dead letter: moved to OPENRL_DLQ with the reason,
+# its future failed; `openrl dlq list | retry` manage them. Kept this long.
+MAX_DELIVER = 5
+DLQ_MAX_AGE_S = 7 * 24 * 3600
+DEAD_LETTERED = "dead-lettered"  # how a dead letter's failed future starts its error
+DLQ_HEADERS = ("Openrl-Dlq-Stream", "Openrl-Dlq-Subject", "Openrl-Dlq-Consumer", "Openrl-Dlq-Stream-Seq", "Openrl-Dlq-Delivered", "Openrl-Dlq-Reason")
 
 # The NATS header that carries a request's trace id (the gateway's X-Request-Id) from the
 # publisher's structlog context to the worker's (openrl/metrics.py).
@@ -153,6 +162,18 @@ class Bus:
                 num_replicas=r,
             )
         )
+        await self._ensure_stream(
+            api.StreamConfig(
+                name=subjects.DLQ_STREAM,
+                subjects=[subjects.DLQ_ALL],
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                max_age=DLQ_MAX_AGE_S,
+                duplicate_window=self.cfg.duplicate_window_s,
+                max_msg_size=MAX_PAYLOAD,
+                num_replicas=r,
+            )
+        )
         self.futures = await self._ensure_kv(subjects.FUTURES_BUCKET, ttl=self.cfg.futures_ttl_s)
         self.models = await self._ensure_kv(subjects.MODELS_BUCKET)
         self.sessions = await self._ensure_kv(subjects.SESSIONS_BUCKET)
@@ -259,6 +280,36 @@ class Bus:
             return False
         return True
 
+    async def dead_letter(self, raw, stream: str, durable: str, reason: str) -> None:
+        """Copy a message to the dead-letter stream with where it came from and why."""
+        meta = raw.metadata
+        headers = {k: v for k, v in (raw.headers or {}).items() if k == TRACE_HEADER}
+        headers.update(
+            {
+                "Openrl-Dlq-Stream": stream,
+                "Openrl-Dlq-Subject": raw.subject,
+                "Openrl-Dlq-Consumer": durable,
+                "Openrl-Dlq-Stream-Seq": str(meta.sequence.stream),
+                "Openrl-Dlq-Delivered": str(meta.num_delivered),
+                "Openrl-Dlq-Reason": reason[:2000].replace("\r", " ").replace("\n", " "),
+                "Nats-Msg-Id": f"dlq-{stream}-{durable}-{meta.sequence.stream}",
+            }
+        )
+        await self.js.publish(subjects.dlq(stream), raw.data, headers=headers, timeout=10)
+        log.error("message_dead_lettered", subject=raw.subject, stream=stream, consumer=durable, delivered=meta.num_delivered, reason=reason)
+
+    async def fail_dead(self, request_id: str, request_type: str, reason: str) -> None:
+        """Fail a dead-lettered request's future, unless it finished meanwhile."""
+        stored = await self.kv_get(self.futures, request_id, Future)
+        if stored is not None and stored.state != "pending":
+            return
+        await self.finish_future(
+            Future(
+                request_id=request_id, owner=stored.owner if stored else "", request_type=request_type, state="failed",
+                error=f"{DEAD_LETTERED}: {reason}", category="server", finished_at=time.time(),
+            )
+        )  # fmt: skip
+
     async def finish_future(self, fut: Future) -> None:
         """Store a finished future and wake whoever long-polls it."""
         await self.kv_put(self.futures, fut.request_id, fut)
@@ -281,6 +332,8 @@ class Bus:
         start_seq: int | None = None,
         inactive_threshold_s: float | None = None,
         fetch_timeout_s: float = 1.0,
+        max_deliver: int = MAX_DELIVER,
+        on_dead: Callable[[object, str], Awaitable[None]] | None = None,
     ) -> None:
         """Pull messages and hand each to `handle` in its own task until `stop` is set.
 
@@ -291,7 +344,16 @@ class Bus:
         A new durable starts at stream sequence `start_seq` (default: the first message); an
         existing one keeps its position and its unacked messages. `inactive_threshold_s` lets
         the server delete a durable nobody has pulled from for that long.
+
+        A message delivered more than `max_deliver` times is not handled again: it goes to
+        the dead-letter stream and `on_dead(msg, reason)` fails its future (0: never).
         """
+
+        async def dead(raw, msg, reason: str) -> None:
+            await self.dead_letter(raw, stream, durable, reason)
+            if on_dead is not None and msg is not None:
+                await on_dead(msg, reason)
+
         config = api.ConsumerConfig(
             durable_name=durable,
             ack_policy=api.AckPolicy.EXPLICIT,
@@ -327,7 +389,7 @@ class Bus:
                 for raw in msgs:
                     await slots.acquire()
                     # A context of its own: the message's trace id, not whatever the consumer was started under.
-                    task = asyncio.create_task(_deliver(raw, type_, handle, ack_wait_s, (self.observer, stream, durable)),
+                    task = asyncio.create_task(_deliver(raw, type_, handle, ack_wait_s, (self.observer, stream, durable), (max_deliver, dead)),
                                                context=contextvars.Context())
                     tasks.add(task)
                     task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
@@ -352,7 +414,8 @@ async def _keep_alive(raw, every_s: float) -> None:
             pass
 
 
-async def _deliver(raw, type_: object, handle: Callable[[object], Awaitable[None]], ack_wait_s: float, observed=(None, "", "")) -> None:
+async def _deliver(raw, type_: object, handle: Callable[[object], Awaitable[None]], ack_wait_s: float, observed=(None, "", ""),
+                   dead=(0, None)) -> None:  # fmt: skip
     """Handle one message with its trace id (if it carries one) bound in the log context, and
     tell the bus's observer (metrics) when it starts and how it ended."""
     observer, stream, durable = observed
@@ -363,7 +426,7 @@ async def _deliver(raw, type_: object, handle: Callable[[object], Awaitable[None
         observer.started(stream, durable)
     try:
         with structlog.contextvars.bound_contextvars(**({"trace_id": trace_id} if trace_id else {})):
-            outcome = await _decide(raw, type_, handle, ack_wait_s)
+            outcome = await _decide(raw, type_, handle, ack_wait_s, dead)
     except Exception:  # the ack itself failed (connection lost): redelivered after ack_wait
         outcome = "error"
         raise
@@ -372,14 +435,30 @@ async def _deliver(raw, type_: object, handle: Callable[[object], Awaitable[None
             observer.finished(stream, durable, outcome, time.monotonic() - started)
 
 
-async def _decide(raw, type_: object, handle: Callable[[object], Awaitable[None]], ack_wait_s: float) -> str:
+# The last error of a message that failed here, by (stream, sequence): the reason a dead
+# letter gives when it was this process that saw it fail (else: its workers died).
+_last_errors: OrderedDict[tuple[str, int], str] = OrderedDict()
+
+
+async def _decide(raw, type_: object, handle: Callable[[object], Awaitable[None]], ack_wait_s: float, dead=(0, None)) -> str:
     """The only place that decides ack / nak / term / in_progress; returns which it did."""
+    max_deliver, on_dead = dead
+    meta = raw.metadata
+    key = (meta.stream, meta.sequence.stream)
     try:
         msg = decode(raw.data, type_)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         log.error("message_undecodable", subject=raw.subject, error=str(e))
         await raw.term()
         return "term"
+    if max_deliver and on_dead is not None and meta.num_delivered > max_deliver:
+        last = _last_errors.pop(key, None)
+        reason = f"not handled after {meta.num_delivered - 1} deliveries; " + (
+            f"last error: {last}" if last else "the workers that took it died or stalled (ack wait expired)"
+        )
+        await on_dead(raw, msg, reason)
+        await raw.term()
+        return "dead"
     keep_alive = asyncio.create_task(_keep_alive(raw, max(ack_wait_s / 3, 0.5)))
     started = time.monotonic()
     try:
@@ -401,8 +480,11 @@ async def _decide(raw, type_: object, handle: Callable[[object], Awaitable[None]
         log.warning("message_invalid", subject=raw.subject, error=str(e))
         await raw.term()
         return "term"
-    except Exception:
+    except Exception as e:
         log.exception("message_failed", subject=raw.subject, delivered=raw.metadata.num_delivered)
+        _last_errors[key] = f"{type(e).__name__}: {e}"[:500]
+        while len(_last_errors) > 1024:
+            _last_errors.popitem(last=False)
         await raw.nak(delay=2.0)
         return "nak"
     else:

@@ -97,6 +97,7 @@ class Rejected(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=
     model_id: str
     seq_id: int
     error: str
+    category: str = "user"  # "server": a dead-lettered request (failed max_deliver times)
 
 
 class SaveWeights(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="save_weights"):

@@ -15,6 +15,7 @@ PREFIX = "openrl"
 TRAIN_STREAM = "OPENRL_TRAIN"  # limits retention: the per-model training log (replay, recovery)
 CREATE_STREAM = "OPENRL_CREATE"  # work queue: model creation for any trainer of a base model
 SAMPLE_STREAM = "OPENRL_SAMPLE"  # work queue: sample requests for any sampler of a base model
+DLQ_STREAM = "OPENRL_DLQ"  # limits: messages that failed max_deliver times, with the reason
 REWARD_STREAM = "OPENRL_REWARD"  # work queue: score requests for any rewarder of a reward function
 
 # Key-value buckets.
@@ -94,6 +95,14 @@ def train_consumer(base_model: str, model_id: str) -> str:
     """The durable consumer of one model's training requests; it outlives its owner, so a new
     owner resumes exactly where the old one stopped (unacked messages are redelivered)."""
     return f"train-{token(base_model)}-{token(model_id)}".replace(":", "_")
+
+
+def dlq(stream: str) -> str:
+    """Where the dead letters of a stream go."""
+    return f"{PREFIX}.dlq.{token(stream)}"
+
+
+DLQ_ALL = f"{PREFIX}.dlq.>"
 
 
 def kv_key(name: str) -> str:

@@ -140,6 +140,7 @@ class Rewarder:
                     filter_subject=subjects.reward(self.cfg.name),
                     type_=ScoreRequest,
                     handle=self.on_score,
+                    on_dead=lambda msg, reason: self.bus.fail_dead(msg.request_id, "Score", reason),
                     ack_wait_s=self.cfg.ack_wait_s,
                     # Take only what the pool can start on soon: the rest stays in the queue for
                     # the other rewarders (and is not stranded for ack_wait if this one dies).

@@ -341,6 +341,7 @@ class Sampler:
                     filter_subject=subjects.sample(self.cfg.base_model),
                     type_=SampleRequest,
                     handle=self.on_sample,
+                    on_dead=lambda msg, reason: self.bus.fail_dead(msg.request_id, "Sample", reason),
                     ack_wait_s=self.cfg.ack_wait_s,
                     max_inflight=4 * self.cfg.max_batch,
                     batch=self.cfg.max_batch,

@@ -34,8 +34,9 @@ import structlog
 from nats.js.errors import KeyWrongLastSequenceError, NoKeysError, NotFoundError, ObjectNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE
 
+from openrl import metrics
 from openrl.bus import paths, subjects
-from openrl.bus.client import Bus
+from openrl.bus.client import DEAD_LETTERED, Bus
 from openrl.bus.errors import InvalidRequest, Unavailable
 from openrl.bus.messages import (
     CreateModel,
@@ -81,6 +82,10 @@ class TrainerConfig:
     # Per-model durable consumers nobody pulls from for this long are deleted by the server
     # (a model idle that long is rebuilt from its snapshot + log when it comes back).
     consumer_idle_s: float = 24 * 3600
+    # A training request delivered more often than this (its trainer kept dying on it) is
+    # dead-lettered and fails in its place in the sequence. Higher than the bus default: a
+    # model moving between trainers hands its queued requests back, which counts too.
+    max_deliver: int = 20
 
 
 @dataclass
@@ -137,9 +142,12 @@ class Trainer:
         base = dict(request_id=msg.request_id, owner=owner, finished_at=time.time())
         try:
             if isinstance(msg, Rejected):
+                if msg.category == "server":
+                    return Future(request_type=type(msg).__name__, state="failed", error=msg.error, category="server", **base)
                 raise InvalidRequest(msg.error)
             if isinstance(msg, ForwardBackward):
                 out = self.engine.forward_backward(msg)
+                metrics.TRAINED_TOKENS.inc(sum(len(d.tokens) // 4 for d in msg.data), **{"pass": "forward" if msg.forward_only else "forward_backward"})
                 result = ForwardBackwardResult(
                     logprobs=[a.astype("<f4").tobytes() for a in out.logprobs],
                     metrics=out.metrics,
@@ -147,8 +155,9 @@ class Trainer:
                 )
                 kind = "Forward" if msg.forward_only else "ForwardBackward"
                 return Future(request_type=kind, state="done", content_type="forward_backward", payload=encode(result), **base)
-            metrics = self.engine.optim_step(msg.model_id, msg.adam)
-            return Future(request_type="OptimStep", state="done", payload=msgspec.json.encode({"metrics": metrics}), **base)
+            step_metrics = self.engine.optim_step(msg.model_id, msg.adam)
+            metrics.OPTIM_STEPS.inc()
+            return Future(request_type="OptimStep", state="done", payload=msgspec.json.encode({"metrics": step_metrics}), **base)
         except InvalidRequest as e:
             return Future(request_type=type(msg).__name__, state="failed", error=str(e), category="user", **base)
         except Exception as e:  # a bug or an OOM: fail this request, keep serving
@@ -270,9 +279,12 @@ class Trainer:
         first = seq
         finished = 0
         while seq in entries:
-            fut = await self._step(entries[seq][1], rec)
+            msg = entries[seq][1]
+            stored = await self.bus.kv_get(self.bus.futures, msg.request_id, Future)
+            if stored is not None and stored.state == "failed" and (stored.error or "").startswith(DEAD_LETTERED):
+                msg = Rejected(request_id=msg.request_id, model_id=model_id, seq_id=seq, error=stored.error, category="server")
+            fut = await self._step(msg, rec)
             self._remember(fut)
-            stored = await self.bus.kv_get(self.bus.futures, fut.request_id, Future)
             if stored is not None and stored.state == "pending":
                 # Logged but never applied (or applied and the result lost with the old
                 # owner): this is its first result. Its message, redelivered, is a duplicate.
@@ -358,6 +370,15 @@ class Trainer:
             compute_ms=round((computed - started) * 1000, 2),
             finish_ms=round((time.perf_counter() - computed) * 1000, 2),
         )
+
+    async def on_dead_train(self, msg: TrainRequest, reason: str) -> None:
+        """A dead-lettered training request fails where it stands in the sequence (no gap, no
+        effect). Its future is failed first: a rebuild replaying the log skips it then."""
+        await self.bus.fail_dead(msg.request_id, type(msg).__name__, reason)
+        try:
+            await self.on_train(Rejected(request_id=msg.request_id, model_id=msg.model_id, seq_id=msg.seq_id, error=f"{DEAD_LETTERED}: {reason}", category="server"))
+        except Unavailable:
+            pass  # not held here any more: the owner's rebuild skips it (its future says so)
 
     async def _store_snapshot(self, model_id: str, seq_id: int, blob: bytes) -> None:
         """Upload, then point the record at it, then drop the previous one. A crash in between
@@ -469,6 +490,8 @@ class Trainer:
             filter_subject=subjects.train(rec.base_model, rec.model_id),
             type_=TrainRequest,
             handle=self.on_train,
+            on_dead=self.on_dead_train,
+            max_deliver=self.cfg.max_deliver,
             ack_wait_s=self.cfg.ack_wait_s,
             max_inflight=256,
             stop=stop,
@@ -642,6 +665,7 @@ class Trainer:
                     filter_subject=subjects.create(base),
                     type_=CreateModel,
                     handle=self.on_create,
+                    on_dead=lambda msg, reason: self.bus.fail_dead(msg.request_id, "CreateModel", reason),
                     stop=stop,
                 ),
                 self._watch_leases(),
