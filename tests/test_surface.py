@@ -516,6 +516,7 @@ def rest_export_session_trace(w, call):
 
 
 def rest_search_sessions(w, call):
+    w.tc.save_state(w.name("counted")).result()  # at least one checkpoint, whatever ran before
     resp = call(w.rest)(types.SessionSearchRequest(user_metadata={"suite": "surface"}))
     mine = [s for s in resp.sessions if s.session_id == w.session_id]
     assert len(mine) == 1 and mine[0].status.type == "active" and mine[0].checkpoints_count >= 1

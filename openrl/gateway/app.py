@@ -846,4 +846,13 @@ def make_app(cfg: GatewayConfig, bus: Bus) -> web.Application:
     from openrl.gateway import scoring  # imported here: it builds on this module
 
     scoring.add_routes(app, gw)
+    from openrl.gateway import catalogue  # the REST catalogue (RestClient, AdminClient) and the TTL reaper
+
+    catalogue.add_routes(app, gw)
+    from openrl.gateway import keys  # keys made with `openrl keys`, watched live
+
+    keys.attach(app, gw)
+    from openrl.gateway import openapi  # last: it lists every route above
+
+    openapi.add_routes(app, API)
     return app
