@@ -396,6 +396,50 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_sft_demo(args.base_url, args.api_key, base_model=args.base_model, steps=args.steps)
 
 
+# -- openrl keys ---------------------------------------------------------------------
+
+
+def cmd_keys(args: argparse.Namespace) -> None:
+    """Create, list or revoke API keys (stored hashed in NATS; every gateway sees them at once)."""
+    from openrl.gateway import keys
+
+    nats_url = args.nats_url
+    stack_file = Path(args.data_dir).expanduser() / "run" / "stack.json"
+    if not nats_url and stack_file.exists():  # the local `openrl up`
+        nats_url = json.loads(stack_file.read_text()).get("nats_url", "")
+    if args.action in ("create", "revoke") and not args.name:
+        sys.exit(f"openrl keys {args.action} needs --name" + (" (or a key id)" if args.action == "revoke" else ""))
+    sys.exit(asyncio.run(keys.main(nats_url or "nats://127.0.0.1:4222", args.action, args.name)))
+
+
+# -- openrl status -------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    """Workers, queues, sessions and models of a running system, from NATS."""
+    from openrl.status import collect, render
+
+    nats_url, url = args.nats_url, args.url
+    stack_file = Path(args.data_dir).expanduser() / "run" / "stack.json"
+    if (not nats_url or not url) and stack_file.exists():  # the local `openrl up`
+        facts = json.loads(stack_file.read_text())
+        nats_url, url = nats_url or facts.get("nats_url", ""), url or facts.get("base_url", "")
+    nats_url = nats_url or "nats://127.0.0.1:4222"
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # Ctrl-C ends --watch quietly
+    while True:
+        try:
+            text = render(asyncio.run(collect(nats_url, url)))
+        except ConnectionError as e:
+            if not args.watch:
+                sys.exit(f"openrl status: {e}")
+            text = f"openrl status: {e}\n"
+        if not args.watch:
+            print(text, end="", flush=True)
+            return
+        print("\x1b[H\x1b[2J" + text, end="", flush=True)  # home, clear: redraw in place
+        time.sleep(args.interval_s)
+
+
 # -- openrl up -----------------------------------------------------------------------
 
 
@@ -602,6 +646,21 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("path", help="tinker://<model>/<segment>/<name>")
     ex.add_argument("out_dir")
     ex.set_defaults(func=cmd_export)
+
+    st = sub.add_parser("status", help="workers, streams and consumers, sessions and models of a running system")
+    st.add_argument("--nats-url", default=_env("NATS_URL", ""), help="NATS of the system (default: the local openrl up's) [OPENRL_NATS_URL]")
+    st.add_argument("--url", default="", help="a gateway's base URL: also show what it sees")
+    st.add_argument("--data-dir", default=_env("DATA_DIR", "~/.openrl"), help="where the local openrl up keeps run/stack.json [OPENRL_DATA_DIR]")
+    st.add_argument("--watch", action="store_true", help="redraw every --interval-s until Ctrl-C")
+    st.add_argument("--interval-s", type=float, default=2.0)
+    st.set_defaults(func=cmd_status)
+
+    ky = sub.add_parser("keys", help="API keys: create --name NAME | list | revoke --name NAME (or a key id)")
+    ky.add_argument("action", choices=["create", "list", "revoke"])
+    ky.add_argument("--name", default="", help="the key's name (create, revoke); revoke also takes a key id")
+    ky.add_argument("--nats-url", default=_env("NATS_URL", ""), help="NATS of the system (default: the local openrl up's) [OPENRL_NATS_URL]")
+    ky.add_argument("--data-dir", default=_env("DATA_DIR", "~/.openrl"), help="where the local openrl up keeps run/stack.json [OPENRL_DATA_DIR]")
+    ky.set_defaults(func=cmd_keys)
 
     pr = sub.add_parser("prepare", help="build the offline default model into the HF cache now (e.g. in an image build)")
     pr.set_defaults(func=cmd_prepare)

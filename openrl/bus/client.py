@@ -78,6 +78,7 @@ class Bus:
         self.samplers: KeyValue
         self.snapshots: KeyValue
         self.leases: KeyValue
+        self.keys: KeyValue
         self.objects: ObjectStore
         # Told when a consumed message starts and how it ends (openrl.metrics.MessageObserver).
         self.observer = None
@@ -184,6 +185,7 @@ class Bus:
         self.samplers = await self._ensure_kv(subjects.SAMPLERS_BUCKET)
         self.snapshots = await self._ensure_kv(subjects.SNAPSHOTS_BUCKET)
         self.leases = await self._ensure_kv(subjects.LEASES_BUCKET)
+        self.keys = await self._ensure_kv(subjects.KEYS_BUCKET)
         self.objects = await self._ensure_objects(subjects.WEIGHTS_OBJECTS)
 
     async def _ensure_objects(self, bucket: str) -> ObjectStore:

@@ -255,6 +255,17 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
     failed: str | None = None
 
 
+class ApiKeyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """KV `keys`, key = key id (a SHA-256 of the API key; the key itself is never stored).
+    Written by `openrl keys`; every gateway watches the bucket, so a revocation holds at once."""
+
+    key_id: str
+    name: str
+    created_at: float
+    revoked_at: float | None = None
+    hint: str = ""  # the key's first characters, to tell keys apart in a listing
+
+
 class SamplerRecord(msgspec.Struct, frozen=True, kw_only=True):
     """KV `samplers`, key = sampler id (`<session>:sample:<n>`): what a sampling session samples."""
 

@@ -27,6 +27,7 @@ WEIGHTS_BUCKET = "openrl-weights"  # KV: tinker:// path -> WeightsRecord
 SAMPLERS_BUCKET = "openrl-samplers"  # KV: sampler id -> SamplerRecord
 SNAPSHOTS_BUCKET = "openrl-snapshots"  # KV: model id -> SnapshotRecord (the newest)
 LEASES_BUCKET = "openrl-leases"  # KV: <base>.<model id> -> Lease (which trainer owns a model)
+KEYS_BUCKET = "openrl-keys"  # KV: key id (a hash of the API key) -> ApiKeyRecord
 WEIGHTS_OBJECTS = "openrl-weights"  # object store: adapter safetensors
 
 _SAFE = re.compile(r"[^A-Za-z0-9_\-:]")

@@ -45,7 +45,7 @@ from openrl.bus.messages import (
     WorkerInfo,
     decode,
 )
-from openrl.gateway import wire
+from openrl.gateway import names, wire
 from openrl.gateway.futures import Waiters
 
 log = structlog.get_logger(__name__)
@@ -306,6 +306,7 @@ class Gateway:
         self.cfg = cfg
         self.bus = bus
         self.keys = {key_id(k) for k in cfg.api_keys}
+        self.live_keys: set[str] = set()  # ids of the keys made with `openrl keys`, kept current by keys.watch
         self.waiters = Waiters(bus)
         self._workers: tuple[float, list[WorkerInfo]] = (0.0, [])
         self._backlog: tuple[float, int] = (0.0, 0)
@@ -317,7 +318,7 @@ class Gateway:
         if not key:
             raise Unauthorized("missing X-API-Key header")
         kid = key_id(key)
-        if kid not in self.keys:
+        if kid not in self.keys and kid not in self.live_keys:
             raise Unauthorized("unknown API key")
         return kid
 
@@ -529,11 +530,11 @@ class Gateway:
             raise InvalidRequest(f"seq_id must be >= 1, got {body.seq_id}")
         rec = await self.model(body.model_id, owner)
         rid = request_id("train", rec.model_id, body.seq_id)
-        paths.check_name(body.path)
-        _check_ttl(body.ttl_seconds)
+        await self._check_or_fill(rec, rid, body.seq_id, lambda: (names.check_name(body.path), _check_ttl(body.ttl_seconds)))
         msg = SaveWeights(
             request_id=rid, model_id=rec.model_id, seq_id=body.seq_id, kind=kind, name=body.path,
             overwrite=bool(body.overwrite), ttl_s=float(body.ttl_seconds) if body.ttl_seconds else None,
+            user_metadata={str(k): str(v) for k, v in (body.user_metadata or {}).items()},
         )  # fmt: skip
         return await self._submit_train(rec, msg, owner, request_type)
 
@@ -643,8 +644,7 @@ class Gateway:
         rid = request_id("train", rec.model_id, body.seq_id)
         sampler_id = ""
         if body.path:
-            paths.check_name(body.path)
-            _check_ttl(body.ttl_seconds)
+            await self._check_or_fill(rec, rid, body.seq_id, lambda: (names.check_name(body.path), _check_ttl(body.ttl_seconds)))
         else:
             if body.sampling_session_seq_id is None:
                 raise InvalidRequest("give either path (a name) or sampling_session_seq_id")
@@ -721,11 +721,22 @@ class Gateway:
             what = "sampling needs sampler weights" if segment == "sampler_weights" else "loading needs a saved state"
             raise InvalidRequest(f"{what} (tinker://<model>/{segment}/<name>), got {path!r}")
         rec = await self.bus.kv_get(self.bus.weights, str(parsed), WeightsRecord)
-        if rec is None or rec.owner != owner:
+        if rec is None or (rec.owner != owner and not rec.public):  # published: anyone may read it
             raise NotFound(f"no saved weights at {path!r}")
         if rec.expires_at is not None and rec.expires_at < time.time():
             raise NotFound(f"the weights at {path!r} have expired")
         return rec
+
+    async def _check_or_fill(self, rec: ModelRecord, rid: str, seq_id: int, check) -> None:
+        """Run `check`; when it fails (400), its seq_id is still taken by a Rejected request,
+        since the SDK moves on to seq_id + 1 and the model's sequence must have no gap."""
+        try:
+            check()
+        except InvalidRequest as e:
+            msg = Rejected(request_id=rid, model_id=rec.model_id, seq_id=seq_id, error=str(e))
+            await self.accept(rid, rec.owner, "Rejected")
+            await self.bus.publish(subjects.train(rec.base_model, rec.model_id), msg, msg_id=rid)
+            raise
 
     async def _submit_train(self, rec: ModelRecord, msg, owner: str, kind: str) -> web.Response:
         await self.accept(msg.request_id, owner, kind)

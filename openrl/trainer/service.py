@@ -211,9 +211,16 @@ class Trainer:
                 record = WeightsRecord(
                     path=path, owner=rec.owner, model_id=rec.model_id, base_model=rec.base_model, kind=msg.kind,
                     name=msg.name, object=obj, lora=rec.lora, seq_id=msg.seq_id, size_bytes=size, created_at=now,
-                    expires_at=now + msg.ttl_s if msg.ttl_s else None, files=files,
+                    expires_at=now + msg.ttl_s if msg.ttl_s else None, files=files, user_metadata=msg.user_metadata,
                 )  # fmt: skip
                 await self.bus.kv_put(self.bus.weights, path, record)
+                # Overwritten: free the old bytes (not an adapter: a sampling client may still read it).
+                if existing is not None and existing.object != obj and msg.kind != "sampler":
+                    for name in [f"{existing.object}/{f}" for f in existing.files] or [existing.object]:
+                        try:
+                            await self.bus.objects.delete(name)
+                        except (ObjectNotFoundError, NotFoundError):
+                            pass
                 result = {"path": path, "type": {"sampler": "save_weights_for_sampler", "state": "save_weights", "external": "save_weights_external"}[msg.kind]}
                 if msg.kind == "external":
                     result["size_bytes"] = size
