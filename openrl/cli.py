@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from openrl import logs
+from openrl import logs, metrics
 
 log = structlog.get_logger("openrl")
 
@@ -39,6 +39,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="replicas of every stream and bucket: 3 on a 3-node NATS cluster; the same in every process [OPENRL_NATS_REPLICAS]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="[OPENRL_LOG_LEVEL]")
     p.add_argument("--log-format", default=_env("LOG_FORMAT", "auto"), choices=["auto", "json", "console"], help="[OPENRL_LOG_FORMAT]")
+    p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", 0)),
+                   help="serve Prometheus /metrics (and /healthz, /livez) on this port; 0 = off [OPENRL_METRICS_PORT]")
+    p.add_argument("--metrics-host", default=_env("METRICS_HOST", "0.0.0.0"), help="[OPENRL_METRICS_HOST]")
 
 
 def _api_keys(values: list[str] | None) -> tuple[str, ...]:
@@ -53,6 +56,15 @@ def _stop_event() -> asyncio.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+async def _worker_metrics(args, bus, kind: str, info, stop: asyncio.Event, model=lambda: True):
+    """A worker's /metrics, /healthz (ready: bus connected, model loaded, not stopping), /livez."""
+    metrics.watch_bus(bus, kind)
+    metrics.watch_worker(kind, info)
+    bus.observer = metrics.MessageObserver()
+    checks = lambda: {"bus": bus.nc.is_connected, "model": bool(model()), "serving": not stop.is_set()}  # noqa: E731
+    return await metrics.serve(args.metrics_port, args.metrics_host, checks)
 
 
 # -- openrl gateway ------------------------------------------------------------------
@@ -84,19 +96,34 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     async def main() -> None:
         stop = _stop_event()
         bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-gateway", replicas=args.nats_replicas))
+        app = make_app(cfg, bus)
+        waiters = app["gateway"].waiters
+        metrics.watch_bus(bus, "gateway")
+        metrics.REGISTRY.collect(metrics.queue_collector(bus))
+        metrics.REGISTRY.collect(lambda: metrics.FUTURES_WAITING.set(waiters.pending))
+        metrics_server = await metrics.serve(
+            args.metrics_port, args.metrics_host, lambda: {"bus": bus.nc.is_connected, "serving": not stop.is_set()}
+        )
         # auto_decompress off: forward_backward bodies may be zstd (proto_compress_fwdbwd),
         # and the gateway decompresses them itself, bounded by the body limit.
         runner = web.AppRunner(
-            make_app(cfg, bus), access_log=None, handle_signals=False, shutdown_timeout=5, auto_decompress=False
+            app, access_log=None, handle_signals=False, shutdown_timeout=5, auto_decompress=False
         )
         await runner.setup()
         site = web.TCPSite(runner, cfg.host, cfg.port, backlog=4096)
         await site.start()
         log.info("gateway_listening", url=f"http://{cfg.host}:{cfg.port}", nats=cfg.nats_url)
         await stop.wait()
-        log.info("gateway_stopping")
+        # Draining: /healthz says not ready, long polls answer "try again" now (the client
+        # polls again, through the Service, another replica), requests in flight finish
+        # (at most shutdown_timeout), then the bus connection drains.
+        log.info("gateway_stopping", long_polls=waiters.pending)
+        waiters.close()
         await runner.cleanup()
         await bus.close()
+        if metrics_server is not None:
+            await metrics_server.cleanup()
+        log.info("gateway_stopped")
 
     asyncio.run(main())
 
@@ -131,8 +158,12 @@ def cmd_trainer(args: argparse.Namespace) -> None:
     async def main() -> None:
         stop = _stop_event()
         bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-trainer", replicas=args.nats_replicas))
-        await Trainer(cfg, bus, engine).run(stop)
+        trainer = Trainer(cfg, bus, engine)
+        server = await _worker_metrics(args, bus, "trainer", trainer.info, stop)
+        await trainer.run(stop)
         await bus.close()
+        if server is not None:
+            await server.cleanup()
 
     asyncio.run(main())
 
@@ -188,8 +219,13 @@ def cmd_sampler(args: argparse.Namespace) -> None:
             )
         try:
             bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-sampler", replicas=args.nats_replicas))
-            await Sampler(cfg, bus, sampler_backend).run(stop)
+            sampler = Sampler(cfg, bus, sampler_backend)
+            server = await _worker_metrics(args, bus, "sampler", sampler.info, stop,
+                                           model=lambda: not getattr(sampler_backend, "dead", False))
+            await sampler.run(stop)
             await bus.close()
+            if server is not None:
+                await server.cleanup()
         finally:
             if backend is None:
                 sampler_backend.close()
@@ -265,10 +301,14 @@ def cmd_rewarder(args: argparse.Namespace) -> None:
             except RewardLoadError as e:
                 sys.exit(f"openrl rewarder: {e}")
             bus = await Bus.connect(BusConfig(url=cfg.nats_url, name=f"openrl-rewarder-{cfg.name}", replicas=args.nats_replicas))
+            rewarder = Rewarder(cfg, bus, pool)
+            server = await _worker_metrics(args, bus, "rewarder", rewarder.info, stop, model=lambda: not pool.broken)
             try:
-                await Rewarder(cfg, bus, pool).run(stop)
+                await rewarder.run(stop)
             finally:
                 await bus.close()
+                if server is not None:
+                    await server.cleanup()
         finally:
             await pool.close()
 
@@ -512,6 +552,13 @@ def cmd_up(args: argparse.Namespace) -> None:
                         "--fwdbwd-max-chunk-len", str(args.fwdbwd_max_chunk_len)),
         ),
     ]
+    # Each openrl process serves /metrics on its own port (recorded in stack.json).
+    metrics_urls = {}
+    for child in children:
+        if child.role != "nats":
+            port = free_port()
+            child.argv += ["--metrics-port", str(port), "--metrics-host", "127.0.0.1"]
+            metrics_urls[child.role] = f"http://127.0.0.1:{port}/metrics"
     sup = Supervisor(data_dir, children)
     stopping = False
 
@@ -527,7 +574,8 @@ def cmd_up(args: argparse.Namespace) -> None:
         if not _wait_ready(url, args.ready_timeout_s, sup, args.samplers, args.trainers):
             log.error("stack_not_ready", logs=str(data_dir / "logs"))
             sys.exit(1)
-        sup.write_stack({"base_url": url, "api_key": api_key, "nats_url": nats_url, "base_model": args.base_model, "data_dir": str(data_dir)})
+        sup.write_stack({"base_url": url, "api_key": api_key, "nats_url": nats_url, "base_model": args.base_model, "data_dir": str(data_dir),
+                         "metrics": metrics_urls})
         offline = "\n  export HF_HUB_OFFLINE=1   # get_tokenizer() finds the local default model" if args.base_model == DEFAULT_BASE_MODEL else ""
         print(
             f"\nOpenRL is up.\n  export TINKER_BASE_URL={url}\n  export TINKER_API_KEY={api_key}{offline}\n"

@@ -22,6 +22,7 @@ import nats.js.errors
 import structlog
 from aiohttp import web
 
+from openrl import metrics
 from openrl.bus import paths, subjects
 from openrl.bus.client import MAX_PAYLOAD, Bus
 from openrl.bus.errors import InvalidRequest, NotFound, Unauthorized, Unavailable
@@ -823,7 +824,7 @@ async def errors(request: web.Request, handler):
 
 def make_app(cfg: GatewayConfig, bus: Bus) -> web.Application:
     gw = Gateway(cfg, bus)
-    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[errors])
+    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[metrics.observe_http, errors])
     app["gateway"] = gw
 
     async def on_startup(app: web.Application) -> None:

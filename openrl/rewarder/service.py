@@ -28,6 +28,7 @@ import msgspec
 import structlog
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
+from openrl import metrics
 from openrl.bus import subjects
 from openrl.bus.client import Bus
 from openrl.bus.errors import Unavailable
@@ -95,6 +96,11 @@ class Rewarder:
             return
         await self.bus.nc.publish(subjects.done(msg.request_id), b"")
         self.scored += 1
+        metrics.REWARD_SECONDS.observe(time.monotonic() - started, reward=self.cfg.name)
+        metrics.REWARD_ITEMS.inc(len(result.scores), reward=self.cfg.name)
+        for s in result.scores:
+            if s.error is not None:
+                metrics.REWARD_ERRORS.inc(reward=self.cfg.name, kind=s.error_kind or "exception")
         errors = sum(s.error is not None for s in result.scores)
         log.info("scored", request_id=msg.request_id, items=len(msg.items), errors=errors, seconds=round(time.monotonic() - started, 4))
 

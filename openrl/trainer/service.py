@@ -21,6 +21,7 @@ loop stays free for heartbeats and in-progress acks while a step runs.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import socket
 import time
@@ -548,7 +549,7 @@ class Trainer:
         entry = self.leases.get(model_id)
         mine = entry is not None and entry[0].owner == self.worker_id and entry[0].failed is None
         if mine and model_id not in self.held and model_id not in self._acquiring:
-            task = asyncio.create_task(self._acquire(model_id))
+            task = asyncio.create_task(self._acquire(model_id), context=contextvars.Context())  # not the caller's trace id
             self._acquiring[model_id] = task
             task.add_done_callback(lambda _: self._acquiring.pop(model_id, None))
         elif not mine and model_id in self.held:
@@ -663,9 +664,12 @@ class Trainer:
             await self.bus.js.delete_consumer(subjects.TRAIN_STREAM, subjects.trainer_consumer(base))
         except NotFoundError:
             pass
+        # The heartbeat outlives `stop` until the models are handed over: while it beats, no
+        # other trainer takes them over on its own (and consumes beside this one).
+        beating = asyncio.Event()
+        heartbeat = asyncio.create_task(self.bus.heartbeat(self.worker_id, self.info, self.cfg.heartbeat_s, beating))
         try:
             await asyncio.gather(
-                self.bus.heartbeat(self.worker_id, self.info, self.cfg.heartbeat_s, stop),
                 self.bus.consume(
                     stream=subjects.CREATE_STREAM,
                     durable=subjects.trainer_consumer(base),
@@ -679,9 +683,56 @@ class Trainer:
                 self._check_leases(),
             )
         finally:
-            # Stop consuming; unfinished requests are handed back (nak) for the next owner.
-            for held in self.held.values():
-                held.stop.set()
-                held.task.cancel()
-            await asyncio.gather(*(h.task for h in self.held.values()), return_exceptions=True)
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            try:
+                await self._hand_over()
+            finally:
+                beating.set()
+                await asyncio.gather(heartbeat, return_exceptions=True)
+                self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _hand_over(self) -> None:
+        """Shutting down: stop consuming every model (unfinished requests are handed back with
+        a nak), then move each model's lease to the least loaded other live trainer by
+        compare-and-set, so it takes the model now rather than after the heartbeat TTL. A lease
+        that moved meanwhile is left alone; with no other trainer, leases stay (a restart with
+        the same worker id takes its models straight back)."""
+        for task in list(self._acquiring.values()):
+            task.cancel()
+        for held in self.held.values():
+            held.stop.set()
+            held.task.cancel()
+        await asyncio.gather(*(h.task for h in self.held.values()), *self._acquiring.values(), return_exceptions=True)
+        models = sorted(self.held)
+        self.held.clear()
+        if not models:
+            return
+        try:
+            heirs = await self._live_trainers() - {self.worker_id}
+        except Exception as e:  # the bus is gone: the others take over after the TTL
+            log.warning("hand_over_failed", error=repr(e), models=len(models))
+            return
+        if not heirs:
+            log.info("models_kept", models=len(models), reason="no other live trainer")
+            return
+        load = {w: n for w, n in self._lease_counts().items() if w in heirs}
+        moved = 0
+        for model_id in models:
+            key = subjects.kv_key(subjects.lease_key(self.cfg.base_model, model_id))
+            try:
+                entry = await self.bus.leases.get(key)
+                lease = decode(entry.value, Lease)
+                if lease.owner != self.worker_id or lease.failed is not None:
+                    continue
+                heir = min(heirs, key=lambda w: (load.get(w, 0), w))
+                new = msgspec.structs.replace(lease, owner=heir, epoch=lease.epoch + 1, acquired_at=time.time(), previous_owner=self.worker_id)
+                await self.bus.leases.update(key, encode(new), last=entry.revision)
+            except KeyWrongLastSequenceError:
+                continue  # moved meanwhile: whoever moved it owns it
+            except Exception as e:
+                log.warning("hand_over_failed", model_id=model_id, error=repr(e))
+                continue
+            load[heir] = load.get(heir, 0) + 1
+            moved += 1
+            metrics.LEASES_HANDED_OVER.inc()
+            log.info("model_handed_over", model_id=model_id, to=heir, epoch=new.epoch)
+        log.info("models_handed_over", moved=moved, held=len(models))
