@@ -155,7 +155,7 @@ API_KEY = "tml-bench-key-0000000000"
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=8, help="RL steps per job")
+    p.add_argument("--steps", type=int, default=6, help="RL steps per job")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--groups-per-step", type=int, default=8)
     p.add_argument("--jobs", default="1,2,3")

@@ -256,6 +256,7 @@ class AsyncGRPO:
                     self.changed.notify_all()
                 continue
             batch.append(group)
+        batch.sort(key=lambda g: g.index)  # arrival order varies; the datums' order should not
         return batch
 
     async def train(self) -> list[dict]:

@@ -44,6 +44,21 @@ def test_async_grpo_raises_the_reward_within_the_staleness_bound(stack, tmp_path
     assert bytes((31, 119, 180)) in pixels and bytes((214, 39, 40)) in pixels
 
 
+def test_async_grpo_with_staleness_0_is_the_sequential_loop(stack):
+    """On-policy (max staleness 0) the pipeline samples each step's groups with that step's
+    weights, the same prompts and seeds as the plain loop: on CPU the runs are identical."""
+    from openrl.recipes.async_grpo import train_sequential
+
+    cfg = Config(base_url=stack.url, api_key=stack.api_key, steps=6, max_staleness=0, seed=7, progress=False)
+    tasks = say_word_tasks(64, seed=7)
+    pipelined = asyncio.run(train(cfg, tasks))
+    plain = train_sequential(cfg, tasks)
+    assert [r["reward/mean"] for r in pipelined] == [r["reward/mean"] for r in plain]
+    assert len({r["reward/mean"] for r in plain}) > 2  # the steps did differ
+    assert [r["datums"] for r in pipelined] == [r["datums"] for r in plain]
+    assert all(r["staleness/max"] == 0 and r["groups/dropped"] == 0 for r in pipelined)
+
+
 def _probe_logprobs(training, tokenizer) -> np.ndarray:
     tokens = encode_prompt(tokenizer, "Say the other word: cat dog bird") + tokenizer.encode("dog<|im_end|>", add_special_tokens=False)
     datum = types.Datum(
