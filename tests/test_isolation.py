@@ -362,3 +362,49 @@ def test_keys_create_list_revoke(stack, owner):
     assert _keys(stack, "revoke", "--name", "alice").returncode == 2  # nothing live to revoke
     # The --api-key keys still work.
     assert Http(stack.url, API_KEY)("GET", "/sessions").status_code == 200
+
+
+def test_copy_weights_needs_read_access_and_the_copy_is_the_callers(owner, other, mine, other_session):
+    rest, other_rest = tinker_rest(owner, API_KEY), tinker_rest(owner, OTHER_KEY)
+    with pytest.raises(tinker.NotFoundError):  # not published: it does not exist for the other key
+        other_rest.copy_weights(owner.state, "theirs").result()
+    rest.publish_checkpoint_from_tinker_path(owner.state).result()
+    try:
+        copied = other_rest.copy_weights(owner.state, "theirs").result()
+    finally:
+        rest.unpublish_checkpoint_from_tinker_path(owner.state).result()
+    assert other_rest.get_weights_info_by_tinker_path(copied).result().lora_rank == 2  # theirs, unpublished source or not
+    assert copied in [c.tinker_path for c in other_rest.list_user_checkpoints(limit=1000).result().checkpoints]
+    assert copied not in [c.tinker_path for c in rest.list_user_checkpoints(limit=1000).result().checkpoints]
+    refused(mine("POST", "/weights_info", json={"tinker_path": copied}))  # the source's owner cannot see the copy
+    run = types.ParsedCheckpointTinkerPath.from_tinker_path(copied).training_run_id
+    refused(mine("GET", f"/training_runs/{run}"))
+    other_rest.delete_checkpoint_from_tinker_path(copied).result()
+    assert rest.get_weights_info_by_tinker_path(owner.state).result().lora_rank == 2  # the source is untouched
+    # Into a session: a free model_seq_id of one's own session; a taken one, another's session or a bad path is refused.
+    into = other("POST", "/copy_weights", json={"source_path": owner.sampler_ckpt, "session_id": other_session, "model_seq_id": 5})
+    refused(into)  # the sampler checkpoint is not published
+    refused(other("POST", "/copy_weights", json={"source_path": owner.state, "session_id": owner.session_id, "model_seq_id": 9}))
+    r = mine("POST", "/copy_weights", json={"source_path": owner.state, "session_id": owner.session_id, "model_seq_id": 7})
+    assert r.status_code == 200 and r.json()["tinker_path"] == f"tinker://{owner.session_id}:train:7/weights/iso-state", r.text
+    refused(mine("POST", "/copy_weights", json={"source_path": owner.sampler_ckpt, "session_id": owner.session_id, "model_seq_id": 7}), 400)
+    refused(mine("POST", "/copy_weights", json={"source_path": owner.state, "session_id": owner.session_id, "model_seq_id": 0}), 400)
+    for bad in ("tinker://x/weights/..", f"tinker://{owner.model_id}/weights/a%2e%2e", "tinker://a/b", "not-a-path"):
+        refused(mine("POST", "/copy_weights", json={"source_path": bad, "destination_project_id": "p"}), 400)
+    refused(mine("POST", "/copy_weights", json={"source_path": owner.state}), 400)  # no destination
+    refused(mine("POST", "/copy_weights", json={"source_path": owner.state, "destination_project_id": "p", "ttl_seconds": 5}), 400)
+
+
+def test_download_urls_and_traces_are_the_owners(owner, other, mine):
+    export = owner.tc.save_weights_external("iso-export").result().path
+    refused(other("GET", ckpt_url(export, "/external_weights_urls")))
+    refused(other("GET", f"/sessions/{owner.session_id}/trace_export"))
+    refused(mine("GET", ckpt_url(owner.state, "/external_weights_urls")), 400)  # a state is not an export
+    urls = mine("GET", ckpt_url(export, "/external_weights_urls")).json()["urls"]
+    url = urls["adapter_config.json"]
+    assert httpx.get(url, timeout=60).status_code == 200  # no key
+    # Another file under the same signature, another signature, none: 403 with a JSON body.
+    refused(httpx.get(url.replace("adapter_config.json", "adapter_model.safetensors"), timeout=60), 403)
+    refused(httpx.get(url[:-4] + ("0000" if not url.endswith("0000") else "1111"), timeout=60), 403)
+    refused(httpx.get(url.split("?")[0], timeout=60), 403)
+    refused(httpx.get(url.replace("/object/", "/trace/"), timeout=60), 403)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import warnings
 from datetime import datetime, timedelta, timezone
 
@@ -48,12 +49,6 @@ def base_name(method: str) -> str:
 
 NOT_YET = {
     "RestClient.whoami": "needs the SDK's JWT mode (auth/token); OpenRL serves API keys only",
-    "RestClient.export_session_trace": "no trace export yet",
-    "RestClient.get_external_weights_urls": "no signed download URLs yet (openrl export <path> <dir> writes the folder)",
-    "RestClient.copy_weights": "copy_weights is not implemented yet",
-    "ServiceClient.copy_weights": "copy_weights is not implemented yet",
-    "RestClient.get_audit_log": "no audit log yet",
-    "AdminClient.get_audit_log": "no audit log yet",
     "RestClient.get_billing_usage": "no usage accounting yet",
     "AdminClient.get_billing_usage": "no usage accounting yet",
 }
@@ -195,14 +190,18 @@ def service_create_rest_client(w, call):
 
 
 def service_copy_weights(w, call):
-    import os
-
-    os.environ["TINKER_PROJECT_ID"] = "copies"
-    try:
-        copied = call(w.service)(w.state())
-    finally:
-        del os.environ["TINKER_PROJECT_ID"]
-    assert copied.startswith("tinker://") and w.rest.get_weights_info_by_tinker_path(copied).result().lora_rank == 4
+    service = tinker.ServiceClient(base_url=w.stack.url, api_key=API_KEY, project_id="copies")
+    source = w.state()
+    copied = call(service)(source, ttl_seconds=7200)
+    parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(copied)
+    assert parsed.checkpoint_id == "weights/" + source.rsplit("/", 1)[-1] and copied != source
+    assert w.rest.get_weights_info_by_tinker_path(copied).result().lora_rank == 4
+    mine = {c.tinker_path: c for c in w.user_checkpoints()}
+    assert mine[copied].checkpoint_type == "training" and mine[copied].expires_at is not None
+    assert mine[copied].size_bytes == mine[source].size_bytes
+    run = w.rest.get_training_run(parsed.training_run_id).result()  # a run of its own, in the project, not trainable
+    assert run.base_model == BASE_MODEL and run.last_checkpoint.tinker_path == copied
+    assert [r.training_run_id for r in w.rest.list_training_runs(limit=1000, project_id="copies").result().training_runs].count(parsed.training_run_id) == 1
 
 
 def service_create_custom_loss(w, call):
@@ -482,14 +481,29 @@ def rest_set_checkpoint_ttl_from_tinker_path(w, call):
 def rest_get_external_weights_urls(w, call):
     path = w.tc.save_weights_external(w.name("urls")).result().path
     resp = call(w.rest)(path)
-    assert "adapter_model.safetensors" in resp.urls and resp.expires > datetime.now(timezone.utc)
-    body = httpx.get(resp.urls["adapter_model.safetensors"], timeout=60)
-    assert body.status_code == 200 and len(body.content) > 0
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(resp.urls)
+    assert timedelta(minutes=50) < resp.expires - datetime.now(timezone.utc) < timedelta(minutes=61)
+    size = {c.tinker_path: c.size_bytes for c in w.user_checkpoints()}[path]
+    got = {name: httpx.get(url, timeout=60) for name, url in resp.urls.items()}  # no API key
+    assert all(r.status_code == 200 for r in got.values()) and sum(len(r.content) for r in got.values()) == size
+    assert json.loads(got["adapter_config.json"].content)["r"] == 4
+    tampered = resp.urls["adapter_model.safetensors"].replace("adapter_model", "adapter_modez")
+    assert httpx.get(tampered, timeout=60).status_code == 403
 
 
 def rest_copy_weights(w, call):
-    copied = call(w.rest)(w.state(), "copies")
-    assert copied.startswith("tinker://") and w.rest.get_weights_info_by_tinker_path(copied).result().lora_rank == 4
+    source = w.state()
+    before = w.forward()
+    copied = call(w.rest)(source, "copies")
+    assert copied != source and w.rest.get_weights_info_by_tinker_path(copied).result().lora_rank == 4
+    w.rest.delete_checkpoint_from_tinker_path(source).result()  # the copy has bytes of its own
+    w.step()
+    tc = w.service.create_training_client_from_state(copied).result()
+    assert_same(w.forward(tc), before)
+    run = types.ParsedCheckpointTinkerPath.from_tinker_path(copied).training_run_id
+    step = {"model_id": run, "seq_id": 1, "adam_params": {"learning_rate": 0.1}}
+    r = w.http.post("/optim_step", json=step, headers={"X-API-Key": API_KEY})
+    assert r.status_code == 400 and "cannot be trained" in r.json()["detail"], r.text  # the copy's run only holds it
 
 
 def rest_get_session(w, call):
@@ -511,8 +525,21 @@ def rest_assign_session_project(w, call):
 
 
 def rest_export_session_trace(w, call):
+    w.step()
+    w.greedy(w.tc.save_weights_and_get_sampling_client().result())
     url = call(w.rest)(w.session_id)
-    assert httpx.get(url, timeout=60).status_code == 200
+    r = httpx.get(url, timeout=60)  # no API key
+    assert r.status_code == 200, r.text
+    trace = r.json()
+    reqs = trace["otherData"]["requests"]
+    assert trace["otherData"]["session_id"] == w.session_id and len(trace["traceEvents"]) == len(reqs)
+    done = {q["type"] for q in reqs if q["state"] == "done" and q["finished_at"] > 0}
+    assert {"CreateModel", "ForwardBackward", "OptimStep", "SaveWeightsForSampler", "Sample"} <= done, done
+    trained = [q for q in reqs if q["track"] == w.tc.get_info().model_id and q["state"] == "done"]  # submitted and finished
+    assert len(trained) >= 3 and all(q["finished_at"] >= q["created_at"] > 0 for q in trained)
+    assert all(e["ph"] in ("X", "i") and e.get("dur", 0) >= 0 for e in trace["traceEvents"])
+    expires = dict(p.split("=") for p in url.split("?")[1].split("&"))["expires"]
+    assert httpx.get(url.replace(f"expires={expires}", f"expires={int(expires) + 1}"), timeout=60).status_code == 403
 
 
 def rest_search_sessions(w, call):
@@ -549,9 +576,17 @@ def admin_target(w, method_owner: str):
 
 def usage_get_audit_log(w, call, owner):
     path = w.state()
+    w.rest.publish_checkpoint_from_tinker_path(path).result()
     w.rest.delete_checkpoint_from_tinker_path(path).result()
     entries = call(admin_target(w, owner))("checkpoints").entries
-    assert any(e.tinker_path == path and "delete" in e.event for e in entries)
+    about = [e.event for e in entries if e.tinker_path == path]
+    assert about == ["checkpoint_publish", "checkpoint_delete"], about
+    assert all(e.event.startswith("checkpoint_") for e in entries)
+    everything = call(admin_target(w, owner))().entries
+    assert any(e.event == "session_create" and e.event_details["session_id"] == w.session_id for e in everything)
+    assert [e.timestamp for e in everything] == sorted(e.timestamp for e in everything)
+    theirs = AdminClient(base_url=w.stack.url, api_key=OTHER_KEY).get_audit_log("all").result().entries
+    assert not [e for e in theirs if e.tinker_path == path or e.event_details.get("session_id") == w.session_id]
 
 
 def usage_get_billing_usage(w, call, owner):

@@ -46,6 +46,7 @@ WORKER_TTL_S = 10.0
 # its future failed; `openrl dlq list | retry` manage them. Kept this long.
 MAX_DELIVER = 5
 DLQ_MAX_AGE_S = 7 * 24 * 3600
+AUDIT_MAX_AGE_S = 400 * 24 * 3600  # audit events and usage records: a little over a year
 DEAD_LETTERED = "dead-lettered"  # how a dead letter's failed future starts its error
 DLQ_HEADERS = ("Openrl-Dlq-Stream", "Openrl-Dlq-Subject", "Openrl-Dlq-Consumer", "Openrl-Dlq-Stream-Seq", "Openrl-Dlq-Delivered", "Openrl-Dlq-Reason")
 
@@ -79,6 +80,7 @@ class Bus:
         self.snapshots: KeyValue
         self.leases: KeyValue
         self.keys: KeyValue
+        self.secrets: KeyValue
         self.objects: ObjectStore
         # Told when a consumed message starts and how it ends (openrl.metrics.MessageObserver).
         self.observer = None
@@ -186,6 +188,19 @@ class Bus:
         self.snapshots = await self._ensure_kv(subjects.SNAPSHOTS_BUCKET)
         self.leases = await self._ensure_kv(subjects.LEASES_BUCKET)
         self.keys = await self._ensure_kv(subjects.KEYS_BUCKET)
+        self.secrets = await self._ensure_kv(subjects.SECRETS_BUCKET)
+        for name, subject in ((subjects.AUDIT_STREAM, "audit"), (subjects.USAGE_STREAM, "usage")):
+            await self._ensure_stream(
+                api.StreamConfig(
+                    name=name,
+                    subjects=[f"{subjects.PREFIX}.{subject}.>"],
+                    retention=api.RetentionPolicy.LIMITS,  # a log, read back by the admin routes
+                    storage=api.StorageType.FILE,
+                    max_age=AUDIT_MAX_AGE_S,
+                    duplicate_window=self.cfg.duplicate_window_s,
+                    num_replicas=r,
+                )
+            )
         self.objects = await self._ensure_objects(subjects.WEIGHTS_OBJECTS)
 
     async def _ensure_objects(self, bucket: str) -> ObjectStore:

@@ -166,6 +166,7 @@ class ModelRecord(msgspec.Struct, frozen=True, kw_only=True):
     init_state: str | None = None  # create-via-load: object name of the checkpoint loaded at seq 0
     init_path: str = ""  # ... and its tinker:// path
     init_with_optimizer: bool = False
+    copy_of: str = ""  # made by copy_weights to hold a copy: the source's tinker:// path; never trained
 
 
 class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -398,6 +399,43 @@ class ScoreResult(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", t
     reward_name: str
     scores: list[ItemScore]
     worker_id: str = ""
+
+class Secret(msgspec.Struct, frozen=True, kw_only=True):
+    """KV `secrets`: a key every gateway shares (created once, first writer wins)."""
+
+    secret: bytes
+    created_at: float
+
+
+class AuditEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """Stream OPENRL_AUDIT, subject openrl.audit.<owner>: one change to the catalogue, a
+    session or a key, as it happened. `event` is `<resource>_<action>` (checkpoint_delete)."""
+
+    at: float
+    owner: str  # the key id the event belongs to (whose thing changed)
+    event: str
+    actor: str = ""  # the key id that did it ("" for the system: the TTL reaper, the CLI)
+    tinker_path: str | None = None
+    model_id: str | None = None
+    session_id: str | None = None
+    details: dict[str, str] = {}
+
+
+class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """Stream OPENRL_USAGE, subject openrl.usage.<owner>: work a worker did for one owner.
+    kind "training": tokens through forward(_backward); "sampling_prefill": prompt tokens;
+    "sampling_sample": generated tokens. `seconds` is the worker's wall time on it."""
+
+    at: float
+    owner: str
+    kind: Literal["training", "sampling_prefill", "sampling_sample"]
+    tokens: int
+    seconds: float
+    base_model: str
+    session_id: str = ""
+    model_id: str = ""  # the training run, or the sampler id for sampling
+    request_id: str = ""
+
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -17,6 +17,8 @@ CREATE_STREAM = "OPENRL_CREATE"  # work queue: model creation for any trainer of
 SAMPLE_STREAM = "OPENRL_SAMPLE"  # work queue: sample requests for any sampler of a base model
 DLQ_STREAM = "OPENRL_DLQ"  # limits: messages that failed max_deliver times, with the reason
 REWARD_STREAM = "OPENRL_REWARD"  # work queue: score requests for any rewarder of a reward function
+AUDIT_STREAM = "OPENRL_AUDIT"  # limits: catalogue, session and key events (AuditEvent), per owner
+USAGE_STREAM = "OPENRL_USAGE"  # limits: what workers did for whom (UsageRecord), for billing usage
 
 # Key-value buckets.
 FUTURES_BUCKET = "openrl-futures"
@@ -28,6 +30,7 @@ SAMPLERS_BUCKET = "openrl-samplers"  # KV: sampler id -> SamplerRecord
 SNAPSHOTS_BUCKET = "openrl-snapshots"  # KV: model id -> SnapshotRecord (the newest)
 LEASES_BUCKET = "openrl-leases"  # KV: <base>.<model id> -> Lease (which trainer owns a model)
 KEYS_BUCKET = "openrl-keys"  # KV: key id (a hash of the API key) -> ApiKeyRecord
+SECRETS_BUCKET = "openrl-secrets"  # KV: name -> Secret (the download-URL signing key, made once)
 WEIGHTS_OBJECTS = "openrl-weights"  # object store: adapter safetensors
 
 _SAFE = re.compile(r"[^A-Za-z0-9_\-:]")
@@ -104,6 +107,16 @@ def dlq(stream: str) -> str:
 
 
 DLQ_ALL = f"{PREFIX}.dlq.>"
+
+
+def audit(owner: str) -> str:
+    """Where an owner's (key id's) audit events go; `openrl.audit.>` is the whole log."""
+    return f"{PREFIX}.audit.{token(owner)}"
+
+
+def usage(owner: str) -> str:
+    """Where usage records for an owner's work go; `openrl.usage.>` is all of it."""
+    return f"{PREFIX}.usage.{token(owner)}"
 
 
 def kv_key(name: str) -> str:

@@ -46,7 +46,7 @@ from openrl.bus.messages import (
     WorkerInfo,
     decode,
 )
-from openrl.gateway import names, wire
+from openrl.gateway import audit, names, wire
 from openrl.gateway.futures import Waiters
 
 log = structlog.get_logger(__name__)
@@ -333,8 +333,11 @@ class Gateway:
     async def session(self, session_id: str, owner: str) -> SessionRecord:
         return await self._owned(self.bus.sessions, session_id, SessionRecord, owner, "session")
 
-    async def model(self, model_id: str, owner: str) -> ModelRecord:
-        return await self._owned(self.bus.models, model_id, ModelRecord, owner, "model_id")
+    async def model(self, model_id: str, owner: str, *, trainable: bool = True) -> ModelRecord:
+        rec = await self._owned(self.bus.models, model_id, ModelRecord, owner, "model_id")
+        if trainable and rec.copy_of:  # a run copy_weights made to hold a copy: read-only
+            raise InvalidRequest(f"{model_id} holds a copy of {rec.copy_of} and cannot be trained; load it with create_training_client_from_state")
+        return rec
 
     async def workers(self) -> list[WorkerInfo]:
         """Live workers (heartbeats in KV), cached for a second."""
@@ -421,6 +424,7 @@ class Gateway:
         )
         if await self.bus.kv_create(self.bus.sessions, sid, rec):
             log.info("session_created", session_id=sid, owner=owner)
+            await audit.record(self.bus, owner, "session_create", actor=owner, session_id=sid, details={"project_id": body.project_id or ""})
         return _json({"type": "create_session", "session_id": sid})
 
     async def session_heartbeat(self, request: web.Request) -> web.Response:
@@ -442,6 +446,7 @@ class Gateway:
                 self.bus.sessions, rec.session_id, msgspec.structs.replace(rec, finished_at=time.time(), finish_reason=reason)
             )
             log.info("session_finished", session_id=rec.session_id, reason=reason)
+            await audit.record(self.bus, owner, "session_finish", actor=owner, session_id=rec.session_id, details={"reason": reason})
         return _json({})
 
     async def telemetry(self, request: web.Request) -> web.Response:

@@ -14,6 +14,14 @@
     PUT    /api/v1/sessions/{sid}/project                          {"project_id"}
     POST   /api/v1/sessions/search                                 SessionSearchRequest
     GET    /api/v1/billing/usage/checkpoints/current               ?project_id
+    POST   /api/v1/copy_weights                                    {source_path, destination_project_id |
+                                                                    session_id + model_seq_id, ttl_seconds}
+
+copy_weights copies the bytes (blobs) into objects of the copy's own, so deleting either side never
+touches the other, and records the copy under a run of the caller's that holds it and cannot be
+trained (ModelRecord.copy_of): `<session>:train:<model_seq_id>` of the caller's session, or
+`<new session>:train:0` of a new, finished session in the destination project. The name and kind
+stay the source's. A retry (same X-Idempotency-Key) returns the first copy.
 
 Training runs are the models bucket, checkpoints the weights bucket (tinker:// path ->
 WeightsRecord, bytes in the object store), sessions the sessions bucket; nothing here has state
@@ -29,7 +37,9 @@ thousands of records; an index per owner is the next step beyond that.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
+import uuid
 from datetime import datetime, timezone
 from typing import Any
 
@@ -42,6 +52,7 @@ from openrl.bus import paths, subjects
 from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import Lease, ModelRecord, SamplerRecord, SessionRecord, WeightsRecord, decode
 from openrl.gateway.app import API, Gateway, _body, _check_ttl, _json
+from openrl.gateway import audit
 from openrl.gateway.names import check_id, check_name
 
 log = structlog.get_logger(__name__)
@@ -66,6 +77,15 @@ class _PathBody(msgspec.Struct, kw_only=True):
 
 class _ProjectBody(msgspec.Struct, kw_only=True):
     project_id: str | None = None
+
+
+class _CopyBody(msgspec.Struct, kw_only=True):
+    source_path: str
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    destination_project_id: str | None = None
+    ttl_seconds: int | None = None
+    weights_access_token: str | None = None  # not used: published checkpoints need no token here
 
 
 class _Cursor(msgspec.Struct, kw_only=True):
@@ -167,7 +187,7 @@ class Catalogue:
             raise Forbidden(f"{path} is published by another key: you may read it, not change it")
         return rec
 
-    async def delete(self, rec: WeightsRecord, why: str) -> None:
+    async def delete(self, rec: WeightsRecord, why: str, actor: str = "") -> None:
         """Blobs first, then the record: a delete cut short is finished by the next one."""
         for obj in [f"{rec.object}/{f}" for f in rec.files] or [rec.object]:
             try:
@@ -179,6 +199,9 @@ class Catalogue:
         except KeyNotFoundError:
             pass
         log.info("checkpoint_deleted", path=rec.path, owner=rec.owner, bytes=rec.size_bytes, reason=why)
+        event = "checkpoint_expire" if why == "expired" else "checkpoint_delete"
+        await audit.record(self.bus, rec.owner, event, actor=actor, tinker_path=rec.path, model_id=rec.model_id,
+                           details={"size_bytes": rec.size_bytes, "reason": why})  # fmt: skip
 
     async def update(self, rec: WeightsRecord, **changes) -> None:
         await self.bus.kv_put(self.bus.weights, rec.path, msgspec.structs.replace(rec, **changes))
@@ -238,14 +261,14 @@ class Catalogue:
     async def get_training_run(self, request: web.Request) -> web.Response:
         owner = self.gw.owner(request)
         run = check_id(request.match_info["run"], "training run id")
-        return _json(await self.run_json(await self.gw.model(run, owner)))
+        return _json(await self.run_json(await self.gw.model(run, owner, trainable=False)))
 
     # -- checkpoints
 
     async def list_checkpoints(self, request: web.Request) -> web.Response:
         owner = self.gw.owner(request)
         run = check_id(request.match_info["run"], "training run id")
-        await self.gw.model(run, owner)
+        await self.gw.model(run, owner, trainable=False)
         recs = await self.checkpoints(owner, run=run)
         return _json({"checkpoints": [checkpoint_json(r) for r in recs], "cursor": None})
 
@@ -267,7 +290,7 @@ class Catalogue:
     async def delete_checkpoint(self, request: web.Request) -> web.Response:
         owner = self.gw.owner(request)
         rec = await self.checkpoint(*self._address(request), owner, write=True)
-        await self.delete(rec, "deleted by owner")
+        await self.delete(rec, "deleted by owner", actor=owner)
         return _json({})
 
     async def publish(self, request: web.Request) -> web.Response:
@@ -277,6 +300,7 @@ class Catalogue:
             raise InvalidRequest(f"{rec.path} is already public")
         await self.update(rec, public=True)
         log.info("checkpoint_published", path=rec.path, owner=owner)
+        await audit.record(self.bus, owner, "checkpoint_publish", actor=owner, tinker_path=rec.path, model_id=rec.model_id)
         return _json({})
 
     async def unpublish(self, request: web.Request) -> web.Response:
@@ -286,6 +310,7 @@ class Catalogue:
             raise InvalidRequest(f"{rec.path} is not public")
         await self.update(rec, public=False)
         log.info("checkpoint_unpublished", path=rec.path, owner=owner)
+        await audit.record(self.bus, owner, "checkpoint_unpublish", actor=owner, tinker_path=rec.path, model_id=rec.model_id)
         return _json({})
 
     async def set_ttl(self, request: web.Request) -> web.Response:
@@ -296,6 +321,8 @@ class Catalogue:
         expires = None if body.ttl_seconds is None else time.time() + body.ttl_seconds
         await self.update(rec, expires_at=expires)
         log.info("checkpoint_ttl_set", path=rec.path, owner=owner, ttl_seconds=body.ttl_seconds)
+        await audit.record(self.bus, owner, "checkpoint_ttl_set", actor=owner, tinker_path=rec.path, model_id=rec.model_id,
+                           details={"ttl_seconds": body.ttl_seconds})  # fmt: skip
         return _json({})
 
     async def bad_checkpoint_address(self, request: web.Request) -> web.Response:
@@ -319,6 +346,64 @@ class Catalogue:
                 "train_attn": rec.lora.train_attn,
             }
         )
+
+    async def copy_weights(self, request: web.Request) -> web.Response:
+        owner = self.gw.owner(request)
+        body = await _body(request, _CopyBody)
+        _check_ttl(body.ttl_seconds)
+        parsed = paths.parse(body.source_path)
+        src = await self.checkpoint(parsed.model_id, parsed.segment, parsed.name, owner, write=False)
+        now = time.time()
+        if body.session_id is not None:
+            if body.model_seq_id is None or body.model_seq_id < 0:
+                raise InvalidRequest("copy_weights into a session needs model_seq_id >= 0")
+            session = await self.gw.session(check_id(body.session_id, "session id"), owner)
+            if session.finished_at is not None:
+                raise InvalidRequest(f"session {session.session_id} is finished")
+            model_id = f"{session.session_id}:train:{body.model_seq_id}"
+            project = session.project_id
+        else:
+            project = body.destination_project_id
+            if not project or len(project) > 256:
+                raise InvalidRequest("give destination_project_id (1-256 characters), or session_id and model_seq_id")
+            idem = request.headers.get("X-Idempotency-Key") or uuid.uuid4().hex
+            sid = "s-" + hashlib.blake2b(f"{owner}|copy|{idem}".encode(), digest_size=8).hexdigest()
+            holder = SessionRecord(session_id=sid, owner=owner, created_at=now, project_id=project, display_name=f"copy of {src.path}",
+                                   finished_at=now, finish_reason="success", last_heartbeat=now)  # fmt: skip
+            if await self.bus.kv_create(self.bus.sessions, sid, holder):
+                await audit.record(self.bus, owner, "session_create", actor=owner, session_id=sid, details={"project_id": project, "why": "copy_weights"})
+            elif (await self.gw.session(sid, owner)).display_name != holder.display_name:
+                raise InvalidRequest("this X-Idempotency-Key was used for another copy")
+            model_id = f"{sid}:train:0"
+        run = ModelRecord(model_id=model_id, session_id=model_id.split(":train:")[0], owner=owner, base_model=src.base_model, lora=src.lora,
+                          created_at=now, create_request_id="", copy_of=src.path)  # fmt: skip
+        if not await self.bus.kv_create(self.bus.models, model_id, run):
+            taken = await self.bus.kv_get(self.bus.models, model_id, ModelRecord)
+            if taken is None or taken.owner != owner or taken.copy_of != src.path:
+                raise InvalidRequest(f"training run {model_id} exists; copy into an unused model_seq_id")
+        dest = f"{paths.SCHEME}{model_id}/{parsed.segment}/{src.name}"
+        done = await self.bus.kv_get(self.bus.weights, dest, WeightsRecord)
+        if done is not None:  # a retry of a copy that finished
+            return _json({"tinker_path": dest})
+        obj = f"copies/{model_id}/{parsed.segment}-{src.name}"
+        size = 0
+        try:
+            for name in src.files or [""]:
+                data = (await self.bus.objects.get(f"{src.object}/{name}" if name else src.object)).data
+                await self.bus.objects.put(f"{obj}/{name}" if name else obj, data)
+                size += len(data)
+        except (ObjectNotFoundError, ObjectDeletedError, NotFoundError):
+            raise NotFound(f"{src.path} was deleted while it was being copied") from None
+        rec = WeightsRecord(
+            path=dest, owner=owner, model_id=model_id, base_model=src.base_model, kind=src.kind, name=src.name, object=obj,
+            lora=src.lora, seq_id=src.seq_id, size_bytes=size, created_at=time.time(),
+            expires_at=None if body.ttl_seconds is None else now + body.ttl_seconds, files=list(src.files), user_metadata=dict(src.user_metadata),
+        )  # fmt: skip
+        await self.bus.kv_put(self.bus.weights, dest, rec)
+        log.info("checkpoint_copied", source=src.path, path=dest, owner=owner, bytes=size, project_id=project)
+        await audit.record(self.bus, owner, "checkpoint_copy", actor=owner, tinker_path=dest, model_id=model_id,
+                           details={"source_path": src.path, "size_bytes": size, "project_id": project or ""})  # fmt: skip
+        return _json({"tinker_path": dest})
 
     # -- sessions
 
@@ -352,6 +437,7 @@ class Catalogue:
             raise InvalidRequest("project_id must be a non-empty string of at most 256 characters")
         await self.bus.kv_put(self.bus.sessions, rec.session_id, msgspec.structs.replace(rec, project_id=body.project_id))
         log.info("session_project_assigned", session_id=sid, owner=owner, project_id=body.project_id)
+        await audit.record(self.bus, owner, "session_project_set", actor=owner, session_id=sid, details={"project_id": body.project_id})
         return _json({})
 
     async def search_sessions(self, request: web.Request) -> web.Response:
@@ -490,6 +576,11 @@ def add_routes(app: web.Application, gw: Gateway) -> None:
     r.add_get(f"{API}/training_runs", cat.list_training_runs)
     r.add_get(f"{API}/training_runs/{{run}}", cat.get_training_run)
     r.add_get(f"{API}/training_runs/{{run}}/checkpoints", cat.list_checkpoints)
+    from openrl.gateway import downloads  # its checkpoint route goes before the catch-all below
+
+    downloads.add_routes(app, gw, cat)
+    audit.add_routes(app, gw)
+    r.add_post(f"{API}/copy_weights", cat.copy_weights)
     r.add_post(f"{ckpt}/publish", cat.publish)
     r.add_delete(f"{ckpt}/publish", cat.unpublish)
     r.add_put(f"{ckpt}/ttl", cat.set_ttl)

@@ -23,6 +23,7 @@ from openrl.bus import subjects
 from openrl.bus.client import Bus
 from openrl.bus.errors import InvalidRequest
 from openrl.bus.messages import ApiKeyRecord, decode
+from openrl.gateway import audit
 from openrl.gateway.app import key_id
 from openrl.gateway.names import check_name
 
@@ -50,6 +51,7 @@ async def create(bus: Bus, name: str) -> tuple[str, ApiKeyRecord]:
     key = new_key()
     rec = ApiKeyRecord(key_id=key_id(key), name=name, created_at=time.time(), hint=key[:8])
     await bus.kv_create(bus.keys, rec.key_id, rec)
+    await audit.record(bus, rec.key_id, "key_create", details={"name": name, "key_id": rec.key_id})
     return key, rec
 
 
@@ -63,6 +65,7 @@ async def revoke(bus: Bus, name_or_id: str) -> list[ApiKeyRecord]:
     for r in hits:
         rec = ApiKeyRecord(key_id=r.key_id, name=r.name, created_at=r.created_at, revoked_at=now, hint=r.hint)
         await bus.kv_put(bus.keys, r.key_id, rec)
+        await audit.record(bus, r.key_id, "key_revoke", details={"name": r.name, "key_id": r.key_id})
         done.append(rec)
     return done
 

@@ -1,0 +1,223 @@
+"""Download URLs that need no API key: signed by the gateway, valid until they expire.
+
+    GET /api/v1/training_runs/{run}/checkpoints/external_weights/{name}/external_weights_urls
+        -> {"urls": {file: url}, "expires": datetime}    (the files of a save_weights_external)
+    GET /api/v1/sessions/{sid}/trace_export
+        -> {"status": "ready", "url": url}               (the session's requests and timings)
+    GET /api/v1/signed/{resource}?expires=<unix s>&sig=<hex>   (no X-API-Key)
+
+A URL names a resource, `object/<object-store name>` or `trace/<session id>`, and carries
+HMAC-SHA256(secret, resource + "\\n" + expires). The secret is made once, by the first gateway
+that needs it, in KV `openrl-secrets` (create wins, everyone reads the winner), so any replica
+verifies any replica's URLs. An expired or tampered URL is a 403 with a JSON body; a resource
+deleted since signing (a deleted or overwritten checkpoint) is a 404. Only the gateway signs, and
+it signs only names it took from records the caller may read, so a URL can never reach beyond
+what its caller could read when it was made.
+
+A trace is built when it is downloaded, from what the bus keeps: the session's models and their
+training log (OPENRL_TRAIN), each request's future (type, state, created and finished times,
+error), and the samplers' sample futures (ids are deterministic: sampler id and seq_id). It is
+Chrome trace-event JSON, which ui.perfetto.dev opens. Futures live `futures_ttl_s` (6 h by
+default): older requests are in the trace with state "unknown" and their seq_id only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import quote
+
+import msgspec
+import structlog
+from aiohttp import web
+from nats.js.errors import NotFoundError, ObjectDeletedError, ObjectNotFoundError
+
+from openrl.bus import subjects
+from openrl.bus.errors import InvalidRequest, NotFound
+from openrl.bus.messages import Future, ModelRecord, SamplerRecord, Secret, SessionRecord, TrainRequest, decode
+from openrl.gateway.app import API, Gateway, _json, request_id
+from openrl.gateway.catalogue import Forbidden
+from openrl.gateway.names import check_id
+
+log = structlog.get_logger(__name__)
+
+URL_TTL_S = 3600
+SIGNING_KEY = "download-signing"
+SAMPLE_MISSES = 64  # consecutive unknown sample seq_ids after which a sampler's requests are taken to end
+
+
+class Expired(Forbidden):
+    """A bad, tampered or expired signed URL: 403 (the `forbidden` middleware in catalogue)."""
+
+
+class Signer:
+    def __init__(self, gw: Gateway):
+        self.bus = gw.bus
+        self._secret: bytes | None = None
+
+    async def secret(self) -> bytes:
+        if self._secret is None:
+            rec = await self.bus.kv_get(self.bus.secrets, SIGNING_KEY, Secret)
+            if rec is None:
+                await self.bus.kv_create(self.bus.secrets, SIGNING_KEY, Secret(secret=secrets.token_bytes(32), created_at=time.time()))
+                rec = await self.bus.kv_get(self.bus.secrets, SIGNING_KEY, Secret)  # the winner's, if another gateway raced
+            self._secret = rec.secret
+        return self._secret
+
+    async def _mac(self, resource: str, expires: int) -> str:
+        return hmac.new(await self.secret(), f"{resource}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    async def url(self, request: web.Request, resource: str, expires: int) -> str:
+        sig = await self._mac(resource, expires)
+        return f"{request.url.origin()}{API}/signed/{quote(resource, safe='/:')}?expires={expires}&sig={sig}"
+
+    async def verify(self, resource: str, expires: str, sig: str) -> None:
+        try:
+            exp = int(expires)
+        except ValueError:
+            raise Expired("this download URL is malformed (expires)") from None
+        if not hmac.compare_digest(await self._mac(resource, exp), sig):
+            raise Expired("this download URL's signature does not match: it was changed or not made here")
+        if exp < time.time():
+            raise Expired("this download URL has expired; ask for a new one")
+
+
+def _us(t: float) -> float:
+    return round(t * 1e6, 1)
+
+
+class Downloads:
+    def __init__(self, gw: Gateway, catalogue):
+        self.gw = gw
+        self.bus = gw.bus
+        self.cat = catalogue
+        self.signer = Signer(gw)
+
+    async def external_urls(self, request: web.Request) -> web.Response:
+        owner = self.gw.owner(request)
+        m = request.match_info
+        if m["segment"] != "external_weights":
+            raise InvalidRequest("external_weights_urls serves external weights only (tinker://<run>/external_weights/<name>)")
+        rec = await self.cat.checkpoint(m["run"], m["segment"], m["name"], owner, write=False)
+        expires = int(time.time()) + URL_TTL_S
+        if rec.expires_at is not None:
+            expires = min(expires, int(rec.expires_at))
+        urls = {f: await self.signer.url(request, f"object/{rec.object}/{f}", expires) for f in rec.files}
+        log.info("download_urls_signed", path=rec.path, owner=owner, files=len(urls))
+        return _json({"urls": urls, "expires": datetime.fromtimestamp(expires, timezone.utc).isoformat()})
+
+    async def trace_export(self, request: web.Request) -> web.Response:
+        owner = self.gw.owner(request)
+        sid = check_id(request.match_info["session_id"], "session id")
+        await self.gw.session(sid, owner)
+        url = await self.signer.url(request, f"trace/{sid}", int(time.time()) + URL_TTL_S)
+        return _json({"status": "ready", "url": url})
+
+    async def signed(self, request: web.Request) -> web.Response:
+        resource = request.match_info["resource"]
+        await self.signer.verify(resource, request.query.get("expires", ""), request.query.get("sig", ""))
+        kind, _, name = resource.partition("/")
+        if kind == "trace":
+            body = msgspec.json.encode(await self.trace(name))
+            return web.Response(body=body, content_type="application/json",
+                                headers={"Content-Disposition": f'attachment; filename="{name}.trace.json"'})  # fmt: skip
+        try:
+            obj = await self.bus.objects.get(name)
+        except (ObjectNotFoundError, ObjectDeletedError, NotFoundError):
+            raise NotFound("this file is gone (its checkpoint was deleted, overwritten or expired)") from None
+        filename = name.rsplit("/", 1)[-1]
+        return web.Response(body=obj.data, content_type="application/octet-stream",
+                            headers={"Content-Disposition": f'attachment; filename="{filename}"'})  # fmt: skip
+
+    # -- the trace
+
+    async def _future(self, rid: str) -> Future | None:
+        return await self.bus.kv_get(self.bus.futures, rid, Future)
+
+    def _event(self, name: str, track: str, fut: Future | None, args: dict[str, Any], start: float | None) -> dict[str, Any]:
+        """A complete ("X") event from submission to finish; an instant ("i") at the finish when
+        the submission time is unknown (a sample's: its queue keeps no record once taken)."""
+        start = (fut.created_at if fut and fut.created_at else None) or start
+        end = fut.finished_at if fut and fut.finished_at else None
+        args = {**args, "state": fut.state if fut else "unknown", "created_at": start, "finished_at": end}
+        if fut and fut.error:
+            args |= {"error": fut.error, "category": fut.category}
+        ev = {"name": name, "cat": track.split(":")[1] if ":" in track else "session", "pid": 1, "tid": track, "args": args}
+        if start is not None:
+            return ev | {"ph": "X", "ts": _us(start), "dur": _us(max(0.0, (end or start) - start))}
+        return ev | {"ph": "i", "s": "t", "ts": _us(end or 0.0)}
+
+    async def trace(self, sid: str) -> dict[str, Any]:
+        session = await self.bus.kv_get(self.bus.sessions, sid, SessionRecord)
+        if session is None:
+            raise NotFound(f"unknown session {sid!r}")
+        models = await self.cat.records(self.bus.models, ModelRecord, f"{sid}:train:")
+        samplers = await self.cat.records(self.bus.samplers, SamplerRecord, f"{sid}:sample:")
+        events: list[dict[str, Any]] = []
+        requests: list[dict[str, Any]] = []
+        for rec in sorted(models, key=lambda r: r.model_id):
+            if rec.create_request_id:
+                fut = await self._future(rec.create_request_id)
+                events.append(self._event(fut.request_type if fut else "CreateModel", rec.model_id, fut,
+                                          {"request_id": rec.create_request_id, "seq_id": 0}, rec.created_at))  # fmt: skip
+            subject = subjects.train(rec.base_model, rec.model_id)
+            seq, seen = 1, set()
+            while True:
+                try:
+                    raw = await self.bus.js.get_msg(subjects.TRAIN_STREAM, seq=seq, subject=subject, next=True)
+                except NotFoundError:
+                    break
+                seq = raw.seq + 1
+                try:
+                    msg = decode(raw.data, TrainRequest)
+                except msgspec.MsgspecError:
+                    continue
+                if msg.request_id in seen:
+                    continue
+                seen.add(msg.request_id)
+                fut = await self._future(msg.request_id)
+                at = raw.time.timestamp() if getattr(raw, "time", None) else rec.created_at
+                events.append(self._event(fut.request_type if fut else type(msg).__name__, rec.model_id, fut,
+                                          {"request_id": msg.request_id, "seq_id": msg.seq_id}, at))  # fmt: skip
+        for s in sorted(samplers, key=lambda r: r.sampler_id):
+            misses, n = 0, 0
+            while misses < SAMPLE_MISSES:
+                rid = request_id("sample", s.sampler_id, n)
+                fut = await self._future(rid)
+                if fut is None:
+                    misses += 1
+                else:
+                    misses = 0
+                    events.append(self._event(fut.request_type, s.sampler_id, fut, {"request_id": rid, "seq_id": n}, None))
+                n += 1
+        for ev in sorted(events, key=lambda e: e["ts"]):
+            a = ev["args"]
+            requests.append({"request_id": a["request_id"], "track": ev["tid"], "type": ev["name"], "seq_id": a["seq_id"],
+                             "state": a["state"], "created_at": a["created_at"], "finished_at": a["finished_at"],
+                             "error": a.get("error")})  # fmt: skip
+        return {
+            "traceEvents": sorted(events, key=lambda e: e["ts"]),
+            "displayTimeUnit": "ms",
+            "otherData": {
+                "session_id": sid,
+                "created_at": session.created_at,
+                "finished_at": session.finished_at,
+                "training_runs": [r.model_id for r in models],
+                "samplers": [s.sampler_id for s in samplers],
+                "requests": requests,
+            },
+        }
+
+
+def add_routes(app: web.Application, gw: Gateway, catalogue) -> None:
+    """Register before the catalogue's catch-all checkpoint route."""
+    dl = Downloads(gw, catalogue)
+    app["downloads"] = dl
+    r = app.router
+    r.add_get(f"{API}/training_runs/{{run}}/checkpoints/{{segment}}/{{name}}/external_weights_urls", dl.external_urls)
+    r.add_get(f"{API}/sessions/{{session_id}}/trace_export", dl.trace_export)
+    r.add_get(f"{API}/signed/{{resource:.+}}", dl.signed)
