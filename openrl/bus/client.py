@@ -332,6 +332,24 @@ class Bus:
         await self.kv_put(self.futures, fut.request_id, fut)
         await self.nc.publish(subjects.done(fut.request_id), b"")
 
+    async def finish_pending(self, fut: Future) -> bool:
+        """`finish_future`, only if the stored future is still pending (compare-and-set on
+        that revision): a worker that stalled past its ack_wait, while its request was
+        redelivered and finished elsewhere, records nothing when it wakes. False if so."""
+        key = subjects.kv_key(fut.request_id)
+        try:
+            entry = await self.futures.get(key)
+        except KeyNotFoundError:
+            return False  # expired
+        if entry.value is None or decode(entry.value, Future).state != "pending":
+            return False
+        try:
+            await self.futures.update(key, encode(fut), last=entry.revision)
+        except KeyWrongLastSequenceError:
+            return False
+        await self.nc.publish(subjects.done(fut.request_id), b"")
+        return True
+
     # -- consuming -----------------------------------------------------------------
 
     async def consume(

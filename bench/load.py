@@ -1,0 +1,204 @@
+"""Load: N concurrent tinker SDK clients, each training its own LoRA model and sampling from it.
+
+Each client is one `ServiceClient` (its own session) with one training client (rank 1 by
+default) and loops until the deadline: `forward_backward` + `optim_step` on a tiny batch,
+after its first step and every `--sample-every`-th after that `save_weights_and_get_sampling_client` + `sample`
+(`--max-tokens` tokens): an RL loop in miniature. All clients run on one asyncio loop with
+the SDK's `*_async` methods. Every call is timed from submission to its result; any
+exception is an error. Afterwards the gateway's own counters are read: the HTTP responses
+it gave during the run by status (a 5xx the SDK retried silently still shows there).
+
+    python bench/load.py [--clients 64] [--seconds 180] [--url URL --api-key KEY]
+
+Without --url it starts its own `openrl up --samplers 2` (bench/common.py). Prints p50 / p95 /
+p99 per call kind and writes bench/results/load.json (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import random
+import re
+import tempfile
+import time
+import urllib.request
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+BASE_MODEL = "openrl/tiny-qwen3"
+KINDS = ("create", "forward_backward", "optim_step", "save_weights_and_get_sampling_client", "sample")
+
+
+class Recorder:
+    def __init__(self):
+        self.latencies_s: dict[str, list[float]] = defaultdict(list)
+        self.errors: list[str] = []
+        self.submitted = 0
+        self.resolved = 0
+
+    async def timed(self, kind: str, make, started: float | None = None):
+        """The result of `make()` (an APIFuture, or a coroutine of one or of the result), timed
+        from `started` (default: now); counted."""
+        self.submitted += 1
+        started = time.perf_counter() if started is None else started
+        try:
+            out = make()
+            while True:
+                if hasattr(out, "result_async"):
+                    out = await out.result_async()
+                elif inspect.isawaitable(out):
+                    out = await out
+                else:
+                    break
+        except Exception as e:  # any failure is an error of the run, reported below
+            self.errors.append(f"{kind}: {type(e).__name__}: {e}"[:300])
+            raise
+        self.resolved += 1
+        self.latencies_s[kind].append(time.perf_counter() - started)
+        return out
+
+    def percentiles_ms(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for kind in KINDS:
+            xs = np.array(self.latencies_s.get(kind, [])) * 1000
+            if len(xs):
+                out[kind] = {"n": int(len(xs)), "p50": round(float(np.percentile(xs, 50)), 1), "p95": round(float(np.percentile(xs, 95)), 1),
+                             "p99": round(float(np.percentile(xs, 99)), 1), "max": round(float(xs.max()), 1)}  # fmt: skip
+        return out
+
+
+def _batch(rng: random.Random, rows: int, length: int):  # token ids below the default model's 876
+    import tinker
+
+    data = []
+    for _ in range(rows):
+        toks = [rng.randrange(10, 800) for _ in range(length + 1)]
+        data.append(tinker.types.Datum(model_input=tinker.types.ModelInput.from_ints(toks[:-1]),
+                                       loss_fn_inputs={"target_tokens": toks[1:], "weights": [1.0] * length}))  # fmt: skip
+    return data
+
+
+async def _client(i: int, service, rec: Recorder, deadline: float, args) -> int:
+    import tinker
+
+    rng = random.Random(i)
+    tc = await rec.timed("create", lambda: service.create_lora_training_client(base_model=args.base_model, rank=args.rank, seed=i))
+    batch = _batch(rng, args.rows, args.tokens)
+    prompt = tinker.types.ModelInput.from_ints([rng.randrange(10, 800) for _ in range(8)])
+    params = tinker.types.SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=i)
+    steps = 0
+    while time.monotonic() < deadline:
+        # Submitted back to back as the SDK asks (seq_ids are taken at the call), then awaited.
+        t0 = time.perf_counter()
+        fb_future = tc.forward_backward(batch, "cross_entropy")
+        opt_future = tc.optim_step(tinker.types.AdamParams(learning_rate=1e-3))
+        await rec.timed("forward_backward", lambda: fb_future, t0)
+        await rec.timed("optim_step", lambda: opt_future, t0)
+        steps += 1
+        if steps % args.sample_every == 1 % args.sample_every:  # after the first step, then every sample_every
+            sc = await rec.timed("save_weights_and_get_sampling_client", tc.save_weights_and_get_sampling_client)
+            out = await rec.timed("sample", lambda: sc.sample(prompt, 1, params))
+            assert 1 <= len(out.sequences[0].tokens) <= args.max_tokens
+    return steps
+
+
+def gateway_statuses(metrics_url: str | None) -> dict[str, float]:
+    """The gateway's HTTP responses so far, by status code (from its /metrics)."""
+    if not metrics_url:
+        return {}
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    out: dict[str, float] = defaultdict(float)
+    for m in re.finditer(r'^openrl_http_requests_total\{([^}]*)\} (\S+)$', text, re.M):
+        status = re.search(r'status="(\d+)"', m.group(1))
+        if status:
+            out[status.group(1)] += float(m.group(2))
+    return dict(out)
+
+
+async def run_load(url: str, api_key: str, args, metrics_url: str | None = None) -> dict:
+    """Drive the stack at `url`; returns the figures (errors listed, not raised)."""
+    import tinker
+
+    before = gateway_statuses(metrics_url)
+    services = [tinker.ServiceClient(base_url=url, api_key=api_key) for _ in range(args.clients)]
+    rec = Recorder()
+    started = time.monotonic()
+    deadline = started + args.seconds
+    results = await asyncio.gather(*(_client(i, s, rec, deadline, args) for i, s in enumerate(services)), return_exceptions=True)
+    wall_s = time.monotonic() - started
+    after = gateway_statuses(metrics_url)
+    statuses = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(after) | set(before)) if after.get(k, 0) - before.get(k, 0)}
+    steps = [r for r in results if isinstance(r, int)]
+    return {
+        "clients": args.clients, "seconds": args.seconds, "wall_s": round(wall_s, 1),
+        "rank": args.rank, "rows": args.rows, "tokens": args.tokens, "max_tokens": args.max_tokens, "sample_every": args.sample_every,
+        "clients_failed": len(results) - len(steps), "steps": sum(steps), "min_client_steps": min(steps, default=0), "steps_per_s": round(sum(steps) / wall_s, 2),
+        "calls_submitted": rec.submitted, "calls_resolved": rec.resolved, "errors": rec.errors[:50], "error_count": len(rec.errors),
+        "latency_ms": rec.percentiles_ms(), "gateway_http_statuses": statuses,
+    }  # fmt: skip
+
+
+def print_report(res: dict) -> None:
+    print(f"\n{res['clients']} clients for {res['wall_s']} s: {res['steps']} train steps ({res['steps_per_s']}/s), "
+          f"{res['calls_resolved']}/{res['calls_submitted']} calls resolved, {res['error_count']} errors, "
+          f"gateway statuses {res['gateway_http_statuses']}")  # fmt: skip
+    print(f"{'call':<40}{'n':>7}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'max ms':>10}")
+    for kind, p in res["latency_ms"].items():
+        print(f"{kind:<40}{p['n']:>7}{p['p50']:>10}{p['p95']:>10}{p['p99']:>10}{p['max']:>10}")
+    for e in res["errors"][:10]:
+        print("error:", e)
+
+
+def add_args(p: argparse.ArgumentParser, clients: int = 64, seconds: float = 180) -> None:
+    p.add_argument("--clients", type=int, default=clients)
+    p.add_argument("--seconds", type=float, default=seconds, help="how long each client keeps submitting")
+    p.add_argument("--rank", type=int, default=1)
+    p.add_argument("--rows", type=int, default=1, help="datums per forward_backward")
+    p.add_argument("--tokens", type=int, default=16, help="tokens per datum")
+    p.add_argument("--max-tokens", type=int, default=4, help="tokens per sample")
+    p.add_argument("--sample-every", type=int, default=3, help="save weights + sample every this many steps")
+    p.add_argument("--base-model", default=BASE_MODEL)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    p.add_argument("--url", help="an existing stack's gateway (default: start one)")
+    p.add_argument("--api-key")
+    p.add_argument("--metrics-url", help="the gateway's /metrics (from <data-dir>/run/stack.json)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "load.json"))
+    args = p.parse_args()
+    proc = None
+    metrics_url = args.metrics_url
+    if args.url:
+        url, api_key = args.url, args.api_key
+    else:
+        from common import API_KEY, start_stack
+
+        data_dir = Path(tempfile.mkdtemp(prefix="openrl-load-"))
+        proc, url = start_stack(data_dir, "--samplers", "2", "--threads", "1")
+        api_key = API_KEY
+        metrics_url = json.loads((data_dir / "run" / "stack.json").read_text())["metrics"]["gateway"]
+    try:
+        res = asyncio.run(run_load(url, api_key, args, metrics_url))
+    finally:
+        if proc is not None:
+            from common import stop_stack
+
+            stop_stack(proc)
+    res["date"] = datetime.now().isoformat(timespec="seconds")
+    print_report(res)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
