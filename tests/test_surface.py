@@ -49,8 +49,6 @@ def base_name(method: str) -> str:
 
 NOT_YET = {
     "RestClient.whoami": "needs the SDK's JWT mode (auth/token); OpenRL serves API keys only",
-    "RestClient.get_billing_usage": "no usage accounting yet",
-    "AdminClient.get_billing_usage": "no usage accounting yet",
 }
 
 
@@ -590,10 +588,31 @@ def usage_get_audit_log(w, call, owner):
 
 
 def usage_get_billing_usage(w, call, owner):
+    # A fresh session whose work is known exactly: one forward_backward, one sample request.
+    service = tinker.ServiceClient(base_url=w.stack.url, api_key=API_KEY, user_metadata={"billing": owner})
+    tc = service.create_lora_training_client(base_model=BASE_MODEL, rank=2).result()
+    sid = tc.get_info().model_id.split(":train:")[0]
+    tc.forward_backward(w.data, "cross_entropy").result()
+    sampled = tc.save_weights_and_get_sampling_client().result().sample(w.prompt, 2, types.SamplingParams(max_tokens=5, seed=1)).result()
     now = datetime.now(timezone.utc)
     resp = call(admin_target(w, owner))(now - timedelta(days=1), now + timedelta(hours=1))
-    kinds = {e.event_info.type for e in resp.data}
-    assert {"training", "sampling_sample"} <= kinds
+    tokens = {}
+    for e in resp.data:
+        if e.session_id == sid:
+            assert e.user_id and e.base_model == BASE_MODEL and e.bucket_end - e.bucket_start == timedelta(hours=1)
+            tokens[e.event_info.type] = tokens.get(e.event_info.type, 0) + e.event_info.token_count
+    assert tokens == {
+        "training": sum(d.model_input.length for d in w.data),
+        "sampling_prefill": w.prompt.length,
+        "sampling_sample": sum(len(s.tokens) for s in sampled.sequences),
+    }, tokens
+    assert resp.sessions[sid].user_metadata == {"billing": owner}
+    raw = w.http.get("/billing/usage/events", params={"starting_on": (now - timedelta(hours=1)).isoformat(), "ending_before": (now + timedelta(hours=1)).isoformat()},
+                     headers={"X-API-Key": API_KEY}).json()  # fmt: skip
+    seconds = {e["event_info"]["type"]: e["event_info"]["worker_seconds"] for e in raw["data"] if e["session_id"] == sid}
+    assert seconds["training"] > 0 and seconds["sampling_sample"] > 0, seconds  # worker-seconds, beyond Tinker's schema
+    theirs = AdminClient(base_url=w.stack.url, api_key=OTHER_KEY).get_billing_usage(now - timedelta(days=1), now + timedelta(hours=1)).result()
+    assert sid not in {e.session_id for e in theirs.data}
 
 
 def usage_get_current_checkpoint_storage_usage(w, call, owner):

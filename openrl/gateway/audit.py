@@ -51,24 +51,29 @@ async def record(bus: Bus, owner: str, event: str, *, actor: str = "", **fields:
         log.warning("audit_append_failed", event_name=event, owner=owner, error=repr(e))
 
 
-async def events(bus: Bus, owner: str, start: float = 0.0, end: float = float("inf")) -> list[AuditEvent]:
-    """`owner`'s events with `start <= at < end`, oldest first."""
-    subject = subjects.audit(owner)
-    found: list[AuditEvent] = []
+async def read_log(bus: Bus, stream: str, subject: str, type_: type, start: float = 0.0, end: float = float("inf")) -> list:
+    """The records on `subject` of a limits stream with `start <= at < end`, oldest first.
+    One direct get per record: fine for thousands per key; a time-indexed start is the next step."""
+    found = []
     seq = 1
     while True:
         try:
-            raw = await bus.js.get_msg(subjects.AUDIT_STREAM, seq=seq, subject=subject, next=True)
+            raw = await bus.js.get_msg(stream, seq=seq, subject=subject, next=True)
         except NotFoundError:
             return found
         try:
-            ev = decode(raw.data, AuditEvent)
+            rec = decode(raw.data, type_)
         except Exception:  # noqa: BLE001 - an undecodable entry is skipped, not fatal
-            log.error("audit_entry_undecodable", stream_seq=raw.seq)
+            log.error("log_entry_undecodable", stream=stream, stream_seq=raw.seq)
         else:
-            if start <= ev.at < end:
-                found.append(ev)
+            if start <= rec.at < end:
+                found.append(rec)
         seq = raw.seq + 1
+
+
+async def events(bus: Bus, owner: str, start: float = 0.0, end: float = float("inf")) -> list[AuditEvent]:
+    """`owner`'s events with `start <= at < end`, oldest first."""
+    return await read_log(bus, subjects.AUDIT_STREAM, subjects.audit(owner), AuditEvent, start, end)
 
 
 def entry_json(ev: AuditEvent) -> dict[str, Any]:

@@ -580,6 +580,9 @@ def add_routes(app: web.Application, gw: Gateway) -> None:
 
     downloads.add_routes(app, gw, cat)
     audit.add_routes(app, gw)
+    from openrl.gateway import billing
+
+    billing.add_routes(app, gw)
     r.add_post(f"{API}/copy_weights", cat.copy_weights)
     r.add_post(f"{ckpt}/publish", cat.publish)
     r.add_delete(f"{ckpt}/publish", cat.unpublish)

@@ -45,7 +45,7 @@ from openrl import metrics
 from openrl.bus import subjects
 from openrl.bus.client import Bus
 from openrl.bus.errors import InvalidRequest
-from openrl.bus.messages import LORA_ALPHA, Future, SampleRequest, SampleResult, SampledSequence, Tensor, TopK, WorkerInfo, encode
+from openrl.bus.messages import LORA_ALPHA, Future, SampleRequest, SampleResult, SampledSequence, Tensor, TopK, UsageRecord, WorkerInfo, encode
 from openrl.sampler import backend as be
 
 log = structlog.get_logger(__name__)
@@ -153,6 +153,7 @@ class Sampler:
         if stored is None or stored.state != "pending":
             return  # done before (a redelivery after the result was stored), or expired
         base["owner"] = stored.owner
+        started = time.perf_counter()
         try:
             spec = self.spec(msg)
             # Content checks now; the adapter is loaded right before the request joins the decode.
@@ -171,9 +172,22 @@ class Sampler:
             fut = Future(state="done", content_type="sample", payload=encode(to_bus(result, msg.target_prompt_logprobs)), finished_at=time.time(), **base)
             self.served += 1
             metrics.SAMPLED_TOKENS.inc(sum(len(seq.tokens) for seq in result.sequences))
+            await self._usage(msg, stored.owner, len(msg.prompt) // 4, sum(len(seq.tokens) for seq in result.sequences), time.perf_counter() - started)
         except InvalidRequest as e:
             fut = Future(state="failed", error=str(e), category="user", finished_at=time.time(), **base)
-        await self.bus.finish_future(fut)
+        if not await self.bus.finish_pending(fut):
+            log.info("sample_already_recorded", request_id=msg.request_id)
+
+    async def _usage(self, msg: SampleRequest, owner: str, prompt_tokens: int, sampled_tokens: int, seconds: float) -> None:
+        """Billing usage: prompt and sampled tokens and the wall time (read back deduplicated by request id)."""
+        for kind, tokens in (("sampling_prefill", prompt_tokens), ("sampling_sample", sampled_tokens)):
+            rec = UsageRecord(at=time.time(), owner=owner, kind=kind, tokens=tokens, seconds=seconds if kind == "sampling_sample" else 0.0,
+                              base_model=msg.base_model, session_id=msg.sampler_id.split(":sample:")[0], model_id=msg.sampler_id,
+                              request_id=msg.request_id)  # fmt: skip
+            try:
+                await self.bus.publish(subjects.usage(owner), rec, msg_id=f"usage-{kind}-{msg.request_id}")
+            except Exception as e:  # a result already computed is never failed over its accounting
+                log.warning("usage_record_failed", request_id=msg.request_id, error=repr(e))
 
     async def _sample_async(self, spec: be.SampleSpec, blob: bytes | None) -> be.SampleResult:
         """An AsyncBackend's request; the time with any in flight counts as busy."""

@@ -40,6 +40,7 @@ from openrl.bus import paths, subjects
 from openrl.bus.client import DEAD_LETTERED, Bus
 from openrl.bus.errors import InvalidRequest, Unavailable
 from openrl.bus.messages import (
+    UsageRecord,
     CreateModel,
     Lease,
     ForwardBackward,
@@ -171,7 +172,17 @@ class Trainer:
             return await self._save(msg, rec)
         if isinstance(msg, LoadWeights):
             return await self._load(msg, rec)
-        return await self._run(self._apply, msg, rec.owner)
+        started = time.perf_counter()
+        fut = await self._run(self._apply, msg, rec.owner)
+        if isinstance(msg, ForwardBackward) and fut.state == "done":  # billing usage (read back deduplicated by request id)
+            usage = UsageRecord(at=time.time(), owner=rec.owner, kind="training", tokens=sum(len(d.tokens) // 4 for d in msg.data),
+                                seconds=time.perf_counter() - started, base_model=rec.base_model, session_id=rec.session_id,
+                                model_id=rec.model_id, request_id=msg.request_id)  # fmt: skip
+            try:
+                await self.bus.publish(subjects.usage(rec.owner), usage, msg_id=f"usage-{msg.request_id}")
+            except Exception as e:  # never fail (or redo) applied work over its accounting
+                log.warning("usage_record_failed", request_id=msg.request_id, error=repr(e))
+        return fut
 
     async def _save(self, msg: SaveWeights, rec: ModelRecord) -> Future:
         """Store the model's state as of this seq_id in the object store, then record where it is.
