@@ -422,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sequential", action="store_true", help="run the plain synchronous loop instead (for comparison)")
     p.add_argument("--log-dir", type=Path, default=Path("runs/async-grpo"))
     args = p.parse_args(argv)
+    if args.steps < 1 or args.groups_per_step < 1 or args.group_size < 2 or args.max_staleness < 0 or args.tasks < 1 or args.max_tokens < 1:
+        p.error("need --steps, --groups-per-step, --tasks, --max-tokens >= 1, --group-size >= 2 and --max-staleness >= 0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # get_tokenizer() finds the local default model
     cfg = Config(base_url=args.base_url, api_key=args.api_key, base_model=args.base_model, reward_name=args.reward, steps=args.steps,
                  groups_per_step=args.groups_per_step, group_size=args.group_size, max_staleness=args.max_staleness,

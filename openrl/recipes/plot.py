@@ -98,7 +98,8 @@ def _label(v: float) -> str:
 
 
 def line_chart(path: str | Path, series: Mapping[str, Sequence[tuple[float, float]]], *, title: str = "", x_label: str = "",
-               y_label: str = "", y_range: tuple[float, float] | None = None, width: int = 720, height: int = 420) -> Path:  # fmt: skip
+               y_label: str = "", y_range: tuple[float, float] | None = None, x_ticks: Sequence[float] | None = None,
+               width: int = 720, height: int = 420) -> Path:  # fmt: skip
     """Write a PNG with one line per series (points are (x, y); NaN and None points are skipped)."""
     points = {name: [(float(x), float(y)) for x, y in pts if y is not None and math.isfinite(y)] for name, pts in series.items()}
     xs = [x for pts in points.values() for x, _ in pts] or [0.0, 1.0]
@@ -110,7 +111,7 @@ def line_chart(path: str | Path, series: Mapping[str, Sequence[tuple[float, floa
     if y1 - y0 < 1e-12:
         y0, y1 = y0 - 0.5, y1 + 0.5
     legend_w = 12 + 6 * max((len(n) for n in points), default=0) + 24
-    left, right, top, bottom = 64, width - max(legend_w, 40), 34, height - 44
+    left, right, top, bottom = 64, width - max(legend_w, 40), 42, height - 44
     c = _Canvas(width, height)
 
     def px(x: float) -> float:
@@ -123,15 +124,15 @@ def line_chart(path: str | Path, series: Mapping[str, Sequence[tuple[float, floa
         c.line(left, py(t), right, py(t), _GRID)
         s = _label(t)
         c.text(left - 6 - 6 * len(s), round(py(t)) - 3, s)
-    for t in _ticks(x0, x1):
+    for t in x_ticks if x_ticks is not None else _ticks(x0, x1):
         c.line(px(t), top, px(t), bottom, _GRID)
         s = _label(t)
         c.text(round(px(t)) - 3 * len(s), bottom + 6, s)
     c.line(left, top, left, bottom, _BLACK)
     c.line(left, bottom, right, bottom, _BLACK)
-    c.text(left, 10, title, scale=2 if 12 * len(title) < width - left else 1)
+    c.text(left, 6, title, scale=2 if 12 * len(title) < width - left else 1)
     c.text((left + right) // 2 - 3 * len(x_label), height - 16, x_label)
-    c.text(4, top - 14, y_label)
+    c.text(4, top - 12, y_label)
     for i, (name, pts) in enumerate(points.items()):
         color = _COLORS[i % len(_COLORS)]
         for (ax, ay), (bx, by) in zip(pts, pts[1:]):

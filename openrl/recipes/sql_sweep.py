@@ -5,8 +5,8 @@ against one OpenRL stack; a table and a plot compare their held-out execution ac
         --configs sweep.json --log-dir runs/sql-sweep
 
 `--configs` is a JSON list (a file, or the JSON itself) of experiments, each a dict of
-`Experiment` fields; without it, the three below (two learning rates, and reward shaping:
-no partial credit for a query that runs but is wrong). Every experiment is its own LoRA
+`Experiment` fields; without it, the three below (two LoRA ranks, and reward shaping: no
+partial credit for a query that runs but is wrong). Every experiment is its own LoRA
 model (its own session) on the shared trainer and samplers, and they all run concurrently
 in this process. Each one:
 
@@ -42,7 +42,7 @@ from openrl.recipes.text_to_sql_data import Example, make_dataset
 class Experiment:
     name: str
     learning_rate: float = 2e-4  # RL
-    sft_learning_rate: float = 3e-3
+    sft_learning_rate: float = 1e-2
     rank: int = 16
     partial_credit: float = 0.1  # reward for a query that runs but returns the wrong rows
     sft_steps: int = 40
@@ -69,9 +69,9 @@ class Experiment:
 
 
 DEFAULT_SWEEP = [
-    Experiment(name="lr2e-4"),
-    Experiment(name="lr1e-3", learning_rate=1e-3),
-    Experiment(name="lr2e-4-no-partial", partial_credit=0.0),
+    Experiment(name="rank16"),
+    Experiment(name="rank4", rank=4),
+    Experiment(name="rank16-no-partial", partial_credit=0.0),
 ]
 
 
@@ -165,7 +165,8 @@ def plot(results: list[dict], path: Path) -> Path:
 
     series = {r["experiment"]["name"]: [(i, ev["accuracy"]) for i, ev in enumerate(r["evals"])] for r in results}
     return line_chart(path, series, title="text-to-SQL: held-out accuracy", x_label="0 base, 1 after SFT, 2 after RL",
-                      y_label="exec accuracy", y_range=(0.0, max(0.2, max(v for s in series.values() for _, v in s))))  # fmt: skip
+                      y_label="execution accuracy", y_range=(0.0, max(0.2, max(v for s in series.values() for _, v in s))),
+                      x_ticks=[0, 1, 2])  # fmt: skip
 
 
 async def sweep(experiments: list[Experiment], *, base_url: str, api_key: str | None, base_model: str = DEFAULT_MODEL,
