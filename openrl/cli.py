@@ -91,6 +91,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         fwdbwd_max_chunk_len=args.fwdbwd_max_chunk_len,
         proto_compress_fwdbwd=args.proto_compress,
         sample_queue_max=args.sample_queue_max,
+        jwt_auth=args.jwt_auth,
     )
 
     async def main() -> None:
@@ -644,6 +645,8 @@ def parser() -> argparse.ArgumentParser:
                     help="sample requests waiting for a sampler before asample answers 429")
     gw.add_argument("--proto-compress", action="store_true", default=_env("PROTO_COMPRESS", "") == "1",
                     help="ask clients to zstd-compress forward_backward bodies")
+    gw.add_argument("--jwt-auth", action="store_true", default=_env("JWT_AUTH", "") == "1",
+                    help="ask clients to trade their API key for a short-lived JWT (needed by RestClient.whoami) [OPENRL_JWT_AUTH=1]")
     gw.set_defaults(func=cmd_gateway)
 
     tr = sub.add_parser("trainer", help="a LoRA trainer for one base model")

@@ -170,3 +170,35 @@ def extra_gateway(stack, tmp_path_factory):
     proc.terminate()
     proc.wait(15)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def jwt_gateway(stack, tmp_path_factory):
+    """A second gateway replica on the same bus with JWT mode on (OPENRL_JWT_AUTH=1): its
+    client/config tells the SDK to trade its API key for a JWT at auth/token."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("gw-jwt") / "gateway.log"
+    log = open(log_path, "wb")
+    env = {
+        **os.environ,
+        "OPENRL_HOST": "127.0.0.1",
+        "OPENRL_PORT": str(port),
+        "OPENRL_NATS_URL": stack.nats_url,
+        "OPENRL_API_KEYS": f"{API_KEY},{OTHER_KEY}",
+        "OPENRL_JWT_AUTH": "1",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "openrl", "gateway"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/v1/healthz", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("JWT gateway did not start:\n" + log_path.read_text())
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(15)
+    log.close()

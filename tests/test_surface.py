@@ -22,6 +22,7 @@ import tinker
 from tinker import types
 
 from openrl.demo import make_datum, sft_examples
+from openrl.gateway.app import key_id
 
 from conftest import API_KEY, BASE_MODEL, OTHER_KEY
 
@@ -47,9 +48,7 @@ def base_name(method: str) -> str:
     return method[: -len("_async")] if method.endswith("_async") else method
 
 
-NOT_YET = {
-    "RestClient.whoami": "needs the SDK's JWT mode (auth/token); OpenRL serves API keys only",
-}
+NOT_YET: dict[str, str] = {}
 
 
 # ---------------------------------------------------------------------- the world the calls share
@@ -561,7 +560,17 @@ def rest_get_sampler(w, call):
 
 
 def rest_whoami(w, call):
-    assert call(w.rest)().user_urn
+    # whoami decodes the JWT the SDK holds in JWT mode, so it needs a gateway with --jwt-auth;
+    # against the default gateway (API keys only) the SDK refuses it without a request.
+    with pytest.raises(RuntimeError, match="requires JWT auth"):
+        call(w.rest)()
+    rest = tinker.RestClient(base_url=w.fixture("jwt_gateway"), api_key=API_KEY)
+    me, kid = call(rest)(), key_id(API_KEY)
+    assert (me.user_urn, me.org_urn, me.email) == (f"openrl:key:{kid}", f"tml:organization:{kid}", None)
+    # The JWT is the same tenant as the key: it sees the key's runs, and another key is another.
+    assert w.tc.get_info().model_id in [r.training_run_id for r in rest.list_training_runs(limit=1000).result().training_runs]
+    them = call(tinker.RestClient(base_url=w.fixture("jwt_gateway"), api_key=OTHER_KEY))()
+    assert them.user_urn == f"openrl:key:{key_id(OTHER_KEY)}" != me.user_urn
 
 
 def rest_get_telemetry(w, call):
@@ -666,7 +675,8 @@ def _params():
 
 
 @pytest.mark.parametrize("method", list(_params()))
-def test_method(world, method):
+def test_method(world, method, request):
     entry = TABLE.get(base_name(method))
     assert entry is not None, f"{method} is not in the table"
+    world.fixture = request.getfixturevalue  # for the few entries that need more than the stack
     entry(world, via(method.split(".", 1)[1]))

@@ -46,7 +46,7 @@ from openrl.bus.messages import (
     WorkerInfo,
     decode,
 )
-from openrl.gateway import audit, names, wire
+from openrl.gateway import audit, auth, names, wire
 from openrl.gateway.futures import Waiters
 
 log = structlog.get_logger(__name__)
@@ -65,6 +65,7 @@ class GatewayConfig:
     fwdbwd_max_chunk_len: int = 1024
     proto_compress_fwdbwd: bool = False
     sample_queue_max: int = 4096  # sample requests waiting for a sampler; above it, 429
+    jwt_auth: bool = False  # tell clients to trade their key for a JWT (auth.py); whoami needs it
     client_config_extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -308,6 +309,7 @@ class Gateway:
         self.bus = bus
         self.keys = {key_id(k) for k in cfg.api_keys}
         self.live_keys: set[str] = set()  # ids of the keys made with `openrl keys`, kept current by keys.watch
+        self.jwt_secret: bytes | None = None  # loaded at startup by auth.attach
         self.waiters = Waiters(bus)
         self._workers: tuple[float, list[WorkerInfo]] = (0.0, [])
         self._backlog: tuple[float, int] = (0.0, 0)
@@ -318,6 +320,11 @@ class Gateway:
         key = request.headers.get("X-API-Key", "")
         if not key:
             raise Unauthorized("missing X-API-Key header")
+        if key.startswith("eyJ"):  # a JWT from auth/token: its key must still be live
+            kid = auth.verify(key, self.jwt_secret)
+            if kid not in self.keys and kid not in self.live_keys:
+                raise auth.InvalidToken("this JWT's API key is revoked or unknown")
+            return kid
         kid = key_id(key)
         if kid not in self.keys and kid not in self.live_keys:
             raise Unauthorized("unknown API key")
@@ -392,7 +399,7 @@ class Gateway:
     async def client_config(self, request: web.Request) -> web.Response:
         return _json(
             {
-                "pjwt_auth_enabled": False,
+                "pjwt_auth_enabled": self.cfg.jwt_auth,
                 "credential_default_source": "api_key",
                 "parallel_fwdbwd_chunks": True,
                 "proto_compress_fwdbwd": self.cfg.proto_compress_fwdbwd,
@@ -804,7 +811,9 @@ async def errors(request: web.Request, handler):
     try:
         return await handler(request)
     except Unauthorized as e:
-        return _json({"detail": str(e), "type": "unauthorized"}, status=401)
+        # On a rejected JWT the SDK trades its key for a fresh one and replays the request once.
+        challenge = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if isinstance(e, auth.InvalidToken) else None
+        return _json({"detail": str(e), "type": "unauthorized"}, status=401, headers=challenge)
     except NotFound as e:
         return _json({"detail": str(e), "type": "not_found"}, status=404)
     except InvalidRequest as e:
@@ -869,6 +878,7 @@ def make_app(cfg: GatewayConfig, bus: Bus) -> web.Application:
     from openrl.gateway import keys  # keys made with `openrl keys`, watched live
 
     keys.attach(app, gw)
+    auth.attach(app, gw)  # JWTs: POST auth/token, and the secret that checks them
     from openrl.gateway import openapi  # last: it lists every route above
 
     openapi.add_routes(app, API)
