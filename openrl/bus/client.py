@@ -332,19 +332,30 @@ class Bus:
         await self.kv_put(self.futures, fut.request_id, fut)
         await self.nc.publish(subjects.done(fut.request_id), b"")
 
-    async def finish_pending(self, fut: Future) -> bool:
+    async def pending_future(self, request_id: str) -> tuple[Future, int] | None:
+        """The stored future and its revision while it is pending; None once finished or gone."""
+        try:
+            entry = await self.futures.get(subjects.kv_key(request_id))
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        fut = decode(entry.value, Future)
+        return (fut, entry.revision) if fut.state == "pending" else None
+
+    async def finish_pending(self, fut: Future, revision: int | None = None) -> bool:
         """`finish_future`, only if the stored future is still pending (compare-and-set on
         that revision): a worker that stalled past its ack_wait, while its request was
-        redelivered and finished elsewhere, records nothing when it wakes. False if so."""
+        redelivered and finished elsewhere, records nothing when it wakes. False if so.
+        `revision`: the pending future's, read before (saves a round trip)."""
         key = subjects.kv_key(fut.request_id)
+        if revision is None:
+            pending = await self.pending_future(fut.request_id)
+            if pending is None:
+                return False  # finished elsewhere, or expired
+            revision = pending[1]
         try:
-            entry = await self.futures.get(key)
-        except KeyNotFoundError:
-            return False  # expired
-        if entry.value is None or decode(entry.value, Future).state != "pending":
-            return False
-        try:
-            await self.futures.update(key, encode(fut), last=entry.revision)
+            await self.futures.update(key, encode(fut), last=revision)
         except KeyWrongLastSequenceError:
             return False
         await self.nc.publish(subjects.done(fut.request_id), b"")

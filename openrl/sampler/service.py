@@ -149,10 +149,12 @@ class Sampler:
 
     async def on_sample(self, msg: SampleRequest) -> None:
         base = dict(request_id=msg.request_id, owner="", request_type="Sample")
-        stored = await self.bus.kv_get(self.bus.futures, msg.request_id, Future)
-        if stored is None or stored.state != "pending":
+        pending = await self.bus.pending_future(msg.request_id)
+        if pending is None:
             return  # done before (a redelivery after the result was stored), or expired
+        stored, revision = pending
         base["owner"] = stored.owner
+        usage = None
         started = time.perf_counter()
         try:
             spec = self.spec(msg)
@@ -172,15 +174,18 @@ class Sampler:
             fut = Future(state="done", content_type="sample", payload=encode(to_bus(result, msg.target_prompt_logprobs)), finished_at=time.time(), **base)
             self.served += 1
             metrics.SAMPLED_TOKENS.inc(sum(len(seq.tokens) for seq in result.sequences))
-            await self._usage(msg, stored.owner, len(msg.prompt) // 4, sum(len(seq.tokens) for seq in result.sequences), time.perf_counter() - started)
+            usage = (len(msg.prompt) // 4, sum(len(seq.tokens) for seq in result.sequences), time.perf_counter() - started)
         except InvalidRequest as e:
             fut = Future(state="failed", error=str(e), category="user", finished_at=time.time(), **base)
-        if not await self.bus.finish_pending(fut):
+        # The result first (one compare-and-set on the revision read above), accounting after.
+        if not await self.bus.finish_pending(fut, revision):
             log.info("sample_already_recorded", request_id=msg.request_id)
+        elif usage is not None:
+            await self._usage(msg, stored.owner, *usage)
 
     async def _usage(self, msg: SampleRequest, owner: str, prompt_tokens: int, sampled_tokens: int, seconds: float) -> None:
         """Billing usage: prompt and sampled tokens and the wall time (read back deduplicated by request id)."""
-        for kind, tokens in (("sampling_prefill", prompt_tokens), ("sampling_sample", sampled_tokens)):
+        async def one(kind: str, tokens: int) -> None:
             rec = UsageRecord(at=time.time(), owner=owner, kind=kind, tokens=tokens, seconds=seconds if kind == "sampling_sample" else 0.0,
                               base_model=msg.base_model, session_id=msg.sampler_id.split(":sample:")[0], model_id=msg.sampler_id,
                               request_id=msg.request_id)  # fmt: skip
@@ -188,6 +193,8 @@ class Sampler:
                 await self.bus.publish(subjects.usage(owner), rec, msg_id=f"usage-{kind}-{msg.request_id}")
             except Exception as e:  # a result already computed is never failed over its accounting
                 log.warning("usage_record_failed", request_id=msg.request_id, error=repr(e))
+
+        await asyncio.gather(one("sampling_prefill", prompt_tokens), one("sampling_sample", sampled_tokens))
 
     async def _sample_async(self, spec: be.SampleSpec, blob: bytes | None) -> be.SampleResult:
         """An AsyncBackend's request; the time with any in flight counts as busy."""
