@@ -39,8 +39,8 @@ class Unreachable(Exception):
     """NATS (or the gateway) could not be asked at all."""
 
 
-async def find_worker(nats_url: str, kind: str, host: str, timeout_s: float) -> WorkerInfo | None:
-    """The heartbeat of a `kind` worker on `host`, or None."""
+async def find_worker(nats_url: str, kind: str, host: str, timeout_s: float) -> list[WorkerInfo]:
+    """The live heartbeats of `kind` workers on `host` (in a pod: one), freshest first."""
     import nats
     from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
 
@@ -62,7 +62,8 @@ async def find_worker(nats_url: str, kind: str, host: str, timeout_s: float) -> 
             kv = await nc.jetstream(timeout=timeout_s).key_value(subjects.WORKERS_BUCKET)
             keys = await kv.keys()
         except (BucketNotFoundError, NotFoundError, NoKeysError):
-            return None  # no worker has ever beaten, or none is beating now
+            return []  # no worker has ever beaten, or none is beating now
+        found: list[WorkerInfo] = []
         for key in keys:
             try:
                 entry = await kv.get(key)
@@ -75,8 +76,8 @@ async def find_worker(nats_url: str, kind: str, host: str, timeout_s: float) -> 
             except msgspec.MsgspecError:
                 continue
             if info.kind == kind and info.host == host:
-                return info
-        return None
+                found.append(info)
+        return sorted(found, key=lambda i: -i.heartbeat_at)
     finally:
         await nc.close()
 
@@ -110,14 +111,15 @@ def main(argv: list[str] | None = None) -> int:
             ok = gateway_bus_connected(args.url, args.timeout_s)
             print("gateway bus connected" if ok else "gateway up, bus not connected")
             return 0 if ok else 1
-        info = asyncio.run(find_worker(args.nats_url, args.kind, args.host, args.timeout_s))
+        found = asyncio.run(find_worker(args.nats_url, args.kind, args.host, args.timeout_s))
     except Unreachable as e:
         print(f"unreachable: {e}")
         return 0 if args.unreachable_ok else 1
-    if info is None:
+    if not found:
         print(f"no live {args.kind} heartbeat from host {args.host}")
         return 1
-    print(f"{args.kind} {info.worker_id} live (base model {info.base_model})")
+    for info in found:
+        print(f"{args.kind} {info.worker_id} live (base model {info.base_model})")
     return 0
 
 

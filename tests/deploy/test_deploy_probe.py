@@ -57,11 +57,20 @@ async def test_worker_probe_defaults_to_this_host(nats_server):
     """In a pod the probe's hostname is the worker's: the manifests pass no --host."""
     bus = await Bus.connect(BusConfig(url=nats_server.url, name="probe-test"))
     wid = f"rewarder-{uuid.uuid4().hex[:8]}"
+
+    async def beat() -> None:  # as a live worker does (entries expire after 10 s; a loaded CI box starts the probe slowly)
+        while True:
+            await bus.kv_put(bus.workers, wid, info("rewarder", socket.gethostname(), wid))
+            await asyncio.sleep(1.0)
+
+    beating = asyncio.create_task(beat())
     try:
-        await bus.kv_put(bus.workers, wid, info("rewarder", socket.gethostname(), wid))
-        code, out = await probe("--kind", "rewarder", "--nats-url", nats_server.url)
-        assert code == 0 and wid in out
+        await asyncio.sleep(0.2)
+        code, out = await probe("--kind", "rewarder", "--nats-url", nats_server.url, "--timeout-s", "20")
+        assert code == 0 and wid in out, out
     finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
         await bus.workers.delete(wid)
         await bus.close()
 
