@@ -33,10 +33,7 @@ def leases(stack) -> dict[str, dict]:
     async def read():
         bus = await Bus.connect(BusConfig(url=stack.nats_url, name="test-leases"))
         try:
-            try:
-                keys = await bus.leases.keys()
-            except Exception:  # no keys yet
-                return {}
+            keys = await bus.kv_keys(bus.leases)
             out = {}
             for key in keys:
                 entry = await bus.leases.get(key)

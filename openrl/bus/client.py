@@ -286,6 +286,35 @@ class Bus:
             return None
         return decode(entry.value, type_)
 
+    async def kv_keys(self, kv: KeyValue) -> list[str]:
+        """Every live key of a bucket (escaped, as stored). Not nats-py's `KeyValue.keys()`: its
+        watcher can queue its "no more" marker ahead of entries still being delivered and return
+        a partial list on a busy machine. This pulls (an ephemeral consumer, last message per
+        key, headers only) until the server says nothing is left."""
+        bucket = kv._name  # noqa: SLF001 - nats-py keeps the bucket name here
+        prefix = f"$KV.{bucket}."
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, ack_policy=api.AckPolicy.NONE, headers_only=True,
+            inactive_threshold=30.0, mem_storage=True, filter_subject=f"{prefix}>",
+        )  # fmt: skip
+        sub = await self.js.pull_subscribe(f"{prefix}>", stream=f"KV_{bucket}", config=config)
+        keys: list[str] = []
+        try:
+            remaining = (await sub.consumer_info()).num_pending
+            while remaining > 0:
+                for msg in await sub.fetch(min(remaining, 512), timeout=10):
+                    remaining = msg.metadata.num_pending
+                    headers = msg.headers or {}
+                    if headers.get("KV-Operation") in ("DEL", "PURGE") or headers.get("Nats-Marker-Reason"):
+                        continue
+                    keys.append(msg.subject[len(prefix):])
+        finally:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+        return keys
+
     async def kv_put(self, kv: KeyValue, key: str, value: msgspec.Struct) -> None:
         await kv.put(subjects.kv_key(key), encode(value))
 

@@ -352,10 +352,7 @@ class Gateway:
         if time.monotonic() - at < 1.0:
             return cached
         found = []
-        try:
-            keys = await self.bus.workers.keys()
-        except Exception:  # nats-py raises NoKeysError on an empty bucket
-            keys = []
+        keys = await self.bus.kv_keys(self.bus.workers)
         for k in keys:
             info = await self.bus.kv_get(self.bus.workers, k, WorkerInfo)
             if info is not None and time.time() - info.heartbeat_at < 15:

@@ -46,7 +46,7 @@ from typing import Any
 import msgspec
 import structlog
 from aiohttp import web
-from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError, ObjectDeletedError, ObjectNotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError, ObjectDeletedError, ObjectNotFoundError
 
 from openrl.bus import paths, subjects
 from openrl.bus.errors import InvalidRequest, NotFound
@@ -146,10 +146,7 @@ class Catalogue:
 
     async def records(self, kv, type_: type, prefix: str = "") -> list:
         """Every record in `kv` whose (unescaped) key starts with `prefix`."""
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            return []
+        keys = await self.bus.kv_keys(kv)
         want = subjects.kv_key(prefix)
         found = []
         for key in keys:

@@ -17,7 +17,6 @@ import secrets
 import time
 
 import structlog
-from nats.js.errors import NoKeysError
 
 from openrl.bus import subjects
 from openrl.bus.client import Bus
@@ -35,10 +34,7 @@ def new_key() -> str:
 
 
 async def records(bus: Bus) -> list[ApiKeyRecord]:
-    try:
-        keys = await bus.keys.keys()
-    except NoKeysError:
-        return []
+    keys = await bus.kv_keys(bus.keys)
     found = [await bus.kv_get(bus.keys, k, ApiKeyRecord) for k in keys]
     return sorted((r for r in found if r is not None), key=lambda r: r.created_at)
 

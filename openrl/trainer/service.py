@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import msgspec
 import nats
 import structlog
-from nats.js.errors import KeyWrongLastSequenceError, NoKeysError, NotFoundError, ObjectNotFoundError
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError, ObjectNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE
 
 from openrl import metrics
@@ -450,10 +450,7 @@ class Trainer:
     async def _live_trainers(self) -> set[str]:
         """Worker ids of the trainers of this base model whose heartbeat is current (and this one)."""
         live = {self.worker_id}
-        try:
-            keys = await self.bus.workers.keys()
-        except NoKeysError:
-            keys = []
+        keys = await self.bus.kv_keys(self.bus.workers)
         for key in keys:
             try:
                 info = await self.bus.kv_get(self.bus.workers, key, WorkerInfo)

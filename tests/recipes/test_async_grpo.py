@@ -93,7 +93,10 @@ def test_three_concurrent_jobs_of_two_keys_progress_and_stay_isolated(stack, tmp
     # The jobs overlapped in time (they shared the workers rather than taking turns).
     assert max(rows[0]["time/unix"] for rows in results) < min(rows[-1]["time/unix"] for rows in results)
     after = [_probe_logprobs(tc, tokenizer) for tc in clients]
-    assert np.abs(after[0] - before[0]).max() > 1e-3 and np.abs(after[1] - before[1]).max() > 1e-3
+    for i in (0, 1):  # a job moves its weights if any step trained on something (a step whose
+        # groups all had equal rewards has zero advantages: nothing to learn, NaN mismatch)
+        if any(np.isfinite(r["logprob/mismatch"]) for r in results[i]):
+            assert np.abs(after[i] - before[i]).max() > 1e-3, i
     np.testing.assert_array_equal(after[2], before[2])  # lr 0: untouched by its neighbours' steps
     # Another key's weights are not there for you.
     path = clients[0].save_weights_for_sampler("job-0").result().path
