@@ -137,23 +137,19 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def extra_gateway(stack, tmp_path_factory):
-    """A second gateway replica on the same bus, serving fwdbwd_max_chunk_len=2, asking
-    clients to zstd-compress forward_backward bodies, and refusing all sampling with 429."""
+def _gateway(stack, tmp_path_factory, name: str, env: dict[str, str]):
+    """Another `openrl gateway` on the stack's bus, configured the way the Kubernetes manifests
+    do it (OPENRL_* environment variables); yields its URL."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("gw2") / "gateway.log"
+    log_path = tmp_path_factory.mktemp(name) / "gateway.log"
     log = open(log_path, "wb")
-    # Configured the way the Kubernetes manifests do it: OPENRL_* environment variables.
     env = {
         **os.environ,
         "OPENRL_HOST": "127.0.0.1",
         "OPENRL_PORT": str(port),
         "OPENRL_NATS_URL": stack.nats_url,
         "OPENRL_API_KEYS": f"{API_KEY},{OTHER_KEY}",
-        "OPENRL_FWDBWD_MAX_CHUNK_LEN": "2",
-        "OPENRL_PROTO_COMPRESS": "1",
-        "OPENRL_SAMPLE_QUEUE_MAX": "0",  # every asample is over the bound: 429
+        **env,
     }
     proc = subprocess.Popen([sys.executable, "-m", "openrl", "gateway"], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -164,41 +160,28 @@ def extra_gateway(stack, tmp_path_factory):
             break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("second gateway did not start:\n" + log_path.read_text())
+                raise RuntimeError(f"gateway {name} did not start:\n" + log_path.read_text())
             time.sleep(0.2)
     yield url
     proc.terminate()
     proc.wait(15)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def extra_gateway(stack, tmp_path_factory):
+    """A second gateway replica on the same bus, serving fwdbwd_max_chunk_len=2, asking
+    clients to zstd-compress forward_backward bodies, and refusing all sampling with 429."""
+    env = {
+        "OPENRL_FWDBWD_MAX_CHUNK_LEN": "2",
+        "OPENRL_PROTO_COMPRESS": "1",
+        "OPENRL_SAMPLE_QUEUE_MAX": "0",  # every asample is over the bound: 429
+    }
+    yield from _gateway(stack, tmp_path_factory, "gw2", env)
 
 
 @pytest.fixture(scope="session")
 def jwt_gateway(stack, tmp_path_factory):
     """A second gateway replica on the same bus with JWT mode on (OPENRL_JWT_AUTH=1): its
     client/config tells the SDK to trade its API key for a JWT at auth/token."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("gw-jwt") / "gateway.log"
-    log = open(log_path, "wb")
-    env = {
-        **os.environ,
-        "OPENRL_HOST": "127.0.0.1",
-        "OPENRL_PORT": str(port),
-        "OPENRL_NATS_URL": stack.nats_url,
-        "OPENRL_API_KEYS": f"{API_KEY},{OTHER_KEY}",
-        "OPENRL_JWT_AUTH": "1",
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "openrl", "gateway"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/v1/healthz", timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("JWT gateway did not start:\n" + log_path.read_text())
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(15)
-    log.close()
+    yield from _gateway(stack, tmp_path_factory, "gw-jwt", {"OPENRL_JWT_AUTH": "1"})

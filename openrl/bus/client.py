@@ -15,7 +15,7 @@ import asyncio
 import contextvars
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -285,6 +285,17 @@ class Bus:
         if entry.value is None:
             return None
         return decode(entry.value, type_)
+
+    async def messages(self, stream: str, subject: str) -> AsyncIterator:
+        """The messages on `subject` still in `stream`, oldest first (one direct get each)."""
+        seq = 1
+        while True:
+            try:
+                raw = await self.js.get_msg(stream, seq=seq, subject=subject, next=True)
+            except NotFoundError:
+                return
+            yield raw
+            seq = raw.seq + 1
 
     async def kv_keys(self, kv: KeyValue) -> list[str]:
         """Every live key of a bucket (escaped, as stored). Not nats-py's `KeyValue.keys()`: its

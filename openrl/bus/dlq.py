@@ -62,14 +62,10 @@ def _letter(raw) -> DeadLetter:
 async def list_dead(bus: Bus, limit: int = 1000) -> list[DeadLetter]:
     """The dead letters, oldest first."""
     out: list[DeadLetter] = []
-    seq = 1
-    while len(out) < limit:
-        try:
-            raw = await bus.js.get_msg(subjects.DLQ_STREAM, seq=seq, next=True, subject=subjects.DLQ_ALL)
-        except NotFoundError:
-            break
+    async for raw in bus.messages(subjects.DLQ_STREAM, subjects.DLQ_ALL):
         out.append(_letter(raw))
-        seq = raw.seq + 1
+        if len(out) >= limit:
+            break
     return out
 
 

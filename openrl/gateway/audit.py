@@ -23,7 +23,6 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from nats.js.errors import NotFoundError
 
 from openrl.bus import subjects
 from openrl.bus.client import Bus
@@ -55,12 +54,7 @@ async def read_log(bus: Bus, stream: str, subject: str, type_: type, start: floa
     """The records on `subject` of a limits stream with `start <= at < end`, oldest first.
     One direct get per record: fine for thousands per key; a time-indexed start is the next step."""
     found = []
-    seq = 1
-    while True:
-        try:
-            raw = await bus.js.get_msg(stream, seq=seq, subject=subject, next=True)
-        except NotFoundError:
-            return found
+    async for raw in bus.messages(stream, subject):
         try:
             rec = decode(raw.data, type_)
         except Exception:  # noqa: BLE001 - an undecodable entry is skipped, not fatal
@@ -68,7 +62,7 @@ async def read_log(bus: Bus, stream: str, subject: str, type_: type, start: floa
         else:
             if start <= rec.at < end:
                 found.append(rec)
-        seq = raw.seq + 1
+    return found
 
 
 async def events(bus: Bus, owner: str, start: float = 0.0, end: float = float("inf")) -> list[AuditEvent]:

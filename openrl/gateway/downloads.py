@@ -135,23 +135,6 @@ class Downloads:
 
     # -- the trace
 
-    async def _probe(self, kv, type_: type, prefix: str, found: list, id_of) -> list:
-        """`found` plus the records at `prefix` + 0, 1, ... up to SAMPLE_MISSES misses in a row."""
-        have = {id_of(r) for r in found}
-        out = list(found)
-        misses, n = 0, 0
-        while misses < SAMPLE_MISSES:
-            rec = await self.bus.kv_get(kv, f"{prefix}{n}", type_)
-            if rec is None:
-                misses += 1
-            else:
-                misses = 0
-                if id_of(rec) not in have:
-                    out.append(rec)
-                    have.add(id_of(rec))
-            n += 1
-        return out
-
     async def _future(self, rid: str) -> Future | None:
         return await self.bus.kv_get(self.bus.futures, rid, Future)
 
@@ -174,10 +157,6 @@ class Downloads:
             raise NotFound(f"unknown session {sid!r}")
         models = await self.cat.records(self.bus.models, ModelRecord, f"{sid}:train:")
         samplers = await self.cat.records(self.bus.samplers, SamplerRecord, f"{sid}:sample:")
-        # Ids are `<session>:sample:<n>` / `<session>:train:<n>` with the SDK's per-session
-        # counters: look them up directly too (a key listing of a large bucket has missed some).
-        samplers = await self._probe(self.bus.samplers, SamplerRecord, f"{sid}:sample:", samplers, lambda r: r.sampler_id)
-        models = await self._probe(self.bus.models, ModelRecord, f"{sid}:train:", models, lambda r: r.model_id)
         events: list[dict[str, Any]] = []
         requests: list[dict[str, Any]] = []
         for rec in sorted(models, key=lambda r: r.model_id):
@@ -186,13 +165,8 @@ class Downloads:
                 events.append(self._event(fut.request_type if fut else "CreateModel", rec.model_id, fut,
                                           {"request_id": rec.create_request_id, "seq_id": 0}, rec.created_at))  # fmt: skip
             subject = subjects.train(rec.base_model, rec.model_id)
-            seq, seen = 1, set()
-            while True:
-                try:
-                    raw = await self.bus.js.get_msg(subjects.TRAIN_STREAM, seq=seq, subject=subject, next=True)
-                except NotFoundError:
-                    break
-                seq = raw.seq + 1
+            seen: set[str] = set()
+            async for raw in self.bus.messages(subjects.TRAIN_STREAM, subject):
                 try:
                     msg = decode(raw.data, TrainRequest)
                 except msgspec.MsgspecError:

@@ -322,18 +322,15 @@ class Trainer:
         {seq_id: (stream sequence, request)}, and the stream sequence after the last one read."""
         subject = subjects.train(rec.base_model, rec.model_id)
         entries: dict[int, tuple[int, TrainRequest]] = {}
-        seq = 1
-        while True:
-            try:
-                raw = await self.bus.js.get_msg(subjects.TRAIN_STREAM, seq=seq, subject=subject, next=True)
-            except NotFoundError:
-                return entries, seq
+        after = 1
+        async for raw in self.bus.messages(subjects.TRAIN_STREAM, subject):
+            after = raw.seq + 1
             try:
                 msg = decode(raw.data, TrainRequest)
                 entries.setdefault(msg.seq_id, (raw.seq, msg))
             except msgspec.MsgspecError:
                 log.error("log_entry_undecodable", model_id=rec.model_id, stream_seq=raw.seq)
-            seq = raw.seq + 1
+        return entries, after
 
     # -- handlers
 
