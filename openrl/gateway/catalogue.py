@@ -104,8 +104,13 @@ class _SearchBody(msgspec.Struct, kw_only=True):
     cursor: _Cursor | None = None
 
 
+def instant(t: float) -> datetime:
+    """A stored timestamp at the microsecond precision the API writes (and cursors carry)."""
+    return datetime.fromtimestamp(t, timezone.utc)
+
+
 def iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat()
+    return instant(t).isoformat()
 
 
 def _page(request: web.Request, default_limit: int) -> tuple[int, int]:
@@ -235,7 +240,7 @@ class Catalogue:
 
     async def sessions(self, owner: str) -> list[SessionRecord]:
         recs = [r for r in await self.records(self.bus.sessions, SessionRecord) if r.owner == owner]
-        return sorted(recs, key=lambda r: (r.created_at, r.session_id), reverse=True)
+        return sorted(recs, key=lambda r: (instant(r.created_at), r.session_id), reverse=True)
 
     # -- training runs
 
@@ -471,8 +476,16 @@ class Catalogue:
 
         found = [s for s in sessions if matches(s)]
         if body.cursor is not None:
-            after = (datetime.fromisoformat(body.cursor.last_created_at).timestamp(), body.cursor.last_session_id)
-            found = [s for s in found if (s.created_at, s.session_id) < after]
+            # Compare at the cursor's precision (microseconds): a float timestamp can round up
+            # when written as ISO text, which would hand back the cursor's own session again.
+            try:
+                last = datetime.fromisoformat(body.cursor.last_created_at)
+            except ValueError:
+                raise InvalidRequest("cursor.last_created_at is not an ISO 8601 time") from None
+            if last.tzinfo is None:
+                last = last.replace(tzinfo=timezone.utc)
+            after = (last, body.cursor.last_session_id)
+            found = [s for s in found if (instant(s.created_at), s.session_id) < after]
         page = found[: body.limit]
         summaries = []
         for s in page:
