@@ -353,9 +353,19 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     """Build and install the default model now (it is otherwise built on first use)."""
     from openrl.trainer.default_model import DEFAULT_MODEL, build_stats, ensure_default_model
 
+    from openrl.trainer.default_model import AliasError, install_alias, remove_alias
+
     started = time.monotonic()
     path = ensure_default_model()
-    print(json.dumps({"model": DEFAULT_MODEL, "path": str(path), "seconds": round(time.monotonic() - started, 1), "build": build_stats(path)}))
+    out = {"model": DEFAULT_MODEL, "path": str(path), "seconds": round(time.monotonic() - started, 1), "build": build_stats(path)}
+    try:
+        if args.alias:
+            out["aliases"] = {name: str(install_alias(name)) for name in args.alias}
+        if args.remove_alias:
+            out["removed_aliases"] = {name: remove_alias(name) for name in args.remove_alias}
+    except AliasError as e:
+        raise SystemExit(f"openrl prepare: {e}") from None
+    print(json.dumps(out))
 
 
 # -- openrl nats ---------------------------------------------------------------------
@@ -714,6 +724,10 @@ def parser() -> argparse.ArgumentParser:
     ky.set_defaults(func=cmd_keys)
 
     pr = sub.add_parser("prepare", help="build the offline default model into the HF cache now (e.g. in an image build)")
+    pr.add_argument("--alias", action="append", default=[], metavar="ORG/MODEL",
+                    help="also install the default model under this hub name in the HF cache (repeatable), for tools "
+                         "that accept only models they know, such as tinker-cookbook's recipes; use a separate HF_HOME")
+    pr.add_argument("--remove-alias", action="append", default=[], metavar="ORG/MODEL", help="remove an alias made by --alias")
     pr.set_defaults(func=cmd_prepare)
 
     rc = sub.add_parser("record", help="record bus traffic (subjects, headers, payloads, times) to a file")

@@ -371,6 +371,58 @@ def ensure_default_model(cache: Path | None = None, *, warmup_steps: int = WARMU
     return snap
 
 
+class AliasError(Exception):
+    """An alias that would shadow something in the HF cache that openrl did not put there."""
+
+
+_ALIAS_MARK = "openrl-alias.json"
+
+
+def install_alias(name: str, cache: Path | None = None, *, warmup_steps: int = WARMUP_STEPS) -> Path:
+    """Make the default model loadable under another hub name, in this HF cache only.
+
+    Tools with a fixed model registry (tinker-cookbook's recipes accept only the models they
+    know) can then run against the offline default model: `openrl up --base-model NAME` and
+    the client's `AutoTokenizer.from_pretrained(NAME)` both resolve to it. The alias is a
+    cache entry like any other (`refs/main` -> a snapshot that links to the default model's),
+    marked as openrl's; an entry that is not (a real download) is never touched.
+    """
+    if name.count("/") != 1 or any(not part or part in (".", "..") or not all(c.isalnum() or c in "-_." for c in part) for part in name.split("/")):
+        raise AliasError(f"alias must be a hub name 'org/model' (letters, digits, '-', '_', '.'), got {name!r}")
+    if name == DEFAULT_MODEL:
+        raise AliasError(f"{name} is the default model itself")
+    snap = ensure_default_model(cache, warmup_steps=warmup_steps)
+    repo = snap.parent.parent.parent / ("models--" + name.replace("/", "--"))
+    mark = repo / _ALIAS_MARK
+    if repo.exists() and not mark.exists():
+        raise AliasError(
+            f"{name} is already in the HF cache at {repo} and is not an openrl alias; "
+            "point HF_HOME at a separate cache for the alias"
+        )
+    (repo / "snapshots").mkdir(parents=True, exist_ok=True)
+    link = repo / "snapshots" / snap.name
+    if not link.exists():
+        tmp = link.with_name(".link.tmp")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.path.relpath(snap, link.parent), target_is_directory=True)
+        os.replace(tmp, link)
+    mark.write_text(json.dumps({"alias_of": DEFAULT_MODEL, "revision": snap.name}) + "\n")
+    (repo / "refs").mkdir(exist_ok=True)
+    tmp_ref = repo / "refs" / ".main.tmp"
+    tmp_ref.write_text(snap.name)
+    os.replace(tmp_ref, repo / "refs" / "main")
+    return link
+
+
+def remove_alias(name: str, cache: Path | None = None) -> bool:
+    """Undo `install_alias`; False when there was no openrl alias of that name."""
+    repo = (cache or cache_dir()) / ("models--" + name.replace("/", "--"))
+    if not (repo / _ALIAS_MARK).exists():
+        return False
+    shutil.rmtree(repo)
+    return True
+
+
 def build_stats(snap: Path) -> dict:
     """What the build recorded (loss, greedy accuracies, seconds) for a finished snapshot."""
     return json.loads((Path(snap) / _DONE).read_text())

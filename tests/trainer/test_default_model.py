@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -83,3 +85,30 @@ def test_resolve_model_path_leaves_other_names_alone():
 
 def test_copy_prompt_is_chat_messages():
     assert dm.copy_prompt("apple") == [{"role": "user", "content": "Say the word: apple"}]
+
+
+def test_alias_loads_the_default_model_under_another_name(tmp_path):
+    snap = dm.ensure_default_model(tmp_path, warmup_steps=5)
+    link = dm.install_alias("Qwen/Qwen3-8B", tmp_path, warmup_steps=5)
+    assert link.resolve() == snap.resolve()
+    tok = AutoTokenizer.from_pretrained("Qwen/Qwen3-8B", cache_dir=tmp_path)
+    assert tok.get_vocab() == AutoTokenizer.from_pretrained(dm.DEFAULT_MODEL, cache_dir=tmp_path).get_vocab()
+    model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-8B", cache_dir=tmp_path)
+    assert model.config.num_hidden_layers == dm.ARCH["num_hidden_layers"]
+    assert dm.install_alias("Qwen/Qwen3-8B", tmp_path, warmup_steps=5) == link  # idempotent
+    assert dm.remove_alias("Qwen/Qwen3-8B", tmp_path)
+    assert not (tmp_path / "models--Qwen--Qwen3-8B").exists() and snap.exists()
+    assert not dm.remove_alias("Qwen/Qwen3-8B", tmp_path)
+
+
+def test_alias_never_touches_an_entry_it_did_not_make(tmp_path):
+    real = tmp_path / "models--Qwen--Qwen3-8B" / "snapshots" / "abc"
+    real.mkdir(parents=True)
+    (real / "config.json").write_text("{}")
+    with pytest.raises(dm.AliasError, match="not an openrl alias"):
+        dm.install_alias("Qwen/Qwen3-8B", tmp_path, warmup_steps=5)
+    assert not dm.remove_alias("Qwen/Qwen3-8B", tmp_path)
+    assert (real / "config.json").read_text() == "{}"
+    for bad in ("Qwen3-8B", "a/b/c", "../evil", "Qwen/..", "Qwen/x y", dm.DEFAULT_MODEL):
+        with pytest.raises(dm.AliasError):
+            dm.install_alias(bad, tmp_path, warmup_steps=5)
