@@ -30,6 +30,7 @@ import urllib.request
 import msgspec
 
 from openrl.bus import subjects
+from openrl.bus.client import kv_keys
 from openrl.bus.messages import WorkerInfo, decode
 
 WORKER_KINDS = ("trainer", "sampler", "rewarder")
@@ -59,8 +60,9 @@ async def find_worker(nats_url: str, kind: str, host: str, timeout_s: float) -> 
         raise Unreachable(f"nats {nats_url}: {(errors[-1] if errors else e)!r}") from None
     try:
         try:
-            kv = await nc.jetstream(timeout=timeout_s).key_value(subjects.WORKERS_BUCKET)
-            keys = await kv.keys()
+            js = nc.jetstream(timeout=timeout_s)
+            kv = await js.key_value(subjects.WORKERS_BUCKET)
+            keys = await kv_keys(js, kv)
         except (BucketNotFoundError, NotFoundError, NoKeysError):
             return []  # no worker has ever beaten, or none is beating now
         found: list[WorkerInfo] = []

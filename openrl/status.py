@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from openrl.bus import subjects
+from openrl.bus.client import kv_keys
 from openrl.bus.messages import Lease, WorkerInfo, decode
 from openrl.metrics import consumer_stats
 
@@ -40,7 +41,7 @@ async def _kv_values(js, bucket: str) -> list[bytes]:
 
     try:
         kv = await js.key_value(bucket)
-        keys = await kv.keys()
+        keys = await kv_keys(js, kv)
     except (BucketNotFoundError, NotFoundError, NoKeysError):
         return []
     values = []
@@ -58,7 +59,7 @@ async def _kv_count(js, bucket: str) -> int:
     from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
 
     try:
-        return len(await (await js.key_value(bucket)).keys())
+        return len(await kv_keys(js, await js.key_value(bucket)))
     except (BucketNotFoundError, NotFoundError, NoKeysError):
         return 0
 

@@ -229,6 +229,8 @@ def test_request_id_header_is_returned_honoured_or_replaced(stack):
 
 
 def test_status_prints_the_running_stacks_workers(stack):
+    # At least one session, whatever ran before.
+    httpx.post(f"{stack.url}/api/v1/create_session", json={}, headers={"X-API-Key": API_KEY}, timeout=30).raise_for_status()
     health = stack.healthz()
     ids = health["trainers"] + health["samplers"] + health["rewarders"]
     assert len(ids) == 1 + 2 + 3

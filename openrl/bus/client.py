@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import msgspec
 import nats
 import structlog
-from nats.js import api
+from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
@@ -53,6 +53,36 @@ DLQ_HEADERS = ("Openrl-Dlq-Stream", "Openrl-Dlq-Subject", "Openrl-Dlq-Consumer",
 # The NATS header that carries a request's trace id (the gateway's X-Request-Id) from the
 # publisher's structlog context to the worker's (openrl/metrics.py).
 TRACE_HEADER = "Openrl-Trace-Id"
+
+
+async def kv_keys(js: JetStreamContext, kv: KeyValue) -> list[str]:
+    """Every live key of a bucket (escaped, as stored). Not nats-py's `KeyValue.keys()`: its
+    watcher can queue its "no more" marker ahead of entries still being delivered and return
+    a partial list on a busy machine. This pulls (an ephemeral consumer, last message per
+    key, headers only) until the server says nothing is left."""
+    bucket = kv._name  # noqa: SLF001 - nats-py keeps the bucket name here
+    prefix = f"$KV.{bucket}."
+    config = api.ConsumerConfig(
+        deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, ack_policy=api.AckPolicy.NONE, headers_only=True,
+        inactive_threshold=30.0, mem_storage=True, filter_subject=f"{prefix}>",
+    )  # fmt: skip
+    sub = await js.pull_subscribe(f"{prefix}>", stream=f"KV_{bucket}", config=config)
+    keys: list[str] = []
+    try:
+        remaining = (await sub.consumer_info()).num_pending
+        while remaining > 0:
+            for msg in await sub.fetch(min(remaining, 512), timeout=10):
+                remaining = msg.metadata.num_pending
+                headers = msg.headers or {}
+                if headers.get("KV-Operation") in ("DEL", "PURGE") or headers.get("Nats-Marker-Reason"):
+                    continue
+                keys.append(msg.subject[len(prefix):])
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:
+            pass
+    return keys
 
 
 @dataclass(frozen=True)
@@ -298,33 +328,8 @@ class Bus:
             seq = raw.seq + 1
 
     async def kv_keys(self, kv: KeyValue) -> list[str]:
-        """Every live key of a bucket (escaped, as stored). Not nats-py's `KeyValue.keys()`: its
-        watcher can queue its "no more" marker ahead of entries still being delivered and return
-        a partial list on a busy machine. This pulls (an ephemeral consumer, last message per
-        key, headers only) until the server says nothing is left."""
-        bucket = kv._name  # noqa: SLF001 - nats-py keeps the bucket name here
-        prefix = f"$KV.{bucket}."
-        config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, ack_policy=api.AckPolicy.NONE, headers_only=True,
-            inactive_threshold=30.0, mem_storage=True, filter_subject=f"{prefix}>",
-        )  # fmt: skip
-        sub = await self.js.pull_subscribe(f"{prefix}>", stream=f"KV_{bucket}", config=config)
-        keys: list[str] = []
-        try:
-            remaining = (await sub.consumer_info()).num_pending
-            while remaining > 0:
-                for msg in await sub.fetch(min(remaining, 512), timeout=10):
-                    remaining = msg.metadata.num_pending
-                    headers = msg.headers or {}
-                    if headers.get("KV-Operation") in ("DEL", "PURGE") or headers.get("Nats-Marker-Reason"):
-                        continue
-                    keys.append(msg.subject[len(prefix):])
-        finally:
-            try:
-                await sub.unsubscribe()
-            except Exception:
-                pass
-        return keys
+        """Every live key of a bucket (escaped, as stored): `kv_keys`."""
+        return await kv_keys(self.js, kv)
 
     async def kv_put(self, kv: KeyValue, key: str, value: msgspec.Struct) -> None:
         await kv.put(subjects.kv_key(key), encode(value))
