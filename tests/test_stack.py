@@ -276,13 +276,18 @@ def test_save_state_then_resume_with_optimizer_equals_not_stopping(stack, data):
     assert np.abs(np.concatenate(logprobs(fresh.forward(data, loss_fn="cross_entropy").result())) - np.concatenate(want)).max() > 1e-6
 
 
-def test_a_model_created_from_state_survives_a_trainer_kill_9(stack, data):
-    """Recovery rebuilds it from the checkpoint (its seq 0) plus its log."""
+@pytest.mark.parametrize("delete_source", [False, True], ids=["kept", "source-deleted"])
+def test_a_model_created_from_state_survives_a_trainer_kill_9(stack, data, delete_source):
+    """Recovery rebuilds it from its seq 0 (the checkpoint, snapshotted when it was created)
+    plus its log, also after the checkpoint it was loaded from has been deleted."""
     service, straight = training_client(stack, seed=141)
     _, stopped = training_client(stack, seed=141)
     sdk_steps(straight, [data[:4], data[4:], data[:4]])
     sdk_steps(stopped, [data[:4]])
-    resumed = service.create_training_client_from_state_with_optimizer(stopped.save_state("pre-kill").result().path).result()
+    path = stopped.save_state("pre-kill").result().path
+    resumed = service.create_training_client_from_state_with_optimizer(path).result()
+    if delete_source:
+        service.create_rest_client().delete_checkpoint_from_tinker_path(path).result()
     sdk_steps(resumed, [data[4:]])
     victim = stack.pid("trainer")
     os.kill(victim, signal.SIGKILL)
@@ -290,6 +295,25 @@ def test_a_model_created_from_state_survives_a_trainer_kill_9(stack, data):
     assert stack.wait_restarted("trainer", victim) != victim
     want = logprobs(straight.forward(data, loss_fn="cross_entropy").result())
     assert_logprobs_equal(logprobs(resumed.forward(data, loss_fn="cross_entropy").result()), want, rtol=0, atol=0)
+
+
+def test_a_model_loaded_without_its_optimizer_recovers_after_its_source_is_deleted(stack, data):
+    """The seq-0 snapshot of a create-via-load without the optimizer restores the same state
+    (weights loaded, Adam fresh) as loading the checkpoint did."""
+    service, source = training_client(stack, seed=151)
+    sdk_steps(source, [data[:4]])
+    path = source.save_state("no-optimizer").result().path
+    control = service.create_training_client_from_state(path).result()
+    victim = service.create_training_client_from_state(path).result()
+    service.create_rest_client().delete_checkpoint_from_tinker_path(path).result()
+    sdk_steps(control, [data[4:], data[:4]])
+    want = logprobs(control.forward(data, loss_fn="cross_entropy").result())
+    sdk_steps(victim, [data[4:]])
+    pid = stack.pid("trainer")
+    os.kill(pid, signal.SIGKILL)
+    sdk_steps(victim, [data[:4]])
+    assert stack.wait_restarted("trainer", pid) != pid
+    assert_logprobs_equal(logprobs(victim.forward(data, loss_fn="cross_entropy").result()), want, rtol=0, atol=0)
 
 
 def test_load_state_in_place_goes_back_to_the_checkpoint(stack, data):

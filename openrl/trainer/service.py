@@ -278,22 +278,27 @@ class Trainer:
         if rec is None:
             return None
         started = time.monotonic()
-        if not self.engine.has(model_id):
+        fresh = not self.engine.has(model_id)
+        if fresh:
             await self._run(self.engine.create, model_id, rec.lora)
-            if rec.init_state is not None:  # create-via-load: the checkpoint is seq 0
-                try:
-                    await self._import(model_id, rec.init_state, rec.init_with_optimizer)
-                except InvalidRequest:
-                    await self._run(self.engine.drop, model_id)
-                    raise
         seq = 1
+        restored = False
         snap = await self.bus.kv_get(self.bus.snapshots, model_id, SnapshotRecord)
         if snap is not None:
             try:
                 await self._import(model_id, snap.object, with_optimizer=True)
                 seq = snap.seq_id + 1
+                restored = True
             except InvalidRequest as e:  # unreadable: the full log still rebuilds it
                 log.warning("snapshot_unusable", model_id=model_id, seq_id=snap.seq_id, error=str(e))
+        # Create-via-load: the checkpoint is seq 0, needed only when no snapshot is (a model
+        # snapshots its seq 0 when it is created, so the checkpoint may be deleted later).
+        if fresh and not restored and rec.init_state is not None:
+            try:
+                await self._import(model_id, rec.init_state, rec.init_with_optimizer)
+            except InvalidRequest:
+                await self._run(self.engine.drop, model_id)
+                raise
         entries, after = await self._read_log(rec)
         first = seq
         finished = 0
@@ -489,6 +494,11 @@ class Trainer:
                     await self._finish_create(rec, error=str(e))
                     await self._mark_failed(model_id, str(e))
                     return
+                if rec.init_state is not None:
+                    # Its own seq-0 snapshot, so that its recovery never needs the checkpoint
+                    # it was loaded from (whose owner may delete it).
+                    blob = await self._run(lambda: weights.state_bytes(self.engine, model_id, with_optimizer=True))
+                    await self._store_snapshot(model_id, 0, blob)
                 await self._finish_create(rec)
             stop = asyncio.Event()
             task = asyncio.create_task(self._consume_model(rec, stop), name=f"train:{model_id}")
