@@ -604,3 +604,12 @@ def test_stack_processes_show_their_roles_and_log_under_the_data_dir(stack):
             kind = role.split("-")[0]
             assert f"openrl {kind}" in cmdline and open(f"/proc/{pid}/comm").read().startswith(f"openrl-{kind}"), cmdline
         assert (stack.data_dir / "logs" / f"{role}.log").stat().st_size > 0
+
+
+def test_client_dynamic_config_is_served(stack):
+    """The flags every SDK client fetches at construction and every refresh_interval_sec."""
+    resp = httpx.post(f"{stack.url}/api/v1/client/dynamic_config", json={"sdk_version": tinker.__version__},
+                      headers={"X-API-Key": API_KEY}, timeout=30)  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    cfg = tinker.types.ClientDynamicConfigResponse.model_validate(resp.json())
+    assert cfg.sample_cancel_enabled is False and cfg.refresh_interval_sec >= 60

@@ -393,6 +393,11 @@ class Gateway:
             }
         )
 
+    async def client_dynamic_config(self, request: web.Request) -> web.Response:
+        """The flags a live SDK client re-reads every `refresh_interval_sec`. No cancel_future
+        here: an abandoned sample runs to its end (its result expires with the future)."""
+        return _json({"refresh_interval_sec": 300, "sample_cancel_enabled": False, "sample_cancel_max_batch_size": 64})
+
     async def client_config(self, request: web.Request) -> web.Response:
         return _json(
             {
@@ -849,6 +854,7 @@ def make_app(cfg: GatewayConfig, bus: Bus) -> web.Application:
     r = app.router
     r.add_get(f"{API}/healthz", gw.healthz)
     r.add_post(f"{API}/client/config", gw.client_config)
+    r.add_post(f"{API}/client/dynamic_config", gw.client_dynamic_config)
     r.add_post(f"{API}/create_session", gw.create_session)
     r.add_post(f"{API}/session_heartbeat", gw.session_heartbeat)
     r.add_post(f"{API}/sessions/{{session_id}}/finish", gw.finish_session)
