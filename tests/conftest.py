@@ -66,6 +66,11 @@ class Stack:
         with urllib.request.urlopen(f"{self.url}/api/v1/healthz", timeout=5) as r:
             return json.loads(r.read())
 
+    def keys(self, *args: str) -> subprocess.CompletedProcess:
+        """`openrl keys ARGS` against this stack's bus."""
+        return subprocess.run([sys.executable, "-m", "openrl", "keys", *args, "--nats-url", self.nats_url],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
     def service_client(self, api_key: str | None = None, base_url: str | None = None):
         import tinker
 
@@ -117,15 +122,16 @@ def stack(tmp_path_factory, default_model):
     finally:
         log.close()
     assert code == 0, f"openrl up exited with {code}"
-    alive = [role for role, pid in pids.items() if _alive(pid)]
-    assert not alive, f"still running after openrl up stopped: {alive}"
+    running = [role for role, pid in pids.items() if alive(pid)]
+    assert not running, f"still running after openrl up stopped: {running}"
 
 
 def stack_pid(data_dir: Path, role: str) -> int:
     return int((data_dir / "run" / f"{role}.pid").read_text())
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import API_KEY
+from test_shutdown import Proc, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -44,41 +43,20 @@ def alias_stack(stack, tmp_path_factory):
 
     install_alias(ALIAS)
     logs = tmp_path_factory.mktemp("cookbook-workers")
-    procs = []
-    for kind in ("trainer", "sampler"):
-        env = {
-            **os.environ,
-            "OPENRL_NATS_URL": stack.nats_url,
-            "OPENRL_BASE_MODEL": ALIAS,
-            "OPENRL_WORKER_ID": f"cookbook-{kind}",
-            "OPENRL_THREADS": "1",
-            "OPENRL_LOG_FORMAT": "json",
-        }
-        log = open(logs / f"{kind}.log", "wb")
-        procs.append((subprocess.Popen([sys.executable, "-m", "openrl", kind], stdout=log, stderr=subprocess.STDOUT, env=env), log))
+    env = {"OPENRL_NATS_URL": stack.nats_url, "OPENRL_BASE_MODEL": ALIAS, "OPENRL_THREADS": "1"}
+    procs = {kind: Proc(logs, kind, {**env, "OPENRL_WORKER_ID": f"cookbook-{kind}"}) for kind in ("trainer", "sampler")}
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            health = stack.healthz()
-            if "cookbook-trainer" in health["trainers"] and "cookbook-sampler" in health["samplers"]:
-                break
-            dead = [p.args for p, _ in procs if p.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                raise RuntimeError(f"the {ALIAS} workers did not start ({dead}); see {logs}")
-            time.sleep(0.5)
+        for proc in procs.values():
+            proc.wait_ready(180)
+        wait_for(lambda: "cookbook-trainer" in stack.healthz()["trainers"] and "cookbook-sampler" in stack.healthz()["samplers"], 60, every_s=0.3)
         yield stack
     finally:
-        for p, _ in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)  # a graceful stop also removes the heartbeat
-        for p, log in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            log.close()
         remove_alias(ALIAS)
+        for proc in procs.values():
+            if proc.proc.poll() is None:
+                proc.sigterm()  # a graceful stop also removes the heartbeat
+            else:
+                proc.kill()
 
 
 def cookbook(stack, module: str, *options: str, cwd: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:

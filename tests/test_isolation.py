@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import subprocess
-import sys
 import time
 
 import httpx
@@ -328,18 +326,13 @@ def test_deleting_a_checkpoint_frees_its_storage(stack, owner):
         tinker_rest(owner, API_KEY).delete_checkpoint_from_tinker_path(path).result()
 
 
-def _keys(stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "openrl", "keys", *args, "--nats-url", stack.nats_url],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
-
-
 def test_keys_create_list_revoke(stack, owner):
-    made = _keys(stack, "create", "--name", "alice")
+    made = stack.keys("create", "--name", "alice")
     assert made.returncode == 0, made.stdout + made.stderr
     key = made.stdout.strip().splitlines()[-1]
     assert key.startswith("tml-") and len(key) > 40
-    assert _keys(stack, "create", "--name", "alice").returncode == 2  # a live name is unique
-    listed = _keys(stack, "list").stdout
+    assert stack.keys("create", "--name", "alice").returncode == 2  # a live name is unique
+    listed = stack.keys("list").stdout
     assert "alice" in listed and key not in listed and key[:8] in listed  # stored hashed; a hint only
     # The new key works at once, through the SDK, as its own tenant.
     deadline = time.monotonic() + 10
@@ -351,15 +344,15 @@ def test_keys_create_list_revoke(stack, owner):
     refused(alice("GET", f"/training_runs/{owner.model_id}"))
     refused(Http(stack.url, API_KEY)("GET", f"/training_runs/{tc.get_info().model_id}"))
     # Revoked: refused (401) within a moment, on this gateway, with a JSON body.
-    revoked = _keys(stack, "revoke", "--name", "alice")
+    revoked = stack.keys("revoke", "--name", "alice")
     assert revoked.returncode == 0 and "Revoked" in revoked.stdout, revoked.stdout + revoked.stderr
     deadline = time.monotonic() + 5
     while alice("GET", "/sessions").status_code != 401:
         assert time.monotonic() < deadline, "a revoked key still works"
         time.sleep(0.1)
     refused(alice("GET", "/sessions"), 401)
-    assert "alice" in _keys(stack, "list").stdout  # kept, marked revoked
-    assert _keys(stack, "revoke", "--name", "alice").returncode == 2  # nothing live to revoke
+    assert "alice" in stack.keys("list").stdout  # kept, marked revoked
+    assert stack.keys("revoke", "--name", "alice").returncode == 2  # nothing live to revoke
     # The --api-key keys still work.
     assert Http(stack.url, API_KEY)("GET", "/sessions").status_code == 200
 

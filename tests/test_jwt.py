@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import subprocess
-import sys
 import time
 
 import httpx
@@ -139,13 +137,8 @@ def test_sdk_replaces_a_rejected_jwt_and_replays(jwt_gateway):
     assert rest.whoami().result() == first
 
 
-def _keys(stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "openrl", "keys", *args, "--nats-url", stack.nats_url],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
-
-
 def test_revoking_a_key_ends_its_jwts(stack, jwt_gateway):
-    made = _keys(stack, "create", "--name", "jwt-holder")
+    made = stack.keys("create", "--name", "jwt-holder")
     assert made.returncode == 0, made.stdout + made.stderr
     key = made.stdout.strip().splitlines()[-1]
     deadline = time.monotonic() + 10
@@ -154,7 +147,7 @@ def test_revoking_a_key_ends_its_jwts(stack, jwt_gateway):
     jwt = r.json()["jwt"]
     assert tinker.RestClient(base_url=jwt_gateway, api_key=key).whoami().result().org_urn == f"tml:organization:{key_id(key)}"
     assert sessions(jwt_gateway, jwt).status_code == 200
-    assert _keys(stack, "revoke", "--name", "jwt-holder").returncode == 0
+    assert stack.keys("revoke", "--name", "jwt-holder").returncode == 0
     deadline = time.monotonic() + 5
     while sessions(jwt_gateway, jwt).status_code != 401:
         assert time.monotonic() < deadline, "a revoked key's JWT still works"

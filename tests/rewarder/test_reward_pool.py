@@ -11,18 +11,8 @@ import pytest
 
 from openrl.rewarder.pool import Pool, RewardLoadError
 
+from conftest import alive
 from rewarder_helpers import item
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 async def _full(pool: Pool, timeout_s: float = 20) -> list[int]:
@@ -40,7 +30,7 @@ async def chaos_pool():
     yield pool
     pids = pool.pids()
     await pool.close()
-    assert not [p for p in pids if _alive(p)], "close() left workers running"
+    assert not [p for p in pids if alive(p)], "close() left workers running"
 
 
 FAILURES = [
@@ -71,7 +61,7 @@ async def test_a_failing_call_is_an_error_for_its_item_and_the_pool_keeps_servin
     assert chaos_pool.replaced == (1 if replaced else 0)
     assert (set(after) != set(before)) == replaced
     for pid in set(before) - set(after):
-        assert not _alive(pid), f"replaced worker {pid} still runs"
+        assert not alive(pid), f"replaced worker {pid} still runs"
 
 
 async def test_failures_and_successes_in_parallel_each_get_their_own_result(chaos_pool):
@@ -146,6 +136,6 @@ async def test_cancelled_calls_leave_the_pool_whole(chaos_pool):
         task.cancel()
     await asyncio.gather(*running, *waiting, return_exceptions=True)
     after = await _full(chaos_pool)
-    assert not set(after) & set(busy) and not [p for p in busy if _alive(p)]
+    assert not set(after) & set(busy) and not [p for p in busy if alive(p)]
     assert [s.reward for s in await asyncio.gather(*(chaos_pool.score(item(f"ok:{i}")) for i in range(4)))] == [0.0, 1.0, 2.0, 3.0]
     assert chaos_pool.busy_seconds() < 5

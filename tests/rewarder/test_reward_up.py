@@ -12,6 +12,7 @@ from openrl.cli import _up_rewarders
 from openrl.client import RewardClient
 from openrl.rewarder.builtin import REWARDS
 
+from conftest import alive
 
 
 def test_rewarder_flags_of_up():
@@ -25,13 +26,6 @@ def test_rewarder_flags_of_up():
 
 def _cmdline(pid: int) -> str:
     return open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _children(pid: int) -> list[int]:
@@ -69,6 +63,6 @@ def test_up_serves_the_builtin_rewards_and_restarts_a_killed_rewarder(stack):
     assert [s.reward for s in client.score("math", [{"completion": "The answer is 3/4", "reference": "0.75"}])] == [1.0]
     assert stack.wait_restarted("rewarder-math", victim) != victim
     deadline = time.monotonic() + 10
-    while any(_alive(w) for w in workers):  # the dead rewarder's workers died with it
+    while any(alive(w) for w in workers):  # the dead rewarder's workers died with it
         assert time.monotonic() < deadline
         time.sleep(0.1)

@@ -16,6 +16,7 @@ import pytest
 from openrl.bus import subjects
 from openrl.bus.messages import Future, ScoreRequest
 
+from conftest import alive
 from rewarder_helpers import HERE, bus, item, result, rewarders, submit, unique, wait_heartbeat, workers  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.timeout(300)
@@ -35,17 +36,10 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 async def _wait_gone(pids, timeout_s: float = 10) -> None:
     deadline = time.monotonic() + timeout_s
-    while any(_alive(p) for p in pids):
-        assert time.monotonic() < deadline, f"still running: {[p for p in pids if _alive(p)]}"
+    while any(alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"still running: {[p for p in pids if alive(p)]}"
         await asyncio.sleep(0.1)
 
 
