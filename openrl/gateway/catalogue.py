@@ -296,23 +296,20 @@ class Catalogue:
         return _json({})
 
     async def publish(self, request: web.Request) -> web.Response:
-        owner = self.gw.owner(request)
-        rec = await self.checkpoint(*self._address(request), owner, write=True)
-        if rec.public:  # 400, not 409: the SDK retries 409 for minutes
-            raise InvalidRequest(f"{rec.path} is already public")
-        await self.update(rec, public=True)
-        log.info("checkpoint_published", path=rec.path, owner=owner)
-        await audit.record(self.bus, owner, "checkpoint_publish", actor=owner, tinker_path=rec.path, model_id=rec.model_id)
-        return _json({})
+        return await self._set_public(request, True)
 
     async def unpublish(self, request: web.Request) -> web.Response:
+        return await self._set_public(request, False)
+
+    async def _set_public(self, request: web.Request, public: bool) -> web.Response:
         owner = self.gw.owner(request)
         rec = await self.checkpoint(*self._address(request), owner, write=True)
-        if not rec.public:
-            raise InvalidRequest(f"{rec.path} is not public")
-        await self.update(rec, public=False)
-        log.info("checkpoint_unpublished", path=rec.path, owner=owner)
-        await audit.record(self.bus, owner, "checkpoint_unpublish", actor=owner, tinker_path=rec.path, model_id=rec.model_id)
+        if rec.public == public:  # 400, not 409: the SDK retries 409 for minutes
+            raise InvalidRequest(f"{rec.path} is already public" if public else f"{rec.path} is not public")
+        await self.update(rec, public=public)
+        action = "checkpoint_publish" if public else "checkpoint_unpublish"
+        log.info(f"{action}ed", path=rec.path, owner=owner)
+        await audit.record(self.bus, owner, action, actor=owner, tinker_path=rec.path, model_id=rec.model_id)
         return _json({})
 
     async def set_ttl(self, request: web.Request) -> web.Response:
