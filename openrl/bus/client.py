@@ -114,17 +114,31 @@ class Bus:
         self.objects: ObjectStore
         # Told when a consumed message starts and how it ends (openrl.metrics.MessageObserver).
         self.observer = None
+        # Called (no arguments, on the event loop) after a reconnect or a slow-consumer drop:
+        # core-NATS messages such as the future `done` notifications may have been missed.
+        self.on_messages_lost: list[Callable[[], None]] = []
 
     @classmethod
     async def connect(cls, cfg: BusConfig) -> Bus:
+        # Core-NATS messages can be lost while the connection is away, or dropped when a
+        # subscription falls behind: whoever relies on them re-reads its state on these.
+        on_lost: list[Callable[[], None]] = []
+
+        def lost() -> None:
+            for hook in list(on_lost):
+                hook()
+
         async def on_error(e: Exception) -> None:
             log.warning("bus_error", error=repr(e))
+            if isinstance(e, nats.errors.SlowConsumerError):
+                lost()
 
         async def on_disconnect() -> None:
             log.warning("bus_disconnected", url=cfg.url)
 
         async def on_reconnect() -> None:
             log.info("bus_reconnected", url=cfg.url)
+            lost()
 
         nc = await nats.connect(
             servers=[cfg.url],
@@ -140,6 +154,7 @@ class Bus:
             reconnected_cb=on_reconnect,
         )
         bus = cls(nc, cfg)
+        bus.on_messages_lost = on_lost
         await bus.ensure()
         return bus
 

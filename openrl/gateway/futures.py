@@ -2,9 +2,12 @@
 only keeps who is waiting on what, so any gateway replica can answer any poll.
 
 Workers store a finished future in KV and then publish an empty core-NATS message on
-`openrl.done.<request_id>`; one subscription per gateway wakes the local waiters. A
-missed notification (a reconnect) costs at most `recheck_s` of extra latency, because
-waiters re-read KV on that period anyway.
+`openrl.done.<request_id>`; one subscription per gateway wakes the local waiters. Core
+NATS delivers at most once: a notification sent while the gateway was reconnecting, or
+dropped because its subscription fell behind, never arrives. The bus reports both
+(`Bus.on_messages_lost`), and every waiter then re-reads KV at once. Beyond that, a waiter
+re-reads KV every `recheck_s` as a last resort, so N idle long polls cost N / recheck_s
+KV reads a second, not a read per poll every few seconds.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from openrl.bus.messages import Future
 
 
 class Waiters:
-    def __init__(self, bus: Bus, recheck_s: float = 2.0):
+    def __init__(self, bus: Bus, recheck_s: float = 15.0):
         self.bus = bus
         self.recheck_s = recheck_s
         self._events: dict[str, set[asyncio.Event]] = {}
@@ -27,17 +30,24 @@ class Waiters:
 
     async def start(self) -> None:
         self._sub = await self.bus.nc.subscribe(subjects.DONE_ALL, cb=self._on_done)
+        self.bus.on_messages_lost.append(self.wake_all)
 
     async def stop(self) -> None:
+        if self.wake_all in self.bus.on_messages_lost:
+            self.bus.on_messages_lost.remove(self.wake_all)
         if self._sub is not None:
             await self._sub.unsubscribe()
+
+    def wake_all(self) -> None:
+        """Every waiter re-reads its future now (notifications may have been lost)."""
+        for events in self._events.values():
+            for event in events:
+                event.set()
 
     def close(self) -> None:
         """Answer every long poll now (still pending ones with "try again"), and later ones at once."""
         self.closing = True
-        for events in self._events.values():
-            for event in events:
-                event.set()
+        self.wake_all()
 
     @property
     def pending(self) -> int:
@@ -57,13 +67,15 @@ class Waiters:
         deadline = time.monotonic() + timeout_s
         try:
             while True:
+                # Cleared before the read, never after: a notification that lands while the
+                # read is in flight leaves the event set, and the wait below returns at once.
+                event.clear()
                 fut = await self.bus.kv_get(self.bus.futures, request_id, Future)
                 if fut is None or fut.state != "pending":
                     return fut
                 left = deadline - time.monotonic()
                 if left <= 0 or self.closing:
                     return fut
-                event.clear()
                 try:
                     await asyncio.wait_for(event.wait(), min(left, self.recheck_s))
                 except asyncio.TimeoutError:
