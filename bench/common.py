@@ -49,6 +49,14 @@ def stop_stack(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
+def write_results(out: str | Path, results: dict, note: str = "") -> None:
+    """The benchmark's figures as JSON at `out` (its folder made if needed), and say where."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}{note}", flush=True)
+
+
 def fb_message(model_id: str, rows: np.ndarray):
     """A cross_entropy forward_backward of `rows` (each L+1 tokens: inputs and shifted targets)."""
     from openrl.bus.messages import Datum, ForwardBackward, Tensor

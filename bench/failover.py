@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from common import API_KEY, start_stack, stop_stack
+from common import API_KEY, start_stack, stop_stack, write_results
 
 BASE_MODEL = "openrl/tiny-qwen3"
 ROLES = {"trainer": "trainer", "sampler": "sampler", "rewarder": "rewarder-exact_match", "gateway": "gateway", "nats": "nats"}
@@ -141,11 +141,7 @@ def main() -> None:
     print(f"\n{'kill -9 of':<12}{'first result, median s':>24}{'max s':>8}")
     for kind, t in table.items():
         print(f"{kind:<12}{t['median_s']:>24}{t['max_s']:>8}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": datetime.now().isoformat(timespec="seconds"), "rounds": args.rounds, "summary": table,
-                               "runs": results}, indent=2) + "\n")  # fmt: skip
-    print(f"wrote {out}")
+    write_results(args.out, {"date": datetime.now().isoformat(timespec="seconds"), "rounds": args.rounds, "summary": table, "runs": results})
 
 
 if __name__ == "__main__":

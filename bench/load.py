@@ -194,10 +194,9 @@ def main() -> None:
             stop_stack(proc)
     res["date"] = datetime.now().isoformat(timespec="seconds")
     print_report(res)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {out}")
+    from common import write_results
+
+    write_results(args.out, res)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import API_KEY, start_stack, stop_stack
+from common import API_KEY, start_stack, stop_stack, write_results
 
 BASE_MODEL = "openrl/tiny-qwen3"
 
@@ -109,10 +109,7 @@ def main() -> None:
     }  # fmt: skip
     print(f"\nSFT steps/s without openrl record: {without:.2f}, with: {with_:.2f}; ratio {with_ / without:.3f} (target >= 0.95)")
     print(f"each recorded round: ~{int(np.median([r['messages'] for r in recorded]))} messages, ~{int(np.median([r['bytes'] for r in recorded])) // 1024} KiB")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(args.out, res)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import API_KEY, start_stack, stop_stack
+from common import API_KEY, start_stack, stop_stack, write_results
 
 BASE_MODEL = "openrl/tiny-qwen3"
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,10 +233,7 @@ def main() -> None:
     for row in [header, *rows]:
         print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)), flush=True)
     print("\n'replayed' counts the request sent after the kill too (it is in the log when the model loads).")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out} ({results['seconds']} s)")
+    write_results(args.out, results, f" ({results['seconds']} s)")
 
 
 if __name__ == "__main__":

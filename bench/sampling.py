@@ -27,7 +27,6 @@ Prints the figures and writes them as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import API_KEY, start_stack, stop_stack
+from common import API_KEY, start_stack, stop_stack, write_results
 
 BASE_MODEL = "openrl/tiny-qwen3"
 ROOT = Path(__file__).resolve().parent.parent
@@ -289,10 +288,7 @@ def main() -> None:
             )
 
     results["config"] = {k: v for k, v in vars(args).items() if k != "out"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -24,14 +24,13 @@ wait on each other and every figure gets many times slower and noisier.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import fb_message
+from common import fb_message, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -200,10 +199,7 @@ def main() -> None:
           f"switch cost {sw['switch_cost_ms']} ms (peft set_adapter alone {sw['set_adapter_ms']} ms)", flush=True)  # fmt: skip
     results["seconds"] = round(time.perf_counter() - t0, 1)
     results["config"] = {k: v for k, v in vars(args).items() if k != "out"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out} ({results['seconds']} s)")
+    write_results(args.out, results, f" ({results['seconds']} s)")
 
 
 if __name__ == "__main__":
