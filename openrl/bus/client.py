@@ -120,25 +120,20 @@ class Bus:
 
     @classmethod
     async def connect(cls, cfg: BusConfig) -> Bus:
-        # Core-NATS messages can be lost while the connection is away, or dropped when a
-        # subscription falls behind: whoever relies on them re-reads its state on these.
-        on_lost: list[Callable[[], None]] = []
-
-        def lost() -> None:
-            for hook in list(on_lost):
-                hook()
+        bus: Bus | None = None  # the callbacks below run only once connected, after it is set
 
         async def on_error(e: Exception) -> None:
             log.warning("bus_error", error=repr(e))
-            if isinstance(e, nats.errors.SlowConsumerError):
-                lost()
+            if isinstance(e, nats.errors.SlowConsumerError) and bus is not None:
+                bus.messages_lost()
 
         async def on_disconnect() -> None:
             log.warning("bus_disconnected", url=cfg.url)
 
         async def on_reconnect() -> None:
             log.info("bus_reconnected", url=cfg.url)
-            lost()
+            if bus is not None:
+                bus.messages_lost()
 
         nc = await nats.connect(
             servers=[cfg.url],
@@ -154,9 +149,14 @@ class Bus:
             reconnected_cb=on_reconnect,
         )
         bus = cls(nc, cfg)
-        bus.on_messages_lost = on_lost
         await bus.ensure()
         return bus
+
+    def messages_lost(self) -> None:
+        """Core-NATS messages can be lost while the connection is away, or dropped when a
+        subscription falls behind: tell whoever relies on them to re-read their state."""
+        for hook in list(self.on_messages_lost):
+            hook()
 
     async def close(self) -> None:
         if self.nc.is_connected:
