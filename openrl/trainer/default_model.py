@@ -22,15 +22,23 @@ from pathlib import Path
 
 import structlog
 
-from openrl.logs import usable_cpus
-
 log = structlog.get_logger(__name__)
 
 DEFAULT_MODEL = "openrl/tiny-qwen3"
 
-# Part of the revision hash: bump it whenever the recipe below changes so caches rebuild.
-BUILD_VERSION = 1
+# Part of the revision hash, with this file's source and the versions of the packages whose
+# numbers the build depends on (BUILD_PACKAGES): a cached model is reused only if it was built by
+# the same code with the same packages, so a cache never hides what a fresh machine would build.
+BUILD_VERSION = 2
+BUILD_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors")
 WARMUP_STEPS = 600
+# The build runs on this many torch threads whatever the machine: CPU matmuls split their sums
+# by thread, so another count gives other weights. With it, a build is bit-for-bit the same for
+# a given lock and CPU.
+BUILD_THREADS = 2
+# What the full warm-up must reach (checked at build time; a build outside them fails, with
+# its report): the demos and RL recipes start from these skills. Tests never rely on them.
+BUILD_BOUNDS = {"copy_accuracy": 0.8, "repeat_accuracy": 0.5}
 VOCAB_SIZE = 1024
 ARCH = dict(
     hidden_size=192,
@@ -275,7 +283,7 @@ def build_default_model(out_dir: Path, *, warmup_steps: int, seed: int = 0) -> d
 
     started = time.monotonic()
     threads = torch.get_num_threads()
-    torch.set_num_threads(usable_cpus())
+    torch.set_num_threads(BUILD_THREADS)
     try:
         # fork_rng: seeding must not disturb the caller's global RNG state.
         with torch.random.fork_rng(devices=[]):
@@ -310,9 +318,48 @@ def build_default_model(out_dir: Path, *, warmup_steps: int, seed: int = 0) -> d
         "copy_accuracy": copy_acc,
         "repeat_accuracy": repeat_acc,
         "arithmetic_accuracy": arith_acc,
+        "weights_sha256": _fingerprint(model),
+        "packages": _package_versions(),
     }
     log.info("default_model_built", **stats)
     return stats
+
+
+class BuildOutOfBounds(RuntimeError):
+    """The warm-up did not reach BUILD_BOUNDS: the model would not serve the demos."""
+
+
+def check_bounds(stats: dict) -> None:
+    """Raise BuildOutOfBounds, naming every figure below its bound, for a full build."""
+    low = {k: stats[k] for k, bound in BUILD_BOUNDS.items() if stats[k] < bound}
+    if stats["loss_end"] >= stats["loss_start"] / 2:
+        low["loss_end"] = stats["loss_end"]
+    if low:
+        raise BuildOutOfBounds(
+            f"the default model's warm-up missed its bounds {BUILD_BOUNDS} (and loss_end < loss_start / 2): "
+            f"got {low}; full report: {json.dumps(stats)}"
+        )
+
+
+def _fingerprint(model) -> str:
+    """sha256 over the weights in name order: equal builds have equal fingerprints."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in BUILD_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
 
 
 def revision(warmup_steps: int = WARMUP_STEPS) -> str:
@@ -323,6 +370,9 @@ def revision(warmup_steps: int = WARMUP_STEPS) -> str:
         "vocab_size": VOCAB_SIZE,
         "arch": ARCH,
         "warmup_steps": warmup_steps,
+        "threads": BUILD_THREADS,
+        "builder": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "packages": _package_versions(),
     }
     return hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
@@ -358,6 +408,8 @@ def ensure_default_model(cache: Path | None = None, *, warmup_steps: int = WARMU
             tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=repo))
             try:
                 stats = build_default_model(tmp, warmup_steps=warmup_steps)
+                if warmup_steps == WARMUP_STEPS:  # shorter builds are for tests
+                    check_bounds(stats)
                 (tmp / _DONE).write_text(json.dumps(stats, indent=2) + "\n")
                 snap.parent.mkdir(exist_ok=True)
                 shutil.rmtree(snap, ignore_errors=True)  # an unfinished copy from an older layout
