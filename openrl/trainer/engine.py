@@ -1,9 +1,17 @@
 """Multi-tenant LoRA training: one frozen base model, one peft adapter and one AdamW per model_id.
 
 Pure compute: no networking, no asyncio, called from a single thread. Every request is
-validated completely before any state is touched, and gradients that come out non-finite
-are refused before they reach `.grad`, so an `InvalidRequest` changes nothing. The loss
-math is in `losses.py`; this file turns a request into its tensors and back.
+validated completely (`requests.py`) before any state is touched, and gradients that come out
+non-finite are refused before they reach `.grad`, so an `InvalidRequest` changes nothing. The
+loss math is in `losses.py`; this file turns a request into its tensors and back.
+
+Memory per request is bounded whatever its size: datums run in micro-batches of at most
+`microbatch_tokens` padded tokens (grouped by length), their gradients accumulated, and the
+logits are never materialised beyond `logits_chunk_bytes` of fp32 at a time (log-softmax and
+gather per chunk of positions; in a backward pass each chunk is recomputed, not kept). Every
+loss is a sum of per-datum terms and no datum is ever split, so the results equal one pass
+over the whole request. Activation checkpointing of the decoder layers is an option (on by
+default on CUDA).
 
 All tenants live in one `PeftModel` as named adapters ("t0", "t1", ...: model ids may hold
 '.', which peft cannot take). Before computing for a tenant we make its adapter the only
@@ -15,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -27,8 +34,8 @@ from safetensors.torch import save as safetensors_save
 from transformers import AutoModelForCausalLM
 
 from openrl.bus.errors import InvalidRequest, NotFound
-from openrl.bus.messages import LORA_ALPHA, AdamParams, Datum, ForwardBackward, LoraSpec, Tensor
-from openrl.trainer import losses
+from openrl.bus.messages import LORA_ALPHA, AdamParams, ForwardBackward, LoraSpec
+from openrl.trainer import losses, requests
 
 log = structlog.get_logger(__name__)
 
@@ -42,7 +49,10 @@ TARGETS = {
     "train_unembed": ("lm_head",),
 }
 
-_NP_DTYPES = {"int64": np.dtype("<i8"), "float32": np.dtype("<f4")}
+# Micro-batch token budgets (padded tokens per forward) by device when none is given.
+MICROBATCH_TOKENS = {"cuda": 16384, "mps": 4096, "cpu": 4096}
+# fp32 logits materialised at once: 256 MiB is ~440 positions of a 152k vocabulary.
+LOGITS_CHUNK_BYTES = 256 * 2**20
 
 # Checkpoints (export_state / import_state): safetensors tensors keyed like a saved peft
 # adapter, AdamW state under "optimizer.<key>.<exp_avg|exp_avg_sq|step>", string metadata.
@@ -91,16 +101,6 @@ class _StateMeta:
     optimizer: str  # "adamw" | "none"
 
 
-@dataclass
-class _Batch:
-    """A validated request: each datum's tokens and target shape, and the loss inputs of
-    all datums concatenated along tokens (M), defaults filled in."""
-
-    tokens_D: list[np.ndarray]  # int64 (N,)
-    shapes_D: list[tuple[int, ...]]  # target_tokens' shape: (N,), or (N, K) for top-K cross_entropy
-    x: dict[str, np.ndarray]  # (M,) float32 each; target_tokens (M, K) int64, weights (M, K)
-
-
 def pick_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
@@ -117,15 +117,28 @@ class LoraEngine:
         model_name: str | None = None,
         device: str | None = None,
         dtype: torch.dtype | None = None,
+        microbatch_tokens: int | None = None,
+        activation_checkpointing: bool | None = None,
+        logits_chunk_bytes: int = LOGITS_CHUNK_BYTES,
     ):
         device = device or pick_device()
+        if microbatch_tokens is not None and microbatch_tokens < 1:
+            raise ValueError(f"microbatch_tokens must be >= 1, got {microbatch_tokens}")
         # bf16 halves memory and is what GPUs train in; CPU/MPS bf16 matmuls are slow or inexact.
         dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-        model.to(device).eval()  # eval: no dropout anywhere, training is deterministic
+        model.to(device)
         model.requires_grad_(False)
         self.model = model
         self.peft: PeftModel | None = None  # wraps `model` once the first tenant exists
+        self.microbatch_tokens = microbatch_tokens or MICROBATCH_TOKENS[device]
+        self.checkpointing = device == "cuda" if activation_checkpointing is None else activation_checkpointing
+        if self.checkpointing:
+            _enable_checkpointing(model)
+        self._eval()
+        self._decoder = model.get_decoder()
+        self._softcap = getattr(model.config, "final_logit_softcapping", None)
+        self._chunk_rows = max(1, logits_chunk_bytes // (4 * model.get_output_embeddings().out_features))
         self._tenants: dict[str, _Tenant] = {}
         self._active: str | None = None  # peft adapter currently active
         self._next = 0
@@ -141,7 +154,19 @@ class LoraEngine:
             device=device,
             dtype=str(dtype).removeprefix("torch."),
         )
-        log.info("base_loaded", path=model_path, arch=self.info.arch, device=device, dtype=self.info.dtype)
+        log.info(
+            "base_loaded", path=model_path, arch=self.info.arch, device=device, dtype=self.info.dtype,
+            microbatch_tokens=self.microbatch_tokens, activation_checkpointing=self.checkpointing,
+        )  # fmt: skip
+
+    def _eval(self) -> None:
+        """Eval mode everywhere (no dropout: training is deterministic). With activation
+        checkpointing the decoder layers themselves, not their children, are marked training:
+        transformers checkpoints a layer only when it is in training mode."""
+        (self.peft or self.model).eval()
+        if self.checkpointing:
+            for module in _checkpointed_layers(self.model):
+                module.training = True
 
     # ------------------------------------------------------------------ tenants
 
@@ -189,7 +214,7 @@ class LoraEngine:
             else:
                 # Leaves the active adapter as it was (peft re-applies its requires_grad flags).
                 self.peft.add_adapter(adapter, config)
-        self.peft.eval()
+        self._eval()
 
     def has(self, model_id: str) -> bool:
         return model_id in self._tenants
@@ -367,53 +392,82 @@ class LoraEngine:
 
     def forward_backward(self, req: ForwardBackward) -> FwdBwdResult:
         tenant = self._tenant(req.model_id)
-        signature = _check_loss_fn(req.loss_fn)
-        config = _check_config(req.loss_fn, signature, req.loss_fn_config)
-        batch = _parse(req.data, req.loss_fn, signature, config, self.info.vocab_size, self.info.max_context)
+        signature = requests.check_loss_fn(req.loss_fn)
+        config = requests.check_config(req.loss_fn, signature, req.loss_fn_config)
+        batch = requests.parse(req.data, req.loss_fn, signature, config, self.info.vocab_size, self.info.max_context)
         if not batch.tokens_D:
             return FwdBwdResult(logprobs=[], metrics={"loss:sum": 0.0, "tokens:sum": 0.0})
         self._activate(tenant)
-        with torch.inference_mode() if req.forward_only else contextlib.nullcontext():
-            lp_M_K, loss = self._loss(req.loss_fn, batch, config)
+        params = list(tenant.params.values())
+        logprobs: list[np.ndarray | None] = [None] * len(batch.tokens_D)
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        loss_sum = 0.0
+        for idx in requests.micro_batches(batch.lengths, self.microbatch_tokens):
+            with torch.inference_mode() if req.forward_only else contextlib.nullcontext():
+                lp_M_K, loss = self._loss(req.loss_fn, batch, idx, config)
+            if not req.forward_only:
+                _add(grads, torch.autograd.grad(loss, params, allow_unused=True))
+            loss_sum += loss.item()
+            rows_D = np.split(lp_M_K.detach().cpu().numpy(), np.cumsum([len(batch.tokens_D[i]) for i in idx])[:-1])
+            for i, rows in zip(idx, rows_D):
+                shape = batch.inputs_D[i]["target_tokens"].shape
+                # Drop the K padding; 1-D targets give 1-D logprobs.
+                logprobs[i] = np.ascontiguousarray(rows[:, 0] if len(shape) == 1 else rows[:, : shape[1]])
+            del lp_M_K, loss
         if not req.forward_only:
-            self._accumulate(tenant, loss)
-        lengths = [len(t) for t in batch.tokens_D]
-        rows_D = np.split(lp_M_K.detach().cpu().numpy(), np.cumsum(lengths)[:-1])
-        # Drop the K padding; 1-D targets give 1-D logprobs.
-        logprobs = [
-            np.ascontiguousarray(rows[:, 0] if len(shape) == 1 else rows[:, : shape[1]])
-            for rows, shape in zip(rows_D, batch.shapes_D)
-        ]
-        return FwdBwdResult(logprobs=logprobs, metrics={"loss:sum": loss.item(), "tokens:sum": float(sum(lengths))})
+            self._accumulate(params, grads, loss_sum)
+        return FwdBwdResult(logprobs=logprobs, metrics={"loss:sum": loss_sum, "tokens:sum": float(sum(batch.lengths))})
 
-    def _loss(self, loss_fn: str, batch: _Batch, config: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One padded forward of every datum; returns (lp of real positions (M, K), summed loss)."""
-        lengths = [len(t) for t in batch.tokens_D]
-        ids_B_T = np.zeros((len(lengths), max(lengths)), dtype=np.int64)
+    def _loss(
+        self, loss_fn: str, batch: requests.Batch, idx: list[int], config: dict[str, float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One padded forward of the datums `idx`; returns (lp of their real positions (M, K),
+        their summed loss)."""
+        tokens_D = [batch.tokens_D[i] for i in idx]
+        ids_B_T = np.zeros((len(tokens_D), max(len(t) for t in tokens_D)), dtype=np.int64)
         real_B_T = np.zeros(ids_B_T.shape, dtype=bool)
-        for i, tokens in enumerate(batch.tokens_D):
-            ids_B_T[i, : len(tokens)] = tokens
-            real_B_T[i, : len(tokens)] = True
+        for row, tokens in enumerate(tokens_D):
+            ids_B_T[row, : len(tokens)] = tokens
+            real_B_T[row, : len(tokens)] = True
         device = self.info.device
         # Right padding under a causal mask: real positions never attend to the pads after
         # them, so no attention_mask is needed and SDPA keeps its fast is_causal path.
-        logits_B_T_V = self.peft(input_ids=torch.from_numpy(ids_B_T).to(device)).logits
-        logits_M_V = logits_B_T_V[torch.from_numpy(real_B_T).to(device)].float()
-        x = {name: torch.from_numpy(values).to(device) for name, values in batch.x.items()}
-        # fp32 log_softmax, as F.cross_entropy computes it; one gather serves (N,) and (N, K).
-        lp_M_K = torch.log_softmax(logits_M_V, dim=-1).gather(1, x.pop("target_tokens"))
-        lp_M = lp_M_K if loss_fn == "cross_entropy" else lp_M_K[:, 0]  # only cross_entropy takes (N, K)
+        hidden_B_T_H = self._decoder(input_ids=torch.from_numpy(ids_B_T).to(device), use_cache=False).last_hidden_state
+        hidden_M_H = hidden_B_T_H[torch.from_numpy(real_B_T).to(device)]
+        x = {name: torch.from_numpy(values).to(device) for name, values in batch.inputs(idx).items()}
+        lp_M_K = self._logprobs(hidden_M_H, x.pop("target_tokens"))
+        lp_M = lp_M_K if batch.signature.top_k else lp_M_K[:, 0]
         return lp_M_K, losses.total(loss_fn, lp_M, x, config)
 
-    def _accumulate(self, tenant: _Tenant, loss: torch.Tensor) -> None:
-        """`loss.backward()`, all or nothing: gradients that are not finite are refused before
-        they reach `.grad` (one NaN would make every later step NaN)."""
-        params = list(tenant.params.values())
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    def _logprobs(self, hidden_M_H: torch.Tensor, targets_M_K: torch.Tensor) -> torch.Tensor:
+        """log_softmax(head(hidden))[targets] in chunks of positions: fp32 logits exist for one
+        chunk at a time, and with gradients each chunk is recomputed in the backward pass
+        instead of kept (torch.utils.checkpoint)."""
+        head = self.model.get_output_embeddings()  # looked up each time: peft may wrap it
+
+        def chunk(h_C_H: torch.Tensor, t_C_K: torch.Tensor) -> torch.Tensor:
+            logits_C_V = head(h_C_H).float()  # fp32 log_softmax, as F.cross_entropy computes it
+            if self._softcap:
+                logits_C_V = self._softcap * torch.tanh(logits_C_V / self._softcap)
+            return torch.log_softmax(logits_C_V, dim=-1).gather(1, t_C_K)  # one gather: (N,) and (N, K)
+
+        rows = self._chunk_rows
+        if len(hidden_M_H) <= rows:
+            return chunk(hidden_M_H, targets_M_K)
+        parts = []
+        for start in range(0, len(hidden_M_H), rows):
+            h, t = hidden_M_H[start : start + rows], targets_M_K[start : start + rows]
+            grad = torch.is_grad_enabled()  # the head may hold LoRA weights even if h needs no grad
+            parts.append(torch.utils.checkpoint.checkpoint(chunk, h, t, use_reentrant=False) if grad else chunk(h, t))
+        return torch.cat(parts)
+
+    def _accumulate(self, params: list[torch.nn.Parameter], grads: list[torch.Tensor | None], loss: float) -> None:
+        """Add a request's gradients to `.grad`, all or nothing: gradients that are not finite
+        are refused before they reach `.grad` (one NaN would make every later step NaN)."""
         present = [g for g in grads if g is not None]
         if present and not torch.isfinite(torch.nn.utils.get_total_norm(present)):
             raise InvalidRequest(
-                f"the loss's gradients are not finite (loss {loss.item()}); nothing was applied. "
+                f"the loss's gradients are not finite (loss {loss}); nothing was applied. "
                 "Usually logprobs far from the model's own make exp(lp - logprobs) overflow: "
                 "check that logprobs are the sampler's logprobs of target_tokens"
             )
@@ -427,7 +481,7 @@ class LoraEngine:
 
     def optim_step(self, model_id: str, adam: AdamParams) -> dict[str, float]:
         tenant = self._tenant(model_id)
-        _check_adam(adam)
+        requests.check_adam(adam)
         # AdamW skips params without grads; so do we (no forward_backward since the last step).
         params = [p for p in tenant.params.values() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.tensor(0.0)
@@ -519,216 +573,32 @@ def _check_state_tensor(t: object, key: str, shape: torch.Size | None) -> None:
         raise InvalidRequest(f"checkpoint tensor {key!r} has non-finite values")
 
 
-# ---------------------------------------------------------------------- validation
+# ---------------------------------------------------------------------- compute helpers
 
 
-def _check_adam(adam: AdamParams) -> None:
-    values = {name: getattr(adam, name) for name in AdamParams.__struct_fields__}
-    bad = [name for name, v in values.items() if not math.isfinite(v)]
-    if bad:
-        raise InvalidRequest(f"adam params must be finite: {', '.join(bad)}")
-    if adam.learning_rate < 0:
-        raise InvalidRequest(f"learning_rate must be >= 0, got {adam.learning_rate}")
-    for name in ("beta1", "beta2"):
-        if not 0 <= values[name] < 1:
-            raise InvalidRequest(f"{name} must be in [0, 1), got {values[name]}")
-    if adam.eps <= 0:
-        raise InvalidRequest(f"eps must be > 0, got {adam.eps}")
-    if adam.weight_decay < 0:
-        raise InvalidRequest(f"weight_decay must be >= 0, got {adam.weight_decay}")
-    if adam.grad_clip_norm < 0:
-        raise InvalidRequest(f"grad_clip_norm must be >= 0, got {adam.grad_clip_norm}")
+def _add(total: list[torch.Tensor | None], grads: tuple[torch.Tensor | None, ...]) -> None:
+    """total += grads, element-wise, None meaning zero."""
+    for k, g in enumerate(grads):
+        if g is not None:
+            total[k] = g if total[k] is None else total[k].add_(g)
 
 
-def _check_loss_fn(loss_fn: str) -> losses.Signature:
-    signature = losses.SIGNATURES.get(loss_fn)
-    if signature is not None:
-        return signature
-    why = {
-        # tinker-cookbook 0.6.1's default RL loss, so users meet this first.
-        "stable_reinforce": ": its math is unpublished, so OpenRL cannot reproduce it; "
-        "use importance_sampling, ppo or cispo instead",
-        "custom": ": server-side custom losses (uploaded loss graphs) are not implemented",
-    }.get(loss_fn, "")
-    raise InvalidRequest(f"loss_fn {loss_fn!r} is not supported{why}; supported: {', '.join(losses.SIGNATURES)}")
+def _checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def _check_config(loss_fn: str, signature: losses.Signature, config: dict[str, float | str]) -> dict[str, float]:
-    """The loss's config: the request's values over the defaults, every one a finite number."""
-    values = dict(signature.config)
-    unknown = sorted(set(config) - set(values))
-    if unknown:
-        takes = sorted(values) or "no keys"
-        raise InvalidRequest(f"loss_fn_config: unknown {unknown}; {loss_fn} takes {takes}")
-    for key, value in config.items():
-        if isinstance(value, str) or not math.isfinite(value):
-            raise InvalidRequest(f"loss_fn_config[{key!r}] must be a finite number, got {value!r}")
-        values[key] = float(value)
-    if "clip_low_threshold" in values:
-        low, high = values["clip_low_threshold"], values["clip_high_threshold"]
-        if not 0 <= low <= high:
-            raise InvalidRequest(f"loss_fn_config: need 0 <= clip_low_threshold <= clip_high_threshold, got {low}, {high}")
-    if values.get("beta", 0.0) < 0:
-        raise InvalidRequest(f"loss_fn_config['beta'] must be >= 0, got {values['beta']}")
-    return values
+def _enable_checkpointing(model) -> None:
+    """transformers' own activation checkpointing of the decoder layers, non-reentrant (the
+    frozen base's inputs need no grad, and FSDP2 hooks stay outside the checkpoint)."""
+    if not _checkpointed_layers(model):
+        raise ValueError(f"{type(model).__name__} does not support activation checkpointing")
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-
-def _parse(
-    data: list[Datum], loss_fn: str, signature: losses.Signature, config: dict[str, float], vocab: int, max_context: int
-) -> _Batch:
-    tokens_D, inputs_D = [], []
-    for i, datum in enumerate(data):
-        tokens, inputs = _parse_datum(datum, f"data[{i}]", loss_fn, signature, config, vocab, max_context)
-        tokens_D.append(tokens)
-        inputs_D.append(inputs)
-    shapes_D = [inputs["target_tokens"].shape for inputs in inputs_D]
-    batch = _Batch(tokens_D=tokens_D, shapes_D=shapes_D, x={})
-    if not data:
-        return batch
-    # Pad top-K targets to the widest K with token 0 and weight 0: pads add nothing.
-    width = max(1 if len(shape) == 1 else shape[1] for shape in shapes_D)
-    for name in inputs_D[0]:
-        arrays = [inputs[name] for inputs in inputs_D]
-        if name in ("target_tokens", "weights"):
-            arrays = [_pad_columns(a, width) for a in arrays]
-        batch.x[name] = np.concatenate(arrays)
-    if loss_fn == "gspo":
-        batch.x["datum_index"] = np.repeat(np.arange(len(tokens_D)), [len(t) for t in tokens_D])
-    return batch
-
-
-def _pad_columns(a: np.ndarray, width: int) -> np.ndarray:
-    """(N,) or (N, K) -> (N, width), zeros on the right."""
-    a_N_K = a.reshape(len(a), -1)
-    return np.pad(a_N_K, ((0, 0), (0, width - a_N_K.shape[1])))
-
-
-def _parse_datum(
-    datum: Datum,
-    where: str,
-    loss_fn: str,
-    signature: losses.Signature,
-    config: dict[str, float],
-    vocab: int,
-    max_context: int,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """A datum's tokens and its loss inputs, every one present (defaults filled in)."""
-    if len(datum.tokens) % 4:
-        raise InvalidRequest(f"{where}.tokens: {len(datum.tokens)} bytes is not a whole number of int32")
-    tokens = np.frombuffer(datum.tokens, dtype="<i4").astype(np.int64)
-    n = len(tokens)
-    if n == 0:
-        raise InvalidRequest(f"{where}.tokens is empty")
-    if n > max_context:
-        raise InvalidRequest(f"{where}.tokens: {n} tokens exceed the max context {max_context}")
-    _check_ids(tokens, f"{where}.tokens", vocab)
-    given = datum.loss_fn_inputs
-    unknown = sorted(set(given) - set(signature.accepts()))
-    if unknown:
-        raise InvalidRequest(f"{where}.loss_fn_inputs: unknown {unknown}; {loss_fn} takes {signature.accepts()}")
-    for name in signature.required:
-        if name not in given:
-            raise InvalidRequest(f"{where}.loss_fn_inputs: {name} is required by {loss_fn}")
-    top_k = loss_fn == "cross_entropy"  # only cross_entropy takes (N, K) targets
-    targets = _input(given, "target_tokens", where, (n,), top_k=top_k)
-    _check_ids(targets, f"{where}.loss_fn_inputs.target_tokens", vocab)
-    inputs = {"target_tokens": targets}
-    for name in sorted(set(given) - {"target_tokens"}):
-        shape = targets.shape if name == "weights" else (n,)
-        inputs[name] = _input(given, name, where, shape, top_k=False)
-    if loss_fn == "cross_entropy" and "weights" not in inputs:
-        inputs["weights"] = np.ones(targets.shape, dtype=np.float32)
-    if "clip_low_threshold" in config:
-        for name in ("clip_low_threshold", "clip_high_threshold"):
-            inputs.setdefault(name, np.full(n, config[name], dtype=np.float32))
-        _check_thresholds(inputs["clip_low_threshold"], inputs["clip_high_threshold"], where)
-    if loss_fn == "gspo" and not inputs["sequence_ratio_mask"].any():
-        raise InvalidRequest(
-            f"{where}.loss_fn_inputs.sequence_ratio_mask is all zero; gspo's sequence ratio "
-            "is a mean over the marked tokens, so mark at least one (usually the sampled ones)"
-        )
-    return tokens, inputs
-
-
-def _check_ids(ids: np.ndarray, where: str, vocab: int) -> None:
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab:
-        raise InvalidRequest(f"{where}: token ids must be in [0, {vocab}), got {lo if lo < 0 else hi}")
-
-
-def _check_thresholds(low_N: np.ndarray, high_N: np.ndarray, where: str) -> None:
-    bad = np.flatnonzero((low_N < 0) | (low_N > high_N))
-    if len(bad):
-        i = int(bad[0])
-        raise InvalidRequest(
-            f"{where}.loss_fn_inputs: need 0 <= clip_low_threshold <= clip_high_threshold at every token, "
-            f"got {low_N[i]:g}, {high_N[i]:g} at position {i}"
-        )
-
-
-def _input(given: dict[str, Tensor], name: str, where: str, shape: tuple[int, ...], *, top_k: bool) -> np.ndarray:
-    """A loss input as an array of its required dtype and `shape` ((N, K) too if `top_k`),
-    floats finite."""
-    where = f"{where}.loss_fn_inputs.{name}"
-    t = given[name]
-    dtype = losses.INPUT_DTYPES.get(name, "float32")
-    if t.dtype != dtype:
-        raise InvalidRequest(f"{where}: dtype must be {dtype}, got {t.dtype}")
-    values = _array(t, where)
-    want = list(shape)
-    if top_k and values.ndim == 2 and values.shape[0] == shape[0]:
-        if values.shape[1] < 1:
-            raise InvalidRequest(f"{where}: (N, K) needs K >= 1, got shape {list(values.shape)}")
-    elif values.shape != shape:
-        also = f" or [{shape[0]}, K] (top-K)" if top_k else ""
-        what = "that of target_tokens" if name == "weights" else "one per token"
-        top_k_elsewhere = name == "target_tokens" and values.ndim == 2 and not top_k
-        hint = "; only cross_entropy takes (N, K) top-K targets" if top_k_elsewhere else ""
-        raise InvalidRequest(f"{where}: shape must be {want}{also} ({what}), got {list(values.shape)}{hint}")
-    if dtype == "float32" and not np.isfinite(values).all():
-        raise InvalidRequest(f"{where}: values must be finite")
-    return values
-
-
-def _array(t: Tensor, where: str) -> np.ndarray:
-    """Decode a Tensor (dense or CSR) into a numpy array of its shape."""
-    dtype = _NP_DTYPES[t.dtype]
-    values = _frombuffer(t.data, dtype, where)
-    if any(d < 0 for d in t.shape):
-        raise InvalidRequest(f"{where}: negative shape {t.shape}")
-    if t.crow is not None or t.col is not None:
-        return _densify(values, t, where)
-    if not t.shape:
-        return values  # no shape sent: 1-D
-    if math.prod(t.shape) != values.size:
-        raise InvalidRequest(f"{where}: shape {t.shape} does not match {values.size} values")
-    return values.reshape(t.shape)
-
-
-def _frombuffer(data: bytes, dtype: np.dtype, where: str) -> np.ndarray:
-    if len(data) % dtype.itemsize:
-        raise InvalidRequest(f"{where}: {len(data)} bytes is not a whole number of {dtype.name}")
-    return np.frombuffer(data, dtype=dtype)
-
-
-def _densify(values: np.ndarray, t: Tensor, where: str) -> np.ndarray:
-    """CSR -> dense, unlisted entries 0. A 1-D shape is read as a single row."""
-    if t.crow is None or t.col is None:
-        raise InvalidRequest(f"{where}: CSR needs both crow and col indices")
-    if len(t.shape) not in (1, 2):
-        raise InvalidRequest(f"{where}: CSR needs a 1-D or 2-D shape, got {t.shape}")
-    rows, cols = (1, t.shape[0]) if len(t.shape) == 1 else t.shape
-    crow = _frombuffer(t.crow, _NP_DTYPES["int64"], f"{where}.crow")
-    col = _frombuffer(t.col, _NP_DTYPES["int64"], f"{where}.col")
-    ok = (
-        len(crow) == rows + 1
-        and crow[0] == 0
-        and crow[-1] == len(col) == len(values)
-        and (np.diff(crow) >= 0).all()
-        and (len(col) == 0 or (col.min() >= 0 and col.max() < cols))
-    )
-    if not ok:
-        raise InvalidRequest(f"{where}: malformed CSR indices for shape {t.shape}")
-    dense = np.zeros((rows, cols), dtype=values.dtype)
-    dense[np.repeat(np.arange(rows), np.diff(crow)), col] = values
-    return dense.reshape(t.shape)

@@ -20,12 +20,17 @@ import torch
 
 @dataclass(frozen=True)
 class Signature:
-    """What a loss reads: required and optional `loss_fn_inputs`, and `loss_fn_config`
-    keys with their defaults."""
+    """What a loss reads: required and optional `loss_fn_inputs`, `loss_fn_config` keys with
+    their defaults, and the facts the engine needs to feed it."""
 
     required: tuple[str, ...]
     optional: tuple[str, ...] = ()
     config: tuple[tuple[str, float], ...] = ()
+    top_k: bool = False  # target_tokens may be (N, K): logprobs of K candidates per position
+    ones: tuple[str, ...] = ()  # optional inputs that default to ones shaped like target_tokens
+    # The input marking the tokens of a per-sequence quantity (gspo's sequence ratio): such a
+    # loss couples a datum's tokens, so it also gets each token's datum index ("datum_index").
+    sequence_mask: str | None = None
 
     def accepts(self) -> list[str]:
         return sorted(self.required + self.optional)
@@ -37,7 +42,7 @@ _RL = ("target_tokens", "logprobs", "advantages")
 _CLIP = ("clip_low_threshold", "clip_high_threshold")
 
 SIGNATURES = {
-    "cross_entropy": Signature(required=("target_tokens",), optional=("weights",)),
+    "cross_entropy": Signature(required=("target_tokens",), optional=("weights",), top_k=True, ones=("weights",)),
     "importance_sampling": Signature(required=_RL),
     "ppo": Signature(required=_RL, optional=_CLIP, config=(("clip_low_threshold", 0.8), ("clip_high_threshold", 1.2))),
     # One-sided by default (Tinker tutorial 202): the weight is capped, never floored.
@@ -51,6 +56,7 @@ SIGNATURES = {
         required=(*_RL, "sequence_ratio_mask"),
         optional=_CLIP,
         config=(("clip_low_threshold", 0.8), ("clip_high_threshold", 1.2)),
+        sequence_mask="sequence_ratio_mask",
     ),
 }
 
@@ -126,7 +132,11 @@ def _clamp(x_M: torch.Tensor, low: Bound, high: Bound) -> torch.Tensor:
 def total(loss_fn: str, lp_M: torch.Tensor, x: dict[str, torch.Tensor], config: dict[str, float]) -> torch.Tensor:
     """The summed loss `loss_fn` of a batch. `x` holds its inputs as flat per-token tensors
     with defaults filled in (weights, per-token clip thresholds) plus, for gspo,
-    "datum_index"; `config` its validated `loss_fn_config` with defaults."""
+    "datum_index"; `config` its validated `loss_fn_config` with defaults. `lp_M` is (M, K)
+    for a top-K loss, else (M,).
+
+    Every loss is a sum of per-datum terms, so the total of a request is the sum of its
+    micro-batches' totals as long as no datum is split (the engine never splits one)."""
     match loss_fn:
         case "cross_entropy":
             return cross_entropy(lp_M, x["weights"])
