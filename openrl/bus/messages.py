@@ -206,6 +206,7 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     models: int = 0
     reward_name: str = ""  # a rewarder: the reward function it serves
     concurrency: int = 0  # a rewarder: calls it runs at once (its process pool)
+    ranks: int = 1  # a trainer: the ranks of its group (torch.distributed), 1 for a single process
 
 
 class WeightsRecord(msgspec.Struct, frozen=True, kw_only=True):

@@ -13,6 +13,15 @@ loss is a sum of per-datum terms and no datum is ever split, so the results equa
 over the whole request. Activation checkpointing of the decoder layers is an option (on by
 default on CUDA).
 
+In a trainer group (`sharded=True` under an initialised torch.distributed process group of N
+ranks), the frozen base is sharded with FSDP2 (`fully_shard` per decoder layer, then the root),
+and every rank makes the same calls in the same order (group.py hands them out). Adapters and
+their AdamW state stay whole on every rank (they are small, and peft adds them after sharding);
+a request's micro-batches are dealt round-robin over the ranks, each rank runs the same number
+of passes (a rank short of work runs a zero-weight pass, so FSDP's collectives line up), and
+the gradients and loss are summed over the ranks before the finite check, so every rank
+applies the same update. Rank 0 gets every datum's logprobs.
+
 All tenants live in one `PeftModel` as named adapters ("t0", "t1", ...: model ids may hold
 '.', which peft cannot take). Before computing for a tenant we make its adapter the only
 active one; peft then marks only that adapter `requires_grad`, so a backward pass reaches
@@ -29,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 import torch
+import torch.distributed as dist
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save as safetensors_save
 from transformers import AutoModelForCausalLM
@@ -120,6 +130,7 @@ class LoraEngine:
         microbatch_tokens: int | None = None,
         activation_checkpointing: bool | None = None,
         logits_chunk_bytes: int = LOGITS_CHUNK_BYTES,
+        sharded: bool = False,
     ):
         device = device or pick_device()
         if microbatch_tokens is not None and microbatch_tokens < 1:
@@ -127,7 +138,8 @@ class LoraEngine:
         # bf16 halves memory and is what GPUs train in; CPU/MPS bf16 matmuls are slow or inexact.
         dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-        model.to(device)
+        if not sharded:  # sharded: each rank's shards move to its device, never the whole model
+            model.to(device)
         model.requires_grad_(False)
         self.model = model
         self.peft: PeftModel | None = None  # wraps `model` once the first tenant exists
@@ -135,6 +147,9 @@ class LoraEngine:
         self.checkpointing = device == "cuda" if activation_checkpointing is None else activation_checkpointing
         if self.checkpointing:
             _enable_checkpointing(model)
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+        if sharded:
+            _shard(model, device)
         self._eval()
         self._decoder = model.get_decoder()
         self._softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -288,6 +303,14 @@ class LoraEngine:
         optimizer state when `with_optimizer`. Then the weights are copied in; with_optimizer
         restores AdamW's moments and step exactly, otherwise the optimizer starts fresh.
         Pending (accumulated) gradients are dropped either way."""
+        tenant = self.check_state(model_id, tensors, metadata, with_optimizer=with_optimizer)
+        self._load_state(tenant, tensors, with_optimizer=with_optimizer)
+        log.info("tenant_state_loaded", model_id=model_id, adapter=tenant.adapter, optimizer=with_optimizer)
+
+    def check_state(
+        self, model_id: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, with_optimizer: bool
+    ) -> _Tenant:
+        """Every check of `import_state`, changing nothing: InvalidRequest if it would refuse."""
         tenant = self._tenant(model_id)
         meta = _parse_state_metadata(metadata)
         self._check_compatible(tenant, meta)
@@ -316,8 +339,10 @@ class LoraEngine:
                 step = tensors[key].double().item()
                 if step < 0 or step != int(step):
                     raise InvalidRequest(f"checkpoint tensor {key!r} must be a whole number >= 0, got {step}")
+        return tenant
 
-        # Validated: from here nothing can refuse.
+    def _load_state(self, tenant: _Tenant, tensors: dict[str, torch.Tensor], *, with_optimizer: bool) -> None:
+        """Copy a checked checkpoint in: from here nothing can refuse."""
         opt = self._new_adamw(tenant.params)
         fused = bool(opt.param_groups[0].get("fused")) or bool(opt.param_groups[0].get("capturable"))
         step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
@@ -336,7 +361,6 @@ class LoraEngine:
                     device = p.device if fused else torch.device("cpu")
                     opt.state[p] = {"step": torch.tensor(step, dtype=step_dtype, device=device), **moments}
         tenant.opt = opt
-        log.info("tenant_state_loaded", model_id=model_id, adapter=tenant.adapter, optimizer=with_optimizer)
 
     def _check_compatible(self, tenant: _Tenant, meta: _StateMeta) -> None:
         info, targets = self.info, tuple(self._targets(tenant.lora))
@@ -399,24 +423,76 @@ class LoraEngine:
             return FwdBwdResult(logprobs=[], metrics={"loss:sum": 0.0, "tokens:sum": 0.0})
         self._activate(tenant)
         params = list(tenant.params.values())
-        logprobs: list[np.ndarray | None] = [None] * len(batch.tokens_D)
+        logprobs: dict[int, np.ndarray] = {}
         grads: list[torch.Tensor | None] = [None] * len(params)
         loss_sum = 0.0
-        for idx in requests.micro_batches(batch.lengths, self.microbatch_tokens):
-            with torch.inference_mode() if req.forward_only else contextlib.nullcontext():
-                lp_M_K, loss = self._loss(req.loss_fn, batch, idx, config)
-            if not req.forward_only:
-                _add(grads, torch.autograd.grad(loss, params, allow_unused=True))
-            loss_sum += loss.item()
-            rows_D = np.split(lp_M_K.detach().cpu().numpy(), np.cumsum([len(batch.tokens_D[i]) for i in idx])[:-1])
-            for i, rows in zip(idx, rows_D):
-                shape = batch.inputs_D[i]["target_tokens"].shape
-                # Drop the K padding; 1-D targets give 1-D logprobs.
-                logprobs[i] = np.ascontiguousarray(rows[:, 0] if len(shape) == 1 else rows[:, : shape[1]])
-            del lp_M_K, loss
+        plan = requests.micro_batches(batch.lengths, self.microbatch_tokens)
+        mine = plan[self.rank :: self.world]
+        passes = -(-len(plan) // self.world)  # every rank the same number, so collectives line up
+        with self._unsharded_root():
+            for k in range(passes):
+                idx = mine[k] if k < len(mine) else None
+                with torch.inference_mode() if req.forward_only else contextlib.nullcontext():
+                    lp_M_K, loss = self._loss(req.loss_fn, batch, idx, config) if idx else self._idle_pass()
+                if not req.forward_only:
+                    _add(grads, torch.autograd.grad(loss, params, allow_unused=True))
+                if not idx:
+                    continue
+                loss_sum += loss.item()
+                rows_D = np.split(lp_M_K.detach().cpu().numpy(), np.cumsum([len(batch.tokens_D[i]) for i in idx])[:-1])
+                for i, rows in zip(idx, rows_D):
+                    shape = batch.inputs_D[i]["target_tokens"].shape
+                    # Drop the K padding; 1-D targets give 1-D logprobs.
+                    logprobs[i] = np.ascontiguousarray(rows[:, 0] if len(shape) == 1 else rows[:, : shape[1]])
+                del lp_M_K, loss
+        if self.world > 1:
+            loss_sum, logprobs = self._reduce(grads, loss_sum, logprobs, with_grads=not req.forward_only)
         if not req.forward_only:
             self._accumulate(params, grads, loss_sum)
-        return FwdBwdResult(logprobs=logprobs, metrics={"loss:sum": loss_sum, "tokens:sum": float(sum(batch.lengths))})
+        metrics = {"loss:sum": loss_sum, "tokens:sum": float(sum(batch.lengths))}
+        return FwdBwdResult(logprobs=[logprobs.get(i) for i in range(len(batch.tokens_D))], metrics=metrics)
+
+    def _idle_pass(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A one-token pass whose loss is 0 and gradients are zeros: a rank with no micro-batch
+        left runs it so that it joins the same FSDP collectives as the ranks that have one."""
+        hidden = self._decoder(input_ids=torch.zeros((1, 1), dtype=torch.int64, device=self.info.device), use_cache=False)
+        lp = self._logprobs(hidden.last_hidden_state[0], torch.zeros((1, 1), dtype=torch.int64, device=self.info.device))
+        return lp, lp.sum() * 0.0
+
+    def _unsharded_root(self):
+        """With FSDP2, the root's own parameters (embeddings, final norm, head) gathered for the
+        whole request: the decoder and the head are called directly, not through the root's
+        forward, whose hook would gather them."""
+        if self.world == 1:
+            return contextlib.nullcontext()
+        root = self.model
+
+        @contextlib.contextmanager
+        def gathered():
+            root.unshard()
+            try:
+                yield
+            finally:
+                root.reshard()
+
+        return gathered()
+
+    def _reduce(
+        self, grads: list[torch.Tensor | None], loss_sum: float, logprobs: dict[int, np.ndarray], *, with_grads: bool
+    ) -> tuple[float, dict[int, np.ndarray]]:
+        """Sum gradients (in place) and the loss over the group; rank 0 gets every datum's logprobs."""
+        device = self.info.device
+        present = [g for g in grads if g is not None] if with_grads else []
+        flat = torch.cat([g.reshape(-1) for g in present] + [torch.tensor([loss_sum], dtype=torch.float32, device=device)])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in present:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        gathered: list[dict[int, np.ndarray]] | None = [{} for _ in range(self.world)] if self.rank == 0 else None
+        dist.gather_object(logprobs, gathered, dst=0)
+        merged = {i: a for part in gathered for i, a in part.items()} if gathered else {}
+        return flat[-1].item(), merged
 
     def _loss(
         self, loss_fn: str, batch: requests.Batch, idx: list[int], config: dict[str, float]
@@ -601,4 +677,16 @@ def _enable_checkpointing(model) -> None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _shard(model: torch.nn.Module, device: str) -> None:
+    """FSDP2 over the default process group: each decoder layer a unit, then the root (the
+    embeddings, final norm and head). The parameters move to this rank's device as shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    for layer in _checkpointed_layers(model) or model.get_decoder().layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 

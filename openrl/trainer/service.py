@@ -669,6 +669,7 @@ class Trainer:
             heartbeat_at=now,
             busy_fraction=min(1.0, self._busy_s / max(now - self._started, 1e-9)),
             models=len(self.tenants),
+            ranks=getattr(self.engine, "world", 1),
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -696,6 +697,7 @@ class Trainer:
                 ),
                 self._watch_leases(),
                 self._check_leases(),
+                self._keep_group_alive(stop),
             )
         finally:
             try:
@@ -704,6 +706,17 @@ class Trainer:
                 beating.set()
                 await asyncio.gather(heartbeat, return_exceptions=True)
                 self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _keep_group_alive(self, stop: asyncio.Event) -> None:
+        """A trainer group's idle ranks wait in a collective for rank 0's next call: give them
+        one now and then (GroupEngine.keepalive sends it only after a quiet spell)."""
+        keepalive = getattr(self.engine, "keepalive", None)
+        while keepalive is not None and not stop.is_set():
+            await self._run(keepalive)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=5.0)
+            except TimeoutError:
+                pass
 
     async def _hand_over(self) -> None:
         """Shutting down: stop consuming every model (unfinished requests are handed back with

@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from openrl.bus.errors import InvalidRequest
-from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec, Tensor
+from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec
 from openrl.trainer.engine import LoraEngine
 from openrl.trainer.requests import micro_batches
 
-VOCAB = 96
+from factories import VOCAB, random_request, tensor
+
 LENGTHS = (9, 23, 6, 17, 4, 12)  # budget 24: [23], [17], [12, 9], [6, 4] -> groups of 1 and 2
 ADAM = AdamParams(learning_rate=1e-2, beta1=0.8, beta2=0.9, eps=1e-4, weight_decay=0.1, grad_clip_norm=0.5)
 REL = 1e-5
@@ -29,38 +30,8 @@ REL = 1e-5
 LOSS_ABS = REL * sum(LENGTHS)
 
 
-def tensor(values, dtype: str) -> Tensor:
-    arr = np.asarray(values, dtype="<i8" if dtype == "int64" else "<f4")
-    return Tensor(dtype=dtype, data=arr.tobytes(), shape=list(arr.shape))
-
-
 def request(loss_fn: str, seed: int, config=None, forward_only=False) -> ForwardBackward:
-    """Datums of LENGTHS with every input the loss takes: sampler logprobs 0.5-4 nats away
-    (ratios clipped on both sides), advantages of both signs, a prompt of 2 unmarked tokens;
-    cross_entropy gets (N, 3) top-K targets on half the datums and weights of both signs."""
-    rng = np.random.default_rng(seed)
-    data = []
-    for i, n in enumerate(LENGTHS):
-        inputs = {}
-        if loss_fn == "cross_entropy":
-            k = 3 if i % 2 else 1
-            targets = rng.integers(0, VOCAB, (n, k)) if k > 1 else rng.integers(0, VOCAB, n)
-            inputs["target_tokens"] = tensor(targets, "int64")
-            inputs["weights"] = tensor(rng.normal(0.5, 1.0, targets.shape), "float32")
-        else:
-            inputs["target_tokens"] = tensor(rng.integers(0, VOCAB, n), "int64")
-            q = -rng.uniform(0.5, 6.0, n)
-            adv = rng.normal(0, 1, n)
-            q[:2], adv[:2] = 0.0, 0.0
-            inputs["logprobs"] = tensor(q, "float32")
-            inputs["advantages"] = tensor(adv, "float32")
-            if loss_fn == "gspo":
-                inputs["sequence_ratio_mask"] = tensor([0, 0] + [1] * (n - 2), "float32")
-        data.append(Datum(tokens=rng.integers(0, VOCAB, n).astype("<i4").tobytes(), loss_fn_inputs=inputs))
-    return ForwardBackward(
-        request_id="r", model_id="m", seq_id=1, loss_fn=loss_fn, loss_fn_config=config or {},
-        forward_only=forward_only, data=data,
-    )  # fmt: skip
+    return random_request(loss_fn, seed, LENGTHS, config=config, forward_only=forward_only)
 
 
 def engines(path: str, **micro) -> tuple[LoraEngine, LoraEngine]:
