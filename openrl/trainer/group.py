@@ -224,9 +224,19 @@ class GroupEngine:
 
     def _both(self, call: Call, local):
         with self._lock:
-            _broadcast(call, self.info.device)
-            self._last = time.monotonic()
-            return local()
+            try:
+                _broadcast(call, self.info.device)
+                self._last = time.monotonic()
+                return local()
+            except InvalidRequest:
+                raise  # refused the same way on every rank, before any collective
+            except BaseException as e:
+                # A failed collective or a rank that failed alone: the ranks are no longer in
+                # step. End the group now (torchrun stops the others, the supervisor restarts
+                # it) rather than finish the request with an error: it was not acked, so the
+                # restarted group replays it.
+                log.critical("trainer_group_broken", call=type(call).__name__, error=repr(e)[:500])
+                os._exit(70)
 
     # Calls every rank makes.
     def create(self, model_id: str, lora: LoraSpec) -> None:
