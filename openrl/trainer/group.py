@@ -52,7 +52,7 @@ class GroupConfig:
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = ""  # required with nnodes > 1: node 0's address
-    master_port: int = 29500
+    master_port: int = 0  # 0: a free port on a single node, 29500 across nodes (torchrun's default)
     rendezvous_timeout_s: int = 120  # a node that cannot reach the others fails after this
     collective_timeout_s: int = 600
     keepalive_s: float = 30.0
@@ -72,8 +72,8 @@ class GroupConfig:
             raise ValueError(f"--node-rank must be in [0, {self.nnodes}), got {self.node_rank}")
         if self.nnodes > 1 and not self.master_addr:
             raise ValueError("--master-addr (node 0's address) is required with --nnodes > 1")
-        if not 0 < self.master_port < 65536:
-            raise ValueError(f"--master-port must be in [1, 65535], got {self.master_port}")
+        if not 0 <= self.master_port < 65536:
+            raise ValueError(f"--master-port must be in [1, 65535] (or 0: a free one on a single node), got {self.master_port}")
         if self.rendezvous_timeout_s < 1 or self.collective_timeout_s < 1:
             raise ValueError("--rendezvous-timeout-s and --collective-timeout-s must be >= 1")
         if cuda_devices is not None and self.nproc_per_node > cuda_devices:
@@ -87,14 +87,16 @@ def launch(cfg: GroupConfig, argv: list[str]) -> int:
     """Run the group's ranks on this node with torchrun's launcher until they end; each rank
     runs `python -m openrl trainer <argv> --group-rank`. Returns the launcher's exit code."""
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
 
     single = cfg.nnodes == 1 and not cfg.master_addr
+    port = cfg.master_port or (_free_port() if single else 29500)
     args = [
         f"--nproc-per-node={cfg.nproc_per_node}",
         f"--nnodes={cfg.nnodes}",
         f"--node-rank={cfg.node_rank}",
         f"--master-addr={cfg.master_addr or '127.0.0.1'}",
-        f"--master-port={cfg.master_port}",
+        f"--master-port={port}",
         "--rdzv-backend=static",
         f"--rdzv-conf=timeout={cfg.rendezvous_timeout_s}",
         "--max-restarts=0",  # a dead rank ends the group: the supervisor restarts it whole
@@ -106,9 +108,12 @@ def launch(cfg: GroupConfig, argv: list[str]) -> int:
         "--group-rank",
     ]
     log.info("trainer_group_launching", ranks=cfg.world_size, nproc_per_node=cfg.nproc_per_node, nnodes=cfg.nnodes,
-             node_rank=cfg.node_rank, master=f"{cfg.master_addr or '127.0.0.1'}:{cfg.master_port}", single_node=single)
+             node_rank=cfg.node_rank, master=f"{cfg.master_addr or '127.0.0.1'}:{port}", single_node=single)
     try:
         torchrun.main(args)
+    except SignalException as e:  # asked to stop: torchrun has stopped the ranks
+        log.info("trainer_group_stopped", signal=e.sigval.name if hasattr(e.sigval, "name") else str(e.sigval))
+        return 0
     except SystemExit as e:  # torchrun ends with sys.exit on a worker failure
         return int(e.code or 0) if isinstance(e.code, int) else 1
     except Exception as e:  # ChildFailedError and friends: already logged by torchrun
@@ -145,7 +150,16 @@ def set_title(title: str) -> None:
         import setproctitle
     except ImportError:  # e.g. a GPU box without it: ps shows `python -m openrl trainer ... --group-rank`
         return
-    setproctitle.setproctitle(f"{title} {' '.join(sys.argv[1:])}")
+    args = sys.argv[1:]
+    setproctitle.setproctitle(" ".join([title, *(args[1:] if args[:1] == ["trainer"] else args)]))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _die_with_parent() -> None:
