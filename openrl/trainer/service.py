@@ -16,6 +16,10 @@ Order and exactly-once (ARCHITECTURE.md, contract 2):
 
 All model compute runs on one thread, in arrival order across tenants, so the event
 loop stays free for heartbeats and in-progress acks while a step runs.
+
+This file is the sequencing (turns, duplicates, futures) and the holding of models; which
+trainer owns a model is `leases.py`, what a model is rebuilt from is `recovery.py`, the math is
+`engine.py` (or `group.GroupEngine` for a trainer group).
 """
 
 from __future__ import annotations
@@ -30,10 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import msgspec
-import nats
 import structlog
-from nats.js.errors import KeyWrongLastSequenceError, NotFoundError, ObjectNotFoundError
-from nats.js.kv import KV_DEL, KV_PURGE
+from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 from openrl import metrics
 from openrl.bus import paths, subjects
@@ -42,7 +44,6 @@ from openrl.bus.errors import InvalidRequest, Unavailable
 from openrl.bus.messages import (
     UsageRecord,
     CreateModel,
-    Lease,
     ForwardBackward,
     ForwardBackwardResult,
     Future,
@@ -51,15 +52,14 @@ from openrl.bus.messages import (
     Rejected,
     LoadWeights,
     SaveWeights,
-    SnapshotRecord,
     TrainRequest,
     WeightsRecord,
     WorkerInfo,
-    decode,
     encode,
 )
-from openrl.trainer import weights
+from openrl.trainer import recovery, weights
 from openrl.trainer.engine import LoraEngine
+from openrl.trainer.leases import Leases, least_loaded
 
 log = structlog.get_logger(__name__)
 
@@ -117,10 +117,9 @@ class Trainer:
         self.worker_id = cfg.worker_id or f"trainer-{socket.gethostname()}-{os.getpid()}"
         self.tenants: dict[str, Tenant] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        # Ownership (see "leases" below): every lease of this base model as last seen, and
-        # the models this process holds (consumes the training requests of).
-        self.leases: dict[str, tuple[Lease, int]] = {}  # model_id -> (lease, KV revision)
-        self._lease_keys: dict[str, str] = {}  # KV key -> model_id (deletes carry only the key)
+        # Ownership (leases.py): every lease of this base model as last seen, and the models
+        # this process holds (consumes the training requests of).
+        self.leases = Leases(bus, cfg.base_model, self.worker_id, on_change=self._reconcile)
         self.held: dict[str, Held] = {}
         self._acquiring: dict[str, asyncio.Task] = {}
         self._stop = asyncio.Event()
@@ -252,10 +251,7 @@ class Trainer:
             return Future(state="failed", error=str(e), category="user", finished_at=time.time(), **base)
 
     async def _import(self, model_id: str, obj: str, with_optimizer: bool) -> None:
-        try:
-            blob = (await self.bus.objects.get(obj)).data
-        except (ObjectNotFoundError, NotFoundError):
-            raise InvalidRequest(f"checkpoint data {obj} is gone (expired or deleted)") from None
+        blob = await recovery.checkpoint_blob(self.bus, obj)
         tensors, meta = await self._run(weights.read_state, blob)
         await self._run(lambda: self.engine.import_state(model_id, tensors, meta, with_optimizer=with_optimizer))
 
@@ -283,7 +279,7 @@ class Trainer:
             await self._run(self.engine.create, model_id, rec.lora)
         seq = 1
         restored = False
-        snap = await self.bus.kv_get(self.bus.snapshots, model_id, SnapshotRecord)
+        snap = await recovery.newest_snapshot(self.bus, model_id)
         if snap is not None:
             try:
                 await self._import(model_id, snap.object, with_optimizer=True)
@@ -299,7 +295,7 @@ class Trainer:
             except InvalidRequest:
                 await self._run(self.engine.drop, model_id)
                 raise
-        entries, after = await self._read_log(rec)
+        entries, after = await recovery.read_log(self.bus, rec)
         first = seq
         finished = 0
         while seq in entries:
@@ -322,28 +318,13 @@ class Trainer:
             first_unapplied=min(unapplied) if unapplied else (after if entries else None),
         )  # fmt: skip
 
-    async def _read_log(self, rec: ModelRecord) -> tuple[dict[int, tuple[int, TrainRequest]], int]:
-        """The model's training requests from the stream, first occurrence of each seq_id, as
-        {seq_id: (stream sequence, request)}, and the stream sequence after the last one read."""
-        subject = subjects.train(rec.base_model, rec.model_id)
-        entries: dict[int, tuple[int, TrainRequest]] = {}
-        after = 1
-        async for raw in self.bus.messages(subjects.TRAIN_STREAM, subject):
-            after = raw.seq + 1
-            try:
-                msg = decode(raw.data, TrainRequest)
-                entries.setdefault(msg.seq_id, (raw.seq, msg))
-            except msgspec.MsgspecError:
-                log.error("log_entry_undecodable", model_id=rec.model_id, stream_seq=raw.seq)
-        return entries, after
-
     # -- handlers
 
     async def on_create(self, msg: CreateModel) -> None:
         """Place a new model (any trainer of the base model may get this message): write its
         lease for the least loaded live trainer. The owner, this one or another, picks the
         lease up, builds the model and finishes the create future (`_acquire`)."""
-        lease = await self._place(msg.model_id)
+        lease = await self.leases.place(msg.model_id)
         if lease.failed is not None:  # a retried create of a model that could not be built
             rec = await self.bus.kv_get(self.bus.models, msg.model_id, ModelRecord)
             if rec is not None:
@@ -380,7 +361,7 @@ class Trainer:
         self._remember(fut)
         await self.bus.finish_future(fut)
         if snapshot is not None:
-            await self._store_snapshot(msg.model_id, msg.seq_id, snapshot)
+            await recovery.store_snapshot(self.bus, msg.model_id, msg.seq_id, snapshot)
         log.debug(
             "train_applied",
             model_id=msg.model_id,
@@ -401,23 +382,6 @@ class Trainer:
         except Unavailable:
             pass  # not held here any more: the owner's rebuild skips it (its future says so)
 
-    async def _store_snapshot(self, model_id: str, seq_id: int, blob: bytes) -> None:
-        """Upload, then point the record at it, then drop the previous one. A crash in between
-        leaves the previous record (still valid: recovery just replays more)."""
-        obj = paths.snapshot_object(model_id, seq_id)
-        try:
-            previous = await self.bus.kv_get(self.bus.snapshots, model_id, SnapshotRecord)
-            if previous is not None and previous.seq_id >= seq_id:
-                return  # a replayed request: a newer snapshot exists
-            await self.bus.objects.put(obj, blob)
-            record = SnapshotRecord(model_id=model_id, seq_id=seq_id, object=obj, size_bytes=len(blob), created_at=time.time())
-            await self.bus.kv_put(self.bus.snapshots, model_id, record)
-            if previous is not None:
-                await self.bus.objects.delete(previous.object)
-            log.info("snapshot_saved", model_id=model_id, seq_id=seq_id, bytes=len(blob))
-        except Exception as e:  # not fatal: the log still holds everything
-            log.warning("snapshot_failed", model_id=model_id, seq_id=seq_id, error=repr(e))
-
     async def _resend(self, msg: TrainRequest) -> None:
         """A duplicate delivery: make sure its result reached KV (the first write may be lost)."""
         fut = self._recent.get(msg.request_id)
@@ -431,49 +395,6 @@ class Trainer:
         self._recent[fut.request_id] = fut
         while len(self._recent) > 256:
             self._recent.popitem(last=False)
-
-    # -- leases: which trainer owns which model
-    #
-    # The leases bucket is the truth: one key per model, written only by compare-and-set.
-    # Every trainer watches the leases of its base model. A trainer holds (consumes the
-    # training requests of) exactly the models whose lease names it. A model whose owner's
-    # heartbeat is gone is taken over by the least loaded live trainer; the old owner, if it
-    # was only paused, sees the lease move and lets go. The model's durable consumer and its
-    # log outlive any owner, so the new owner rebuilds the state and resumes where the old
-    # one stopped.
-
-    def _lease_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for lease, _ in self.leases.values():
-            if lease.failed is None:
-                counts[lease.owner] = counts.get(lease.owner, 0) + 1
-        return counts
-
-    async def _live_trainers(self) -> set[str]:
-        """Worker ids of the trainers of this base model whose heartbeat is current (and this one)."""
-        live = {self.worker_id}
-        keys = await self.bus.kv_keys(self.bus.workers)
-        for key in keys:
-            try:
-                info = await self.bus.kv_get(self.bus.workers, key, WorkerInfo)
-            except (msgspec.MsgspecError, NotFoundError):
-                continue
-            if info is not None and info.kind == "trainer" and info.base_model == self.cfg.base_model:
-                live.add(info.worker_id)
-        return live
-
-    async def _place(self, model_id: str) -> Lease:
-        """The model's lease: the existing one, or a new one for the least loaded live trainer."""
-        key = subjects.lease_key(self.cfg.base_model, model_id)
-        lease = await self.bus.kv_get(self.bus.leases, key, Lease)
-        if lease is not None:
-            return lease
-        load = self._lease_counts()
-        owner = min(await self._live_trainers(), key=lambda w: (load.get(w, 0), w))
-        lease = Lease(model_id=model_id, base_model=self.cfg.base_model, owner=owner, acquired_at=time.time())
-        if not await self.bus.kv_create(self.bus.leases, key, lease):
-            lease = await self.bus.kv_get(self.bus.leases, key, Lease)  # another trainer placed it first
-        return lease
 
     async def _acquire(self, model_id: str) -> None:
         """Start consuming the model's training requests. A new model (its create future still
@@ -492,13 +413,13 @@ class Trainer:
                     await self.tenant(model_id)
                 except InvalidRequest as e:  # create-via-load of a checkpoint that does not fit
                     await self._finish_create(rec, error=str(e))
-                    await self._mark_failed(model_id, str(e))
+                    await self.leases.mark_failed(model_id, str(e))
                     return
                 if rec.init_state is not None:
                     # Its own seq-0 snapshot, so that its recovery never needs the checkpoint
                     # it was loaded from (whose owner may delete it).
                     blob = await self._run(lambda: weights.state_bytes(self.engine, model_id, with_optimizer=True))
-                    await self._store_snapshot(model_id, 0, blob)
+                    await recovery.store_snapshot(self.bus, model_id, 0, blob)
                 await self._finish_create(rec)
             stop = asyncio.Event()
             task = asyncio.create_task(self._consume_model(rec, stop), name=f"train:{model_id}")
@@ -539,13 +460,6 @@ class Trainer:
             fut = Future(state="done", payload=msgspec.json.encode(result), **base)
         await self.bus.finish_future(fut)
 
-    async def _mark_failed(self, model_id: str, error: str) -> None:
-        key = subjects.lease_key(self.cfg.base_model, model_id)
-        entry = self.leases.get(model_id)
-        lease = entry[0] if entry else await self.bus.kv_get(self.bus.leases, key, Lease)
-        if lease is not None and lease.owner == self.worker_id and lease.failed is None:
-            await self.bus.kv_put(self.bus.leases, key, msgspec.structs.replace(lease, failed=error))
-
     async def _release(self, model_id: str) -> None:
         """Stop consuming a model and forget it (its lease now names another trainer)."""
         held = self.held.pop(model_id, None)
@@ -561,53 +475,13 @@ class Trainer:
 
     def _reconcile(self, model_id: str) -> None:
         """Make what this process holds agree with the lease (without blocking the caller)."""
-        entry = self.leases.get(model_id)
-        mine = entry is not None and entry[0].owner == self.worker_id and entry[0].failed is None
+        mine = self.leases.mine(model_id)
         if mine and model_id not in self.held and model_id not in self._acquiring:
             task = asyncio.create_task(self._acquire(model_id), context=contextvars.Context())  # not the caller's trace id
             self._acquiring[model_id] = task
             task.add_done_callback(lambda _: self._acquiring.pop(model_id, None))
         elif not mine and model_id in self.held:
             asyncio.create_task(self._release(model_id))
-
-    async def _watch_leases(self) -> None:
-        """Keep `self.leases` current from the bucket (an ordered consumer; it survives reconnects)."""
-        while not self._stop.is_set():
-            watcher = None
-            try:
-                watcher = await self.bus.leases.watch(subjects.lease_prefix(self.cfg.base_model))
-                while not self._stop.is_set():
-                    try:
-                        entry = await watcher.updates(timeout=1.0)
-                    except nats.errors.TimeoutError:
-                        continue
-                    if entry is None:  # the initial values are all in
-                        continue
-                    if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
-                        model_id = self._lease_keys.pop(entry.key, None)
-                        if model_id is not None:
-                            self.leases.pop(model_id, None)
-                            self._reconcile(model_id)
-                        continue
-                    try:
-                        lease = decode(entry.value, Lease)
-                    except msgspec.MsgspecError:
-                        log.error("lease_undecodable", key=entry.key)
-                        continue
-                    self._lease_keys[entry.key] = lease.model_id
-                    self.leases[lease.model_id] = (lease, entry.revision)
-                    self._reconcile(lease.model_id)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # reconnecting: watch again
-                log.warning("lease_watch_failed", error=repr(e))
-                await asyncio.sleep(1.0)
-            finally:
-                if watcher is not None:
-                    try:
-                        await watcher.stop()
-                    except Exception:
-                        pass
 
     async def _check_leases(self) -> None:
         """Take over the models of dead trainers (each goes to the least loaded live trainer,
@@ -619,32 +493,17 @@ class Trainer:
             except asyncio.TimeoutError:
                 pass
             try:
-                live = await self._live_trainers()
-                load = {w: n for w, n in self._lease_counts().items() if w in live}
-                orphans = sorted(m for m, (lease, _) in self.leases.items() if lease.failed is None and lease.owner not in live)
-                for model_id in orphans:
-                    heir = min(live, key=lambda w: (load.get(w, 0), w))
+                live = await self.leases.live_trainers()
+                load = {w: n for w, n in self.leases.counts().items() if w in live}
+                for model_id in self.leases.orphans(live):
+                    heir = least_loaded(live, load)
                     load[heir] = load.get(heir, 0) + 1
-                    if heir == self.worker_id:
-                        await self._take_over(model_id)
-                for model_id in list(self.leases):
+                    if heir == self.worker_id and await self.leases.take_over(model_id):
+                        self._reconcile(model_id)
+                for model_id in list(self.leases.by_model):
                     self._reconcile(model_id)  # a missed watch event, a failed acquire
             except Exception as e:
                 log.warning("lease_check_failed", error=repr(e))
-
-    async def _take_over(self, model_id: str) -> None:
-        lease, revision = self.leases[model_id]
-        new = msgspec.structs.replace(
-            lease, owner=self.worker_id, epoch=lease.epoch + 1, acquired_at=time.time(), previous_owner=lease.owner
-        )
-        key = subjects.kv_key(subjects.lease_key(self.cfg.base_model, model_id))
-        try:
-            revision = await self.bus.leases.update(key, encode(new), last=revision)
-        except KeyWrongLastSequenceError:
-            return  # another trainer moved it first; the watch brings the news
-        self.leases[model_id] = (new, revision)
-        log.warning("model_taken_over", model_id=model_id, previous_owner=lease.owner, epoch=new.epoch)
-        self._reconcile(model_id)
 
     # -- the process
 
@@ -695,7 +554,7 @@ class Trainer:
                     on_dead=lambda msg, reason: self.bus.fail_dead(msg.request_id, "CreateModel", reason),
                     stop=stop,
                 ),
-                self._watch_leases(),
+                self.leases.watch(self._stop),
                 self._check_leases(),
                 self._keep_group_alive(stop),
             )
@@ -732,35 +591,5 @@ class Trainer:
         await asyncio.gather(*(h.task for h in self.held.values()), *self._acquiring.values(), return_exceptions=True)
         models = sorted(self.held)
         self.held.clear()
-        if not models:
-            return
-        try:
-            heirs = await self._live_trainers() - {self.worker_id}
-        except Exception as e:  # the bus is gone: the others take over after the TTL
-            log.warning("hand_over_failed", error=repr(e), models=len(models))
-            return
-        if not heirs:
-            log.info("models_kept", models=len(models), reason="no other live trainer")
-            return
-        load = {w: n for w, n in self._lease_counts().items() if w in heirs}
-        moved = 0
-        for model_id in models:
-            key = subjects.kv_key(subjects.lease_key(self.cfg.base_model, model_id))
-            try:
-                entry = await self.bus.leases.get(key)
-                lease = decode(entry.value, Lease)
-                if lease.owner != self.worker_id or lease.failed is not None:
-                    continue
-                heir = min(heirs, key=lambda w: (load.get(w, 0), w))
-                new = msgspec.structs.replace(lease, owner=heir, epoch=lease.epoch + 1, acquired_at=time.time(), previous_owner=self.worker_id)
-                await self.bus.leases.update(key, encode(new), last=entry.revision)
-            except KeyWrongLastSequenceError:
-                continue  # moved meanwhile: whoever moved it owns it
-            except Exception as e:
-                log.warning("hand_over_failed", model_id=model_id, error=repr(e))
-                continue
-            load[heir] = load.get(heir, 0) + 1
-            moved += 1
-            metrics.LEASES_HANDED_OVER.inc()
-            log.info("model_handed_over", model_id=model_id, to=heir, epoch=new.epoch)
-        log.info("models_handed_over", moved=moved, held=len(models))
+        if models:
+            await self.leases.hand_over(models)
