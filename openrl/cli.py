@@ -183,12 +183,18 @@ def cmd_sampler(args: argparse.Namespace) -> None:
                      "(or use --backend transformers)")
         if args.device not in ("", "cuda"):
             sys.exit(f"openrl sampler: the vllm backend runs on cuda only, not --device {args.device}")
+    fraction = args.gpu_memory_fraction
+    if fraction is not None and not 0 < fraction <= 1:  # also refuses NaN
+        sys.exit(f"openrl sampler: --gpu-memory-fraction must be in (0, 1], got {fraction}")
 
     from openrl.bus.client import Bus, BusConfig
-    from openrl.sampler.backend import TransformersSampler
+    from openrl.sampler.backend import TransformersSampler, pick_device
     from openrl.sampler.service import Sampler, SamplerConfig
     from openrl.trainer.default_model import resolve_model_path
 
+    device = (args.device or pick_device()) if args.backend == "transformers" else "cuda"
+    if fraction is not None and device.split(":")[0] != "cuda":
+        sys.exit(f"openrl sampler: --gpu-memory-fraction caps a GPU's memory, but this sampler runs on {device}")
     if args.threads:
         import torch
 
@@ -202,7 +208,7 @@ def cmd_sampler(args: argparse.Namespace) -> None:
         default_max_tokens=args.default_max_tokens,
         max_batch=args.max_batch,
     )
-    backend = TransformersSampler(path, device=args.device or None) if args.backend == "transformers" else None
+    backend = TransformersSampler(path, device=device, memory_fraction=fraction) if args.backend == "transformers" else None
 
     async def main() -> None:
         stop = _stop_event()
@@ -212,7 +218,7 @@ def cmd_sampler(args: argparse.Namespace) -> None:
 
             sampler_backend = VllmSampler(
                 path,
-                gpu_memory_utilization=args.gpu_memory_utilization,
+                gpu_memory_utilization=fraction if fraction is not None else args.gpu_memory_utilization,
                 max_loras=args.max_loras,
                 max_lora_rank=args.max_lora_rank,
                 max_adapters=cfg.cached_adapters,
@@ -510,10 +516,28 @@ def _wait_ready(url: str, timeout_s: float, sup, samplers: int, trainers: int = 
     return False
 
 
+def _up_placement(args: argparse.Namespace):
+    """The GPUs of every child, checked before anything starts (openrl/placement.py)."""
+    from openrl.placement import place, visible_gpus
+
+    visible: list[str] = []
+    if (args.trainer_gpus or "").strip() or (args.sampler_gpus or "").strip():
+        import torch  # only when asked to place: it takes a second to import
+
+        visible = visible_gpus(torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    try:
+        return place(trainers=args.trainers, samplers=args.samplers, trainer_nproc=args.trainer_nproc,
+                     trainer_gpus=args.trainer_gpus, sampler_gpus=args.sampler_gpus,
+                     shared_fraction=args.sampler_gpu_memory_fraction, visible=visible)
+    except ValueError as e:
+        sys.exit(f"openrl up: {e}")
+
+
 def cmd_up(args: argparse.Namespace) -> None:
     from openrl.bus.server import free_port
     from openrl.supervisor import Child, Supervisor, openrl_argv
 
+    placement = _up_placement(args)  # an impossible placement stops here, before anything exists
     data_dir = Path(args.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     key_file = data_dir / "api-key"
@@ -528,10 +552,10 @@ def cmd_up(args: argparse.Namespace) -> None:
     if not api_key.startswith("tml-"):
         sys.exit("openrl up: --api-key must start with 'tml-' (the tinker SDK refuses other keys)")
     # Every torch process would otherwise take all cores; on a CPU machine they then thrash
-    # (small matmuls slow down 100x). Share the cores out unless told otherwise.
-    if args.trainers < 1 or args.samplers < 0:
-        sys.exit("openrl up: --trainers must be >= 1 and --samplers >= 0")
-    threads = args.threads or max(1, logs.usable_cpus() // (args.trainers + args.samplers))
+    # (small matmuls slow down 100x). Share the cores out (a trainer's ranks are processes
+    # each) unless told otherwise.
+    ranks = args.trainers * placement.trainer_nproc
+    threads = args.threads or max(1, logs.usable_cpus() // (ranks + args.samplers))
     nats_port = args.nats_port or free_port()
     nats_url = f"nats://127.0.0.1:{nats_port}"
     url = f"http://{args.host}:{args.port}"
@@ -541,14 +565,16 @@ def cmd_up(args: argparse.Namespace) -> None:
         # Stable worker ids: a restarted trainer takes its own models straight back.
         *[
             Child(name, openrl_argv("trainer", "--base-model", args.base_model, *common, "--threads", str(threads),
-                                    "--snapshot-every", str(args.snapshot_every), "--worker-id", name), grace_s=15)
-            for name in (["trainer"] if args.trainers == 1 else [f"trainer-{i}" for i in range(args.trainers)])
+                                    "--snapshot-every", str(args.snapshot_every), "--worker-id", name, *slot.args),
+                  env=slot.env, grace_s=15)
+            for name, slot in zip(["trainer"] if args.trainers == 1 else [f"trainer-{i}" for i in range(args.trainers)],
+                                  placement.trainers, strict=True)
         ],
         *[
             Child(f"sampler-{i}" if args.samplers > 1 else "sampler",
-                  openrl_argv("sampler", "--base-model", args.base_model, *common, "--threads", str(threads)),
-                  grace_s=15)
-            for i in range(args.samplers)
+                  openrl_argv("sampler", "--base-model", args.base_model, *common, "--threads", str(threads), *slot.args),
+                  env=slot.env, grace_s=15)
+            for i, slot in enumerate(placement.samplers)
         ],
         # One process per reward function: each is its own group of competing consumers and
         # fails, restarts and scales on its own, as in a cluster.
@@ -634,6 +660,17 @@ def parser() -> argparse.ArgumentParser:
                     help="also run a rewarder for this reward function (repeatable) [OPENRL_REWARDERS, comma-separated]")
     up.add_argument("--reward-concurrency", type=int, default=int(_env("REWARD_CONCURRENCY", 2)), help="worker processes per rewarder")
     up.add_argument("--samplers", type=int, default=int(_env("SAMPLERS", 1)), help="sampler processes (competing consumers)")
+    up.add_argument("--trainer-nproc", type=int, default=_env("TRAINER_NPROC"),
+                    help="ranks (processes, one GPU each) per trainer, passed on as `openrl trainer --nproc-per-node` "
+                         "(default: the --trainer-gpus shared out over the trainers; 1 without them) [OPENRL_TRAINER_NPROC]")
+    up.add_argument("--trainer-gpus", default=_env("TRAINER_GPUS", ""), metavar="0,1,...",
+                    help="GPU indices for the trainers, split in order into --trainers groups of --trainer-nproc "
+                         "(CUDA_VISIBLE_DEVICES per trainer) [OPENRL_TRAINER_GPUS]")
+    up.add_argument("--sampler-gpus", default=_env("SAMPLER_GPUS", ""), metavar="0,1,...",
+                    help="GPU indices for the samplers, one each, round-robin [OPENRL_SAMPLER_GPUS]")
+    up.add_argument("--sampler-gpu-memory-fraction", type=float, default=float(_env("SAMPLER_GPU_MEMORY_FRACTION", 0.3)),
+                    help="the share of a trainer's GPU that the samplers placed on it get, split evenly among them "
+                         "[OPENRL_SAMPLER_GPU_MEMORY_FRACTION]")
     up.add_argument("--snapshot-every", type=int, default=int(_env("SNAPSHOT_EVERY", 64)), help="trainer snapshot interval, in requests")
     up.add_argument("--threads", type=int, default=int(_env("THREADS", 0)), help="torch threads per trainer and sampler process (0: the cores shared out among them)")
     up.add_argument("--fwdbwd-max-chunk-len", type=int, default=int(_env("FWDBWD_MAX_CHUNK_LEN", 1024)))
@@ -682,6 +719,10 @@ def parser() -> argparse.ArgumentParser:
                     help="transformers (CPU, MPS, CUDA) or vllm (CUDA; pip install 'openrl[vllm]') [OPENRL_SAMPLER_BACKEND]")
     sm.add_argument("--gpu-memory-utilization", type=float, default=float(_env("GPU_MEMORY_UTILIZATION", 0.9)),
                     help="vllm: the fraction of GPU memory vLLM may take [OPENRL_GPU_MEMORY_UTILIZATION]")
+    sm.add_argument("--gpu-memory-fraction", type=float, default=_env("GPU_MEMORY_FRACTION"),
+                    help="the most of its GPU's memory this sampler may use, 0 < F <= 1, for a GPU shared with a trainer: "
+                         "torch's per-process cap (transformers), or vLLM's gpu_memory_utilization, which it replaces "
+                         "(default: no cap) [OPENRL_GPU_MEMORY_FRACTION]")
     sm.add_argument("--max-loras", type=int, default=int(_env("MAX_LORAS", 8)),
                     help="vllm: distinct adapters in one batch [OPENRL_MAX_LORAS]")
     sm.add_argument("--max-lora-rank", type=int, default=int(_env("MAX_LORA_RANK", 64)),

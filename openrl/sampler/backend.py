@@ -140,6 +140,17 @@ class SamplerInfo:
     dtype: str
 
 
+def _cap_memory(dev: torch.device, fraction: float) -> None:
+    """At most `fraction` of the GPU's memory for this process (torch's caching allocator then
+    raises OOM rather than take more), so a sampler sharing a GPU with a trainer leaves it the
+    rest. Before the model loads: the cap covers the weights too."""
+    if dev.type != "cuda":
+        raise ValueError(f"a GPU memory fraction needs a CUDA device, not {dev}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"a GPU memory fraction must be in (0, 1], got {fraction}")
+    torch.cuda.set_per_process_memory_fraction(float(fraction), dev.index if dev.index is not None else torch.cuda.current_device())
+
+
 def pick_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
@@ -256,8 +267,11 @@ class TransformersSampler:
         dtype: torch.dtype | None = None,
         max_adapters: int = 16,
         max_batch_rows: int = 256,
+        memory_fraction: float | None = None,
     ):
         device = device or pick_device()
+        if memory_fraction is not None:
+            _cap_memory(torch.device(device), memory_fraction)
         dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         model.to(device).eval()
@@ -289,7 +303,8 @@ class TransformersSampler:
             device=device,
             dtype=str(dtype).removeprefix("torch."),
         )
-        log.info("sampler_loaded", path=model_path, device=device, dtype=self.info.dtype, eos=self.info.eos_token_ids)
+        log.info("sampler_loaded", path=model_path, device=device, dtype=self.info.dtype, eos=self.info.eos_token_ids,
+                 memory_fraction=memory_fraction)
 
     # ------------------------------------------------------------------ adapters
 

@@ -366,7 +366,7 @@ class VllmSampler:
             raise RuntimeError(f"vLLM runs with logprobs_mode {mode!r}, not 'processed_logprobs': the logprobs would be wrong")
         self._dir = Path(tempfile.mkdtemp(prefix="openrl-vllm-adapters-", dir=adapter_dir))  # mode 700, ours alone
         log.info("sampler_loaded", backend="vllm", path=model_path, dtype=DTYPE, eos=self.info.eos_token_ids,
-                 max_loras=max_loras, max_lora_rank=max_lora_rank)  # fmt: skip
+                 max_loras=max_loras, max_lora_rank=max_lora_rank, gpu_memory_utilization=gpu_memory_utilization)  # fmt: skip
 
     # -- the service's interface
 

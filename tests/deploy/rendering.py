@@ -15,6 +15,8 @@ import ast
 import base64
 import inspect
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,7 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = {name: DEPLOY / "kustomize" / "overlays" / name for name in ("dev-cpu", "gpu")}
+OVERLAYS = {name: DEPLOY / "kustomize" / "overlays" / name for name in ("dev-cpu", "gpu", "gpu-multihost")}
 EXAMPLE = DEPLOY / "examples" / "custom-reward"
 NAMESPACE = "openrl"
 IMAGE_UID = 10001  # the images' USER; the manifests run pods as it
@@ -36,8 +38,15 @@ HF_CACHE = "/cache/huggingface"  # the images' HF_HOME, a volume in every worker
 NATS_VALUES = {
     "dev-cpu": [DEPLOY / "nats" / "values.yaml", DEPLOY / "nats" / "values-dev.yaml"],
     "gpu": [DEPLOY / "nats" / "values.yaml"],
+    "gpu-multihost": [DEPLOY / "nats" / "values.yaml"],
 }
 TOOLS_REQUIRED = os.environ.get("OPENRL_DEPLOY_TOOLS_REQUIRED") == "1"
+# Objects the manifests reference but do not create: the operator creates them, as
+# deploy/README.md says (checked in test_deploy_manifests.py). Stand-ins with the keys the manifests use.
+OPERATOR_SECRETS = {
+    ("Secret", "openrl-api-keys"): {"kind": "Secret", "metadata": {"name": "openrl-api-keys"},
+                                    "data": {"OPENRL_API_KEYS": base64.b64encode(b"tml-operator-key").decode()}},
+}
 
 
 def need_tool(name: str, hint: str) -> None:
@@ -111,10 +120,38 @@ def one(objs: list[dict], kind: str, name: str) -> dict:
 
 
 WORKLOAD_KINDS = ("Deployment", "Job", "StatefulSet", "DaemonSet")
+# What the LeaderWorkerSet controller puts first in every container of its pods
+# (kubernetes-sigs/lws, pkg/utils/pod/pod_utils.go, AddLWSVariables).
+LWS_ENV = ("LWS_LEADER_ADDRESS", "LWS_GROUP_SIZE", "LWS_WORKER_INDEX")
 
 
 def workloads(objs: list[dict]) -> list[dict]:
-    return [o for o in objs if o["kind"] in WORKLOAD_KINDS]
+    """Objects with a pod template. A LeaderWorkerSet gives two, its leader's and its workers'
+    templates, each as a view shaped like a Deployment (`spec.template`) with `lws` (the object)
+    and `lws_role` ("leader" or "worker") added, named `<name>/leader` and `<name>/worker`."""
+    out = []
+    for o in objs:
+        if o["kind"] in WORKLOAD_KINDS:
+            out.append(o)
+        elif o["kind"] == "LeaderWorkerSet":
+            t = o["spec"]["leaderWorkerTemplate"]
+            for role, template in (("leader", t.get("leaderTemplate", t["workerTemplate"])), ("worker", t["workerTemplate"])):
+                out.append({"kind": o["kind"], "metadata": {"name": f"{o['metadata']['name']}/{role}"},
+                            "spec": {"template": template}, "lws": o, "lws_role": role})
+    return out
+
+
+def lws_env(view: dict, worker_index: int | None = None) -> dict[str, str]:
+    """What the LWS controller sets in a pod of group 0 (the leader is worker 0; a worker view
+    stands for worker 1 unless `worker_index` says otherwise)."""
+    lws = view["lws"]
+    name, namespace = lws["metadata"]["name"], lws["metadata"].get("namespace", "default")
+    index = worker_index if worker_index is not None else (0 if view["lws_role"] == "leader" else 1)
+    return {
+        "LWS_LEADER_ADDRESS": f"{name}-0.{name}.{namespace}",  # subdomainPolicy Shared: the LWS's headless Service
+        "LWS_GROUP_SIZE": str(lws["spec"]["leaderWorkerTemplate"].get("size", 1)),
+        "LWS_WORKER_INDEX": str(index),
+    }
 
 
 def pod_spec(workload: dict) -> dict:
@@ -171,10 +208,13 @@ def containers(objs: list[dict], init: bool = True) -> list[Container]:
     return out
 
 
-def container_env(objs: list[dict], c: Container, external: dict[str, dict] | None = None) -> dict[str, str]:
-    """The environment a container gets: envFrom ConfigMaps/Secrets, then env (which wins).
+def container_env(objs: list[dict], c: Container, external: dict[str, dict] | None = None,
+                  worker_index: int | None = None) -> dict[str, str]:
+    """The environment a container gets: what a controller injects (LWS), envFrom
+    ConfigMaps/Secrets, then env (which wins), with $(VAR) references expanded as the kubelet
+    does (a reference to a variable not defined before it would stay as it is: refused here).
     valueFrom entries get a stand-in (the pod name for fieldRef, the Secret's value if rendered)."""
-    env: dict[str, str] = {}
+    env: dict[str, str] = dict(lws_env(c.workload, worker_index)) if "lws" in c.workload else {}
     for src in c.spec.get("envFrom", []):
         for kind, ref in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
             if ref in src:
@@ -182,7 +222,7 @@ def container_env(objs: list[dict], c: Container, external: dict[str, dict] | No
                 env.update({src.get("prefix", "") + k: v for k, v in data_of(obj).items()})
     for e in c.spec.get("env", []):
         if "value" in e:
-            env[e["name"]] = str(e["value"])
+            env[e["name"]] = expand(str(e["value"]), env, f"{c.where} {e['name']}")
         elif "fieldRef" in e.get("valueFrom", {}):
             env[e["name"]] = "pod-0"
         else:
@@ -191,6 +231,16 @@ def container_env(objs: list[dict], c: Container, external: dict[str, dict] | No
             obj = lookup(objs, kind, ref["name"], external, optional=True)
             env[e["name"]] = data_of(obj).get(ref["key"], f"<{kind} {ref['name']}/{ref['key']}>") if obj else f"<{ref['name']}>"
     return env
+
+
+def expand(value: str, env: dict[str, str], where: str) -> str:
+    def sub(m: re.Match) -> str:
+        if m.group(0).startswith("$$"):
+            return m.group(0)[1:]
+        assert m.group(1) in env, f"{where}: $({m.group(1)}) names no variable defined before it"
+        return env[m.group(1)]
+
+    return re.sub(r"\$?\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", sub, value)
 
 
 def lookup(objs: list[dict], kind: str, name: str, external: dict[str, dict] | None = None, optional: bool = False) -> dict | None:
@@ -211,6 +261,18 @@ def data_of(obj: dict | None) -> dict[str, str]:
         data = {k: base64.b64decode(v).decode() for k, v in data.items()}
         data.update(obj.get("stringData") or {})
     return {k: str(v) for k, v in data.items()}
+
+
+def own_group_only(peers: list[dict], w: dict, objs: list[dict]) -> bool:
+    """Whether a rule's peers are the pods of w's own trainer group and nothing else: its
+    ranks talk to each other on ports NCCL picks, so such a rule may leave ports open."""
+    if "lws" not in w or not peers or any(set(x) != {"podSelector"} for x in peers):
+        return False
+    views = workloads(objs)
+    mine = [v for v in views if v.get("lws") is w["lws"]]
+    others = [v for v in views if v.get("lws") is not w["lws"]]
+    return all(all(selects(x["podSelector"], pod_labels(v)) for v in mine)
+               and not any(selects(x["podSelector"], pod_labels(v)) for v in others) for x in peers)
 
 
 # -- what the code reads ---------------------------------------------------------------
@@ -274,6 +336,20 @@ def env_read_by_subcommand() -> dict[str, set[str]]:
         func = sub.get_default("func")
         out[name] = set(reads.get(name, set())) | literal_reads(func.__name__, set())
     return out
+
+
+def parse_openrl(argv: list[str], env: dict[str, str], monkeypatch):
+    """`openrl ARGV` parsed by the real parser with exactly `env`'s OPENRL_* variables."""
+    from openrl import cli
+
+    for k in [k for k in os.environ if k.startswith("OPENRL_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        return cli.parser().parse_args(argv)
+    except SystemExit:
+        raise AssertionError(f"openrl {shlex.join(argv)} does not parse") from None
 
 
 # Variables read by libraries inside the image, not by OpenRL: each with the module whose

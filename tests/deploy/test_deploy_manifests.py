@@ -4,11 +4,8 @@ objects, and every command, flag, environment variable and probe against the cod
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import re
-import shlex
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
@@ -25,7 +22,9 @@ from rendering import (  # noqa: F401 - render is a fixture
     HF_CACHE,
     IMAGE_UID,
     LIBRARY_ENV,
+    LWS_ENV,
     NAMESPACE,
+    OPERATOR_SECRETS,
     OVERLAYS,
     ROOT,
     container_env,
@@ -36,6 +35,8 @@ from rendering import (  # noqa: F401 - render is a fixture
     lookup,
     nats_values,
     one,
+    own_group_only,
+    parse_openrl,
     pod_labels,
     pod_spec,
     render,
@@ -46,12 +47,6 @@ from rendering import (  # noqa: F401 - render is a fixture
 SCHEMAS = Path(__file__).parent / "schemas"
 K8S_VERSIONS = ("1.29", "1.33")  # an older and a newer supported Kubernetes
 
-# Objects the manifests reference but do not create: the operator creates them, as
-# deploy/README.md says (checked below). Stand-ins with the keys the manifests use.
-OPERATOR_SECRETS = {
-    ("Secret", "openrl-api-keys"): {"kind": "Secret", "metadata": {"name": "openrl-api-keys"},
-                                    "data": {"OPENRL_API_KEYS": base64.b64encode(b"tml-operator-key").decode()}},
-}
 OPTIONAL_REFS = {("Secret", "openrl-hf-token")}  # gated models only; referenced with optional: true
 
 
@@ -61,12 +56,13 @@ def targets(render) -> dict[str, tuple[list[dict], dict]]:
     return {
         "dev-cpu": (dev, {}),
         "gpu": (render(OVERLAYS["gpu"]), OPERATOR_SECRETS),
+        "gpu-multihost": (render(OVERLAYS["gpu-multihost"]), OPERATOR_SECRETS),
         # Applied next to an overlay: it reads that overlay's openrl-common ConfigMap.
         "custom-reward": (render(EXAMPLE), {("ConfigMap", "openrl-common"): one(dev, "ConfigMap", "openrl-common")}),
     }
 
 
-@pytest.fixture(scope="module", params=["dev-cpu", "gpu", "custom-reward"])
+@pytest.fixture(scope="module", params=["dev-cpu", "gpu", "gpu-multihost", "custom-reward"])
 def target(request, render):
     objs, external = targets(render)[request.param]
     return request.param, objs, external
@@ -86,12 +82,35 @@ def test_every_object_validates_against_its_schema(target):
         if obj["apiVersion"].startswith("keda.sh/"):
             jsonschema.validate(obj, keda)
             continue
+        if obj["apiVersion"].startswith("leaderworkerset.x-k8s.io/"):
+            validate_lws(obj)
+            continue
         for version in K8S_VERSIONS:
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
             except kubernetes_validate.ValidationError as e:
                 raise AssertionError(f"{name}: {obj['kind']}/{obj['metadata']['name']} on Kubernetes {version}: {e.message} at {list(e.path)}") from None
     assert "Deployment" in kinds
+
+
+def validate_lws(obj: dict) -> None:
+    """Against the LeaderWorkerSet CRD's schema, and each pod template, strictly, as the
+    PodTemplateSpec of every Kubernetes version we support (the CRD embeds the one LWS was
+    built against, which may have fields an older cluster lacks)."""
+    import kubernetes_validate
+
+    jsonschema.validate(obj, json.loads((SCHEMAS / "lws-leaderworkerset.schema.json").read_text()))
+    lwt = obj["spec"]["leaderWorkerTemplate"]
+    for role in ("leaderTemplate", "workerTemplate"):
+        if role not in lwt:
+            continue
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{obj['metadata']['name']}-{role}"},
+                        "template": lwt[role]}
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(pod_template, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                raise AssertionError(f"LeaderWorkerSet/{obj['metadata']['name']} {role} on Kubernetes {version}: {e.message} at {list(e.path)}") from None
 
 
 def test_schemas_reject_what_the_cluster_would_drop(render):
@@ -107,6 +126,23 @@ def test_schemas_reject_what_the_cluster_would_drop(render):
     scaled["spec"]["maxReplicas"] = 3  # HPA's spelling, not KEDA's
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(scaled, json.loads((SCHEMAS / "keda-scaledobject.schema.json").read_text()))
+    lws = one(render(OVERLAYS["gpu-multihost"]), "LeaderWorkerSet", "openrl-trainer-group")
+    validate_lws(lws)
+    bad_fields = [
+        (jsonschema.ValidationError, ("spec", "startupPolicy"), "LeaderStarted"),
+        (jsonschema.ValidationError, ("spec", "leaderWorkerTemplate", "sizes"), 2),
+        (jsonschema.ValidationError, ("spec", "leaderWorkerTemplate", "workerTemplate", "spec", "terminationGracePeriodSecond"), 60),
+        # Pod-level resources: in the PodSpec LWS embeds (Kubernetes 1.32+), not in 1.29's.
+        (AssertionError, ("spec", "leaderWorkerTemplate", "leaderTemplate", "spec", "resources"), {"limits": {"cpu": "1"}}),
+    ]
+    for error, (*path, key), value in bad_fields:
+        bad = json.loads(json.dumps(lws))
+        node = bad
+        for k in path:
+            node = node[k]
+        node[key] = value
+        with pytest.raises(error):
+            validate_lws(bad)
 
 
 def test_everything_lives_in_the_openrl_namespace(target):
@@ -210,19 +246,6 @@ def test_operator_created_objects_are_documented():
 # -- commands, flags, environment -------------------------------------------------------
 
 
-def parse_openrl(argv: list[str], env: dict[str, str], monkeypatch):
-    from openrl import cli
-
-    for k in [k for k in os.environ if k.startswith("OPENRL_")]:
-        monkeypatch.delenv(k)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    try:
-        return cli.parser().parse_args(argv)
-    except SystemExit:
-        raise AssertionError(f"openrl {shlex.join(argv)} does not parse") from None
-
-
 def test_containers_run_real_subcommands_with_real_flags(target, monkeypatch):
     name, objs, external = target
     seen = set()
@@ -260,6 +283,8 @@ def test_every_environment_variable_is_read(target):
         for var in env:
             if var in LIBRARY_ENV:
                 continue
+            if "lws" in c.workload and var in LWS_ENV:
+                continue  # the LWS controller's; the manifest reads them through $(...) in its own variables
             if sub is not None:
                 assert var in reads[sub], f"{c.where}: `openrl {sub}` does not read {var}"
             else:  # a plain command: it must name the variable itself
@@ -362,8 +387,12 @@ def test_pods_are_scraped_on_their_metrics_port(target):
     for c in containers(objs, init=False):
         if c.openrl_subcommand not in ("gateway", "trainer", "sampler", "rewarder"):
             continue
-        port = metrics_port(objs, c, external)
         annotations = c.workload["spec"]["template"]["metadata"].get("annotations", {})
+        if c.workload.get("lws_role") == "worker":
+            # A trainer group's other hosts only compute: nothing there serves metrics.
+            assert "prometheus.io/scrape" not in annotations, f"{c.where}: a scrape target that is always down"
+            continue
+        port = metrics_port(objs, c, external)
         assert annotations.get("prometheus.io/scrape") == "true", c.where
         assert annotations.get("prometheus.io/port") == str(port), c.where
         assert annotations.get("prometheus.io/path", "/metrics") == "/metrics", c.where
@@ -374,6 +403,12 @@ def test_probes_exist_and_check_real_readiness(target):
     for c in containers(objs, init=False):
         sub = c.openrl_subcommand
         if sub is None:
+            continue
+        if c.workload.get("lws_role") == "worker":
+            # Nothing serves a probe on a trainer group's other hosts; their process is the
+            # check: a dead rank ends it, and the LWS then restarts the whole group.
+            assert not {"startupProbe", "readinessProbe", "livenessProbe"} & set(c.spec), f"{c.where}: probes nothing serves"
+            assert c.workload["lws"]["spec"]["leaderWorkerTemplate"].get("restartPolicy") == "RecreateGroupOnPodRestart", c.where
             continue
         assert "readinessProbe" in c.spec and "livenessProbe" in c.spec, c.where
         if sub in ("trainer", "sampler", "rewarder"):
@@ -431,10 +466,10 @@ def test_resources_and_gpus(target):
         assert "memory" in res.get("limits", {}), f"{c.where}: memory limit"
         gpus = res.get("limits", {}).get("nvidia.com/gpu")
         assert gpus == res["requests"].get("nvidia.com/gpu"), f"{c.where}: GPU request and limit differ"
-        wants_gpu = name == "gpu" and c.openrl_subcommand in ("trainer", "sampler")
+        wants_gpu = name.startswith("gpu") and c.openrl_subcommand in ("trainer", "sampler")
         assert (gpus is not None) == wants_gpu, f"{c.where}: GPUs {gpus}"
         if name != "custom-reward":  # that one runs the user's own image
-            assert c.spec["image"].endswith("-cuda" if name == "gpu" else "-cpu"), f"{c.where}: {c.spec['image']}"
+            assert c.spec["image"].endswith("-cuda" if name.startswith("gpu") else "-cpu"), f"{c.where}: {c.spec['image']}"
 
 
 def test_pods_run_unprivileged(target):
@@ -467,7 +502,7 @@ def test_only_the_gateway_is_reachable(render):
             ingress = [p for p in policies if "Ingress" in p["spec"]["policyTypes"] and p["spec"].get("ingress")
                        and selects(p["spec"]["podSelector"], labels)]
             # Prometheus may reach the metrics port, from its own namespace only.
-            rules = [rule for p in ingress for rule in p["spec"]["ingress"]]
+            rules = [rule for p in ingress for rule in p["spec"]["ingress"] if not own_group_only(rule.get("from", []), w, objs)]
             scrape = [r for r in rules if {pt["port"] for pt in r["ports"]} == {9090}]
             for rule in scrape:
                 assert rule.get("from") and all(x["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
@@ -492,6 +527,8 @@ def test_workers_talk_to_nats_and_dns_only(render):
                 if "Egress" not in p["spec"]["policyTypes"] or not selects(p["spec"]["podSelector"], labels):
                     continue
                 for rule in p["spec"].get("egress", []):
+                    if own_group_only(rule.get("to", []), w, objs):
+                        continue
                     ports = {(pt["port"], pt["protocol"]) for pt in rule["ports"]}
                     peers = rule.get("to", [])
                     if ports == {(53, "UDP"), (53, "TCP")}:
@@ -503,7 +540,7 @@ def test_workers_talk_to_nats_and_dns_only(render):
                         assert labels.get("app.kubernetes.io/component") == "model-download", f"{name}: {w['metadata']['name']} egress {ports}"
             assert any(
                 p["spec"].get("egress") and selects(p["spec"]["podSelector"], labels) and
-                any({(pt["port"], pt["protocol"]) for pt in r["ports"]} == {(url.port, "TCP")} for r in p["spec"]["egress"])
+                any({(pt["port"], pt["protocol"]) for pt in r.get("ports", [])} == {(url.port, "TCP")} for r in p["spec"]["egress"])
                 for p in find(objs, "NetworkPolicy")
             ) or labels.get("app.kubernetes.io/component") == "model-download", f"{name}: {w['metadata']['name']} cannot reach NATS"
 
