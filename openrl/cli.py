@@ -132,16 +132,43 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 # -- openrl trainer ------------------------------------------------------------------
 
 
+def _trainer_group(args: argparse.Namespace):
+    from openrl.trainer.group import GroupConfig
+
+    return GroupConfig(
+        nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
+        master_addr=args.master_addr, master_port=args.master_port,
+        rendezvous_timeout_s=args.rendezvous_timeout_s, collective_timeout_s=args.collective_timeout_s,
+    )  # fmt: skip
+
+
 def cmd_trainer(args: argparse.Namespace) -> None:
+    import torch
+
     from openrl.bus.client import Bus, BusConfig
+    from openrl.trainer import group as groups
     from openrl.trainer.default_model import DEFAULT_MODEL, resolve_model_path
-    from openrl.trainer.engine import LoraEngine
+    from openrl.trainer.engine import LoraEngine, pick_device
     from openrl.trainer.service import Trainer, TrainerConfig
 
+    if args.microbatch_tokens < 0:
+        sys.exit(f"openrl trainer: --microbatch-tokens must be >= 1 (or 0 for the device's default), got {args.microbatch_tokens}")
+    device = args.device or pick_device()
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("openrl trainer: --device cuda, but no CUDA device is visible (CUDA_VISIBLE_DEVICES, drivers)")
+    group = _trainer_group(args)
+    try:
+        group.check(torch.cuda.device_count() if device == "cuda" else None)
+    except ValueError as e:
+        sys.exit(f"openrl trainer: {e}")
+    if group.world_size > 1 and not args.group_rank:
+        # The launcher: runs the group's ranks on this node and ends when they do.
+        groups.set_title(f"openrl trainer group launcher ({group.nproc_per_node} ranks here, {group.world_size} in all)")
+        rank_argv = list(args.argv[1:])  # everything after `trainer`
+        sys.exit(groups.launch(group, rank_argv))
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
+    rank = groups.init_rank(group, device) if args.group_rank else None
     path = resolve_model_path(args.base_model)
     cfg = TrainerConfig(
         base_model=args.base_model,
@@ -152,9 +179,18 @@ def cmd_trainer(args: argparse.Namespace) -> None:
         snapshot_every=args.snapshot_every,
     )
     started = time.monotonic()
-    engine = LoraEngine(path, model_name=args.base_model, device=args.device or None)
+    checkpointing = {"auto": None, "on": True, "off": False}[args.activation_checkpointing]
+    engine = LoraEngine(
+        path, model_name=args.base_model, device=device, microbatch_tokens=args.microbatch_tokens or None,
+        activation_checkpointing=checkpointing, sharded=rank is not None,
+    )  # fmt: skip
     log.info("base_model_loaded", base_model=args.base_model, path=path, seconds=round(time.monotonic() - started, 2),
-             default=args.base_model == DEFAULT_MODEL)
+             default=args.base_model == DEFAULT_MODEL, rank=rank.rank if rank else 0)
+    if rank is not None and rank.rank != 0:
+        groups.follow(engine)  # no bus: rank 0 hands this rank its work
+        return
+    if rank is not None:
+        engine = groups.GroupEngine(engine, group)
 
     async def main() -> None:
         stop = _stop_event()
@@ -166,7 +202,7 @@ def cmd_trainer(args: argparse.Namespace) -> None:
         if server is not None:
             await server.cleanup()
 
-    asyncio.run(main())
+    asyncio.run(main())  # rank 0 stops on a signal, which torchrun sends every rank of the group
 
 
 # -- openrl sampler -------------------------------------------------------------------
@@ -705,6 +741,25 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--worker-id", default=_env("WORKER_ID", ""))
     tr.add_argument("--snapshot-every", type=int, default=int(_env("SNAPSHOT_EVERY", 64)),
                     help="snapshot a model's full state every N requests (at an optim_step); 0 = never")
+    tr.add_argument("--microbatch-tokens", type=int, default=int(_env("MICROBATCH_TOKENS", 0)),
+                    help="padded tokens per forward pass; a request runs in as many as it needs "
+                         "(0: the device's default, 16384 on cuda, 4096 elsewhere) [OPENRL_MICROBATCH_TOKENS]")
+    tr.add_argument("--activation-checkpointing", choices=["auto", "on", "off"], default=_env("ACTIVATION_CHECKPOINTING", "auto"),
+                    help="recompute decoder layers in the backward pass instead of keeping their activations "
+                         "(auto: on for cuda) [OPENRL_ACTIVATION_CHECKPOINTING]")
+    # A trainer group on torch.distributed, named as torchrun names them (docs/gpus.md).
+    tr.add_argument("--nproc-per-node", type=int, default=int(_env("NPROC_PER_NODE", 1)),
+                    help="ranks on this node, one per GPU; > 1 (or --nnodes > 1) makes this process the group's launcher [OPENRL_NPROC_PER_NODE]")
+    tr.add_argument("--nnodes", type=int, default=int(_env("NNODES", 1)), help="hosts in the group [OPENRL_NNODES]")
+    tr.add_argument("--node-rank", type=int, default=int(_env("NODE_RANK", 0)), help="this host's index in the group [OPENRL_NODE_RANK]")
+    tr.add_argument("--master-addr", default=_env("MASTER_ADDR", ""), help="node 0's address (needed with --nnodes > 1) [OPENRL_MASTER_ADDR]")
+    tr.add_argument("--master-port", type=int, default=int(_env("MASTER_PORT", 0)),
+                    help="node 0's rendezvous port (0: a free one on a single node, 29500 across nodes) [OPENRL_MASTER_PORT]")
+    tr.add_argument("--rendezvous-timeout-s", type=int, default=int(_env("RENDEZVOUS_TIMEOUT_S", 120)),
+                    help="give up (exit non-zero) if the group's ranks have not all joined by then")
+    tr.add_argument("--collective-timeout-s", type=int, default=int(_env("COLLECTIVE_TIMEOUT_S", 600)),
+                    help="a collective that waits longer raises instead of hanging")
+    tr.add_argument("--group-rank", action="store_true", help=argparse.SUPPRESS)  # set by the launcher for its ranks
     tr.set_defaults(func=cmd_trainer)
 
     sm = sub.add_parser("sampler", help="a sampler for one base model (competing consumer of its sample queue)")
@@ -808,12 +863,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    args.argv = argv
     if args.command in ("gateway", "trainer", "sampler", "rewarder"):
         logs.configure(args.log_level, args.log_format)
     else:
         logs.configure(getattr(args, "log_level", "info"), "console")
-    logs.set_process_name(args.command)
+    logs.set_process_name(args.command if not getattr(args, "group_rank", False) else "trainer-rank")
     if args.command == "nats":
         args.data_dir = str(Path(args.data_dir).expanduser())
     args.func(args)

@@ -58,16 +58,40 @@ def test_build_is_deterministic_and_concurrent_callers_share_one_build(tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_revision_tracks_the_recipe():
+def test_revision_tracks_the_recipe_the_builder_and_the_packages(monkeypatch):
     assert dm.revision() != dm.revision(dm.WARMUP_STEPS + 1)
     assert len(dm.revision()) == 40
+    before = dm.revision()
+    # Another version of a package the numbers depend on: another cache entry, a fresh build.
+    versions = dm._package_versions()
+    monkeypatch.setattr(dm, "_package_versions", lambda: {**versions, "transformers": "0.0.1"})
+    assert dm.revision() != before
+    monkeypatch.undo()
+    # Another builder (its source is part of the key).
+    real = dm.Path.read_bytes
+    monkeypatch.setattr(dm.Path, "read_bytes", lambda self: real(self) + b"# changed" if self.name == "default_model.py" else real(self))
+    assert dm.revision() != before
 
 
-def test_default_model_has_signal(default_model):
-    """The warm-up gives demos and RL something to start from; a random model would not."""
+def test_the_build_report_is_checked_against_its_bounds(default_model):
+    """A full build passed its bounds (or it would not exist); a report below them is refused,
+    naming each figure that is short."""
     stats = dm.build_stats(default_model)
-    assert stats["loss_end"] < stats["loss_start"] / 2
-    assert stats["copy_accuracy"] >= 0.5, stats
+    dm.check_bounds(stats)
+    assert stats["warmup_steps"] == dm.WARMUP_STEPS and len(stats["weights_sha256"]) == 64
+    assert set(stats["packages"]) == set(dm.BUILD_PACKAGES)
+    low = {**stats, "copy_accuracy": 0.1, "loss_end": stats["loss_start"]}
+    with pytest.raises(dm.BuildOutOfBounds, match="copy_accuracy.*loss_end"):
+        dm.check_bounds(low)
+
+
+def test_a_full_build_outside_its_bounds_installs_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(dm, "WARMUP_STEPS", 3)  # a short build judged as a full one
+    with pytest.raises(dm.BuildOutOfBounds):
+        dm.ensure_default_model(tmp_path, warmup_steps=3)
+    repo = tmp_path / "models--openrl--tiny-qwen3"
+    assert not (repo / "refs" / "main").exists()
+    assert not (repo / "snapshots").exists() or not any((repo / "snapshots").iterdir())
 
 
 def test_sdk_tokenizer_lookup_finds_it_offline(default_model):
