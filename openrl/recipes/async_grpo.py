@@ -18,6 +18,11 @@ The loss is `importance_sampling` with the sampler's logprobs as the behaviour p
 for a group sampled with older weights the ratio p_theta / q corrects for the difference.
 Advantages are rewards minus their group's mean (GRPO without the std normalisation).
 
+The command line trains on a toy task measured on the base model first (`measured_tasks`):
+chat prompts like those of the default model's warm-up (sums, differences, word tasks), each
+rewarding (exact_match) its majority first tokens, so the reward starts between 0.15 and 0.6
+whatever the model already knows.
+
 Per step it logs (JSONL in `--log-dir`, and a tqdm bar): `reward/mean`, `time/step`,
 `time/wait` (the trainer waiting for groups), `staleness/mean`, `staleness/max`,
 `groups/dropped`, `logprob/mismatch` (mean |sampler logprob - trainer logprob| over the
@@ -63,7 +68,7 @@ class Config:
     max_staleness: int = 1
     learning_rate: float = 3e-4
     rank: int = 16
-    max_tokens: int = 3  # the toy task: a word, then end of turn
+    max_tokens: int = 3  # say_word_tasks: a word, then end of turn (the measured toy task: 1)
     temperature: float = 1.0
     seed: int = 0
     log_dir: Path | None = None
@@ -87,12 +92,45 @@ class Group:
 
 
 def say_word_tasks(n: int, seed: int = 0) -> list[Task]:
-    """The toy task of `openrl demo --rl`: "Say the other word: w1 w2 w3"; any of the three
-    words (alone) is right. The default model does it about two times in three."""
+    """"Say the other word: w1 w2 w3"; any of the three words (alone) is right. Whether a
+    model leaves RL room to learn here depends on its warm-up: `measured_tasks` does not."""
     from openrl.demo import rl_prompts
     from openrl.trainer.default_model import COPY_WORDS
 
     return [Task(q, {"answers": ws}) for q, ws in rl_prompts(n, COPY_WORDS, seed=seed)]
+
+
+def measured_tasks(cfg: Config, questions: Sequence[str], *, samples: int = 64) -> list[Task]:
+    """Tasks for the `exact_match` reward, measured on the base model (what a new LoRA starts
+    from): each question is sampled `samples` times with cfg's max_tokens and temperature, and
+    its reference answers are its majority completions (`openrl.demo.majority_answers`, on the
+    text as exact_match normalises it). Questions the model nearly always answers one way are
+    left out, so the reward starts inside REWARD_BAND and has room to rise on any model.
+    `reference["base_rate"]` is the measured share of the answers."""
+    import tinker
+    from tinker import types
+
+    from openrl.demo import majority_answers
+    from openrl.rewarder.builtin import normalize_text
+
+    service = tinker.ServiceClient(base_url=cfg.base_url, api_key=cfg.api_key)
+    try:
+        sampler = service.create_sampling_client(base_model=cfg.base_model).result()
+        tokenizer = sampler.get_tokenizer()
+        futures = []
+        for i, question in enumerate(questions):
+            seed = 10**9 + cfg.seed * 7919 + i  # far from the rollouts' seeds
+            params = types.SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=seed)
+            futures.append(sampler.sample(types.ModelInput.from_ints(encode_prompt(tokenizer, question)), samples, params))
+        tasks = []
+        for question, future in zip(questions, futures):
+            texts = [normalize_text(tokenizer.decode(s.tokens, skip_special_tokens=True)) for s in future.result().sequences]
+            picked = majority_answers(texts)
+            if picked is not None:
+                tasks.append(Task(question, {"answers": picked[0], "base_rate": picked[1]}))
+        return tasks
+    finally:
+        service.close("success").result()
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
@@ -415,10 +453,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-staleness", type=int, default=1, help="steps off-policy a group may be (0: on-policy)")
     p.add_argument("--learning-rate", type=float, default=3e-4)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=1, help="1: the measured toy task rewards an answer's first token")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward", default="exact_match", help="the reward function's name on the server")
-    p.add_argument("--tasks", type=int, default=256, help="how many toy prompts to draw")
+    p.add_argument("--tasks", type=int, default=8, help="how many measured toy prompts to train on (see measured_tasks)")
     p.add_argument("--sequential", action="store_true", help="run the plain synchronous loop instead (for comparison)")
     p.add_argument("--log-dir", type=Path, default=Path("runs/async-grpo"))
     args = p.parse_args(argv)
@@ -428,7 +466,13 @@ def main(argv: list[str] | None = None) -> None:
     cfg = Config(base_url=args.base_url, api_key=args.api_key, base_model=args.base_model, reward_name=args.reward, steps=args.steps,
                  groups_per_step=args.groups_per_step, group_size=args.group_size, max_staleness=args.max_staleness,
                  learning_rate=args.learning_rate, rank=args.rank, max_tokens=args.max_tokens, seed=args.seed, log_dir=args.log_dir)  # fmt: skip
-    tasks = say_word_tasks(args.tasks, seed=args.seed)
+    from openrl.demo import rl_questions
+
+    questions = rl_questions(8 * args.tasks, seed=args.seed)
+    tasks = measured_tasks(cfg, questions)[: args.tasks]
+    if not tasks:
+        raise SystemExit(f"none of {len(questions)} prompts leaves room to learn on {cfg.base_model}: it answers each one way nearly always")
+    print(f"{len(tasks)} tasks; the base model gives their majority answers {sum(t.reference['base_rate'] for t in tasks) / len(tasks):.2f} of the time")
     rows = train_sequential(cfg, tasks) if args.sequential else asyncio.run(train(cfg, tasks))
     k = max(1, len(rows) // 4)
     early, late = (sum(r["reward/mean"] for r in rs) / len(rs) for rs in (rows[:k], rows[-k:]))
