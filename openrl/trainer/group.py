@@ -116,6 +116,11 @@ def launch(cfg: GroupConfig, argv: list[str]) -> int:
         return 0
     except SystemExit as e:  # torchrun ends with sys.exit on a worker failure
         return int(e.code or 0) if isinstance(e.code, int) else 1
+    except torch.distributed.DistNetworkError as e:
+        log.error("trainer_group_rendezvous_failed", error=str(e)[:300],
+                  why=f"node {cfg.node_rank} of {cfg.nnodes} could not reach the group's rendezvous at "
+                      f"{cfg.master_addr or '127.0.0.1'}:{port} within {cfg.rendezvous_timeout_s} s")  # fmt: skip
+        return 1
     except Exception as e:  # ChildFailedError and friends: already logged by torchrun
         log.error("trainer_group_failed", error=repr(e)[:500])
         return 1

@@ -129,3 +129,27 @@ def test_group_settings_that_cannot_start_are_refused():
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
             cfg.check(cuda_devices=1)
     groups.GroupConfig(nproc_per_node=2).check(cuda_devices=None)  # CPU ranks: no device limit
+
+
+def test_a_node_that_cannot_reach_its_rendezvous_fails_with_a_clear_error(tmp_path):
+    """Node 1 of 2 whose master never answers: the launcher gives up after the rendezvous
+    timeout and exits non-zero, saying why; it never hangs."""
+    from openrl.bus.server import free_port
+
+    port = free_port()  # nobody listens there
+    cmd = [sys.executable, "-m", "openrl", "trainer", "--nats-url", "nats://127.0.0.1:1", "--nnodes", "2", "--node-rank", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "--rendezvous-timeout-s", "3", "--log-format", "json"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"node 1 of 2 could not reach the group's rendezvous at 127.0.0.1:{port} within 3 s" in proc.stderr + proc.stdout
+
+
+def test_impossible_group_settings_are_refused_at_start():
+    for args, message in (
+        (["--nproc-per-node", "0"], "--nproc-per-node must be >= 1"),
+        (["--nnodes", "2"], "--master-addr (node 0's address) is required"),
+        (["--microbatch-tokens", "-1"], "--microbatch-tokens must be >= 1"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--nproc-per-node", "999"], "CUDA"),
+    ):
+        proc = subprocess.run([sys.executable, "-m", "openrl", "trainer", *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-2000:])
