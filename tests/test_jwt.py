@@ -17,7 +17,7 @@ from tinker import types
 from openrl.bus.client import Bus, BusConfig
 from openrl.demo import make_datum, sft_examples
 from openrl.gateway import auth
-from openrl.gateway.app import key_id
+from openrl.gateway.http import key_id
 
 from conftest import API_KEY, BASE_MODEL, OTHER_KEY
 

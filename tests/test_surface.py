@@ -22,7 +22,7 @@ import tinker
 from tinker import types
 
 from openrl.demo import make_datum, sft_examples
-from openrl.gateway.app import key_id
+from openrl.gateway.http import key_id
 
 from conftest import API_KEY, BASE_MODEL, OTHER_KEY
 

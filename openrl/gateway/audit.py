@@ -28,6 +28,7 @@ from openrl.bus import subjects
 from openrl.bus.client import Bus
 from openrl.bus.errors import InvalidRequest
 from openrl.bus.messages import AuditEvent, decode
+from openrl.gateway.http import API, reply
 
 log = structlog.get_logger(__name__)
 
@@ -86,8 +87,6 @@ def entry_json(ev: AuditEvent) -> dict[str, Any]:
 
 def add_routes(app: web.Application, gw) -> None:
     async def get_audit_log(request: web.Request) -> web.Response:
-        from openrl.gateway.app import _json
-
         owner = gw.owner(request)
         event_type = request.query.get("event_type", "all")
         if event_type not in EVENT_TYPES:
@@ -99,6 +98,6 @@ def add_routes(app: web.Application, gw) -> None:
         start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc).timestamp()
         found = await events(gw.bus, owner, start, start + 86400)
         prefixes = EVENT_TYPES[event_type]
-        return _json({"entries": [entry_json(e) for e in found if e.event.startswith(prefixes)]})
+        return reply({"entries": [entry_json(e) for e in found if e.event.startswith(prefixes)]})
 
-    app.router.add_get("/api/v1/audit", get_audit_log)
+    app.router.add_get(f"{API}/audit", get_audit_log)

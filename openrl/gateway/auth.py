@@ -30,6 +30,7 @@ from aiohttp import web
 
 from openrl.bus.errors import Unauthorized
 from openrl.bus.messages import Secret
+from openrl.gateway.http import API, InvalidToken
 
 log = structlog.get_logger(__name__)
 
@@ -38,12 +39,6 @@ ISSUER = "openrl"
 SIGNING_KEY = "jwt-signing"
 _HEADER = {"alg": "HS256", "typ": "JWT"}
 _KEY_ID = re.compile(r"[0-9a-f]{24}")
-
-
-class InvalidToken(Unauthorized):
-    """A JWT that is malformed, tampered with, not ours or expired: 401 with
-    `WWW-Authenticate: Bearer error="invalid_token"`, on which the SDK fetches a fresh JWT and
-    replays the request once."""
 
 
 def _b64(data: bytes) -> str:
@@ -111,4 +106,4 @@ def attach(app: web.Application, gw) -> None:
         return web.json_response({"jwt": issue(gw.jwt_secret, key_id)})
 
     app.on_startup.append(start)
-    app.router.add_post("/api/v1/auth/token", auth_token)
+    app.router.add_post(f"{API}/auth/token", auth_token)

@@ -27,6 +27,7 @@ from openrl.bus import subjects
 from openrl.bus.errors import InvalidRequest
 from openrl.bus.messages import SessionRecord, UsageRecord
 from openrl.gateway.audit import read_log
+from openrl.gateway.http import API, reply
 
 MAX_WINDOW_S = 31 * 86400
 HOUR = 3600
@@ -49,8 +50,6 @@ def _iso(t: float) -> str:
 
 def add_routes(app: web.Application, gw) -> None:
     async def usage_events(request: web.Request) -> web.Response:
-        from openrl.gateway.app import _json
-
         owner = gw.owner(request)
         start, end = _when(request, "starting_on"), _when(request, "ending_before")
         if not 0 < end - start <= MAX_WINDOW_S:
@@ -83,6 +82,6 @@ def add_routes(app: web.Application, gw) -> None:
                 "estimated_cost_usd": None, "event_info": info,
             })  # fmt: skip
         meta = {sid: {"user_metadata": s.user_metadata or None} for sid, s in sessions.items() if s is not None}
-        return _json({"data": data, "sessions": meta, "cost_data_through": None})
+        return reply({"data": data, "sessions": meta, "cost_data_through": None})
 
-    app.router.add_get("/api/v1/billing/usage/events", usage_events)
+    app.router.add_get(f"{API}/billing/usage/events", usage_events)

@@ -51,9 +51,10 @@ from nats.js.errors import KeyNotFoundError, NotFoundError, ObjectDeletedError, 
 from openrl.bus import paths, subjects
 from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import Lease, ModelRecord, SamplerRecord, SessionRecord, WeightsRecord, decode
-from openrl.gateway.app import API, Gateway, _body, _check_ttl, _json
 from openrl.gateway import audit
+from openrl.gateway.http import API, Forbidden, check_ttl, read_body, reply
 from openrl.gateway.names import check_id, check_name
+from openrl.gateway.service import Gateway
 
 log = structlog.get_logger(__name__)
 
@@ -61,10 +62,6 @@ REAP_EVERY_S = 5.0
 CHECKPOINT_TYPE = {"state": "training", "sampler": "sampler", "external": "external"}
 SEGMENTS = {"weights": "state", "sampler_weights": "sampler", "external_weights": "external"}
 MAX_LIMIT = 1000
-
-
-class Forbidden(NotFound):
-    """The caller may read this (it is published) but not change it: 403."""
 
 
 class _TtlBody(msgspec.Struct, kw_only=True):
@@ -253,7 +250,7 @@ class Catalogue:
             in_project = {s.session_id for s in await self.sessions(owner) if s.project_id == project}
             runs = [r for r in runs if r.session_id in in_project]
         page = runs[offset : offset + limit]
-        return _json(
+        return reply(
             {
                 "training_runs": [await self.run_json(r) for r in page],
                 "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)},
@@ -263,7 +260,7 @@ class Catalogue:
     async def get_training_run(self, request: web.Request) -> web.Response:
         owner = self.gw.owner(request)
         run = check_id(request.match_info["run"], "training run id")
-        return _json(await self.run_json(await self.gw.model(run, owner, trainable=False)))
+        return reply(await self.run_json(await self.gw.model(run, owner, trainable=False)))
 
     # -- checkpoints
 
@@ -272,13 +269,13 @@ class Catalogue:
         run = check_id(request.match_info["run"], "training run id")
         await self.gw.model(run, owner, trainable=False)
         recs = await self.checkpoints(owner, run=run)
-        return _json({"checkpoints": [checkpoint_json(r) for r in recs], "cursor": None})
+        return reply({"checkpoints": [checkpoint_json(r) for r in recs], "cursor": None})
 
     async def list_user_checkpoints(self, request: web.Request) -> web.Response:
         owner = self.gw.owner(request)
         limit, offset = _page(request, 100)
         recs = await self.checkpoints(owner)
-        return _json(
+        return reply(
             {
                 "checkpoints": [checkpoint_json(r) for r in recs[offset : offset + limit]],
                 "cursor": {"offset": offset, "limit": limit, "total_count": len(recs)},
@@ -293,7 +290,7 @@ class Catalogue:
         owner = self.gw.owner(request)
         rec = await self.checkpoint(*self._address(request), owner, write=True)
         await self.delete(rec, "deleted by owner", actor=owner)
-        return _json({})
+        return reply({})
 
     async def publish(self, request: web.Request) -> web.Response:
         return await self._set_public(request, True)
@@ -310,19 +307,19 @@ class Catalogue:
         action = "checkpoint_publish" if public else "checkpoint_unpublish"
         log.info(f"{action}ed", path=rec.path, owner=owner)
         await audit.record(self.bus, owner, action, actor=owner, tinker_path=rec.path, model_id=rec.model_id)
-        return _json({})
+        return reply({})
 
     async def set_ttl(self, request: web.Request) -> web.Response:
         owner = self.gw.owner(request)
         rec = await self.checkpoint(*self._address(request), owner, write=True)
-        body = await _body(request, _TtlBody)
-        _check_ttl(body.ttl_seconds)
+        body = await read_body(request, _TtlBody)
+        check_ttl(body.ttl_seconds)
         expires = None if body.ttl_seconds is None else time.time() + body.ttl_seconds
         await self.update(rec, expires_at=expires)
         log.info("checkpoint_ttl_set", path=rec.path, owner=owner, ttl_seconds=body.ttl_seconds)
         await audit.record(self.bus, owner, "checkpoint_ttl_set", actor=owner, tinker_path=rec.path, model_id=rec.model_id,
                            details={"ttl_seconds": body.ttl_seconds})  # fmt: skip
-        return _json({})
+        return reply({})
 
     async def bad_checkpoint_address(self, request: web.Request) -> web.Response:
         """Anything under .../checkpoints/ that is not <segment>/<name>[/publish|/ttl]."""
@@ -331,10 +328,10 @@ class Catalogue:
 
     async def weights_info(self, request: web.Request) -> web.Response:
         owner = self.gw.owner(request)
-        body = await _body(request, _PathBody)
+        body = await read_body(request, _PathBody)
         parsed = paths.parse(body.tinker_path)
         rec = await self.checkpoint(parsed.model_id, parsed.segment, parsed.name, owner, write=False)
-        return _json(
+        return reply(
             {
                 "base_model": rec.base_model,
                 "optimizer_config": {"type": "adamw"},
@@ -348,8 +345,8 @@ class Catalogue:
 
     async def copy_weights(self, request: web.Request) -> web.Response:
         owner = self.gw.owner(request)
-        body = await _body(request, _CopyBody)
-        _check_ttl(body.ttl_seconds)
+        body = await read_body(request, _CopyBody)
+        check_ttl(body.ttl_seconds)
         parsed = paths.parse(body.source_path)
         src = await self.checkpoint(parsed.model_id, parsed.segment, parsed.name, owner, write=False)
         now = time.time()
@@ -383,7 +380,7 @@ class Catalogue:
         dest = f"{paths.SCHEME}{model_id}/{parsed.segment}/{src.name}"
         done = await self.bus.kv_get(self.bus.weights, dest, WeightsRecord)
         if done is not None:  # a retry of a copy that finished
-            return _json({"tinker_path": dest})
+            return reply({"tinker_path": dest})
         obj = f"copies/{model_id}/{parsed.segment}-{src.name}"
         size = 0
         try:
@@ -402,7 +399,7 @@ class Catalogue:
         log.info("checkpoint_copied", source=src.path, path=dest, owner=owner, bytes=size, project_id=project)
         await audit.record(self.bus, owner, "checkpoint_copy", actor=owner, tinker_path=dest, model_id=model_id,
                            details={"source_path": src.path, "size_bytes": size, "project_id": project or ""})  # fmt: skip
-        return _json({"tinker_path": dest})
+        return reply({"tinker_path": dest})
 
     # -- sessions
 
@@ -410,7 +407,7 @@ class Catalogue:
         owner = self.gw.owner(request)
         limit, offset = _page(request, 20)
         recs = await self.sessions(owner)
-        return _json({"sessions": [s.session_id for s in recs[offset : offset + limit]]})
+        return reply({"sessions": [s.session_id for s in recs[offset : offset + limit]]})
 
     async def get_session(self, request: web.Request) -> web.Response:
         owner = self.gw.owner(request)
@@ -418,7 +415,7 @@ class Catalogue:
         rec = await self.gw.session(sid, owner)
         runs = await self.records(self.bus.models, ModelRecord, f"{sid}:train:")
         samplers = await self.records(self.bus.samplers, SamplerRecord, f"{sid}:sample:")
-        return _json(
+        return reply(
             {
                 "training_run_ids": [r.model_id for r in sorted(runs, key=lambda r: r.created_at) if r.owner == owner],
                 "sampler_ids": [s.sampler_id for s in sorted(samplers, key=lambda s: s.created_at) if s.owner == owner],
@@ -431,17 +428,17 @@ class Catalogue:
         owner = self.gw.owner(request)
         sid = check_id(request.match_info["session_id"], "session id")
         rec = await self.gw.session(sid, owner)
-        body = await _body(request, _ProjectBody)
+        body = await read_body(request, _ProjectBody)
         if not body.project_id or len(body.project_id) > 256:
             raise InvalidRequest("project_id must be a non-empty string of at most 256 characters")
         await self.bus.kv_put(self.bus.sessions, rec.session_id, msgspec.structs.replace(rec, project_id=body.project_id))
         log.info("session_project_assigned", session_id=sid, owner=owner, project_id=body.project_id)
         await audit.record(self.bus, owner, "session_project_set", actor=owner, session_id=sid, details={"project_id": body.project_id})
-        return _json({})
+        return reply({})
 
     async def search_sessions(self, request: web.Request) -> web.Response:
         owner = self.gw.owner(request)
-        body = await _body(request, _SearchBody)
+        body = await read_body(request, _SearchBody)
         if not 1 <= body.limit <= 200:
             raise InvalidRequest("limit must be in [1, 200]")
         owner_type = body.owner.get("type", "own")
@@ -449,7 +446,7 @@ class Catalogue:
             raise InvalidRequest(f"unknown owner type {owner_type!r}")
         # One key is one principal here: "accessible" is what it owns; "user" must name it.
         if owner_type == "user" and owner not in [str(u).rsplit(":", 1)[-1] for u in body.owner.get("owner_urns") or []]:
-            return _json({"sessions": [], "next_cursor": None})
+            return reply({"sessions": [], "next_cursor": None})
         sessions = await self.sessions(owner)
         checkpoints = await self.checkpoints(owner)
         per_session: dict[str, list[WeightsRecord]] = {}
@@ -504,7 +501,7 @@ class Catalogue:
         if len(found) > body.limit:
             last = page[-1]
             cursor = {"last_created_at": iso(last.created_at), "last_session_id": last.session_id}
-        return _json({"sessions": summaries, "next_cursor": cursor})
+        return reply({"sessions": summaries, "next_cursor": cursor})
 
     # -- usage
 
@@ -527,7 +524,7 @@ class Catalogue:
             for p, cs in sorted(groups.items(), key=lambda kv: kv[0] or "")
             if project is None or p == project
         ]
-        return _json({"data": data, "effective_rate_usd_per_gigabyte_month": None})
+        return reply({"data": data, "effective_rate_usd_per_gigabyte_month": None})
 
     # -- expiry
 
@@ -565,31 +562,19 @@ def _status_matches(s: SessionRecord, query: dict[str, Any]) -> bool:
     return status["type"] != "client_finished" or not reasons or status["reason"]["type"] in reasons
 
 
-@web.middleware
-async def forbidden(request: web.Request, handler):
-    """403 for a published checkpoint another key tries to change (before `errors` makes it a 404)."""
-    try:
-        return await handler(request)
-    except Forbidden as e:
-        return _json({"detail": str(e), "type": "forbidden"}, status=403)
+CATALOGUE = web.AppKey("catalogue", Catalogue)
+REAPER = web.AppKey("reaper", asyncio.Task)
 
 
-def add_routes(app: web.Application, gw: Gateway) -> None:
-    cat = Catalogue(gw)
-    app["catalogue"] = cat
-    app.middlewares.append(forbidden)
+def add_routes(app: web.Application, cat: Catalogue) -> None:
+    """The catalogue's routes, and the TTL reaper. A route of another module under
+    .../checkpoints/ goes before these: the last one here takes whatever is left there."""
+    app[CATALOGUE] = cat
     r = app.router
     ckpt = f"{API}/training_runs/{{run}}/checkpoints/{{segment}}/{{name}}"
     r.add_get(f"{API}/training_runs", cat.list_training_runs)
     r.add_get(f"{API}/training_runs/{{run}}", cat.get_training_run)
     r.add_get(f"{API}/training_runs/{{run}}/checkpoints", cat.list_checkpoints)
-    from openrl.gateway import downloads  # its checkpoint route goes before the catch-all below
-
-    downloads.add_routes(app, gw, cat)
-    audit.add_routes(app, gw)
-    from openrl.gateway import billing
-
-    billing.add_routes(app, gw)
     r.add_post(f"{API}/copy_weights", cat.copy_weights)
     r.add_post(f"{ckpt}/publish", cat.publish)
     r.add_delete(f"{ckpt}/publish", cat.unpublish)
@@ -605,11 +590,11 @@ def add_routes(app: web.Application, gw: Gateway) -> None:
     r.add_get(f"{API}/billing/usage/checkpoints/current", cat.storage_usage)
 
     async def start_reaper(app: web.Application) -> None:
-        app["reaper"] = asyncio.create_task(cat.reap())
+        app[REAPER] = asyncio.create_task(cat.reap())
 
     async def stop_reaper(app: web.Application) -> None:
-        app["reaper"].cancel()
-        await asyncio.gather(app["reaper"], return_exceptions=True)
+        app[REAPER].cancel()
+        await asyncio.gather(app[REAPER], return_exceptions=True)
 
     app.on_startup.append(start_reaper)
     app.on_cleanup.append(stop_reaper)

@@ -39,9 +39,10 @@ from nats.js.errors import NotFoundError, ObjectDeletedError, ObjectNotFoundErro
 from openrl.bus import subjects
 from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import Future, ModelRecord, SamplerRecord, Secret, SessionRecord, TrainRequest, decode
-from openrl.gateway.app import API, Gateway, _json, request_id
-from openrl.gateway.catalogue import Forbidden
+from openrl.gateway.catalogue import Catalogue
+from openrl.gateway.http import API, Forbidden, reply, request_id
 from openrl.gateway.names import check_id
+from openrl.gateway.service import Gateway
 
 log = structlog.get_logger(__name__)
 
@@ -51,7 +52,7 @@ SAMPLE_MISSES = 64  # consecutive unknown sample seq_ids after which a sampler's
 
 
 class Expired(Forbidden):
-    """A bad, tampered or expired signed URL: 403 (the `forbidden` middleware in catalogue)."""
+    """A bad, tampered or expired signed URL: 403."""
 
 
 class Signer:
@@ -91,7 +92,7 @@ def _us(t: float) -> float:
 
 
 class Downloads:
-    def __init__(self, gw: Gateway, catalogue):
+    def __init__(self, gw: Gateway, catalogue: Catalogue):
         self.gw = gw
         self.bus = gw.bus
         self.cat = catalogue
@@ -108,14 +109,14 @@ class Downloads:
             expires = min(expires, int(rec.expires_at))
         urls = {f: await self.signer.url(request, f"object/{rec.object}/{f}", expires) for f in rec.files}
         log.info("download_urls_signed", path=rec.path, owner=owner, files=len(urls))
-        return _json({"urls": urls, "expires": datetime.fromtimestamp(expires, timezone.utc).isoformat()})
+        return reply({"urls": urls, "expires": datetime.fromtimestamp(expires, timezone.utc).isoformat()})
 
     async def trace_export(self, request: web.Request) -> web.Response:
         owner = self.gw.owner(request)
         sid = check_id(request.match_info["session_id"], "session id")
         await self.gw.session(sid, owner)
         url = await self.signer.url(request, f"trace/{sid}", int(time.time()) + URL_TTL_S)
-        return _json({"status": "ready", "url": url})
+        return reply({"status": "ready", "url": url})
 
     async def signed(self, request: web.Request) -> web.Response:
         resource = request.match_info["resource"]
@@ -208,10 +209,13 @@ class Downloads:
         }
 
 
-def add_routes(app: web.Application, gw: Gateway, catalogue) -> None:
+DOWNLOADS = web.AppKey("downloads", Downloads)
+
+
+def add_routes(app: web.Application, gw: Gateway, catalogue: Catalogue) -> None:
     """Register before the catalogue's catch-all checkpoint route."""
     dl = Downloads(gw, catalogue)
-    app["downloads"] = dl
+    app[DOWNLOADS] = dl
     r = app.router
     r.add_get(f"{API}/training_runs/{{run}}/checkpoints/{{segment}}/{{name}}/external_weights_urls", dl.external_urls)
     r.add_get(f"{API}/sessions/{{session_id}}/trace_export", dl.trace_export)

@@ -17,13 +17,13 @@ import secrets
 import time
 
 import structlog
+from aiohttp import web
 
-from openrl.bus import subjects
-from openrl.bus.client import Bus
+from openrl.bus.client import Bus, BusConfig
 from openrl.bus.errors import InvalidRequest
 from openrl.bus.messages import ApiKeyRecord, decode
 from openrl.gateway import audit
-from openrl.gateway.app import key_id
+from openrl.gateway.http import key_id
 from openrl.gateway.names import check_name
 
 log = structlog.get_logger(__name__)
@@ -88,20 +88,23 @@ async def watch(bus: Bus, valid: set[str], ready: asyncio.Event | None = None) -
             await asyncio.sleep(1.0)
 
 
-def attach(app, gw) -> None:
+KEYS_WATCH = web.AppKey("keys_watch", asyncio.Task)
+
+
+def attach(app: web.Application, gw) -> None:
     """Run `watch` for this gateway: `gw.live_keys` holds the live keys' ids once it has started."""
 
-    async def start(app) -> None:
+    async def start(app: web.Application) -> None:
         ready = asyncio.Event()
-        app["keys_watch"] = asyncio.create_task(watch(gw.bus, gw.live_keys, ready))
+        app[KEYS_WATCH] = asyncio.create_task(watch(gw.bus, gw.live_keys, ready))
         try:
             await asyncio.wait_for(ready.wait(), 10)
         except asyncio.TimeoutError:
             log.warning("keys_not_loaded", after_s=10)
 
-    async def stop(app) -> None:
-        app["keys_watch"].cancel()
-        await asyncio.gather(app["keys_watch"], return_exceptions=True)
+    async def stop(app: web.Application) -> None:
+        app[KEYS_WATCH].cancel()
+        await asyncio.gather(app[KEYS_WATCH], return_exceptions=True)
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)
@@ -109,8 +112,6 @@ def attach(app, gw) -> None:
 
 async def main(nats_url: str, action: str, name: str | None) -> int:
     """`openrl keys ...`: print what it did; 0 on success."""
-    from openrl.bus.client import BusConfig
-
     bus = await Bus.connect(BusConfig(url=nats_url, name="openrl-keys"))
     try:
         if action == "create":

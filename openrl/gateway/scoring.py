@@ -21,7 +21,8 @@ from aiohttp import web
 from openrl.bus import subjects
 from openrl.bus.errors import InvalidRequest, Unavailable
 from openrl.bus.messages import ScoreItem, ScoreRequest, WorkerInfo, encode
-from openrl.gateway.app import API, Gateway, _body, _json, request_id
+from openrl.gateway.http import API, read_body, reply, request_id
+from openrl.gateway.service import Gateway
 
 MAX_ITEMS = 4096  # per request; send more as several requests (they are scored in parallel)
 MAX_IDEMPOTENCY_KEY = 256
@@ -51,7 +52,7 @@ class Scoring:
         by_name: dict[str, list[WorkerInfo]] = {}
         for w in await self.rewarders():
             by_name.setdefault(w.reward_name, []).append(w)
-        return _json(
+        return reply(
             {
                 "rewards": [
                     {
@@ -67,7 +68,7 @@ class Scoring:
 
     async def score(self, request: web.Request) -> web.Response:
         owner = self.gw.owner(request)
-        body = await _body(request, ScoreBody)
+        body = await read_body(request, ScoreBody)
         if not body.items:
             raise InvalidRequest("items is empty")
         if len(body.items) > MAX_ITEMS:
@@ -79,7 +80,7 @@ class Scoring:
         if body.reward_name not in available:
             if not available:
                 raise Unavailable("no reward worker is running yet; retry shortly")
-            return _json(
+            return reply(
                 {"detail": f"unknown reward function {body.reward_name!r}; available: {', '.join(available)}",
                  "type": "invalid_request", "available": available},
                 status=400,
@@ -97,7 +98,7 @@ class Scoring:
         # Published even when accepted before: the first attempt may have died in between;
         # JetStream drops the duplicate, and a rewarder never scores a finished request again.
         await self.gw.bus.publish(subjects.reward(body.reward_name), msg, msg_id=rid)
-        return _json({"request_id": rid, "reward_name": body.reward_name, "items": len(items)})
+        return reply({"request_id": rid, "reward_name": body.reward_name, "items": len(items)})
 
 
 def add_routes(app: web.Application, gw: Gateway) -> None:
