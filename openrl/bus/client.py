@@ -55,6 +55,30 @@ DLQ_HEADERS = ("Openrl-Dlq-Stream", "Openrl-Dlq-Subject", "Openrl-Dlq-Consumer",
 TRACE_HEADER = "Openrl-Trace-Id"
 
 
+@dataclass(frozen=True)
+class Stream:
+    """What sets one of OpenRL's streams apart; `Bus.ensure` gives them all file storage, the
+    bus's duplicate window and its replicas."""
+
+    name: str
+    subject: str  # the one wildcard subject it stores
+    retention: api.RetentionPolicy  # WORK_QUEUE: a request until a worker acks it; LIMITS: a log
+    max_age_s: float | None = None  # None: no age limit
+    max_msg_size: int = -1  # -1: none of its own (the server's max_payload holds)
+
+
+# Every stream OpenRL uses (subjects.py says what each carries).
+STREAMS = (
+    Stream(subjects.TRAIN_STREAM, f"{subjects.PREFIX}.train.>", api.RetentionPolicy.LIMITS, max_msg_size=MAX_PAYLOAD),
+    Stream(subjects.CREATE_STREAM, f"{subjects.PREFIX}.create.>", api.RetentionPolicy.WORK_QUEUE),
+    Stream(subjects.SAMPLE_STREAM, f"{subjects.PREFIX}.sample.>", api.RetentionPolicy.WORK_QUEUE, max_msg_size=MAX_PAYLOAD),
+    Stream(subjects.REWARD_STREAM, f"{subjects.PREFIX}.reward.>", api.RetentionPolicy.WORK_QUEUE, max_msg_size=MAX_PAYLOAD),
+    Stream(subjects.DLQ_STREAM, subjects.DLQ_ALL, api.RetentionPolicy.LIMITS, max_age_s=DLQ_MAX_AGE_S, max_msg_size=MAX_PAYLOAD),
+    Stream(subjects.AUDIT_STREAM, f"{subjects.PREFIX}.audit.>", api.RetentionPolicy.LIMITS, max_age_s=AUDIT_MAX_AGE_S),
+    Stream(subjects.USAGE_STREAM, f"{subjects.PREFIX}.usage.>", api.RetentionPolicy.LIMITS, max_age_s=AUDIT_MAX_AGE_S),
+)
+
+
 async def kv_keys(js: JetStreamContext, kv: KeyValue) -> list[str]:
     """Every live key of a bucket (escaped, as stored). Not nats-py's `KeyValue.keys()`: its
     watcher can queue its "no more" marker ahead of entries still being delivered and return
@@ -117,6 +141,9 @@ class Bus:
         # Called (no arguments, on the event loop) after a reconnect or a slow-consumer drop:
         # core-NATS messages such as the future `done` notifications may have been missed.
         self.on_messages_lost: list[Callable[[], None]] = []
+        # The last error of each message that failed here, by (stream, sequence): the reason its
+        # dead letter gives when it was this process that saw it fail (else: its workers died).
+        self.last_errors: LastErrors = OrderedDict()
 
     @classmethod
     async def connect(cls, cfg: BusConfig) -> Bus:
@@ -166,62 +193,19 @@ class Bus:
 
     async def ensure(self) -> None:
         """Create or update every stream and bucket. Safe to call from every process."""
-        r = self.cfg.replicas
-        await self._ensure_stream(
-            api.StreamConfig(
-                name=subjects.TRAIN_STREAM,
-                subjects=[f"{subjects.PREFIX}.train.>"],
-                retention=api.RetentionPolicy.LIMITS,  # a log: kept for replay and recovery
-                storage=api.StorageType.FILE,
-                duplicate_window=self.cfg.duplicate_window_s,
-                max_msg_size=MAX_PAYLOAD,
-                num_replicas=r,
+        for stream in STREAMS:
+            await self._ensure_stream(
+                api.StreamConfig(
+                    name=stream.name,
+                    subjects=[stream.subject],
+                    retention=stream.retention,
+                    storage=api.StorageType.FILE,
+                    max_age=stream.max_age_s,
+                    duplicate_window=self.cfg.duplicate_window_s,
+                    max_msg_size=stream.max_msg_size,
+                    num_replicas=self.cfg.replicas,
+                )
             )
-        )
-        await self._ensure_stream(
-            api.StreamConfig(
-                name=subjects.CREATE_STREAM,
-                subjects=[f"{subjects.PREFIX}.create.>"],
-                retention=api.RetentionPolicy.WORK_QUEUE,
-                storage=api.StorageType.FILE,
-                duplicate_window=self.cfg.duplicate_window_s,
-                num_replicas=r,
-            )
-        )
-        await self._ensure_stream(
-            api.StreamConfig(
-                name=subjects.SAMPLE_STREAM,
-                subjects=[f"{subjects.PREFIX}.sample.>"],
-                retention=api.RetentionPolicy.WORK_QUEUE,
-                storage=api.StorageType.FILE,
-                duplicate_window=self.cfg.duplicate_window_s,
-                max_msg_size=MAX_PAYLOAD,
-                num_replicas=r,
-            )
-        )
-        await self._ensure_stream(
-            api.StreamConfig(
-                name=subjects.REWARD_STREAM,
-                subjects=[f"{subjects.PREFIX}.reward.>"],
-                retention=api.RetentionPolicy.WORK_QUEUE,
-                storage=api.StorageType.FILE,
-                duplicate_window=self.cfg.duplicate_window_s,
-                max_msg_size=MAX_PAYLOAD,
-                num_replicas=r,
-            )
-        )
-        await self._ensure_stream(
-            api.StreamConfig(
-                name=subjects.DLQ_STREAM,
-                subjects=[subjects.DLQ_ALL],
-                retention=api.RetentionPolicy.LIMITS,
-                storage=api.StorageType.FILE,
-                max_age=DLQ_MAX_AGE_S,
-                duplicate_window=self.cfg.duplicate_window_s,
-                max_msg_size=MAX_PAYLOAD,
-                num_replicas=r,
-            )
-        )
         self.futures = await self._ensure_kv(subjects.FUTURES_BUCKET, ttl=self.cfg.futures_ttl_s)
         self.models = await self._ensure_kv(subjects.MODELS_BUCKET)
         self.sessions = await self._ensure_kv(subjects.SESSIONS_BUCKET)
@@ -234,18 +218,6 @@ class Bus:
         self.leases = await self._ensure_kv(subjects.LEASES_BUCKET)
         self.keys = await self._ensure_kv(subjects.KEYS_BUCKET)
         self.secrets = await self._ensure_kv(subjects.SECRETS_BUCKET)
-        for name, subject in ((subjects.AUDIT_STREAM, "audit"), (subjects.USAGE_STREAM, "usage")):
-            await self._ensure_stream(
-                api.StreamConfig(
-                    name=name,
-                    subjects=[f"{subjects.PREFIX}.{subject}.>"],
-                    retention=api.RetentionPolicy.LIMITS,  # a log, read back by the admin routes
-                    storage=api.StorageType.FILE,
-                    max_age=AUDIT_MAX_AGE_S,
-                    duplicate_window=self.cfg.duplicate_window_s,
-                    num_replicas=r,
-                )
-            )
         self.objects = await self._ensure_objects(subjects.WEIGHTS_OBJECTS)
 
     async def _ensure_objects(self, bucket: str) -> ObjectStore:
@@ -495,8 +467,9 @@ class Bus:
                 for raw in msgs:
                     await slots.acquire()
                     # A context of its own: the message's trace id, not whatever the consumer was started under.
-                    task = asyncio.create_task(_deliver(raw, type_, handle, ack_wait_s, (self.observer, stream, durable), (max_deliver, dead)),
-                                               context=contextvars.Context())
+                    deliver = _deliver(raw, type_, handle, ack_wait_s=ack_wait_s, observer=self.observer, stream=stream, durable=durable,
+                                       max_deliver=max_deliver, on_dead=dead, last_errors=self.last_errors)  # fmt: skip
+                    task = asyncio.create_task(deliver, context=contextvars.Context())
                     tasks.add(task)
                     task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
         finally:
@@ -511,6 +484,13 @@ class Bus:
                 pass
 
 
+# What the pull loop hands each message to: the handler, and the dead-letter step
+# (raw, decoded message, reason); errors by (stream, stream sequence), oldest first.
+Handler = Callable[[object], Awaitable[None]]
+OnDead = Callable[[object, object, str], Awaitable[None]]
+LastErrors = OrderedDict[tuple[str, int], str]
+
+
 async def _keep_alive(raw, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
@@ -520,11 +500,10 @@ async def _keep_alive(raw, every_s: float) -> None:
             pass
 
 
-async def _deliver(raw, type_: object, handle: Callable[[object], Awaitable[None]], ack_wait_s: float, observed=(None, "", ""),
-                   dead=(0, None)) -> None:  # fmt: skip
+async def _deliver(raw, type_: object, handle: Handler, *, ack_wait_s: float, observer, stream: str, durable: str, max_deliver: int,
+                   on_dead: OnDead, last_errors: LastErrors) -> None:  # fmt: skip
     """Handle one message with its trace id (if it carries one) bound in the log context, and
-    tell the bus's observer (metrics) when it starts and how it ended."""
-    observer, stream, durable = observed
+    tell the bus's observer (metrics, or None) when it starts and how it ended."""
     trace_id = (raw.headers or {}).get(TRACE_HEADER, "")[:128]
     started = time.monotonic()
     outcome = "handed_back"  # unless _decide returns: cancelled (shutting down), message nak'd
@@ -532,7 +511,7 @@ async def _deliver(raw, type_: object, handle: Callable[[object], Awaitable[None
         observer.started(stream, durable)
     try:
         with structlog.contextvars.bound_contextvars(**({"trace_id": trace_id} if trace_id else {})):
-            outcome = await _decide(raw, type_, handle, ack_wait_s, dead)
+            outcome = await _decide(raw, type_, handle, ack_wait_s=ack_wait_s, max_deliver=max_deliver, on_dead=on_dead, last_errors=last_errors)
     except Exception:  # the ack itself failed (connection lost): redelivered after ack_wait
         outcome = "error"
         raise
@@ -541,14 +520,12 @@ async def _deliver(raw, type_: object, handle: Callable[[object], Awaitable[None
             observer.finished(stream, durable, outcome, time.monotonic() - started)
 
 
-# The last error of a message that failed here, by (stream, sequence): the reason a dead
-# letter gives when it was this process that saw it fail (else: its workers died).
-_last_errors: OrderedDict[tuple[str, int], str] = OrderedDict()
+async def _decide(raw, type_: object, handle: Handler, *, ack_wait_s: float, max_deliver: int, on_dead: OnDead,
+                  last_errors: LastErrors) -> str:  # fmt: skip
+    """The only place that decides ack / nak / term / in_progress; returns which it did.
 
-
-async def _decide(raw, type_: object, handle: Callable[[object], Awaitable[None]], ack_wait_s: float, dead=(0, None)) -> str:
-    """The only place that decides ack / nak / term / in_progress; returns which it did."""
-    max_deliver, on_dead = dead
+    A message delivered more than `max_deliver` times (0: no limit) goes to `on_dead(raw, msg,
+    reason)` instead of `handle`; `last_errors` keeps each failure's error for that reason."""
     meta = raw.metadata
     key = (meta.stream, meta.sequence.stream)
     try:
@@ -557,8 +534,8 @@ async def _decide(raw, type_: object, handle: Callable[[object], Awaitable[None]
         log.error("message_undecodable", subject=raw.subject, error=str(e))
         await raw.term()
         return "term"
-    if max_deliver and on_dead is not None and meta.num_delivered > max_deliver:
-        last = _last_errors.pop(key, None)
+    if max_deliver and meta.num_delivered > max_deliver:
+        last = last_errors.pop(key, None)
         reason = f"not handled after {meta.num_delivered - 1} deliveries; " + (
             f"last error: {last}" if last else "the workers that took it died or stalled (ack wait expired)"
         )
@@ -588,9 +565,9 @@ async def _decide(raw, type_: object, handle: Callable[[object], Awaitable[None]
         return "term"
     except Exception as e:
         log.exception("message_failed", subject=raw.subject, delivered=raw.metadata.num_delivered)
-        _last_errors[key] = f"{type(e).__name__}: {e}"[:500]
-        while len(_last_errors) > 1024:
-            _last_errors.popitem(last=False)
+        last_errors[key] = f"{type(e).__name__}: {e}"[:500]
+        while len(last_errors) > 1024:
+            last_errors.popitem(last=False)
         await raw.nak(delay=2.0)
         return "nak"
     else:
