@@ -13,8 +13,10 @@ import json
 import time
 
 import httpx
+import msgspec
 import pytest
 import tinker
+from nats.js.errors import ObjectNotFoundError
 from tinker import types
 
 from openrl.bus.client import Bus, BusConfig
@@ -248,33 +250,27 @@ async def _bus_record(nats_url: str, path: str, expires_at: float | None = None)
     try:
         rec = await bus.kv_get(bus.weights, path, WeightsRecord)
         if rec is not None and expires_at is not None:
-            import msgspec
-
             await bus.kv_put(bus.weights, path, msgspec.structs.replace(rec, expires_at=expires_at))
-        blobs = {}
-        if rec is not None:
-            for obj in [f"{rec.object}/{f}" for f in rec.files] or [rec.object]:
-                try:
-                    await bus.objects.get_info(obj)
-                    blobs[obj] = True
-                except Exception:
-                    blobs[obj] = False
-        return rec, blobs
+        objects = [] if rec is None else [f"{rec.object}/{f}" for f in rec.files] or [rec.object]
+        return rec, {obj: await _blob_exists(bus, obj) for obj in objects}
     finally:
         await bus.close()
+
+
+async def _blob_exists(bus: Bus, obj: str) -> bool:
+    """Whether the object store holds `obj`. Only "no such object" is an answer of False: any
+    other error (the bus unreachable, say) is raised, never taken for a deleted blob."""
+    try:
+        await bus.objects.get_info(obj)
+    except ObjectNotFoundError:
+        return False
+    return True
 
 
 async def _blobs_exist(nats_url: str, names: list[str]) -> dict[str, bool]:
     bus = await Bus.connect(BusConfig(url=nats_url, name="test-isolation"))
     try:
-        found = {}
-        for obj in names:
-            try:
-                await bus.objects.get_info(obj)
-                found[obj] = True
-            except Exception:
-                found[obj] = False
-        return found
+        return {obj: await _blob_exists(bus, obj) for obj in names}
     finally:
         await bus.close()
 

@@ -132,7 +132,11 @@ def test_sdk_replaces_a_rejected_jwt_and_replays(jwt_gateway):
     header, payload, sig = held.split(".")
     forged = f"{header}.{payload}.{'A' * len(sig)}"
     provider._token = forged  # noqa: SLF001 - as if the server had rotated its secret
-    assert rest.list_training_runs(limit=1).result().cursor.total_count >= 0  # 401 invalid_token, new JWT, replay
+    # 401 invalid_token, a new JWT, the replay: the answer the API key itself gets.
+    replayed = rest.list_training_runs(limit=1).result()
+    direct = httpx.get(f"{jwt_gateway}/api/v1/training_runs", params={"limit": 1}, headers={"X-API-Key": API_KEY}, timeout=30).json()
+    assert replayed.cursor.total_count == direct["cursor"]["total_count"]
+    assert [r.training_run_id for r in replayed.training_runs] == [r["training_run_id"] for r in direct["training_runs"]]
     assert provider._token != forged and sessions(jwt_gateway, provider._token).status_code == 200  # noqa: SLF001
     assert rest.whoami().result() == first
 
