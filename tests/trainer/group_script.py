@@ -20,7 +20,33 @@ class Script(msgspec.Struct):
     state: bytes = b""  # a checkpoint to import into the first model before the steps
 
 
+def run_steps(engine, creates, steps, state: bytes = b"") -> dict[str, np.ndarray]:
+    """Create the models, load `state` into the first, run the steps; what each step returned
+    and every model's weights, keyed for comparison. `engine`: a LoraEngine or a GroupEngine."""
+    from safetensors.torch import load
+
+    for model_id, lora in creates:
+        engine.create(model_id, lora)
+    if state:
+        engine.import_state(creates[0][0], load(state), groups._metadata(state), with_optimizer=True)
+    out = {}
+    for k, step in enumerate(steps):
+        if isinstance(step, ForwardBackward):
+            res = engine.forward_backward(step)
+            out[f"{k}.loss"] = np.array(res.metrics["loss:sum"])
+            for d, lp in enumerate(res.logprobs):
+                out[f"{k}.lp.{d}"] = lp
+        else:
+            out[f"{k}.grad_norm"] = np.array(engine.optim_step(*step)["grad_norm:mean"])
+    for model_id, _ in creates:
+        for name, t in engine.adapter_state(model_id).items():
+            out[f"w.{model_id}.{name}"] = t.numpy()
+    return out
+
+
 def main(model_path: str, script_path: str, out_path: str) -> None:
+    from safetensors.torch import save
+
     cfg = groups.GroupConfig(collective_timeout_s=120)
     rank = groups.init_rank(cfg, "cpu")
     script = msgspec.msgpack.decode(open(script_path, "rb").read(), type=Script)
@@ -29,28 +55,9 @@ def main(model_path: str, script_path: str, out_path: str) -> None:
         groups.follow(engine)
         return
     group = groups.GroupEngine(engine, cfg)
-    for model_id, lora in script.creates:
-        group.create(model_id, lora)
-    if script.state:
-        from safetensors.torch import load
-
-        model_id = script.creates[0][0]
-        group.import_state(model_id, load(script.state), groups._metadata(script.state), with_optimizer=True)
-    out = {}
-    for k, step in enumerate(script.steps):
-        if isinstance(step, ForwardBackward):
-            res = group.forward_backward(step)
-            out[f"{k}.loss"] = np.array(res.metrics["loss:sum"])
-            for d, lp in enumerate(res.logprobs):
-                out[f"{k}.lp.{d}"] = lp
-        else:
-            out[f"{k}.grad_norm"] = np.array(group.optim_step(*step)["grad_norm:mean"])
+    out = run_steps(group, script.creates, script.steps, script.state)
     for model_id, _ in script.creates:
-        for name, t in group.adapter_state(model_id).items():
-            out[f"w.{model_id}.{name}"] = t.numpy()
         tensors, metadata = group.export_state(model_id, with_optimizer=True)
-        from safetensors.torch import save
-
         open(f"{out_path}.{model_id}.state", "wb").write(save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
     np.savez(out_path, **out)
     group.stop()

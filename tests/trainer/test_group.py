@@ -19,6 +19,7 @@ from openrl.trainer import group as groups
 from openrl.trainer.engine import LoraEngine
 
 from factories import random_request
+from group_script import run_steps
 
 SCRIPT = Path(__file__).with_name("group_script.py")
 # Budget 24: five datums make three micro-batches ([23], [17], [9, 6]), so rank 1 runs one
@@ -60,23 +61,7 @@ def run_group(tmp_path: Path, model_path: str, state: bytes = b"", tag: str = "g
 
 def run_single(model_path: str, state: bytes = b"") -> tuple[dict, LoraEngine]:
     engine = LoraEngine(model_path, device="cpu", microbatch_tokens=BUDGET)
-    for model_id, lora in CREATES:
-        engine.create(model_id, lora)
-    if state:
-        engine.import_state("a", load(state), groups._metadata(state), with_optimizer=True)
-    out = {}
-    for k, step in enumerate(steps()):
-        if isinstance(step, ForwardBackward):
-            res = engine.forward_backward(step)
-            out[f"{k}.loss"] = np.array(res.metrics["loss:sum"])
-            for d, lp in enumerate(res.logprobs):
-                out[f"{k}.lp.{d}"] = lp
-        else:
-            out[f"{k}.grad_norm"] = np.array(engine.optim_step(*step)["grad_norm:mean"])
-    for model_id, _ in CREATES:
-        for name, t in engine.adapter_state(model_id).items():
-            out[f"w.{model_id}.{name}"] = t.numpy()
-    return out, engine
+    return run_steps(engine, CREATES, steps(), state), engine
 
 
 def assert_same_results(group: dict, single: dict) -> None:
