@@ -326,7 +326,7 @@ def follow(engine) -> None:
                 case Step(model_id, adam):
                     engine.optim_step(model_id, adam)
                 case Import(model_id, state, with_optimizer):
-                    engine.import_state(model_id, load(state), _metadata(state), with_optimizer=with_optimizer)
+                    engine.import_state(model_id, load(state), safetensors_metadata(state), with_optimizer=with_optimizer)
                 case KeepAlive():
                     pass
                 case Stop():
@@ -336,7 +336,7 @@ def follow(engine) -> None:
             pass  # rank 0 failed the same way and told the client
 
 
-def _metadata(state: bytes) -> dict[str, str]:
+def safetensors_metadata(state: bytes) -> dict[str, str]:
     """The string metadata of a safetensors blob (its JSON header's __metadata__)."""
     import json
     import struct

@@ -28,7 +28,7 @@ def run_steps(engine, creates, steps, state: bytes = b"") -> dict[str, np.ndarra
     for model_id, lora in creates:
         engine.create(model_id, lora)
     if state:
-        engine.import_state(creates[0][0], load(state), groups._metadata(state), with_optimizer=True)
+        engine.import_state(creates[0][0], load(state), groups.safetensors_metadata(state), with_optimizer=True)
     out = {}
     for k, step in enumerate(steps):
         if isinstance(step, ForwardBackward):

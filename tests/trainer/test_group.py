@@ -87,7 +87,7 @@ def test_two_ranks_equal_one_and_checkpoints_cross_world_sizes(tmp_path, qwen3_p
     state = (tmp_path / "g.npz.a.state").read_bytes()
     one = LoraEngine(qwen3_path, device="cpu")
     one.create("a", CREATES[0][1])
-    one.import_state("a", load(state), groups._metadata(state), with_optimizer=True)
+    one.import_state("a", load(state), groups.safetensors_metadata(state), with_optimizer=True)
     for name, t in one.adapter_state("a").items():
         torch.testing.assert_close(t, torch.from_numpy(group[f"w.a.{name}"]))
     tensors, metadata = engine.export_state("a", with_optimizer=True)
