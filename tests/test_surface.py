@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import time
 import warnings
 from datetime import datetime, timedelta, timezone
 
@@ -604,17 +605,25 @@ def usage_get_billing_usage(w, call, owner):
     tc.forward_backward(w.data, "cross_entropy").result()
     sampled = tc.save_weights_and_get_sampling_client().result().sample(w.prompt, 2, types.SamplingParams(max_tokens=5, seed=1)).result()
     now = datetime.now(timezone.utc)
-    resp = call(admin_target(w, owner))(now - timedelta(days=1), now + timedelta(hours=1))
-    tokens = {}
-    for e in resp.data:
-        if e.session_id == sid:
-            assert e.user_id and e.base_model == BASE_MODEL and e.bucket_end - e.bucket_start == timedelta(hours=1)
-            tokens[e.event_info.type] = tokens.get(e.event_info.type, 0) + e.event_info.token_count
-    assert tokens == {
+    want = {
         "training": sum(d.model_input.length for d in w.data),
         "sampling_prefill": w.prompt.length,
         "sampling_sample": sum(len(s.tokens) for s in sampled.sequences),
-    }, tokens
+    }
+    # Workers publish usage records right after the result (accounting never delays or
+    # fails the work), so billing may lag a result by a moment: read until it has them.
+    deadline = time.monotonic() + 15
+    while True:
+        resp = call(admin_target(w, owner))(now - timedelta(days=1), now + timedelta(hours=1))
+        tokens = {}
+        for e in resp.data:
+            if e.session_id == sid:
+                assert e.user_id and e.base_model == BASE_MODEL and e.bucket_end - e.bucket_start == timedelta(hours=1)
+                tokens[e.event_info.type] = tokens.get(e.event_info.type, 0) + e.event_info.token_count
+        if tokens == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert tokens == want, tokens
     assert resp.sessions[sid].user_metadata == {"billing": owner}
     raw = w.http.get("/billing/usage/events", params={"starting_on": (now - timedelta(hours=1)).isoformat(), "ending_before": (now + timedelta(hours=1)).isoformat()},
                      headers={"X-API-Key": API_KEY}).json()  # fmt: skip
