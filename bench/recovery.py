@@ -200,7 +200,7 @@ def main() -> None:
     os.environ["TINKER_TELEMETRY"] = "0"
     from transformers import AutoConfig
 
-    from openrl.trainer.default_model import ensure_default_model
+    from openrl.default_model import ensure_default_model
 
     vocab = AutoConfig.from_pretrained(str(ensure_default_model())).vocab_size
     datums = make_datums(vocab, args.batch, args.length)

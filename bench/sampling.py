@@ -230,7 +230,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from openrl.trainer.default_model import ensure_default_model
+    from openrl.default_model import ensure_default_model
 
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)

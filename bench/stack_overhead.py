@@ -210,7 +210,7 @@ def main() -> None:
     os.environ.setdefault("TINKER_TELEMETRY", "0")
     import torch
 
-    from openrl.trainer.default_model import ensure_default_model
+    from openrl.default_model import ensure_default_model
 
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)

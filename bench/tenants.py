@@ -163,7 +163,7 @@ def main() -> None:
     import structlog
     import torch
 
-    from openrl.trainer.default_model import ensure_default_model
+    from openrl.default_model import ensure_default_model
     from openrl.trainer.engine import pick_device
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # quiet the engine's info logs

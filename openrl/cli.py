@@ -147,7 +147,7 @@ def cmd_trainer(args: argparse.Namespace) -> None:
 
     from openrl.bus.client import Bus, BusConfig
     from openrl.trainer import group as groups
-    from openrl.trainer.default_model import DEFAULT_MODEL, resolve_model_path
+    from openrl.default_model import DEFAULT_MODEL, resolve_model_path
     from openrl.trainer.engine import LoraEngine, pick_device
     from openrl.trainer.service import Trainer, TrainerConfig
 
@@ -226,7 +226,7 @@ def cmd_sampler(args: argparse.Namespace) -> None:
     from openrl.bus.client import Bus, BusConfig
     from openrl.sampler.backend import TransformersSampler, pick_device
     from openrl.sampler.service import Sampler, SamplerConfig
-    from openrl.trainer.default_model import resolve_model_path
+    from openrl.default_model import resolve_model_path
 
     device = (args.device or pick_device()) if args.backend == "transformers" else "cuda"
     if fraction is not None and device.split(":")[0] != "cuda":
@@ -393,9 +393,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     """Build and install the default model now (it is otherwise built on first use)."""
-    from openrl.trainer.default_model import DEFAULT_MODEL, build_stats, ensure_default_model
+    from openrl.default_model import DEFAULT_MODEL, build_stats, ensure_default_model
 
-    from openrl.trainer.default_model import AliasError, install_alias, remove_alias
+    from openrl.default_model import AliasError, install_alias, remove_alias
 
     started = time.monotonic()
     path = ensure_default_model()

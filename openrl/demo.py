@@ -113,7 +113,7 @@ def rl_prompts(n: int, words: tuple[str, ...], seed: int = 0) -> list[tuple[str,
 def rl_questions(n: int, seed: int = 0) -> list[str]:
     """Candidate prompts for a measured task: two-digit sums and differences, and word tasks,
     in the chat formats of the default model's warm-up (any model answers them somehow)."""
-    from openrl.trainer.default_model import COPY_WORDS
+    from openrl.default_model import COPY_WORDS
 
     rng = random.Random(seed)
     out = []

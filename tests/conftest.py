@@ -86,7 +86,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     """The default model's snapshot in the test HF cache, built on first use (a few minutes)."""
-    from openrl.trainer.default_model import ensure_default_model
+    from openrl.default_model import ensure_default_model
 
     return ensure_default_model()
 

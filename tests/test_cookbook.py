@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 @pytest.fixture(scope="module")
 def alias_stack(stack, tmp_path_factory):
     """The stack, also serving the default model as ALIAS (a trainer and a sampler of its own)."""
-    from openrl.trainer.default_model import install_alias, remove_alias
+    from openrl.default_model import install_alias, remove_alias
 
     install_alias(ALIAS)
     logs = tmp_path_factory.mktemp("cookbook-workers")

@@ -95,7 +95,7 @@ def say_word_tasks(n: int, seed: int = 0) -> list[Task]:
     """"Say the other word: w1 w2 w3"; any of the three words (alone) is right. Whether a
     model leaves RL room to learn here depends on its warm-up: `measured_tasks` does not."""
     from openrl.demo import rl_prompts
-    from openrl.trainer.default_model import COPY_WORDS
+    from openrl.default_model import COPY_WORDS
 
     return [Task(q, {"answers": ws}) for q, ws in rl_prompts(n, COPY_WORDS, seed=seed)]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from openrl.trainer import default_model as dm
+from openrl import default_model as dm
 
 
 def test_small_build_installs_a_loadable_hf_cache_entry(tmp_path):
