@@ -1,6 +1,6 @@
 """LoraEngine against a plain-torch reference.
 
-The reference replaces each targeted nn.Linear of an independent copy of the base model
+The reference (reference.py) replaces each targeted nn.Linear of an independent copy of the base model
 with `W x + (alpha / r) * B A x` written out in torch (no peft), computes Tinker's
 cross_entropy (-sum(weights * logprob)) and applies AdamW + global-norm clipping written
 out by hand. Loss, logprobs, gradients and updated weights must agree to fp32 tolerance.
@@ -8,17 +8,14 @@ out by hand. Loss, logprobs, gradients and updated weights must agree to fp32 to
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
 
 from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec, Tensor
 from openrl.trainer.engine import LORA_ALPHA, LoraEngine
+from reference import Reference
 
 VOCAB = 96
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -54,82 +51,15 @@ def random_data(seed: int, lengths=(7, 12, 3)) -> list[tuple[list[int], list[int
     return out
 
 
-# ---------------------------------------------------------------------- the reference
+def ref_inputs(tokens, targets, weights=None) -> dict:
+    """One random_data tuple as the reference's datum dict (weights float32, as sent)."""
+    d = dict(tokens=tokens, target_tokens=targets)
+    if weights is not None:
+        d["weights"] = np.asarray(weights, dtype=np.float32)
+    return d
 
 
-class RefLoraLinear(torch.nn.Module):
-    def __init__(self, base: torch.nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: float):
-        super().__init__()
-        self.base = base
-        self.a = torch.nn.Parameter(a.clone())
-        self.b = torch.nn.Parameter(b.clone())
-        self.scale = scale
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.a.T @ self.b.T) * self.scale
-
-
-class Reference:
-    """The base model with hand-written LoRA layers and hand-written AdamW."""
-
-    def __init__(self, path: str, adapter_state: dict[str, torch.Tensor], rank: int):
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        self.model.requires_grad_(False)
-        self.params: dict[str, torch.nn.Parameter] = {}
-        modules = {name.split(".lora_")[0] for name in adapter_state}
-        for key in sorted(modules):
-            path_in_model = key.removeprefix("base_model.model.")
-            parent_name, _, child = path_in_model.rpartition(".")
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            layer = RefLoraLinear(
-                getattr(parent, child),
-                adapter_state[f"{key}.lora_A.weight"],
-                adapter_state[f"{key}.lora_B.weight"],
-                LORA_ALPHA / rank,
-            )
-            setattr(parent, child, layer)
-            self.params[f"{key}.lora_A.weight"] = layer.a
-            self.params[f"{key}.lora_B.weight"] = layer.b
-        self.m = {k: torch.zeros_like(p) for k, p in self.params.items()}
-        self.v = {k: torch.zeros_like(p) for k, p in self.params.items()}
-        self.t = 0
-
-    def forward_backward(self, data, backward=True):
-        logprobs, loss = [], torch.zeros(())
-        for tokens, targets, weights in data:
-            logits = self.model(input_ids=torch.tensor([tokens])).logits[0]
-            lp = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(targets)[:, None])[:, 0]
-            w = torch.tensor(weights if weights is not None else [1.0] * len(tokens))
-            loss = loss - (w * lp).sum()
-            logprobs.append(lp.detach().numpy())
-        if backward:
-            loss.backward()
-        return logprobs, loss.item()
-
-    @torch.no_grad()
-    def optim_step(self, adam: AdamParams):
-        grads = {k: p.grad for k, p in self.params.items() if p.grad is not None}
-        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).float()
-        if adam.grad_clip_norm > 0:
-            coef = min(1.0, adam.grad_clip_norm / (norm.item() + 1e-6))
-            grads = {k: g * coef for k, g in grads.items()}
-        self.t += 1
-        for k, g in grads.items():
-            p = self.params[k]
-            p.mul_(1 - adam.learning_rate * adam.weight_decay)  # decoupled weight decay
-            self.m[k] = adam.beta1 * self.m[k] + (1 - adam.beta1) * g
-            self.v[k] = adam.beta2 * self.v[k] + (1 - adam.beta2) * g * g
-            m_hat = self.m[k] / (1 - adam.beta1**self.t)
-            v_hat = self.v[k] / (1 - adam.beta2**self.t)
-            p.sub_(adam.learning_rate * m_hat / (v_hat.sqrt() + adam.eps))
-            p.grad = None
-        return norm.item()
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {k: p.detach().clone() for k, p in self.params.items()}
-
-    def grads(self) -> dict[str, torch.Tensor | None]:
-        return {k: None if p.grad is None else p.grad.clone() for k, p in self.params.items()}
+# ---------------------------------------------------------------------- comparison
 
 
 def assert_tensors_close(got: dict, want: dict, **tol):
@@ -143,7 +73,7 @@ def assert_tensors_close(got: dict, want: dict, **tol):
 
 def step_both(engine, ref, model_id, data, adam):
     out = engine.forward_backward(fb(model_id, [datum(*d) for d in data]))
-    ref_lp, ref_loss = ref.forward_backward(data)
+    ref_lp, ref_loss = ref.forward_backward([ref_inputs(*d) for d in data])
     assert out.metrics["loss:sum"] == pytest.approx(ref_loss, rel=1e-4, abs=1e-4)
     assert out.metrics["tokens:sum"] == sum(len(d[0]) for d in data)
     assert len(out.logprobs) == len(data)
@@ -165,7 +95,7 @@ def test_cross_entropy_and_adamw_match_reference(arch, qwen3_path, llama_path):
     path = qwen3_path if arch == "qwen3" else llama_path
     engine = LoraEngine(path, device="cpu")
     engine.create("m", LoraSpec(rank=4, seed=7))
-    ref = Reference(path, engine.adapter_state("m"), rank=4)
+    ref = Reference(path, engine.adapter_state("m"), rank=4, alpha=LORA_ALPHA)
     # Clipping active (tiny clip norm), decoupled weight decay on, non-default betas.
     adam = AdamParams(learning_rate=1e-2, beta1=0.8, beta2=0.9, eps=1e-8, weight_decay=0.1, grad_clip_norm=0.05)
     for step in range(3):
@@ -175,7 +105,7 @@ def test_cross_entropy_and_adamw_match_reference(arch, qwen3_path, llama_path):
 def test_weights_default_to_one_and_targets_everything(qwen3_path):
     engine = LoraEngine(qwen3_path, device="cpu")
     engine.create("m", LoraSpec(rank=2))
-    ref = Reference(qwen3_path, engine.adapter_state("m"), rank=2)
+    ref = Reference(qwen3_path, engine.adapter_state("m"), rank=2, alpha=LORA_ALPHA)
     targeted = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in engine.adapter_state("m")}
     assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
     data = [(t, g, None) for t, g, _ in random_data(3)]

@@ -1,11 +1,11 @@
 """Every Tinker loss of LoraEngine against a plain-torch reference.
 
-The reference runs each datum alone through an independent copy of the base model with
-hand-written LoRA layers (`W x + (alpha / r) B A x`), writes each loss out from Tinker's
-docs (clipping with torch.where, GSPO's ratio as sg(s) * p / sg(p)) without importing
-openrl.trainer.losses, and applies AdamW by hand. Loss, per-datum logprobs, gradients and
-the weights after optim_step must agree to fp32 tolerance. The data are built so that
-ratios are clipped on both sides and advantages take both signs.
+The reference (reference.py) runs each datum alone through an independent copy of the
+base model with hand-written LoRA layers (`W x + (alpha / r) B A x`) and applies AdamW by
+hand; each loss is written out here from Tinker's docs (clipping with torch.where, GSPO's
+ratio as sg(s) * p / sg(p)) without importing openrl.trainer.losses. Loss, per-datum
+logprobs, gradients and the weights after optim_step must agree to fp32 tolerance. The data
+are built so that ratios are clipped on both sides and advantages take both signs.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from openrl.bus.errors import InvalidRequest
 from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec, Tensor
 from openrl.trainer.engine import LORA_ALPHA, LoraEngine
+from reference import Reference, cross_entropy as ref_cross_entropy
 
 VOCAB = 96
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -65,87 +65,13 @@ def fb(data, loss_fn, config=None, forward_only=False) -> ForwardBackward:
     )  # fmt: skip
 
 
-# ---------------------------------------------------------------------- the reference
-
-
-class RefLoraLinear(torch.nn.Module):
-    def __init__(self, base: torch.nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: float):
-        super().__init__()
-        self.base, self.scale = base, scale
-        self.a = torch.nn.Parameter(a.clone())
-        self.b = torch.nn.Parameter(b.clone())
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.a.T @ self.b.T) * self.scale
-
-
-class Reference:
-    """The base model with hand-written LoRA layers and hand-written AdamW."""
-
-    def __init__(self, path: str, adapter_state: dict[str, torch.Tensor]):
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        self.model.requires_grad_(False)
-        self.params: dict[str, torch.nn.Parameter] = {}
-        for key in sorted({name.split(".lora_")[0] for name in adapter_state}):
-            parent_name, _, child = key.removeprefix("base_model.model.").rpartition(".")
-            parent = self.model.get_submodule(parent_name)
-            a, b = adapter_state[f"{key}.lora_A.weight"], adapter_state[f"{key}.lora_B.weight"]
-            layer = RefLoraLinear(getattr(parent, child), a, b, LORA_ALPHA / RANK)
-            setattr(parent, child, layer)
-            self.params[f"{key}.lora_A.weight"], self.params[f"{key}.lora_B.weight"] = layer.a, layer.b
-        self.m = {k: torch.zeros_like(p) for k, p in self.params.items()}
-        self.v = {k: torch.zeros_like(p) for k, p in self.params.items()}
-        self.t = 0
-
-    def logprobs(self, tokens, targets) -> torch.Tensor:
-        """One datum alone: lp of targets (N,) or (N, K)."""
-        logits = self.model(input_ids=torch.tensor(np.asarray(tokens)[None])).logits[0].float()
-        targets = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
-        lp = torch.log_softmax(logits, dim=-1)
-        return lp.gather(1, targets.reshape(len(tokens), -1)).reshape(targets.shape)
-
-    def forward_backward(self, data: list[dict], loss_fn) -> tuple[list[np.ndarray], float]:
-        """data: dicts of numpy inputs (tokens, target_tokens, ...); loss_fn(lp, d) per datum."""
-        loss = torch.zeros(())
-        lps = []
-        for d in data:
-            lp = self.logprobs(d["tokens"], d["target_tokens"])
-            loss = loss + loss_fn(lp, {k: torch.as_tensor(np.asarray(v)) for k, v in d.items()})
-            lps.append(lp.detach().numpy())
-        loss.backward()
-        return lps, loss.item()
-
-    @torch.no_grad()
-    def optim_step(self, adam: AdamParams) -> None:
-        grads = {k: p.grad for k, p in self.params.items() if p.grad is not None}
-        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).float().item()
-        coef = min(1.0, adam.grad_clip_norm / (norm + 1e-6)) if adam.grad_clip_norm > 0 else 1.0
-        self.t += 1
-        for k, g in grads.items():
-            g, p = g * coef, self.params[k]
-            p.mul_(1 - adam.learning_rate * adam.weight_decay)
-            self.m[k] = adam.beta1 * self.m[k] + (1 - adam.beta1) * g
-            self.v[k] = adam.beta2 * self.v[k] + (1 - adam.beta2) * g * g
-            m_hat, v_hat = self.m[k] / (1 - adam.beta1**self.t), self.v[k] / (1 - adam.beta2**self.t)
-            p.sub_(adam.learning_rate * m_hat / (v_hat.sqrt() + adam.eps))
-            p.grad = None
-
-    def state(self):
-        return {k: p.detach().clone() for k, p in self.params.items()}
-
-    def grads(self):
-        return {k: None if p.grad is None else p.grad.clone() for k, p in self.params.items()}
+# ---------------------------------------------------------------------- the reference losses
 
 
 def clip(r, low, high):
     """clamp written with torch.where: outside [low, high] the value is the bound, no gradient."""
     low, high = torch.as_tensor(low, dtype=r.dtype), torch.as_tensor(high, dtype=r.dtype)
     return torch.where(r < low, low, torch.where(r > high, high, r))
-
-
-def ref_cross_entropy(lp, d):
-    w = d.get("weights", torch.ones(lp.shape))
-    return -(w * lp).sum()
 
 
 def ref_importance_sampling(lp, d):
@@ -255,7 +181,7 @@ def assert_tensors_close(got: dict, want: dict, **tol):
 def new_pair(path: str, seed: int = 7) -> tuple[LoraEngine, Reference]:
     engine = LoraEngine(path, device="cpu")
     engine.create("m", LoraSpec(rank=RANK, seed=seed))
-    return engine, Reference(path, engine.adapter_state("m"))
+    return engine, Reference(path, engine.adapter_state("m"), rank=RANK, alpha=LORA_ALPHA)
 
 
 def step_both(engine, ref, request: ForwardBackward, data: list[dict], ref_loss_fn) -> None:
