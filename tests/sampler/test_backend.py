@@ -14,10 +14,11 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config
 
 from openrl.bus.errors import InvalidRequest, NotFound
-from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec, Tensor
+from openrl.bus.messages import AdamParams, ForwardBackward, LoraSpec
 from openrl.sampler.backend import MAX_NUM_SAMPLES, MAX_TOPK, SampleSpec, TransformersSampler
 from openrl.sampler.sampling import SENTINEL_LOGPROB, draw, filter_top_k_top_p
 from openrl.trainer.engine import LORA_ALPHA, LoraEngine
+from factories import datum
 
 VOCAB = 96
 EOS = 3
@@ -87,12 +88,6 @@ def load_from_engine(sampler: TransformersSampler, engine: LoraEngine, model_id:
     targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in state})
     rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
     sampler.load_adapter(key or model_id, state, rank=rank, alpha=LORA_ALPHA, target_modules=targets)
-
-
-def datum(tokens, targets) -> Datum:
-    targets = np.asarray(targets, dtype="<i8")
-    tensor = Tensor(dtype="int64", data=targets.tobytes(), shape=list(targets.shape))
-    return Datum(tokens=np.asarray(tokens, dtype="<i4").tobytes(), loss_fn_inputs={"target_tokens": tensor})
 
 
 # ---------------------------------------------------------------------- references

@@ -40,12 +40,12 @@ from openrl.sampler.vllm_backend import (
     top,
     validate,
 )
+from factories import datum
 from test_backend import (  # noqa: F401  (fixtures)
     BAD,
     TOL,
     base,
     chat_prompt,
-    datum,
     engine,
     one,
     one_thread,

@@ -15,6 +15,7 @@ import torch
 from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec, Tensor
 from openrl.trainer.engine import LORA_ALPHA, LoraEngine
+from factories import datum, tensor
 from reference import Reference
 
 VOCAB = 96
@@ -22,18 +23,6 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------- request builders
-
-
-def tensor(values, dtype: str) -> Tensor:
-    arr = np.asarray(values, dtype="<i8" if dtype == "int64" else "<f4")
-    return Tensor(dtype=dtype, data=arr.tobytes(), shape=list(arr.shape))
-
-
-def datum(tokens, targets, weights=None) -> Datum:
-    inputs = {"target_tokens": tensor(targets, "int64")}
-    if weights is not None:
-        inputs["weights"] = tensor(weights, "float32")
-    return Datum(tokens=np.asarray(tokens, dtype="<i4").tobytes(), loss_fn_inputs=inputs)
 
 
 def fb(model_id: str, data: list[Datum], *, loss_fn="cross_entropy", forward_only=False) -> ForwardBackward:

@@ -19,6 +19,7 @@ import torch
 from openrl.bus.errors import InvalidRequest
 from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec, Tensor
 from openrl.trainer.engine import LORA_ALPHA, LoraEngine
+from factories import tensor
 from reference import Reference, cross_entropy as ref_cross_entropy
 
 VOCAB = 96
@@ -31,11 +32,6 @@ ADAM = AdamParams(learning_rate=1e-2, beta1=0.8, beta2=0.9, eps=1e-4, weight_dec
 
 
 # ---------------------------------------------------------------------- request builders
-
-
-def tensor(values, dtype: str) -> Tensor:
-    arr = np.asarray(values, dtype="<i8" if dtype == "int64" else "<f4")
-    return Tensor(dtype=dtype, data=arr.tobytes(), shape=list(arr.shape))
 
 
 def csr(dense, dtype: str) -> Tensor:

@@ -17,22 +17,16 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from openrl.bus.errors import InvalidRequest
-from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec, Tensor
+from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec
 from openrl.trainer.engine import LORA_ALPHA, LoraEngine, lora_spec_of
 from openrl.trainer.weights import adapter_bytes, read_state, state_bytes
+from factories import datum
 
 VOCAB = 96
 TOL = dict(rtol=1e-4, atol=1e-5)
 # Clipping, decoupled weight decay and non-default betas all on: each is part of the state's effect.
 ADAM = AdamParams(learning_rate=1e-2, beta1=0.8, beta2=0.9, eps=1e-8, weight_decay=0.1, grad_clip_norm=0.5)
 OPT = "optimizer."
-
-
-def datum(tokens, targets, weights=None) -> Datum:
-    inputs = {"target_tokens": Tensor(dtype="int64", data=np.asarray(targets, "<i8").tobytes(), shape=[len(targets)])}
-    if weights is not None:
-        inputs["weights"] = Tensor(dtype="float32", data=np.asarray(weights, "<f4").tobytes(), shape=[len(weights)])
-    return Datum(tokens=np.asarray(tokens, dtype="<i4").tobytes(), loss_fn_inputs=inputs)
 
 
 def batch(seed: int, lengths=(7, 12, 3)) -> list[Datum]:

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec, Tensor
+from openrl.bus.messages import AdamParams, Datum, ForwardBackward, LoraSpec
 from openrl.trainer.engine import LoraEngine
+from factories import tensor
 
 VOCAB = 96
 
@@ -46,11 +47,6 @@ def one_thread():
 
 
 # ---------------------------------------------------------------------- requests
-
-
-def tensor(values, dtype: str) -> Tensor:
-    arr = np.asarray(values, dtype="<i8" if dtype == "int64" else "<f4")
-    return Tensor(dtype=dtype, data=arr.tobytes(), shape=list(arr.shape))
 
 
 def make_fb(model_id: str, loss_fn: str, seed: int, *, forward_only: bool = False) -> ForwardBackward:

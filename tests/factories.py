@@ -1,4 +1,7 @@
-"""Request builders shared by the trainer tests."""
+"""Bus-message builders the tests share: Tensor, Datum and a random ForwardBackward.
+
+(In tests/, not beside its users: tests/ is on sys.path for every test directory, since
+tests/conftest.py's folder is; a second factories.py anywhere would shadow this one.)"""
 
 from __future__ import annotations
 
@@ -6,12 +9,20 @@ import numpy as np
 
 from openrl.bus.messages import Datum, ForwardBackward, Tensor
 
-VOCAB = 96  # conftest's tiny models
+VOCAB = 96  # tests/trainer/conftest.py's tiny models
 
 
 def tensor(values, dtype: str) -> Tensor:
     arr = np.asarray(values, dtype="<i8" if dtype == "int64" else "<f4")
     return Tensor(dtype=dtype, data=arr.tobytes(), shape=list(arr.shape))
+
+
+def datum(tokens, targets, weights=None) -> Datum:
+    """A cross_entropy datum: int32 tokens, int64 target_tokens, float32 weights if given."""
+    inputs = {"target_tokens": tensor(targets, "int64")}
+    if weights is not None:
+        inputs["weights"] = tensor(weights, "float32")
+    return Datum(tokens=np.asarray(tokens, dtype="<i4").tobytes(), loss_fn_inputs=inputs)
 
 
 def random_request(
