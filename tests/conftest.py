@@ -39,6 +39,16 @@ def nats_server(tmp_path_factory):
         yield server
 
 
+@pytest.fixture
+async def bus(nats_server):
+    """A client of the session's nats-server, closed after the test."""
+    from openrl.bus.client import Bus, BusConfig
+
+    b = await Bus.connect(BusConfig(url=nats_server.url))
+    yield b
+    await b.close()
+
+
 @dataclass
 class Stack:
     url: str

@@ -10,15 +10,7 @@ import pytest
 
 from openrl.bus import messages as m
 from openrl.bus import subjects
-from openrl.bus.client import Bus, BusConfig
 from openrl.bus.errors import InvalidRequest
-
-
-@pytest.fixture
-async def bus(nats_server):
-    b = await Bus.connect(BusConfig(url=nats_server.url))
-    yield b
-    await b.close()
 
 
 def test_messages_round_trip_and_pack_arrays():

@@ -14,17 +14,10 @@ import uuid
 import pytest
 
 from openrl.bus import dlq, subjects
-from openrl.bus.client import DEAD_LETTERED, Bus, BusConfig
+from openrl.bus.client import DEAD_LETTERED, Bus
 from openrl.bus.messages import Future, SampleRequest
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def bus(nats_server):
-    b = await Bus.connect(BusConfig(url=nats_server.url, name="test-dlq"))
-    yield b
-    await b.close()
 
 
 def request(base: str) -> SampleRequest:

@@ -2,7 +2,7 @@
 (`python -m openrl rewarder ...`), and bus-level submit/wait helpers that do what the
 gateway does (a pending future, then the request on the work queue).
 
-The fixtures `bus` and `rewarders` are imported by the test modules that use them: a
+The fixture `rewarders` is imported by the test modules that use it: a
 tests/rewarder/conftest.py would shadow tests/conftest.py for `from conftest import ...`."""
 
 from __future__ import annotations
@@ -21,17 +21,10 @@ import msgspec
 import pytest
 
 from openrl.bus import subjects
-from openrl.bus.client import Bus, BusConfig
+from openrl.bus.client import Bus
 from openrl.bus.messages import Future, ScoreItem, ScoreRequest, WorkerInfo
 
 HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture
-async def bus(nats_server):
-    b = await Bus.connect(BusConfig(url=nats_server.url))
-    yield b
-    await b.close()
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from openrl.bus import subjects
 from openrl.bus.messages import Future, ScoreRequest
 
 from conftest import alive
-from rewarder_helpers import HERE, bus, item, result, rewarders, submit, unique, wait_heartbeat, workers  # noqa: F401 - fixtures
+from rewarder_helpers import HERE, item, result, rewarders, submit, unique, wait_heartbeat, workers  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.timeout(300)
 
