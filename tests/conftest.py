@@ -14,10 +14,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from stack_helpers import API_KEY, OTHER_KEY, Stack, alive, free_port, stack_pid
 
 # Must be set before huggingface_hub is imported anywhere (it reads them at import).
 os.environ.setdefault("OPENRL_TEST_HF_HOME", str(Path.home() / ".cache" / "openrl-tests" / "hf"))
@@ -25,10 +26,6 @@ os.environ["HF_HOME"] = os.environ["OPENRL_TEST_HF_HOME"]
 os.environ.pop("HF_HUB_CACHE", None)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TINKER_TELEMETRY", "0")
-
-API_KEY = "tml-test-key-0123456789"
-OTHER_KEY = "tml-other-key-9876543210"
-BASE_MODEL = "openrl/tiny-qwen3"
 
 
 @pytest.fixture(scope="session")
@@ -49,50 +46,6 @@ async def bus(nats_server):
     await b.close()
 
 
-@dataclass
-class Stack:
-    url: str
-    api_key: str
-    data_dir: Path
-    nats_url: str
-    proc: subprocess.Popen
-
-    def pid(self, role: str) -> int:
-        return int((self.data_dir / "run" / f"{role}.pid").read_text())
-
-    def wait_restarted(self, role: str, old_pid: int, timeout_s: float = 60) -> int:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                pid = self.pid(role)
-                if pid != old_pid:
-                    return pid
-            except (FileNotFoundError, ValueError):
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{role} was not restarted")
-
-    def healthz(self) -> dict:
-        with urllib.request.urlopen(f"{self.url}/api/v1/healthz", timeout=5) as r:
-            return json.loads(r.read())
-
-    def keys(self, *args: str) -> subprocess.CompletedProcess:
-        """`openrl keys ARGS` against this stack's bus."""
-        return subprocess.run([sys.executable, "-m", "openrl", "keys", *args, "--nats-url", self.nats_url],
-                              capture_output=True, text=True, timeout=60)  # fmt: skip
-
-    def service_client(self, api_key: str | None = None, base_url: str | None = None):
-        import tinker
-
-        return tinker.ServiceClient(base_url=base_url or self.url, api_key=api_key or self.api_key)
-
-
-def _free_port() -> int:
-    from openrl.bus.server import free_port
-
-    return free_port()
-
-
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     """The default model's snapshot in the test HF cache, built on first use (a few minutes)."""
@@ -105,7 +58,7 @@ def default_model() -> Path:
 def stack(tmp_path_factory, default_model):
     """`openrl up` as a user runs it: separate processes, supervised."""
     data_dir = tmp_path_factory.mktemp("stack")
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(port),
         "--api-key", API_KEY, "--log-level", "info", "--samplers", "2", "--threads", "1", "--snapshot-every", "4",
@@ -136,27 +89,10 @@ def stack(tmp_path_factory, default_model):
     assert not running, f"still running after openrl up stopped: {running}"
 
 
-def stack_pid(data_dir: Path, role: str) -> int:
-    return int((data_dir / "run" / f"{role}.pid").read_text())
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes (its parent has not reaped it yet).
-    try:
-        return open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _gateway(stack, tmp_path_factory, name: str, env: dict[str, str]):
     """Another `openrl gateway` on the stack's bus, configured the way the Kubernetes manifests
     do it (OPENRL_* environment variables); yields its URL."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp(name) / "gateway.log"
     log = open(log_path, "wb")
     env = {

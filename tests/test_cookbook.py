@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import API_KEY
+from stack_helpers import API_KEY
 from test_shutdown import Proc, wait_for
 
 pytestmark = pytest.mark.timeout(900)

@@ -19,7 +19,7 @@ from openrl.bus.client import Bus, BusConfig
 from openrl.bus.messages import Secret
 from openrl.demo import make_datum, sft_examples
 
-from conftest import API_KEY, BASE_MODEL
+from stack_helpers import API_KEY, BASE_MODEL
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import API_KEY, BASE_MODEL
+from stack_helpers import API_KEY, BASE_MODEL
 from openrl.bus import subjects
 from test_shutdown import Proc, _result, _score, drill_rewarders, wait_for  # noqa: F401 (a fixture)
 

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
-from conftest import API_KEY, BASE_MODEL, OTHER_KEY
+from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY
 from test_stack import data, logprobs, sdk_steps, tokenizer, training_client  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(900)

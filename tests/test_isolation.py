@@ -23,7 +23,7 @@ from openrl.bus.client import Bus, BusConfig
 from openrl.bus.messages import WeightsRecord
 from openrl.demo import make_datum, sft_examples
 
-from conftest import API_KEY, BASE_MODEL, OTHER_KEY
+from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -19,7 +19,7 @@ from openrl.demo import make_datum, sft_examples
 from openrl.gateway import auth
 from openrl.gateway.http import key_id
 
-from conftest import API_KEY, BASE_MODEL, OTHER_KEY
+from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY
 
 pytestmark = pytest.mark.timeout(300)
 

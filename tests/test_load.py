@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import API_KEY, BASE_MODEL
+from stack_helpers import API_KEY, BASE_MODEL
 
 pytestmark = pytest.mark.timeout(600)
 

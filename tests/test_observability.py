@@ -21,7 +21,7 @@ import tinker
 
 from openrl.demo import make_datum, sft_examples
 
-from conftest import API_KEY, BASE_MODEL
+from stack_helpers import API_KEY, BASE_MODEL
 
 pytestmark = pytest.mark.timeout(600)
 

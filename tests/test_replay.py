@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from conftest import BASE_MODEL
+from stack_helpers import BASE_MODEL
 from openrl.bus import record as rec
 from openrl.bus.messages import ForwardBackward, ForwardBackwardResult, Future, ScoreRequest, ScoreResult, TrainRequest, decode
 from openrl.client import RewardClient

@@ -15,7 +15,7 @@ import pytest
 import tinker
 from tinker import types
 
-from conftest import API_KEY, BASE_MODEL
+from stack_helpers import API_KEY, BASE_MODEL
 from openrl.demo import REWARD_BAND, majority_answers, make_datum, run_rl_demo, sft_examples
 
 pytestmark = pytest.mark.timeout(600)

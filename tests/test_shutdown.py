@@ -28,7 +28,7 @@ import tinker
 
 from openrl.demo import make_datum, sft_examples
 
-from conftest import API_KEY, BASE_MODEL, _free_port
+from stack_helpers import API_KEY, BASE_MODEL, free_port
 from test_trainers import EXTRA, leases
 
 pytestmark = pytest.mark.timeout(600)
@@ -41,7 +41,7 @@ class Proc:
     """An extra `openrl <kind>` process with its own metrics port and JSON log."""
 
     def __init__(self, tmp_path: Path, kind: str, env: dict[str, str], *args: str):
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         self.log_path = tmp_path / f"{kind}-{uuid.uuid4().hex[:6]}.log"
         self._log = open(self.log_path, "wb")
         env = {**os.environ, "OPENRL_LOG_FORMAT": "json", "OPENRL_METRICS_PORT": str(self.metrics_port),
@@ -194,7 +194,7 @@ def test_sigterm_rewarder_hands_its_requests_to_the_other(stack, drill_rewarders
 
 
 def test_sigterm_gateway_answers_its_long_polls_and_exits(stack, drill_rewarders, tmp_path):
-    port = _free_port()
+    port = free_port()
     gw = Proc(tmp_path, "gateway", {"OPENRL_NATS_URL": stack.nats_url, "OPENRL_API_KEYS": API_KEY, "OPENRL_HOST": "127.0.0.1",
                                     "OPENRL_PORT": str(port)})  # fmt: skip
     url = f"http://127.0.0.1:{port}"

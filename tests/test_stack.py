@@ -19,7 +19,7 @@ from tinker.proto.response_conv import deserialize_forward_backward_output
 
 from openrl.demo import make_datum, run_sft_demo, sft_examples
 
-from conftest import API_KEY, BASE_MODEL, OTHER_KEY
+from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -25,7 +25,7 @@ from tinker import types
 from openrl.demo import make_datum, sft_examples
 from openrl.gateway.http import key_id
 
-from conftest import API_KEY, BASE_MODEL, OTHER_KEY
+from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.filterwarnings("ignore::tinker.lib.experimental.ExperimentalWarning")]
 

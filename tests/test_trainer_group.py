@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tinker
 
-from conftest import API_KEY, BASE_MODEL, Stack, _free_port, alive
+from stack_helpers import API_KEY, BASE_MODEL, Stack, alive, free_port
 from test_stack import assert_logprobs_equal, data, logprobs, tokenizer, training_client  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(900)
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(900)
 def group_stack(tmp_path_factory, default_model):
     data_dir = tmp_path_factory.mktemp("group-stack")
     cmd = [
-        sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(_free_port()),
+        sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(free_port()),
         "--api-key", API_KEY, "--samplers", "0", "--threads", "1", "--snapshot-every", "4", "--trainer-nproc", "2",
     ]  # fmt: skip
     log = open(data_dir / "up.log", "wb")

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import BASE_MODEL
+from stack_helpers import BASE_MODEL
 from test_stack import assert_logprobs_equal, data, logprobs, sdk_steps, tokenizer, training_client  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(600)

@@ -1,7 +1,7 @@
 """Rendering and reading deploy/: kustomize output as Python objects, and what the code reads.
 
-(Not a conftest.py: tests/*.py do `from conftest import ...`, and a second conftest module
-would shadow the root one when the whole suite is collected.)
+(Not a conftest.py: the test modules import these names, and `from conftest import ...`
+finds whichever conftest.py was imported first when several are collected together.)
 
 Every kustomize found is used (`kustomize` from tests/deploy/install-kustomize.sh, and
 `kubectl kustomize` when kubectl is installed) and they must agree. Without any, the

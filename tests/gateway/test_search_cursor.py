@@ -13,7 +13,7 @@ import pytest
 import tinker
 from tinker import types
 
-from conftest import API_KEY
+from stack_helpers import API_KEY
 
 pytestmark = pytest.mark.timeout(300)
 

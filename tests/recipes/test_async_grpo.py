@@ -12,7 +12,7 @@ import pytest
 import tinker
 from tinker import types
 
-from conftest import API_KEY, BASE_MODEL, OTHER_KEY
+from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY
 from openrl.demo import REWARD_BAND, rl_questions
 from openrl.recipes.async_grpo import Config, encode_prompt, measured_tasks, say_word_tasks, train
 from openrl.recipes.plot import read_png

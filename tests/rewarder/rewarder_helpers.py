@@ -2,8 +2,8 @@
 (`python -m openrl rewarder ...`), and bus-level submit/wait helpers that do what the
 gateway does (a pending future, then the request on the work queue).
 
-The fixture `rewarders` is imported by the test modules that use it: a
-tests/rewarder/conftest.py would shadow tests/conftest.py for `from conftest import ...`."""
+The fixture `rewarders` is imported by the test modules that use it (names the tests
+import live in plainly named modules, never in a conftest.py: see tests/stack_helpers.py)."""
 
 from __future__ import annotations
 

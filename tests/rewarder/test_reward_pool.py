@@ -11,8 +11,8 @@ import pytest
 
 from openrl.rewarder.pool import Pool, RewardLoadError
 
-from conftest import alive
 from rewarder_helpers import item
+from stack_helpers import alive
 
 
 async def _full(pool: Pool, timeout_s: float = 20) -> list[int]:

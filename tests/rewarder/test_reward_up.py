@@ -12,7 +12,7 @@ from openrl.cli import _up_rewarders
 from openrl.client import RewardClient
 from openrl.rewarder.builtin import REWARDS
 
-from conftest import alive
+from stack_helpers import alive
 
 
 def test_rewarder_flags_of_up():

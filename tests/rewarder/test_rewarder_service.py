@@ -16,8 +16,8 @@ import pytest
 from openrl.bus import subjects
 from openrl.bus.messages import Future, ScoreRequest
 
-from conftest import alive
 from rewarder_helpers import HERE, item, result, rewarders, submit, unique, wait_heartbeat, workers  # noqa: F401 - fixtures
+from stack_helpers import alive
 
 pytestmark = pytest.mark.timeout(300)
 

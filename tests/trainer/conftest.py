@@ -1,4 +1,6 @@
-"""The tiny random-init models the trainer tests compare against plain-torch references."""
+"""The tiny random-init models the trainer tests compare against plain-torch references.
+
+Fixtures only: nothing imports this module by name (see tests/stack_helpers.py)."""
 
 from __future__ import annotations
 

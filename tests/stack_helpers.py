@@ -1,0 +1,79 @@
+"""What the tests that drive a stack import by name: the API keys, the base model, the Stack
+handle and process checks. Not in conftest.py: with several conftest.py files collected
+together, `from conftest import ...` finds whichever was imported first."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+API_KEY = "tml-test-key-0123456789"
+OTHER_KEY = "tml-other-key-9876543210"
+BASE_MODEL = "openrl/tiny-qwen3"
+
+
+@dataclass
+class Stack:
+    url: str
+    api_key: str
+    data_dir: Path
+    nats_url: str
+    proc: subprocess.Popen
+
+    def pid(self, role: str) -> int:
+        return int((self.data_dir / "run" / f"{role}.pid").read_text())
+
+    def wait_restarted(self, role: str, old_pid: int, timeout_s: float = 60) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                pid = self.pid(role)
+                if pid != old_pid:
+                    return pid
+            except (FileNotFoundError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{role} was not restarted")
+
+    def healthz(self) -> dict:
+        with urllib.request.urlopen(f"{self.url}/api/v1/healthz", timeout=5) as r:
+            return json.loads(r.read())
+
+    def keys(self, *args: str) -> subprocess.CompletedProcess:
+        """`openrl keys ARGS` against this stack's bus."""
+        return subprocess.run([sys.executable, "-m", "openrl", "keys", *args, "--nats-url", self.nats_url],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    def service_client(self, api_key: str | None = None, base_url: str | None = None):
+        import tinker
+
+        return tinker.ServiceClient(base_url=base_url or self.url, api_key=api_key or self.api_key)
+
+
+def free_port() -> int:
+    from openrl.bus.server import free_port
+
+    return free_port()
+
+
+def stack_pid(data_dir: Path, role: str) -> int:
+    return int((data_dir / "run" / f"{role}.pid").read_text())
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes (its parent has not reaped it yet).
+    try:
+        return open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
