@@ -1,0 +1,330 @@
+"""The GPU check (issue 14): a cookbook-sized RL step on a random-init Qwen3-8B through the whole
+stack, against a bare torch + peft loop on the same batches, in one run.
+
+1. Build Qwen3-8B's config (hidden 4096, 36 layers, vocab 151,936, untied head) with random
+   weights in bf16 directly on the GPU (no download) and save it to local disk: the trainer
+   loads its base model by path.
+2. `openrl up --base-model <that path> --samplers 0` (NATS, gateway, trainer on CUDA) and,
+   through the tinker SDK, RL steps of 64 x 1,024 tokens: forward_backward(importance_sampling)
+   + optim_step. tokens/s, MFU = 6 x parameters x tokens/s / the GPU's bf16 dense peak, and
+   the peak GPU memory of the device while the stack runs (less what was in use before it
+   started: the trainer's weights, activations and allocator cache, and its CUDA context).
+3. The stack stopped, a bare loop: the saved model loaded with transformers, peft LoRA rank 32
+   on the modules the trainer targets, activation checkpointing as the trainer has it on CUDA,
+   micro-batches of --bare-microbatch-tokens, full-vocabulary logits, the same loss and AdamW
+   on the same batches. tokens/s, MFU, torch's peak allocated memory; stack / bare (the target
+   is >= 0.90). Step 0's loss from both (the LoRA starts at zero, so both are the base model's)
+   is a check that they computed the same thing.
+
+    bash bench/gpu_check.sh                 # on the GPU machine: installs the carried wheels, then this
+    python bench/gpu_check.py --tiny        # a small Qwen3 on CPU, a few tokens: checks the script end to end
+
+Prints the figures and writes them as JSON (--out), also when a phase fails (with "error").
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from common import API_KEY, start_stack, stop_stack, write_results
+
+ROOT = Path(__file__).resolve().parent.parent
+
+QWEN3_8B = dict(
+    vocab_size=151_936, hidden_size=4096, intermediate_size=12_288, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, max_position_embeddings=40_960, tie_word_embeddings=False,
+    rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+)  # fmt: skip
+TINY = dict(
+    vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+    num_key_value_heads=1, head_dim=32, max_position_embeddings=2048, tie_word_embeddings=False,
+)  # fmt: skip
+# bf16 dense peak FLOP/s, by a piece of torch.cuda.get_device_name(); the first match wins.
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12))
+LORA_RANK = 32
+LEARNING_RATE = 1e-5
+
+
+def peak_flops(device_name: str | None) -> float | None:
+    return next((flops for key, flops in PEAK_BF16 if device_name and key in device_name), None)
+
+
+def build_and_save(config: dict, device: str, dtype, path: Path) -> dict:
+    """Random init straight on `device` (every parameter is created there, so no 16 GB copy),
+    then save_pretrained; returns the parameter count and the seconds each took."""
+    import torch
+    import transformers.models.qwen3.modeling_qwen3  # noqa: F401  imported here, not inside the timing
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(Qwen3Config(**config), dtype=dtype)
+    params = sum(p.numel() for p in model.parameters())
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    model.save_pretrained(path)
+    t2 = time.perf_counter()
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"params": params, "init_s": round(t1 - t0, 1), "save_s": round(t2 - t1, 1)}
+
+
+def make_batches(vocab: int, n: int, batch: int, length: int) -> list[dict[str, np.ndarray]]:
+    """RL batches as the cookbook sends them: tokens (B, L+1) whose shifted part is the targets,
+    sampler logprobs near a random-init model's own (-log vocab, so ratios stay near 1) and
+    one advantage per sequence."""
+    rng = np.random.default_rng(0)
+    return [
+        {
+            "tokens_B_T": rng.integers(0, vocab, (batch, length + 1)),
+            "logprobs_B_L": (-math.log(vocab) + rng.normal(0, 0.1, (batch, length))).astype(np.float32),
+            "advantages_B_L": np.repeat(rng.normal(0, 1, (batch, 1)), length, axis=1).astype(np.float32),
+        }
+        for _ in range(n)
+    ]
+
+
+class GpuMemoryWatch:
+    """The device's used memory (all processes, cudaMemGetInfo), polled in a thread: the peak
+    above what was in use when the watch started."""
+
+    def __init__(self, interval_s: float = 0.05):
+        import torch
+
+        self._torch, self._interval = torch, interval_s
+        self.baseline = self._used()
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _used(self) -> int:
+        free, total = self._torch.cuda.mem_get_info()
+        return total - free
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._used())
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"peak_gb": round((self.peak - self.baseline) / 1e9, 2), "device_baseline_gb": round(self.baseline / 1e9, 2)}
+
+
+def timed_steps(step, n: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Run step(i) for warmup + n batches; (timed seconds, every step's loss)."""
+    times, losses = [], []
+    for i in range(warmup + n):
+        t0 = time.perf_counter()
+        losses.append(step(i))
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times, losses
+
+
+def run_stack(path: Path, batches: list[dict], args, device: str) -> dict:
+    import tinker
+
+    with tempfile.TemporaryDirectory(prefix="openrl-gpu-check-") as tmp:
+        t0 = time.perf_counter()
+        watch = GpuMemoryWatch() if device == "cuda" else None
+        up_args = ["--base-model", str(path), "--samplers", "0"] + (["--threads", str(args.threads)] if args.threads else [])
+        proc, url = start_stack(Path(tmp), *up_args)
+        ready_s = time.perf_counter() - t0
+        print(f"stack up in {ready_s:.1f} s (the trainer loads {path})", flush=True)
+        try:
+            service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
+            tc = service.create_lora_training_client(base_model=str(path), rank=LORA_RANK, seed=0).result()
+            adam = tinker.types.AdamParams(learning_rate=LEARNING_RATE)
+            D = tinker.types.TensorData.from_numpy
+            datums = [
+                [
+                    tinker.types.Datum(
+                        model_input=tinker.types.ModelInput.from_ints(tokens[:-1].tolist()),
+                        loss_fn_inputs={"target_tokens": D(tokens[1:].astype(np.int64)), "logprobs": D(q), "advantages": D(a)},
+                    )
+                    for tokens, q, a in zip(b["tokens_B_T"], b["logprobs_B_L"], b["advantages_B_L"])
+                ]
+                for b in batches
+            ]
+
+            def step(i: int) -> float:
+                fb = tc.forward_backward(datums[i], loss_fn="importance_sampling")
+                opt = tc.optim_step(adam)
+                loss = fb.result().metrics["loss:sum"]
+                opt.result()
+                return loss
+
+            times, losses = timed_steps(step, args.steps, args.warmup)
+        finally:
+            stop_stack(proc)
+            memory = watch.stop() if watch else None
+    return {"ready_s": round(ready_s, 1), "times_s": [round(t, 3) for t in times], "losses": losses, "gpu_memory": memory}
+
+
+def run_bare(path: Path, batches: list[dict], args, device: str, dtype) -> dict:
+    """Plain transformers + peft + torch on the same batches: no service, no micro-batching
+    logic beyond a loop over slices, full-vocabulary logits."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from openrl.bus.messages import LORA_ALPHA
+    from openrl.trainer.engine import TARGETS
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.requires_grad_(False)
+    load_s = time.perf_counter() - t0
+    checkpointing = device == "cuda" if args.bare_checkpointing is None else args.bare_checkpointing
+    targets = [name for names in TARGETS.values() for name in names]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers renames gradient -> activation checkpointing
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=targets))
+    model.train(checkpointing)  # transformers checkpoints a layer only in training mode; Qwen3 has no dropout
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE, betas=(0.9, 0.95), eps=1e-12,
+        weight_decay=0.0, fused=device == "cuda" or None,
+    )  # fmt: skip
+    rows = max(1, args.bare_microbatch_tokens // args.length)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step(i: int) -> float:
+        b = {k: torch.from_numpy(v).to(device) for k, v in batches[i].items()}
+        total = 0.0
+        for s in range(0, len(b["tokens_B_T"]), rows):
+            ids_B_T = b["tokens_B_T"][s : s + rows]
+            logits_B_L_V = model(input_ids=ids_B_T[:, :-1], use_cache=False).logits
+            lp_B_L = torch.log_softmax(logits_B_L_V.float(), -1).gather(-1, ids_B_T[:, 1:, None]).squeeze(-1)
+            del logits_B_L_V
+            loss = -(torch.exp(lp_B_L - b["logprobs_B_L"][s : s + rows]) * b["advantages_B_L"][s : s + rows]).sum()
+            loss.backward()
+            _ = lp_B_L.detach().cpu().numpy()  # the logprobs a client gets back
+            total += loss.item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return total
+
+    times, losses = timed_steps(step, args.steps, args.warmup)
+    out = {"load_s": round(load_s, 1), "times_s": [round(t, 3) for t in times], "losses": losses,
+           "microbatch_tokens": rows * args.length, "activation_checkpointing": checkpointing}  # fmt: skip
+    if device == "cuda":
+        out["gpu_memory"] = {
+            "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2),
+        }
+    del model, opt
+    return out
+
+
+def summarize(side: dict, tokens: int, params: int, peak: float | None) -> None:
+    med = float(np.median(side["times_s"]))
+    side["step_s_median"] = round(med, 3)
+    side["tokens_per_s"] = round(tokens / med, 1)
+    side["mfu"] = round(6 * params * tokens / med / peak, 4) if peak else None  # 6 x parameters x tokens/s / peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", default=os.environ.get("OPENRL_GPU_CHECK_TINY") == "1",
+                   help="a small Qwen3 on CPU and a few tokens, to check the script [OPENRL_GPU_CHECK_TINY=1]")
+    p.add_argument("--batch", type=int, help="sequences per step (64; --tiny: 4)")
+    p.add_argument("--length", type=int, help="tokens per sequence (1024; --tiny: 128)")
+    p.add_argument("--steps", type=int, help="timed steps per side (4; --tiny: 2)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--bare-microbatch-tokens", type=int, default=4096,
+                   help="tokens per forward in the bare loop (its logits are whole: 4096 x 151936 fp32 is 2.5 GB)")
+    p.add_argument("--bare-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation checkpointing in the bare loop (default: as the trainer, on on CUDA)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the trainer (0: openrl up's choice)")
+    p.add_argument("--model-dir", default=None, help="where to save the random model (default: a temp dir, removed after)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check.json"))
+    args = p.parse_args()
+    args.batch = args.batch or (4 if args.tiny else 64)
+    args.length = args.length or (128 if args.tiny else 1024)
+    args.steps = args.steps or (2 if args.tiny else 4)
+    if args.tiny:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # every process, the stack's trainer too, on CPU
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TINKER_TELEMETRY", "0")
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cuda" and not args.tiny:
+        sys.exit("gpu_check: no CUDA device; pass --tiny to check the script on CPU")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what the trainer's engine picks
+    config = TINY if args.tiny else QWEN3_8B
+    name = torch.cuda.get_device_name() if device == "cuda" else None
+    peak = peak_flops(name)
+    tokens = args.batch * args.length
+    results: dict = {
+        "machine": {"device": device, "gpu": name, "peak_bf16_flops": peak, "cpus": len(os.sched_getaffinity(0)),
+                    "loadavg_start": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__},
+        "model": {"config": config, "dtype": str(dtype).removeprefix("torch."), "lora_rank": LORA_RANK},
+        "batch": {"sequences": args.batch, "length": args.length, "tokens": tokens, "loss_fn": "importance_sampling"},
+    }  # fmt: skip
+    if peak is None and device == "cuda":
+        print(f"no bf16 peak known for {name!r}: MFU is not computed (add it to PEAK_BF16)", flush=True)
+    started = time.perf_counter()
+    model_dir = Path(args.model_dir) if args.model_dir else Path(tempfile.mkdtemp(prefix="openrl-gpu-model-"))
+    try:
+        built = build_and_save(config, device, dtype, model_dir)
+        results["model"].update(built)
+        params = built["params"]
+        print(f"random Qwen3 ({params / 1e9:.2f}B parameters, {results['model']['dtype']}) built on {device} "
+              f"in {built['init_s']} s, saved in {built['save_s']} s", flush=True)  # fmt: skip
+        batches = make_batches(config["vocab_size"], args.warmup + args.steps, args.batch, args.length)
+
+        results["stack"] = stack = run_stack(model_dir, batches, args, device)
+        summarize(stack, tokens, params, peak)
+        mem = stack["gpu_memory"]
+        print(f"stack: {stack['tokens_per_s']} tokens/s (step {stack['step_s_median']} s), MFU {stack['mfu']}, "
+              f"peak GPU memory {mem and mem['peak_gb']} GB", flush=True)  # fmt: skip
+
+        results["bare"] = bare = run_bare(model_dir, batches, args, device, dtype)
+        summarize(bare, tokens, params, peak)
+        mem = bare.get("gpu_memory")
+        print(f"bare torch + peft: {bare['tokens_per_s']} tokens/s (step {bare['step_s_median']} s), MFU {bare['mfu']}, "
+              f"peak GPU memory {mem and mem['peak_allocated_gb']} GB allocated", flush=True)  # fmt: skip
+
+        results["ratio"] = round(bare["step_s_median"] / stack["step_s_median"], 3)
+        s0, b0 = stack["losses"][0], bare["losses"][0]
+        results["step0_loss"] = {"stack": s0, "bare": b0, "rel_diff": round(abs(s0 - b0) / max(abs(b0), 1e-9), 5)}
+        print(f"stack / bare = {results['ratio']} (target >= 0.90); step-0 loss stack {s0:.4g}, bare {b0:.4g}", flush=True)
+    except BaseException as e:
+        results["error"] = "".join(traceback.format_exception(e))[-4000:]
+        raise
+    finally:
+        if not args.model_dir:
+            import shutil
+
+            shutil.rmtree(model_dir, ignore_errors=True)
+        results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        results["seconds"] = round(time.perf_counter() - started, 1)
+        results["config"] = {k: v for k, v in vars(args).items() if k != "out"}
+        write_results(args.out, results, f" ({results['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
