@@ -432,12 +432,17 @@ class LoraEngine:
         with self._unsharded_root():
             for k in range(passes):
                 idx = mine[k] if k < len(mine) else None
-                with torch.inference_mode() if req.forward_only else contextlib.nullcontext():
-                    lp_M_K, loss = self._loss(req.loss_fn, batch, idx, config) if idx else self._idle_pass()
-                if not req.forward_only:
-                    _add(grads, torch.autograd.grad(loss, params, allow_unused=True))
                 if not idx:
+                    with torch.inference_mode() if req.forward_only else contextlib.nullcontext():
+                        _, loss = self._idle_pass()
+                    if not req.forward_only:
+                        _add(grads, torch.autograd.grad(loss, params, allow_unused=True))
                     continue
+                if req.forward_only:
+                    with torch.inference_mode():
+                        lp_M_K, loss = self._loss(req.loss_fn, batch, idx, config)
+                else:
+                    lp_M_K, loss = self._loss(req.loss_fn, batch, idx, config, grads=grads, params=params)
                 loss_sum += loss.item()
                 rows_D = np.split(lp_M_K.detach().cpu().numpy(), np.cumsum([len(batch.tokens_D[i]) for i in idx])[:-1])
                 for i, rows in zip(idx, rows_D):
@@ -495,10 +500,12 @@ class LoraEngine:
         return flat[-1].item(), merged
 
     def _loss(
-        self, loss_fn: str, batch: requests.Batch, idx: list[int], config: dict[str, float]
+        self, loss_fn: str, batch: requests.Batch, idx: list[int], config: dict[str, float],
+        grads: list[torch.Tensor | None] | None = None, params: list[torch.nn.Parameter] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One padded forward of the datums `idx`; returns (lp of their real positions (M, K),
-        their summed loss)."""
+        their summed loss). With `grads`, also its backward: the gradients of `params` are
+        added to `grads`."""  # fmt: skip
         tokens_D = [batch.tokens_D[i] for i in idx]
         ids_B_T = np.zeros((len(tokens_D), max(len(t) for t in tokens_D)), dtype=np.int64)
         real_B_T = np.zeros(ids_B_T.shape, dtype=bool)
@@ -511,9 +518,53 @@ class LoraEngine:
         hidden_B_T_H = self._decoder(input_ids=torch.from_numpy(ids_B_T).to(device), use_cache=False).last_hidden_state
         hidden_M_H = hidden_B_T_H[torch.from_numpy(real_B_T).to(device)]
         x = {name: torch.from_numpy(values).to(device) for name, values in batch.inputs(idx).items()}
-        lp_M_K = self._logprobs(hidden_M_H, x.pop("target_tokens"))
-        lp_M = lp_M_K if batch.signature.top_k else lp_M_K[:, 0]
-        return lp_M_K, losses.total(loss_fn, lp_M, x, config)
+        targets_M_K = x.pop("target_tokens")
+        signature = batch.signature
+        if grads is not None and signature.sequence_mask is None and len(hidden_M_H) > self._chunk_rows:
+            return self._chunked_backward(loss_fn, signature, hidden_M_H, targets_M_K, x, config, grads, params)
+        lp_M_K = self._logprobs(hidden_M_H, targets_M_K)
+        lp_M = lp_M_K if signature.top_k else lp_M_K[:, 0]
+        loss = losses.total(loss_fn, lp_M, x, config)
+        if grads is not None:
+            _add(grads, torch.autograd.grad(loss, params, allow_unused=True))
+        return lp_M_K, loss
+
+    def _chunked_backward(
+        self, loss_fn: str, signature: losses.Signature, hidden_M_H: torch.Tensor, targets_M_K: torch.Tensor,
+        x: dict[str, torch.Tensor], config: dict[str, float], grads: list[torch.Tensor | None],
+        params: list[torch.nn.Parameter],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of a loss whose terms are per token, a chunk of positions at a
+        time: each chunk's logits are made once, differentiated at once (into the hidden
+        states' gradient and the head's adapter) and freed, then one backward carries the
+        hidden states' gradient through the decoder. The same sums as the whole loss's backward,
+        without recomputing the logits (the checkpointed path for per-sequence losses does)."""  # fmt: skip
+        head = self.model.get_output_embeddings()
+        rows = self._chunk_rows
+        hidden_detached = hidden_M_H.detach()
+        grad_M_H = torch.zeros_like(hidden_detached)
+        lp_parts, loss = [], torch.zeros((), dtype=torch.float32, device=hidden_M_H.device)
+        for start in range(0, len(hidden_M_H), rows):
+            chunk = slice(start, start + rows)
+            h_C_H = hidden_detached[chunk].requires_grad_(True)
+            lp_C_K = self._head_logprobs(head, h_C_H, targets_M_K[chunk])
+            lp_C = lp_C_K if signature.top_k else lp_C_K[:, 0]
+            loss_C = losses.total(loss_fn, lp_C, {k: v[chunk] for k, v in x.items()}, config)
+            g = torch.autograd.grad(loss_C, [h_C_H, *params], allow_unused=True)
+            if g[0] is not None:
+                grad_M_H[chunk] = g[0]
+            _add(grads, g[1:])
+            lp_parts.append(lp_C_K.detach())
+            loss = loss + loss_C.detach()
+        if hidden_M_H.requires_grad:  # adapters in the decoder (not only on the head)
+            _add(grads, torch.autograd.grad(hidden_M_H, params, grad_outputs=grad_M_H, allow_unused=True))
+        return torch.cat(lp_parts), loss
+
+    def _head_logprobs(self, head: torch.nn.Module, h_C_H: torch.Tensor, t_C_K: torch.Tensor) -> torch.Tensor:
+        logits_C_V = head(h_C_H).float()  # fp32 log_softmax, as F.cross_entropy computes it
+        if self._softcap:
+            logits_C_V = self._softcap * torch.tanh(logits_C_V / self._softcap)
+        return torch.log_softmax(logits_C_V, dim=-1).gather(1, t_C_K)  # one gather: (N,) and (N, K)
 
     def _logprobs(self, hidden_M_H: torch.Tensor, targets_M_K: torch.Tensor) -> torch.Tensor:
         """log_softmax(head(hidden))[targets] in chunks of positions: fp32 logits exist for one
@@ -522,10 +573,7 @@ class LoraEngine:
         head = self.model.get_output_embeddings()  # looked up each time: peft may wrap it
 
         def chunk(h_C_H: torch.Tensor, t_C_K: torch.Tensor) -> torch.Tensor:
-            logits_C_V = head(h_C_H).float()  # fp32 log_softmax, as F.cross_entropy computes it
-            if self._softcap:
-                logits_C_V = self._softcap * torch.tanh(logits_C_V / self._softcap)
-            return torch.log_softmax(logits_C_V, dim=-1).gather(1, t_C_K)  # one gather: (N,) and (N, K)
+            return self._head_logprobs(head, h_C_H, t_C_K)
 
         rows = self._chunk_rows
         if len(hidden_M_H) <= rows:

@@ -13,6 +13,10 @@ from openrl.trainer import group as groups
 from openrl.trainer.engine import LoraEngine
 
 
+# Logits a few positions at a time, so that the chunked forward and backward run sharded too.
+CHUNK_BYTES = 4 * 96 * 7
+
+
 class Script(msgspec.Struct):
     creates: list[tuple[str, LoraSpec]]
     steps: list[ForwardBackward | tuple[str, AdamParams]]
@@ -50,7 +54,7 @@ def main(model_path: str, script_path: str, out_path: str) -> None:
     cfg = groups.GroupConfig(collective_timeout_s=120)
     rank = groups.init_rank(cfg, "cpu")
     script = msgspec.msgpack.decode(open(script_path, "rb").read(), type=Script)
-    engine = LoraEngine(model_path, device="cpu", microbatch_tokens=script.microbatch_tokens, sharded=True)
+    engine = LoraEngine(model_path, device="cpu", microbatch_tokens=script.microbatch_tokens, logits_chunk_bytes=CHUNK_BYTES, sharded=True)
     if rank.rank != 0:
         groups.follow(engine)
         return

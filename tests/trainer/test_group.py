@@ -19,7 +19,7 @@ from openrl.trainer import group as groups
 from openrl.trainer.engine import LoraEngine
 
 from factories import random_request
-from group_script import run_steps
+from group_script import CHUNK_BYTES, run_steps
 
 SCRIPT = Path(__file__).with_name("group_script.py")
 # Budget 24: five datums make three micro-batches ([23], [17], [9, 6]), so rank 1 runs one
@@ -60,7 +60,7 @@ def run_group(tmp_path: Path, model_path: str, state: bytes = b"", tag: str = "g
 
 
 def run_single(model_path: str, state: bytes = b"") -> tuple[dict, LoraEngine]:
-    engine = LoraEngine(model_path, device="cpu", microbatch_tokens=BUDGET)
+    engine = LoraEngine(model_path, device="cpu", microbatch_tokens=BUDGET, logits_chunk_bytes=CHUNK_BYTES)
     return run_steps(engine, CREATES, steps(), state), engine
 
 
