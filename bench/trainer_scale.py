@@ -262,11 +262,90 @@ def bench_speed(model_path: str, vocab: int, tokens: int, reps: int, warmup: int
 # ---------------------------------------------------------------------- 3. 2 ranks vs 1 (CPU)
 
 
-def bench_ranks(model_path: str, vocab: int, args) -> dict:
-    """TO BE FILLED IN with the trainer group on torch.distributed: the same requests on a group
-    of 2 CPU ranks (each 1 torch thread) vs 1 rank (2 threads): tokens/s of both and their ratio,
-    and the peak RSS per rank. Return a dict; main() stores it as results["ranks"]."""
-    raise NotImplementedError("2 ranks vs 1 waits for the trainer group on torch.distributed")
+def ranks_child(argv: list[str]) -> None:
+    """Under torchrun: a trainer group of WORLD_SIZE CPU ranks (FSDP2 over gloo) times the
+    request; rank 0 writes its step times, loss and logprobs to `out`."""
+    model_path, tokens, vocab, reps, warmup, out = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), int(argv[4]), argv[5]
+    import torch
+
+    from openrl.bus.messages import LoraSpec
+    from openrl.trainer import group as groups
+    from openrl.trainer.engine import LoraEngine
+
+    quiet_logs()
+    torch.set_num_threads(1)
+    cfg = groups.GroupConfig(collective_timeout_s=600)
+    rank = groups.init_rank(cfg, "cpu")
+    engine = LoraEngine(model_path, device="cpu", sharded=True)
+    if rank.rank != 0:
+        groups.follow(engine)
+        return
+    group = groups.GroupEngine(engine, cfg)
+    group.create("m", LoraSpec(rank=32, seed=0))
+    result = time_steps(group, rl_message("m", tokens // DATUM_TOKENS, vocab), reps, warmup)
+    result["peak_rss_mb_rank0"] = round(peak_rss_mb(), 1)
+    Path(out).write_text(json.dumps(result))
+    group.stop()
+
+
+def time_steps(engine, msg, reps: int, warmup: int) -> dict:
+    """forward_backward + optim_step of `msg`, `warmup + reps` times: step times, and the first
+    step's loss and logprobs (to compare two engines' numbers)."""
+    from openrl.bus.messages import AdamParams
+
+    adam = AdamParams(learning_rate=1e-4)
+    times, first = [], None
+    for rep in range(warmup + reps):
+        t0 = time.perf_counter()
+        res = engine.forward_backward(msg)
+        engine.optim_step("m", adam)
+        if rep >= warmup:
+            times.append(time.perf_counter() - t0)
+        if first is None:
+            first = {"loss": res.metrics["loss:sum"], "logprobs": [a.tolist() for a in res.logprobs]}
+    return {"step_s": times, "first": first}
+
+
+def bench_ranks(model_path: str, vocab: int, tokens: int, reps: int, warmup: int) -> dict:
+    """The same request on a trainer group of 2 CPU ranks (1 torch thread each, under torchrun)
+    and on a single engine with 2 threads: tokens/s of both, their ratio, and how far the
+    group's loss and logprobs are from the single engine's (fp32)."""
+    from openrl.bus.messages import LoraSpec
+    from openrl.trainer.engine import LoraEngine
+
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="openrl-ranks-") as tmp:
+        out = Path(tmp) / "group.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", __file__, "_ranks",
+               model_path, str(tokens), str(vocab), str(reps), str(warmup), str(out)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode != 0:
+            return {"failed": proc.stderr[-2000:]}
+        group = json.loads(out.read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = LoraEngine(model_path, device="cpu")
+        engine.create("m", LoraSpec(rank=32, seed=0))
+        single = time_steps(engine, rl_message("m", tokens // DATUM_TOKENS, vocab), reps, warmup)
+    finally:
+        torch.set_num_threads(threads)
+    g_lp = np.concatenate([np.asarray(a, dtype=np.float64) for a in group["first"]["logprobs"]])
+    s_lp = np.concatenate([np.asarray(a, dtype=np.float64) for a in single["first"]["logprobs"]])
+    med = {name: float(np.median(r["step_s"])) for name, r in (("two_ranks", group), ("one_rank", single))}
+    return {
+        "tokens": tokens, "vocab": vocab, "reps": reps,
+        "two_ranks": {"step_s_median": round(med["two_ranks"], 4), "tokens_per_s": round(tokens / med["two_ranks"], 1),
+                      "threads_per_rank": 1, "peak_rss_mb_rank0": group["peak_rss_mb_rank0"]},
+        "one_rank": {"step_s_median": round(med["one_rank"], 4), "tokens_per_s": round(tokens / med["one_rank"], 1), "threads": 2},
+        "ratio": round(med["one_rank"] / med["two_ranks"], 3),
+        "agreement": {
+            "loss_rel_diff": abs(group["first"]["loss"] - single["first"]["loss"]) / max(abs(single["first"]["loss"]), 1e-12),
+            "logprob_max_abs_diff": float(np.abs(g_lp - s_lp).max()),
+        },
+        "note": "2 ranks share the same 2 cores as 1 rank with 2 threads: no speedup is possible here",
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------- main
@@ -294,6 +373,8 @@ def report_speed(speed: dict) -> None:
 def main() -> None:
     if sys.argv[1:2] == ["_measure"]:
         return measure_child(sys.argv[2:])
+    if sys.argv[1:2] == ["_ranks"]:
+        return ranks_child(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="2048,16384,65536", help="request sizes in tokens (multiples of 1024)")
     p.add_argument("--hidden", type=int, default=64, help="hidden size of the real-vocabulary model")
@@ -302,16 +383,15 @@ def main() -> None:
     p.add_argument("--speed-tokens-default", type=int, default=8192, help="request size on the default model's shapes")
     p.add_argument("--reps", type=int, default=7, help="timed repetitions per side of each speed comparison")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--skip-ranks", action=argparse.BooleanOptionalAction, default=True,
-                   help="skip 2 ranks vs 1 (the default until the trainer group lands)")
+    p.add_argument("--ranks-tokens", type=int, default=8192, help="request size of 2 ranks vs 1 (default model's shapes)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (0: all cores); 1 by default, as on a shared machine more threads wait on each other")
-    p.add_argument("--sections", default="memory,speed", help="which of memory, speed to run")
+    p.add_argument("--sections", default="memory,speed,ranks", help="which of memory, speed, ranks to run")
     p.add_argument("--quick", action="store_true", help="small sizes only, to check that it works")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "trainer_scale.json"))
     args = p.parse_args()
     if args.quick:
-        args.sizes, args.speed_tokens, args.speed_tokens_default, args.reps = "1024,4096", 1024, 2048, 2
+        args.sizes, args.speed_tokens, args.speed_tokens_default, args.reps, args.ranks_tokens = "1024,4096", 1024, 2048, 2, 2048
     sizes = sorted(int(s) for s in args.sizes.split(","))
     if any(s % DATUM_TOKENS for s in sizes):
         p.error(f"--sizes must be multiples of {DATUM_TOKENS}")
@@ -351,11 +431,17 @@ def main() -> None:
                 },
             }
             report_speed(results["speed"])
-        # ---- 2 ranks vs 1 on CPU: results["ranks"], from bench_ranks once it is written.
-        if args.skip_ranks:
-            results["ranks"] = {"skipped": "pending the trainer group on torch.distributed (run with --no-skip-ranks)"}
-        else:
-            results["ranks"] = bench_ranks(str(real), QWEN3_VOCAB, args)
+        if "ranks" in args.sections:
+            print("ranks: a trainer group of 2 CPU ranks vs 1 rank with 2 threads, same request", flush=True)
+            ranks = bench_ranks(str(tiny), DEFAULT_SHAPES["vocab"], args.ranks_tokens, args.reps, args.warmup)
+            results["ranks"] = ranks
+            if "failed" in ranks:
+                print(f"  failed: {ranks['failed']}", flush=True)
+            else:
+                print(f"  2 ranks {ranks['two_ranks']['tokens_per_s']} tokens/s, 1 rank {ranks['one_rank']['tokens_per_s']} "
+                      f"tokens/s, ratio {ranks['ratio']} (2 shared cores: no speedup possible); agreement: loss "
+                      f"{ranks['agreement']['loss_rel_diff']:.1e} relative, logprobs {ranks['agreement']['logprob_max_abs_diff']:.1e} "
+                      "max abs", flush=True)  # fmt: skip
 
     results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     results["seconds"] = round(time.perf_counter() - started, 1)
