@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tinker
 
-from stack_helpers import API_KEY, BASE_MODEL, Stack, alive, free_port
+from stack_helpers import API_KEY, Stack, alive, free_port
 from test_stack import assert_logprobs_equal, data, logprobs, tokenizer, training_client  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(900)
