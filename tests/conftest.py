@@ -137,3 +137,20 @@ def jwt_gateway(stack, tmp_path_factory):
     """A second gateway replica on the same bus with JWT mode on (OPENRL_JWT_AUTH=1): its
     client/config tells the SDK to trade its API key for a JWT at auth/token."""
     yield from _gateway(stack, tmp_path_factory, "gw-jwt", {"OPENRL_JWT_AUTH": "1"})
+
+
+@pytest.fixture(scope="module")
+def tokenizer(stack):
+    """The default model's tokenizer, as the SDK gets it (once per test module)."""
+    from sdk_helpers import training_client
+
+    _, tc = training_client(stack, seed=0, rank=1)
+    return tc.get_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def data(tokenizer):
+    """Eight chat SFT datums (the demo's examples)."""
+    from openrl.demo import make_datum, sft_examples
+
+    return [make_datum(tokenizer, q, a) for q, a in sft_examples(8, seed=1)]

@@ -21,7 +21,7 @@ from stack_helpers import BASE_MODEL
 from openrl.bus import record as rec
 from openrl.bus.messages import ForwardBackward, ForwardBackwardResult, Future, ScoreRequest, ScoreResult, TrainRequest, decode
 from openrl.client import RewardClient
-from test_stack import data, logprobs, sdk_steps, tokenizer, training_client  # noqa: F401 (fixtures)
+from sdk_helpers import logprobs, sdk_steps, training_client
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -16,7 +16,7 @@ import pytest
 import tinker
 
 from stack_helpers import API_KEY, Stack, alive, free_port
-from test_stack import assert_logprobs_equal, data, logprobs, tokenizer, training_client  # noqa: F401 (fixtures)
+from sdk_helpers import assert_logprobs_equal, logprobs, training_client
 
 pytestmark = pytest.mark.timeout(900)
 

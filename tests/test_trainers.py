@@ -18,7 +18,7 @@ import time
 import pytest
 
 from stack_helpers import BASE_MODEL
-from test_stack import assert_logprobs_equal, data, logprobs, sdk_steps, tokenizer, training_client  # noqa: F401 (fixtures)
+from sdk_helpers import assert_logprobs_equal, logprobs, sdk_steps, training_client
 
 pytestmark = pytest.mark.timeout(600)
 

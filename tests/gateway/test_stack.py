@@ -17,42 +17,15 @@ import tinker
 from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_forward_backward_output
 
-from openrl.demo import make_datum, run_sft_demo, sft_examples
+from openrl.demo import run_sft_demo
 
+from sdk_helpers import assert_logprobs_equal, logprobs, sdk_steps, training_client
 from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY
 
 pytestmark = pytest.mark.timeout(600)
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def training_client(stack, *, seed: int, rank: int = 8, base_url: str | None = None, api_key: str | None = None):
-    service = stack.service_client(api_key=api_key, base_url=base_url)
-    return service, service.create_lora_training_client(base_model=BASE_MODEL, rank=rank, seed=seed).result()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(stack):
-    service, tc = training_client(stack, seed=0, rank=1)
-    return tc.get_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def data(tokenizer):
-    return [make_datum(tokenizer, q, a) for q, a in sft_examples(8, seed=1)]
-
-
-def logprobs(out) -> list[np.ndarray]:
-    return [o["logprobs"].to_numpy() for o in out.loss_fn_outputs]
-
-
-def sdk_steps(tc, batches, lr=5e-3) -> None:
-    for batch in batches:
-        fb = tc.forward_backward(batch, loss_fn="cross_entropy")
-        opt = tc.optim_step(tinker.types.AdamParams(learning_rate=lr))
-        fb.result(timeout=120)  # a stuck sequence fails here instead of hanging the suite
-        opt.result(timeout=120)
 
 
 class Raw:
@@ -95,12 +68,6 @@ class Raw:
         res = self.result(r.json()["request_id"])
         assert res.headers["content-type"].startswith("application/x-protobuf"), res.text
         return logprobs(deserialize_forward_backward_output(res.content))
-
-
-def assert_logprobs_equal(a: list[np.ndarray], b: list[np.ndarray], rtol=1e-5, atol=1e-6):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
 
 def assert_healthy(stack):

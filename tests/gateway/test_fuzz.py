@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY
-from test_stack import data, logprobs, sdk_steps, tokenizer, training_client  # noqa: F401 (fixtures)
+from sdk_helpers import logprobs, sdk_steps, training_client
 
 pytestmark = pytest.mark.timeout(900)
 
