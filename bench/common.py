@@ -57,6 +57,14 @@ def write_results(out: str | Path, results: dict, note: str = "") -> None:
     print(f"wrote {out}{note}", flush=True)
 
 
+def finish_results(out: str | Path, results: dict, args, started: float) -> None:
+    """Close a run's results (load average at the end, seconds, the arguments) and write them."""
+    results.setdefault("machine", {})["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["config"] = {k: v for k, v in vars(args).items() if k != "out"}
+    write_results(out, results, f" ({results['seconds']} s)")
+
+
 def fb_message(model_id: str, rows: np.ndarray):
     """A cross_entropy forward_backward of `rows` (each L+1 tokens: inputs and shifted targets)."""
     from openrl.bus.messages import Datum, ForwardBackward, Tensor

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import API_KEY, start_stack, stop_stack, write_results
+from common import API_KEY, finish_results, start_stack, stop_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -320,10 +320,7 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(model_dir, ignore_errors=True)
-        results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-        results["seconds"] = round(time.perf_counter() - started, 1)
-        results["config"] = {k: v for k, v in vars(args).items() if k != "out"}
-        write_results(args.out, results, f" ({results['seconds']} s)")
+        finish_results(args.out, results, args, started)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import write_results
+from common import finish_results
 
 ROOT = Path(__file__).resolve().parent.parent
 QWEN3_VOCAB = 151_936
@@ -443,10 +443,7 @@ def main() -> None:
                       f"{ranks['agreement']['loss_rel_diff']:.1e} relative, logprobs {ranks['agreement']['logprob_max_abs_diff']:.1e} "
                       "max abs", flush=True)  # fmt: skip
 
-    results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    results["config"] = {k: v for k, v in vars(args).items() if k != "out"}
-    write_results(args.out, results, f" ({results['seconds']} s)")
+    finish_results(args.out, results, args, started)
 
 
 if __name__ == "__main__":
