@@ -31,6 +31,7 @@ its parameters alone, and each tenant's AdamW holds only its own parameters.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import warnings
 from dataclasses import dataclass
@@ -464,23 +465,19 @@ class LoraEngine:
         lp = self._logprobs(hidden.last_hidden_state[0], torch.zeros((1, 1), dtype=torch.int64, device=self.info.device))
         return lp, lp.sum() * 0.0
 
+    @contextlib.contextmanager
     def _unsharded_root(self):
         """With FSDP2, the root's own parameters (embeddings, final norm, head) gathered for the
         whole request: the decoder and the head are called directly, not through the root's
         forward, whose hook would gather them."""
         if self.world == 1:
-            return contextlib.nullcontext()
-        root = self.model
-
-        @contextlib.contextmanager
-        def gathered():
-            root.unshard()
-            try:
-                yield
-            finally:
-                root.reshard()
-
-        return gathered()
+            yield
+            return
+        self.model.unshard()
+        try:
+            yield
+        finally:
+            self.model.reshard()
 
     def _reduce(
         self, grads: list[torch.Tensor | None], loss_sum: float, logprobs: dict[int, np.ndarray], *, with_grads: bool
@@ -570,10 +567,8 @@ class LoraEngine:
         """log_softmax(head(hidden))[targets] in chunks of positions: fp32 logits exist for one
         chunk at a time, and with gradients each chunk is recomputed in the backward pass
         instead of kept (torch.utils.checkpoint)."""
-        head = self.model.get_output_embeddings()  # looked up each time: peft may wrap it
-
-        def chunk(h_C_H: torch.Tensor, t_C_K: torch.Tensor) -> torch.Tensor:
-            return self._head_logprobs(head, h_C_H, t_C_K)
+        # The head is looked up each time: peft may wrap it.
+        chunk = functools.partial(self._head_logprobs, self.model.get_output_embeddings())
 
         rows = self._chunk_rows
         if len(hidden_M_H) <= rows:

@@ -28,7 +28,6 @@ import ctypes
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -239,23 +238,23 @@ class GroupEngine:
         self.world = engine.world
         self._cfg = cfg
         self._last = time.monotonic()
-        self._lock = threading.Lock()  # calls come from one compute thread; keep-alives too
 
     def _both(self, call: Call, local):
-        with self._lock:
-            try:
-                _broadcast(call, self.info.device)
-                self._last = time.monotonic()
-                return local()
-            except InvalidRequest:
-                raise  # refused the same way on every rank, before any collective
-            except BaseException as e:
-                # A failed collective or a rank that failed alone: the ranks are no longer in
-                # step. End the group now (torchrun stops the others, the supervisor restarts
-                # it) rather than finish the request with an error: it was not acked, so the
-                # restarted group replays it.
-                log.critical("trainer_group_broken", call=type(call).__name__, error=repr(e)[:500])
-                os._exit(70)
+        """Broadcast `call`, then make it here. Every call, keep-alives too, comes from the one
+        compute thread, so calls never interleave."""
+        try:
+            _broadcast(call, self.info.device)
+            self._last = time.monotonic()
+            return local()
+        except InvalidRequest:
+            raise  # refused the same way on every rank, before any collective
+        except BaseException as e:
+            # A failed collective or a rank that failed alone: the ranks are no longer in step.
+            # End the group now (torchrun stops the others, the supervisor restarts it) rather
+            # than finish the request with an error: it was not acked, so the restarted group
+            # replays it.
+            log.critical("trainer_group_broken", call=type(call).__name__, error=repr(e)[:500])
+            os._exit(70)
 
     # Calls every rank makes.
     def create(self, model_id: str, lora: LoraSpec) -> None:
