@@ -151,8 +151,8 @@ def cmd_trainer(args: argparse.Namespace) -> None:
     from openrl.trainer.engine import LoraEngine, pick_device
     from openrl.trainer.service import Trainer, TrainerConfig
 
-    if args.microbatch_tokens < 0:
-        sys.exit(f"openrl trainer: --microbatch-tokens must be >= 1 (or 0 for the device's default), got {args.microbatch_tokens}")
+    if args.microbatch_tokens is not None and args.microbatch_tokens < 1:
+        sys.exit(f"openrl trainer: --microbatch-tokens must be >= 1, got {args.microbatch_tokens}")
     device = args.device or pick_device()
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("openrl trainer: --device cuda, but no CUDA device is visible (CUDA_VISIBLE_DEVICES, drivers)")
@@ -181,7 +181,7 @@ def cmd_trainer(args: argparse.Namespace) -> None:
     started = time.monotonic()
     checkpointing = {"auto": None, "on": True, "off": False}[args.activation_checkpointing]
     engine = LoraEngine(
-        path, model_name=args.base_model, device=device, microbatch_tokens=args.microbatch_tokens or None,
+        path, model_name=args.base_model, device=device, microbatch_tokens=args.microbatch_tokens,
         activation_checkpointing=checkpointing, sharded=rank is not None,
     )  # fmt: skip
     log.info("base_model_loaded", base_model=args.base_model, path=path, seconds=round(time.monotonic() - started, 2),
@@ -741,9 +741,9 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--worker-id", default=_env("WORKER_ID", ""))
     tr.add_argument("--snapshot-every", type=int, default=int(_env("SNAPSHOT_EVERY", 64)),
                     help="snapshot a model's full state every N requests (at an optim_step); 0 = never")
-    tr.add_argument("--microbatch-tokens", type=int, default=int(_env("MICROBATCH_TOKENS", 0)),
+    tr.add_argument("--microbatch-tokens", type=int, default=int(_env("MICROBATCH_TOKENS")) if _env("MICROBATCH_TOKENS") else None,
                     help="padded tokens per forward pass; a request runs in as many as it needs "
-                         "(0: the device's default, 16384 on cuda, 4096 elsewhere) [OPENRL_MICROBATCH_TOKENS]")
+                         "(default: 16384 on cuda, 4096 elsewhere) [OPENRL_MICROBATCH_TOKENS]")
     tr.add_argument("--activation-checkpointing", choices=["auto", "on", "off"], default=_env("ACTIVATION_CHECKPOINTING", "auto"),
                     help="recompute decoder layers in the backward pass instead of keeping their activations "
                          "(auto: on for cuda) [OPENRL_ACTIVATION_CHECKPOINTING]")

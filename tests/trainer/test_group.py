@@ -134,6 +134,7 @@ def test_impossible_group_settings_are_refused_at_start():
         (["--nproc-per-node", "0"], "--nproc-per-node must be >= 1"),
         (["--nnodes", "2"], "--master-addr (node 0's address) is required"),
         (["--microbatch-tokens", "-1"], "--microbatch-tokens must be >= 1"),
+        (["--microbatch-tokens", "0"], "--microbatch-tokens must be >= 1"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--nproc-per-node", "999"], "CUDA"),
     ):
         proc = subprocess.run([sys.executable, "-m", "openrl", "trainer", *args], capture_output=True, text=True, timeout=120)
