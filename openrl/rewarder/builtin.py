@@ -154,7 +154,9 @@ def math_answer(prompt: str, completion: str, reference: object) -> float:
 
 # -- text-to-SQL by execution ----------------------------------------------------------------
 
-SQL_TIMEOUT_S = 2.0  # per query
+SQL_TIMEOUT_S = 2.0  # per query, unless the reference's "timeout_s" says otherwise
+SQL_MAX_TIMEOUT_S = 30.0  # the most a reference's "timeout_s" may ask for (larger values are clamped)
+SQL_SETUP_TIMEOUT_S = 10.0  # building the task's database (schema, rows, data scripts)
 SQL_MAX_ROWS = 10_000  # a result with more rows counts as a failed query
 SQL_MAX_LENGTH = 1_000_000  # largest string or blob a query may build, in bytes
 SQL_PARTIAL_CREDIT = 0.1  # a query that runs but returns the wrong rows
@@ -223,15 +225,21 @@ def _query_authorizer(tables: set[str]):
     return authorize
 
 
-def build_database(schema: str, rows: dict[str, list[list]] | None = None, data: str = "") -> sqlite3.Connection:
+def build_database(
+    schema: str, rows: dict[str, list[list]] | None = None, data: str = "", timeout_s: float = SQL_SETUP_TIMEOUT_S
+) -> sqlite3.Connection:
     """A fresh in-memory database from DDL (`schema`), rows per table and/or INSERT statements
     (`data`), locked down for queries: no ATTACH (limit 0), no writes (query_only), an
-    authorizer that allows reading the task's tables only."""
+    authorizer that allows reading the task's tables only. Building it takes at most
+    `timeout_s`: the progress handler is on before any setup script runs (a recursive INSERT
+    in `data` is stopped, not run forever)."""
     conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=True)
     conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)  # no ATTACH, no VACUUM INTO: no files
     conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, SQL_MAX_LENGTH)
     conn.execute("PRAGMA trusted_schema = OFF")
     conn.set_authorizer(_setup_authorizer)
+    deadline = time.monotonic() + timeout_s
+    conn.set_progress_handler(lambda: time.monotonic() > deadline, 1000)
     try:
         conn.executescript(schema)
         for table, values in (rows or {}).items():
@@ -243,14 +251,27 @@ def build_database(schema: str, rows: dict[str, list[list]] | None = None, data:
             conn.executemany(f'INSERT INTO "{table}" VALUES ({", ".join("?" * width)})', values)
         if data:
             conn.executescript(data)
-    except sqlite3.Error as e:
+    except (sqlite3.Error, OverflowError, MemoryError) as e:
         conn.close()
+        if time.monotonic() > deadline:
+            raise ValueError(f"reference schema/data took longer than {timeout_s:g} s to build") from None
         raise ValueError(f"reference schema/data do not build: {e}") from None
+    conn.set_progress_handler(None, 0)
     conn.set_authorizer(None)
     tables = {name.lower() for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
     conn.execute("PRAGMA query_only = ON")
     conn.set_authorizer(_query_authorizer(tables))
     return conn
+
+
+def query_timeout(reference: dict) -> float:
+    """The reference's "timeout_s" (default SQL_TIMEOUT_S): a number > 0, clamped to at most
+    SQL_MAX_TIMEOUT_S. Anything else (a string such as "nan", a bool, NaN, infinity, zero or
+    less) is refused: a reference that cannot say how long a query may run is a bad reference."""
+    value = reference.get("timeout_s", SQL_TIMEOUT_S)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"sql reference timeout_s must be a finite number of seconds > 0 (at most {SQL_MAX_TIMEOUT_S:g} is used), got {value!r}")
+    return min(float(value), SQL_MAX_TIMEOUT_S)
 
 
 def run_query(conn: sqlite3.Connection, sql: str, timeout_s: float = SQL_TIMEOUT_S) -> list[tuple]:
@@ -287,7 +308,7 @@ def sql_execution(prompt: str, completion: str, reference: dict) -> dict[str, fl
     if not isinstance(reference, dict) or not isinstance(reference.get("schema"), str) or not isinstance(reference.get("gold"), str):
         raise ValueError('sql reference must be {"schema": str, "gold": str, "rows"?: {...}, "data"?: str}')
     partial = float(reference.get("partial_credit", SQL_PARTIAL_CREDIT))
-    timeout_s = min(float(reference.get("timeout_s", SQL_TIMEOUT_S)), 30.0)
+    timeout_s = query_timeout(reference)
     conn = build_database(reference["schema"], reference.get("rows"), reference.get("data", ""))
     try:
         try:

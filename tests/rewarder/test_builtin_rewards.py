@@ -222,6 +222,31 @@ def test_sql_malicious_queries_score_zero_and_touch_nothing(query, tmp_path, mon
     assert not (tmp_path / "new.db").exists() and not any(work.iterdir())
 
 
+@pytest.mark.parametrize("timeout_s", ["nan", "1", float("nan"), float("inf"), -1, 0, True, None, [1]])
+def test_sql_timeout_s_must_be_a_finite_number_above_zero(timeout_s):
+    with pytest.raises(ValueError, match="timeout_s must be a finite number"):
+        sql_execution("q", GOLD, ref(GOLD, timeout_s=timeout_s))
+
+
+def test_sql_timeout_s_above_the_bound_is_clamped(monkeypatch):
+    seen = []
+    real = builtin.run_query
+    monkeypatch.setattr(builtin, "run_query", lambda conn, sql, timeout_s: seen.append(timeout_s) or real(conn, sql, timeout_s))
+    assert sql_execution("q", GOLD, ref(GOLD, timeout_s=1e9)) == CORRECT
+    assert sql_execution("q", GOLD, ref(GOLD, timeout_s=3)) == CORRECT
+    assert seen == [builtin.SQL_MAX_TIMEOUT_S] * 2 + [3.0] * 2
+
+
+def test_sql_setup_scripts_are_stopped_at_the_setup_time_limit():
+    forever = "INSERT INTO t WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT n FROM r;"
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="longer than 0.5 s to build"):
+        builtin.build_database("CREATE TABLE t (a INTEGER);", data=forever, timeout_s=0.5)
+    assert time.monotonic() - started < 2.0
+    with pytest.raises(ValueError, match="longer than 0.5 s to build"):  # in the schema script too
+        builtin.build_database("CREATE TABLE t (a INTEGER); " + forever, timeout_s=0.5)
+
+
 def test_sql_a_query_that_runs_forever_is_stopped_at_the_time_limit():
     forever = "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r"
     started = time.monotonic()
