@@ -48,7 +48,7 @@ import structlog
 from aiohttp import web
 from nats.js.errors import KeyNotFoundError, NotFoundError, ObjectDeletedError, ObjectNotFoundError
 
-from openrl.bus import paths, subjects
+from openrl.bus import objects, paths, subjects
 from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import Lease, ModelRecord, SamplerRecord, SessionRecord, WeightsRecord, decode
 from openrl.gateway import audit
@@ -384,11 +384,9 @@ class Catalogue:
         obj = f"copies/{model_id}/{parsed.segment}-{src.name}"
         size = 0
         try:
-            for name in src.files or [""]:
-                data = (await self.bus.objects.get(f"{src.object}/{name}" if name else src.object)).data
-                await self.bus.objects.put(f"{obj}/{name}" if name else obj, data)
-                size += len(data)
-        except (ObjectNotFoundError, ObjectDeletedError, NotFoundError):
+            for name in src.files or [""]:  # in chunks (objects.copy): never a whole object in memory
+                size += await objects.copy(self.bus.js, self.bus.objects, f"{src.object}/{name}" if name else src.object, f"{obj}/{name}" if name else obj)
+        except (*objects.GONE, objects.Truncated):
             raise NotFound(f"{src.path} was deleted while it was being copied") from None
         rec = WeightsRecord(
             path=dest, owner=owner, model_id=model_id, base_model=src.base_model, kind=src.kind, name=src.name, object=obj,

@@ -34,9 +34,8 @@ from urllib.parse import quote
 import msgspec
 import structlog
 from aiohttp import web
-from nats.js.errors import NotFoundError, ObjectDeletedError, ObjectNotFoundError
 
-from openrl.bus import subjects
+from openrl.bus import objects, subjects
 from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import Future, ModelRecord, SamplerRecord, Secret, SessionRecord, TrainRequest, decode
 from openrl.gateway.catalogue import Catalogue
@@ -48,6 +47,7 @@ log = structlog.get_logger(__name__)
 
 URL_TTL_S = 3600
 SIGNING_KEY = "download-signing"
+TRACE_BATCH = 256  # trace events encoded and written at a time
 SAMPLE_MISSES = 64  # consecutive unknown sample seq_ids after which a sampler's requests are taken to end
 
 
@@ -123,18 +123,43 @@ class Downloads:
         await self.signer.verify(resource, request.query.get("expires", ""), request.query.get("sig", ""))
         kind, _, name = resource.partition("/")
         if kind == "trace":
-            body = msgspec.json.encode(await self.trace(name))
-            return web.Response(body=body, content_type="application/json",
-                                headers={"Content-Disposition": f'attachment; filename="{name}.trace.json"'})  # fmt: skip
+            return await self._send_trace(request, await self.trace(name), name)
+        # Streamed a chunk at a time (objects.chunks): the gateway holds one chunk, whatever the size.
         try:
-            obj = await self.bus.objects.get(name)
-        except (ObjectNotFoundError, ObjectDeletedError, NotFoundError):
+            size, source = await objects.open_object(self.bus.js, self.bus.objects, name)
+        except objects.GONE:
             raise NotFound("this file is gone (its checkpoint was deleted, overwritten or expired)") from None
         filename = name.rsplit("/", 1)[-1]
-        return web.Response(body=obj.data, content_type="application/octet-stream",
-                            headers={"Content-Disposition": f'attachment; filename="{filename}"'})  # fmt: skip
+        response = web.StreamResponse(headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+        response.content_type = "application/octet-stream"
+        response.content_length = size
+        await response.prepare(request)
+        try:
+            async for chunk in source:
+                await response.write(chunk)
+        except objects.Truncated as e:  # deleted or replaced mid-download: the client sees a short body
+            log.warning("download_truncated", object=name, error=str(e))
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write_eof()
+        return response
 
     # -- the trace
+
+    async def _send_trace(self, request: web.Request, trace: dict[str, Any], sid: str) -> web.StreamResponse:
+        """The trace as JSON, written a few hundred events at a time rather than encoded whole."""
+        response = web.StreamResponse(headers={"Content-Disposition": f'attachment; filename="{sid}.trace.json"'})
+        response.content_type = "application/json"
+        await response.prepare(request)
+        events = trace.pop("traceEvents")
+        await response.write(b'{"traceEvents":[')
+        for i in range(0, len(events), TRACE_BATCH):
+            batch = msgspec.json.encode(events[i : i + TRACE_BATCH])[1:-1]
+            await response.write((b"," if i else b"") + batch)
+        await response.write(b"]," + msgspec.json.encode(trace)[1:])
+        await response.write_eof()
+        return response
 
     async def _future(self, rid: str) -> Future | None:
         return await self.bus.kv_get(self.bus.futures, rid, Future)

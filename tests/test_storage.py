@@ -1,0 +1,96 @@
+"""Storage that stays bounded (docs/storage.md): objects read and copied in chunks, stream
+limits, the train log purged below each model's newest snapshot, unnamed sampler weights
+collected by the retention policy, and a long RL loop whose store stays under a stated bound."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tracemalloc
+import uuid
+
+import pytest
+
+from openrl.bus import objects
+
+MiB = 1024 * 1024
+
+
+def _name(what: str) -> str:
+    return f"test-storage/{what}-{uuid.uuid4().hex[:8]}"
+
+
+# -- objects in chunks (the bus fixture's real nats-server)
+
+
+async def test_an_object_much_larger_than_a_chunk_streams_back_byte_for_byte(bus):
+    blob = os.urandom(5 * MiB + 12345)  # 40 chunks and a partial one
+    name = _name("big")
+    await bus.objects.put(name, blob)
+    size, source = await objects.open_object(bus.js, bus.objects, name)
+    parts = [c async for c in source]
+    assert size == len(blob)
+    assert len(parts) > 40 and max(map(len, parts)) <= 128 * 1024
+    assert b"".join(parts) == blob
+    await objects.delete(bus.objects, name)
+
+
+async def test_reading_and_copying_hold_one_chunk_not_the_object(bus):
+    """tracemalloc peak while streaming / copying a 24 MiB object stays a small fraction of it
+    (nats-py's own get() holds the whole object, which this would catch)."""
+    blob = os.urandom(24 * MiB)
+    src, dst = _name("src"), _name("dst")
+    await bus.objects.put(src, blob)
+    del blob
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        n = 0
+        async for chunk in objects.chunks(bus.js, bus.objects, src):
+            n += len(chunk)
+        read_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        copied = await objects.copy(bus.js, bus.objects, src, dst)
+        copy_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        whole = len((await bus.objects.get(src)).data)  # the library's way, for contrast
+        get_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert n == copied == whole == 24 * MiB
+    assert read_peak < 4 * MiB and copy_peak < 4 * MiB, (read_peak, copy_peak)
+    assert get_peak > 24 * MiB  # the measurement can see a whole object when one is held
+    assert (await bus.objects.get(dst)).data == (await bus.objects.get(src)).data
+    for name in (src, dst):
+        await objects.delete(bus.objects, name)
+
+
+async def test_a_missing_object_is_gone_before_anything_is_read_and_copied(bus):
+    with pytest.raises(objects.GONE):
+        await objects.open_object(bus.js, bus.objects, _name("absent"))
+    with pytest.raises(objects.GONE):
+        await objects.copy(bus.js, bus.objects, _name("absent"), _name("never"))
+
+
+async def test_an_object_replaced_while_read_ends_truncated(bus):
+    name = _name("replaced")
+    await bus.objects.put(name, os.urandom(2 * MiB))
+    _, source = await objects.open_object(bus.js, bus.objects, name)
+    await anext(source)
+    await bus.objects.put(name, b"new")  # purges the old chunks
+    with pytest.raises(objects.Truncated):
+        async for _ in source:
+            pass
+    await objects.delete(bus.objects, name)
+
+
+async def test_delete_leaves_no_tombstone(bus):
+    name = _name("tomb")
+    await bus.objects.put(name, b"x" * 1000)
+    before = (await bus.js.stream_info(objects._stream(bus.objects))).state.messages
+    assert await objects.delete(bus.objects, name)
+    after = (await bus.js.stream_info(objects._stream(bus.objects))).state.messages
+    assert after == before - 2  # its one chunk and its meta message
+    assert not await objects.delete(bus.objects, name)
+    with pytest.raises(objects.GONE):
+        await bus.objects.get_info(name, show_deleted=True)
