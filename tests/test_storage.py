@@ -94,3 +94,25 @@ async def test_delete_leaves_no_tombstone(bus):
     assert not await objects.delete(bus.objects, name)
     with pytest.raises(objects.GONE):
         await bus.objects.get_info(name, show_deleted=True)
+
+
+# -- stream limits
+
+
+async def test_streams_whose_old_entries_are_safe_to_lose_have_limits_and_the_others_none(bus):
+    from openrl.bus import subjects
+    from nats.js import api
+
+    from openrl.bus.client import DLQ_MAX_BYTES, WORK_MAX_AGE_S
+
+    cfg = {s: (await bus.js.stream_info(s)).config for s in (subjects.TRAIN_STREAM, subjects.SAMPLE_STREAM, subjects.REWARD_STREAM,
+                                                                subjects.CREATE_STREAM, subjects.DLQ_STREAM)}  # fmt: skip
+    for work in (subjects.SAMPLE_STREAM, subjects.REWARD_STREAM, subjects.CREATE_STREAM):
+        assert cfg[work].max_age == WORK_MAX_AGE_S
+        assert WORK_MAX_AGE_S <= bus.cfg.futures_ttl_s  # never dropped while its future is readable
+    assert cfg[subjects.DLQ_STREAM].max_bytes == DLQ_MAX_BYTES
+    assert cfg[subjects.DLQ_STREAM].discard in ("old", api.DiscardPolicy.OLD)
+    # The train log is recovery's input: no limit may drop an entry a snapshot does not cover.
+    train = cfg[subjects.TRAIN_STREAM]
+    assert (train.max_age or 0) == 0 and train.max_bytes in (None, -1) and train.max_msgs in (None, -1)
+    assert train.max_msgs_per_subject in (None, -1)

@@ -1,8 +1,11 @@
 """The JetStream client every OpenRL process uses: a few verbs, one ack policy.
 
-- `Bus.connect` opens a connection that reconnects forever and pings every few seconds.
-- `Bus.ensure` creates (or updates) every stream and bucket; it is idempotent, so every
-  process calls it at start and nobody has to run a migration first.
+- `Bus.connect` opens a connection that reconnects forever and pings every few seconds, as
+  its role's NATS user when given credentials (openrl/bus/auth.py).
+- `Bus.ensure` creates (or updates) every stream and bucket; it is idempotent. The operator
+  role runs it (`openrl up`, `openrl bus-init`); the worker roles may not, and `Bus.bind`
+  instead: they wait for the buckets they use to exist. Without credentials (a NATS with no
+  authorization) every process ensures, as before.
 - `Bus.publish` publishes with a deterministic `Nats-Msg-Id`, so a retried publish of the
   same request is dropped by JetStream's duplicate window.
 - `Bus.consume` is the pull loop; `_deliver` is the only place that decides ack / nak /
@@ -16,7 +19,7 @@ import contextvars
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import nats
@@ -26,7 +29,7 @@ from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundErro
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from openrl.bus import subjects
+from openrl.bus import auth, subjects
 from openrl.bus.errors import InvalidRequest, Unavailable
 from openrl.bus.messages import Future, decode, encode
 
@@ -65,15 +68,23 @@ class Stream:
     retention: api.RetentionPolicy  # WORK_QUEUE: a request until a worker acks it; LIMITS: a log
     max_age_s: float | None = None  # None: no age limit
     max_msg_size: int = -1  # -1: none of its own (the server's max_payload holds)
+    max_bytes: int = -1  # -1: no size limit; else the oldest messages go first (DiscardPolicy.OLD)
 
 
-# Every stream OpenRL uses (subjects.py says what each carries).
+# A queued create, sample or score request older than this has outlived its future (BusConfig's
+# futures_ttl_s): nobody can read its result any more, so the work queue may drop it.
+WORK_MAX_AGE_S = 6 * 3600
+DLQ_MAX_BYTES = 2 * 1024**3  # dead letters beyond this: the oldest go first
+
+# Every stream OpenRL uses (subjects.py says what each carries). Which have limits, and why the
+# others must not lose old entries: docs/storage.md. The train log has none: it is purged below
+# each model's newest snapshot (trainer/recovery.py).
 STREAMS = (
     Stream(subjects.TRAIN_STREAM, f"{subjects.PREFIX}.train.>", api.RetentionPolicy.LIMITS, max_msg_size=MAX_PAYLOAD),
-    Stream(subjects.CREATE_STREAM, f"{subjects.PREFIX}.create.>", api.RetentionPolicy.WORK_QUEUE),
-    Stream(subjects.SAMPLE_STREAM, f"{subjects.PREFIX}.sample.>", api.RetentionPolicy.WORK_QUEUE, max_msg_size=MAX_PAYLOAD),
-    Stream(subjects.REWARD_STREAM, f"{subjects.PREFIX}.reward.>", api.RetentionPolicy.WORK_QUEUE, max_msg_size=MAX_PAYLOAD),
-    Stream(subjects.DLQ_STREAM, subjects.DLQ_ALL, api.RetentionPolicy.LIMITS, max_age_s=DLQ_MAX_AGE_S, max_msg_size=MAX_PAYLOAD),
+    Stream(subjects.CREATE_STREAM, f"{subjects.PREFIX}.create.>", api.RetentionPolicy.WORK_QUEUE, max_age_s=WORK_MAX_AGE_S),
+    Stream(subjects.SAMPLE_STREAM, f"{subjects.PREFIX}.sample.>", api.RetentionPolicy.WORK_QUEUE, max_age_s=WORK_MAX_AGE_S, max_msg_size=MAX_PAYLOAD),
+    Stream(subjects.REWARD_STREAM, f"{subjects.PREFIX}.reward.>", api.RetentionPolicy.WORK_QUEUE, max_age_s=WORK_MAX_AGE_S, max_msg_size=MAX_PAYLOAD),
+    Stream(subjects.DLQ_STREAM, subjects.DLQ_ALL, api.RetentionPolicy.LIMITS, max_age_s=DLQ_MAX_AGE_S, max_msg_size=MAX_PAYLOAD, max_bytes=DLQ_MAX_BYTES),
     Stream(subjects.AUDIT_STREAM, f"{subjects.PREFIX}.audit.>", api.RetentionPolicy.LIMITS, max_age_s=AUDIT_MAX_AGE_S),
     Stream(subjects.USAGE_STREAM, f"{subjects.PREFIX}.usage.>", api.RetentionPolicy.LIMITS, max_age_s=AUDIT_MAX_AGE_S),
 )
@@ -116,6 +127,19 @@ class BusConfig:
     futures_ttl_s: float = 6 * 3600  # results stay retrievable this long after they finish
     duplicate_window_s: float = 600
     replicas: int = 1  # 3 on a clustered NATS
+    # The NATS user of this process's role (openrl/bus/auth.py); none on a server without auth.
+    role: str = ""
+    user: str = ""
+    password: str = field(default="", repr=False)
+
+
+# Bus attribute -> KV bucket: what `bind` looks up for a role.
+KV_HANDLES = {
+    "futures": subjects.FUTURES_BUCKET, "models": subjects.MODELS_BUCKET, "sessions": subjects.SESSIONS_BUCKET,
+    "workers": subjects.WORKERS_BUCKET, "weights": subjects.WEIGHTS_BUCKET, "samplers": subjects.SAMPLERS_BUCKET,
+    "snapshots": subjects.SNAPSHOTS_BUCKET, "leases": subjects.LEASES_BUCKET, "keys": subjects.KEYS_BUCKET,
+    "secrets": subjects.SECRETS_BUCKET,
+}  # fmt: skip
 
 
 class Bus:
@@ -145,6 +169,12 @@ class Bus:
         # dead letter gives when it was this process that saw it fail (else: its workers died).
         self.last_errors: LastErrors = OrderedDict()
 
+    def __getattr__(self, name: str):  # only for attributes never set: a bucket this role may not use
+        if name in KV_HANDLES or name == "objects":
+            raise AttributeError(f"this bus connection (role {self.cfg.role or 'none'}) has no handle on {name}: "
+                                 "its NATS role may not use it (openrl/bus/auth.py)")  # fmt: skip
+        raise AttributeError(name)
+
     @classmethod
     async def connect(cls, cfg: BusConfig) -> Bus:
         bus: Bus | None = None  # the callbacks below run only once connected, after it is set
@@ -162,9 +192,13 @@ class Bus:
             if bus is not None:
                 bus.messages_lost()
 
+        credentials = {"user": cfg.user, "password": cfg.password} if cfg.user else {}
+        if cfg.role:
+            credentials["inbox_prefix"] = auth.inbox_prefix(cfg.role)
         nc = await nats.connect(
             servers=[cfg.url],
             name=cfg.name,
+            **credentials,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             ping_interval=5,
@@ -176,7 +210,16 @@ class Bus:
             reconnected_cb=on_reconnect,
         )
         bus = cls(nc, cfg)
-        await bus.ensure()
+        try:
+            if cfg.user and cfg.role != "operator":
+                await bus.bind()
+            else:
+                await bus.ensure()
+            if cfg.role == "gateway":
+                bus.secrets = await bus._ensure_kv(subjects.SECRETS_BUCKET)
+        except BaseException:
+            await nc.close()
+            raise
         return bus
 
     def messages_lost(self) -> None:
@@ -203,6 +246,8 @@ class Bus:
                     max_age=stream.max_age_s,
                     duplicate_window=self.cfg.duplicate_window_s,
                     max_msg_size=stream.max_msg_size,
+                    max_bytes=stream.max_bytes,
+                    discard=api.DiscardPolicy.OLD,
                     num_replicas=self.cfg.replicas,
                 )
             )
@@ -217,8 +262,32 @@ class Bus:
         self.snapshots = await self._ensure_kv(subjects.SNAPSHOTS_BUCKET)
         self.leases = await self._ensure_kv(subjects.LEASES_BUCKET)
         self.keys = await self._ensure_kv(subjects.KEYS_BUCKET)
-        self.secrets = await self._ensure_kv(subjects.SECRETS_BUCKET)
+        if not self.cfg.user:  # with authorization, the gateway makes it: no other role may touch it
+            self.secrets = await self._ensure_kv(subjects.SECRETS_BUCKET)
         self.objects = await self._ensure_objects(subjects.WEIGHTS_OBJECTS)
+
+    async def bind(self, retry_s: float = 1.0) -> None:
+        """Handles on the streams and buckets this role uses, made by the operator (`ensure`);
+        waits until they all exist (a worker may start before `openrl bus-init` has run)."""
+        role = auth.TABLE[self.cfg.role]
+        buckets = {b: a for a, b in KV_HANDLES.items()}
+        waited = 0.0
+        while True:
+            try:
+                for stream in role.streams:
+                    await self.js.stream_info(stream)
+                for bucket in (*role.kv_write, *role.kv_read):
+                    if bucket != subjects.SECRETS_BUCKET:
+                        setattr(self, buckets[bucket], await self.js.key_value(bucket))
+                if role.objects_write or role.objects_read:
+                    self.objects = await self.js.object_store(subjects.WEIGHTS_OBJECTS)
+                return
+            except (NotFoundError, BucketNotFoundError) as e:
+                if waited % 30 == 0:
+                    log.warning("bus_topology_missing", role=self.cfg.role, error=repr(e),
+                                hint="the operator creates streams and buckets: openrl up, or openrl bus-init")  # fmt: skip
+                await asyncio.sleep(retry_s)
+                waited += retry_s
 
     async def _ensure_objects(self, bucket: str) -> ObjectStore:
         try:
@@ -283,13 +352,14 @@ class Bus:
 
     # -- publishing ---------------------------------------------------------------
 
-    async def publish(self, subject: str, msg: msgspec.Struct, *, msg_id: str) -> None:
-        """Publish to a stream; `msg_id` makes a retried publish of the same request a no-op."""
+    async def publish(self, subject: str, msg: msgspec.Struct, *, msg_id: str) -> api.PubAck:
+        """Publish to a stream; `msg_id` makes a retried publish of the same request a no-op.
+        The ack names the message's stream sequence (a duplicate's: the first one's)."""
         headers = {"Nats-Msg-Id": msg_id}
         trace_id = structlog.contextvars.get_contextvars().get("trace_id")
         if trace_id:
             headers[TRACE_HEADER] = trace_id
-        await self.js.publish(subject, encode(msg), headers=headers, timeout=10)
+        return await self.js.publish(subject, encode(msg), headers=headers, timeout=10)
 
     # -- key-value helpers ----------------------------------------------------------
 
