@@ -177,6 +177,9 @@ def cmd_trainer(args: argparse.Namespace) -> None:
         nats_url=args.nats_url,
         worker_id=args.worker_id or "",
         snapshot_every=args.snapshot_every,
+        max_seq_ahead=args.max_seq_ahead,
+        max_held_bytes_per_model=args.max_held_mb_per_model * 1024 * 1024,
+        max_held_bytes=args.max_held_mb * 1024 * 1024,
     )
     started = time.monotonic()
     checkpointing = {"auto": None, "on": True, "off": False}[args.activation_checkpointing]
@@ -759,6 +762,12 @@ def parser() -> argparse.ArgumentParser:
                     help="give up (exit non-zero) if the group's ranks have not all joined by then")
     tr.add_argument("--collective-timeout-s", type=int, default=int(_env("COLLECTIVE_TIMEOUT_S", 600)),
                     help="a collective that waits longer raises instead of hanging")
+    tr.add_argument("--max-seq-ahead", type=int, default=int(_env("MAX_SEQ_AHEAD", 1024)),
+                    help="a training request more than this past its model's next seq_id is refused (docs/limits.md) [OPENRL_MAX_SEQ_AHEAD]")
+    tr.add_argument("--max-held-mb-per-model", type=int, default=int(_env("MAX_HELD_MB_PER_MODEL", 256)),
+                    help="MiB a model's waiting requests may hold; past it they are handed back [OPENRL_MAX_HELD_MB_PER_MODEL]")
+    tr.add_argument("--max-held-mb", type=int, default=int(_env("MAX_HELD_MB", 1024)),
+                    help="MiB the waiting requests of all models may hold [OPENRL_MAX_HELD_MB]")
     tr.add_argument("--group-rank", action="store_true", help=argparse.SUPPRESS)  # set by the launcher for its ranks
     tr.set_defaults(func=cmd_trainer)
 

@@ -17,6 +17,17 @@ from typing import Literal
 import msgspec
 
 # ---------------------------------------------------------------------------
+# Request bounds every process agrees on: the gateway refuses a request past them before it
+# builds anything, and a worker checks again before it allocates (docs/limits.md).
+
+MAX_NUM_SAMPLES = 128  # sequences one sample request may ask for
+MAX_TOPK = 64  # topk_prompt_logprobs, topk_sample_logprobs, prompt_alt_tokens_k
+MAX_TENSOR_COLUMNS = 1024  # K of an (N, K) tensor: top-K targets, target_prompt_logprobs
+# A request's tensors counted as dense (a sparse one as rows x columns, whatever it lists):
+# what a worker may have to allocate for them. 2^24 elements is 128 MiB of int64.
+MAX_REQUEST_ELEMENTS = 1 << 24
+
+# ---------------------------------------------------------------------------
 # Tensors and data
 
 

@@ -50,7 +50,7 @@ def _unb64(text: str) -> bytes:
 
 
 def _sign(secret: bytes, signing_input: str) -> str:
-    return _b64(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())
+    return _b64(hmac.new(secret, signing_input.encode("utf-8", "replace"), hashlib.sha256).digest())
 
 
 def issue(secret: bytes, key_id: str, now: float | None = None, ttl_s: int = JWT_TTL_S) -> str:
@@ -69,7 +69,8 @@ def verify(token: str, secret: bytes | None) -> str:
     parts = token.split(".")
     if len(parts) != 3:
         raise InvalidToken("malformed JWT")
-    if not hmac.compare_digest(_sign(secret, parts[0] + "." + parts[1]), parts[2]):
+    # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
+    if not hmac.compare_digest(_sign(secret, parts[0] + "." + parts[1]).encode(), parts[2].encode("utf-8", "replace")):
         raise InvalidToken("JWT signature does not match: it was changed or not issued here")
     try:  # signed by us from here on; still checked, in case the format ever changes
         header, claims = json.loads(_unb64(parts[0])), json.loads(_unb64(parts[1]))

@@ -70,7 +70,7 @@ class Signer:
         return self._secret
 
     async def _mac(self, resource: str, expires: int) -> str:
-        return hmac.new(await self.secret(), f"{resource}\n{expires}".encode(), hashlib.sha256).hexdigest()
+        return hmac.new(await self.secret(), f"{resource}\n{expires}".encode("utf-8", "replace"), hashlib.sha256).hexdigest()
 
     async def url(self, request: web.Request, resource: str, expires: int) -> str:
         sig = await self._mac(resource, expires)
@@ -81,7 +81,8 @@ class Signer:
             exp = int(expires)
         except ValueError:
             raise Expired("this download URL is malformed (expires)") from None
-        if not hmac.compare_digest(await self._mac(resource, exp), sig):
+        # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
+        if not hmac.compare_digest((await self._mac(resource, exp)).encode(), sig.encode("utf-8", "replace")):
             raise Expired("this download URL's signature does not match: it was changed or not made here")
         if exp < time.time():
             raise Expired("this download URL has expired; ask for a new one")

@@ -64,6 +64,12 @@ class Forbidden(NotFound):
     """The caller may read this (a published checkpoint) but not change it: 403."""
 
 
+class QuotaExceeded(InvalidRequest):
+    """The key holds as much of something as its quota allows (quotas.py): 429, and the
+    message says which quota and how to free room. Still a refusal of this request: a
+    sequenced one fills its seq_id like any other 4xx."""
+
+
 class InvalidToken(Unauthorized):
     """A JWT that is malformed, tampered with, not ours or expired (auth.py): 401 with
     `WWW-Authenticate: Bearer error="invalid_token"`, on which the SDK fetches a fresh JWT and
@@ -77,6 +83,9 @@ class InvalidToken(Unauthorized):
 # a 403 and InvalidToken (an Unauthorized) carries its challenge, whatever the order here.
 ANSWERS: dict[type[Exception], tuple[int, str, dict[str, str] | None]] = {
     InvalidRequest: (400, "invalid_request", None),
+    QuotaExceeded: (429, "quota_exceeded", None),
+    # A key NATS refuses (a trailing '.', a space, a wildcard) that no route checked first.
+    nats.js.errors.InvalidKeyError: (400, "invalid_request", None),
     NotFound: (404, "not_found", None),
     Forbidden: (403, "forbidden", None),
     Unauthorized: (401, "unauthorized", None),
@@ -110,7 +119,8 @@ async def errors(request: web.Request, handler):
         return await handler(request)
     except tuple(ANSWERS) as e:
         status, kind, headers = _answer(e)
-        return reply({"detail": str(e), "type": kind}, status=status, headers=headers)
+        detail = str(e) if not isinstance(e, nats.js.errors.InvalidKeyError) else "malformed id: not a valid key"
+        return reply({"detail": detail, "type": kind}, status=status, headers=headers)
     except BUS_UNAVAILABLE as e:
         # The bus is down or reconnecting: nothing was decided, so the client may retry.
         log.warning("bus_unavailable", path=request.path, error=repr(e))

@@ -11,6 +11,7 @@ deterministic request id, and long-polls results. It never imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
 import time
@@ -30,6 +31,8 @@ from openrl.bus.messages import (
     ForwardBackwardResult,
     LoadWeights,
     Future,
+    MAX_NUM_SAMPLES,
+    MAX_TOPK,
     LoraSpec,
     ModelRecord,
     OptimStep,
@@ -44,9 +47,10 @@ from openrl.bus.messages import (
     WorkerInfo,
     decode,
 )
-from openrl.gateway import audit, auth, names, wire
+from openrl.gateway import audit, auth, bounds, names, wire
 from openrl.gateway.bodies import (
     ASampleBody,
+    Int,
     CreateModelBody,
     CreateSamplingSessionBody,
     CreateSessionBody,
@@ -81,8 +85,25 @@ class GatewayConfig:
     client_config_extra: dict[str, Any] = field(default_factory=dict)
 
 
+class _Place(msgspec.Struct):
+    """Where a sequenced request stands, read from a body that failed to decode in full."""
+
+    model_id: str
+    seq_id: Int
+
+
 def sample_fields(body: ASampleBody) -> dict[str, Any]:
-    """The SampleRequest fields of an asample body, checked for what needs no model."""
+    """The SampleRequest fields of an asample body, checked for what needs no model. Sizes
+    first: nothing is built for a request past a bound (docs/limits.md)."""
+    if not 1 <= body.num_samples <= MAX_NUM_SAMPLES:
+        raise InvalidRequest(f"num_samples must be in [1, {MAX_NUM_SAMPLES}], got {body.num_samples}")
+    for name in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
+        k = getattr(body, name)
+        if not 0 <= k <= MAX_TOPK:
+            raise InvalidRequest(f"{name} must be in [0, {MAX_TOPK}], got {k}")
+    n_prompt = sum(len(chunk.tokens) for chunk in body.prompt.chunks)
+    if body.target_prompt_logprobs is not None:
+        _check_target(body.target_prompt_logprobs, n_prompt)
     tokens: list[int] = []
     for chunk in body.prompt.chunks:
         if chunk.type != "encoded_text":
@@ -100,10 +121,10 @@ def sample_fields(body: ASampleBody) -> dict[str, Any]:
         stop_strings = [stop]
     elif isinstance(stop, list) and all(isinstance(x, str) for x in stop):
         stop_strings = stop
-    elif isinstance(stop, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in stop):
+    elif isinstance(stop, list) and all(isinstance(x, int) and not isinstance(x, bool) and -(2**31) <= x < 2**31 for x in stop):
         stop_ids = stop
     elif stop is not None:
-        raise InvalidRequest("sampling_params.stop must be a string, a list of strings or a list of token ids")
+        raise InvalidRequest("sampling_params.stop must be a string, a list of strings or a list of int32 token ids")
     if params.max_tokens is not None and params.max_tokens < 1:
         raise InvalidRequest(f"sampling_params.max_tokens must be >= 1, got {params.max_tokens}")
     target = None
@@ -138,6 +159,25 @@ def sample_fields(body: ASampleBody) -> dict[str, Any]:
     )
 
 
+def _check_target(t, n_prompt: int) -> None:
+    """target_prompt_logprobs: a [len(prompt) - 1, K] int64 tensor, dense or CSR, bounded
+    as the dense array the sampler makes of it, before any of it is packed."""
+    where = "target_prompt_logprobs"
+    if t.dtype != "int64":
+        raise InvalidRequest(f"{where} must be int64, got {t.dtype}")
+    shape = list(t.shape) if t.shape else [len(t.data)]
+    if len(shape) != 2 or shape[0] != n_prompt - 1:
+        raise InvalidRequest(f"{where} must be a [len(prompt) - 1, K] = [{n_prompt - 1}, K] tensor, got shape {shape}")
+    elements = bounds.tensor_elements(shape, where)
+    sparse = t.sparse_crow_indices is not None or t.sparse_col_indices is not None
+    if not sparse and len(t.data) != elements:
+        raise InvalidRequest(f"{where}: shape {shape} does not match {len(t.data)} values")
+    if sparse:
+        crow, col = t.sparse_crow_indices, t.sparse_col_indices
+        if crow is None or col is None or len(crow) != shape[0] + 1 or len(col) != len(t.data) or len(t.data) > elements:
+            raise InvalidRequest(f"{where}: CSR needs {shape[0] + 1} crow indices and one column index per value, at most rows x columns values")
+
+
 # -- the service -----------------------------------------------------------------------
 
 
@@ -169,7 +209,10 @@ class Gateway:
         return kid
 
     async def _owned(self, kv, key: str, type_: type, owner: str, what: str):
-        """The record under `key` if `owner` owns it; another key's record looks absent."""
+        """The record under `key` if `owner` owns it; another key's record looks absent. A key
+        that cannot be one of ours (NATS would refuse it: a trailing '.', a space, a wildcard)
+        is a 400 before the bus sees it."""
+        names.check_id(key, what)
         rec = await self.bus.kv_get(kv, key, type_)
         if rec is None or rec.owner != owner:
             raise NotFound(f"unknown {what} {key!r}")
@@ -378,35 +421,39 @@ class Gateway:
 
     async def _save_named(self, request: web.Request, kind: str, request_type: str) -> web.Response:
         owner = self.owner(request)
-        body = await read_body(request, SaveNamedBody)
-        if body.seq_id < 1:
-            raise InvalidRequest(f"seq_id must be >= 1, got {body.seq_id}")
+        body = await self._sequenced_body(request, owner, SaveNamedBody)
         rec = await self.model(body.model_id, owner)
         rid = request_id("train", rec.model_id, body.seq_id)
-        await self._check_or_fill(rec, rid, body.seq_id, lambda: (names.check_name(body.path), check_ttl(body.ttl_seconds)))
-        msg = SaveWeights(
-            request_id=rid, model_id=rec.model_id, seq_id=body.seq_id, kind=kind, name=body.path,
-            overwrite=bool(body.overwrite), ttl_s=float(body.ttl_seconds) if body.ttl_seconds else None,
-            user_metadata={str(k): str(v) for k, v in (body.user_metadata or {}).items()},
-        )  # fmt: skip
-        return await self._submit_train(rec, msg, owner, request_type)
+        async with self._in_sequence(rec, body.seq_id):
+            names.check_name(body.path)
+            check_ttl(body.ttl_seconds)
+            msg = SaveWeights(
+                request_id=rid, model_id=rec.model_id, seq_id=body.seq_id, kind=kind, name=body.path,
+                overwrite=bool(body.overwrite), ttl_s=float(body.ttl_seconds) if body.ttl_seconds else None,
+                user_metadata={str(k): str(v) for k, v in (body.user_metadata or {}).items()},
+            )  # fmt: skip
+            return await self._submit_train(rec, msg, owner, request_type)
 
     async def load_weights(self, request: web.Request) -> web.Response:
         """Two modes (spec §3.2): create-via-load (session_id + model_seq_id: a new model whose
         seq 0 is the checkpoint) or the legacy in-place load (model_id + seq_id, in sequence)."""
         owner = self.owner(request)
         body = await read_body(request, LoadBody)
-        saved = await self.saved_weights(body.path, owner, segment="weights")
         if body.model_id is not None:
             if body.seq_id is None or body.seq_id < 1:
                 raise InvalidRequest("load_weights into a model needs seq_id >= 1")
             rec = await self.model(body.model_id, owner)
-            if saved.base_model != rec.base_model:
-                raise InvalidRequest(f"{body.path} was trained on {saved.base_model}, this model is {rec.base_model}")
-            rid = request_id("train", rec.model_id, body.seq_id)
-            msg = LoadWeights(request_id=rid, model_id=rec.model_id, seq_id=body.seq_id, path=saved.path, object=saved.object,
-                              with_optimizer=body.optimizer)  # fmt: skip
-            return await self._submit_train(rec, msg, owner, "LoadWeights")
+            # In the model's sequence from here on: a missing or foreign path, or one of another
+            # base model, fails this seq_id (the next request does not wait for it forever).
+            async with self._in_sequence(rec, body.seq_id):
+                saved = await self.saved_weights(body.path, owner, segment="weights")
+                if saved.base_model != rec.base_model:
+                    raise InvalidRequest(f"{body.path} was trained on {saved.base_model}, this model is {rec.base_model}")
+                rid = request_id("train", rec.model_id, body.seq_id)
+                msg = LoadWeights(request_id=rid, model_id=rec.model_id, seq_id=body.seq_id, path=saved.path, object=saved.object,
+                                  with_optimizer=body.optimizer)  # fmt: skip
+                return await self._submit_train(rec, msg, owner, "LoadWeights")
+        saved = await self.saved_weights(body.path, owner, segment="weights")
         if body.session_id is None or body.model_seq_id is None:
             raise InvalidRequest("load_weights needs model_id and seq_id, or session_id and model_seq_id")
         if body.model_seq_id < 0:
@@ -458,18 +505,18 @@ class Gateway:
         rec = await self.model(parsed.model_id, owner)
         rid = request_id("train", rec.model_id, parsed.seq_id)
         kind = "Forward" if parsed.forward_only else "ForwardBackward"
-        try:
-            msg = wire.to_message(parsed, rid)
-        except InvalidRequest as e:
-            # Bad content still takes its seq_id, so the sequence never has a gap.
-            msg = Rejected(request_id=rid, model_id=rec.model_id, seq_id=parsed.seq_id, error=str(e))
-        return await self._submit_train(rec, msg, owner, kind)
+        async with self._in_sequence(rec, parsed.seq_id):
+            try:
+                msg = wire.to_message(parsed, rid)
+            except InvalidRequest as e:
+                # Bad content still takes its seq_id, so the sequence never has a gap; the
+                # client learns why from the future.
+                msg = Rejected(request_id=rid, model_id=rec.model_id, seq_id=parsed.seq_id, error=str(e))
+            return await self._submit_train(rec, msg, owner, kind)
 
     async def optim_step(self, request: web.Request) -> web.Response:
         owner = self.owner(request)
-        body = await read_body(request, OptimStepBody)
-        if body.seq_id < 1:
-            raise InvalidRequest(f"seq_id must be >= 1, got {body.seq_id}")
+        body = await self._sequenced_body(request, owner, OptimStepBody)
         rec = await self.model(body.model_id, owner)
         rid = request_id("train", rec.model_id, body.seq_id)
         if body.adam_params is None:
@@ -484,23 +531,27 @@ class Gateway:
                 seq_id=body.seq_id,
                 adam=body.adam_params,
             )
-        return await self._submit_train(rec, msg, owner, "OptimStep")
+        async with self._in_sequence(rec, body.seq_id):
+            return await self._submit_train(rec, msg, owner, "OptimStep")
 
     # -- sampling
 
     async def save_weights_for_sampler(self, request: web.Request) -> web.Response:
         owner = self.owner(request)
-        body = await read_body(request, SaveForSamplerBody)
-        if body.seq_id < 1:
-            raise InvalidRequest(f"seq_id must be >= 1, got {body.seq_id}")
+        body = await self._sequenced_body(request, owner, SaveForSamplerBody)
         rec = await self.model(body.model_id, owner)
+        async with self._in_sequence(rec, body.seq_id):
+            return await self._save_for_sampler(rec, body, owner)
+
+    async def _save_for_sampler(self, rec: ModelRecord, body: SaveForSamplerBody, owner: str) -> web.Response:
         rid = request_id("train", rec.model_id, body.seq_id)
         sampler_id = ""
         if body.path:
-            await self._check_or_fill(rec, rid, body.seq_id, lambda: (names.check_name(body.path), check_ttl(body.ttl_seconds)))
+            names.check_name(body.path)
+            check_ttl(body.ttl_seconds)
         else:
-            if body.sampling_session_seq_id is None:
-                raise InvalidRequest("give either path (a name) or sampling_session_seq_id")
+            if body.sampling_session_seq_id is None or body.sampling_session_seq_id < 0:
+                raise InvalidRequest("give either path (a name) or sampling_session_seq_id >= 0")
             sampler_id = f"{rec.session_id}:sample:{body.sampling_session_seq_id}"
             # Recorded now; the client learns the id only once the trainer has stored the weights.
             record = SamplerRecord(
@@ -552,6 +603,7 @@ class Gateway:
             return reply({"detail": "sample queue is full; retry shortly", "type": "rate_limited"}, status=429, headers={"Retry-After": "1"})
         msg = SampleRequest(request_id=rid, sampler_id=sampler.sampler_id, base_model=sampler.base_model, weights=sampler.weights,
                             lora=sampler.lora, **msg_fields)  # fmt: skip
+        bounds.encoded(msg, "sample request")
         await self.accept(rid, owner, "Sample")
         await self.bus.publish(subjects.sample(sampler.base_model), msg, msg_id=rid)
         return reply({"request_id": rid, "sample_sequence_ids": [f"{rid}:{i}" for i in range(body.num_samples)]})
@@ -580,18 +632,50 @@ class Gateway:
             raise NotFound(f"the weights at {path!r} have expired")
         return rec
 
-    async def _check_or_fill(self, rec: ModelRecord, rid: str, seq_id: int, check) -> None:
-        """Run `check`; when it fails (400), its seq_id is still taken by a Rejected request,
-        since the SDK moves on to seq_id + 1 and the model's sequence must have no gap."""
+    @contextlib.asynccontextmanager
+    async def _in_sequence(self, rec: ModelRecord, seq_id: int):
+        """Once a request's model and seq_id are known, any refusal (a 4xx: bad content, a
+        missing checkpoint, a quota) still takes its seq_id, as a Rejected request whose future
+        holds the error: the SDK moves on to seq_id + 1, and the model's sequence must have no
+        gap. Unavailable (503) is not a refusal: the client retries the same seq_id."""
         try:
-            check()
-        except InvalidRequest as e:
-            msg = Rejected(request_id=rid, model_id=rec.model_id, seq_id=seq_id, error=str(e))
-            await self.accept(rid, rec.owner, "Rejected")
-            await self.bus.publish(subjects.train(rec.base_model, rec.model_id), msg, msg_id=rid)
+            yield
+        except (InvalidRequest, NotFound) as e:
+            await self._fill(rec, seq_id, str(e))
             raise
 
+    async def _fill(self, rec: ModelRecord, seq_id: int, error: str) -> None:
+        rid = request_id("train", rec.model_id, seq_id)
+        msg = Rejected(request_id=rid, model_id=rec.model_id, seq_id=seq_id, error=error[:2000])
+        await self.accept(rid, rec.owner, "Rejected")
+        await self.bus.publish(subjects.train(rec.base_model, rec.model_id), msg, msg_id=rid)
+
+    async def _sequenced_body(self, request: web.Request, owner: str, type_: type):
+        """The JSON body of a sequenced request (it has model_id and seq_id >= 1). A body that
+        does not decode but names one of the caller's models and a seq_id still fills that
+        seq_id (with the decoding error) before the 400."""
+        try:
+            body = await read_body(request, type_)
+        except InvalidRequest as e:
+            try:
+                place = msgspec.json.decode(await request.read(), type=_Place)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                raise e from None
+            if place.seq_id >= 1:
+                try:
+                    rec = await self.model(place.model_id, owner)
+                except (InvalidRequest, NotFound):
+                    raise e from None
+                await self._fill(rec, place.seq_id, str(e))
+            raise
+        if body.seq_id < 1:
+            raise InvalidRequest(f"seq_id must be >= 1, got {body.seq_id}")
+        return body
+
     async def _submit_train(self, rec: ModelRecord, msg, owner: str, kind: str) -> web.Response:
+        # Measured as the bus carries it (protobuf -> msgpack can grow several times): too big
+        # is a 400 here, inside the caller's _in_sequence, so its seq_id is still filled.
+        bounds.encoded(msg, f"{kind} request")
         await self.accept(msg.request_id, owner, kind)
         # Always publish, even for a request seen before: the first attempt may have died
         # between accepting and publishing. JetStream drops the duplicate by Nats-Msg-Id,
@@ -611,7 +695,13 @@ class Gateway:
                 timeout = max(0.0, min(timeout, float(client_timeout) - 5))
             except ValueError:
                 pass
-        fut = await self.waiters.wait(body.request_id, timeout)
+        # The owner is checked before the wait: another key's id answers 404 at once, so the
+        # time of the answer tells nothing about whether that id exists.
+        names.check_id(body.request_id, "request_id")
+        first = await self.bus.kv_get(self.bus.futures, body.request_id, Future)
+        if first is None or first.owner != owner:
+            raise NotFound(f"unknown request_id {body.request_id!r}")
+        fut = first if first.state != "pending" else await self.waiters.wait(body.request_id, timeout)
         if fut is None or fut.owner != owner:
             raise NotFound(f"unknown request_id {body.request_id!r}")
         if fut.state == "pending":

@@ -13,6 +13,7 @@ import zstandard
 
 from openrl.bus.errors import InvalidRequest
 from openrl.bus.messages import Datum, ForwardBackward, ForwardBackwardResult, SampleResult, Tensor, TopK
+from openrl.gateway import bounds
 from openrl.gateway.proto import pb
 
 _DTYPES = {pb.DTYPE_FLOAT32: "float32", pb.DTYPE_INT64: "int64"}
@@ -58,7 +59,8 @@ def to_message(req: pb.ForwardBackwardRequest, request_id: str) -> ForwardBackwa
             config[key] = value.text if value.WhichOneof("value") == "text" else value.number
     else:
         config.update(req.loss_fn_config)
-    data = [_datum(i, d) for i, d in enumerate(req.data)]
+    budget = bounds.Budget()
+    data = [_datum(i, d, budget) for i, d in enumerate(req.data)]
     return ForwardBackward(
         request_id=request_id,
         model_id=req.model_id,
@@ -70,7 +72,7 @@ def to_message(req: pb.ForwardBackwardRequest, request_id: str) -> ForwardBackwa
     )
 
 
-def _datum(index: int, d: pb.Datum) -> Datum:
+def _datum(index: int, d: pb.Datum, budget: bounds.Budget) -> Datum:
     tokens = bytearray()
     for chunk in d.model_input:
         kind = chunk.WhichOneof("chunk")
@@ -79,7 +81,7 @@ def _datum(index: int, d: pb.Datum) -> Datum:
         if len(chunk.encoded_text.tokens) % 4:
             raise InvalidRequest(f"datum {index}: encoded_text tokens are not int32 bytes")
         tokens += chunk.encoded_text.tokens
-    inputs = {name: _tensor(index, name, t) for name, t in d.loss_fn_inputs.items()}
+    inputs = {name: _tensor(index, name, t, budget) for name, t in d.loss_fn_inputs.items()}
     _check_spans(index, d, len(tokens) // 4)
     return Datum(tokens=bytes(tokens), loss_fn_inputs=inputs)
 
@@ -109,16 +111,22 @@ def _check_spans(index: int, d: pb.Datum, n_tokens: int) -> None:
             raise InvalidRequest(f"datum {index}: {field} cover {covered} positions, but the field has {total}")
 
 
-def _tensor(index: int, name: str, t: pb.Tensor) -> Tensor:
+def _tensor(index: int, name: str, t: pb.Tensor, budget: bounds.Budget) -> Tensor:
+    """A loss input, its size bounded as the trainer would hold it: a sparse one by its shape
+    (rows x columns, what densifying it costs), a dense one by its values."""
+    where = f"datum {index}: loss_fn_inputs[{name!r}]"
     dtype = _DTYPES.get(t.dtype)
     if dtype is None:
-        raise InvalidRequest(f"datum {index}: loss_fn_inputs[{name!r}] has dtype {t.dtype}; use float32 or int64")
+        raise InvalidRequest(f"{where} has dtype {t.dtype}; use float32 or int64")
     shape = [int(s) for s in t.shape]
     if any(s < 0 for s in shape):
-        raise InvalidRequest(f"datum {index}: loss_fn_inputs[{name!r}] has a negative dimension")
+        raise InvalidRequest(f"{where} has a negative dimension")
     if t.WhichOneof("encoding") == "sparse_csr":
         csr = t.sparse_csr
+        budget.add(bounds.tensor_elements(shape, where), where)
         return Tensor(dtype=dtype, data=csr.values, shape=shape, crow=csr.crow_indices, col=csr.col_indices)
+    bounds.tensor_elements(shape, where)  # (N,) or (N, K), K bounded
+    budget.add(len(t.dense) // (8 if dtype == "int64" else 4), where)
     return Tensor(dtype=dtype, data=t.dense, shape=shape)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from openrl.bus.errors import InvalidRequest
-from openrl.bus.messages import AdamParams, Datum, Tensor
+from openrl.bus.messages import MAX_REQUEST_ELEMENTS, MAX_TENSOR_COLUMNS, AdamParams, Datum, Tensor
 from openrl.trainer import losses
 
 _NP_DTYPES = {"int64": np.dtype("<i8"), "float32": np.dtype("<f4")}
@@ -131,12 +131,32 @@ def check_config(loss_fn: str, signature: losses.Signature, config: dict[str, fl
 def parse(
     data: list[Datum], loss_fn: str, signature: losses.Signature, config: dict[str, float], vocab: int, max_context: int
 ) -> Batch:
+    _check_elements(data)
     tokens_D, inputs_D = [], []
     for i, datum in enumerate(data):
         tokens, inputs = _parse_datum(datum, f"data[{i}]", loss_fn, signature, config, vocab, max_context)
         tokens_D.append(tokens)
         inputs_D.append(inputs)
     return Batch(signature=signature, tokens_D=tokens_D, inputs_D=inputs_D)
+
+
+def _check_elements(data: list[Datum]) -> None:
+    """The request's loss inputs, counted as the dense arrays they become (a CSR tensor as
+    rows x columns), within MAX_REQUEST_ELEMENTS before anything is allocated. The gateway
+    checks the same; this is for whatever reached the bus some other way."""
+    total = 0
+    for i, datum in enumerate(data):
+        for name, t in datum.loss_fn_inputs.items():
+            where = f"data[{i}].loss_fn_inputs.{name}"
+            if t.crow is not None or t.col is not None:
+                if len(t.shape) == 2 and t.shape[1] > MAX_TENSOR_COLUMNS:
+                    raise InvalidRequest(f"{where}: at most {MAX_TENSOR_COLUMNS} columns, got shape {t.shape}")
+                n = math.prod(t.shape)
+            else:
+                n = len(t.data) // _NP_DTYPES.get(t.dtype, np.dtype("<f4")).itemsize
+            total += max(n, 0)
+            if total > MAX_REQUEST_ELEMENTS:
+                raise InvalidRequest(f"{where}: the request's loss inputs come to more than {MAX_REQUEST_ELEMENTS} elements (counted dense)")
 
 
 def _pad_columns(a: np.ndarray, width: int) -> np.ndarray:

@@ -31,7 +31,7 @@ import socket
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import structlog
@@ -88,6 +88,28 @@ class TrainerConfig:
     # dead-lettered and fails in its place in the sequence. Higher than the bus default: a
     # model moving between trainers hands its queued requests back, which counts too.
     max_deliver: int = 20
+    # Bounds on what a model's requests may hold while they wait for their turn (docs/limits.md):
+    # a request more than `max_seq_ahead` past the model's next seq_id is refused (its future
+    # fails, its seq_id is skipped when the sequence reaches it); a waiting request that would
+    # take the bytes held for its model, or for all models, past these caps is handed back
+    # (nak) and comes again later. The next request of a model is always taken.
+    max_seq_ahead: int = 1024
+    max_held_bytes_per_model: int = 256 * 1024 * 1024
+    max_held_bytes: int = 1024 * 1024 * 1024
+
+
+# How the future of a request refused for being too far ahead starts its error: a rebuild
+# replaying the log reads it, and skips that seq_id as the first owner did.
+TOO_FAR_AHEAD = "too far ahead"
+
+
+def held_size(msg: TrainRequest) -> int:
+    """The bytes a waiting request holds: its token and tensor buffers (others are small)."""
+    if not isinstance(msg, ForwardBackward):
+        return 1024
+    return 1024 + sum(
+        len(d.tokens) + sum(len(t.data) + len(t.crow or b"") + len(t.col or b"") for t in d.loss_fn_inputs.values()) for d in msg.data
+    )
 
 
 @dataclass
@@ -99,6 +121,13 @@ class Tenant:
     record: ModelRecord
     since_snapshot: int = 0
     first_unapplied: int | None = None  # stream sequence a new durable consumer starts at
+    refused: set[int] = field(default_factory=set)  # seq_ids refused as too far ahead: skipped when reached
+    held_bytes: int = 0  # what this model's waiting requests hold (held_size)
+
+    def skip_refused(self) -> None:
+        while self.next_seq in self.refused:
+            self.refused.discard(self.next_seq)
+            self.next_seq += 1
 
 
 @dataclass
@@ -127,6 +156,7 @@ class Trainer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._busy_s = 0.0
         self._started = time.time()
+        self._held_bytes = 0  # what waiting requests of every model hold
 
     # -- compute on the single compute thread
 
@@ -301,7 +331,7 @@ class Trainer:
         while seq in entries:
             msg = entries[seq][1]
             stored = await self.bus.kv_get(self.bus.futures, msg.request_id, Future)
-            if stored is not None and stored.state == "failed" and (stored.error or "").startswith(DEAD_LETTERED):
+            if stored is not None and stored.state == "failed" and (stored.error or "").startswith((DEAD_LETTERED, TOO_FAR_AHEAD)):
                 msg = Rejected(request_id=msg.request_id, model_id=model_id, seq_id=seq, error=stored.error, category="server")
             fut = await self._step(msg, rec)
             self._remember(fut)
@@ -313,9 +343,16 @@ class Trainer:
             seq += 1
         log.info("model_loaded", model_id=model_id, snapshot=first - 1, replayed=seq - first, finished=finished, seconds=round(time.monotonic() - started, 3))
         unapplied = [stream_seq for seq_id, (stream_seq, _) in entries.items() if seq_id >= seq]
+        # Refused as too far ahead by the previous owner: acked, so never delivered again; skip them.
+        refused = set()
+        for seq_id, (_, msg) in entries.items():
+            if seq_id > seq:
+                stored = await self.bus.kv_get(self.bus.futures, msg.request_id, Future)
+                if stored is not None and stored.state == "failed" and (stored.error or "").startswith(TOO_FAR_AHEAD):
+                    refused.add(seq_id)
         return Tenant(
             model_id=model_id, owner=rec.owner, next_seq=seq, turn=asyncio.Condition(), record=rec,
-            first_unapplied=min(unapplied) if unapplied else (after if entries else None),
+            first_unapplied=min(unapplied) if unapplied else (after if entries else None), refused=refused,
         )  # fmt: skip
 
     # -- handlers
@@ -339,6 +376,37 @@ class Trainer:
         t = await self.tenant(msg.model_id)  # built on first use after a restart or takeover
         if t is None:  # the gateway checks this; a hand-published message might not
             raise InvalidRequest(f"unknown model {msg.model_id}")
+        ahead = msg.seq_id - t.next_seq
+        if ahead > self.cfg.max_seq_ahead:
+            return await self._refuse_ahead(msg, t)
+        size = held_size(msg) if ahead > 0 else 0  # the next request is always taken
+        if size and (t.held_bytes + size > self.cfg.max_held_bytes_per_model or self._held_bytes + size > self.cfg.max_held_bytes):
+            raise Unavailable(
+                f"model {msg.model_id}: waiting requests hold {t.held_bytes} bytes (all models: {self._held_bytes}); "
+                f"seq_id {msg.seq_id} comes again later"
+            )
+        t.held_bytes += size
+        self._held_bytes += size
+        try:
+            await self._in_turn(msg, t)
+        finally:
+            t.held_bytes -= size
+            self._held_bytes -= size
+
+    async def _refuse_ahead(self, msg: TrainRequest, t: Tenant) -> None:
+        """Too far ahead of the model's next seq_id to be held: its future fails now (a user
+        error), the message is acked, and its seq_id is skipped when the sequence gets there."""
+        error = (
+            f"{TOO_FAR_AHEAD}: seq_id {msg.seq_id} is {msg.seq_id - t.next_seq} past the model's next seq_id "
+            f"{t.next_seq}; at most {self.cfg.max_seq_ahead} may wait. Send a model's requests in order"
+        )
+        t.refused.add(msg.seq_id)
+        fut = Future(request_id=msg.request_id, owner=t.owner, request_type=type(msg).__name__, state="failed", error=error,
+                     category="user", finished_at=time.time())  # fmt: skip
+        await self.bus.finish_future(fut)
+        log.warning("train_refused_ahead", model_id=msg.model_id, seq_id=msg.seq_id, next_seq=t.next_seq)
+
+    async def _in_turn(self, msg: TrainRequest, t: Tenant) -> None:
         received = time.perf_counter()
         async with t.turn:
             await t.turn.wait_for(lambda: t.next_seq >= msg.seq_id)
@@ -349,6 +417,7 @@ class Trainer:
             started = time.perf_counter()
             fut = await self._step(msg, t.record)
             t.next_seq += 1  # state and counter move together, before any await that may fail
+            t.skip_refused()
             t.since_snapshot += 1
             snapshot = None
             # Only right after a successful optim_step: no gradients pending, which a snapshot

@@ -1,0 +1,66 @@
+"""What a request may cost, checked at the gateway before anything is built from it.
+
+A sparse tensor is counted as the dense array a worker would make of it (rows x columns,
+whatever it lists), so a 10-byte body cannot ask a sampler or a trainer for gigabytes; a
+message is measured as the bus will carry it (msgpack can be several times the protobuf or
+JSON it came from), so nothing oversize reaches `publish`. The numbers themselves live in
+`openrl.bus.messages`, where the workers that check them again read them too
+(docs/limits.md lists them all).
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+from openrl.bus.client import MAX_PAYLOAD
+from openrl.bus.errors import InvalidRequest
+from openrl.bus.messages import MAX_REQUEST_ELEMENTS, MAX_TENSOR_COLUMNS, encode
+
+# The largest bus message the gateway publishes: the server's max_payload less room for
+# the headers (message id, trace id) and JetStream's envelope.
+MAX_MESSAGE_BYTES = MAX_PAYLOAD - 64 * 1024
+
+
+def tensor_elements(shape: list[int], where: str, *, max_dims: int = 2) -> int:
+    """The element count of a tensor of `shape` held dense, after checking the shape: at most
+    `max_dims` dimensions, none negative, at most MAX_TENSOR_COLUMNS columns, at most
+    MAX_REQUEST_ELEMENTS elements. Python ints: a product of huge dimensions cannot wrap."""
+    if len(shape) > max_dims:
+        raise InvalidRequest(f"{where}: at most {max_dims} dimensions, got shape {shape}")
+    if any(d < 0 for d in shape):
+        raise InvalidRequest(f"{where}: negative dimension in shape {shape}")
+    if len(shape) == 2 and shape[1] > MAX_TENSOR_COLUMNS:
+        raise InvalidRequest(f"{where}: at most {MAX_TENSOR_COLUMNS} columns, got shape {shape}")
+    n = math.prod(shape)
+    if n > MAX_REQUEST_ELEMENTS:
+        raise InvalidRequest(f"{where}: shape {shape} is {n} elements; a request may hold at most {MAX_REQUEST_ELEMENTS}")
+    return n
+
+
+class Budget:
+    """The elements of one request's tensors, summed as they are checked."""
+
+    def __init__(self) -> None:
+        self.elements = 0
+
+    def add(self, n: int, where: str) -> None:
+        self.elements += n
+        if self.elements > MAX_REQUEST_ELEMENTS:
+            raise InvalidRequest(
+                f"{where}: the request's tensors come to more than {MAX_REQUEST_ELEMENTS} elements (counted dense); send fewer datums per request"
+            )
+
+
+def encoded(msg: msgspec.Struct, what: str) -> int:
+    """The size of `msg` as the bus carries it; a 400 when it is over MAX_MESSAGE_BYTES."""
+    try:
+        n = len(encode(msg))
+    except OverflowError as e:  # an integer msgpack cannot hold, in a field no body type bounds
+        raise InvalidRequest(f"{what}: {e}") from None
+    if n > MAX_MESSAGE_BYTES:
+        raise InvalidRequest(
+            f"{what} is {n} bytes once encoded for the message bus; the limit is {MAX_MESSAGE_BYTES} bytes: send a smaller request"
+        )
+    return n
