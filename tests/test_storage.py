@@ -5,13 +5,17 @@ collected by the retention policy, and a long RL loop whose store stays under a 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
+import time
 import tracemalloc
 import uuid
 
 import pytest
 
 from openrl.bus import objects
+from sdk_helpers import assert_logprobs_equal, logprobs, sdk_steps, training_client
 
 MiB = 1024 * 1024
 
@@ -116,3 +120,76 @@ async def test_streams_whose_old_entries_are_safe_to_lose_have_limits_and_the_ot
     train = cfg[subjects.TRAIN_STREAM]
     assert (train.max_age or 0) == 0 and train.max_bytes in (None, -1) and train.max_msgs in (None, -1)
     assert train.max_msgs_per_subject in (None, -1)
+
+
+# -- against a stack (`openrl up` with --snapshot-every 4)
+
+
+async def _with_bus(stack, fn):
+    from openrl.bus.client import Bus, BusConfig
+
+    bus = await Bus.connect(BusConfig(url=stack.nats_url, name="test-storage"))
+    try:
+        return await fn(bus)
+    finally:
+        await bus.close()
+
+
+def _log_seq_ids(stack, model_id: str) -> list[int]:
+    """The seq_ids still on the model's training log, in stream order."""
+    from openrl.bus.messages import ModelRecord
+    from openrl.trainer import recovery
+
+    async def read(bus):
+        rec = await bus.kv_get(bus.models, model_id, ModelRecord)
+        entries, _ = await recovery.read_log(bus, rec)
+        return sorted(entries)
+
+    return asyncio.run(_with_bus(stack, read))
+
+
+def _object_exists(stack, name: str) -> bool:
+    async def exists(bus):
+        try:
+            await bus.objects.get_info(name)
+        except objects.GONE:
+            return False
+        return True
+
+    return asyncio.run(_with_bus(stack, exists))
+
+
+def _wait(cond, timeout_s: float, what: str, every_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while not (last := cond()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every_s)
+    return last
+
+
+def test_the_train_log_is_purged_below_the_newest_snapshot_and_recovery_stays_exact(stack, data):
+    """Snapshots every 4 requests: the log keeps only what follows the newest one. A trainer
+    killed after a purge rebuilds the model from that snapshot and the rest of the log, and the
+    run ends with the weights of a run that was never interrupted."""
+    _, tc = training_client(stack, seed=171)
+    _, clean = training_client(stack, seed=171)
+    batches = [data[(2 * i) % 8 : (2 * i) % 8 + 2] for i in range(8)]
+    sdk_steps(clean, batches)
+    sdk_steps(tc, batches[:6])  # 12 requests: snapshots after seq 4, 8 and 12
+    # The snapshot is stored (then the log purged) just after the optim_step's result.
+    seq_ids = _wait(lambda: (ids := _log_seq_ids(stack, tc.model_id)) and ids[0] > 8 and ids, 30, "the log purged below seq 8")
+    assert seq_ids[-1] == 12 and len(seq_ids) <= 4, seq_ids
+    victim = stack.pid("trainer")
+    os.kill(victim, signal.SIGKILL)
+    sdk_steps(tc, batches[6:])
+    assert stack.wait_restarted("trainer", victim) != victim
+    assert_logprobs_equal(
+        logprobs(tc.forward(data, loss_fn="cross_entropy").result()),
+        logprobs(clean.forward(data, loss_fn="cross_entropy").result()),
+        rtol=0,
+        atol=0,
+    )
+    lines = [json.loads(x) for x in (stack.data_dir / "logs" / "trainer.log").read_text().splitlines() if x.startswith("{")]
+    loads = [x for x in lines if x.get("event") == "model_loaded" and x.get("model_id") == tc.model_id]
+    assert loads and loads[-1]["snapshot"] >= 8, loads  # rebuilt from a snapshot, not from a purged log
+    assert _log_seq_ids(stack, clean.model_id)[0] > 8  # the clean run's log was purged too

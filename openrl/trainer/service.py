@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 
 import msgspec
 import structlog
-from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.errors import NotFoundError
 
 from openrl import metrics
-from openrl.bus import paths, subjects
+from openrl.bus import objects, paths, subjects
 from openrl.bus.client import DEAD_LETTERED, Bus
 from openrl.bus.errors import InvalidRequest, Unavailable
 from openrl.bus.messages import (
@@ -258,10 +258,7 @@ class Trainer:
                 # Overwritten: free the old bytes (not an adapter: a sampling client may still read it).
                 if existing is not None and existing.object != obj and msg.kind != "sampler":
                     for name in [f"{existing.object}/{f}" for f in existing.files] or [existing.object]:
-                        try:
-                            await self.bus.objects.delete(name)
-                        except (ObjectNotFoundError, NotFoundError):
-                            pass
+                        await objects.delete(self.bus.objects, name)
                 result = {"path": path, "type": {"sampler": "save_weights_for_sampler", "state": "save_weights", "external": "save_weights_external"}[msg.kind]}
                 if msg.kind == "external":
                     result["size_bytes"] = size
@@ -315,7 +312,7 @@ class Trainer:
                 await self._import(model_id, snap.object, with_optimizer=True)
                 seq = snap.seq_id + 1
                 restored = True
-            except InvalidRequest as e:  # unreadable: the full log still rebuilds it
+            except InvalidRequest as e:  # unreadable: the full log rebuilds it, unless purged (below)
                 log.warning("snapshot_unusable", model_id=model_id, seq_id=snap.seq_id, error=str(e))
         # Create-via-load: the checkpoint is seq 0, needed only when no snapshot is (a model
         # snapshots its seq 0 when it is created, so the checkpoint may be deleted later).
@@ -326,6 +323,11 @@ class Trainer:
                 await self._run(self.engine.drop, model_id)
                 raise
         entries, after = await recovery.read_log(self.bus, rec)
+        if snap is not None and snap.seq_id > 0 and not restored and 1 not in entries:
+            # The log below the snapshot was purged: replaying what is left would build another state.
+            if fresh:
+                await self._run(self.engine.drop, model_id)
+            raise RuntimeError(f"model {model_id} cannot be rebuilt: its snapshot at seq_id {snap.seq_id} is unreadable and the log below it was purged")
         first = seq
         finished = 0
         while seq in entries:
@@ -419,18 +421,20 @@ class Trainer:
             t.next_seq += 1  # state and counter move together, before any await that may fail
             t.skip_refused()
             t.since_snapshot += 1
-            snapshot = None
+            snapshot, purge_below = None, None
             # Only right after a successful optim_step: no gradients pending, which a snapshot
-            # would not hold. Exported while this model's turn is still held.
+            # would not hold. Exported while this model's turn is still held, and so is the log
+            # position it covers (nothing past this seq_id is applied yet).
             if isinstance(msg, OptimStep) and fut.state == "done" and 0 < self.cfg.snapshot_every <= t.since_snapshot:
                 snapshot = await self._run(lambda: weights.state_bytes(self.engine, msg.model_id, with_optimizer=True))
                 t.since_snapshot = 0
+                purge_below = await recovery.applied_below(self.bus, t.record)
             t.turn.notify_all()
         computed = time.perf_counter()
         self._remember(fut)
         await self.bus.finish_future(fut)
-        if snapshot is not None:
-            await recovery.store_snapshot(self.bus, msg.model_id, msg.seq_id, snapshot)
+        if snapshot is not None and await recovery.store_snapshot(self.bus, msg.model_id, msg.seq_id, snapshot) and purge_below:
+            await recovery.purge_log(self.bus, t.record, purge_below)
         log.debug(
             "train_applied",
             model_id=msg.model_id,
