@@ -40,9 +40,12 @@ class Unreachable(Exception):
     """NATS (or the gateway) could not be asked at all."""
 
 
-async def find_worker(nats_url: str, kind: str, host: str, timeout_s: float) -> list[WorkerInfo]:
-    """The live heartbeats of `kind` workers on `host` (in a pod: one), freshest first."""
+async def find_worker(nats_url: str, kind: str, host: str, timeout_s: float, credentials=None) -> list[WorkerInfo]:
+    """The live heartbeats of `kind` workers on `host` (in a pod: one), freshest first.
+    `credentials`: the worker role's (it runs in the worker's container, with its environment)."""
     import nats
+
+    from openrl.bus import auth
     from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
 
     errors: list[Exception] = []
@@ -53,7 +56,8 @@ async def find_worker(nats_url: str, kind: str, host: str, timeout_s: float) -> 
     try:
         nc = await asyncio.wait_for(
             nats.connect(servers=[nats_url], name="openrl-probe", connect_timeout=timeout_s, allow_reconnect=False,
-                         max_reconnect_attempts=1, reconnect_time_wait=0.1, error_cb=on_error),
+                         max_reconnect_attempts=1, reconnect_time_wait=0.1, error_cb=on_error,
+                         **auth.connect_options(kind, credentials)),
             timeout_s,
         )
     except Exception as e:
@@ -93,6 +97,18 @@ def gateway_bus_connected(url: str, timeout_s: float) -> bool:
     return health.get("bus") is True
 
 
+def credentials(role: str):
+    """The worker's NATS credentials, from the environment it runs with: OPENRL_NATS_USER and
+    OPENRL_NATS_PASSWORD, or the file OPENRL_NATS_CREDS; None without either."""
+    from openrl.bus import auth
+
+    if os.environ.get("OPENRL_NATS_USER"):
+        return auth.Credentials(user=os.environ["OPENRL_NATS_USER"], password=os.environ.get("OPENRL_NATS_PASSWORD", ""))
+    if os.environ.get("OPENRL_NATS_CREDS"):
+        return auth.load(os.environ["OPENRL_NATS_CREDS"], role)
+    return None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m openrl.probe", description=__doc__.split("\n")[0])
     p.add_argument("--kind", required=True, choices=("gateway", *WORKER_KINDS))
@@ -113,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             ok = gateway_bus_connected(args.url, args.timeout_s)
             print("gateway bus connected" if ok else "gateway up, bus not connected")
             return 0 if ok else 1
-        found = asyncio.run(find_worker(args.nats_url, args.kind, args.host, args.timeout_s))
+        found = asyncio.run(find_worker(args.nats_url, args.kind, args.host, args.timeout_s, credentials(args.kind)))
     except Unreachable as e:
         print(f"unreachable: {e}")
         return 0 if args.unreachable_ok else 1

@@ -64,8 +64,11 @@ async def _kv_count(js, bucket: str) -> int:
         return 0
 
 
-async def snapshot(nats_url: str, timeout_s: float = 5.0) -> Snapshot:
+async def snapshot(nats_url: str, timeout_s: float = 5.0, credentials=None) -> Snapshot:
+    """`credentials`: the operator's (openrl.bus.auth.Credentials), None on an open server."""
     import nats
+
+    from openrl.bus import auth
 
     errors: list[Exception] = []
 
@@ -74,7 +77,8 @@ async def snapshot(nats_url: str, timeout_s: float = 5.0) -> Snapshot:
 
     try:
         nc = await nats.connect(servers=[nats_url], name="openrl-status", connect_timeout=timeout_s, allow_reconnect=False,
-                                max_reconnect_attempts=1, error_cb=on_error)  # fmt: skip
+                                max_reconnect_attempts=1, error_cb=on_error,
+                                **auth.connect_options("operator", credentials))  # fmt: skip
     except Exception as e:
         raise ConnectionError(f"cannot reach NATS at {nats_url}: {(errors[-1] if errors else e)!r}") from None
     try:
@@ -158,8 +162,8 @@ def render(snap: Snapshot) -> str:
     return "\n".join(out) + "\n"
 
 
-async def collect(nats_url: str, gateway_url: str = "") -> Snapshot:
-    snap = await snapshot(nats_url)
+async def collect(nats_url: str, gateway_url: str = "", credentials=None) -> Snapshot:
+    snap = await snapshot(nats_url, credentials=credentials)
     if gateway_url:
         try:
             snap.gateway = await asyncio.to_thread(gateway_health, gateway_url)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import time
 from collections import OrderedDict
@@ -178,8 +179,12 @@ class Bus:
     @classmethod
     async def connect(cls, cfg: BusConfig) -> Bus:
         bus: Bus | None = None  # the callbacks below run only once connected, after it is set
+        refused = asyncio.Event()
 
         async def on_error(e: Exception) -> None:
+            if bus is None and "authorization violation" in str(e).lower():
+                refused.set()  # wrong or missing credentials: retrying will not help
+                return
             log.warning("bus_error", error=repr(e))
             if isinstance(e, nats.errors.SlowConsumerError) and bus is not None:
                 bus.messages_lost()
@@ -195,7 +200,7 @@ class Bus:
         credentials = {"user": cfg.user, "password": cfg.password} if cfg.user else {}
         if cfg.role:
             credentials["inbox_prefix"] = auth.inbox_prefix(cfg.role)
-        nc = await nats.connect(
+        connecting = asyncio.ensure_future(nats.connect(
             servers=[cfg.url],
             name=cfg.name,
             **credentials,
@@ -208,7 +213,18 @@ class Bus:
             error_cb=on_error,
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
-        )
+        ))  # fmt: skip
+        waiting = asyncio.ensure_future(refused.wait())
+        await asyncio.wait([connecting, waiting], return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+            who = f"user {cfg.user!r} (role {cfg.role or 'none'})" if cfg.user else "no credentials"
+            raise auth.Refused(f"NATS at {cfg.url} refused the connection: authorization violation with {who}; "
+                               "set OPENRL_NATS_USER and OPENRL_NATS_PASSWORD, or OPENRL_NATS_CREDS (docs/security.md)")  # fmt: skip
+        nc = connecting.result()
         bus = cls(nc, cfg)
         try:
             if cfg.user and cfg.role != "operator":

@@ -37,6 +37,8 @@ import zstandard
 from nats.errors import NoRespondersError
 from nats.js.errors import NoStreamResponseError
 
+from openrl.bus import auth
+
 log = structlog.get_logger(__name__)
 
 FORMAT = "openrl-record"
@@ -149,9 +151,12 @@ def matches(subject: str, pattern: str) -> bool:
     return len(s) == len(p)
 
 
-async def record(nats_url: str, subjects: list[str], out: Path, stop: asyncio.Event, *, duration_s: float | None = None) -> int:
-    """Record until `stop` (or `duration_s`); returns the number of messages written."""
-    nc = await nats.connect(servers=[nats_url], name="openrl-record", max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+async def record(nats_url: str, subjects: list[str], out: Path, stop: asyncio.Event, *, duration_s: float | None = None,
+                 credentials: auth.Credentials | None = None) -> int:
+    """Record until `stop` (or `duration_s`); returns the number of messages written. Connects
+    as the operator (`credentials`), which may subscribe to OpenRL's subjects and buckets."""
+    nc = await nats.connect(servers=[nats_url], name="openrl-record", max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                            **auth.connect_options("operator", credentials))
     writer = Writer(out, subjects)
     started = time.monotonic()
 
@@ -180,7 +185,8 @@ async def record(nats_url: str, subjects: list[str], out: Path, stop: asyncio.Ev
     return writer.count
 
 
-async def replay(path: Path, nats_url: str, *, subjects: list[str] | None = None, pace: str = "instant", speed: float = 1.0) -> int:
+async def replay(path: Path, nats_url: str, *, subjects: list[str] | None = None, pace: str = "instant", speed: float = 1.0,
+                 credentials: auth.Credentials | None = None) -> int:
     """Publish a recording's messages (those matching `subjects`, default all) in order;
     returns how many were published. `pace="original"` keeps the recorded gaps (divided by
     `speed`)."""
@@ -190,7 +196,8 @@ async def replay(path: Path, nats_url: str, *, subjects: list[str] | None = None
         raise ValueError(f"pace must be instant or original, got {pace!r}")
     rec = read(path)
     frames = [f for f in rec.frames if not subjects or any(matches(f.s, p) for p in subjects)]
-    bus = await Bus.connect(BusConfig(url=nats_url, name="openrl-replay"))
+    who = {"role": "operator", "user": credentials.user, "password": credentials.password} if credentials else {}
+    bus = await Bus.connect(BusConfig(url=nats_url, name="openrl-replay", **who))
     started = time.monotonic()
     first_t = frames[0].t if frames else 0.0
     sent = 0

@@ -2,11 +2,14 @@
 
 `openrl up` and the tests start one with JetStream on, a file store under the data dir,
 a free port on loopback, and `max_payload` raised to `MAX_PAYLOAD` (32 MiB; the NATS
-default is 1 MiB, and the hard maximum 64 MiB).
+default is 1 MiB, and the hard maximum 64 MiB). Given role credentials (openrl/bus/auth.py),
+it enforces them: no connection without a user, each user limited to its role's subjects.
+The config then holds the passwords, so it is written 0600.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,6 +20,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+from openrl.bus import auth
 from openrl.bus.client import MAX_PAYLOAD
 
 
@@ -41,7 +45,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(store_dir: Path, port: int, monitor_port: int | None = None) -> Path:
+def write_config(store_dir: Path, port: int, monitor_port: int | None = None,
+                 credentials: dict[str, auth.Credentials] | None = None) -> Path:
     store_dir.mkdir(parents=True, exist_ok=True)
     lines = [
         f"listen: 127.0.0.1:{port}",
@@ -54,16 +59,20 @@ def write_config(store_dir: Path, port: int, monitor_port: int | None = None) ->
     ]
     if monitor_port:
         lines.insert(1, f"http: 127.0.0.1:{monitor_port}")
+    if credentials:  # JSON is valid nats-server config; quoted strings are never $-expanded
+        lines.append(f"authorization: {json.dumps(auth.authorization(credentials), indent=1)}")
     conf = store_dir / "nats-server.conf"
-    conf.write_text("\n".join(lines) + "\n")
+    auth.write_private(conf, "\n".join(lines) + "\n")
     return conf
 
 
 class NatsServer:
     """A nats-server child process. Use as a context manager, or start()/stop()."""
 
-    def __init__(self, store_dir: str | os.PathLike, port: int | None = None, log_file: str | os.PathLike | None = None):
+    def __init__(self, store_dir: str | os.PathLike, port: int | None = None, log_file: str | os.PathLike | None = None,
+                 credentials: dict[str, auth.Credentials] | None = None):
         self.store_dir = Path(store_dir)
+        self.credentials = credentials
         self.port = port or free_port()
         self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
         self.proc: subprocess.Popen | None = None
@@ -73,7 +82,7 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        conf = write_config(self.store_dir, self.port)
+        conf = write_config(self.store_dir, self.port, credentials=self.credentials)
         return [find_binary(), "-c", str(conf)]
 
     def start(self, timeout_s: float = 15.0) -> NatsServer:

@@ -110,9 +110,10 @@ def attach(app: web.Application, gw) -> None:
     app.on_cleanup.append(stop)
 
 
-async def main(nats_url: str, action: str, name: str | None) -> int:
-    """`openrl keys ...`: print what it did; 0 on success."""
-    bus = await Bus.connect(BusConfig(url=nats_url, name="openrl-keys"))
+async def main(nats_url: str, action: str, name: str | None, credentials: dict | None = None) -> int:
+    """`openrl keys ...`: print what it did; 0 on success. `credentials`: the operator's
+    BusConfig fields (role, user, password), none on an open server."""
+    bus = await Bus.connect(BusConfig(url=nats_url, name="openrl-keys", **(credentials or {})))
     try:
         if action == "create":
             key, rec = await create(bus, name or "")

@@ -9,6 +9,9 @@ Everything that can go wrong inside the call (an exception, a result that is not
 or a dict of floats, running out of its address-space limit) comes back as an error for
 that item. What cannot be caught here (a segfault, `os._exit`, a hang) the parent sees as
 a dead or silent child, and kills and replaces it.
+
+User code runs with a scrubbed environment (`scrubbed_env`): no bus credentials, no API keys,
+no `OPENRL_*` setting, nothing named like a secret, unless the operator passes it by name.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import inspect
 import math
 import numbers
 import os
+import re
 import resource
 import signal
 import struct
@@ -34,6 +38,19 @@ from openrl.bus.messages import ItemScore, ScoreItem
 
 _HEADER = struct.Struct("<I")
 MAX_ERROR_CHARS = 2000
+
+# Names a reward function's environment never has (unless passed by name): the bus's and the
+# gateway's settings and credentials, and whatever looks like a secret.
+_SECRET_NAME = re.compile(r"^(OPENRL_|NATS_|TINKER_)|TOKEN|SECRET|PASSW|CREDENTIAL|PRIVATE|AUTH|(^|_)(API_?)?KEYS?$", re.IGNORECASE)
+
+
+def scrubbed_env(environ: Mapping[str, str], pass_env: tuple[str, ...] = ()) -> dict[str, str]:
+    """`environ` without what user code must not see: bus credentials, API keys, `OPENRL_*`,
+    and any variable named like a secret (`*TOKEN*`, `*SECRET*`, `*PASSWORD*`, `*AUTH*`, `*_KEY`, ...).
+    `pass_env` names variables to keep anyway (say, the API key of an LLM judge); never the
+    bus's own (`OPENRL_*`, `NATS_*`)."""
+    keep = {k for k in pass_env if not k.upper().startswith(("OPENRL_", "NATS_"))}
+    return {k: v for k, v in environ.items() if k in keep or not _SECRET_NAME.search(k)}
 
 
 class Ready(msgspec.Struct, frozen=True, kw_only=True):

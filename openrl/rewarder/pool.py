@@ -25,7 +25,7 @@ import structlog
 
 from openrl.bus.errors import InvalidRequest, Unavailable
 from openrl.bus.messages import ItemScore, ScoreItem
-from openrl.rewarder.child import Ready
+from openrl.rewarder.child import Ready, scrubbed_env
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +58,8 @@ class _Worker:
 
 
 class Pool:
-    def __init__(self, fn: str, name: str, size: int, *, timeout_s: float = 30.0, memory_mb: int = 2048, start_timeout_s: float = 60.0):
+    def __init__(self, fn: str, name: str, size: int, *, timeout_s: float = 30.0, memory_mb: int = 2048, start_timeout_s: float = 60.0,
+                 pass_env: tuple[str, ...] = ()):
         if size < 1:
             raise ValueError(f"pool size must be >= 1, got {size}")
         self.fn = fn
@@ -67,6 +68,7 @@ class Pool:
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
         self.start_timeout_s = start_timeout_s
+        self.pass_env = tuple(pass_env)  # variables a reward function sees though they look secret
         self.broken: str | None = None  # set when workers can no longer be started
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._workers: set[_Worker] = set()
@@ -82,7 +84,7 @@ class Pool:
 
     async def _spawn(self) -> _Worker:
         env = {
-            **os.environ,
+            **scrubbed_env(os.environ, self.pass_env),  # no bus credentials, no secrets
             # The worker imports the function exactly as this process would.
             "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path),
             # One call at a time per process: the pool is the parallelism (and BLAS thread
