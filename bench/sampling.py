@@ -69,13 +69,15 @@ def make_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
 
 def bare_runner(model_path: str, prompts: list[list[int]], samples: int, max_tokens: int):
     """The sampler's backend in this process: every prompt in one call, as one batch."""
-    from openrl.sampler.backend import SampleSpec, TransformersSampler
+    from openrl.bus.messages import SamplingParams
+    from openrl.sampler.hf_model import TransformersSampler
+    from openrl.sampler.spec import SampleSpec
 
     sampler = TransformersSampler(model_path, device="cpu")
 
     def run() -> tuple[float, int]:
         specs = [
-            SampleSpec(prompt=list(p), num_samples=samples, max_tokens=max_tokens, temperature=1.0, seed=i, stop_at_eos=False)
+            SampleSpec(prompt=list(p), num_samples=samples, params=SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i, stop_at_eos=False))
             for i, p in enumerate(prompts)
         ]
         t0 = time.perf_counter()

@@ -227,7 +227,8 @@ def cmd_sampler(args: argparse.Namespace) -> None:
         sys.exit(f"openrl sampler: --gpu-memory-fraction must be in (0, 1], got {fraction}")
 
     from openrl.bus.client import Bus, BusConfig
-    from openrl.sampler.backend import TransformersSampler, pick_device
+    from openrl.sampler.hf_engine import HfEngine
+    from openrl.sampler.hf_model import TransformersSampler, pick_device
     from openrl.sampler.service import Sampler, SamplerConfig
     from openrl.default_model import resolve_model_path
 
@@ -247,7 +248,9 @@ def cmd_sampler(args: argparse.Namespace) -> None:
         default_max_tokens=args.default_max_tokens,
         max_batch=args.max_batch,
     )
-    backend = TransformersSampler(path, device=device, memory_fraction=fraction) if args.backend == "transformers" else None
+    backend = None
+    if args.backend == "transformers":
+        backend = HfEngine(TransformersSampler(path, device=device, memory_fraction=fraction), max_requests=cfg.max_batch)
 
     async def main() -> None:
         stop = _stop_event()
@@ -273,8 +276,7 @@ def cmd_sampler(args: argparse.Namespace) -> None:
             if server is not None:
                 await server.cleanup()
         finally:
-            if backend is None:
-                sampler_backend.close()
+            sampler_backend.close()
 
     asyncio.run(main())
 

@@ -1,4 +1,4 @@
-"""Bus-message builders the tests share: Tensor, Datum and a random ForwardBackward.
+"""Bus-message builders the tests share: Tensor, Datum, a random ForwardBackward, a SampleSpec.
 
 (In tests/, not beside its users: tests/ is on sys.path for every test directory, since
 tests/conftest.py's folder is; a second factories.py anywhere would shadow this one.)"""
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from openrl.bus.messages import Datum, ForwardBackward, Tensor
+from openrl.bus.messages import Datum, ForwardBackward, SamplingParams, Tensor
+from openrl.sampler.spec import SampleSpec
 
 VOCAB = 96  # tests/trainer/conftest.py's tiny models
 
@@ -54,3 +55,23 @@ def random_request(
         request_id=f"r{seed}", model_id=model_id, seq_id=1, loss_fn=loss_fn, loss_fn_config=config or {},
         forward_only=forward_only, data=data,
     )  # fmt: skip
+
+
+_PARAMS = frozenset(SamplingParams.__struct_fields__)
+
+
+def sample_spec(**fields) -> SampleSpec:
+    """A SampleSpec from flat keywords: SamplingParams' fields (max_tokens, temperature, top_k,
+    top_p, seed, stop_strings, stop_token_ids, stop_at_eos) go to its `params`."""
+    params = {k: fields.pop(k) for k in list(fields) if k in _PARAMS}
+    return SampleSpec(params=SamplingParams(**params), **fields)
+
+
+def respec(spec: SampleSpec, **fields) -> SampleSpec:
+    """`spec` with `fields` changed, SamplingParams' fields in its `params` (as sample_spec)."""
+    import dataclasses
+
+    import msgspec
+
+    params = {k: fields.pop(k) for k in list(fields) if k in _PARAMS}
+    return dataclasses.replace(spec, params=msgspec.structs.replace(spec.params, **params), **fields)

@@ -274,7 +274,7 @@ def test_openrl_sampler_refuses_a_bad_memory_fraction(flags, message):
 
 
 def test_transformers_sampler_refuses_a_fraction_off_cuda():
-    from openrl.sampler.backend import TransformersSampler
+    from openrl.sampler.hf_model import TransformersSampler
 
     with pytest.raises(ValueError, match="needs a CUDA device, not cpu"):
         TransformersSampler("/nonexistent-model", device="cpu", memory_fraction=0.5)  # refused before it loads
@@ -285,7 +285,7 @@ def test_transformers_sampler_caps_its_cuda_memory():
     """The cap is torch's allocator's: an allocation past it raises OOM; below it, it succeeds."""
     script = (
         "import torch\n"
-        "from openrl.sampler.backend import _cap_memory\n"
+        "from openrl.sampler.hf_model import _cap_memory\n"
         "_cap_memory(torch.device('cuda'), 0.05)\n"
         "total = torch.cuda.get_device_properties(0).total_memory\n"
         "x = torch.empty(int(total * 0.03), dtype=torch.uint8, device='cuda')\n"

@@ -296,7 +296,24 @@ class SamplerRecord(msgspec.Struct, frozen=True, kw_only=True):
 # Sample stream: openrl.sample.<base>. A work queue; any sampler of <base> takes a request.
 
 
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    """How to sample, as the gateway read it from Tinker's SamplingParams; the engines read
+    this same struct (openrl.bus.sampling.check_params holds the checks that need no model)."""
+
+    max_tokens: int | None = None  # None: the sampler's default
+    temperature: float = 1.0  # below 1e-5: greedy
+    top_k: int = -1  # -1: off
+    top_p: float = 1.0
+    seed: int | None = None  # None: a fresh seed
+    stop_strings: list[str] = []
+    stop_token_ids: list[int] = []
+    stop_at_eos: bool = True  # False when the client sent stop=[] (run to max_tokens)
+
+
 class SampleRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """The sampling fields from max_tokens to stop_at_eos are superseded by `sampling`, which
+    the gateway fills; a sampler reads them only from a message without it (an older gateway)."""
+
     request_id: str
     sampler_id: str
     base_model: str
@@ -318,6 +335,7 @@ class SampleRequest(msgspec.Struct, frozen=True, kw_only=True):
     topk_sample_logprobs: int = 0
     target_prompt_logprobs: Tensor | None = None  # int64 [L-1, K], -1 = nothing asked
     prompt_alt_tokens_k: int = 0
+    sampling: SamplingParams | None = None
 
 
 class TopK(msgspec.Struct, frozen=True, kw_only=True):

@@ -26,6 +26,7 @@ from aiohttp import web
 from openrl.bus import paths, subjects
 from openrl.bus.client import MAX_PAYLOAD, Bus
 from openrl.bus.errors import InvalidRequest, NotFound, Unauthorized, Unavailable
+from openrl.bus.sampling import check_params
 from openrl.bus.messages import (
     CreateModel,
     ForwardBackwardResult,
@@ -40,6 +41,7 @@ from openrl.bus.messages import (
     SampleRequest,
     SampleResult,
     SamplerRecord,
+    SamplingParams,
     SaveWeights,
     SessionRecord,
     Tensor,
@@ -125,8 +127,17 @@ def sample_fields(body: ASampleBody) -> dict[str, Any]:
         stop_ids = stop
     elif stop is not None:
         raise InvalidRequest("sampling_params.stop must be a string, a list of strings or a list of int32 token ids")
-    if params.max_tokens is not None and params.max_tokens < 1:
-        raise InvalidRequest(f"sampling_params.max_tokens must be >= 1, got {params.max_tokens}")
+    sampling = SamplingParams(
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        seed=params.seed,
+        stop_strings=stop_strings,
+        stop_token_ids=stop_ids,
+        stop_at_eos=not (isinstance(stop, list) and not stop),
+    )
+    check_params(sampling)  # the sampler checks the same again, with its model's limits
     target = None
     if body.target_prompt_logprobs is not None:
         t = body.target_prompt_logprobs
@@ -142,14 +153,7 @@ def sample_fields(body: ASampleBody) -> dict[str, Any]:
     return dict(
         prompt=struct.pack(f"<{len(tokens)}i", *tokens),
         num_samples=body.num_samples,
-        max_tokens=params.max_tokens or 0,
-        temperature=params.temperature,
-        top_k=params.top_k,
-        top_p=params.top_p,
-        seed=params.seed,
-        stop_strings=stop_strings,
-        stop_token_ids=stop_ids,
-        stop_at_eos=not (isinstance(stop, list) and not stop),
+        sampling=sampling,
         prompt_logprobs=bool(body.prompt_logprobs),
         prompt_logprobs_last_n=body.prompt_logprobs_last_n,
         topk_prompt_logprobs=body.topk_prompt_logprobs,

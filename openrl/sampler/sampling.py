@@ -73,3 +73,18 @@ def top_logprobs(logp_N_V: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
         tokens_N_K = torch.nn.functional.pad(tokens_N_K, pad, value=SENTINEL_TOKEN)
         values_N_K = torch.nn.functional.pad(values_N_K, pad, value=SENTINEL_LOGPROB)
     return tokens_N_K, values_N_K.float()
+
+
+def pick(logits_B_V: torch.Tensor, rows, u_B: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The next token of every row, its logprob, and the tempered logprobs [B, V] it came from."""
+    logits_B_V = logits_B_V.float()
+    scaled_B_V = logits_B_V / rows.temperature[:, None]
+    logp_B_V = scaled_B_V.log_softmax(-1)
+    token_B = logits_B_V.argmax(-1)
+    if rows.any_random:
+        if rows.any_filter:
+            probs_B_V = filter_top_k_top_p(scaled_B_V, rows.top_k, rows.top_p).softmax(-1)
+        else:
+            probs_B_V = logp_B_V.exp()
+        token_B = torch.where(rows.greedy, token_B, draw(probs_B_V, u_B[:, None])[:, 0])
+    return token_B, logp_B_V.gather(-1, token_B[:, None])[:, 0], logp_B_V

@@ -5,22 +5,21 @@ work queue, so N processes share the load and a request that a dead sampler held
 redelivered to another one (or to the restarted one) after `ack_wait`; while a request
 is being generated its message is kept alive with in-progress acks.
 
-Requests are batched continuously: each message's handler validates its request, fetches
-its adapter's weights and puts it on a queue; one loop on the compute thread admits what
-is queued (up to `max_batch` requests active) into the running decode between steps (base
-model and any number of adapters mixed in every forward, `backend.Scheduler`), and hands
-each request's result back to its handler as soon as it finishes; the handler stores the
-future and acks. A request never waits for a batch it missed to finish.
+The service only moves messages: it decodes a request into a `SampleSpec`, checks it (before
+anything is allocated for it), fetches its adapter's weights, and awaits the engine's
+`sample` (the `AsyncBackend` protocol below) on its event loop, one call per request; the
+engine batches the requests in flight on its own: transformers (`hf_engine.HfEngine`, a compute
+thread of its own) or vLLM (`vllm_backend.VllmSampler`). The handler stores the future and acks.
 
 Adapters are versioned by the model and seq_id they were saved at (`adapters/<model>/
 seq-<n>` in the object store), so "the weights as of that point in the model's sequence"
 is a lookup, never a race. Fetched adapters are cached as bytes (bounded LRU) and loaded
-into the backend on demand.
+into the engine on demand.
 
-The backend is the transformers one (above: a compute thread and `backend.Scheduler`) or an
-`AsyncBackend`, which batches the requests in flight on its own (vLLM's engine,
-`vllm_backend.VllmSampler`): each handler then awaits its request on the event loop, and
-there is no compute thread.
+A request's failure is its own: a user error (InvalidRequest) fails its future with category
+"user"; any other exception from the engine fails it with category "server" (the others in
+its batch complete: the engine isolates them); only a dead engine leaves the message unacked,
+for another sampler.
 """
 
 from __future__ import annotations
@@ -28,12 +27,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import queue
 import socket
-import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,8 +41,21 @@ from openrl import metrics
 from openrl.bus import subjects
 from openrl.bus.client import Bus
 from openrl.bus.errors import InvalidRequest
-from openrl.bus.messages import LORA_ALPHA, Future, SampleRequest, SampleResult, SampledSequence, Tensor, TopK, UsageRecord, WorkerInfo, encode
-from openrl.sampler import backend as be
+from openrl.bus.messages import (
+    MAX_REQUEST_ELEMENTS,
+    MAX_TENSOR_COLUMNS,
+    Future,
+    SampledSequence,
+    SampleRequest,
+    SampleResult,
+    Tensor,
+    TopK,
+    UsageRecord,
+    WorkerInfo,
+    encode,
+)
+from openrl.bus.sampling import params_of
+from openrl.sampler import spec as sp
 
 log = structlog.get_logger(__name__)
 
@@ -57,87 +66,68 @@ class SamplerConfig:
     model_path: str
     nats_url: str = "nats://127.0.0.1:4222"
     worker_id: str = ""
-    default_max_tokens: int = 256
-    max_batch: int = 64  # requests generating at once; more wait in the queue
-    idle_wait_s: float = 0.25  # the compute loop checks for shutdown this often when idle
+    default_max_tokens: int = sp.DEFAULT_MAX_TOKENS  # what a request's max_tokens=None means
+    max_batch: int = 64  # requests generating at once; more wait in the engine's queue
+    idle_wait_s: float = 0.25  # how often the service checks that its engine is alive
     cached_adapters: int = 32  # adapter blobs kept in memory
     heartbeat_s: float = 2.0
     ack_wait_s: float = 10.0  # a dead sampler's requests go to another after this; in-progress acks keep live ones
 
 
-@dataclass
-class _Job:
-    msg: SampleRequest
-    spec: be.SampleSpec
-    done: asyncio.Future
-    loop: asyncio.AbstractEventLoop
-    blob: bytes | None = None  # the adapter's weights (fetched by the handler), None for the base model
-    queued: float = dataclasses.field(default_factory=time.perf_counter)
-
-    def resolve(self, result) -> None:
-        """From the compute thread: hand the result to the waiting handler."""
-        try:
-            self.loop.call_soon_threadsafe(_set_result, self.done, result)
-        except RuntimeError:  # the event loop is closed: shutting down, nobody is waiting
-            pass
-
-
-def _set_result(done: asyncio.Future, result) -> None:
-    if not done.done():
-        done.set_result(result)
-
-
 class AsyncBackend(Protocol):
-    """A backend that batches the requests in flight itself, on the event loop (vLLM's engine)."""
+    """A sampling engine: batches the requests in flight on its own (hf_engine.HfEngine, vllm_backend.VllmSampler)."""
 
-    info: be.SamplerInfo
+    info: sp.SamplerInfo
 
-    def validate(self, spec: be.SampleSpec) -> None:
+    def validate(self, spec: sp.SampleSpec) -> None:
         """Raise InvalidRequest naming the bad field. No compute."""
 
-    async def sample(self, spec: be.SampleSpec, blob: bytes | None) -> be.SampleResult:
-        """The request's result (its adapter loaded from `blob` if needed); InvalidRequest: a user error."""
+    async def sample(self, spec: sp.SampleSpec, blob: bytes | None) -> sp.SampleResult:
+        """The request's result (its adapter loaded from `blob` if needed). InvalidRequest: a user
+        error; any other exception: a server error (`dead` says whether the engine is gone)."""
 
     @property
     def dead(self) -> bool:
         """The engine has failed for good: the process should exit (and be restarted)."""
 
+    def close(self) -> None:
+        """Stop the engine and free what it holds."""
+
 
 class Sampler:
-    def __init__(self, cfg: SamplerConfig, bus: Bus, backend: be.TransformersSampler | AsyncBackend):
+    def __init__(self, cfg: SamplerConfig, bus: Bus, backend: AsyncBackend):
         self.cfg = cfg
         self.bus = bus
         self.backend = backend
-        self._threaded = isinstance(backend, be.TransformersSampler)  # else it batches on the event loop
-        self._inflight = 0  # requests an AsyncBackend is generating
+        self._inflight = 0  # requests the engine is generating
         self._busy_from = 0.0
         self.worker_id = cfg.worker_id or f"sampler-{socket.gethostname()}-{os.getpid()}"
-        self._jobs: queue.Queue[_Job] = queue.Queue()  # handlers -> the compute loop
-        self._halt = threading.Event()
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self._fetching: dict[str, asyncio.Future] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sample")
         self._busy_s = 0.0
         self._started = time.time()
         self.served = 0
 
     # -- requests
 
-    def spec(self, msg: SampleRequest) -> be.SampleSpec:
+    def spec(self, msg: SampleRequest) -> sp.SampleSpec:
+        """The engine's request for `msg`. Sizes are checked before anything is allocated for them
+        (a message need not have come through a gateway)."""
+        if len(msg.prompt) % 4:
+            raise InvalidRequest("prompt: packed int32 token ids expected")
+        n, context = len(msg.prompt) // 4, self.backend.info.max_context
+        if n == 0:
+            raise InvalidRequest("prompt is empty")
+        if n > context:
+            raise InvalidRequest(f"prompt ({n} tokens) exceeds the model's context of {context} tokens")
         target = None
         if msg.target_prompt_logprobs is not None:
-            target = _dense_int64(msg.target_prompt_logprobs, pad=-1)
-        return be.SampleSpec(
+            target = _dense_int64(msg.target_prompt_logprobs, rows=n - 1, pad=-1)
+        return sp.SampleSpec(
             prompt=np.frombuffer(msg.prompt, dtype="<i4").tolist(),
             num_samples=msg.num_samples,
-            max_tokens=msg.max_tokens or self.cfg.default_max_tokens,
-            temperature=msg.temperature,
-            top_k=msg.top_k,
-            top_p=msg.top_p,
-            seed=msg.seed,
-            stop_strings=list(msg.stop_strings),
-            stop_token_ids=list(msg.stop_token_ids),
-            stop_at_eos=msg.stop_at_eos,
+            params=params_of(msg),
+            default_max_tokens=self.cfg.default_max_tokens,
             prompt_logprobs=msg.prompt_logprobs,
             prompt_logprobs_last_n=msg.prompt_logprobs_last_n,
             topk_prompt_logprobs=msg.topk_prompt_logprobs,
@@ -158,25 +148,22 @@ class Sampler:
         started = time.perf_counter()
         try:
             spec = self.spec(msg)
-            # Content checks now; the adapter is loaded right before the request joins the decode.
+            # Content checks now; the adapter is looked up by the engine.
             self.backend.validate(dataclasses.replace(spec, adapter=None))
-            # Fetch the weights now, so the compute loop never waits on the network.
+            # Fetch the weights now, so the engine never waits on the network.
             blob = await self._blob(msg.weights) if msg.weights is not None else None
-            if self._threaded:
-                loop = asyncio.get_running_loop()
-                job = _Job(msg=msg, spec=spec, done=loop.create_future(), loop=loop, blob=blob)
-                self._jobs.put(job)
-                result = await job.done
-                if isinstance(result, InvalidRequest):
-                    raise result
-            else:
-                result = await self._sample_async(spec, blob)
+            result = await self._sample(spec, blob)
             fut = Future(state="done", content_type="sample", payload=encode(to_bus(result, msg.target_prompt_logprobs)), finished_at=time.time(), **base)
             self.served += 1
             metrics.SAMPLED_TOKENS.inc(sum(len(seq.tokens) for seq in result.sequences))
             usage = (len(msg.prompt) // 4, sum(len(seq.tokens) for seq in result.sequences), time.perf_counter() - started)
         except InvalidRequest as e:
             fut = Future(state="failed", error=str(e), category="user", finished_at=time.time(), **base)
+        except Exception as e:
+            if self.backend.dead:
+                raise  # not acked: another sampler (or this one, restarted) takes it
+            log.exception("sample_failed", request_id=msg.request_id)
+            fut = Future(state="failed", error=f"sampler error: {e}", category="server", finished_at=time.time(), **base)
         # The result first (one compare-and-set on the revision read above), accounting after.
         if not await self.bus.finish_pending(fut, revision):
             log.info("sample_already_recorded", request_id=msg.request_id)
@@ -196,8 +183,8 @@ class Sampler:
 
         await asyncio.gather(one("sampling_prefill", prompt_tokens), one("sampling_sample", sampled_tokens))
 
-    async def _sample_async(self, spec: be.SampleSpec, blob: bytes | None) -> be.SampleResult:
-        """An AsyncBackend's request; the time with any in flight counts as busy."""
+    async def _sample(self, spec: sp.SampleSpec, blob: bytes | None) -> sp.SampleResult:
+        """The engine's result; the time with any request in flight counts as busy."""
         if self._inflight == 0:
             self._busy_from = time.perf_counter()
         self._inflight += 1
@@ -231,27 +218,9 @@ class Sampler:
         log.info("adapter_fetched", object=name, bytes=len(result.data))
         return result.data
 
-    # -- the compute loop
-
     async def serve(self, stop: asyncio.Event) -> None:
-        """Run the compute loop on the compute thread until `stop` (an AsyncBackend: watch it)."""
-        if not self._threaded:
-            return await self._watch(stop)
-        loop = asyncio.get_running_loop()
-        self._halt.clear()
-        worker = loop.run_in_executor(self._pool, self._serve_loop)
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait([worker, stopping], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._halt.set()
-            stopping.cancel()
-        if worker.done():
-            worker.result()  # the loop itself failed (a bug): let the process die and restart
-
-    async def _watch(self, stop: asyncio.Event) -> None:
-        """Until `stop`; raise when the AsyncBackend's engine has died, so the process exits and is
-        restarted (its unacked requests go to another sampler meanwhile)."""
+        """Until `stop`; raise when the engine has died, so the process exits and is restarted
+        (its unacked requests go to another sampler meanwhile)."""
         while not stop.is_set():
             if self.backend.dead:
                 raise RuntimeError("the sampling engine died")
@@ -259,74 +228,6 @@ class Sampler:
                 await asyncio.wait_for(stop.wait(), timeout=self.cfg.idle_wait_s)
             except asyncio.TimeoutError:
                 pass
-
-    def _serve_loop(self) -> None:
-        """Admit queued jobs between decode steps; resolve each job when its request finishes."""
-        scheduler = be.Scheduler(self.backend)
-        active: dict[int, _Job] = {}
-        n = 0
-        while not self._halt.is_set():
-            while len(active) < self.cfg.max_batch:
-                try:
-                    if active or not scheduler.idle:
-                        job = self._jobs.get_nowait()
-                    else:
-                        job = self._jobs.get(timeout=self.cfg.idle_wait_s)
-                except queue.Empty:
-                    break
-                error = self._load_adapter(job)
-                if error is not None:
-                    job.resolve(error)
-                    continue
-                try:
-                    scheduler.add(n, job.spec)  # an invalid spec comes back from the next step
-                except Exception as e:  # a bug: fail this request only
-                    log.exception("sample_add_failed", request_id=job.msg.request_id)
-                    job.resolve(InvalidRequest(f"sampler error: {e!r}"))
-                    continue
-                active[n] = job
-                n += 1
-            if scheduler.idle:
-                continue
-            started = time.perf_counter()
-            try:
-                finished = scheduler.step()
-            except Exception as e:  # a bug or an OOM: fail the requests in flight, keep serving
-                log.exception("sample_step_failed", requests=scheduler.requests, rows=scheduler.rows)
-                error = InvalidRequest(f"sampler error: {e!r}")
-                finished = [(i, error) for i in scheduler.abort()]
-            finally:
-                self._busy_s += time.perf_counter() - started
-            for i, result in finished:
-                job = active.pop(i)
-                job.resolve(result)
-                log.debug("sample_done", request_id=job.msg.request_id, rows=job.spec.num_samples,
-                          ms=round((time.perf_counter() - job.queued) * 1000, 1))  # fmt: skip
-        # Shutting down: requests still in flight are never answered here, so their messages are
-        # not acked and go to another sampler (or this one, restarted).
-
-    def _load_adapter(self, job: _Job) -> InvalidRequest | None:
-        """Load the job's adapter into the backend if it is not there (right before admission,
-        so an LRU eviction can never strand a job; running requests pin theirs)."""
-        from safetensors.torch import load
-
-        key = job.spec.adapter
-        if key is None or self.backend.has_adapter(key):
-            return None
-        if job.blob is None:
-            return InvalidRequest(f"adapter {key} is not available")
-        try:
-            state = load(job.blob)
-            lora = job.msg.lora
-            targets = sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in state})
-            self.backend.load_adapter(key, state, rank=lora.rank if lora else _rank(state), alpha=LORA_ALPHA, target_modules=targets)
-            metrics.ADAPTER_LOADS.inc()
-        except InvalidRequest as e:
-            return e
-        except Exception as e:  # a corrupt blob or a bug: fail this request only
-            log.exception("adapter_load_failed", key=key)
-            return InvalidRequest(f"sampler error loading adapter {key}: {e!r}")
-        return None
 
     # -- the process
 
@@ -352,54 +253,58 @@ class Sampler:
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("sampler_ready", worker_id=self.worker_id, base_model=self.cfg.base_model, device=self.backend.info.device)
-        try:
-            await asyncio.gather(
-                self.bus.heartbeat(self.worker_id, self.info, self.cfg.heartbeat_s, stop),
-                self.serve(stop),
-                self.bus.consume(
-                    stream=subjects.SAMPLE_STREAM,
-                    durable=subjects.sampler_consumer(self.cfg.base_model),
-                    filter_subject=subjects.sample(self.cfg.base_model),
-                    type_=SampleRequest,
-                    handle=self.on_sample,
-                    on_dead=lambda msg, reason: self.bus.fail_dead(msg.request_id, "Sample", reason),
-                    ack_wait_s=self.cfg.ack_wait_s,
-                    max_inflight=4 * self.cfg.max_batch,
-                    batch=self.cfg.max_batch,
-                    stop=stop,
-                ),
-            )
-        finally:
-            self._halt.set()
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.gather(
+            self.bus.heartbeat(self.worker_id, self.info, self.cfg.heartbeat_s, stop),
+            self.serve(stop),
+            self.bus.consume(
+                stream=subjects.SAMPLE_STREAM,
+                durable=subjects.sampler_consumer(self.cfg.base_model),
+                filter_subject=subjects.sample(self.cfg.base_model),
+                type_=SampleRequest,
+                handle=self.on_sample,
+                on_dead=lambda msg, reason: self.bus.fail_dead(msg.request_id, "Sample", reason),
+                ack_wait_s=self.cfg.ack_wait_s,
+                max_inflight=4 * self.cfg.max_batch,
+                batch=self.cfg.max_batch,
+                stop=stop,
+            ),
+        )
 
 
-def _rank(state: dict) -> int:
-    return next(v.shape[0] for k, v in state.items() if "lora_A" in k)
-
-
-def _dense_int64(t: Tensor, pad: int) -> np.ndarray:
-    """A request tensor (dense or CSR) as a dense int64 array; unlisted CSR cells get `pad`."""
+def _dense_int64(t: Tensor, *, rows: int, pad: int) -> np.ndarray:
+    """target_prompt_logprobs (dense or CSR) as a dense int64 [rows, K] array; unlisted CSR cells
+    get `pad`. Every size is checked against the limits before anything is allocated for it."""
+    where = "target_prompt_logprobs"
+    if t.dtype != "int64":
+        raise InvalidRequest(f"{where} must be int64, got {t.dtype}")
+    shape = t.shape if t.shape else [len(t.data) // 8]
+    if len(shape) != 2 or shape[0] != rows or shape[1] < 0:
+        raise InvalidRequest(f"{where} must be an integer [len(prompt) - 1, K] = [{rows}, K] tensor, got shape {shape}")
+    cols = shape[1]
+    if cols > MAX_TENSOR_COLUMNS:
+        raise InvalidRequest(f"{where}: at most {MAX_TENSOR_COLUMNS} columns, got {cols}")
+    if rows * cols > MAX_REQUEST_ELEMENTS:
+        raise InvalidRequest(f"{where}: at most {MAX_REQUEST_ELEMENTS} elements (rows x columns), got {rows} x {cols}")
+    if len(t.data) % 8:
+        raise InvalidRequest(f"{where}: packed int64 values expected")
     values = np.frombuffer(t.data, dtype="<i8")
     if t.crow is None:
-        shape = t.shape or [len(values)]
-        if int(np.prod(shape)) != len(values):
-            raise InvalidRequest(f"target_prompt_logprobs: shape {shape} does not match {len(values)} values")
-        return values.reshape(shape).copy()
-    if len(t.shape) != 2:
-        raise InvalidRequest("target_prompt_logprobs: CSR needs a 2-D shape")
-    rows, cols = t.shape
+        if len(values) != rows * cols:
+            raise InvalidRequest(f"{where}: shape {shape} does not match {len(values)} values")
+        return values.reshape(rows, cols).copy()
+    if len(t.crow) != 8 * (rows + 1) or len(t.col or b"") != len(t.data):
+        raise InvalidRequest(f"{where}: malformed CSR indices")
     crow = np.frombuffer(t.crow, dtype="<i8")
     col = np.frombuffer(t.col or b"", dtype="<i8")
-    if len(crow) != rows + 1 or crow[0] != 0 or crow[-1] != len(col) or len(col) != len(values) or (np.diff(crow) < 0).any() or (len(col) and (col.min() < 0 or col.max() >= cols)):
-        raise InvalidRequest("target_prompt_logprobs: malformed CSR indices")
+    if crow[0] != 0 or crow[-1] != len(col) or (np.diff(crow) < 0).any() or (len(col) and (col.min() < 0 or col.max() >= cols)):
+        raise InvalidRequest(f"{where}: malformed CSR indices")
     dense = np.full((rows, cols), pad, dtype=np.int64)
     dense[np.repeat(np.arange(rows), np.diff(crow)), col] = values
     return dense
 
 
-def to_bus(result: be.SampleResult, request: Tensor | None = None) -> SampleResult:
-    """The backend's numpy result as the bus message (packed little-endian bytes).
+def to_bus(result: sp.SampleResult, request: Tensor | None = None) -> SampleResult:
+    """The engine's numpy result as the bus message (packed little-endian bytes).
     `request` is the asked target_prompt_logprobs: a sparse ask gets a sparse answer."""
 
     def topk(tokens, logprobs) -> TopK | None:

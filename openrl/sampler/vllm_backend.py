@@ -60,7 +60,7 @@ import torch
 
 from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import LORA_ALPHA
-from openrl.sampler import backend as be
+from openrl.sampler import spec as be
 from openrl.sampler.sampling import SENTINEL_LOGPROB, SENTINEL_TOKEN, derive_seed
 
 log = structlog.get_logger(__name__)
@@ -303,13 +303,13 @@ def model_info(model_path: str) -> tuple[be.SamplerInfo, object]:
 
     config = AutoConfig.from_pretrained(model_path)
     text = config.get_text_config()
-    tokenizer = be._load_tokenizer(model_path)
+    tokenizer = be.load_tokenizer(model_path)
     # _eos_ids reads a model's generation_config (when the checkpoint has none) and config.
     stand_in = SimpleNamespace(generation_config=GenerationConfig.from_model_config(config), config=text)
     info = be.SamplerInfo(
         vocab_size=text.vocab_size,
         max_context=text.max_position_embeddings,
-        eos_token_ids=be._eos_ids(model_path, stand_in, tokenizer, text.vocab_size),
+        eos_token_ids=be.eos_ids(model_path, stand_in, tokenizer, text.vocab_size),
         has_tokenizer=tokenizer is not None,
         device="cuda",
         dtype=DTYPE,

@@ -15,10 +15,11 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config
 
 from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import AdamParams, ForwardBackward, LoraSpec
-from openrl.sampler.backend import MAX_NUM_SAMPLES, MAX_TOPK, SampleSpec, TransformersSampler
+from openrl.sampler.hf_model import TransformersSampler
+from openrl.sampler.spec import MAX_NUM_SAMPLES, MAX_TOPK, SampleSpec
 from openrl.sampler.sampling import SENTINEL_LOGPROB, draw, filter_top_k_top_p
 from openrl.trainer.engine import LORA_ALPHA, LoraEngine
-from factories import datum
+from factories import datum, sample_spec
 
 VOCAB = 96
 EOS = 3
@@ -143,7 +144,7 @@ def one(sampler: TransformersSampler, spec: SampleSpec):
 
 def test_greedy_batch_matches_step_by_step_argmax(sampler, ref_model):
     ps = prompts(1, (3, 9, 1, 6))
-    specs = [SampleSpec(prompt=p, num_samples=1, max_tokens=8, temperature=0.0, stop_at_eos=False) for p in ps]
+    specs = [sample_spec(prompt=p, num_samples=1, max_tokens=8, temperature=0.0, stop_at_eos=False) for p in ps]
     results = sampler.sample(specs)
     distinct = set()
     for p, r in zip(ps, results, strict=True):
@@ -162,7 +163,7 @@ def test_greedy_batch_matches_step_by_step_argmax(sampler, ref_model):
 def test_sampled_logprobs_are_the_tempered_full_forward(sampler, ref_model, temperature):
     ps = prompts(2, (4, 10))
     specs = [
-        SampleSpec(prompt=p, num_samples=3, max_tokens=12, temperature=temperature, seed=5, stop_at_eos=False)
+        sample_spec(prompt=p, num_samples=3, max_tokens=12, temperature=temperature, seed=5, stop_at_eos=False)
         for p in ps
     ]
     for p, r in zip(ps, sampler.sample(specs), strict=True):
@@ -176,7 +177,7 @@ def test_sampled_logprobs_are_the_tempered_full_forward(sampler, ref_model, temp
 def test_topk_sample_logprobs(sampler, ref_model):
     p = prompts(3, (5,))[0]
     r = one(
-        sampler, SampleSpec(prompt=p, num_samples=2, max_tokens=4, seed=1, topk_sample_logprobs=3, stop_at_eos=False)
+        sampler, sample_spec(prompt=p, num_samples=2, max_tokens=4, seed=1, topk_sample_logprobs=3, stop_at_eos=False)
     )
     for seq in r.sequences:
         assert seq.topk_tokens.shape == (4, 3) and seq.topk_logprobs.shape == (4, 3)
@@ -189,7 +190,7 @@ def test_topk_sample_logprobs(sampler, ref_model):
 def test_prompt_logprobs_topk_and_targets(sampler, ref_model):
     p = prompts(4, (9,))[0]
     targets = np.array([[5, -1], [7, 8]] * 4, dtype=np.int64)
-    spec = SampleSpec(
+    spec = sample_spec(
         prompt=p,
         num_samples=1,
         max_tokens=1,
@@ -213,7 +214,7 @@ def test_prompt_logprobs_topk_and_targets(sampler, ref_model):
     # last_n: every entry before the last N is NaN (the SDK raises otherwise); top-k rows are sentinels.
     r = one(
         sampler,
-        SampleSpec(
+        sample_spec(
             prompt=p,
             num_samples=1,
             max_tokens=1,
@@ -231,7 +232,7 @@ def test_prompt_logprobs_topk_and_targets(sampler, ref_model):
 
 def test_prompt_alt_tokens(sampler, ref_model):
     p = prompts(5, (7,))[0]
-    spec = SampleSpec(prompt=p, num_samples=1, max_tokens=1, temperature=0.8, seed=3, prompt_alt_tokens_k=5)
+    spec = sample_spec(prompt=p, num_samples=1, max_tokens=1, temperature=0.8, seed=3, prompt_alt_tokens_k=5)
     r = one(sampler, spec)
     assert r.prompt_alt_tokens.shape == (6, 5) and r.prompt_alt_tokens.dtype == np.int64
     tempered = (ref_logits(ref_model, p)[:-1] / 0.8).log_softmax(-1)
@@ -239,7 +240,7 @@ def test_prompt_alt_tokens(sampler, ref_model):
     np.testing.assert_allclose(r.prompt_alt_logprobs, expected, **TOL)
     assert len(np.unique(r.prompt_alt_tokens)) > 6  # draws, not a copy of the argmax
     np.testing.assert_array_equal(one(sampler, spec).prompt_alt_tokens, r.prompt_alt_tokens)  # seeded
-    greedy = one(sampler, SampleSpec(prompt=p, num_samples=1, max_tokens=1, temperature=0.0, prompt_alt_tokens_k=2))
+    greedy = one(sampler, sample_spec(prompt=p, num_samples=1, max_tokens=1, temperature=0.0, prompt_alt_tokens_k=2))
     argmax = ref_logits(ref_model, p)[:-1].argmax(-1).numpy()
     np.testing.assert_array_equal(greedy.prompt_alt_tokens, np.stack([argmax, argmax], 1))
 
@@ -250,7 +251,7 @@ def test_prompt_alt_tokens(sampler, ref_model):
 @pytest.mark.parametrize("model_id", ["m1", "m2"])
 def test_adapter_logprobs_match_the_trainer(sampler, engine, ref_model, model_id):
     p = prompts(6, (6,))[0]
-    r = one(sampler, SampleSpec(prompt=p, num_samples=2, max_tokens=10, seed=9, adapter=model_id, stop_at_eos=False))
+    r = one(sampler, sample_spec(prompt=p, num_samples=2, max_tokens=10, seed=9, adapter=model_id, stop_at_eos=False))
     for seq in r.sequences:
         expected = trainer_logprobs(engine, model_id, p, seq.tokens)
         np.testing.assert_allclose(seq.logprobs, expected, **TOL)
@@ -261,10 +262,10 @@ def test_adapter_logprobs_match_the_trainer(sampler, engine, ref_model, model_id
 def test_mixed_batch_equals_each_request_alone(sampler):
     ps = prompts(7, (3, 8, 5, 11))
     specs = [
-        SampleSpec(prompt=ps[0], num_samples=2, max_tokens=7, seed=1),
-        SampleSpec(prompt=ps[1], num_samples=3, max_tokens=9, seed=2, adapter="m1", temperature=0.9),
-        SampleSpec(prompt=ps[2], num_samples=1, max_tokens=5, temperature=0.0, adapter="m2"),
-        SampleSpec(prompt=ps[3], num_samples=2, max_tokens=6, seed=4, adapter="m1", top_k=5, topk_sample_logprobs=2),
+        sample_spec(prompt=ps[0], num_samples=2, max_tokens=7, seed=1),
+        sample_spec(prompt=ps[1], num_samples=3, max_tokens=9, seed=2, adapter="m1", temperature=0.9),
+        sample_spec(prompt=ps[2], num_samples=1, max_tokens=5, temperature=0.0, adapter="m2"),
+        sample_spec(prompt=ps[3], num_samples=2, max_tokens=6, seed=4, adapter="m1", top_k=5, topk_sample_logprobs=2),
     ]
     batched = sampler.sample(specs)
     for spec, together in zip(specs, batched, strict=True):
@@ -280,15 +281,15 @@ def test_mixed_batch_equals_each_request_alone(sampler):
 
 def test_seeded_sampling_is_reproducible_and_unseeded_is_not(sampler):
     p = prompts(8, (5,))[0]
-    spec = SampleSpec(prompt=p, num_samples=2, max_tokens=20, seed=123, stop_at_eos=False)
+    spec = sample_spec(prompt=p, num_samples=2, max_tokens=20, seed=123, stop_at_eos=False)
     first = one(sampler, spec)
-    others = [SampleSpec(prompt=q, num_samples=3, max_tokens=11, adapter="m1") for q in prompts(9, (2, 13))]
+    others = [sample_spec(prompt=q, num_samples=3, max_tokens=11, adapter="m1") for q in prompts(9, (2, 13))]
     batched = sampler.sample([others[0], spec, others[1]])[1]
     for a, b in zip(first.sequences, batched.sequences, strict=True):
         np.testing.assert_array_equal(a.tokens, b.tokens)
-    reseeded = one(sampler, SampleSpec(prompt=p, num_samples=2, max_tokens=20, seed=124, stop_at_eos=False))
+    reseeded = one(sampler, sample_spec(prompt=p, num_samples=2, max_tokens=20, seed=124, stop_at_eos=False))
     assert reseeded.sequences[0].tokens.tolist() != first.sequences[0].tokens.tolist()
-    unseeded = SampleSpec(prompt=p, num_samples=1, max_tokens=20, stop_at_eos=False)
+    unseeded = sample_spec(prompt=p, num_samples=1, max_tokens=20, stop_at_eos=False)
     assert one(sampler, unseeded).sequences[0].tokens.tolist() != one(sampler, unseeded).sequences[0].tokens.tolist()
 
 
@@ -298,15 +299,15 @@ def test_stop_token_ids_and_length(sampler, ref_model):
     i = next(i for i in range(2, 12) if full[i] not in full[:i])  # first occurrence, not at the start
     r = one(
         sampler,
-        SampleSpec(prompt=p, num_samples=1, max_tokens=12, temperature=0, stop_token_ids=[full[i]], stop_at_eos=False),
+        sample_spec(prompt=p, num_samples=1, max_tokens=12, temperature=0, stop_token_ids=[full[i]], stop_at_eos=False),
     )
     assert r.sequences[0].tokens.tolist() == full[: i + 1] and r.sequences[0].stop_reason == "stop"
-    r = one(sampler, SampleSpec(prompt=p, num_samples=1, max_tokens=i, temperature=0, stop_at_eos=False))
+    r = one(sampler, sample_spec(prompt=p, num_samples=1, max_tokens=i, temperature=0, stop_at_eos=False))
     assert r.sequences[0].tokens.tolist() == full[:i] and r.sequences[0].stop_reason == "length"
     # The stop token on the last allowed step is still a stop.
     r = one(
         sampler,
-        SampleSpec(
+        sample_spec(
             prompt=p, num_samples=1, max_tokens=i + 1, temperature=0, stop_token_ids=[full[i]], stop_at_eos=False
         ),
     )
@@ -316,8 +317,8 @@ def test_stop_token_ids_and_length(sampler, ref_model):
 def test_rows_stop_independently(sampler):
     """Rows that stop early leave the batch; the others carry on unchanged."""
     p = prompts(11, (5,))[0]
-    long = SampleSpec(prompt=p, num_samples=4, max_tokens=30, seed=8, stop_at_eos=False)
-    stopping = SampleSpec(
+    long = sample_spec(prompt=p, num_samples=4, max_tokens=30, seed=8, stop_at_eos=False)
+    stopping = sample_spec(
         prompt=p, num_samples=4, max_tokens=30, seed=8, stop_token_ids=list(range(4, 60)), stop_at_eos=False
     )
     a, b = sampler.sample([long, stopping])
@@ -360,7 +361,7 @@ def test_filter_top_k_top_p_known_sets():
 def test_top_k_top_p_never_emit_a_filtered_token(sampler, ref_model, top_k, top_p):
     p = prompts(12, (6,))[0]
     temperature = 1.3
-    spec = SampleSpec(
+    spec = sample_spec(
         prompt=p,
         num_samples=24,
         max_tokens=3,
@@ -370,7 +371,7 @@ def test_top_k_top_p_never_emit_a_filtered_token(sampler, ref_model, top_k, top_
         seed=0,
         stop_at_eos=False,
     )
-    control = SampleSpec(prompt=p, num_samples=24, max_tokens=3, temperature=temperature, seed=0, stop_at_eos=False)
+    control = sample_spec(prompt=p, num_samples=24, max_tokens=3, temperature=temperature, seed=0, stop_at_eos=False)
     filtered, unfiltered = sampler.sample([spec, control])
 
     def outside(seq) -> int:
@@ -413,11 +414,11 @@ def test_eos_stops_unless_disabled(default_sampler):
     tok = default_sampler.tokenizer
     assert tok.convert_tokens_to_ids("<|im_end|>") in default_sampler.info.eos_token_ids
     p = chat_prompt(default_sampler, "apple")
-    r = one(default_sampler, SampleSpec(prompt=p, num_samples=1, max_tokens=20, temperature=0))
+    r = one(default_sampler, sample_spec(prompt=p, num_samples=1, max_tokens=20, temperature=0))
     seq = r.sequences[0]
     assert seq.stop_reason == "stop" and seq.tokens[-1] in default_sampler.info.eos_token_ids
     assert seq.tokens.tolist().count(seq.tokens[-1]) == 1
-    r = one(default_sampler, SampleSpec(prompt=p, num_samples=1, max_tokens=20, temperature=0, stop_at_eos=False))
+    r = one(default_sampler, sample_spec(prompt=p, num_samples=1, max_tokens=20, temperature=0, stop_at_eos=False))
     assert r.sequences[0].stop_reason == "length" and len(r.sequences[0].tokens) == 20
     assert r.sequences[0].tokens[: len(seq.tokens)].tolist() == seq.tokens.tolist()
 
@@ -426,7 +427,7 @@ def test_stop_strings(default_sampler):
     tok = default_sampler.tokenizer
     p = chat_prompt(default_sampler, "banana")
     full = one(
-        default_sampler, SampleSpec(prompt=p, num_samples=1, max_tokens=24, temperature=0, stop_at_eos=False)
+        default_sampler, sample_spec(prompt=p, num_samples=1, max_tokens=24, temperature=0, stop_at_eos=False)
     ).sequences[0]
     text = tok.decode(full.tokens.tolist(), skip_special_tokens=False)
     # A stop string that ends inside the text, spanning a token boundary where possible.
@@ -439,7 +440,7 @@ def test_stop_strings(default_sampler):
     assert cut < len(full.tokens) - 1
     r = one(
         default_sampler,
-        SampleSpec(
+        sample_spec(
             prompt=p, num_samples=1, max_tokens=24, temperature=0, stop_strings=["zzzq", stop], stop_at_eos=False
         ),
     )
@@ -447,7 +448,7 @@ def test_stop_strings(default_sampler):
     assert r.sequences[0].stop_reason == "stop"
     r = one(
         default_sampler,
-        SampleSpec(prompt=p, num_samples=1, max_tokens=24, temperature=0, stop_strings=["zzzq"], stop_at_eos=False),
+        sample_spec(prompt=p, num_samples=1, max_tokens=24, temperature=0, stop_strings=["zzzq"], stop_at_eos=False),
     )
     assert r.sequences[0].tokens.tolist() == full.tokens.tolist() and r.sequences[0].stop_reason == "length"
 
@@ -456,7 +457,7 @@ def test_stop_strings(default_sampler):
 
 
 def base(**kw) -> SampleSpec:
-    return SampleSpec(**{"prompt": [5, 6, 7], "num_samples": 1, "max_tokens": 4, **kw})
+    return sample_spec(**{"prompt": [5, 6, 7], "num_samples": 1, "max_tokens": 4, **kw})
 
 
 BAD = [
@@ -515,11 +516,11 @@ def test_adapter_lru_replace_and_bad_states(tiny_path, engine):
     # Replacing a key serves the new weights.
     p = prompts(13, (5,))[0]
     before = one(
-        sampler, SampleSpec(prompt=p, num_samples=1, max_tokens=6, seed=1, adapter="a", stop_at_eos=False)
+        sampler, sample_spec(prompt=p, num_samples=1, max_tokens=6, seed=1, adapter="a", stop_at_eos=False)
     ).sequences[0]
     load_from_engine(sampler, engine, "m2", key="a")
     after = one(
-        sampler, SampleSpec(prompt=p, num_samples=1, max_tokens=6, seed=1, adapter="a", stop_at_eos=False)
+        sampler, sample_spec(prompt=p, num_samples=1, max_tokens=6, seed=1, adapter="a", stop_at_eos=False)
     ).sequences[0]
     np.testing.assert_allclose(after.logprobs, trainer_logprobs(engine, "m2", p, after.tokens), **TOL)
     assert not np.allclose(before.logprobs, after.logprobs)

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from openrl.bus.errors import InvalidRequest
-from openrl.sampler.backend import SampleSpec, Scheduler, TransformersSampler
+from openrl.sampler.hf_batching import Scheduler
+from openrl.sampler.hf_model import TransformersSampler
+from openrl.sampler.spec import SampleSpec
+from factories import sample_spec
 from test_backend import (  # noqa: F401  (fixtures)
     TOL,
     VOCAB,
@@ -76,8 +79,8 @@ def test_request_joining_mid_generation_gets_what_it_gets_alone(
 ):
     first_len = 5
     p_first, p_join = prompts(20 + joiner_len, (first_len, joiner_len))
-    running = SampleSpec(prompt=p_first, num_samples=2, max_tokens=30, seed=3, adapter="m1" if joiner_adapter is None else None, stop_at_eos=False)  # fmt: skip
-    joiner = SampleSpec(
+    running = sample_spec(prompt=p_first, num_samples=2, max_tokens=30, seed=3, adapter="m1" if joiner_adapter is None else None, stop_at_eos=False)  # fmt: skip
+    joiner = sample_spec(
         prompt=p_join, num_samples=2, max_tokens=12, temperature=temperature, seed=11, adapter=joiner_adapter, stop_at_eos=False
     )  # fmt: skip
     results = run(Scheduler(sampler), {0: [("running", running)], 7: [("joiner", joiner)]}, check=cache_is_tight)
@@ -101,9 +104,9 @@ def test_request_joining_mid_generation_gets_what_it_gets_alone(
 
 def test_joining_request_gets_its_prompt_statistics(sampler, ref_model):
     p_first, p_join = prompts(30, (4, 9))
-    running = SampleSpec(prompt=p_first, num_samples=3, max_tokens=20, seed=1, stop_at_eos=False)
+    running = sample_spec(prompt=p_first, num_samples=3, max_tokens=20, seed=1, stop_at_eos=False)
     targets = np.array([[5, -1], [7, 8]] * 4, dtype=np.int64)
-    joiner = SampleSpec(
+    joiner = sample_spec(
         prompt=p_join, num_samples=2, max_tokens=6, temperature=0.8, seed=2, stop_at_eos=False,
         prompt_logprobs=True, topk_prompt_logprobs=3, topk_sample_logprobs=4, target_prompt_logprobs=targets,
         prompt_alt_tokens_k=2, adapter="m2",
@@ -126,7 +129,7 @@ def test_many_staggered_arrivals_all_complete_correctly(sampler, ref_model):
     for i, n in enumerate(lengths):
         stop = rng.integers(4, VOCAB, int(rng.integers(0, 3))).tolist()
         specs.append(
-            SampleSpec(
+            sample_spec(
                 prompt=prompts(100 + i, (int(n),))[0],
                 num_samples=int(rng.integers(1, 4)),
                 max_tokens=int(rng.integers(1, 25)),
@@ -140,8 +143,8 @@ def test_many_staggered_arrivals_all_complete_correctly(sampler, ref_model):
                 prompt_logprobs=bool(rng.integers(0, 2)),
             )
         )
-    bad = SampleSpec(prompt=[1, 2], num_samples=1, max_tokens=5, top_p=0.0)
-    missing = SampleSpec(prompt=[1, 2], num_samples=1, max_tokens=5, adapter="nope")
+    bad = sample_spec(prompt=[1, 2], num_samples=1, max_tokens=5, top_p=0.0)
+    missing = sample_spec(prompt=[1, 2], num_samples=1, max_tokens=5, adapter="nope")
     arrivals: dict[int, list] = {}
     for i, spec in enumerate(specs):
         arrivals.setdefault(int(rng.integers(0, 30)), []).append((i, spec))
@@ -180,7 +183,7 @@ def test_adapters_in_use_are_never_evicted_or_replaced_under_a_request(tiny_path
     sampler = TransformersSampler(tiny_path, device="cpu", max_adapters=1)
     load_from_engine(sampler, engine, "m1", key="x")
     p = prompts(40, (6,))[0]
-    spec = SampleSpec(prompt=p, num_samples=2, max_tokens=15, seed=4, adapter="x", stop_at_eos=False)
+    spec = sample_spec(prompt=p, num_samples=2, max_tokens=15, seed=4, adapter="x", stop_at_eos=False)
     alone = one(sampler, spec)
     scheduler = Scheduler(sampler)
     scheduler.add("a", spec)
@@ -196,22 +199,22 @@ def test_adapters_in_use_are_never_evicted_or_replaced_under_a_request(tiny_path
     # Finished: the old weights are gone and the cap holds again (the newest stays).
     assert sampler.adapter_keys() == ["x"] and not sampler._pins and not sampler._doomed
     assert len(sampler.peft.peft_config) == 1
-    [seq] = one(sampler, SampleSpec(prompt=p, num_samples=1, max_tokens=8, seed=4, adapter="x", stop_at_eos=False)).sequences
+    [seq] = one(sampler, sample_spec(prompt=p, num_samples=1, max_tokens=8, seed=4, adapter="x", stop_at_eos=False)).sequences
     np.testing.assert_allclose(seq.logprobs, trainer_logprobs(engine, "m2", p, seq.tokens), **TOL)
 
 
 def test_abort_drops_everything_and_the_scheduler_goes_on(sampler):
     p, q = prompts(50, (3, 7))
     scheduler = Scheduler(sampler)
-    scheduler.add("a", SampleSpec(prompt=p, num_samples=2, max_tokens=10, seed=1, adapter="m1"))
+    scheduler.add("a", sample_spec(prompt=p, num_samples=2, max_tokens=10, seed=1, adapter="m1"))
     scheduler.step()
-    scheduler.add("b", SampleSpec(prompt=q, num_samples=1, max_tokens=10, seed=2))
-    scheduler.add("bad", SampleSpec(prompt=[], num_samples=1, max_tokens=10))
+    scheduler.add("b", sample_spec(prompt=q, num_samples=1, max_tokens=10, seed=2))
+    scheduler.add("bad", sample_spec(prompt=[], num_samples=1, max_tokens=10))
     assert sorted(scheduler.abort()) == ["a", "b"]
     assert scheduler.rows == 0 and not sampler._pins
     assert [i for i, r in scheduler.step()] == ["bad"]  # finished (here: failed) results still come back
     assert scheduler.idle
-    spec = SampleSpec(prompt=q, num_samples=1, max_tokens=10, seed=2, adapter="m2")
+    spec = sample_spec(prompt=q, num_samples=1, max_tokens=10, seed=2, adapter="m2")
     results = run(scheduler, {0: [("c", spec)]})
     assert_same(one(sampler, spec), results["c"], spec)
 
@@ -222,9 +225,9 @@ def test_a_step_that_raises_can_be_aborted(sampler, monkeypatch):
     request in flight, including the one being admitted, and releases their adapters."""
     p, q = prompts(70, (4, 6))
     scheduler = Scheduler(sampler)
-    scheduler.add("a", SampleSpec(prompt=p, num_samples=2, max_tokens=10, seed=1, adapter="m2"))
+    scheduler.add("a", sample_spec(prompt=p, num_samples=2, max_tokens=10, seed=1, adapter="m2"))
     scheduler.step()
-    scheduler.add("b", SampleSpec(prompt=q, num_samples=1, max_tokens=10, seed=2, adapter="m1"))
+    scheduler.add("b", sample_spec(prompt=q, num_samples=1, max_tokens=10, seed=2, adapter="m1"))
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("out of memory")
@@ -234,51 +237,53 @@ def test_a_step_that_raises_can_be_aborted(sampler, monkeypatch):
         scheduler.step()
     pinned = dict(sampler._pins)  # by "a" and "b"
     with pytest.raises(RuntimeError):
-        sampler.sample([SampleSpec(prompt=p, num_samples=1, max_tokens=3, adapter="m1")])
+        sampler.sample([sample_spec(prompt=p, num_samples=1, max_tokens=3, adapter="m1")])
     assert sampler._pins == pinned  # sample() released what it pinned
     monkeypatch.undo()
     assert sorted(scheduler.abort()) == ["a", "b"]
     assert scheduler.idle and scheduler.rows == 0 and not sampler._pins
-    spec = SampleSpec(prompt=q, num_samples=2, max_tokens=7, seed=3, adapter="m1")
+    spec = sample_spec(prompt=q, num_samples=2, max_tokens=7, seed=3, adapter="m1")
     assert_same(one(sampler, spec), run(scheduler, {0: [("c", spec)]})["c"], spec)
 
-async def test_service_loop_answers_each_request_as_it_finishes(sampler):
-    """The sampler service's compute loop (no bus): jobs queued while others run are admitted
-    between steps and answered on the event loop; a short request is not held up by a long one."""
+async def test_engine_answers_each_request_as_it_finishes(sampler):
+    """The transformers engine behind the async protocol: requests sent while others run are
+    admitted between steps and answered on the event loop; a short request is not held up by a
+    long one; a bad request fails alone."""
     import asyncio
-    from types import SimpleNamespace
 
-    from openrl.sampler.service import Sampler, SamplerConfig, _Job
+    from openrl.sampler.hf_engine import HfEngine
 
-    service = Sampler(SamplerConfig(base_model="tiny", model_path="tiny", max_batch=3), bus=None, backend=sampler)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    serving = asyncio.create_task(service.serve(stop))
+    engine = HfEngine(sampler, max_requests=3, idle_wait_s=0.05)
     ps = prompts(60, (5, 3, 12, 7, 2))
     specs = [
-        SampleSpec(prompt=ps[0], num_samples=2, max_tokens=40, seed=1, stop_at_eos=False),
-        SampleSpec(prompt=ps[1], num_samples=1, max_tokens=3, seed=2, adapter="m1", stop_at_eos=False),
-        SampleSpec(prompt=ps[2], num_samples=3, max_tokens=9, temperature=0.0, adapter="m2"),
-        SampleSpec(prompt=ps[3], num_samples=1, max_tokens=6, seed=4, top_p=0.0),  # invalid
-        SampleSpec(prompt=ps[4], num_samples=2, max_tokens=5, seed=5, adapter="unloaded"),  # no weights: fails alone
-        SampleSpec(prompt=ps[3], num_samples=1, max_tokens=8, seed=6, adapter="m1", prompt_logprobs=True),
+        sample_spec(prompt=ps[0], num_samples=2, max_tokens=40, seed=1, stop_at_eos=False),
+        sample_spec(prompt=ps[1], num_samples=1, max_tokens=3, seed=2, adapter="m1", stop_at_eos=False),
+        sample_spec(prompt=ps[2], num_samples=3, max_tokens=9, temperature=0.0, adapter="m2"),
+        sample_spec(prompt=ps[3], num_samples=1, max_tokens=6, seed=4, top_p=0.0),  # invalid
+        sample_spec(prompt=ps[4], num_samples=2, max_tokens=5, seed=5, adapter="unloaded"),  # no weights: fails alone
+        sample_spec(prompt=ps[3], num_samples=1, max_tokens=8, seed=6, adapter="m1", prompt_logprobs=True),
     ]
     order: list[int] = []
+
+    async def sample(i: int):
+        try:
+            return await engine.sample(specs[i], None)
+        except InvalidRequest as e:
+            return e
+        finally:
+            order.append(i)
+
     try:
-        jobs = []
-        for i, spec in enumerate(specs):
-            job = _Job(msg=SimpleNamespace(request_id=str(i), lora=None), spec=spec, done=loop.create_future(), loop=loop)
-            job.done.add_done_callback(lambda _, i=i: order.append(i))
-            service._jobs.put(job)
-            jobs.append(job)
+        tasks = []
+        for i in range(len(specs)):
+            tasks.append(asyncio.create_task(sample(i)))
             await asyncio.sleep(0.005)
-        results = await asyncio.wait_for(asyncio.gather(*(j.done for j in jobs)), 60)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
     finally:
-        stop.set()
-        await asyncio.wait_for(serving, 10)
+        engine.close()
     assert isinstance(results[3], InvalidRequest) and "top_p" in str(results[3])
     assert isinstance(results[4], InvalidRequest) and "unloaded" in str(results[4])
     for i in (0, 1, 2, 5):
         assert_same(one(sampler, specs[i]), results[i], specs[i])
     assert order[-1] == 0  # the long request, first in, finished last
-    assert not sampler._pins
+    assert not sampler._pins and not engine.dead

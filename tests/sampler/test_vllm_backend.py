@@ -26,8 +26,7 @@ import pytest
 import torch
 
 from openrl.bus.errors import InvalidRequest, NotFound
-from openrl.bus.messages import Future, SampleRequest, SampleResult as BusSampleResult, decode
-from openrl.sampler.backend import MAX_TOPK, SampleSpec, TransformersSampler
+from openrl.sampler.spec import MAX_TOPK
 from openrl.sampler.sampling import SENTINEL_LOGPROB, derive_seed
 from openrl.sampler.vllm_backend import (
     Completion,
@@ -41,6 +40,7 @@ from openrl.sampler.vllm_backend import (
     validate,
 )
 from factories import datum
+from factories import respec, sample_spec
 from test_backend import (  # noqa: F401  (fixtures)
     BAD,
     TOL,
@@ -122,7 +122,7 @@ def test_validate_accepts_what_vllm_does(sampler, ok):
 
 
 def test_sampling_kwargs():
-    spec = SampleSpec(
+    spec = sample_spec(
         prompt=[5, 6, 7], num_samples=3, max_tokens=9, temperature=0.7, top_k=5, top_p=0.9, seed=11,
         stop_strings=["ab"], stop_token_ids=[8], prompt_logprobs=True, topk_prompt_logprobs=3, topk_sample_logprobs=2,
     )  # fmt: skip
@@ -137,12 +137,12 @@ def test_sampling_kwargs():
     assert [r["prompt_logprobs"] for r in rows] == [3, None, None]
     assert all(0 <= r["seed"] < 2**63 for r in rows)  # what torch.Generator.manual_seed takes, never vLLM's -1
     # stop=[]: no EOS; no stop strings: no text.
-    plain = sampling_kwargs(dataclasses.replace(spec, stop_at_eos=False, stop_strings=[]), 0, (3, 9))
+    plain = sampling_kwargs(respec(spec, stop_at_eos=False, stop_strings=[]), 0, (3, 9))
     assert plain["stop_token_ids"] == [8] and plain["stop"] == [] and plain["detokenize"] is False and plain["ignore_eos"]
     # Greedy: no top-k/top-p (they would truncate vLLM's logprobs in a mixed batch), no seed.
-    greedy = sampling_kwargs(dataclasses.replace(spec, temperature=0.0), 1, (3,))
+    greedy = sampling_kwargs(respec(spec, temperature=0.0), 1, (3,))
     assert (greedy["temperature"], greedy["top_k"], greedy["top_p"], greedy["seed"]) == (0.0, -1, 1.0, None)
-    assert sampling_kwargs(dataclasses.replace(spec, seed=None), 0, ())["seed"] is None
+    assert sampling_kwargs(respec(spec, seed=None), 0, ())["seed"] is None
     # prompt_logprobs alone: vLLM's 0 (the prompt token only); neither: none asked.
     assert sampling_kwargs(dataclasses.replace(spec, topk_prompt_logprobs=0), 0, ())["prompt_logprobs"] == 0
     assert sampling_kwargs(dataclasses.replace(spec, topk_prompt_logprobs=0, prompt_logprobs=False), 0, ())["prompt_logprobs"] is None
@@ -169,7 +169,7 @@ def test_top_picks_the_k_most_likely():
 def test_outputs_match_the_transformers_backend_on_the_same_tokens(sampler, ref_model, temperature):
     """vLLM-shaped outputs for the tokens the transformers backend drew become exactly its result."""
     p = prompts(30, (9,))[0]
-    spec = SampleSpec(
+    spec = sample_spec(
         prompt=p, num_samples=2, max_tokens=7, temperature=temperature, seed=4, stop_at_eos=False,
         prompt_logprobs=True, topk_prompt_logprobs=4, topk_sample_logprobs=3,
     )  # fmt: skip
@@ -200,7 +200,7 @@ def test_outputs_match_the_transformers_backend_on_the_same_tokens(sampler, ref_
 
 def test_no_prompt_statistics_unless_asked(sampler, ref_model):
     p = prompts(31, (5,))[0]
-    spec = SampleSpec(prompt=p, num_samples=1, max_tokens=3, stop_at_eos=False)
+    spec = sample_spec(prompt=p, num_samples=1, max_tokens=3, stop_at_eos=False)
     got = to_result(spec, vllm_rows(ref_model, p, [[5, 6, 7]], 1.0, 0), None, set(), None)
     assert got.prompt_logprobs is None and got.topk_prompt_tokens is None
     assert got.sequences[0].topk_tokens is None
@@ -213,7 +213,7 @@ def row(tokens, reason) -> Completion:
 
 
 def test_stop_reasons_are_the_transformers_backends():
-    spec = SampleSpec(prompt=[1, 2], num_samples=1, max_tokens=4)
+    spec = sample_spec(prompt=[1, 2], num_samples=1, max_tokens=4)
     stops = {3}
 
     def seq(tokens, reason):
@@ -249,12 +249,12 @@ def test_stop_strings_cut_after_the_first_token_that_completes_one(tokenizer):
         stop = text[start : start + 4]
         linear = next(i for i in range(1, len(tokens) + 1) if stop in decode(tokens[:i]))
         assert first_stop_string(tokens, ["zzzq", stop], decode) == linear
-        spec = SampleSpec(prompt=[1], num_samples=1, max_tokens=len(tokens), stop_strings=["zzzq", stop])
+        spec = sample_spec(prompt=[1], num_samples=1, max_tokens=len(tokens), stop_strings=["zzzq", stop])
         got = finish(row(tokens, "stop" if linear < len(tokens) else "length"), spec, set(), decode)
         assert got.tokens.tolist() == tokens[:linear] and got.stop_reason == "stop"
         checked += linear < len(tokens)
     assert checked > 5  # most stops end inside the text
-    spec = SampleSpec(prompt=[1], num_samples=1, max_tokens=len(tokens), stop_strings=["zzzq"])
+    spec = sample_spec(prompt=[1], num_samples=1, max_tokens=len(tokens), stop_strings=["zzzq"])
     got = finish(row(tokens, "length"), spec, set(), decode)
     assert got.tokens.tolist() == tokens and got.stop_reason == "length"
     assert first_stop_string(tokens, [], decode) is None
@@ -306,96 +306,6 @@ def test_bad_adapter_blobs_are_user_errors(engine):
         adapter_files(save({k: v.contiguous() for k, v in state.items() if "lora_B" not in k}), max_rank=64)
     with pytest.raises(InvalidRequest, match="unexpected"):
         adapter_files(save({"model.embed_tokens.weight": torch.zeros(2, 2)}), max_rank=64)
-
-
-# ---------------------------------------------------------------------- the service with an async backend
-
-
-class InThread:
-    """A small real AsyncBackend: the transformers sampler, one request at a time on its own thread."""
-
-    def __init__(self, sampler: TransformersSampler):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.sampler = sampler
-        self.info = sampler.info
-        self.dead = False
-        self.thread = ThreadPoolExecutor(max_workers=1)
-
-    def validate(self, spec):
-        self.sampler.validate(dataclasses.replace(spec, adapter=None))
-
-    async def sample(self, spec, blob):
-        [result] = await asyncio.get_running_loop().run_in_executor(self.thread, self._sample, spec, blob)
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    def _sample(self, spec, blob):
-        from safetensors.torch import load
-
-        if spec.adapter is not None and not self.sampler.has_adapter(spec.adapter):
-            state = load(blob)
-            targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in state})
-            rank = next(v.shape[0] for k, v in state.items() if "lora_A" in k)
-            self.sampler.load_adapter(spec.adapter, state, rank=rank, alpha=32, target_modules=targets)
-        return self.sampler.sample([spec])
-
-
-async def test_service_awaits_an_async_backend(nats_server, tiny_path, engine, sampler):
-    """Requests go straight to an AsyncBackend from their handlers (no compute thread): results
-    and user errors land on the futures as with the transformers path; a dead engine ends `serve`."""
-    from openrl.bus.client import Bus, BusConfig
-    from openrl.sampler.service import Sampler, SamplerConfig, to_bus
-    from openrl.trainer.weights import adapter_bytes
-
-    bus = await Bus.connect(BusConfig(url=nats_server.url))
-    try:
-        weights = "adapters/vllm-test-m1/seq-1"
-        await bus.objects.put(weights, adapter_bytes(engine, "m1"))
-        backend = InThread(TransformersSampler(tiny_path, device="cpu"))
-        service = Sampler(SamplerConfig(base_model="tiny", model_path=tiny_path, idle_wait_s=0.05), bus, backend)
-        p = prompts(33, (6,))[0]
-        requests = {
-            "base": dict(weights=None, top_p=1.0),
-            "adapter": dict(weights=weights, top_p=1.0),
-            "bad": dict(weights=None, top_p=0.0),
-            "missing": dict(weights="adapters/vllm-test-none/seq-1", top_p=1.0),
-        }
-        msgs = {}
-        for name, kw in requests.items():
-            rid = f"vllm-test-{name}-{os.getpid()}"
-            await bus.kv_put(bus.futures, rid, Future(request_id=rid, owner="k", request_type="Sample"))
-            msgs[name] = SampleRequest(
-                request_id=rid, sampler_id="s", base_model="tiny", prompt=np.asarray(p, dtype="<i4").tobytes(),
-                num_samples=2, max_tokens=5, seed=3, stop_at_eos=False, topk_sample_logprobs=2, **kw,
-            )  # fmt: skip
-        await asyncio.gather(*(service.on_sample(m) for m in msgs.values()))
-        futures = {name: await bus.kv_get(bus.futures, m.request_id, Future) for name, m in msgs.items()}
-        for name, adapter in (("base", None), ("adapter", "m1")):  # the sampler fixture has m1's weights as "m1"
-            assert futures[name].state == "done", futures[name]
-            spec = SampleSpec(prompt=p, num_samples=2, max_tokens=5, seed=3, stop_at_eos=False, topk_sample_logprobs=2, adapter=adapter)
-            got, expected = decode(futures[name].payload, BusSampleResult), to_bus(one(sampler, spec))
-            assert len(got.sequences) == 2
-            for a, b in zip(got.sequences, expected.sequences, strict=True):
-                assert a.tokens == b.tokens and a.stop_reason == b.stop_reason and a.topk.tokens == b.topk.tokens
-                np.testing.assert_allclose(np.frombuffer(a.logprobs, "<f4"), np.frombuffer(b.logprobs, "<f4"), **TOL)
-        assert futures["bad"].state == "failed" and futures["bad"].category == "user" and "top_p" in futures["bad"].error
-        assert futures["missing"].state == "failed" and futures["missing"].category == "user"
-        assert service.served == 2 and service._busy_s > 0 and service._inflight == 0
-
-        stop = asyncio.Event()
-        watching = asyncio.create_task(service.serve(stop))
-        await asyncio.sleep(0.1)
-        assert not watching.done()
-        backend.dead = True
-        with pytest.raises(RuntimeError, match="died"):
-            await asyncio.wait_for(watching, 5)
-        backend.dead = False
-        stop.set()
-        await asyncio.wait_for(service.serve(stop), 5)  # returns once stopped
-    finally:
-        await bus.close()
 
 
 # ---------------------------------------------------------------------- the CLI
@@ -484,7 +394,7 @@ def random_prompt(seed: int, n: int) -> list[int]:
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 async def test_vllm_sampled_logprobs_are_the_tempered_forward(vllm_sampler, default_ref, temperature):
     p = random_prompt(1, 10)
-    spec = SampleSpec(prompt=p, num_samples=3, max_tokens=12, temperature=temperature, seed=5, stop_at_eos=False)
+    spec = sample_spec(prompt=p, num_samples=3, max_tokens=12, temperature=temperature, seed=5, stop_at_eos=False)
     r = await vllm_sampler.sample(spec)
     assert len(r.sequences) == 3
     for seq in r.sequences:
@@ -500,7 +410,7 @@ async def test_vllm_sampled_logprobs_are_the_tempered_forward(vllm_sampler, defa
 @gpu
 async def test_vllm_greedy_follows_the_argmax(vllm_sampler, default_ref):
     p = chat_prompt(vllm_sampler, "apple")
-    r = await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=2, max_tokens=10, temperature=0.0, stop_at_eos=False))
+    r = await vllm_sampler.sample(sample_spec(prompt=p, num_samples=2, max_tokens=10, temperature=0.0, stop_at_eos=False))
     for seq in r.sequences:
         logits = ref_logits(default_ref, p + seq.tokens.tolist()[:-1])[len(p) - 1 :]
         top2 = logits.topk(2).values
@@ -513,7 +423,7 @@ async def test_vllm_greedy_follows_the_argmax(vllm_sampler, default_ref):
 @gpu
 async def test_vllm_seeds_are_reproducible(vllm_sampler):
     p = random_prompt(2, 8)
-    spec = SampleSpec(prompt=p, num_samples=2, max_tokens=20, seed=123, stop_at_eos=False)
+    spec = sample_spec(prompt=p, num_samples=2, max_tokens=20, seed=123, stop_at_eos=False)
     first, again = await vllm_sampler.sample(spec), await vllm_sampler.sample(spec)
     for a, b in zip(first.sequences, again.sequences, strict=True):
         np.testing.assert_array_equal(a.tokens, b.tokens)
@@ -527,11 +437,11 @@ async def test_vllm_seeds_are_reproducible(vllm_sampler):
 @gpu
 async def test_vllm_stop_token_ids_and_length(vllm_sampler):
     p = random_prompt(3, 6)
-    full = (await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=1, max_tokens=12, temperature=0, stop_at_eos=False))).sequences[0].tokens.tolist()
+    full = (await vllm_sampler.sample(sample_spec(prompt=p, num_samples=1, max_tokens=12, temperature=0, stop_at_eos=False))).sequences[0].tokens.tolist()
     i = next(i for i in range(2, 12) if full[i] not in full[:i])
 
     async def greedy(**kw):
-        [seq] = (await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=1, temperature=0, stop_at_eos=False, **kw))).sequences
+        [seq] = (await vllm_sampler.sample(sample_spec(prompt=p, num_samples=1, temperature=0, stop_at_eos=False, **kw))).sequences
         return seq.tokens.tolist(), seq.stop_reason
 
     assert await greedy(max_tokens=12, stop_token_ids=[full[i]]) == (full[: i + 1], "stop")
@@ -542,15 +452,15 @@ async def test_vllm_stop_token_ids_and_length(vllm_sampler):
 @gpu
 async def test_vllm_eos_and_stop_strings(vllm_sampler):
     tok, p = vllm_sampler.tokenizer, chat_prompt(vllm_sampler, "banana")
-    [seq] = (await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=1, max_tokens=20, temperature=0))).sequences
+    [seq] = (await vllm_sampler.sample(sample_spec(prompt=p, num_samples=1, max_tokens=20, temperature=0))).sequences
     assert seq.stop_reason == "stop" and seq.tokens[-1] in vllm_sampler.info.eos_token_ids
-    [run_on] = (await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=1, max_tokens=20, temperature=0, stop_at_eos=False))).sequences
+    [run_on] = (await vllm_sampler.sample(sample_spec(prompt=p, num_samples=1, max_tokens=20, temperature=0, stop_at_eos=False))).sequences
     assert run_on.stop_reason == "length" and len(run_on.tokens) == 20
     assert run_on.tokens[: len(seq.tokens)].tolist() == seq.tokens.tolist()
     text = tok.decode(run_on.tokens.tolist(), skip_special_tokens=False)
     stop = text[4:9]
     cut = next(i for i in range(1, 21) if stop in tok.decode(run_on.tokens[:i].tolist(), skip_special_tokens=False))
-    spec = SampleSpec(prompt=p, num_samples=1, max_tokens=20, temperature=0, stop_strings=["zzzq", stop], stop_at_eos=False)
+    spec = sample_spec(prompt=p, num_samples=1, max_tokens=20, temperature=0, stop_strings=["zzzq", stop], stop_at_eos=False)
     [cut_seq] = (await vllm_sampler.sample(spec)).sequences
     assert cut_seq.tokens.tolist() == run_on.tokens[:cut].tolist() and cut_seq.stop_reason == "stop"
 
@@ -558,7 +468,7 @@ async def test_vllm_eos_and_stop_strings(vllm_sampler):
 @gpu
 async def test_vllm_prompt_and_topk_logprobs(vllm_sampler, default_ref):
     p = random_prompt(4, 9)
-    spec = SampleSpec(prompt=p, num_samples=2, max_tokens=4, temperature=0.8, seed=2, stop_at_eos=False,
+    spec = sample_spec(prompt=p, num_samples=2, max_tokens=4, temperature=0.8, seed=2, stop_at_eos=False,
                       prompt_logprobs=True, topk_prompt_logprobs=4, topk_sample_logprobs=3)  # fmt: skip
     r = await vllm_sampler.sample(spec)
     logp = ref_logits(default_ref, p).log_softmax(-1)[:-1]  # row i predicts p[i + 1], temperature 1
@@ -584,7 +494,7 @@ async def test_vllm_top_k_samples_only_the_top_k(vllm_sampler, default_ref):
     distribution renormalised over the top k (the transformers backend reports them before truncation)."""
     p = random_prompt(5, 6)
     temperature, k = 1.3, 3
-    r = await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=16, max_tokens=3, temperature=temperature, top_k=k, seed=0, stop_at_eos=False))
+    r = await vllm_sampler.sample(sample_spec(prompt=p, num_samples=16, max_tokens=3, temperature=temperature, top_k=k, seed=0, stop_at_eos=False))
     for seq in r.sequences:
         scaled = ref_logits(default_ref, p + seq.tokens.tolist()[:-1])[len(p) - 1 :] / temperature
         for t, (row, token) in enumerate(zip(scaled, seq.tokens.tolist(), strict=True)):
@@ -603,7 +513,7 @@ async def test_vllm_lora_adapters_match_the_trainer(vllm_sampler, default_engine
     p = random_prompt(6, 7)
     blob = adapter_bytes(default_engine, "attn")
     key = "adapters/attn/seq-1"
-    spec = SampleSpec(prompt=p, num_samples=2, max_tokens=10, seed=9, stop_at_eos=False, adapter=key)
+    spec = sample_spec(prompt=p, num_samples=2, max_tokens=10, seed=9, stop_at_eos=False, adapter=key)
     base_spec = dataclasses.replace(spec, adapter=None)
     tuned, plain = await asyncio.gather(vllm_sampler.sample(spec, blob), vllm_sampler.sample(base_spec))  # one batch, mixed
     assert vllm_sampler.has_adapter(key)
@@ -622,7 +532,7 @@ async def test_vllm_adapter_lru_evicts_engine_and_folder(vllm_sampler, default_e
     from openrl.trainer.weights import adapter_bytes
 
     blob = adapter_bytes(default_engine, "attn")
-    spec = SampleSpec(prompt=random_prompt(7, 5), num_samples=1, max_tokens=2, seed=1)
+    spec = sample_spec(prompt=random_prompt(7, 5), num_samples=1, max_tokens=2, seed=1)
     for key in ("lru/a", "lru/b", "lru/c"):  # max_adapters=2
         await vllm_sampler.sample(dataclasses.replace(spec, adapter=key), blob)
     assert vllm_sampler.adapter_keys()[-2:] == ["lru/b", "lru/c"] and not vllm_sampler.has_adapter("lru/a")
@@ -638,7 +548,7 @@ async def test_vllm_lm_head_adapter_works_or_is_refused_by_name(vllm_sampler, de
     from openrl.trainer.weights import adapter_bytes
 
     p = random_prompt(8, 6)
-    spec = SampleSpec(prompt=p, num_samples=1, max_tokens=6, seed=2, stop_at_eos=False, adapter="adapters/unembed/seq-1")
+    spec = sample_spec(prompt=p, num_samples=1, max_tokens=6, seed=2, stop_at_eos=False, adapter="adapters/unembed/seq-1")
     try:
         r = await vllm_sampler.sample(spec, adapter_bytes(default_engine, "unembed"))
     except InvalidRequest as e:
@@ -656,9 +566,9 @@ async def test_vllm_refuses_what_it_cannot_do(vllm_sampler, default_engine):
         if field == "target_prompt_logprobs":
             bad = dict(target_prompt_logprobs=np.zeros((4, 1), dtype=np.int64))
         with pytest.raises(InvalidRequest, match=field):
-            await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=1, max_tokens=2, **bad))
+            await vllm_sampler.sample(sample_spec(prompt=p, num_samples=1, max_tokens=2, **bad))
     with pytest.raises(InvalidRequest, match="rank"):  # 32 > --max-lora-rank 16
-        await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=1, max_tokens=2, adapter="big"), adapter_bytes(default_engine, "big"))
+        await vllm_sampler.sample(sample_spec(prompt=p, num_samples=1, max_tokens=2, adapter="big"), adapter_bytes(default_engine, "big"))
     assert not vllm_sampler.has_adapter("big")
-    ok = await vllm_sampler.sample(SampleSpec(prompt=p, num_samples=1, max_tokens=2))  # the engine carries on
+    ok = await vllm_sampler.sample(sample_spec(prompt=p, num_samples=1, max_tokens=2))  # the engine carries on
     assert len(ok.sequences[0].tokens) >= 1
