@@ -1,11 +1,17 @@
 """Prometheus metrics, request ids, and the small HTTP server every process runs on
 `--metrics-port` (`/metrics`; `/healthz` readiness and `/livez` liveness for workers).
 
-A tiny registry and text-format writer of our own rather than `prometheus_client`: every
-process here is one asyncio program (no multiprocess mode to manage), we need counters,
-gauges and histograms with labels and nothing else, the exposition format is a few dozen
-lines, gauges that read state at scrape time (JetStream consumer info, an async call) fit
-in naturally, and the images get no new dependency.
+The registry, the metric values and the exposition are `prometheus_client`'s: one
+`CollectorRegistry` per process with our series plus the standard `process_*` (CPU, memory,
+open files), `python_gc_*` and `python_info` collectors; `/metrics` answers in the format
+the scraper asks for (Prometheus text, or OpenMetrics by `Accept`). Each process serves its
+own /metrics (no multiprocess mode: every openrl process is one program with its own port).
+
+Two things are ours, on top: series are called with their labels as keywords
+(`MESSAGES.inc(stream=s, consumer=c, outcome="ack")`, the same as
+`MESSAGES.metric.labels(...).inc()`), and a scrape first runs the collectors registered with
+`REGISTRY.collect`, which may be async: the queue gauges come from JetStream consumer info,
+an awaited request that prometheus_client's synchronous `collect()` cannot make.
 
 Every series the code exports is defined in this module (`SERIES` lists them; the Grafana
 dashboard in deploy/ is checked against it). Importing this module only defines them:
@@ -22,166 +28,109 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import math
 import re
-import threading
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 
+import prometheus_client
 import structlog
 from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from openrl.bus import subjects
 
 log = structlog.get_logger(__name__)
 
-# -- the registry and the text format --------------------------------------------------------
+# -- the registry -----------------------------------------------------------------------------
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class _Series:
+    """One prometheus_client metric, called with its labels as keywords."""
+
+    def __init__(self, metric: prometheus_client.metrics.MetricWrapperBase, name: str, help: str, label_names: Iterable[str]):
+        self.metric, self.name, self.help, self.label_names = metric, name, help, tuple(label_names)
+
+    def _child(self, labels: dict[str, object]):
+        if set(labels) != set(self.label_names):
+            raise ValueError(f"{self.name}: labels {sorted(labels)} != {sorted(self.label_names)}")
+        return self.metric.labels(**labels) if labels else self.metric
 
 
-def _number(v: float) -> str:
-    if v == math.inf:
-        return "+Inf"
-    if v == -math.inf:
-        return "-Inf"
-    if v == int(v) and abs(v) < 1e15:
-        return str(int(v))
-    return repr(float(v))
-
-
-class _Metric:
-    kind = ""
-
+class Counter(_Series):
     def __init__(self, name: str, help: str, labels: Iterable[str] = ()):
-        self.name = name
-        self.help = help
-        self.labels = tuple(labels)
-        self._values: dict[tuple[str, ...], float] = {}
-        self._lock = threading.Lock()  # the trainer's and sampler's compute threads count too
-
-    def _key(self, labels: dict[str, object]) -> tuple[str, ...]:
-        if set(labels) != set(self.labels):
-            raise ValueError(f"{self.name}: labels {sorted(labels)} != {sorted(self.labels)}")
-        return tuple(str(labels[k]) for k in self.labels)
-
-    def _label_text(self, key: tuple[str, ...], extra: str = "") -> str:
-        parts = [f'{k}="{_escape(v)}"' for k, v in zip(self.labels, key)]
-        if extra:
-            parts.append(extra)
-        return "{" + ",".join(parts) + "}" if parts else ""
-
-    def value(self, **labels) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-        with self._lock:
-            items = sorted(self._values.items())
-        lines += [f"{self.name}{self._label_text(k)} {_number(v)}" for k, v in items]
-        return lines
-
-
-class Counter(_Metric):
-    kind = "counter"
+        super().__init__(prometheus_client.Counter(name, help, labels, registry=None), name, help, labels)
 
     def inc(self, amount: float = 1.0, **labels) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
+        self._child(labels).inc(amount)
 
 
-class Gauge(_Metric):
-    kind = "gauge"
+class Gauge(_Series):
+    def __init__(self, name: str, help: str, labels: Iterable[str] = ()):
+        super().__init__(prometheus_client.Gauge(name, help, labels, registry=None), name, help, labels)
 
     def set(self, value: float, **labels) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = float(value)
+        self._child(labels).set(value)
 
     def inc(self, amount: float = 1.0, **labels) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
+        self._child(labels).inc(amount)
 
     def dec(self, amount: float = 1.0, **labels) -> None:
-        self.inc(-amount, **labels)
+        self._child(labels).dec(amount)
 
     def clear(self) -> None:
-        with self._lock:
-            self._values.clear()
+        """Drop every label set (a labelled gauge only)."""
+        self.metric.clear()
 
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-class Histogram(_Metric):
-    kind = "histogram"
-
+class Histogram(_Series):
     def __init__(self, name: str, help: str, labels: Iterable[str] = (), buckets: Iterable[float] = LATENCY_BUCKETS):
-        super().__init__(name, help, labels)
-        self.buckets = tuple(sorted(buckets)) + (math.inf,)
-        self._hist: dict[tuple[str, ...], tuple[list[int], float]] = {}  # per label set: bucket counts, sum
+        super().__init__(prometheus_client.Histogram(name, help, labels, registry=None, buckets=tuple(buckets)), name, help, labels)
 
     def observe(self, value: float, **labels) -> None:
-        key = self._key(labels)
-        with self._lock:
-            counts, total = self._hist.get(key) or ([0] * len(self.buckets), 0.0)
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    counts[i] += 1
-            self._hist[key] = (counts, total + value)
-
-    def count(self, **labels) -> int:
-        entry = self._hist.get(self._key(labels))
-        return entry[0][-1] if entry else 0
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        with self._lock:
-            items = sorted((k, (list(c), s)) for k, (c, s) in self._hist.items())
-        for key, (counts, total) in items:
-            for bound, n in zip(self.buckets, counts):
-                le = 'le="' + _number(bound) + '"'
-                lines.append(f"{self.name}_bucket{self._label_text(key, le)} {n}")
-            lines.append(f"{self.name}_sum{self._label_text(key)} {_number(total)}")
-            lines.append(f"{self.name}_count{self._label_text(key)} {counts[-1]}")
-        return lines
+        self._child(labels).observe(value)
 
 
 Collector = Callable[[], None] | Callable[[], Awaitable[None]]
 
 
 class Registry:
+    """A prometheus_client `CollectorRegistry` (`.prom`) with the standard process, GC and
+    platform collectors, our series by name (`.metrics`), and the collectors that run before
+    every scrape."""
+
     def __init__(self):
-        self.metrics: dict[str, _Metric] = {}
+        self.prom = prometheus_client.CollectorRegistry(auto_describe=True)
+        for standard in (prometheus_client.ProcessCollector, prometheus_client.GCCollector, prometheus_client.PlatformCollector):
+            standard(registry=self.prom)
+        self.metrics: dict[str, _Series] = {}
         self.collectors: list[Collector] = []
 
-    def add(self, metric):
-        if metric.name in self.metrics:
-            raise ValueError(f"{metric.name} is defined twice")
-        self.metrics[metric.name] = metric
-        return metric
+    def add(self, series):
+        if series.name in self.metrics:
+            raise ValueError(f"{series.name} is defined twice")
+        self.prom.register(series.metric)
+        self.metrics[series.name] = series
+        return series
 
     def collect(self, fn: Collector) -> None:
         """Run `fn` (sync or async; it sets gauges) before every scrape."""
         self.collectors.append(fn)
 
-    async def render(self, timeout_s: float = 5.0) -> str:
+    async def refresh(self, timeout_s: float = 5.0) -> None:
+        """Run the scrape-time collectors; one that fails or hangs is logged and skipped (a
+        scrape still answers with what it has)."""
         for fn in self.collectors:
             try:
                 result = fn()
                 if inspect.isawaitable(result):
                     await asyncio.wait_for(result, timeout_s)
-            except Exception as e:  # a scrape still answers with what it has
+            except Exception as e:
                 log.warning("metrics_collect_failed", collector=getattr(fn, "__qualname__", repr(fn)), error=repr(e))
-        lines: list[str] = []
-        for metric in self.metrics.values():
-            lines += metric.render()
-        return "\n".join(lines) + "\n"
 
 
 REGISTRY = Registry()
@@ -219,6 +168,13 @@ ADAPTER_LOADS = _r.add(Counter("openrl_adapter_loads_total", "adapters loaded in
 REWARD_SECONDS = _r.add(Histogram("openrl_reward_seconds", "time to score one request (all its items)", ["reward"]))
 REWARD_ITEMS = _r.add(Counter("openrl_reward_items_total", "items scored", ["reward"]))
 REWARD_ERRORS = _r.add(Counter("openrl_reward_errors_total", "items whose reward call failed, by kind", ["reward", "kind"]))
+# GPU memory of trainers and samplers, by CUDA device index as this process sees it (no
+# samples without CUDA): what this process's tensors hold and what its caching allocator
+# reserved, and the device's memory in use by every process on it (vLLM's engine included).
+GPU_MEMORY_ALLOCATED = _r.add(Gauge("openrl_gpu_memory_allocated_bytes", "GPU memory held by this process's tensors", ["device"]))
+GPU_MEMORY_RESERVED = _r.add(Gauge("openrl_gpu_memory_reserved_bytes", "GPU memory reserved by this process's caching allocator", ["device"]))
+GPU_MEMORY_USED = _r.add(Gauge("openrl_gpu_memory_used_bytes", "GPU memory in use on the device, by all processes", ["device"]))
+GPU_MEMORY_TOTAL = _r.add(Gauge("openrl_gpu_memory_total_bytes", "GPU memory of the device", ["device"]))
 
 SERIES = tuple(REGISTRY.metrics)
 
@@ -392,9 +348,13 @@ async def serve(port: int, host: str = "0.0.0.0", ready: Readiness | None = None
     if not port:
         return None
 
-    async def metrics(request: web.Request) -> web.Response:
-        text = await registry.render()
-        return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Format": "0.0.4"})
+    # A counter's `_created` twin doubles the series for a timestamp nobody here queries.
+    prometheus_client.disable_created_metrics()
+    exposition = make_aiohttp_handler(registry.prom)  # the format by Accept, gzip by Accept-Encoding
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        await registry.refresh()
+        return await exposition(request)
 
     async def healthz(request: web.Request) -> web.Response:
         checks = ready() if ready else {}
@@ -420,8 +380,30 @@ def watch_bus(bus, process: str) -> None:
     REGISTRY.collect(lambda: BUS_CONNECTED.set(1 if bus.nc.is_connected else 0, process=process))
 
 
+def collect_gpu_memory() -> None:
+    """Set the GPU memory gauges, where this process runs torch with CUDA initialised.
+
+    torch is looked up, never imported: this module is shared with the gateway and the
+    rewarders, which must not load it, and a process that has not touched CUDA yet gets no
+    CUDA context made for it by a scrape (every call below needs an initialised one)."""
+    torch = sys.modules.get("torch")
+    cuda = getattr(torch, "cuda", None)
+    if cuda is None or not cuda.is_available() or not cuda.is_initialized():
+        return
+    for i in range(cuda.device_count()):
+        GPU_MEMORY_ALLOCATED.set(cuda.memory_allocated(i), device=str(i))
+        GPU_MEMORY_RESERVED.set(cuda.memory_reserved(i), device=str(i))
+    current = cuda.current_device()  # device-wide figures for ours only: asking another would make a context there
+    free, total = cuda.mem_get_info(current)
+    GPU_MEMORY_USED.set(total - free, device=str(current))
+    GPU_MEMORY_TOTAL.set(total, device=str(current))
+
+
 def watch_worker(kind: str, info: Callable[[], object]) -> None:
-    """Export a worker's busy fraction from its heartbeat info (WorkerInfo)."""
+    """Export a worker's busy fraction from its heartbeat info (WorkerInfo), and for trainers
+    and samplers their GPU memory."""
+    if kind in ("trainer", "sampler"):
+        REGISTRY.collect(collect_gpu_memory)
 
     def collect() -> None:
         i = info()

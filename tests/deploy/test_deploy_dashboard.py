@@ -55,13 +55,13 @@ def test_every_query_names_series_and_labels_the_code_exports():
             assert name in exported, f"{name} (in {expr!r}) is not exported by openrl/metrics.py"
         for name, selector in SELECTOR.findall(expr):
             m = base_metric(name)
-            labels = set(m.labels) | ({"le"} if name.endswith("_bucket") else set())
+            labels = set(m.label_names) | ({"le"} if name.endswith("_bucket") else set())
             for label in re.findall(r"([a-zA-Z_]+)\s*(?:=~|!=|!~|=)", selector):
                 assert label in labels, f"{name} has no label {label!r} ({expr!r})"
         grouped = {name for name in names}
         for group in BY.findall(expr):
             for label in filter(None, (x.strip() for x in group.split(","))):
-                assert any(label in base_metric(n).labels or (label == "le" and n.endswith("_bucket")) for n in grouped), (
+                assert any(label in base_metric(n).label_names or (label == "le" and n.endswith("_bucket")) for n in grouped), (
                     f"no series in {expr!r} has label {label!r}"
                 )
 
