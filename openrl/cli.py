@@ -75,6 +75,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
     from openrl.bus.client import Bus, BusConfig
     from openrl.gateway.app import GatewayConfig, make_app
+    from openrl.gateway.quotas import Quotas
 
     keys = _api_keys(args.api_key)
     if not keys:
@@ -92,6 +93,8 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         proto_compress_fwdbwd=args.proto_compress,
         sample_queue_max=args.sample_queue_max,
         jwt_auth=args.jwt_auth,
+        quotas=Quotas(sessions=args.quota_sessions, models=args.quota_models, checkpoints=args.quota_checkpoints,
+                      checkpoint_bytes=int(args.quota_checkpoint_gb * 1024**3), reward_items=args.quota_reward_items),
     )
 
     async def main() -> None:
@@ -735,6 +738,14 @@ def parser() -> argparse.ArgumentParser:
                     help="ask clients to zstd-compress forward_backward bodies")
     gw.add_argument("--jwt-auth", action="store_true", default=_env("JWT_AUTH", "") == "1",
                     help="ask clients to trade their API key for a short-lived JWT (needed by RestClient.whoami) [OPENRL_JWT_AUTH=1]")
+    # Per-key quotas (docs/limits.md); 0 turns one off.
+    gw.add_argument("--quota-sessions", type=int, default=int(_env("QUOTA_SESSIONS", 256)), help="live sessions per key [OPENRL_QUOTA_SESSIONS]")
+    gw.add_argument("--quota-models", type=int, default=int(_env("QUOTA_MODELS", 256)), help="models in a key's live sessions [OPENRL_QUOTA_MODELS]")
+    gw.add_argument("--quota-checkpoints", type=int, default=int(_env("QUOTA_CHECKPOINTS", 1024)), help="named checkpoints per key [OPENRL_QUOTA_CHECKPOINTS]")
+    gw.add_argument("--quota-checkpoint-gb", type=float, default=float(_env("QUOTA_CHECKPOINT_GB", 64)),
+                    help="GiB of checkpoints per key [OPENRL_QUOTA_CHECKPOINT_GB]")
+    gw.add_argument("--quota-reward-items", type=int, default=int(_env("QUOTA_REWARD_ITEMS", 65536)),
+                    help="reward items in flight per key, per gateway replica [OPENRL_QUOTA_REWARD_ITEMS]")
     gw.set_defaults(func=cmd_gateway)
 
     tr = sub.add_parser("trainer", help="a LoRA trainer for one base model")

@@ -139,6 +139,14 @@ def jwt_gateway(stack, tmp_path_factory):
     yield from _gateway(stack, tmp_path_factory, "gw-jwt", {"OPENRL_JWT_AUTH": "1"})
 
 
+@pytest.fixture(scope="session")
+def quota_gateway(stack, tmp_path_factory):
+    """A second gateway replica on the same bus with small per-key quotas (tests/gateway/test_quotas.py):
+    3 live sessions, 2 models in them, 2 checkpoints, 4 reward items in flight."""
+    env = {"OPENRL_QUOTA_SESSIONS": "3", "OPENRL_QUOTA_MODELS": "2", "OPENRL_QUOTA_CHECKPOINTS": "2", "OPENRL_QUOTA_REWARD_ITEMS": "4"}
+    yield from _gateway(stack, tmp_path_factory, "gw-quota", env)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(stack):
     """The default model's tokenizer, as the SDK gets it (once per test module)."""

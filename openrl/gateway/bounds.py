@@ -21,6 +21,11 @@ from openrl.bus.messages import MAX_REQUEST_ELEMENTS, MAX_TENSOR_COLUMNS, encode
 # The largest bus message the gateway publishes: the server's max_payload less room for
 # the headers (message id, trace id) and JetStream's envelope.
 MAX_MESSAGE_BYTES = MAX_PAYLOAD - 64 * 1024
+# A forward_backward's datums, and the loss inputs of one datum (no loss takes more than a
+# handful): past these the gateway would spend seconds of its event loop on one body. The SDK
+# sends at most fwdbwd_max_chunk_len (1024 by default) datums per request.
+MAX_DATUMS = 16384
+MAX_LOSS_INPUTS = 16
 
 
 def tensor_elements(shape: list[int], where: str, *, max_dims: int = 2) -> int:

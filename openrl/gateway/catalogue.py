@@ -349,6 +349,7 @@ class Catalogue:
         check_ttl(body.ttl_seconds)
         parsed = paths.parse(body.source_path)
         src = await self.checkpoint(parsed.model_id, parsed.segment, parsed.name, owner, write=False)
+        self.gw.usage.check_checkpoint(owner)  # a copy is a checkpoint of the caller's (429 past the quota)
         now = time.time()
         if body.session_id is not None:
             if body.model_seq_id is None or body.model_seq_id < 0:

@@ -21,6 +21,7 @@ from aiohttp import web
 from openrl.bus import subjects
 from openrl.bus.errors import InvalidRequest, Unavailable
 from openrl.bus.messages import ScoreItem, ScoreRequest, WorkerInfo, encode
+from openrl.gateway import bounds
 from openrl.gateway.http import API, read_body, reply, request_id
 from openrl.gateway.service import Gateway
 
@@ -94,7 +95,10 @@ class Scoring:
             content = hashlib.blake2b(encode(ScoreRequest(request_id="", reward_name=body.reward_name, items=items)), digest_size=12).hexdigest()
             rid = request_id("score", owner, key, content)
         msg = ScoreRequest(request_id=rid, reward_name=body.reward_name, items=items)
+        bounds.encoded(msg, "score request")
+        await self.gw.usage.check_reward_items(owner, rid, len(items))
         await self.gw.accept(rid, owner, "Score")
+        self.gw.usage.scoring(owner, rid, len(items))
         # Published even when accepted before: the first attempt may have died in between;
         # JetStream drops the duplicate, and a rewarder never scores a finished request again.
         await self.gw.bus.publish(subjects.reward(body.reward_name), msg, msg_id=rid)

@@ -67,6 +67,7 @@ from openrl.gateway.bodies import (
     SessionBody,
 )
 from openrl.gateway.futures import Waiters
+from openrl.gateway.quotas import Quotas, Usage
 from openrl.gateway.http import API, InvalidToken, check_ttl, key_id, read_body, reply, request_id
 
 log = structlog.get_logger(__name__)
@@ -84,6 +85,7 @@ class GatewayConfig:
     proto_compress_fwdbwd: bool = False
     sample_queue_max: int = 4096  # sample requests waiting for a sampler; above it, 429
     jwt_auth: bool = False  # tell clients to trade their key for a JWT (auth.py); whoami needs it
+    quotas: Quotas = Quotas()  # what one key may hold (quotas.py, docs/limits.md)
     client_config_extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -193,6 +195,7 @@ class Gateway:
         self.live_keys: set[str] = set()  # ids of the keys made with `openrl keys`, kept current by keys.watch
         self.jwt_secret: bytes | None = None  # loaded at startup by auth.attach
         self.waiters = Waiters(bus)
+        self.usage = Usage(bus, cfg.quotas)  # what each key holds, for the quota checks (quotas.attach starts it)
         self._workers: tuple[float, list[WorkerInfo]] = (0.0, [])
         self._backlog: tuple[float, int] = (0.0, 0)
 
@@ -316,7 +319,10 @@ class Gateway:
             display_name=body.display_name,
             last_heartbeat=time.time(),
         )
+        if await self.bus.kv_get(self.bus.sessions, sid, SessionRecord) is None:  # a retry is never refused
+            self.usage.check_session(owner)
         if await self.bus.kv_create(self.bus.sessions, sid, rec):
+            self.usage.saw_session(rec)
             log.info("session_created", session_id=sid, owner=owner)
             await audit.record(self.bus, owner, "session_create", actor=owner, session_id=sid, details={"project_id": body.project_id or ""})
         return reply({"type": "create_session", "session_id": sid})
@@ -403,7 +409,11 @@ class Gateway:
     async def _submit_create(self, record: ModelRecord, owner: str, init_path: str = "") -> web.Response:
         """Record the model once; (re)accept and (re)publish on every attempt, since a first
         attempt may have died in between. Accept and publish are idempotent by request id."""
-        if not await self.bus.kv_create(self.bus.models, record.model_id, record):
+        if await self.bus.kv_get(self.bus.models, record.model_id, ModelRecord) is None:  # a retry is never refused
+            self.usage.check_model(owner)
+        if await self.bus.kv_create(self.bus.models, record.model_id, record):
+            self.usage.saw_model(record)
+        else:
             record = await self.model(record.model_id, owner)  # a retry: the first record stands
         rid = record.create_request_id
         kind = "LoadWeights" if record.init_state else "CreateModel"
@@ -431,6 +441,7 @@ class Gateway:
         async with self._in_sequence(rec, body.seq_id):
             names.check_name(body.path)
             check_ttl(body.ttl_seconds)
+            self._check_checkpoint_quota(owner, paths.make(rec.model_id, paths.SEGMENT_OF_KIND[kind], body.path))
             msg = SaveWeights(
                 request_id=rid, model_id=rec.model_id, seq_id=body.seq_id, kind=kind, name=body.path,
                 overwrite=bool(body.overwrite), ttl_s=float(body.ttl_seconds) if body.ttl_seconds else None,
@@ -553,6 +564,7 @@ class Gateway:
         if body.path:
             names.check_name(body.path)
             check_ttl(body.ttl_seconds)
+            self._check_checkpoint_quota(owner, paths.make(rec.model_id, "sampler_weights", body.path))
         else:
             if body.sampling_session_seq_id is None or body.sampling_session_seq_id < 0:
                 raise InvalidRequest("give either path (a name) or sampling_session_seq_id >= 0")
@@ -635,6 +647,12 @@ class Gateway:
         if rec.expires_at is not None and rec.expires_at < time.time():
             raise NotFound(f"the weights at {path!r} have expired")
         return rec
+
+    def _check_checkpoint_quota(self, owner: str, path: str) -> None:
+        """A save under a new name needs room in the key's checkpoint quota (overwriting, or a
+        retried save, takes none)."""
+        if subjects.kv_key(path) not in self.usage.checkpoints:
+            self.usage.check_checkpoint(owner)
 
     @contextlib.asynccontextmanager
     async def _in_sequence(self, rec: ModelRecord, seq_id: int):

@@ -59,6 +59,8 @@ def to_message(req: pb.ForwardBackwardRequest, request_id: str) -> ForwardBackwa
             config[key] = value.text if value.WhichOneof("value") == "text" else value.number
     else:
         config.update(req.loss_fn_config)
+    if len(req.data) > bounds.MAX_DATUMS:
+        raise InvalidRequest(f"at most {bounds.MAX_DATUMS} datums per request, got {len(req.data)}; send them over several requests")
     budget = bounds.Budget()
     data = [_datum(i, d, budget) for i, d in enumerate(req.data)]
     return ForwardBackward(
@@ -81,6 +83,8 @@ def _datum(index: int, d: pb.Datum, budget: bounds.Budget) -> Datum:
         if len(chunk.encoded_text.tokens) % 4:
             raise InvalidRequest(f"datum {index}: encoded_text tokens are not int32 bytes")
         tokens += chunk.encoded_text.tokens
+    if len(d.loss_fn_inputs) > bounds.MAX_LOSS_INPUTS:
+        raise InvalidRequest(f"datum {index}: at most {bounds.MAX_LOSS_INPUTS} loss_fn_inputs, got {len(d.loss_fn_inputs)}")
     inputs = {name: _tensor(index, name, t, budget) for name, t in d.loss_fn_inputs.items()}
     _check_spans(index, d, len(tokens) // 4)
     return Datum(tokens=bytes(tokens), loss_fn_inputs=inputs)

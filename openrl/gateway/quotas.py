@@ -1,0 +1,218 @@
+"""Per-key quotas: how much one API key may hold at once, so that no key can exhaust what all
+tenants share (docs/limits.md has the defaults and the flags).
+
+- live sessions: not finished, and created or heartbeated within SESSION_LIVE_S (the SDK beats
+  every 10 s while its ServiceClient lives);
+- models: training runs in the key's live sessions;
+- checkpoints: named saves (KV `openrl-weights`) not yet expired, by count and by bytes;
+- reward items in flight: items of the key's score requests whose futures are still pending.
+
+Every gateway keeps its own view of the first three by watching the KV buckets (as keys.py
+watches the keys), so a check is a dictionary lookup, whichever replica answers; what this
+replica creates counts at once, what another replica creates counts once its watch has seen
+it (within a moment): a key racing several replicas may overshoot by the requests in flight.
+Reward items in flight are counted by the replica that accepted them (a key spread over N
+replicas may have N times the quota in flight). A refusal is a 429 naming the quota and its
+flag; a refused sequenced request still fills its seq_id (service._in_sequence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+
+from openrl.bus.client import Bus
+from openrl.bus.subjects import kv_key
+from openrl.bus.messages import Future, ModelRecord, SessionRecord, WeightsRecord, decode
+from openrl.gateway.http import QuotaExceeded
+
+log = structlog.get_logger(__name__)
+
+SESSION_LIVE_S = 120.0  # a session nobody heartbeated for this long no longer counts
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """What one key may hold; 0 turns a quota off."""
+
+    sessions: int = 256
+    models: int = 256
+    checkpoints: int = 1024
+    checkpoint_bytes: int = 64 * 1024**3
+    reward_items: int = 65536
+
+
+class Usage:
+    """What each key holds, kept current from the KV buckets, and the checks against `quotas`.
+    Records are keyed as the bucket keys them (escaped: subjects.kv_key), so a deletion seen
+    by the watch finds its record."""
+
+    def __init__(self, bus: Bus, quotas: Quotas):
+        self.bus = bus
+        self.quotas = quotas
+        self.sessions: dict[str, SessionRecord] = {}
+        self.models: dict[str, ModelRecord] = {}
+        self.checkpoints: dict[str, WeightsRecord] = {}
+        self._sessions_of: dict[str, set[str]] = defaultdict(set)
+        self._models_of: dict[str, set[str]] = defaultdict(set)
+        self._checkpoints_of: dict[str, set[str]] = defaultdict(set)
+        self._scoring: dict[str, dict[str, int]] = defaultdict(dict)  # owner -> request id -> items
+        self._tasks: list[asyncio.Task] = []
+
+    # -- what a key holds
+
+    def live_sessions(self, owner: str, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        return sum(1 for sid in self._sessions_of.get(owner, ()) if _live(self.sessions.get(sid), now))
+
+    def live_models(self, owner: str, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        live = {self.sessions[k].session_id for k in self._sessions_of.get(owner, ()) if _live(self.sessions.get(k), now)}
+        return sum(1 for k in self._models_of.get(owner, ()) if self.models[k].session_id in live)
+
+    def held_checkpoints(self, owner: str, now: float | None = None) -> tuple[int, int]:
+        now = time.time() if now is None else now
+        recs = [self.checkpoints[p] for p in self._checkpoints_of.get(owner, ())]
+        recs = [r for r in recs if r.expires_at is None or r.expires_at > now]
+        return len(recs), sum(r.size_bytes for r in recs)
+
+    # -- checks (each raises QuotaExceeded: a 429)
+
+    def check_session(self, owner: str) -> None:
+        q = self.quotas.sessions
+        if q and (n := self.live_sessions(owner)) >= q:
+            raise QuotaExceeded(
+                f"quota exceeded: this key has {n} live sessions, the most it may hold (--quota-sessions / OPENRL_QUOTA_SESSIONS); "
+                f"finish sessions it no longer uses (a session without heartbeats stops counting after {SESSION_LIVE_S:g} s)"
+            )
+
+    def check_model(self, owner: str) -> None:
+        q = self.quotas.models
+        if q and (n := self.live_models(owner)) >= q:
+            raise QuotaExceeded(
+                f"quota exceeded: this key has {n} models in its live sessions, the most it may hold "
+                "(--quota-models / OPENRL_QUOTA_MODELS); finish the sessions of models it no longer trains"
+            )
+
+    def check_checkpoint(self, owner: str) -> None:
+        n, size = self.held_checkpoints(owner)
+        if self.quotas.checkpoints and n >= self.quotas.checkpoints:
+            raise QuotaExceeded(
+                f"quota exceeded: this key holds {n} checkpoints, the most it may hold "
+                "(--quota-checkpoints / OPENRL_QUOTA_CHECKPOINTS); delete some, or save with a ttl_seconds"
+            )
+        if self.quotas.checkpoint_bytes and size >= self.quotas.checkpoint_bytes:
+            raise QuotaExceeded(
+                f"quota exceeded: this key's checkpoints hold {size} bytes, the most it may hold is "
+                f"{self.quotas.checkpoint_bytes} (--quota-checkpoint-gb / OPENRL_QUOTA_CHECKPOINT_GB); delete some"
+            )
+
+    async def check_reward_items(self, owner: str, request_id: str, items: int) -> None:
+        """Room for `items` more reward items in flight; finished requests are forgotten first
+        (read back from their futures only when the count says the key is at its quota)."""
+        q = self.quotas.reward_items
+        mine = self._scoring[owner]
+        if not q or request_id in mine:
+            return
+        if sum(mine.values()) + items > q:
+            for rid in list(mine):
+                fut = await self.bus.kv_get(self.bus.futures, rid, Future)
+                if fut is None or fut.state != "pending":
+                    mine.pop(rid, None)
+        if (n := sum(mine.values())) + items > q:
+            raise QuotaExceeded(
+                f"quota exceeded: this key has {n} reward items being scored and asks for {items} more; at most {q} may be in flight "
+                "(--quota-reward-items / OPENRL_QUOTA_REWARD_ITEMS): wait for results before sending more"
+            )
+
+    def scoring(self, owner: str, request_id: str, items: int) -> None:
+        self._scoring[owner][request_id] = items
+
+    # -- kept current
+
+    def saw_session(self, rec: SessionRecord) -> None:
+        self._saw(self.sessions, self._sessions_of, kv_key(rec.session_id), rec)
+
+    def saw_model(self, rec: ModelRecord) -> None:
+        self._saw(self.models, self._models_of, kv_key(rec.model_id), rec)
+
+    def saw_checkpoint(self, rec: WeightsRecord) -> None:
+        self._saw(self.checkpoints, self._checkpoints_of, kv_key(rec.path), rec)
+
+    @staticmethod
+    def _saw(records: dict, index: dict[str, set[str]], key: str, rec) -> None:
+        records[key] = rec
+        index[rec.owner].add(key)
+
+    @staticmethod
+    def _forget(records: dict, index: dict[str, set[str]], key: str) -> None:
+        rec = records.pop(key, None)
+        if rec is not None:
+            index[rec.owner].discard(key)
+
+    async def _watch(self, kv, type_, saw, records, index, ready: asyncio.Event) -> None:
+        while True:
+            try:
+                watcher = await kv.watchall()
+                async for entry in watcher:
+                    if entry is None:  # the initial values are in
+                        ready.set()
+                        continue
+                    if entry.operation in ("DEL", "PURGE") or not entry.value:
+                        self._forget(records, index, entry.key)
+                        continue
+                    saw(decode(entry.value, type_))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the bus reconnecting: watch again
+                log.warning("quota_watch_failed", bucket=getattr(kv, "_name", ""), error=repr(e))
+                await asyncio.sleep(1.0)
+
+    async def start(self) -> None:
+        watches = [
+            (self.bus.sessions, SessionRecord, self.saw_session, self.sessions, self._sessions_of),
+            (self.bus.models, ModelRecord, self.saw_model, self.models, self._models_of),
+            (self.bus.weights, WeightsRecord, self.saw_checkpoint, self.checkpoints, self._checkpoints_of),
+        ]
+        ready = []
+        for kv, type_, saw, records, index in watches:
+            event = asyncio.Event()
+            ready.append(event)
+            self._tasks.append(asyncio.create_task(self._watch(kv, type_, saw, records, index, event)))
+        try:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 20)
+        except asyncio.TimeoutError:
+            log.warning("quota_usage_not_loaded", after_s=20)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _live(rec: SessionRecord | None, now: float) -> bool:
+    if rec is None or rec.finished_at is not None:
+        return False
+    return now - max(rec.created_at, rec.last_heartbeat or 0.0) < SESSION_LIVE_S
+
+
+USAGE = web.AppKey("usage", Usage)
+
+
+def attach(app: web.Application, gw) -> None:
+    """Load and watch what each key holds for this gateway (`gw.usage`)."""
+
+    async def start(app: web.Application) -> None:
+        await gw.usage.start()
+
+    async def stop(app: web.Application) -> None:
+        await gw.usage.stop()
+
+    app[USAGE] = gw.usage
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)

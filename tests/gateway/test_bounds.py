@@ -1,0 +1,247 @@
+"""Bounded requests (docs/limits.md): what one request may cost is checked at the gateway
+before anything is built, and a refused request of a model's sequence still takes its seq_id.
+
+Against `openrl up` with the real tinker SDK (and raw HTTP where the SDK would not send such a
+body): sample requests past num_samples, column or element bounds are 400s naming the field,
+at once; a body whose message would outgrow the bus is refused; JSON integers past int64, ids
+NATS refuses and non-ASCII signatures are 4xx; training requests refused for their content,
+a missing checkpoint, an undecodable body or being too far ahead leave no hole (the next
+seq_id completes); retrieve_future answers another key's id at once. The stack still serves.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+import tinker
+from tinker.proto.request_conv import forward_backward_request_to_proto
+
+from openrl.bus.messages import MAX_NUM_SAMPLES, MAX_REQUEST_ELEMENTS, MAX_TENSOR_COLUMNS
+from openrl.gateway.bounds import MAX_MESSAGE_BYTES
+from openrl.gateway.http import request_id
+from openrl.gateway.proto import pb
+from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY
+from sdk_helpers import sdk_steps, training_client
+
+pytestmark = pytest.mark.timeout(900)
+
+
+class Http:
+    def __init__(self, url: str, key: str = API_KEY):
+        self.http = httpx.Client(base_url=f"{url}/api/v1", timeout=httpx.Timeout(60.0, connect=10.0))
+        self.key = key
+
+    def post(self, path: str, *, key: str | bytes | None = None, **kwargs) -> httpx.Response:
+        return self.http.post(path, headers={"X-API-Key": key or self.key, **kwargs.pop("headers", {})}, **kwargs)
+
+    def result(self, rid: str, key: str | None = None, timeout_s: float = 120) -> dict:
+        """A future's JSON once it is no longer pending (fails the test if it stays pending)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            r = self.post("/retrieve_future", key=key, json={"request_id": rid}, headers={"x-stainless-read-timeout": "15"})
+            if r.status_code != 408:
+                assert r.status_code == 200, r.text
+                return r.json() if r.headers["content-type"].startswith("application/json") else {"bytes": len(r.content)}
+        raise AssertionError(f"{rid} still pending after {timeout_s} s: a hole in its sequence?")
+
+
+@pytest.fixture(scope="module")
+def http(stack):
+    return Http(stack.url)
+
+
+@pytest.fixture(scope="module")
+def sampler(stack, http) -> str:
+    """A sampling session of the base model (raw HTTP, as the SDK makes it)."""
+    sid = http.post("/create_session", json={}).json()["session_id"]
+    r = http.post("/create_sampling_session", json={"session_id": sid, "sampling_session_seq_id": 0, "base_model": BASE_MODEL})
+    assert r.status_code == 200, r.text
+    return r.json()["sampling_session_id"]
+
+
+def asample(sampler: str, **fields) -> dict:
+    body = {"sampling_session_id": sampler, "seq_id": 1, "num_samples": 1, "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2, 3]}]},
+            "sampling_params": {"max_tokens": 2, "temperature": 0.0}}  # fmt: skip
+    body.update(fields)
+    return body
+
+
+def refused(r: httpx.Response, status: int, *words: str) -> None:
+    assert r.status_code == status, (r.status_code, r.text[:500])
+    assert r.headers["content-type"].startswith("application/json"), r.text[:200]
+    detail = r.json()["detail"]
+    for w in words:
+        assert w in detail, (w, detail)
+
+
+def test_sample_requests_past_a_bound_are_refused_at_once(http, sampler):
+    started = time.monotonic()
+    refused(http.post("/asample", json=asample(sampler, num_samples=10**8)), 400, "num_samples", str(MAX_NUM_SAMPLES))
+    refused(http.post("/asample", json=asample(sampler, num_samples=2**62)), 400, "num_samples")
+    assert time.monotonic() - started < 5  # nothing of size num_samples was built
+    refused(http.post("/asample", json=asample(sampler, topk_prompt_logprobs=10**6)), 400, "topk_prompt_logprobs")
+    sparse = {"data": [5], "dtype": "int64", "shape": [2, 4 * 10**9], "sparse_crow_indices": [0, 1, 1], "sparse_col_indices": [3]}
+    refused(http.post("/asample", json=asample(sampler, target_prompt_logprobs=sparse)), 400, "target_prompt_logprobs", f"{MAX_TENSOR_COLUMNS} columns")
+    wide = {**sparse, "shape": [2, MAX_TENSOR_COLUMNS]}
+    prompt = {"chunks": [{"type": "encoded_text", "tokens": [1] * (MAX_REQUEST_ELEMENTS // MAX_TENSOR_COLUMNS + 2)}]}
+    wide["shape"] = [MAX_REQUEST_ELEMENTS // MAX_TENSOR_COLUMNS + 1, MAX_TENSOR_COLUMNS]
+    wide["sparse_crow_indices"] = [0, 1] + [1] * (wide["shape"][0] - 1)
+    refused(http.post("/asample", json=asample(sampler, prompt=prompt, target_prompt_logprobs=wide)), 400, "target_prompt_logprobs", "elements")
+    rows = {**sparse, "shape": [7, 4]}  # the prompt has 3 tokens: 2 rows
+    refused(http.post("/asample", json=asample(sampler, target_prompt_logprobs=rows)), 400, "[2, K]")
+    for field, value in (("seq_id", 2**70), ("num_samples", 2**64), ("sampling_params", {"max_tokens": 2, "seed": 2**65})):
+        refused(http.post("/asample", json=asample(sampler, **{field: value})), 400, field if field != "sampling_params" else "seed")
+    refused(http.post("/asample", json=asample(sampler, sampling_params={"max_tokens": 2, "stop": [2**40]})), 400, "int32")
+    # Within the bounds it samples, and a sparse target that is allowed works.
+    ok = {"data": [5, 7], "dtype": "int64", "shape": [2, 2], "sparse_crow_indices": [0, 1, 2], "sparse_col_indices": [0, 1]}
+    r = http.post("/asample", json=asample(sampler, seq_id=2, target_prompt_logprobs=ok))
+    assert r.status_code == 200, r.text
+    assert "bytes" in http.result(r.json()["request_id"])
+
+
+def test_a_message_that_would_outgrow_the_bus_is_refused(http, sampler):
+    """JSON -> packed int64: 2 bytes per "0," become 8; the body is well under the body limit."""
+    cols = MAX_TENSOR_COLUMNS
+    rows = MAX_MESSAGE_BYTES // (8 * cols) + 2
+    assert rows * cols <= MAX_REQUEST_ELEMENTS
+    prompt = {"chunks": [{"type": "encoded_text", "tokens": [1] * (rows + 1)}]}
+    target = {"data": [0] * (rows * cols), "dtype": "int64", "shape": [rows, cols]}
+    body = json.dumps(asample(sampler, seq_id=3, prompt=prompt, target_prompt_logprobs=target), separators=(",", ":")).encode()
+    assert len(body) < MAX_MESSAGE_BYTES / 3
+    refused(http.post("/asample", content=body, headers={"Content-Type": "application/json"}), 400, "once encoded", str(MAX_MESSAGE_BYTES))
+
+
+def _fb_proto(tc, seq_id: int, data) -> bytes:
+    req = tinker.types.ForwardBackwardRequest(
+        model_id=tc.model_id, seq_id=seq_id, forward_backward_input=tinker.types.ForwardBackwardInput(data=data, loss_fn="cross_entropy")
+    )
+    return forward_backward_request_to_proto(req).SerializeToString()
+
+
+def stack_body_limit() -> int:
+    from openrl.gateway.service import GatewayConfig
+
+    return GatewayConfig().max_body_bytes
+
+
+def _optim(http, model_id: str, seq_id: int, key: str | None = None) -> str:
+    r = http.post("/optim_step", key=key, json={"model_id": model_id, "seq_id": seq_id, "adam_params": {"learning_rate": 1e-3}})
+    assert r.status_code == 200, r.text
+    return r.json()["request_id"]
+
+
+def test_refused_training_requests_leave_no_hole(stack, http, data):
+    """Each refusal below takes its seq_id; the optim_step after it completes (no wait forever)."""
+    _, tc = training_client(stack, seed=41, rank=2)
+    sdk_steps(tc, [data[:2]])  # seq 1, 2
+    model = tc.model_id
+    seq = 3
+
+    # A sparse loss input of 4e9 columns: accepted into the sequence as a Rejected, its future says why.
+    proto = pb.ForwardBackwardRequest()
+    proto.ParseFromString(_fb_proto(tc, seq, data[:1]))
+    t = proto.data[0].loss_fn_inputs["target_tokens"]
+    t.ClearField("dense")
+    t.ClearField("shape")
+    t.shape.extend([len(proto.data[0].model_input[0].encoded_text.tokens) // 4, 4 * 10**9])
+    t.sparse_csr.values = np.zeros(1, "<i8").tobytes()
+    t.sparse_csr.crow_indices = np.zeros(t.shape[0] + 1, "<i8").tobytes()
+    t.sparse_csr.col_indices = b""
+    r = http.post("/forward_backward", content=proto.SerializeToString(), headers={"Content-Type": "application/x-protobuf"})
+    assert r.status_code == 200, r.text
+    out = http.result(r.json()["request_id"])
+    assert out["category"] == "user" and f"{MAX_TENSOR_COLUMNS} columns" in out["error"], out
+    seq += 1
+
+    # load_weights into the model from a path that does not exist, or is another key's: 404, filled.
+    for path in ("tinker://nobody:train:0/weights/nothing", f"tinker://{model}/weights/never-saved"):
+        refused(http.post("/load_weights", json={"model_id": model, "seq_id": seq, "path": path}), 404, "no saved weights")
+        failed = http.result(request_id("train", model, seq))
+        assert failed["category"] == "user" and "no saved weights" in failed["error"], failed
+        seq += 1
+
+    # A body that does not decode but names the model and a seq_id: 400, filled.
+    refused(http.post("/optim_step", json={"model_id": model, "seq_id": seq, "adam_params": "fast"}), 400, "adam_params")
+    assert "adam_params" in http.result(request_id("train", model, seq))["error"]
+    seq += 1
+
+    # A name that is not allowed, in a save: 400, filled (as before).
+    refused(http.post("/save_weights", json={"model_id": model, "seq_id": seq, "path": "../x"}), 400, "checkpoint name")
+    seq += 1
+
+    # Small tensors under many names: the body is under the body limit, the msgpack message
+    # over the bus's payload (each tensor's field names cost more there). 400, filled.
+    big = pb.ForwardBackwardRequest(model_id=model, seq_id=seq, loss_fn="cross_entropy")
+    for _ in range(4096):
+        d = big.data.add()
+        d.model_input.add().encoded_text.tokens = np.ones(1, "<i4").tobytes()
+        for k in range(16):
+            t = d.loss_fn_inputs[f"k{k}"]
+            t.dtype = pb.DTYPE_FLOAT32
+            t.dense = bytes(480)
+    body = big.SerializeToString()
+    assert len(body) < stack_body_limit()
+    refused(http.post("/forward_backward", content=body, headers={"Content-Type": "application/x-protobuf"}), 400, "once encoded")
+    assert "once encoded" in http.result(request_id("train", model, seq))["error"]
+    seq += 1
+
+    # More loss inputs per datum than any loss takes: accepted as a Rejected, the future says why.
+    few = pb.ForwardBackwardRequest()
+    few.ParseFromString(_fb_proto(tc, seq, data[:1]))
+    for k in range(17):
+        few.data[0].loss_fn_inputs[f"x{k}"].CopyFrom(few.data[0].loss_fn_inputs["weights"])
+    r = http.post("/forward_backward", content=few.SerializeToString(), headers={"Content-Type": "application/x-protobuf"})
+    assert r.status_code == 200, r.text
+    assert "loss_fn_inputs" in http.result(r.json()["request_id"])["error"]
+    seq += 1
+
+    # The sequence goes on: the next request completes.
+    done = http.result(_optim(http, model, seq))
+    assert "metrics" in done, done
+
+
+def test_far_ahead_requests_fail_as_user_errors(stack, http, data):
+    _, tc = training_client(stack, seed=42, rank=2)
+    sdk_steps(tc, [data[:2]])
+    rid = _optim(http, tc.model_id, 10**6)
+    out = http.result(rid)
+    assert out["category"] == "user" and out["error"].startswith("too far ahead"), out
+    done = http.result(_optim(http, tc.model_id, 3))  # the model is unharmed
+    assert "metrics" in done
+
+
+def test_retrieve_future_answers_another_keys_id_at_once(stack, http, data):
+    _, tc = training_client(stack, seed=43, rank=2, api_key=OTHER_KEY)
+    sdk_steps(tc, [data[:2]])
+    waiting = _optim(http, tc.model_id, 5, key=OTHER_KEY)  # waits for seq 3 and 4: pending
+    started = time.monotonic()
+    r = http.post("/retrieve_future", json={"request_id": waiting})
+    assert r.status_code == 404 and time.monotonic() - started < 3, (r.status_code, time.monotonic() - started)
+    r = http.post("/retrieve_future", key=OTHER_KEY, json={"request_id": waiting}, headers={"x-stainless-read-timeout": "7"})
+    assert r.status_code == 408  # its owner long-polls as before
+
+
+def test_ids_nats_refuses_and_non_ascii_signatures_are_4xx(stack, http):
+    for path, body in (
+        ("/get_info", {"model_id": "s-abc:train:0."}),
+        ("/get_info", {"model_id": "a b"}),
+        ("/retrieve_future", {"request_id": "train-abc."}),
+        ("/retrieve_future", {"request_id": "train-*"}),
+        ("/session_heartbeat", {"session_id": "s-x.>"}),
+        ("/create_sampling_session", {"session_id": "s-x.", "sampling_session_seq_id": 0, "base_model": BASE_MODEL}),
+        ("/asample", {"sampling_session_id": "s-1:sample:0.", "seq_id": 1, "prompt": {"chunks": []}, "sampling_params": {}}),
+    ):
+        r = http.post(path, json=body)
+        assert r.status_code == 400, (path, body, r.status_code, r.text)
+    r = http.http.get("/samplers/s-x.", headers={"X-API-Key": API_KEY})
+    assert r.status_code in (400, 404), r.text
+    # A JWT-looking key with a non-ASCII signature, and a download URL's.
+    r = http.post("/get_info", key="eyJhbGciOi.eyJzdWIiOi.sig\u00e9\u2603".encode(), json={"model_id": "x"})
+    assert r.status_code == 401, r.text
+    r = http.http.get("/signed/tinker:/x/weights/y", params={"expires": str(int(time.time()) + 600), "sig": "\u2603" * 64})
+    assert r.status_code in (403, 404), r.text
+    assert stack.healthz()["bus"]

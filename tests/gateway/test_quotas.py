@@ -1,0 +1,165 @@
+"""Per-key quotas (openrl/gateway/quotas.py, docs/limits.md): what one key may hold is capped,
+and a request past a quota is a 429 naming the quota and its flag.
+
+Against `openrl up` and a second gateway replica with small quotas (`quota_gateway`: 3 live
+sessions, 2 models, 2 checkpoints, 4 reward items in flight), each test with a fresh key made
+by `openrl keys create` (quotas count per key, and other tests' keys hold plenty). The
+accounting itself (live sessions, expiry, bytes) is also checked on `Usage` directly.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import httpx
+import pytest
+import tinker
+
+from openrl.bus.messages import ModelRecord, LoraSpec, SessionRecord, WeightsRecord
+from openrl.gateway.http import QuotaExceeded
+from openrl.gateway.quotas import SESSION_LIVE_S, Quotas, Usage
+from stack_helpers import BASE_MODEL
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def fresh_key(stack) -> str:
+    out = stack.keys("create", "--name", f"quota-{uuid.uuid4().hex[:8]}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+class Client:
+    def __init__(self, url: str, key: str):
+        self.http = httpx.Client(base_url=f"{url}/api/v1", headers={"X-API-Key": key}, timeout=60)
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        return self.http.post(path, **kwargs)
+
+    def session(self, idem: str | None = None) -> httpx.Response:
+        return self.post("/create_session", json={}, headers={"X-Idempotency-Key": idem or uuid.uuid4().hex})
+
+    def result(self, rid: str, timeout_s: float = 120) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            r = self.post("/retrieve_future", json={"request_id": rid}, headers={"x-stainless-read-timeout": "15"})
+            if r.status_code != 408:
+                assert r.status_code == 200, r.text
+                return r.json()
+        raise AssertionError(f"{rid} still pending after {timeout_s} s")
+
+
+def over_quota(r: httpx.Response, *words: str) -> None:
+    assert r.status_code == 429, (r.status_code, r.text)
+    body = r.json()
+    assert body["type"] == "quota_exceeded", body
+    for w in words:
+        assert w in body["detail"], (w, body["detail"])
+
+
+def test_live_sessions_and_models_per_key(stack, quota_gateway):
+    c = Client(quota_gateway, fresh_key(stack))
+    sids = [c.session(f"s{i}").json()["session_id"] for i in range(3)]
+    over_quota(c.session(), "3 live sessions", "--quota-sessions")
+    assert c.session("s1").json()["session_id"] == sids[1]  # a retried create is never refused
+    assert c.post(f"/sessions/{sids[2]}/finish", json={}).status_code == 200
+    fourth = c.session()
+    assert fourth.status_code == 200, fourth.text
+
+    def create(sid: str, n: int) -> httpx.Response:
+        return c.post("/create_model", json={"session_id": sid, "model_seq_id": n, "base_model": BASE_MODEL, "lora_config": {"rank": 1}})
+
+    first = [create(sids[0], 0), create(sids[1], 0)]
+    assert all(r.status_code == 200 for r in first), [r.text for r in first]
+    over_quota(create(sids[0], 1), "2 models", "--quota-models")
+    assert create(sids[0], 0).status_code == 200  # the same model again: a retry
+    for r in first:
+        assert c.result(r.json()["request_id"])["model_id"]
+    # Models of finished sessions stop counting.
+    assert c.post(f"/sessions/{sids[1]}/finish", json={}).status_code == 200
+    assert create(sids[0], 1).status_code == 200
+
+
+def test_checkpoints_per_key_and_the_refused_save_keeps_its_place(stack, quota_gateway):
+    key = fresh_key(stack)
+    tc = tinker.ServiceClient(base_url=quota_gateway, api_key=key).create_lora_training_client(base_model=BASE_MODEL, rank=1, seed=5).result()
+    tc.save_state("q-one").result(timeout=120)  # seq 1
+    tc.save_state("q-two").result(timeout=120)  # seq 2
+    c = Client(quota_gateway, key)
+    over_quota(c.post("/save_weights", json={"model_id": tc.model_id, "seq_id": 3, "path": "q-three"}), "2 checkpoints", "--quota-checkpoints")
+    over_quota(c.post("/save_weights_for_sampler", json={"model_id": tc.model_id, "seq_id": 4, "path": "q-four"}), "checkpoints")
+    # Overwriting a name it holds needs no room; the refused seq_ids 3 and 4 did not stop the model.
+    r = c.post("/save_weights", json={"model_id": tc.model_id, "seq_id": 5, "path": "q-one", "overwrite": True})
+    assert r.status_code == 200, r.text
+    assert c.result(r.json()["request_id"])["path"].endswith("/weights/q-one")
+    r = c.post("/optim_step", json={"model_id": tc.model_id, "seq_id": 6, "adam_params": {"learning_rate": 1e-3}})
+    assert "metrics" in c.result(r.json()["request_id"])
+    # Deleting one makes room again.
+    assert c.http.delete(f"/training_runs/{tc.model_id}/checkpoints/weights/q-two").status_code in (200, 204)
+    deadline = time.monotonic() + 10
+    while True:
+        r = c.post("/save_weights", json={"model_id": tc.model_id, "seq_id": 7, "path": "q-three"})
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)  # the watch sees the deletion within a moment
+    assert r.status_code == 200, r.text
+
+
+def test_reward_items_in_flight_per_key(stack, quota_gateway):
+    c = Client(quota_gateway, fresh_key(stack))
+    slow = "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r"
+    ref = {"schema": "CREATE TABLE t (a INTEGER);", "gold": "SELECT 1", "timeout_s": 3}
+    items = [{"completion": slow, "reference": ref}] * 3
+    first = c.post("/score", json={"reward_name": "sql", "items": items})
+    assert first.status_code == 200, first.text
+    over_quota(c.post("/score", json={"reward_name": "sql", "items": items[:2]}), "3 reward items", "--quota-reward-items")
+    assert c.post("/score", json={"reward_name": "sql", "items": items[:1]}).status_code == 200  # 4: still within
+    c.result(first.json()["request_id"])
+    r = c.post("/score", json={"reward_name": "exact_match", "items": [{"completion": "a", "reference": "a"}] * 2})
+    assert r.status_code == 200, r.text  # the finished request no longer counts
+
+
+# -- the accounting, without a stack
+
+
+def _session(sid: str, owner: str, *, at: float, finished: bool = False) -> SessionRecord:
+    return SessionRecord(session_id=sid, owner=owner, created_at=at, last_heartbeat=at, finished_at=at if finished else None)
+
+
+def test_usage_counts_live_sessions_their_models_and_unexpired_checkpoints():
+    now = time.time()
+    u = Usage(bus=None, quotas=Quotas(sessions=2, models=2, checkpoints=3, checkpoint_bytes=1000))
+    u.saw_session(_session("s-a", "k", at=now))
+    u.saw_session(_session("s-b", "k", at=now - SESSION_LIVE_S - 1))  # no heartbeat for too long
+    u.saw_session(_session("s-c", "k", at=now, finished=True))
+    u.saw_session(_session("s-d", "other", at=now))
+    assert u.live_sessions("k") == 1
+    u.check_session("k")
+    u.saw_session(_session("s-e", "k", at=now))
+    with pytest.raises(QuotaExceeded, match="2 live sessions"):
+        u.check_session("k")
+    for sid, n in (("s-a", 0), ("s-a", 1), ("s-b", 0), ("s-c", 0), ("s-d", 0)):
+        owner = "other" if sid == "s-d" else "k"
+        u.saw_model(ModelRecord(model_id=f"{sid}:train:{n}", session_id=sid, owner=owner, base_model="b", lora=LoraSpec(rank=1, seed=0),
+                                created_at=now, create_request_id=""))  # fmt: skip
+    assert u.live_models("k") == 2 and u.live_models("other") == 1
+    with pytest.raises(QuotaExceeded, match="2 models"):
+        u.check_model("k")
+
+    def ckpt(name: str, size: int, expires_at: float | None = None) -> WeightsRecord:
+        return WeightsRecord(path=f"tinker://s-a:train:0/weights/{name}", owner="k", model_id="s-a:train:0", base_model="b", kind="state",
+                             name=name, object=name, lora=LoraSpec(rank=1, seed=0), seq_id=1, size_bytes=size, created_at=now,
+                             expires_at=expires_at)  # fmt: skip
+
+    u.saw_checkpoint(ckpt("one", 400))
+    u.saw_checkpoint(ckpt("gone", 10**6, expires_at=now - 1))  # expired: not held
+    assert u.held_checkpoints("k") == (1, 400)
+    u.check_checkpoint("k")
+    u.saw_checkpoint(ckpt("two", 600))
+    with pytest.raises(QuotaExceeded, match="1000 bytes"):
+        u.check_checkpoint("k")
+    from openrl.bus.subjects import kv_key
+
+    u._forget(u.checkpoints, u._checkpoints_of, kv_key(ckpt("two", 0).path))  # what the watch does on a deletion
+    u.check_checkpoint("k")
