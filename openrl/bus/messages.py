@@ -454,7 +454,9 @@ class AuditEvent(msgspec.Struct, frozen=True, kw_only=True):
 class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
     """Stream OPENRL_USAGE, subject openrl.usage.<owner>: work a worker did for one owner.
     kind "training": tokens through forward(_backward); "sampling_prefill": prompt tokens;
-    "sampling_sample": generated tokens. `seconds` is the worker's wall time on it."""
+    "sampling_sample": generated tokens. `seconds` is the worker's wall time on it. A training
+    record also says which call it was (an optim_step is one with no tokens), where in its model's
+    sequence, and the metrics its result reported: the web console's per-step curves."""
 
     at: float
     owner: str
@@ -465,6 +467,9 @@ class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
     session_id: str = ""
     model_id: str = ""  # the training run, or the sampler id for sampling
     request_id: str = ""
+    call: str = ""  # training: "forward", "forward_backward" or "optim_step"; "" from an older trainer
+    seq_id: int = -1  # training: the request's seq_id in its model's sequence
+    metrics: dict[str, float] = {}  # training: the result's, e.g. loss:sum, tokens:sum; grad_norm:mean
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -3,8 +3,9 @@
     GET /api/v1/billing/usage/events      ?starting_on=<ISO datetime>&ending_before=<ISO datetime>
 
 Workers append a `UsageRecord` to the OPENRL_USAGE stream (subject `openrl.usage.<owner>`) for
-each piece of work they finish: a trainer for each forward / forward_backward (kind "training":
-the datums' tokens, and the seconds the step took on the trainer), a sampler for each sample
+each piece of work they finish: a trainer for each forward / forward_backward / optim_step (kind
+"training": the datums' tokens, none for optim_step, and the seconds the step took on the trainer;
+the record's metrics feed the web console's curves, not billing), a sampler for each sample
 request ("sampling_prefill": prompt tokens; "sampling_sample": generated tokens, and the seconds
 from taking the request to its result, batch neighbours included). A request applied twice (a
 trainer replaying its log after a crash) is counted once: records are deduplicated by request id.

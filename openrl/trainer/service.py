@@ -112,6 +112,16 @@ def held_size(msg: TrainRequest) -> int:
     )
 
 
+class _Reported(msgspec.Struct):
+    """The metrics of a forward_backward's or optim_step's result, read back for its usage
+    record (the rest of the payload, logprobs included, is skipped)."""
+
+    metrics: dict[str, float | None] = {}  # JSON writes a NaN as null
+
+    def present(self) -> dict[str, float]:
+        return {k: v for k, v in self.metrics.items() if v is not None}
+
+
 @dataclass
 class Tenant:
     model_id: str
@@ -203,11 +213,17 @@ class Trainer:
             return await self._load(msg, rec)
         started = time.perf_counter()
         fut = await self._run(self._apply, msg, rec.owner)
-        if isinstance(msg, ForwardBackward) and fut.state == "done":  # billing usage (read back deduplicated by request id)
-            usage = UsageRecord(at=time.time(), owner=rec.owner, kind="training", tokens=sum(len(d.tokens) // 4 for d in msg.data),
-                                seconds=time.perf_counter() - started, base_model=rec.base_model, session_id=rec.session_id,
-                                model_id=rec.model_id, request_id=msg.request_id)  # fmt: skip
+        if isinstance(msg, (ForwardBackward, OptimStep)) and fut.state == "done":  # billing usage (read back deduplicated by request id)
             try:
+                if isinstance(msg, ForwardBackward):
+                    call, tokens = "forward" if msg.forward_only else "forward_backward", sum(len(d.tokens) // 4 for d in msg.data)
+                    reported = msgspec.msgpack.decode(fut.payload, type=_Reported).present()
+                else:  # no tokens, but trainer time; and the step's grad norm, for the console
+                    call, tokens = "optim_step", 0
+                    reported = msgspec.json.decode(fut.payload, type=_Reported).present()
+                usage = UsageRecord(at=time.time(), owner=rec.owner, kind="training", tokens=tokens,
+                                    seconds=time.perf_counter() - started, base_model=rec.base_model, session_id=rec.session_id,
+                                    model_id=rec.model_id, request_id=msg.request_id, call=call, seq_id=msg.seq_id, metrics=reported)  # fmt: skip
                 await self.bus.publish(subjects.usage(rec.owner), usage, msg_id=f"usage-{msg.request_id}")
             except Exception as e:  # never fail (or redo) applied work over its accounting
                 log.warning("usage_record_failed", request_id=msg.request_id, error=repr(e))
