@@ -44,6 +44,33 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-host", default=_env("METRICS_HOST", "0.0.0.0"), help="[OPENRL_METRICS_HOST]")
 
 
+def _credentials(role: str, data_dir: str | None = None):
+    """A role's NATS credentials (openrl.bus.auth.Credentials), from the environment, never
+    from a flag (a command line is visible to every user in `ps`): OPENRL_NATS_USER and
+    OPENRL_NATS_PASSWORD, else the JSON file OPENRL_NATS_CREDS; for operator commands, else the
+    local `openrl up`'s file in the data dir. None without any: a NATS without authorization."""
+    from openrl.bus import auth
+
+    if _env("NATS_USER"):
+        return auth.Credentials(user=_env("NATS_USER"), password=_env("NATS_PASSWORD", ""))
+    path = _env("NATS_CREDS", "")
+    if not path and role == "operator":
+        local = Path(data_dir or _env("DATA_DIR", "~/.openrl")).expanduser() / auth.LOCAL_FILE
+        path = str(local) if local.exists() else ""
+    if not path:
+        return None
+    try:
+        return auth.load(Path(path).expanduser(), role)
+    except ValueError as e:
+        sys.exit(f"openrl: {e}")
+
+
+def _bus_auth(role: str, data_dir: str | None = None) -> dict:
+    """BusConfig's role, user and password for a process of `role`."""
+    creds = _credentials(role, data_dir)
+    return {"role": role, **({"user": creds.user, "password": creds.password} if creds else {})}
+
+
 def _api_keys(values: list[str] | None) -> tuple[str, ...]:
     keys = list(values or [])
     keys += [k.strip() for k in (_env("API_KEYS", "") or "").split(",") if k.strip()]
@@ -99,7 +126,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
     async def main() -> None:
         stop = _stop_event()
-        bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-gateway", replicas=args.nats_replicas))
+        bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-gateway", replicas=args.nats_replicas, **_bus_auth("gateway")))
         app = make_app(cfg, bus)
         waiters = app["gateway"].waiters
         metrics.watch_bus(bus, "gateway")
@@ -200,7 +227,7 @@ def cmd_trainer(args: argparse.Namespace) -> None:
 
     async def main() -> None:
         stop = _stop_event()
-        bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-trainer", replicas=args.nats_replicas))
+        bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-trainer", replicas=args.nats_replicas, **_bus_auth("trainer")))
         trainer = Trainer(cfg, bus, engine)
         server = await _worker_metrics(args, bus, "trainer", trainer.info, stop)
         await trainer.run(stop)
@@ -270,7 +297,7 @@ def cmd_sampler(args: argparse.Namespace) -> None:
                 adapter_dir=args.cache_dir or None,
             )
         try:
-            bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-sampler", replicas=args.nats_replicas))
+            bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-sampler", replicas=args.nats_replicas, **_bus_auth("sampler")))
             sampler = Sampler(cfg, bus, sampler_backend)
             server = await _worker_metrics(args, bus, "sampler", sampler.info, stop,
                                            model=lambda: not getattr(sampler_backend, "dead", False))
@@ -345,13 +372,15 @@ def cmd_rewarder(args: argparse.Namespace) -> None:
 
     async def main() -> None:
         stop = _stop_event()
-        pool = Pool(cfg.fn, cfg.name, cfg.concurrency, timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb)
+        pass_env = tuple(dict.fromkeys([*(args.pass_env or []), *(x.strip() for x in (_env("REWARD_PASS_ENV", "") or "").split(",") if x.strip())]))
+        pool = Pool(cfg.fn, cfg.name, cfg.concurrency, timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb, pass_env=pass_env)
         try:
             try:
                 await pool.start()  # before touching the bus: a bad --fn fails here, clearly
             except RewardLoadError as e:
                 sys.exit(f"openrl rewarder: {e}")
-            bus = await Bus.connect(BusConfig(url=cfg.nats_url, name=f"openrl-rewarder-{cfg.name}", replicas=args.nats_replicas))
+            bus = await Bus.connect(BusConfig(url=cfg.nats_url, name=f"openrl-rewarder-{cfg.name}", replicas=args.nats_replicas,
+                                              **_bus_auth("rewarder")))
             rewarder = Rewarder(cfg, bus, pool)
             server = await _worker_metrics(args, bus, "rewarder", rewarder.info, stop, model=lambda: not pool.broken)
             try:
@@ -380,7 +409,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     out = Path(args.out_dir)
 
     async def main() -> None:
-        bus = await Bus.connect(BusConfig(url=args.nats_url, name="openrl-export", replicas=args.nats_replicas))
+        bus = await Bus.connect(BusConfig(url=args.nats_url, name="openrl-export", replicas=args.nats_replicas, **_bus_auth("operator")))
         try:
             rec = await bus.kv_get(bus.weights, str(parsed), WeightsRecord)
             if rec is None:
@@ -429,7 +458,8 @@ def cmd_record(args: argparse.Namespace) -> None:
         sys.exit("openrl record: --subjects needs at least one subject pattern")
 
     async def main() -> None:
-        await record.record(args.nats_url, subjects, Path(args.out), _stop_event(), duration_s=args.duration_s or None)
+        await record.record(args.nats_url, subjects, Path(args.out), _stop_event(), duration_s=args.duration_s or None,
+                            credentials=_credentials("operator"))
 
     asyncio.run(main())
 
@@ -439,7 +469,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
 
     subjects = [x.strip() for x in (args.subjects or "").split(",") if x.strip()] or None
     try:
-        sent = asyncio.run(record.replay(Path(args.file), args.to, subjects=subjects, pace=args.pace, speed=args.speed))
+        sent = asyncio.run(record.replay(Path(args.file), args.to, subjects=subjects, pace=args.pace, speed=args.speed,
+                                         credentials=_credentials("operator")))
     except (OSError, record.RecordFormatError) as e:
         sys.exit(f"openrl replay: {e}")
     print(f"replayed {sent} messages into {args.to}", flush=True)
@@ -451,7 +482,7 @@ def cmd_dlq(args: argparse.Namespace) -> None:
     from openrl.bus.errors import InvalidRequest
 
     async def main() -> None:
-        bus = await Bus.connect(BusConfig(url=args.nats_url, name="openrl-dlq", replicas=args.nats_replicas))
+        bus = await Bus.connect(BusConfig(url=args.nats_url, name="openrl-dlq", replicas=args.nats_replicas, **_bus_auth("operator")))
         try:
             if args.action == "list":
                 letters = await dlq.list_dead(bus)
@@ -475,10 +506,41 @@ def cmd_dlq(args: argparse.Namespace) -> None:
     asyncio.run(main())
 
 
+def _local_credentials(data_dir: Path) -> dict:
+    """Every role's credentials for the NATS of a local data dir: `nats-credentials.json`,
+    made (0600, fresh random passwords) when it is not there yet, reused after, so that
+    operator commands and scripts keep working across restarts."""
+    from openrl.bus import auth
+
+    path = data_dir / auth.LOCAL_FILE
+    try:
+        creds = auth.load_all(path)
+    except FileNotFoundError:
+        creds = {}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        sys.exit(f"openrl: {path} is not a credentials file ({e}); remove it to make new credentials")
+    if set(creds) != set(auth.ROLES):
+        creds = {**auth.generate(), **creds}
+        auth.save(path, creds)
+    return creds
+
+
+def _private_dir(path: Path) -> Path:
+    """A directory only its owner may enter (the data dir holds keys and credentials)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)  # an existing (older, 0755) one too
+    return path
+
+
 def cmd_nats(args: argparse.Namespace) -> None:
+    from openrl.bus import auth
     from openrl.bus.server import NatsServer
 
-    server = NatsServer(Path(args.data_dir) / "nats", port=args.port)
+    data_dir = _private_dir(Path(args.data_dir))
+    # The roles' credentials: OPENRL_NATS_CREDS (every role's), else the data dir's own file.
+    creds_file = _env("NATS_CREDS", "")
+    credentials = auth.load_all(Path(creds_file).expanduser()) if creds_file else _local_credentials(data_dir)
+    server = NatsServer(data_dir / "nats", port=args.port, credentials=credentials)
     os.execv(server.command()[0], server.command())  # become nats-server: signals go straight to it
 
 
@@ -510,7 +572,7 @@ def cmd_keys(args: argparse.Namespace) -> None:
         nats_url = json.loads(stack_file.read_text()).get("nats_url", "")
     if args.action in ("create", "revoke") and not args.name:
         sys.exit(f"openrl keys {args.action} needs --name" + (" (or a key id)" if args.action == "revoke" else ""))
-    sys.exit(asyncio.run(keys.main(nats_url or "nats://127.0.0.1:4222", args.action, args.name)))
+    sys.exit(asyncio.run(keys.main(nats_url or "nats://127.0.0.1:4222", args.action, args.name, _bus_auth("operator", args.data_dir))))
 
 
 # -- openrl status -------------------------------------------------------------------
@@ -529,7 +591,7 @@ def cmd_status(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # Ctrl-C ends --watch quietly
     while True:
         try:
-            text = render(asyncio.run(collect(nats_url, url)))
+            text = render(asyncio.run(collect(nats_url, url, _credentials("operator", args.data_dir))))
         except ConnectionError as e:
             if not args.watch:
                 sys.exit(f"openrl status: {e}")
@@ -577,13 +639,44 @@ def _up_placement(args: argparse.Namespace):
         sys.exit(f"openrl up: {e}")
 
 
+def _ensure_topology(nats_url: str, operator, proc=None, timeout_s: float = 30.0) -> None:
+    """Create or update every stream and bucket, as the operator, once nats-server listens."""
+    from openrl.bus.client import Bus, BusConfig
+    from openrl.bus.server import wait_for_port
+
+    port = int(nats_url.rsplit(":", 1)[1])
+    wait_for_port(port, timeout_s, proc)
+
+    async def main() -> None:
+        bus = await Bus.connect(BusConfig(url=nats_url, name="openrl-up", role="operator", user=operator.user, password=operator.password))
+        await bus.close()
+
+    asyncio.run(main())
+
+
+def cmd_bus_init(args: argparse.Namespace) -> None:
+    """Create or update every stream and bucket (operator credentials); workers only bind."""
+    from openrl.bus.client import Bus, BusConfig
+
+    async def main() -> None:
+        bus = await Bus.connect(BusConfig(url=args.nats_url, name="openrl-bus-init", replicas=args.nats_replicas, **_bus_auth("operator")))
+        await bus.close()
+
+    try:
+        asyncio.run(main())
+    except PermissionError as e:
+        sys.exit(f"openrl bus-init: {e}")
+    print(f"streams and buckets ready on {args.nats_url} ({args.nats_replicas} replica(s))", flush=True)
+
+
 def cmd_up(args: argparse.Namespace) -> None:
     from openrl.bus.server import free_port
     from openrl.supervisor import Child, Supervisor, openrl_argv
 
+    from openrl.bus import auth
+
     placement = _up_placement(args)  # an impossible placement stops here, before anything exists
-    data_dir = Path(args.data_dir).expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = _private_dir(Path(args.data_dir).expanduser().resolve())
     key_file = data_dir / "api-key"
     if args.api_key:
         api_key = args.api_key
@@ -591,8 +684,7 @@ def cmd_up(args: argparse.Namespace) -> None:
         api_key = key_file.read_text().strip()
     else:
         api_key = "tml-" + secrets.token_urlsafe(24)
-        key_file.write_text(api_key + "\n")
-        key_file.chmod(0o600)
+        auth.write_private(key_file, api_key + "\n")
     if not api_key.startswith("tml-"):
         sys.exit("openrl up: --api-key must start with 'tml-' (the tinker SDK refuses other keys)")
     # Every torch process would otherwise take all cores; on a CPU machine they then thrash
@@ -602,6 +694,13 @@ def cmd_up(args: argparse.Namespace) -> None:
     threads = args.threads or max(1, logs.usable_cpus() // (ranks + args.samplers))
     nats_port = args.nats_port or free_port()
     nats_url = f"nats://127.0.0.1:{nats_port}"
+    credentials = _local_credentials(data_dir)  # <data-dir>/nats-credentials.json, which `openrl nats` reads too
+
+    def role_env(role: str, **extra: str) -> dict[str, str]:
+        """A child's own role's NATS credentials, in its environment (never on its command line)."""
+        c = credentials[role]
+        return {"OPENRL_NATS_USER": c.user, "OPENRL_NATS_PASSWORD": c.password, **extra}
+
     url = f"http://{args.host}:{args.port}"
     common = ["--nats-url", nats_url, "--log-format", "json", "--log-level", args.log_level]
     children = [
@@ -610,27 +709,29 @@ def cmd_up(args: argparse.Namespace) -> None:
         *[
             Child(name, openrl_argv("trainer", "--base-model", args.base_model, *common, "--threads", str(threads),
                                     "--snapshot-every", str(args.snapshot_every), "--worker-id", name, *slot.args),
-                  env=slot.env, grace_s=15)
+                  env={**slot.env, **role_env("trainer")}, grace_s=15)
             for name, slot in zip(["trainer"] if args.trainers == 1 else [f"trainer-{i}" for i in range(args.trainers)],
                                   placement.trainers, strict=True)
         ],
         *[
             Child(f"sampler-{i}" if args.samplers > 1 else "sampler",
                   openrl_argv("sampler", "--base-model", args.base_model, *common, "--threads", str(threads), *slot.args),
-                  env=slot.env, grace_s=15)
+                  env={**slot.env, **role_env("sampler")}, grace_s=15)
             for i, slot in enumerate(placement.samplers)
         ],
         # One process per reward function: each is its own group of competing consumers and
         # fails, restarts and scales on its own, as in a cluster.
         *[
             Child(f"rewarder-{name}", openrl_argv("rewarder", "--fn", fn, "--name", name, *common,
-                                                 "--concurrency", str(args.reward_concurrency)))
+                                                 "--concurrency", str(args.reward_concurrency)), env=role_env("rewarder"))
             for name, fn in _up_rewarders(args.rewarder).items()
         ],
+        # The API keys go in the environment: a command line is visible to every user in `ps`.
         Child(
             "gateway",
-            openrl_argv("gateway", "--host", args.host, "--port", str(args.port), "--api-key", api_key, *common,
+            openrl_argv("gateway", "--host", args.host, "--port", str(args.port), *common,
                         "--fwdbwd-max-chunk-len", str(args.fwdbwd_max_chunk_len)),
+            env=role_env("gateway", OPENRL_API_KEYS=",".join(_api_keys([api_key]))),
         ),
     ]
     # Each openrl process serves /metrics on its own port (recorded in stack.json).
@@ -649,8 +750,13 @@ def cmd_up(args: argparse.Namespace) -> None:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    sup.start_all()
+    nats_child, workers = children[0], children[1:]
+    sup.start(nats_child)
     try:
+        # The operator makes the streams and buckets once; the workers only bind to them.
+        _ensure_topology(nats_url, credentials["operator"], nats_child.proc)
+        for child in workers:
+            sup.start(child)
         log.info("waiting_for_stack", hint="the first start builds the default model (about a minute)")
         if not _wait_ready(url, args.ready_timeout_s, sup, args.samplers, args.trainers):
             log.error("stack_not_ready", logs=str(data_dir / "logs"))
@@ -667,9 +773,9 @@ def cmd_up(args: argparse.Namespace) -> None:
         if args.demo:
             # The default model exists only in the local HF cache: look nowhere else for it.
             env = {**os.environ, "HF_HUB_OFFLINE": "1"} if args.base_model == DEFAULT_BASE_MODEL else None
-            demo = subprocess.Popen(
-                openrl_argv("demo", "--base-url", url, "--api-key", api_key, "--base-model", args.base_model, "--steps", str(args.demo_steps)),
-                env=env,
+            demo = subprocess.Popen(  # the key in TINKER_API_KEY, not on the command line
+                openrl_argv("demo", "--base-url", url, "--base-model", args.base_model, "--steps", str(args.demo_steps)),
+                env={**(env or os.environ), "TINKER_API_KEY": api_key},
             )
         while not stopping:
             sup.poll()
@@ -818,6 +924,9 @@ def parser() -> argparse.ArgumentParser:
     rw.add_argument("--memory-mb", type=int, default=int(_env("REWARD_MEMORY_MB", 2048)),
                     help="address-space limit of each worker process, 0 = none [OPENRL_REWARD_MEMORY_MB]")
     rw.add_argument("--worker-id", default=_env("WORKER_ID", ""))
+    rw.add_argument("--pass-env", action="append", metavar="NAME",
+                    help="an environment variable the reward function sees although it looks secret, say an LLM judge's API key "
+                         "(repeatable; bus credentials and OPENRL_* never pass) [OPENRL_REWARD_PASS_ENV, comma-separated]")
     rw.set_defaults(func=cmd_rewarder)
 
     ex = sub.add_parser("export", help="write a saved checkpoint (e.g. a PEFT folder from save_weights_external) to a directory")
@@ -869,6 +978,9 @@ def parser() -> argparse.ArgumentParser:
     dq.add_argument("id", nargs="?", type=int, help="with retry: the dead letter's id (from list)")
     dq.add_argument("--json", action="store_true", help="with list: JSON")
     dq.set_defaults(func=cmd_dlq)
+    bi = sub.add_parser("bus-init", help="create or update the streams and buckets (operator credentials; a cluster's init step)")
+    _add_common(bi)
+    bi.set_defaults(func=cmd_bus_init)
     nt = sub.add_parser("nats", help="the embedded nats-server (JetStream, file store under the data dir)")
     nt.add_argument("--data-dir", default=_env("DATA_DIR", "~/.openrl"))
     nt.add_argument("--port", type=int, default=int(_env("NATS_PORT", 4222)))

@@ -3,7 +3,10 @@
 A child that dies is restarted with back-off; Ctrl-C or SIGTERM stops the workers first
 (SIGTERM, then SIGKILL after the grace period) and nats-server last. Every child's
 output goes to `<data-dir>/logs/<role>.log`; pids are in `<data-dir>/run/<role>.pid` and
-the connection facts in `<data-dir>/run/stack.json`.
+the connection facts in `<data-dir>/run/stack.json` (0600: it holds the API key).
+
+A child inherits this process's environment without its secrets (`SECRET_ENV`: API keys and
+NATS credentials), and gets only what its `Child.env` gives it: its own role's credentials.
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ from pathlib import Path
 
 import structlog
 
+from openrl.bus.auth import write_private
+
 log = structlog.get_logger(__name__)
+
+
+# What no child inherits: each gets its own role's credentials (and the gateway the API keys)
+# through `Child.env`, or nothing.
+SECRET_ENV = ("OPENRL_NATS_USER", "OPENRL_NATS_PASSWORD", "OPENRL_NATS_CREDS", "OPENRL_API_KEYS", "OPENRL_API_KEY", "TINKER_API_KEY")
 
 
 @dataclass
@@ -46,7 +56,7 @@ class Supervisor:
 
     def start(self, child: Child) -> None:
         out = open(self.logs / f"{child.role}.log", "ab")
-        env = {**os.environ, **child.env}
+        env = {**{k: v for k, v in os.environ.items() if k not in SECRET_ENV}, **child.env}
         child.proc = subprocess.Popen(child.argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         out.close()
         child.started_at = time.monotonic()
@@ -92,7 +102,7 @@ class Supervisor:
             (self.run_dir / f"{child.role}.pid").unlink(missing_ok=True)
 
     def write_stack(self, facts: dict) -> None:
-        (self.run_dir / "stack.json").write_text(json.dumps(facts, indent=2) + "\n")
+        write_private(self.run_dir / "stack.json", json.dumps(facts, indent=2) + "\n")
 
 
 def openrl_argv(*args: str) -> list[str]:

@@ -1,5 +1,9 @@
 """Shared fixtures: a real nats-server, a real `openrl up` stack, real tinker clients.
 
+Both enforce NATS authorization, as deployments do: one set of role credentials for the
+session (`nats_credentials`), exported as OPENRL_NATS_CREDS, so every process a test starts
+connects as its own role; in-process clients take `stack_helpers.bus_config(url, role)`.
+
 The default model is built once into a test HF cache (outside the repo, reused across
 runs; its revision changes when the recipe does) and every process, the tests' own
 included, runs with HF_HUB_OFFLINE=1: nothing is downloaded.
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from stack_helpers import API_KEY, OTHER_KEY, Stack, alive, free_port, stack_pid
+from stack_helpers import API_KEY, OTHER_KEY, Stack, alive, bus_config, free_port, stack_pid
 
 # Must be set before huggingface_hub is imported anywhere (it reads them at import).
 os.environ.setdefault("OPENRL_TEST_HF_HOME", str(Path.home() / ".cache" / "openrl-tests" / "hf"))
@@ -29,19 +33,43 @@ os.environ.setdefault("TINKER_TELEMETRY", "0")
 
 
 @pytest.fixture(scope="session")
-def nats_server(tmp_path_factory):
+def nats_credentials(tmp_path_factory) -> Path:
+    """Every role's NATS credentials for this session, in a 0600 file named by OPENRL_NATS_CREDS
+    (the processes tests start read it, each taking its own role's entry). The session's
+    nats-server enforces them, and so does the `stack`: `openrl up` reuses the credentials file
+    it finds in its data dir."""
+    from openrl.bus import auth
+
+    path = tmp_path_factory.mktemp("nats-creds") / auth.LOCAL_FILE
+    auth.save(path, auth.generate())
+    os.environ["OPENRL_NATS_CREDS"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory, nats_credentials):
+    """A nats-server enforcing the session's role credentials, its streams and buckets made
+    (by the operator, as `openrl up` does), so workers started against it can bind."""
+    import asyncio
+
+    from openrl.bus import auth
+    from openrl.bus.client import Bus
     from openrl.bus.server import NatsServer
 
-    with NatsServer(tmp_path_factory.mktemp("nats")) as server:
+    async def ensure(url: str) -> None:
+        await (await Bus.connect(bus_config(url, "operator"))).close()
+
+    with NatsServer(tmp_path_factory.mktemp("nats"), credentials=auth.load_all(nats_credentials)) as server:
+        asyncio.run(ensure(server.url))
         yield server
 
 
 @pytest.fixture
 async def bus(nats_server):
-    """A client of the session's nats-server, closed after the test."""
-    from openrl.bus.client import Bus, BusConfig
+    """An operator's client of the session's nats-server, closed after the test."""
+    from openrl.bus.client import Bus
 
-    b = await Bus.connect(BusConfig(url=nats_server.url))
+    b = await Bus.connect(bus_config(nats_server.url))
     yield b
     await b.close()
 
@@ -55,9 +83,13 @@ def default_model() -> Path:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory, default_model):
-    """`openrl up` as a user runs it: separate processes, supervised."""
+def stack(tmp_path_factory, default_model, nats_credentials):
+    """`openrl up` as a user runs it: separate processes, supervised, its NATS enforcing the
+    session's credentials (copied to where `openrl up` keeps them)."""
+    import shutil
+
     data_dir = tmp_path_factory.mktemp("stack")
+    shutil.copy(nats_credentials, data_dir / nats_credentials.name)
     port = free_port()
     cmd = [
         sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(port),
@@ -87,6 +119,9 @@ def stack(tmp_path_factory, default_model):
     assert code == 0, f"openrl up exited with {code}"
     running = [role for role, pid in pids.items() if alive(pid)]
     assert not running, f"still running after openrl up stopped: {running}"
+    # Every role did its work within its permissions: nats-server logs each refusal.
+    violations = [line for line in (data_dir / "logs" / "nats.log").read_text().splitlines() if "Violation" in line]
+    assert not violations, "NATS refused the stack's own processes (openrl/bus/auth.py):\n" + "\n".join(violations[:20])
 
 
 def _gateway(stack, tmp_path_factory, name: str, env: dict[str, str]):
@@ -145,6 +180,15 @@ def quota_gateway(stack, tmp_path_factory):
     3 live sessions, 2 models in them, 2 checkpoints, 4 reward items in flight."""
     env = {"OPENRL_QUOTA_SESSIONS": "3", "OPENRL_QUOTA_MODELS": "2", "OPENRL_QUOTA_CHECKPOINTS": "2", "OPENRL_QUOTA_REWARD_ITEMS": "4"}
     yield from _gateway(stack, tmp_path_factory, "gw-quota", env)
+
+
+@pytest.fixture(scope="session")
+def retention_gateway(stack, tmp_path_factory):
+    """A second gateway replica on the same bus whose sampler retention is tight and fast: the
+    newest 2 unnamed sampler weights per model kept, a sweep every 0.5 s, deleted after 1 s
+    unreferenced (tests/test_storage.py)."""
+    env = {"OPENRL_SAMPLER_WEIGHTS_KEEP": "2", "OPENRL_COLLECT_EVERY_S": "0.5", "OPENRL_COLLECT_GRACE_S": "1"}
+    yield from _gateway(stack, tmp_path_factory, "gw-retention", env)
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,23 @@ class Stack:
         return tinker.ServiceClient(base_url=base_url or self.url, api_key=api_key or self.api_key)
 
 
+def bus_config(url: str, role: str = "operator", **kw):
+    """A BusConfig for an in-process client of a test server: `role`'s credentials from the
+    session's file (OPENRL_NATS_CREDS, made by the `nats_credentials` fixture)."""
+    from openrl.bus import auth
+    from openrl.bus.client import BusConfig
+
+    creds = auth.load(Path(os.environ["OPENRL_NATS_CREDS"]), role)
+    return BusConfig(url=url, role=role, user=creds.user, password=creds.password, **kw)
+
+
+def nats_options(role: str = "operator") -> dict:
+    """nats.connect keyword arguments for a bare client of a test server, as `role`."""
+    from openrl.bus import auth
+
+    return auth.connect_options(role, auth.load(Path(os.environ["OPENRL_NATS_CREDS"]), role))
+
+
 def free_port() -> int:
     from openrl.bus.server import free_port
 

@@ -45,7 +45,9 @@ class DonePings:
     async def _run(self, nats_url: str) -> None:
         import nats
 
-        nc = await nats.connect(nats_url)
+        from stack_helpers import nats_options
+
+        nc = await nats.connect(nats_url, **nats_options())
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
 

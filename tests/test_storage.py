@@ -126,9 +126,10 @@ async def test_streams_whose_old_entries_are_safe_to_lose_have_limits_and_the_ot
 
 
 async def _with_bus(stack, fn):
-    from openrl.bus.client import Bus, BusConfig
+    from openrl.bus.client import Bus
+    from stack_helpers import bus_config
 
-    bus = await Bus.connect(BusConfig(url=stack.nats_url, name="test-storage"))
+    bus = await Bus.connect(bus_config(stack.nats_url, name="test-storage"))
     try:
         return await fn(bus)
     finally:

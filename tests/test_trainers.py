@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from stack_helpers import BASE_MODEL
+from stack_helpers import BASE_MODEL, bus_config
 from sdk_helpers import assert_logprobs_equal, logprobs, sdk_steps, training_client
 
 pytestmark = pytest.mark.timeout(600)
@@ -27,11 +27,11 @@ EXTRA = "extra-trainer"
 
 def leases(stack) -> dict[str, dict]:
     """Every lease in the bus, as plain dicts keyed by model id."""
-    from openrl.bus.client import Bus, BusConfig
+    from openrl.bus.client import Bus
     from openrl.bus.messages import Lease, decode
 
     async def read():
-        bus = await Bus.connect(BusConfig(url=stack.nats_url, name="test-leases"))
+        bus = await Bus.connect(bus_config(stack.nats_url, name="test-leases"))
         try:
             keys = await bus.kv_keys(bus.leases)
             out = {}

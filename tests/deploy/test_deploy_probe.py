@@ -12,6 +12,7 @@ import uuid
 from aiohttp import web
 
 from openrl.bus.client import Bus, BusConfig
+from stack_helpers import bus_config
 from openrl.bus.messages import WorkerInfo
 from openrl.bus.server import free_port
 
@@ -32,7 +33,7 @@ def info(kind: str, host: str, worker_id: str) -> WorkerInfo:
 
 async def test_worker_probe_follows_the_heartbeat(nats_server):
     """Ready while a worker of that kind on that host beats; not ready once it stops."""
-    bus = await Bus.connect(BusConfig(url=nats_server.url, name="probe-test"))
+    bus = await Bus.connect(bus_config(nats_server.url, name="probe-test"))
     host = f"pod-{uuid.uuid4().hex[:8]}"
     url = ["--nats-url", nats_server.url, "--host", host]
     stop = asyncio.Event()
@@ -55,7 +56,7 @@ async def test_worker_probe_follows_the_heartbeat(nats_server):
 
 async def test_worker_probe_defaults_to_this_host(nats_server):
     """In a pod the probe's hostname is the worker's: the manifests pass no --host."""
-    bus = await Bus.connect(BusConfig(url=nats_server.url, name="probe-test"))
+    bus = await Bus.connect(bus_config(nats_server.url, name="probe-test"))
     wid = f"rewarder-{uuid.uuid4().hex[:8]}"
 
     async def beat() -> None:  # as a live worker does (entries expire after 10 s; a loaded CI box starts the probe slowly)

@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 import tinker
 
-from openrl.bus.client import Bus, BusConfig
+from openrl.bus.client import Bus
 from openrl.bus.messages import Secret
 from openrl.demo import make_datum, sft_examples
 
-from stack_helpers import API_KEY, BASE_MODEL
+from stack_helpers import API_KEY, BASE_MODEL, bus_config
 
 pytestmark = pytest.mark.timeout(600)
 
 
 async def _secret(nats_url: str) -> bytes:
-    bus = await Bus.connect(BusConfig(url=nats_url, name="test-downloads"))
+    bus = await Bus.connect(bus_config(nats_url, "gateway", name="test-downloads"))  # the secrets are the gateway's alone
     try:
         return (await bus.kv_get(bus.secrets, "download-signing", Secret)).secret
     finally:

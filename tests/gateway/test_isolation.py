@@ -19,11 +19,11 @@ import tinker
 from nats.js.errors import ObjectNotFoundError
 from tinker import types
 
-from openrl.bus.client import Bus, BusConfig
+from openrl.bus.client import Bus
 from openrl.bus.messages import WeightsRecord
 from openrl.demo import make_datum, sft_examples
 
-from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY
+from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY, bus_config
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -246,7 +246,7 @@ def test_hostile_ids_and_checkpoint_addresses_are_400(owner, mine, bad):
 async def _bus_record(nats_url: str, path: str, expires_at: float | None = None):
     """Read (and optionally age) a checkpoint's record straight from the bus, and say which of
     its blobs still exist."""
-    bus = await Bus.connect(BusConfig(url=nats_url, name="test-isolation"))
+    bus = await Bus.connect(bus_config(nats_url, name="test-isolation"))
     try:
         rec = await bus.kv_get(bus.weights, path, WeightsRecord)
         if rec is not None and expires_at is not None:
@@ -268,7 +268,7 @@ async def _blob_exists(bus: Bus, obj: str) -> bool:
 
 
 async def _blobs_exist(nats_url: str, names: list[str]) -> dict[str, bool]:
-    bus = await Bus.connect(BusConfig(url=nats_url, name="test-isolation"))
+    bus = await Bus.connect(bus_config(nats_url, name="test-isolation"))
     try:
         return {obj: await _blob_exists(bus, obj) for obj in names}
     finally:

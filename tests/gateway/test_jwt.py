@@ -14,12 +14,12 @@ import pytest
 import tinker
 from tinker import types
 
-from openrl.bus.client import Bus, BusConfig
+from openrl.bus.client import Bus
 from openrl.demo import make_datum, sft_examples
 from openrl.gateway import auth
 from openrl.gateway.http import key_id
 
-from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY
+from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY, bus_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -49,7 +49,7 @@ def rejected_token(r: httpx.Response, says: str) -> None:
 
 
 async def _secret(nats_url: str) -> bytes:
-    bus = await Bus.connect(BusConfig(url=nats_url, name="test-jwt"))
+    bus = await Bus.connect(bus_config(nats_url, "gateway", name="test-jwt"))  # the secrets are the gateway's alone
     try:
         return await auth.load_secret(bus)
     finally:

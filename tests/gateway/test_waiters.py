@@ -70,7 +70,9 @@ async def test_missed_notification_is_recovered_on_reconnect(tmp_path):
 async def test_notification_during_the_kv_read_is_not_lost(nats_server):
     """The future finishes, and its notification arrives, while the waiter's read (which saw
     it pending) is still in flight: the waiter must look again rather than sleep."""
-    bus = await Bus.connect(BusConfig(url=nats_server.url))
+    from stack_helpers import bus_config
+
+    bus = await Bus.connect(bus_config(nats_server.url))
     try:
         waiters = Waiters(bus, recheck_s=60)
         await waiters.start()

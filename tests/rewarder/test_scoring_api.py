@@ -10,7 +10,8 @@ import httpx
 import pytest
 from aiohttp import web
 
-from openrl.bus.client import Bus, BusConfig
+from openrl.bus.client import Bus
+from stack_helpers import bus_config
 from openrl.bus.errors import InvalidRequest, Unauthorized
 from openrl.bus.server import free_port
 from openrl.client import AsyncRewardClient, RewardClient, Score
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 async def gateway(nats_server):
-    bus = await Bus.connect(BusConfig(url=nats_server.url, name="test-gateway"))
+    bus = await Bus.connect(bus_config(nats_server.url, "gateway", name="test-gateway"))
     port = free_port()
     cfg = GatewayConfig(port=port, nats_url=nats_server.url, api_keys=(API_KEY, OTHER_KEY), long_poll_s=3.0, max_body_bytes=1024 * 1024)
     runner = web.AppRunner(make_app(cfg, bus), access_log=None)
@@ -46,7 +47,7 @@ async def served(nats_server, tmp_path_factory):
         start_rewarder(nats_server.url, tmp, "chaos_rewards:exact", names["exact"], "--concurrency", "1"),
         start_rewarder(nats_server.url, tmp, "chaos_rewards:chaos", names["chaos"], "--concurrency", "2", "--timeout-s", "2"),
     ]
-    bus = await Bus.connect(BusConfig(url=nats_server.url))
+    bus = await Bus.connect(bus_config(nats_server.url))
     try:
         for p in procs:
             await wait_heartbeat(bus, p)
