@@ -9,7 +9,6 @@ normal HF code path (`AutoTokenizer.from_pretrained("openrl/tiny-qwen3")`, with
 """
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import structlog
+from filelock import FileLock, Timeout
 
 log = structlog.get_logger(__name__)
 
@@ -492,9 +492,14 @@ _DONE = "openrl-build.json"
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """Held by one process at a time (filelock: flock on POSIX, released if the holder dies)."""
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("default_model_waiting", lock=str(path), reason="another process is building it")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

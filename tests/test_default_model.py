@@ -136,3 +136,39 @@ def test_alias_never_touches_an_entry_it_did_not_make(tmp_path):
     for bad in ("Qwen3-8B", "a/b/c", "../evil", "Qwen/..", "Qwen/x y", dm.DEFAULT_MODEL):
         with pytest.raises(dm.AliasError):
             dm.install_alias(bad, tmp_path, warmup_steps=5)
+
+
+def test_a_build_waits_for_the_lock_holder_and_goes_on_when_it_dies(tmp_path):
+    """The build lock (filelock) of a process that is killed mid-build is released with it:
+    the next caller, waiting meanwhile, then builds."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from structlog.testing import capture_logs
+
+    repo = tmp_path / "models--openrl--tiny-qwen3"
+    repo.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(600)",
+         str(repo / ".openrl-build.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = []
+        with capture_logs() as logs:
+            builder = threading.Thread(target=lambda: done.append(dm.ensure_default_model(tmp_path, warmup_steps=1)))
+            builder.start()
+            deadline = time.monotonic() + 30
+            while not any(e["event"] == "default_model_waiting" for e in logs) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            assert builder.is_alive() and not done and not any(e["event"] == "default_model_building" for e in logs)
+            holder.send_signal(signal.SIGKILL)
+            builder.join(300)
+        assert done == [dm.snapshot_path(tmp_path, warmup_steps=1)] and (done[0] / "model.safetensors").exists()
+    finally:
+        holder.kill()
+        holder.wait()
