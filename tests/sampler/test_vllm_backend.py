@@ -7,25 +7,26 @@ vLLM's logprobs processor lays them out: the actual token at its rank, then the 
 folder vLLM loads, checked by loading it with peft; the sampler service awaiting an async
 backend over a real NATS; the CLI's refusal when vLLM is missing.
 
-With vLLM and a CUDA device, the backend itself runs on the default model (bf16) against
-plain-torch fp32 references and the trainer's forward; skipped cleanly otherwise.
+The backend itself, on a real vLLM engine, runs in vLLM's own environment (scripts/vllm_env.sh,
+OPENRL_VLLM_PYTHON): test_vllm_engine runs tests/sampler/vllm_cases.py there. Without that
+environment it skips, unless OPENRL_VLLM_REQUIRED=1 (CI), where it fails.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from openrl.bus.errors import InvalidRequest, NotFound
+from openrl.bus.errors import InvalidRequest
 from openrl.sampler.spec import MAX_TOPK
 from openrl.sampler.sampling import SENTINEL_LOGPROB, derive_seed
 from openrl.sampler.vllm_backend import (
@@ -39,8 +40,8 @@ from openrl.sampler.vllm_backend import (
     top,
     validate,
 )
-from factories import datum
 from factories import respec, sample_spec
+from vllm_model import junit_counts, vllm_model, vllm_python  # noqa: F401  (fixtures)
 from test_backend import (  # noqa: F401  (fixtures)
     BAD,
     TOL,
@@ -59,7 +60,6 @@ from test_backend import (  # noqa: F401  (fixtures)
 )
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-NO_GPU_REASON = "needs vllm (pip install 'openrl[vllm]') and a CUDA device"
 
 
 # ---------------------------------------------------------------------- what vLLM's outputs look like
@@ -330,245 +330,17 @@ def test_the_module_imports_without_vllm():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
-# ---------------------------------------------------------------------- on a GPU, with vLLM
-
-# The engine runs in bf16 (as the transformers backend on CUDA); references are fp32 on the CPU.
-BF16_MAX = 0.1  # largest |vLLM - reference| logprob difference allowed
-BF16_MEAN = 0.03
-gpu = pytest.mark.skipif(not (HAS_VLLM and torch.cuda.is_available()), reason=NO_GPU_REASON)
+# ---------------------------------------------------------------------- the engine, in vLLM's environment
 
 
-def assert_close_bf16(got, expected):
-    diff = np.abs(np.asarray(got, dtype=np.float64) - np.asarray(expected, dtype=np.float64))
-    assert diff.max() < BF16_MAX and diff.mean() < BF16_MEAN, (diff.max(), diff.mean())
-
-
-@pytest.fixture(scope="module")
-async def vllm_sampler(default_model, tmp_path_factory):
-    if not (HAS_VLLM and torch.cuda.is_available()):
-        pytest.skip(NO_GPU_REASON)
-    from openrl.sampler.vllm_backend import VllmSampler
-
-    s = VllmSampler(str(default_model), gpu_memory_utilization=0.25, max_loras=2, max_lora_rank=16, max_adapters=2,
-                    adapter_dir=str(tmp_path_factory.mktemp("vllm-adapters")), enforce_eager=True)  # fmt: skip
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
-def default_ref(default_model):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def default_engine(default_model):
-    """Tenants on the default model: "attn" (rank 8, no lm_head), "unembed" (rank 8, with lm_head), "big" (rank 32)."""
-    from openrl.bus.messages import AdamParams, ForwardBackward, LoraSpec
-    from openrl.trainer.engine import LoraEngine
-
-    if not (HAS_VLLM and torch.cuda.is_available()):
-        pytest.skip(NO_GPU_REASON)
-    engine = LoraEngine(str(default_model), device="cpu")
-    rng = np.random.default_rng(0)
-    vocab = engine.info.vocab_size
-    for model_id, lora in (
-        ("attn", LoraSpec(rank=8, seed=1, train_unembed=False)),
-        ("unembed", LoraSpec(rank=8, seed=2)),
-        ("big", LoraSpec(rank=32, seed=3, train_unembed=False)),
-    ):
-        engine.create(model_id, lora)
-        data = [datum(rng.integers(0, vocab, 12), rng.integers(0, vocab, 12)) for _ in range(2)]
-        for _ in range(3):
-            engine.forward_backward(ForwardBackward(request_id="r", model_id=model_id, seq_id=1, loss_fn="cross_entropy", data=data))
-            engine.optim_step(model_id, AdamParams(learning_rate=0.05))
-    return engine
-
-
-def random_prompt(seed: int, n: int) -> list[int]:
-    return np.random.default_rng(seed).integers(10, 800, n).tolist()
-
-
-@gpu
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-async def test_vllm_sampled_logprobs_are_the_tempered_forward(vllm_sampler, default_ref, temperature):
-    p = random_prompt(1, 10)
-    spec = sample_spec(prompt=p, num_samples=3, max_tokens=12, temperature=temperature, seed=5, stop_at_eos=False)
-    r = await vllm_sampler.sample(spec)
-    assert len(r.sequences) == 3
-    for seq in r.sequences:
-        assert len(seq.tokens) == 12 and seq.stop_reason == "length"
-        expected = ref_logprobs(default_ref, p, seq.tokens, temperature)
-        assert_close_bf16(seq.logprobs, expected)
-        if temperature != 1.0:  # the check can tell tempered from untempered logprobs
-            assert np.abs(ref_logprobs(default_ref, p, seq.tokens, 1.0) - expected).max() > 3 * BF16_MAX
-    if temperature == 1.0:
-        assert len({tuple(s.tokens) for s in r.sequences}) == 3  # each row its own stream
-
-
-@gpu
-async def test_vllm_greedy_follows_the_argmax(vllm_sampler, default_ref):
-    p = chat_prompt(vllm_sampler, "apple")
-    r = await vllm_sampler.sample(sample_spec(prompt=p, num_samples=2, max_tokens=10, temperature=0.0, stop_at_eos=False))
-    for seq in r.sequences:
-        logits = ref_logits(default_ref, p + seq.tokens.tolist()[:-1])[len(p) - 1 :]
-        top2 = logits.topk(2).values
-        for t, (row, (first, second)) in enumerate(zip(logits, top2.tolist(), strict=True)):
-            if first - second > 2 * BF16_MAX:  # not a near-tie that bf16 may break either way
-                assert seq.tokens[t] == int(row.argmax()), t
-        assert_close_bf16(seq.logprobs, ref_logprobs(default_ref, p, seq.tokens, 1.0))  # greedy logprobs: temperature 1
-
-
-@gpu
-async def test_vllm_seeds_are_reproducible(vllm_sampler):
-    p = random_prompt(2, 8)
-    spec = sample_spec(prompt=p, num_samples=2, max_tokens=20, seed=123, stop_at_eos=False)
-    first, again = await vllm_sampler.sample(spec), await vllm_sampler.sample(spec)
-    for a, b in zip(first.sequences, again.sequences, strict=True):
-        np.testing.assert_array_equal(a.tokens, b.tokens)
-    other = await vllm_sampler.sample(dataclasses.replace(spec, seed=124))
-    assert other.sequences[0].tokens.tolist() != first.sequences[0].tokens.tolist()
-    unseeded = dataclasses.replace(spec, seed=None, num_samples=1)
-    x, y = await vllm_sampler.sample(unseeded), await vllm_sampler.sample(unseeded)
-    assert x.sequences[0].tokens.tolist() != y.sequences[0].tokens.tolist()
-
-
-@gpu
-async def test_vllm_stop_token_ids_and_length(vllm_sampler):
-    p = random_prompt(3, 6)
-    full = (await vllm_sampler.sample(sample_spec(prompt=p, num_samples=1, max_tokens=12, temperature=0, stop_at_eos=False))).sequences[0].tokens.tolist()
-    i = next(i for i in range(2, 12) if full[i] not in full[:i])
-
-    async def greedy(**kw):
-        [seq] = (await vllm_sampler.sample(sample_spec(prompt=p, num_samples=1, temperature=0, stop_at_eos=False, **kw))).sequences
-        return seq.tokens.tolist(), seq.stop_reason
-
-    assert await greedy(max_tokens=12, stop_token_ids=[full[i]]) == (full[: i + 1], "stop")
-    assert await greedy(max_tokens=i) == (full[:i], "length")
-    assert await greedy(max_tokens=i + 1, stop_token_ids=[full[i]]) == (full[: i + 1], "stop")  # on the last allowed token
-
-
-@gpu
-async def test_vllm_eos_and_stop_strings(vllm_sampler):
-    tok, p = vllm_sampler.tokenizer, chat_prompt(vllm_sampler, "banana")
-    [seq] = (await vllm_sampler.sample(sample_spec(prompt=p, num_samples=1, max_tokens=20, temperature=0))).sequences
-    assert seq.stop_reason == "stop" and seq.tokens[-1] in vllm_sampler.info.eos_token_ids
-    [run_on] = (await vllm_sampler.sample(sample_spec(prompt=p, num_samples=1, max_tokens=20, temperature=0, stop_at_eos=False))).sequences
-    assert run_on.stop_reason == "length" and len(run_on.tokens) == 20
-    assert run_on.tokens[: len(seq.tokens)].tolist() == seq.tokens.tolist()
-    text = tok.decode(run_on.tokens.tolist(), skip_special_tokens=False)
-    stop = text[4:9]
-    cut = next(i for i in range(1, 21) if stop in tok.decode(run_on.tokens[:i].tolist(), skip_special_tokens=False))
-    spec = sample_spec(prompt=p, num_samples=1, max_tokens=20, temperature=0, stop_strings=["zzzq", stop], stop_at_eos=False)
-    [cut_seq] = (await vllm_sampler.sample(spec)).sequences
-    assert cut_seq.tokens.tolist() == run_on.tokens[:cut].tolist() and cut_seq.stop_reason == "stop"
-
-
-@gpu
-async def test_vllm_prompt_and_topk_logprobs(vllm_sampler, default_ref):
-    p = random_prompt(4, 9)
-    spec = sample_spec(prompt=p, num_samples=2, max_tokens=4, temperature=0.8, seed=2, stop_at_eos=False,
-                      prompt_logprobs=True, topk_prompt_logprobs=4, topk_sample_logprobs=3)  # fmt: skip
-    r = await vllm_sampler.sample(spec)
-    logp = ref_logits(default_ref, p).log_softmax(-1)[:-1]  # row i predicts p[i + 1], temperature 1
-    assert r.prompt_logprobs.shape == (9,) and np.isnan(r.prompt_logprobs[0])
-    assert_close_bf16(r.prompt_logprobs[1:], logp[torch.arange(8), torch.tensor(p[1:])].numpy())
-    assert r.topk_prompt_tokens.shape == (9, 4) and (r.topk_prompt_logprobs[0] == SENTINEL_LOGPROB).all()
-    # The values are the top 4, and each is its token's logprob (token order may differ at bf16 near-ties).
-    assert_close_bf16(r.topk_prompt_logprobs[1:], logp.topk(4).values.numpy())
-    assert_close_bf16(r.topk_prompt_logprobs[1:], logp.gather(1, torch.from_numpy(r.topk_prompt_tokens[1:])).numpy())
-    for seq in r.sequences:
-        tempered = (ref_logits(default_ref, p + seq.tokens.tolist()[:-1])[len(p) - 1 :] / 0.8).log_softmax(-1)
-        assert seq.topk_tokens.shape == (4, 3)
-        assert_close_bf16(seq.topk_logprobs, tempered.topk(3).values.numpy())
-        assert_close_bf16(seq.topk_logprobs, tempered.gather(1, torch.from_numpy(seq.topk_tokens)).numpy())
-    r = await vllm_sampler.sample(dataclasses.replace(spec, prompt_logprobs_last_n=3))
-    assert np.isnan(r.prompt_logprobs[:6]).all() and not np.isnan(r.prompt_logprobs[6:]).any()
-    assert (r.topk_prompt_logprobs[:6] == SENTINEL_LOGPROB).all() and (r.topk_prompt_logprobs[6:] > SENTINEL_LOGPROB).all()
-
-
-@gpu
-async def test_vllm_top_k_samples_only_the_top_k(vllm_sampler, default_ref):
-    """Never a token outside the top k; the logprobs are vLLM's processed ones: the tempered
-    distribution renormalised over the top k (the transformers backend reports them before truncation)."""
-    p = random_prompt(5, 6)
-    temperature, k = 1.3, 3
-    r = await vllm_sampler.sample(sample_spec(prompt=p, num_samples=16, max_tokens=3, temperature=temperature, top_k=k, seed=0, stop_at_eos=False))
-    for seq in r.sequences:
-        scaled = ref_logits(default_ref, p + seq.tokens.tolist()[:-1])[len(p) - 1 :] / temperature
-        for t, (row, token) in enumerate(zip(scaled, seq.tokens.tolist(), strict=True)):
-            values, tokens = row.topk(k + 1)
-            kth, next_ = float(values[k - 1]), float(values[k])
-            assert float(row[token]) >= kth - BF16_MAX, (t, token)  # in the top k, up to bf16 noise at the edge
-            if kth - next_ > 2 * BF16_MAX:  # an unambiguous top-k set
-                truncated = row[tokens[:k]].log_softmax(-1)
-                assert abs(seq.logprobs[t] - float(truncated[tokens[:k].tolist().index(token)])) < BF16_MAX
-
-
-@gpu
-async def test_vllm_lora_adapters_match_the_trainer(vllm_sampler, default_engine, default_ref):
-    from openrl.trainer.weights import adapter_bytes
-
-    p = random_prompt(6, 7)
-    blob = adapter_bytes(default_engine, "attn")
-    key = "adapters/attn/seq-1"
-    spec = sample_spec(prompt=p, num_samples=2, max_tokens=10, seed=9, stop_at_eos=False, adapter=key)
-    base_spec = dataclasses.replace(spec, adapter=None)
-    tuned, plain = await asyncio.gather(vllm_sampler.sample(spec, blob), vllm_sampler.sample(base_spec))  # one batch, mixed
-    assert vllm_sampler.has_adapter(key)
-    for seq in tuned.sequences:
-        expected = trainer_logprobs(default_engine, "attn", p, seq.tokens)
-        assert_close_bf16(seq.logprobs, expected)
-        assert np.abs(ref_logprobs(default_ref, p, seq.tokens) - expected).max() > 3 * BF16_MAX  # the adapter matters
-    for seq in plain.sequences:
-        assert_close_bf16(seq.logprobs, ref_logprobs(default_ref, p, seq.tokens))
-    again = await vllm_sampler.sample(spec)  # loaded: no blob needed
-    assert_close_bf16(again.sequences[0].logprobs, trainer_logprobs(default_engine, "attn", p, again.sequences[0].tokens))
-
-
-@gpu
-async def test_vllm_adapter_lru_evicts_engine_and_folder(vllm_sampler, default_engine):
-    from openrl.trainer.weights import adapter_bytes
-
-    blob = adapter_bytes(default_engine, "attn")
-    spec = sample_spec(prompt=random_prompt(7, 5), num_samples=1, max_tokens=2, seed=1)
-    for key in ("lru/a", "lru/b", "lru/c"):  # max_adapters=2
-        await vllm_sampler.sample(dataclasses.replace(spec, adapter=key), blob)
-    assert vllm_sampler.adapter_keys()[-2:] == ["lru/b", "lru/c"] and not vllm_sampler.has_adapter("lru/a")
-    await asyncio.gather(*list(vllm_sampler._removing))
-    assert len(list(vllm_sampler._dir.iterdir())) == 2  # the evicted adapter's folder is gone
-    with pytest.raises(NotFound):
-        await vllm_sampler.sample(dataclasses.replace(spec, adapter="lru/a"))
-    await vllm_sampler.sample(dataclasses.replace(spec, adapter="lru/a"), blob)  # loads again, under a fresh id
-
-
-@gpu
-async def test_vllm_lm_head_adapter_works_or_is_refused_by_name(vllm_sampler, default_engine):
-    from openrl.trainer.weights import adapter_bytes
-
-    p = random_prompt(8, 6)
-    spec = sample_spec(prompt=p, num_samples=1, max_tokens=6, seed=2, stop_at_eos=False, adapter="adapters/unembed/seq-1")
-    try:
-        r = await vllm_sampler.sample(spec, adapter_bytes(default_engine, "unembed"))
-    except InvalidRequest as e:
-        assert "lm_head" in str(e)
-        return
-    assert_close_bf16(r.sequences[0].logprobs, trainer_logprobs(default_engine, "unembed", p, r.sequences[0].tokens))
-
-
-@gpu
-async def test_vllm_refuses_what_it_cannot_do(vllm_sampler, default_engine):
-    from openrl.trainer.weights import adapter_bytes
-
-    p = random_prompt(9, 5)
-    for bad, field in VLLM_BAD:
-        if field == "target_prompt_logprobs":
-            bad = dict(target_prompt_logprobs=np.zeros((4, 1), dtype=np.int64))
-        with pytest.raises(InvalidRequest, match=field):
-            await vllm_sampler.sample(sample_spec(prompt=p, num_samples=1, max_tokens=2, **bad))
-    with pytest.raises(InvalidRequest, match="rank"):  # 32 > --max-lora-rank 16
-        await vllm_sampler.sample(sample_spec(prompt=p, num_samples=1, max_tokens=2, adapter="big"), adapter_bytes(default_engine, "big"))
-    assert not vllm_sampler.has_adapter("big")
-    ok = await vllm_sampler.sample(sample_spec(prompt=p, num_samples=1, max_tokens=2))  # the engine carries on
-    assert len(ok.sequences[0].tokens) >= 1
+def test_vllm_engine(vllm_python, vllm_model, tmp_path):
+    """tests/sampler/vllm_cases.py (the backend on a real vLLM engine) under OPENRL_VLLM_PYTHON:
+    every case must pass; none may skip."""
+    env = dict(os.environ, OPENRL_VLLM_TEST_MODEL=str(vllm_model), VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    argv = [vllm_python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", f"--junitxml={tmp_path / 'cases.xml'}",
+            str(Path(__file__).with_name("vllm_cases.py"))]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[2], timeout=900)
+    report = out.stdout[-6000:] + out.stderr[-3000:]
+    assert out.returncode == 0, report
+    counts = junit_counts(tmp_path / "cases.xml")
+    assert counts["tests"] >= 14 and counts["skipped"] == counts["failures"] == counts["errors"] == 0, (counts, report)
