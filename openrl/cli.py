@@ -260,7 +260,8 @@ def cmd_sampler(args: argparse.Namespace) -> None:
 
         try:
             check_engine_args(max_lora_rank=args.max_lora_rank, tensor_parallel_size=args.tensor_parallel_size,
-                              kv_cache_memory_bytes=_gib_bytes(args.kv_cache_gib), max_model_len=args.max_model_len or None)
+                              kv_cache_memory_bytes=_gib_bytes(args.kv_cache_gib), max_model_len=args.max_model_len or None,
+                              max_adapters=args.max_adapters)
         except ValueError as e:
             sys.exit(f"openrl sampler: {e}")
     elif args.tensor_parallel_size != 1:
@@ -307,7 +308,7 @@ def cmd_sampler(args: argparse.Namespace) -> None:
                 gpu_memory_utilization=fraction if fraction is not None else args.gpu_memory_utilization,
                 max_loras=args.max_loras,
                 max_lora_rank=args.max_lora_rank,
-                max_adapters=cfg.cached_adapters,
+                max_adapters=args.max_adapters,
                 adapter_dir=args.cache_dir or None,
                 enforce_eager=args.enforce_eager,
                 tensor_parallel_size=args.tensor_parallel_size,
@@ -946,6 +947,8 @@ def parser() -> argparse.ArgumentParser:
                     help="vllm: distinct adapters in one batch [OPENRL_MAX_LORAS]")
     sm.add_argument("--max-lora-rank", type=int, default=int(_env("MAX_LORA_RANK", 64)),
                     help="vllm: the largest adapter rank served: 8, 16, 32, 64, 128, 256, 320 or 512 [OPENRL_MAX_LORA_RANK]")
+    sm.add_argument("--max-adapters", type=int, default=int(_env("MAX_ADAPTERS", 32)),
+                    help="vllm: adapters kept loaded (least recently used evicted first) [OPENRL_MAX_ADAPTERS]")
     sm.add_argument("--tensor-parallel-size", type=int, default=int(_env("TENSOR_PARALLEL_SIZE", 1)), metavar="N",
                     help="vllm: shard the model over N GPUs (the GPUs CUDA_VISIBLE_DEVICES shows) [OPENRL_TENSOR_PARALLEL_SIZE]")
     sm.add_argument("--kv-cache-gib", type=float, default=_env("KV_CACHE_GIB"),

