@@ -51,24 +51,26 @@ def _credentials(role: str, data_dir: str | None = None):
     local `openrl up`'s file in the data dir. None without any: a NATS without authorization."""
     from openrl.bus import auth
 
+    ca = _env("NATS_CA", "")  # for tls:// URLs: the server certificate's CA (a PEM file, or the PEM)
     if _env("NATS_USER"):
-        return auth.Credentials(user=_env("NATS_USER"), password=_env("NATS_PASSWORD", ""))
+        return auth.Credentials(user=_env("NATS_USER"), password=_env("NATS_PASSWORD", ""), ca=ca)
     path = _env("NATS_CREDS", "")
     if not path and role == "operator":
         local = Path(data_dir or _env("DATA_DIR", "~/.openrl")).expanduser() / auth.LOCAL_FILE
         path = str(local) if local.exists() else ""
     if not path:
-        return None
+        return auth.Credentials(user="", ca=ca) if ca else None
     try:
-        return auth.load(Path(path).expanduser(), role)
+        creds = auth.load(Path(path).expanduser(), role)
     except ValueError as e:
         sys.exit(f"openrl: {e}")
+    return auth.Credentials(user=creds.user, password=creds.password, ca=ca)
 
 
 def _bus_auth(role: str, data_dir: str | None = None) -> dict:
     """BusConfig's role, user and password for a process of `role`."""
     creds = _credentials(role, data_dir)
-    return {"role": role, **({"user": creds.user, "password": creds.password} if creds else {})}
+    return {"role": role, **({"user": creds.user, "password": creds.password, "tls_ca": creds.ca} if creds else {})}
 
 
 def _api_keys(values: list[str] | None) -> tuple[str, ...]:

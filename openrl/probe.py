@@ -99,14 +99,16 @@ def gateway_bus_connected(url: str, timeout_s: float) -> bool:
 
 def credentials(role: str):
     """The worker's NATS credentials, from the environment it runs with: OPENRL_NATS_USER and
-    OPENRL_NATS_PASSWORD, or the file OPENRL_NATS_CREDS; None without either."""
+    OPENRL_NATS_PASSWORD, or the file OPENRL_NATS_CREDS, and OPENRL_NATS_CA for TLS; None without any."""
     from openrl.bus import auth
 
+    ca = os.environ.get("OPENRL_NATS_CA", "")
     if os.environ.get("OPENRL_NATS_USER"):
-        return auth.Credentials(user=os.environ["OPENRL_NATS_USER"], password=os.environ.get("OPENRL_NATS_PASSWORD", ""))
+        return auth.Credentials(user=os.environ["OPENRL_NATS_USER"], password=os.environ.get("OPENRL_NATS_PASSWORD", ""), ca=ca)
     if os.environ.get("OPENRL_NATS_CREDS"):
-        return auth.load(os.environ["OPENRL_NATS_CREDS"], role)
-    return None
+        creds = auth.load(os.environ["OPENRL_NATS_CREDS"], role)
+        return auth.Credentials(user=creds.user, password=creds.password, ca=ca)
+    return auth.Credentials(user="", ca=ca) if ca else None
 
 
 def parser() -> argparse.ArgumentParser:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from openrl.bus import subjects
@@ -72,6 +73,7 @@ TABLE: dict[str, Role] = {
         publish=(f"{P}.train.>", f"{P}.create.>", f"{P}.sample.>", f"{P}.reward.>", f"{P}.audit.>", *_WORKER_OUT),
         subscribe=(f"{P}.done.>",),
         streams=STREAMS,  # queue depths (metrics, 429s), audit and usage logs, trace export
+        purges=(subjects.SAMPLE_STREAM,),  # an OpenAI request whose client left: its queued message (openai_api.Run.cancel)
         kv_write=(*BUCKETS, subjects.SECRETS_BUCKET),
         objects_write=OBJECTS,
         creates=(f"KV_{subjects.SECRETS_BUCKET}",),  # the only role that may: nobody else can even look
@@ -161,20 +163,39 @@ def permissions(role: str) -> dict:
 @dataclass(frozen=True)
 class Credentials:
     user: str
-    password: str
+    password: str = field(default="", repr=False)
+    ca: str = ""  # the CA that signed the server's TLS certificate (a PEM file, or PEM text), for tls:// URLs
+
+
+def tls_context(ca: str) -> ssl.SSLContext | None:
+    """A client TLS context trusting `ca` (a path, or the PEM itself as a Secret's env var gives it)."""
+    if not ca:
+        return None
+    if ca.lstrip().startswith("-----BEGIN"):
+        return ssl.create_default_context(cadata=ca)
+    return ssl.create_default_context(cafile=ca)
 
 
 def connect_options(role: str, creds: Credentials | None) -> dict:
     """nats.connect keyword arguments for a process of `role` (no credentials: an open server)."""
     opts: dict = {"inbox_prefix": inbox_prefix(role)}
-    if creds is not None:
+    if creds is not None and creds.user:
         opts.update(user=creds.user, password=creds.password)
+    if creds is not None and creds.ca:
+        opts["tls"] = tls_context(creds.ca)
     return opts
+
+
+def new_password() -> str:
+    """192 random bits as letters and digits, starting with a letter: nats-server parses the
+    value of an environment variable its config refers to (Kubernetes), and one that starts
+    with a digit would be read as a number."""
+    return "pw" + secrets.token_hex(24)
 
 
 def generate() -> dict[str, Credentials]:
     """Fresh credentials for every role: user = the role's name, a random password."""
-    return {role: Credentials(user=role, password=secrets.token_urlsafe(32)) for role in ROLES}
+    return {role: Credentials(user=role, password=new_password()) for role in ROLES}
 
 
 def authorization(creds: dict[str, Credentials]) -> dict:
@@ -224,3 +245,33 @@ def load(path: Path, role: str) -> Credentials:
     if not isinstance(entry, dict) or not entry.get("user") or "password" not in entry:
         raise ValueError(f"{path} holds no NATS credentials for role {role!r}")
     return Credentials(user=str(entry["user"]), password=str(entry["password"]))
+
+
+# -- Kubernetes ----------------------------------------------------------------------------
+
+HELM_HEADER = """\
+# NATS users for OpenRL's roles, with each role's permissions (openrl/bus/auth.py), for the
+# official NATS Helm chart, on top of values.yaml:
+#   helm install nats nats/nats -n nats -f deploy/nats/values.yaml -f deploy/nats/values-auth.yaml
+# Generated: python -m openrl.bus.auth > deploy/nats/values-auth.yaml (do not edit by hand;
+# tests/deploy/test_deploy_nats.py fails when it differs from the code). The passwords are
+# environment variables of the NATS pods, from the Secret `openrl-nats-users` (values.yaml,
+# container.env); `<< $VAR >>` is written unquoted, so nats-server reads the variable.
+"""
+
+
+def password_env(role: str) -> str:
+    """The NATS pods' environment variable holding a role's password (Kubernetes)."""
+    return f"OPENRL_NATS_{role.upper()}_PASSWORD"
+
+
+def helm_values() -> str:
+    """deploy/nats/values-auth.yaml: the chart's `config.merge.authorization` for every role."""
+    import yaml  # only here: the bus itself does not need PyYAML
+
+    users = [{"user": role, "password": f"<< ${password_env(role)} >>", "permissions": permissions(role)} for role in ROLES]
+    return HELM_HEADER + yaml.safe_dump({"config": {"merge": {"authorization": {"users": users}}}}, sort_keys=False, width=200)
+
+
+if __name__ == "__main__":
+    print(helm_values(), end="")

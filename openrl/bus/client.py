@@ -132,6 +132,7 @@ class BusConfig:
     role: str = ""
     user: str = ""
     password: str = field(default="", repr=False)
+    tls_ca: str = ""  # for a tls:// URL: the CA of the server's certificate (a PEM path or PEM text)
 
 
 # Bus attribute -> KV bucket: what `bind` looks up for a role.
@@ -200,6 +201,8 @@ class Bus:
         credentials = {"user": cfg.user, "password": cfg.password} if cfg.user else {}
         if cfg.role:
             credentials["inbox_prefix"] = auth.inbox_prefix(cfg.role)
+        if cfg.tls_ca:
+            credentials["tls"] = auth.tls_context(cfg.tls_ca)
         connecting = asyncio.ensure_future(nats.connect(
             servers=[cfg.url],
             name=cfg.name,

@@ -196,7 +196,7 @@ async def replay(path: Path, nats_url: str, *, subjects: list[str] | None = None
         raise ValueError(f"pace must be instant or original, got {pace!r}")
     rec = read(path)
     frames = [f for f in rec.frames if not subjects or any(matches(f.s, p) for p in subjects)]
-    who = {"role": "operator", "user": credentials.user, "password": credentials.password} if credentials else {}
+    who = {"role": "operator", "user": credentials.user, "password": credentials.password, "tls_ca": credentials.ca} if credentials else {}
     bus = await Bus.connect(BusConfig(url=nats_url, name="openrl-replay", **who))
     started = time.monotonic()
     first_t = frames[0].t if frames else 0.0

@@ -36,9 +36,9 @@ IMAGE_UID = 10001  # the images' USER; the manifests run pods as it
 HF_CACHE = "/cache/huggingface"  # the images' HF_HOME, a volume in every worker pod
 # Which NATS values each overlay is documented (deploy/README.md) to run against.
 NATS_VALUES = {
-    "dev-cpu": [DEPLOY / "nats" / "values.yaml", DEPLOY / "nats" / "values-dev.yaml"],
-    "gpu": [DEPLOY / "nats" / "values.yaml"],
-    "gpu-multihost": [DEPLOY / "nats" / "values.yaml"],
+    "dev-cpu": [DEPLOY / "nats" / "values.yaml", DEPLOY / "nats" / "values-auth.yaml", DEPLOY / "nats" / "values-dev.yaml"],
+    "gpu": [DEPLOY / "nats" / "values.yaml", DEPLOY / "nats" / "values-auth.yaml"],
+    "gpu-multihost": [DEPLOY / "nats" / "values.yaml", DEPLOY / "nats" / "values-auth.yaml"],
 }
 TOOLS_REQUIRED = os.environ.get("OPENRL_DEPLOY_TOOLS_REQUIRED") == "1"
 # Objects the manifests reference but do not create: the operator creates them, as
@@ -46,6 +46,11 @@ TOOLS_REQUIRED = os.environ.get("OPENRL_DEPLOY_TOOLS_REQUIRED") == "1"
 OPERATOR_SECRETS = {
     ("Secret", "openrl-api-keys"): {"kind": "Secret", "metadata": {"name": "openrl-api-keys"},
                                     "data": {"OPENRL_API_KEYS": base64.b64encode(b"tml-operator-key").decode()}},
+    # Each NATS role's user and password (the same passwords as the NATS side's openrl-nats-users).
+    **{("Secret", f"openrl-nats-{role}"): {"kind": "Secret", "metadata": {"name": f"openrl-nats-{role}"},
+                                          "data": {"user": base64.b64encode(role.encode()).decode(),
+                                                   "password": base64.b64encode(b"operator-made").decode()}}
+       for role in ("gateway", "trainer", "sampler", "rewarder", "operator")},
 }
 
 

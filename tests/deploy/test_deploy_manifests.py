@@ -58,7 +58,7 @@ def targets(render) -> dict[str, tuple[list[dict], dict]]:
         "gpu": (render(OVERLAYS["gpu"]), OPERATOR_SECRETS),
         "gpu-multihost": (render(OVERLAYS["gpu-multihost"]), OPERATOR_SECRETS),
         # Applied next to an overlay: it reads that overlay's openrl-common ConfigMap.
-        "custom-reward": (render(EXAMPLE), {("ConfigMap", "openrl-common"): one(dev, "ConfigMap", "openrl-common")}),
+        "custom-reward": (render(EXAMPLE), {**OPERATOR_SECRETS, ("ConfigMap", "openrl-common"): one(dev, "ConfigMap", "openrl-common")}),
     }
 
 
@@ -249,23 +249,23 @@ def test_operator_created_objects_are_documented():
 def test_containers_run_real_subcommands_with_real_flags(target, monkeypatch):
     name, objs, external = target
     seen = set()
-    for c in containers(objs, init=False):
+    for c in containers(objs):
         sub = c.openrl_subcommand
         if sub is None:
             continue
         seen.add(sub)
         args = parse_openrl(c.spec["args"], container_env(objs, c, external), monkeypatch)
         assert args.command == sub
-        if sub in ("gateway", "trainer", "sampler", "rewarder"):
-            assert urlparse(args.nats_url).scheme == "nats"
+        if sub in ("gateway", "trainer", "sampler", "rewarder", "bus-init"):
+            assert urlparse(args.nats_url).scheme in ("nats", "tls")
             assert args.log_format == "json"
         if sub == "gateway":
             ports = {p["containerPort"] for p in c.spec["ports"]}
             assert args.port in ports and args.host == "0.0.0.0"
         if sub in ("trainer", "sampler", "rewarder"):
             assert args.worker_id == "pod-0", f"{c.where}: worker id is not the pod name"
-    if name != "custom-reward":
-        assert seen == {"gateway", "trainer", "sampler", "rewarder"}
+    if name != "custom-reward":  # bus-init: the operator makes the streams before the gateway starts
+        assert seen == {"gateway", "trainer", "sampler", "rewarder", "bus-init"}
 
 
 def test_every_environment_variable_is_read(target):
@@ -429,7 +429,7 @@ def test_probes_exist_and_check_real_readiness(target):
         if hook:
             check_command(c, hook["command"], "preStop")
     for c in containers(objs):
-        if c.init:
+        if c.init and c.openrl_subcommand is None:  # `openrl bus-init` is checked with the other subcommands
             check_command(c, c.spec["command"], "init")
 
 
@@ -554,7 +554,7 @@ def test_stream_replicas_match_the_nats_cluster(render, overlay, monkeypatch):
     values = nats_values(overlay)
     cluster = values["config"]["cluster"]
     servers = cluster["replicas"] if cluster.get("enabled") else 1
-    for c in containers(objs, init=False):
+    for c in containers(objs):  # bus-init, which creates them, above all
         if c.openrl_subcommand:
             args = parse_openrl(c.spec["args"], container_env(objs, c, OPERATOR_SECRETS), monkeypatch)
             assert args.nats_replicas == servers, f"{overlay}: {c.where} makes R{args.nats_replicas} streams on {servers} servers"
@@ -564,7 +564,8 @@ def test_stream_replicas_match_the_nats_cluster(render, overlay, monkeypatch):
 def test_nats_url_is_the_charts_client_service(render, overlay):
     url = urlparse(data_of(one(render(OVERLAYS[overlay]), "ConfigMap", "openrl-common"))["OPENRL_NATS_URL"])
     values = nats_values(overlay)
-    assert url.scheme == "nats" and url.hostname == "nats.nats.svc.cluster.local"  # release `nats`, namespace `nats`
+    tls = values["config"].get("nats", {}).get("tls", {}).get("enabled", False)
+    assert url.scheme == ("tls" if tls else "nats") and url.hostname == "nats.nats.svc.cluster.local"  # release `nats`, namespace `nats`
     assert url.port == values["config"].get("nats", {}).get("port", 4222)
 
 
