@@ -65,6 +65,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="openrl-record-overhead-"))
     proc, url = start_stack(work / "stack", "--samplers", "0")
     nats_url = json.loads((work / "stack" / "run" / "stack.json").read_text())["nats_url"]
+    os.environ["OPENRL_NATS_CREDS"] = str(work / "stack" / "nats-credentials.json")  # openrl record connects as the operator
     try:
         service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
         tc = service.create_lora_training_client(base_model=BASE_MODEL, rank=8, seed=0).result()

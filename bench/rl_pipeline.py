@@ -42,6 +42,13 @@ def burn_exact_match(prompt: str, completion: str, reference: dict) -> float:
     return float(completion.strip().lower() in want)
 
 
+def operator_options() -> dict:
+    """nats.connect arguments for the stack's operator (its credentials file, OPENRL_NATS_CREDS)."""
+    from openrl.bus import auth
+
+    return auth.connect_options("operator", auth.load(Path(os.environ["OPENRL_NATS_CREDS"]), "operator"))
+
+
 async def worker_snapshot(nats_url: str) -> dict[str, dict]:
     """worker id -> kind, busy seconds so far (trainers, samplers), busy fraction, heartbeat time."""
     import nats
@@ -49,7 +56,7 @@ async def worker_snapshot(nats_url: str) -> dict[str, dict]:
     from openrl.bus.messages import WorkerInfo, decode
     from openrl.bus.subjects import WORKERS_BUCKET
 
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **operator_options())
     try:
         kv = await nc.jetstream().key_value(WORKERS_BUCKET)
         out = {}
@@ -71,7 +78,7 @@ async def reward_backlog(nats_url: str, reward_name: str) -> int:
 
     from openrl.bus import subjects
 
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **operator_options())
     try:
         info = await nc.jetstream().consumer_info(subjects.REWARD_STREAM, subjects.rewarder_consumer(reward_name))
         return info.num_pending + info.num_ack_pending
@@ -178,6 +185,7 @@ def main() -> None:
     proc, url = start_stack(data_dir, "--threads", "1", "--samplers", str(args.samplers), "--reward-concurrency", str(args.reward_concurrency),
                             "--rewarder", "burn=bench.rl_pipeline:burn_exact_match")  # fmt: skip
     nats_url = json.loads((data_dir / "run" / "stack.json").read_text())["nats_url"]
+    os.environ["OPENRL_NATS_CREDS"] = str(data_dir / "nats-credentials.json")  # the stack's bus enforces its roles
     rows = []
     try:
         deadline = time.monotonic() + 60  # the burn rewarder announces itself by heartbeat
