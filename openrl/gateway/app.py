@@ -12,7 +12,7 @@ from aiohttp import web
 
 from openrl import metrics
 from openrl.bus.client import Bus
-from openrl.gateway import audit, auth, billing, catalogue, console, downloads, http, keys, quotas, openapi, scoring, service
+from openrl.gateway import audit, auth, billing, catalogue, console, downloads, http, keys, quotas, openai_api, openapi, scoring, service
 from openrl.gateway.service import Gateway, GatewayConfig
 
 __all__ = ["GatewayConfig", "make_app"]
@@ -32,6 +32,7 @@ def make_app(cfg: GatewayConfig, bus: Bus) -> web.Application:
     keys.attach(app, gw)  # keys made with `openrl keys`, watched live
     auth.attach(app, gw)  # JWTs: POST auth/token, and the secret that checks them
     quotas.attach(app, gw)  # what each key holds, watched live, for the per-key quotas
+    openai_api.add_routes(app, gw, cat)  # the OpenAI-compatible routes, under /v1
     console.add_routes(app, gw, cat)  # the read-only web console, under /console; / points there
     openapi.add_routes(app, http.API)  # last: it lists every route above
     return app
