@@ -25,10 +25,10 @@ from openrl.bus.messages import AdamParams, ForwardBackward, LoraSpec
 from openrl.sampler.sampling import SENTINEL_LOGPROB
 from factories import datum, respec, sample_spec
 
-# |vLLM - reference| per logprob, both fp32 on CPU. Measured: < 1e-4 (docs/vllm.md); the bound
+# |vLLM - reference| per logprob, both fp32 on CPU. Measured: 5e-6 (docs/vllm.md); the bound
 # leaves room for another CPU's kernels, and is far below what a wrong temperature, adapter
 # or position moves (> 0.05 on this model, checked where it matters).
-LOGPROB_ATOL = 2e-3
+LOGPROB_ATOL = 5e-4
 VLLM_BAD = [
     (dict(target_prompt_logprobs=np.zeros((4, 1), dtype=np.int64)), "target_prompt_logprobs"),
     (dict(prompt_alt_tokens_k=2), "prompt_alt_tokens_k"),
@@ -286,18 +286,12 @@ async def test_adapter_lru_evicts_engine_and_folder(vllm_sampler, trainer):
     assert vllm_sampler._loras["lru/a"].request.lora_int_id not in ids
 
 
-async def test_lm_head_adapter_works_or_is_refused_by_name(vllm_sampler, trainer):
+async def test_lm_head_adapter_matches_the_trainer(vllm_sampler, trainer):
+    """vLLM 0.32's Qwen3 takes a LoRA on lm_head (train_unembed=True, the SDK's default)."""
     p = random_prompt(8, 6)
     spec = sample_spec(prompt=p, num_samples=1, max_tokens=6, seed=2, stop_at_eos=False, adapter="adapters/unembed/seq-1")
-    try:
-        r = await vllm_sampler.sample(spec, blob(trainer, "unembed"))
-    except InvalidRequest as e:
-        assert "lm_head" in str(e)
-        assert not vllm_sampler.has_adapter(spec.adapter)
-    else:
-        assert_close(r.sequences[0].logprobs, trainer_logprobs(trainer, "unembed", p, r.sequences[0].tokens))
-    ok = await vllm_sampler.sample(respec(spec, adapter=None))  # the engine carries on either way
-    assert len(ok.sequences[0].tokens) == 6 and not vllm_sampler.dead
+    r = await vllm_sampler.sample(spec, blob(trainer, "unembed"))
+    assert_close(r.sequences[0].logprobs, trainer_logprobs(trainer, "unembed", p, r.sequences[0].tokens))
 
 
 async def test_refuses_what_it_cannot_do_and_keeps_serving(vllm_sampler, trainer):
