@@ -122,6 +122,9 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         proto_compress_fwdbwd=args.proto_compress,
         sample_queue_max=args.sample_queue_max,
         jwt_auth=args.jwt_auth,
+        sampler_weights_keep=max(1, args.sampler_weights_keep),
+        collect_every_s=args.collect_every_s,
+        collect_grace_s=args.collect_grace_s,
         quotas=Quotas(sessions=args.quota_sessions, models=args.quota_models, checkpoints=args.quota_checkpoints,
                       checkpoint_bytes=int(args.quota_checkpoint_gb * 1024**3), reward_items=args.quota_reward_items),
     )
@@ -881,6 +884,11 @@ def parser() -> argparse.ArgumentParser:
                     help="sample requests waiting for a sampler before asample answers 429")
     gw.add_argument("--proto-compress", action="store_true", default=_env("PROTO_COMPRESS", "") == "1",
                     help="ask clients to zstd-compress forward_backward bodies")
+    gw.add_argument("--sampler-weights-keep", type=int, default=int(_env("SAMPLER_WEIGHTS_KEEP", 8)),
+                    help="unnamed sampler weights kept per model; older ones are deleted once no sample request needs them "
+                         "(docs/storage.md) [OPENRL_SAMPLER_WEIGHTS_KEEP]")
+    gw.add_argument("--collect-every-s", type=float, default=float(_env("COLLECT_EVERY_S", 30.0)), help=argparse.SUPPRESS)
+    gw.add_argument("--collect-grace-s", type=float, default=float(_env("COLLECT_GRACE_S", 60.0)), help=argparse.SUPPRESS)
     gw.add_argument("--jwt-auth", action="store_true", default=_env("JWT_AUTH", "") == "1",
                     help="ask clients to trade their API key for a short-lived JWT (needed by RestClient.whoami) [OPENRL_JWT_AUTH=1]")
     # Per-key quotas (docs/limits.md); 0 turns one off.

@@ -122,6 +122,81 @@ async def test_streams_whose_old_entries_are_safe_to_lose_have_limits_and_the_ot
     assert train.max_msgs_per_subject in (None, -1)
 
 
+# -- the sampler retention policy, on the bus (a real gateway's Catalogue, no stack)
+
+
+async def test_the_retention_policy_keeps_the_newest_and_what_a_queued_request_names(bus):
+    """Unnamed sampler weights beyond the newest 2 of a model are retired at once; their
+    objects go after the grace, except one a sample request still in the stream names; a
+    finished session's sampling sessions are retired; named checkpoints' objects stay."""
+    from openrl.bus import paths, subjects
+    from openrl.bus.messages import LoraSpec, SampleRequest, SamplerRecord, SessionRecord, WeightsRecord
+    from openrl.gateway.catalogue import Catalogue
+    from openrl.gateway.service import Gateway, GatewayConfig
+
+    run = uuid.uuid4().hex[:8]
+    live_sid, done_sid = f"s-{run}-live", f"s-{run}-done"
+    model = f"{live_sid}:train:0"
+    now = time.time()
+    await bus.kv_put(bus.sessions, live_sid, SessionRecord(session_id=live_sid, owner="o", created_at=now))
+    await bus.kv_put(bus.sessions, done_sid, SessionRecord(session_id=done_sid, owner="o", created_at=now, finished_at=now))
+    adapters = [paths.adapter_object(model, seq) for seq in (3, 6, 9, 12)]
+    for n, obj in enumerate(adapters):
+        await bus.objects.put(obj, b"w" * 100)
+        await bus.kv_put(bus.samplers, f"{live_sid}:sample:{n}",
+                         SamplerRecord(sampler_id=f"{live_sid}:sample:{n}", owner="o", session_id=live_sid, base_model="b", weights=obj))  # fmt: skip
+    named = paths.adapter_object(model, 2)  # a named sampler checkpoint's bytes
+    await bus.objects.put(named, b"n" * 100)
+    path = paths.make(model, "sampler_weights", "keep-me")
+    await bus.kv_put(bus.weights, path, WeightsRecord(path=path, owner="o", model_id=model, base_model="b", kind="sampler", name="keep-me",
+                                                      object=named, lora=LoraSpec(rank=1), seq_id=2, size_bytes=100, created_at=now))  # fmt: skip
+    done_obj = paths.adapter_object(f"{done_sid}:train:0", 3)
+    await bus.objects.put(done_obj, b"d" * 100)
+    await bus.kv_put(bus.samplers, f"{done_sid}:sample:0",
+                     SamplerRecord(sampler_id=f"{done_sid}:sample:0", owner="o", session_id=done_sid, base_model="b", weights=done_obj))  # fmt: skip
+    # A request queued on the oldest (no sampler consumes this base model here).
+    queued = SampleRequest(request_id=f"sample-{run}", sampler_id=f"{live_sid}:sample:0", base_model=f"b-{run}", weights=adapters[0], prompt=b"\0\0\0\0")
+    await bus.publish(subjects.sample(f"b-{run}"), queued, msg_id=queued.request_id)
+
+    cat = Catalogue(Gateway(GatewayConfig(sampler_weights_keep=2, collect_grace_s=0.3), bus))
+
+    async def exists(name):
+        try:
+            await bus.objects.get_info(name)
+        except objects.GONE:
+            return False
+        return True
+
+    async def sampler(sid):
+        return await bus.kv_get(bus.samplers, sid, SamplerRecord)
+
+    # A record the sweep cannot read might name any object: it deletes nothing while one exists.
+    bad = paths.make(model, "sampler_weights", "unreadable")
+    await bus.weights.put(subjects.kv_key(bad), b"\xc1")
+    with pytest.raises(Exception, match="unreadable"):
+        await cat.collect_samplers_once()  # retires sampling sessions (the two oldest, the finished session's), deletes nothing
+    await bus.js.purge_stream(f"KV_{subjects.WEIGHTS_BUCKET}", subject=f"$KV.{subjects.WEIGHTS_BUCKET}.{subjects.kv_key(bad)}")
+    _, deleted = await cat.collect_samplers_once()
+    assert deleted == 0  # nothing past its grace yet
+    assert [await sampler(f"{live_sid}:sample:{n}") is not None for n in range(4)] == [False, False, True, True]
+    assert await sampler(f"{done_sid}:sample:0") is None
+    await asyncio.sleep(0.5)
+    await cat.collect_samplers_once()
+    assert [await exists(o) for o in adapters] == [True, False, True, True]  # the queued request's stays
+    assert await exists(named) and not await exists(done_obj)
+    # Its request taken and finished (acked off the work queue): then it goes too.
+    sub = await bus.js.pull_subscribe(subjects.sample(f"b-{run}"), durable=f"t-{run}", stream=subjects.SAMPLE_STREAM)
+    (msg,) = await sub.fetch(1, timeout=5)
+    await msg.ack()
+    await asyncio.sleep(0.1)
+    await cat.collect_samplers_once()
+    await asyncio.sleep(0.5)
+    await cat.collect_samplers_once()
+    assert [await exists(o) for o in adapters] == [False, False, True, True]
+    assert await exists(named)
+    await bus.js.delete_consumer(subjects.SAMPLE_STREAM, f"t-{run}")
+
+
 # -- against a stack (`openrl up` with --snapshot-every 4)
 
 
@@ -194,3 +269,135 @@ def test_the_train_log_is_purged_below_the_newest_snapshot_and_recovery_stays_ex
     loads = [x for x in lines if x.get("event") == "model_loaded" and x.get("model_id") == tc.model_id]
     assert loads and loads[-1]["snapshot"] >= 8, loads  # rebuilt from a snapshot, not from a purged log
     assert _log_seq_ids(stack, clean.model_id)[0] > 8  # the clean run's log was purged too
+
+
+def _sampler_record(stack, sampler_id: str):
+    from openrl.bus.messages import SamplerRecord
+
+    return asyncio.run(_with_bus(stack, lambda bus: bus.kv_get(bus.samplers, sampler_id, SamplerRecord)))
+
+
+def _prompt(n: int = 3):
+    import tinker
+
+    return tinker.types.ModelInput.from_ints(list(range(10, 10 + n)))
+
+
+def _sample(sc, max_tokens: int = 1):
+    import tinker
+
+    return sc.sample(_prompt(), num_samples=1, sampling_params=tinker.types.SamplingParams(max_tokens=max_tokens, temperature=1.0))
+
+
+def test_old_unnamed_sampler_weights_are_collected_but_never_while_a_request_needs_them(stack, data, retention_gateway):
+    """The retention gateway keeps the newest 2 unnamed sampler weights per model. A sample
+    request queued on the oldest (both samplers stopped) keeps its weights alive after its
+    sampling session was retired; it completes when the samplers resume, and then the weights go."""
+    _, tc = training_client(stack, seed=181, rank=1, base_url=retention_gateway)
+    sdk_steps(tc, [data[:1]])
+    first = tc.save_weights_and_get_sampling_client().result()
+    first_id = first._sampling_session_id
+    first_weights = _sampler_record(stack, first_id).weights
+    samplers = [stack.pid("sampler-0"), stack.pid("sampler-1")]
+    for pid in samplers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        queued = _sample(first)
+        newer = []
+        for batch in (data[1:2], data[2:3], data[3:4]):
+            sdk_steps(tc, [batch])
+            newer.append(tc.save_weights_and_get_sampling_client().result())
+        # Retired (only the newest 2 are kept): asking it to sample again is refused...
+        _wait(lambda: _sampler_record(stack, first_id) is None, 30, "the oldest sampling session retired")
+        _wait(lambda: _sampler_record(stack, newer[0]._sampling_session_id) is None, 30, "the second oldest retired")
+        time.sleep(3.0)  # several sweeps past the 1 s grace
+        # ...but its weights stay while the queued request names them.
+        assert _object_exists(stack, first_weights)
+    finally:
+        for pid in samplers:
+            os.kill(pid, signal.SIGCONT)
+    assert len(queued.result(timeout=120).sequences) == 1
+    _wait(lambda: not _object_exists(stack, first_weights), 30, "the oldest weights deleted once no request needs them")
+    kept = [_sampler_record(stack, sc._sampling_session_id) for sc in newer[1:]]
+    assert all(rec is not None and _object_exists(stack, rec.weights) for rec in kept)
+    for sc in newer[1:]:
+        assert len(_sample(sc).result(timeout=120).sequences) == 1
+
+
+def test_a_finished_sessions_sampling_sessions_and_weights_are_collected(stack, data, retention_gateway):
+    service, tc = training_client(stack, seed=191, rank=1, base_url=retention_gateway)
+    sdk_steps(tc, [data[:1]])
+    sc = tc.save_weights_and_get_sampling_client().result()
+    base = service.create_sampling_client(base_model=tc.get_info().model_data.model_name).result()
+    weights = _sampler_record(stack, sc._sampling_session_id).weights
+    assert _object_exists(stack, weights) and _sampler_record(stack, base._sampling_session_id) is not None
+    service.close("success").result(timeout=30)
+    _wait(lambda: _sampler_record(stack, sc._sampling_session_id) is None, 30, "the sampling session retired")
+    assert _sampler_record(stack, base._sampling_session_id) is None
+    _wait(lambda: not _object_exists(stack, weights), 30, "the unnamed sampler weights deleted")
+
+
+def _store_figures(stack, model_id: str) -> dict:
+    """Bytes on disk under the JetStream store dir, the object store's and train log's bytes,
+    the model's adapter objects and train log entries, and the sampling sessions' bucket."""
+    from openrl.bus import subjects
+
+    async def read(bus):
+        adapters = [o for o in await bus.objects.list(ignore_deletes=True) if o.name.startswith(f"adapters/{model_id}/")]
+        streams = (objects._stream(bus.objects), subjects.TRAIN_STREAM, f"KV_{subjects.SAMPLERS_BUCKET}")
+        return adapters, [(await bus.js.stream_info(s)).state for s in streams]
+
+    adapters, (objs, train, samplers) = asyncio.run(_with_bus(stack, read))
+    store = stack.data_dir / "nats" / "jetstream"
+    return {
+        "store_dir_bytes": sum(p.stat().st_size for p in store.rglob("*") if p.is_file()),
+        "object_store_bytes": objs.bytes,
+        "train_stream_bytes": train.bytes,
+        "samplers_bucket_messages": samplers.messages,
+        "adapters": sorted(o.name for o in adapters),
+        "adapter_bytes": max((o.size for o in adapters), default=0),
+        "log_entries": len(_log_seq_ids(stack, model_id)),
+    }
+
+
+RL_STEPS = int(os.environ.get("OPENRL_STORAGE_STEPS", "300"))
+
+
+def test_an_rl_loop_saving_sampler_weights_every_step_keeps_the_store_bounded(stack, tokenizer, retention_gateway):
+    """RL_STEPS steps of a one-datum forward_backward, optim_step,
+    save_weights_and_get_sampling_client and a one-token sample, through the SDK (a retention
+    gateway keeping 2 unnamed sampler weights per model; snapshots every 4 requests). The bound:
+    the model's log holds at most 8 requests and its adapter objects settle to the 2 kept; the
+    object store and the JetStream dir grow by a few adapters and snapshots, not by the step
+    count (figures printed)."""
+    import tinker
+
+    from openrl.demo import make_datum
+
+    _, tc = training_client(stack, seed=201, rank=1, base_url=retention_gateway)
+    datum = make_datum(tokenizer, "2+2?", "4")
+    before = _store_figures(stack, tc.model_id)
+    started = time.monotonic()
+    peak_adapters, peak_log = 0, 0
+    for step in range(RL_STEPS):
+        fb = tc.forward_backward([datum], loss_fn="cross_entropy")
+        opt = tc.optim_step(tinker.types.AdamParams(learning_rate=1e-3))
+        sc = tc.save_weights_and_get_sampling_client().result(timeout=120)
+        assert len(_sample(sc).result(timeout=120).sequences) == 1
+        fb.result(timeout=120)
+        opt.result(timeout=120)
+        if step % 50 == 49:
+            mid = _store_figures(stack, tc.model_id)
+            peak_adapters, peak_log = max(peak_adapters, len(mid["adapters"])), max(peak_log, mid["log_entries"])
+    seconds = time.monotonic() - started
+    # Settled: the sweeps have caught up with the last step.
+    after = _wait(lambda: (f := _store_figures(stack, tc.model_id)) and len(f["adapters"]) == 2 and f, 30, "the adapters settled to the 2 kept")
+    assert after["adapters"] == [f"adapters/{tc.model_id}/seq-{3 * n:09d}" for n in (RL_STEPS - 1, RL_STEPS)]
+    assert after["log_entries"] <= 8 and peak_log <= 8, (after["log_entries"], peak_log)
+    assert peak_adapters <= 2 + 8, peak_adapters  # the kept ones, and those inside the 1 s grace
+    grown = {k: after[k] - before[k] for k in ("store_dir_bytes", "object_store_bytes", "train_stream_bytes", "samplers_bucket_messages")}
+    # Without retention the object store alone would grow by RL_STEPS adapters.
+    assert grown["object_store_bytes"] < 16 * max(after["adapter_bytes"], 1) + 1024 * 1024, grown
+    assert grown["samplers_bucket_messages"] <= 2, grown
+    print(f"storage: {RL_STEPS} RL steps in {seconds:.0f} s; grown {grown}; adapters {len(after['adapters'])} "
+          f"of {after['adapter_bytes']} B; log entries {after['log_entries']} (peaks: adapters {peak_adapters}, log {peak_log})")

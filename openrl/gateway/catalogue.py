@@ -46,7 +46,7 @@ from typing import Any
 import msgspec
 import structlog
 from aiohttp import web
-from nats.js.errors import KeyNotFoundError, NotFoundError, ObjectDeletedError, ObjectNotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from openrl.bus import objects, paths, subjects
 from openrl.bus.errors import InvalidRequest, NotFound
@@ -62,6 +62,7 @@ REAP_EVERY_S = 5.0
 CHECKPOINT_TYPE = {"state": "training", "sampler": "sampler", "external": "external"}
 SEGMENTS = {"weights": "state", "sampler_weights": "sampler", "external_weights": "external"}
 MAX_LIMIT = 1000
+ADAPTERS = "adapters/"  # where sampler weights live in the object store (paths.adapter_object)
 
 
 class _TtlBody(msgspec.Struct, kw_only=True):
@@ -139,15 +140,24 @@ def _live(rec: WeightsRecord, now: float) -> bool:
     return rec.expires_at is None or rec.expires_at > now
 
 
+class _WeightsRef(msgspec.Struct):
+    """The one field of a SampleRequest the sampler retention reads."""
+
+    weights: str | None = None
+
+
 class Catalogue:
     def __init__(self, gw: Gateway):
         self.gw = gw
         self.bus = gw.bus
+        self._unreferenced: dict[str, float] = {}  # adapter object -> when first seen unreferenced (monotonic)
 
     # -- reading buckets
 
-    async def records(self, kv, type_: type, prefix: str = "") -> list:
-        """Every record in `kv` whose (unescaped) key starts with `prefix`."""
+    async def records(self, kv, type_: type, prefix: str = "", *, strict: bool = False) -> list:
+        """Every record in `kv` whose (unescaped) key starts with `prefix`. One that does not
+        decode is skipped (logged), or with `strict` raises: a sweep that deletes what no
+        record names must not miss a record."""
         keys = await self.bus.kv_keys(kv)
         want = subjects.kv_key(prefix)
         found = []
@@ -163,6 +173,8 @@ class Catalogue:
                     found.append(decode(entry.value, type_))
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     log.warning("catalogue_record_undecodable", bucket=kv._name, key=key)  # noqa: SLF001
+                    if strict:
+                        raise RuntimeError(f"record {key} in {kv._name} is unreadable: sweep stopped") from None  # noqa: SLF001
         return found
 
     async def checkpoints(self, owner: str | None = None, run: str | None = None) -> list[WeightsRecord]:
@@ -189,10 +201,7 @@ class Catalogue:
     async def delete(self, rec: WeightsRecord, why: str, actor: str = "") -> None:
         """Blobs first, then the record: a delete cut short is finished by the next one."""
         for obj in [f"{rec.object}/{f}" for f in rec.files] or [rec.object]:
-            try:
-                await self.bus.objects.delete(obj)
-            except (ObjectNotFoundError, ObjectDeletedError, NotFoundError):
-                pass
+            await objects.delete(self.bus.objects, obj)
         try:
             await self.bus.weights.delete(subjects.kv_key(rec.path))
         except KeyNotFoundError:
@@ -536,14 +545,90 @@ class Catalogue:
         return len(expired)
 
     async def reap(self, every_s: float = REAP_EVERY_S) -> None:
+        collected_at = 0.0
         while True:
             try:
                 await self.reap_once()
+                if time.monotonic() - collected_at >= self.gw.cfg.collect_every_s:
+                    collected_at = time.monotonic()
+                    await self.collect_samplers_once()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the bus reconnecting: try again next round
                 log.warning("reap_failed", error=repr(e))
-            await asyncio.sleep(every_s)
+            await asyncio.sleep(min(every_s, self.gw.cfg.collect_every_s))
+
+    # -- sampler retention (docs/storage.md)
+
+    async def collect_samplers_once(self) -> tuple[int, int]:
+        """The retention policy for sampling sessions and unnamed sampler weights; returns
+        (sampling sessions retired, adapter objects deleted).
+
+        A sampling session is retired (its record deleted: asking it to sample is a 404) when
+        its session has finished, and, for unnamed sampler weights
+        (save_weights_and_get_sampling_client), when it is not among the newest
+        `sampler_weights_keep` of its model. An adapter object that no sampling session, no
+        named checkpoint and no queued or running sample request references is deleted once it
+        has been seen so for `collect_grace_s` (a save being recorded, a sample request being
+        published for a session retired a moment ago). Idempotent, so every replica runs it."""
+        cfg = self.gw.cfg
+        sessions = {s.session_id: s for s in await self.records(self.bus.sessions, SessionRecord)}
+        unnamed: dict[str, list[SamplerRecord]] = {}
+        retire: list[SamplerRecord] = []
+        live: list[SamplerRecord] = []
+        for s in await self.records(self.bus.samplers, SamplerRecord, strict=True):
+            session = sessions.get(s.session_id)
+            if session is not None and session.finished_at is not None:
+                retire.append(s)
+            elif s.weights and s.weights.startswith(ADAPTERS) and not s.model_path:
+                unnamed.setdefault(s.weights.rsplit("/", 1)[0], []).append(s)
+            else:
+                live.append(s)
+        for versions in unnamed.values():
+            versions.sort(key=lambda s: (s.weights, s.sampler_id))  # adapters/<model>/seq-<zero-padded seq_id>
+            cut = max(0, len(versions) - cfg.sampler_weights_keep)
+            retire += versions[:cut]
+            live += versions[cut:]
+        for s in retire:  # purged, not deleted: a KV delete leaves a marker per key, one per training step here
+            await self.bus.js.purge_stream(f"KV_{subjects.SAMPLERS_BUCKET}", subject=f"$KV.{subjects.SAMPLERS_BUCKET}.{subjects.kv_key(s.sampler_id)}")
+            log.info("sampler_retired", sampler_id=s.sampler_id, owner=s.owner, weights=s.weights)
+        deleted = await self._collect_adapters({s.weights for s in live if s.weights})
+        return len(retire), deleted
+
+    async def _collect_adapters(self, referenced: set[str]) -> int:
+        referenced |= {w.object for w in await self.records(self.bus.weights, WeightsRecord, strict=True)}
+        try:
+            stored = [o.name for o in await self.bus.objects.list(ignore_deletes=True) if o.name.startswith(ADAPTERS)]
+        except NotFoundError:  # an empty store
+            stored = []
+        unreferenced = set(stored) - referenced
+        if unreferenced:
+            unreferenced -= await self._queued_weights()
+        now = time.monotonic()
+        self._unreferenced = {name: self._unreferenced.get(name, now) for name in unreferenced}
+        deleted = 0
+        for name, since in list(self._unreferenced.items()):
+            if now - since >= self.gw.cfg.collect_grace_s:
+                if await objects.delete(self.bus.objects, name):
+                    deleted += 1
+                    log.info("sampler_weights_deleted", object=name)
+                del self._unreferenced[name]
+        return deleted
+
+    async def _queued_weights(self) -> set[str]:
+        """The adapter objects that sample requests still in the sample stream (queued, or taken
+        by a sampler and not yet acked) name."""
+        if not (await self.bus.js.stream_info(subjects.SAMPLE_STREAM)).state.messages:
+            return set()
+        names: set[str] = set()
+        async for raw in self.bus.messages(subjects.SAMPLE_STREAM, f"{subjects.PREFIX}.sample.>"):
+            try:
+                ref = decode(raw.data, _WeightsRef)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            if ref.weights:
+                names.add(ref.weights)
+        return names
 
 
 def _status(s: SessionRecord) -> dict[str, Any]:

@@ -85,6 +85,12 @@ class GatewayConfig:
     proto_compress_fwdbwd: bool = False
     sample_queue_max: int = 4096  # sample requests waiting for a sampler; above it, 429
     jwt_auth: bool = False  # tell clients to trade their key for a JWT (auth.py); whoami needs it
+    # Sampler retention (catalogue.collect_samplers_once, docs/storage.md): the newest this many
+    # unnamed sampler weights of each model are kept; the sweep runs this often; an unreferenced
+    # adapter is deleted after it has stayed unreferenced this long.
+    sampler_weights_keep: int = 8
+    collect_every_s: float = 30.0
+    collect_grace_s: float = 60.0
     quotas: Quotas = Quotas()  # what one key may hold (quotas.py, docs/limits.md)
     client_config_extra: dict[str, Any] = field(default_factory=dict)
 
