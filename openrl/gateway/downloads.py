@@ -37,7 +37,7 @@ from aiohttp import web
 
 from openrl.bus import objects, subjects
 from openrl.bus.errors import InvalidRequest, NotFound
-from openrl.bus.messages import Future, ModelRecord, SamplerRecord, Secret, SessionRecord, TrainRequest, decode
+from openrl.bus.messages import Future, ModelRecord, SamplerRecord, Secret, SessionRecord, SnapshotRecord, TrainRequest, decode
 from openrl.gateway.catalogue import Catalogue
 from openrl.gateway.http import API, Forbidden, reply, request_id
 from openrl.gateway.names import check_id
@@ -193,6 +193,7 @@ class Downloads:
                                           {"request_id": rec.create_request_id, "seq_id": 0}, rec.created_at))  # fmt: skip
             subject = subjects.train(rec.base_model, rec.model_id)
             seen: set[str] = set()
+            first = 2**63
             async for raw in self.bus.messages(subjects.TRAIN_STREAM, subject):
                 try:
                     msg = decode(raw.data, TrainRequest)
@@ -205,6 +206,22 @@ class Downloads:
                 at = raw.time.timestamp() if getattr(raw, "time", None) else rec.created_at
                 events.append(self._event(fut.request_type if fut else type(msg).__name__, rec.model_id, fut,
                                           {"request_id": msg.request_id, "seq_id": msg.seq_id}, at))  # fmt: skip
+                first = min(first, msg.seq_id)
+            # Below the log's first entry it was purged (covered by a snapshot): those requests
+            # are found by their futures' ids (deterministic), newest first, until they expired.
+            if not seen:
+                snap = await self.bus.kv_get(self.bus.snapshots, rec.model_id, SnapshotRecord)
+                first = snap.seq_id + 1 if snap else 1
+            misses, seq = 0, first - 1
+            while seq >= 1 and misses < SAMPLE_MISSES:
+                rid = request_id("train", rec.model_id, seq)
+                fut = await self._future(rid)
+                if fut is None:
+                    misses += 1
+                else:
+                    misses = 0
+                    events.append(self._event(fut.request_type, rec.model_id, fut, {"request_id": rid, "seq_id": seq}, None))
+                seq -= 1
         for s in sorted(samplers, key=lambda r: r.sampler_id):
             misses, n = 0, 0
             while misses < SAMPLE_MISSES:
