@@ -565,6 +565,8 @@ def cmd_nats(args: argparse.Namespace) -> None:
     # The roles' credentials: OPENRL_NATS_CREDS (every role's), else the data dir's own file.
     creds_file = _env("NATS_CREDS", "")
     credentials = auth.load_all(Path(creds_file).expanduser()) if creds_file else _local_credentials(data_dir)
+    if set(credentials) != set(auth.ROLES):  # never an open server because a file lacked a role
+        sys.exit(f"openrl nats: {creds_file} must hold every role's credentials ({', '.join(auth.ROLES)})")
     server = NatsServer(data_dir / "nats", port=args.port, credentials=credentials)
     os.execv(server.command()[0], server.command())  # become nats-server: signals go straight to it
 

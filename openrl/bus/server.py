@@ -59,7 +59,9 @@ def write_config(store_dir: Path, port: int, monitor_port: int | None = None,
     ]
     if monitor_port:
         lines.insert(1, f"http: 127.0.0.1:{monitor_port}")
-    if credentials:  # JSON is valid nats-server config; quoted strings are never $-expanded
+    if credentials is not None:  # JSON is valid nats-server config; quoted strings are never $-expanded
+        if not credentials:
+            raise ValueError("no users: a server given credentials must have at least one")
         lines.append(f"authorization: {json.dumps(auth.authorization(credentials), indent=1)}")
     conf = store_dir / "nats-server.conf"
     auth.write_private(conf, "\n".join(lines) + "\n")
