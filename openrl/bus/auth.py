@@ -152,8 +152,8 @@ def permissions(role: str) -> dict:
         publish += _read_stream(f"OBJ_{bucket}", write=False)
     for stream in r.creates:
         publish += [f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}", f"$JS.API.STREAM.INFO.{stream}"]
-    if role == "operator":
-        publish.append("$JS.API.STREAM.LIST")  # openrl status: every stream's state
+    if role in ("operator", "gateway"):
+        publish.append("$JS.API.STREAM.LIST")  # openrl status and the gateway's /metrics: every stream's state
     return {"publish": {"allow": sorted(set(publish))}, "subscribe": {"allow": sorted(set(subscribe))}}
 
 
