@@ -1,16 +1,18 @@
-"""The transformers sampling engine's compute: batched generation with a KV cache over one base model and its LoRA adapters.
+"""The transformers engine's model: batched generation with a KV cache over one base model and its LoRA adapters.
 
-Pure compute: no networking, no asyncio, called from a single thread. The sampler service
-decodes an `asample` request into a `SampleSpec`, loads the adapter it names (`load_adapter`),
-and adds its spec to a running `Scheduler`; `TransformersSampler.sample` takes a list of specs
-and returns one `SampleResult` or one `InvalidRequest` per spec, in order. A bad spec never
-affects the others: every spec is validated before any compute, and its error is returned in
-its slot (`NotFound`, a subclass, when its adapter is not loaded, e.g. evicted: load it and
-retry). Any other exception (a bug, out of memory) fails the whole call (`Scheduler.abort`).
+Pure compute: no networking, no asyncio, called from a single thread (hf_engine.HfEngine's
+compute thread, which puts it behind the sampler's async protocol). `load_adapter` loads an
+adapter under a key; `TransformersSampler.sample` takes a list of specs and returns one
+`SampleResult` or one `InvalidRequest` per spec, in order (a loop over a `Scheduler`,
+hf_batching.py, which the engine runs itself to admit requests between steps). A bad spec
+never affects the others: every spec is validated before any compute, and its error is
+returned in its slot (`NotFound`, a subclass, when its adapter is not loaded, e.g. evicted:
+load it and retry). Any other exception (a bug, out of memory) fails the whole call
+(`Scheduler.abort`; the engine then runs the requests again one at a time).
 
     sampler = TransformersSampler("openrl/tiny-qwen3")
     sampler.load_adapter("sess:train:0@3", state, rank=16, alpha=32, target_modules=[...])
-    [result] = sampler.sample([SampleSpec(prompt=ids, num_samples=4, max_tokens=64, adapter="sess:train:0@3")])
+    [result] = sampler.sample([SampleSpec(prompt=ids, num_samples=4, params=SamplingParams(max_tokens=64), adapter="sess:train:0@3")])
     result.sequences[0].tokens, result.sequences[0].logprobs, result.sequences[0].stop_reason
 
 How a call runs (`Scheduler`: continuous batching; `sample` is a loop over it):

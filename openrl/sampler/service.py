@@ -74,6 +74,10 @@ class SamplerConfig:
     ack_wait_s: float = 10.0  # a dead sampler's requests go to another after this; in-progress acks keep live ones
 
 
+class EngineFailed(Exception):
+    """The engine failed a request for a reason that is not the request's: category "server"."""
+
+
 class AsyncBackend(Protocol):
     """A sampling engine: batches the requests in flight on its own (hf_engine.HfEngine, vllm_backend.VllmSampler)."""
 
@@ -159,11 +163,8 @@ class Sampler:
             usage = (len(msg.prompt) // 4, sum(len(seq.tokens) for seq in result.sequences), time.perf_counter() - started)
         except InvalidRequest as e:
             fut = Future(state="failed", error=str(e), category="user", finished_at=time.time(), **base)
-        except Exception as e:
-            if self.backend.dead:
-                raise  # not acked: another sampler (or this one, restarted) takes it
-            log.exception("sample_failed", request_id=msg.request_id)
-            fut = Future(state="failed", error=f"sampler error: {e}", category="server", finished_at=time.time(), **base)
+        except EngineFailed as e:
+            fut = Future(state="failed", error=str(e), category="server", finished_at=time.time(), **base)
         # The result first (one compare-and-set on the revision read above), accounting after.
         if not await self.bus.finish_pending(fut, revision):
             log.info("sample_already_recorded", request_id=msg.request_id)
@@ -184,12 +185,22 @@ class Sampler:
         await asyncio.gather(one("sampling_prefill", prompt_tokens), one("sampling_sample", sampled_tokens))
 
     async def _sample(self, spec: sp.SampleSpec, blob: bytes | None) -> sp.SampleResult:
-        """The engine's result; the time with any request in flight counts as busy."""
+        """The engine's result; the time with any request in flight counts as busy. An engine's
+        failure that is not the request's is EngineFailed, unless the engine is dead: then the
+        message stays unacked for another sampler. (Other failures, a bus error fetching the
+        weights say, are not caught here: the message is handed back and retried.)"""
         if self._inflight == 0:
             self._busy_from = time.perf_counter()
         self._inflight += 1
         try:
             return await self.backend.sample(spec, blob)
+        except InvalidRequest:
+            raise
+        except Exception as e:
+            if self.backend.dead:
+                raise
+            log.exception("sample_failed")
+            raise EngineFailed(f"sampler error: {e}") from e
         finally:
             self._inflight -= 1
             if self._inflight == 0:

@@ -6,7 +6,7 @@ A request's sampling parameters are the bus's `SamplingParams` struct, unchanged
 gateway to the engine (`max_tokens` None: the engine's default). The checks that need no model
 are openrl.bus.sampling's (the gateway runs them too); `check_spec` adds the model's own.
 
-Semantics (Tinker's, spec §5.6-5.7): see hf_engine.py's docstring.
+Semantics (Tinker's, spec §5.6-5.7): see hf_model.py's docstring. The whole sampler: docs/sampler.md.
 """
 
 from __future__ import annotations
