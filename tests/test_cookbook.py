@@ -59,12 +59,13 @@ def alias_stack(stack, tmp_path_factory):
                 proc.kill()
 
 
-def cookbook(stack, module: str, *options: str, cwd: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:
+def cookbook(stack, module: str, *options: str, cwd: Path, expect_ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {
         **os.environ, "TINKER_API_KEY": API_KEY, "TINKER_BASE_URL": stack.url, "HF_DATASETS_OFFLINE": "1",
         # Offline, enforced: the cookbook fetches a pricing file over https (and logs token
         # counts only when that fails); any https request goes to a closed port instead.
         "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+        **(env or {}),
     }
     proc = subprocess.run(
         [sys.executable, "-m", module, f"base_url={stack.url}", f"model_name={ALIAS}", *options],
@@ -106,17 +107,27 @@ def test_sl_basic_loss_falls(alias_stack, tmp_path):
 
 
 def test_rl_basic_completes(alias_stack, tmp_path):
+    """...and logs to Weights & Biases offline (its own wandb_project option), as docs/cookbook.md shows."""
+    from recipes.tracking_readback import wandb_offline_run
+
     log_path = tmp_path / "rl"
+    wandb_env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_ERROR_REPORTING": "false",
+                 "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}  # fmt: skip
     cookbook(
         alias_stack, "tinker_cookbook.recipes.rl_basic",
-        f"log_path={log_path}", "max_tokens=16",
+        f"log_path={log_path}", "max_tokens=16", "wandb_project=openrl-cookbook", "wandb_name=rl-basic-arith",
         "dataset_builder=tinker_cookbook.recipes.math_rl.arithmetic_env:ArithmeticDatasetBuilder",
         "dataset_builder.batch_size=8", "dataset_builder.group_size=4", "dataset_builder.n_batches=3",
         f"dataset_builder.model_name_for_tokenizer={ALIAS}", f"dataset_builder.renderer_name={RENDERER}",
-        cwd=tmp_path,
+        cwd=tmp_path, env=wandb_env,
     )
     steps = [m for m in metrics(log_path) if "env/all/format" in m]
     assert [m["step"] for m in steps] == [0, 1, 2]
+    (run_dir,) = (log_path / "wandb").glob("offline-run-*")
+    run, _, history = wandb_offline_run(run_dir)
+    assert run["project"] == "openrl-cookbook" and run["name"] == "rl-basic-arith"
+    logged = [h for h in history if "env/all/format" in h]
+    assert [(h["_step"], h["env/all/format"]) for h in logged] == [(m["step"], m["env/all/format"]) for m in steps]
     # Every rollout came back from the sampler as text the renderer parsed (format is scored on it).
     assert all(m["env/all/format"] > 0 for m in steps), steps
     assert any(c["name"] == "final" for c in checkpoints(log_path))

@@ -28,22 +28,25 @@ Per step it logs (JSONL in `--log-dir`, and a tqdm bar): `reward/mean`, `time/st
 `groups/dropped`, `logprob/mismatch` (mean |sampler logprob - trainer logprob| over the
 trained tokens; includes the policy change for stale groups) and `logprob/mismatch_fresh`
 (the same over groups sampled with the very weights trained on: numerics only), and it
-draws the reward curve into `reward.png`.
+draws the reward curve into `reward.png` (matplotlib, the `plots` extra). With
+`--wandb-project` and `--tensorboard-dir` the same metrics go to Weights & Biases and
+TensorBoard (the `tracking` extra; `openrl.recipes.tracking`, docs/tracking.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from openrl.recipes.tracking import MetricsLog, Tracking
 
 DEFAULT_MODEL = "openrl/tiny-qwen3"
 
@@ -74,6 +77,8 @@ class Config:
     log_dir: Path | None = None
     name: str = "async-grpo"
     progress: bool = True
+    tracking: Tracking = Tracking()  # W&B and TensorBoard, besides metrics.jsonl
+    plots: bool = True  # reward.png in log_dir (needs matplotlib)
 
 
 @dataclass
@@ -190,36 +195,6 @@ def mismatch(datums: list, outputs: list[dict], n_completion: list[int]) -> floa
     return total / count if count else float("nan")
 
 
-class MetricsLog:
-    """Per-step metrics: kept in memory, appended to `<log_dir>/metrics.jsonl`, drawn as `reward.png`."""
-
-    def __init__(self, log_dir: Path | None, title: str):
-        self.rows: list[dict] = []
-        self.log_dir = log_dir
-        self.title = title
-        if log_dir is not None:
-            log_dir.mkdir(parents=True, exist_ok=True)
-            (log_dir / "metrics.jsonl").write_text("")
-
-    def append(self, row: dict) -> None:
-        self.rows.append(row)
-        if self.log_dir is not None:
-            with open(self.log_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row, allow_nan=True) + "\n")
-
-    def plot(self) -> Path | None:
-        from openrl.recipes.plot import line_chart
-
-        if self.log_dir is None or not self.rows:
-            return None
-        reward = [(r["step"], r["reward/mean"]) for r in self.rows]
-        window = 5  # a moving average makes the trend readable through the per-step noise
-        smooth = [(r["step"], sum(v for _, v in reward[max(0, i - window + 1) : i + 1]) / len(reward[max(0, i - window + 1) : i + 1]))
-                  for i, r in enumerate(self.rows)]  # fmt: skip
-        return line_chart(self.log_dir / "reward.png", {"reward/mean": reward, f"mean of last {window}": smooth},
-                          title=self.title, x_label="step", y_label="reward")  # fmt: skip
-
-
 class AsyncGRPO:
     """One run: a rollout producer and the training loop, sharing the newest sampling client."""
 
@@ -302,11 +277,12 @@ class AsyncGRPO:
         from tqdm import tqdm
 
         cfg = self.cfg
-        log = MetricsLog(cfg.log_dir, f"{cfg.name}: reward (max staleness {cfg.max_staleness})")
         self.sampler = await self.training.save_weights_and_get_sampling_client()
+        log = open_log(cfg, f"{cfg.name}: reward (max staleness {cfg.max_staleness})")
         producer = asyncio.create_task(self.produce())
         bar = tqdm(range(cfg.steps), desc=cfg.name, unit="step", disable=not cfg.progress)
         started = time.monotonic()
+        ok = False
         try:
             for step in bar:
                 t0 = time.monotonic()
@@ -356,12 +332,17 @@ class AsyncGRPO:
                 }  # fmt: skip
                 log.append(row)
                 bar.set_postfix(reward=f"{row['reward/mean']:.2f}", stale=f"{row['staleness/mean']:.1f}", dropped=self.dropped)
+            ok = True
         finally:
             for task in (producer, *self.running):  # rollouts past the last step are not needed
                 task.cancel()
             await asyncio.gather(producer, *self.running, return_exceptions=True)
-            log.plot()
+            log.close(ok)
         return log.rows
+
+
+def open_log(cfg: Config, title: str) -> MetricsLog:
+    return MetricsLog(cfg.log_dir, title, name=cfg.name, config=asdict(cfg), tracking=cfg.tracking, plots=cfg.plots)
 
 
 async def train(cfg: Config, tasks: Sequence[Task], training=None) -> list[dict]:
@@ -404,9 +385,8 @@ def train_sequential(cfg: Config, tasks: Sequence[Task], training=None) -> list[
     tokenizer = training.get_tokenizer()
     prompts = [encode_prompt(tokenizer, t.prompt) for t in tasks]
     task_of = task_order(len(tasks), cfg.seed)
-    log = MetricsLog(cfg.log_dir, f"{cfg.name}: reward (sequential)")
     started = time.monotonic()
-    with RewardClient(cfg.base_url, cfg.api_key) as rewards:
+    with RewardClient(cfg.base_url, cfg.api_key) as rewards, open_log(cfg, f"{cfg.name}: reward (sequential)") as log:
         for step in tqdm(range(cfg.steps), desc=cfg.name, unit="step", disable=not cfg.progress):
             t0 = time.monotonic()
             sampler = training.save_weights_and_get_sampling_client().result()
@@ -436,10 +416,29 @@ def train_sequential(cfg: Config, tasks: Sequence[Task], training=None) -> list[
             log.append({"step": step, "reward/mean": sum(rewards_all) / len(rewards_all), "time/step": time.monotonic() - t0,
                         "time/elapsed": time.monotonic() - started, "staleness/mean": 0.0, "staleness/max": 0, "datums": len(datums),
                         "time/reward_s": sum(g.reward_s for g in groups)})  # fmt: skip
-    log.plot()
     if service is not None:
         service.close("success").result()
     return log.rows
+
+
+def add_tracking_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wandb-project", help="log every step to this Weights & Biases project (WANDB_MODE=offline: no network)")
+    p.add_argument("--tensorboard-dir", type=Path, help="write TensorBoard event files here")
+    p.add_argument("--no-plots", action="store_true", help="draw no PNG chart (matplotlib not needed)")
+
+
+def tracking_of(args: argparse.Namespace, p: argparse.ArgumentParser) -> Tracking:
+    """The trackers the flags ask for; a clear error now, naming the extra, if one is not installed."""
+    from openrl.recipes.plot import PlotsUnavailable, require_matplotlib
+
+    tracking = Tracking(wandb_project=args.wandb_project, tensorboard_dir=args.tensorboard_dir)
+    try:
+        tracking.check()
+        if not args.no_plots:
+            require_matplotlib()
+    except ImportError as e:
+        p.error(f"{e}{'; or pass --no-plots' if isinstance(e, PlotsUnavailable) else ''}")
+    return tracking
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -459,13 +458,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", type=int, default=8, help="how many measured toy prompts to train on (see measured_tasks)")
     p.add_argument("--sequential", action="store_true", help="run the plain synchronous loop instead (for comparison)")
     p.add_argument("--log-dir", type=Path, default=Path("runs/async-grpo"))
+    add_tracking_args(p)
     args = p.parse_args(argv)
+    tracking = tracking_of(args, p)
     if args.steps < 1 or args.groups_per_step < 1 or args.group_size < 2 or args.max_staleness < 0 or args.tasks < 1 or args.max_tokens < 1:
         p.error("need --steps, --groups-per-step, --tasks, --max-tokens >= 1, --group-size >= 2 and --max-staleness >= 0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # get_tokenizer() finds the local default model
     cfg = Config(base_url=args.base_url, api_key=args.api_key, base_model=args.base_model, reward_name=args.reward, steps=args.steps,
                  groups_per_step=args.groups_per_step, group_size=args.group_size, max_staleness=args.max_staleness,
-                 learning_rate=args.learning_rate, rank=args.rank, max_tokens=args.max_tokens, seed=args.seed, log_dir=args.log_dir)  # fmt: skip
+                 learning_rate=args.learning_rate, rank=args.rank, max_tokens=args.max_tokens, seed=args.seed, log_dir=args.log_dir,
+                 tracking=tracking, plots=not args.no_plots)  # fmt: skip
     from openrl.demo import rl_questions
 
     questions = rl_questions(8 * args.tasks, seed=args.seed)
@@ -477,7 +479,8 @@ def main(argv: list[str] | None = None) -> None:
     k = max(1, len(rows) // 4)
     early, late = (sum(r["reward/mean"] for r in rs) / len(rs) for rs in (rows[:k], rows[-k:]))
     print(f"reward/mean {early:.3f} (first {k} steps) -> {late:.3f} (last {k}); "
-          f"{len(rows) / rows[-1]['time/elapsed']:.2f} steps/s; metrics {args.log_dir / 'metrics.jsonl'}, plot {args.log_dir / 'reward.png'}")  # fmt: skip
+          f"{len(rows) / rows[-1]['time/elapsed']:.2f} steps/s; metrics {args.log_dir / 'metrics.jsonl'}"
+          + ("" if args.no_plots else f", plot {args.log_dir / 'reward.png'}"))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ in this process. Each one:
 
 Writes `<log-dir>/sweep.json` (config and evaluations per experiment), per experiment the
 RL metrics (`<name>/metrics.jsonl`, `<name>/reward.png`), and `<log-dir>/heldout_accuracy.png`.
+With `--wandb-project` each experiment's RL steps are a W&B run (one group per sweep), with
+`--tensorboard-dir` a TensorBoard run in `<tensorboard-dir>/<name>` (docs/tracking.md).
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ import asyncio
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+import uuid
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from openrl.recipes.async_grpo import DEFAULT_MODEL, Config, Task, encode_prompt
+from openrl.recipes.async_grpo import DEFAULT_MODEL, Config, Task, add_tracking_args, encode_prompt, tracking_of
 from openrl.recipes.async_grpo import train as train_rl
 from openrl.recipes.text_to_sql_data import Example, make_dataset
+from openrl.recipes.tracking import Tracking
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,8 @@ async def evaluate(training, tokenizer, rewards, heldout: list[Example], max_tok
 
 
 async def run_experiment(exp: Experiment, *, base_url: str, api_key: str | None, base_model: str, train: list[Example],
-                         heldout: list[Example], log_dir: Path, progress: bool = True) -> dict:  # fmt: skip
+                         heldout: list[Example], log_dir: Path, progress: bool = True, tracking: Tracking = Tracking(),
+                         plots: bool = True) -> dict:  # fmt: skip
     import tinker
     from tinker import types
 
@@ -134,7 +139,8 @@ async def run_experiment(exp: Experiment, *, base_url: str, api_key: str | None,
         cfg = Config(base_url=base_url, api_key=api_key, base_model=base_model, reward_name="sql", steps=exp.rl_steps,
                      groups_per_step=exp.groups_per_step, group_size=exp.group_size, max_staleness=exp.max_staleness,
                      learning_rate=exp.learning_rate, rank=exp.rank, max_tokens=exp.max_tokens, seed=exp.seed,
-                     log_dir=log_dir / exp.name, name=exp.name, progress=progress)  # fmt: skip
+                     log_dir=log_dir / exp.name, name=exp.name, progress=progress, tracking=tracking.for_run(exp.name),
+                     plots=plots)  # fmt: skip
         rl = await train_rl(cfg, tasks, training=training) if exp.rl_steps > 0 else []
         evals.append({"phase": "rl", **await evaluate(training, tokenizer, rewards, heldout, exp.max_tokens)})
     await service.close("success")
@@ -170,19 +176,23 @@ def plot(results: list[dict], path: Path) -> Path:
 
 
 async def sweep(experiments: list[Experiment], *, base_url: str, api_key: str | None, base_model: str = DEFAULT_MODEL,
-                log_dir: Path, seed: int = 0, progress: bool = True) -> list[dict]:  # fmt: skip
+                log_dir: Path, seed: int = 0, progress: bool = True, tracking: Tracking = Tracking(),
+                plots: bool = True) -> list[dict]:  # fmt: skip
     """Run the experiments concurrently; write sweep.json and the accuracy plot; return the results."""
     names = [e.name for e in experiments]
     if len(set(names)) != len(names):
         raise ValueError(f"experiment names must be unique, got {names}")
+    if tracking.wandb_project and not tracking.wandb_group:  # this sweep's runs, side by side in W&B
+        tracking = replace(tracking, wandb_group=f"sql-sweep-{uuid.uuid4().hex[:8]}")
     train, heldout = make_dataset(seed)
     results = await asyncio.gather(
         *(run_experiment(e, base_url=base_url, api_key=api_key, base_model=base_model, train=train, heldout=heldout,
-                         log_dir=log_dir, progress=progress) for e in experiments)
+                         log_dir=log_dir, progress=progress, tracking=tracking, plots=plots) for e in experiments)
     )  # fmt: skip
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "sweep.json").write_text(json.dumps({"train": len(train), "heldout": len(heldout), "results": results}, indent=1))
-    plot(results, log_dir / "heldout_accuracy.png")
+    if plots:
+        plot(results, log_dir / "heldout_accuracy.png")
     return results
 
 
@@ -203,16 +213,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--configs", help="a JSON list of experiments (file path or JSON text); default: a 3-experiment sweep")
     p.add_argument("--seed", type=int, default=0, help="the dataset's seed")
     p.add_argument("--log-dir", type=Path, default=Path("runs/sql-sweep"))
+    add_tracking_args(p)
     args = p.parse_args(argv)
+    tracking = tracking_of(args, p)
     try:
         experiments = load_configs(args.configs)
     except (OSError, ValueError, TypeError) as e:
         p.error(f"--configs: {e}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results = asyncio.run(sweep(experiments, base_url=args.base_url, api_key=args.api_key, base_model=args.base_model,
-                                log_dir=args.log_dir, seed=args.seed))  # fmt: skip
+                                log_dir=args.log_dir, seed=args.seed, tracking=tracking, plots=not args.no_plots))  # fmt: skip
     print(table(results))
-    print(f"results {args.log_dir / 'sweep.json'}, plot {args.log_dir / 'heldout_accuracy.png'}")
+    print(f"results {args.log_dir / 'sweep.json'}" + ("" if args.no_plots else f", plot {args.log_dir / 'heldout_accuracy.png'}"))
 
 
 if __name__ == "__main__":

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import tinker
+from PIL import Image
 from tinker import types
 
 from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY
 from openrl.demo import REWARD_BAND, rl_questions
 from openrl.recipes.async_grpo import Config, encode_prompt, measured_tasks, say_word_tasks, train
-from openrl.recipes.plot import read_png
+from openrl.recipes.tracking import Tracking
+from tracking_readback import assert_tracked_like_jsonl
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -50,22 +53,32 @@ def test_async_grpo_raises_the_reward_within_the_staleness_bound(stack, tmp_path
     fresh = [r["logprob/mismatch_fresh"] for r in logged if np.isfinite(r["logprob/mismatch_fresh"])]
     assert fresh and max(fresh) < 1e-2, fresh
     assert all(r["time/step"] > 0 for r in logged)
-    # The reward curve: a real PNG with the reward series' colour drawn in it.
-    width, height, rgb = read_png(tmp_path / "reward.png")
-    assert (width, height) == (720, 420)
-    pixels = {rgb[i : i + 3] for i in range(0, len(rgb), 3)}
-    assert bytes((31, 119, 180)) in pixels and bytes((214, 39, 40)) in pixels
+    # The reward curve: a real PNG with the reward series' colours drawn in it.
+    with Image.open(tmp_path / "reward.png") as im:
+        assert im.size == (720, 420)
+        pixels = {px[:3] for px in im.convert("RGB").getdata()}
+    assert (31, 119, 180) in pixels and (214, 39, 40) in pixels
 
 
-def test_async_grpo_with_staleness_0_is_the_sequential_loop(stack):
+def test_async_grpo_with_staleness_0_is_the_sequential_loop(stack, tmp_path, monkeypatch):
     """On-policy (max staleness 0) the pipeline samples each step's groups with that step's
-    weights, the same prompts and seeds as the plain loop: on CPU the runs are identical."""
+    weights, the same prompts and seeds as the plain loop: on CPU the runs are identical.
+    Both log to W&B (offline) and TensorBoard what they write to metrics.jsonl."""
     from openrl.recipes.async_grpo import train_sequential
 
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_ERROR_REPORTING": "false",
+                        "WANDB_CONFIG_DIR": tmp_path / "wandb-config", "WANDB_CACHE_DIR": tmp_path / "wandb-cache"}.items():  # fmt: skip
+        monkeypatch.setenv(name, str(value))
     cfg = Config(base_url=stack.url, api_key=stack.api_key, steps=6, max_staleness=0, max_tokens=1, seed=7, progress=False)
     tasks = first_token_tasks(cfg)
-    pipelined = asyncio.run(train(cfg, tasks))
-    plain = train_sequential(cfg, tasks)
+    tracked = {kind: replace(cfg, log_dir=tmp_path / kind, name=kind, tracking=Tracking(wandb_project="openrl-test", tensorboard_dir=tmp_path / "tb" / kind))
+               for kind in ("pipelined", "plain")}  # fmt: skip
+    pipelined = asyncio.run(train(tracked["pipelined"], tasks))
+    plain = train_sequential(tracked["plain"], tasks)
+    for kind, rows in (("pipelined", pipelined), ("plain", plain)):
+        logged = [json.loads(line) for line in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
+        assert logged == json.loads(json.dumps(rows))
+        assert_tracked_like_jsonl(logged, tmp_path / "tb" / kind, tmp_path / kind / "wandb")
     assert [r["reward/mean"] for r in pipelined] == [r["reward/mean"] for r in plain]
     assert len({r["reward/mean"] for r in plain}) > 2  # the steps did differ
     assert [r["datums"] for r in pipelined] == [r["datums"] for r in plain]

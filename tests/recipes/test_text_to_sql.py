@@ -8,9 +8,11 @@ import json
 import sqlite3
 
 import pytest
+from PIL import Image
 
-from openrl.recipes.plot import read_png
 from openrl.recipes.sql_sweep import Experiment, load_configs, sweep, table
+from openrl.recipes.tracking import Tracking
+from tracking_readback import assert_tracked_like_jsonl, wandb_offline_run
 from openrl.recipes.text_to_sql_data import make_dataset, main as write_dataset
 from openrl.rewarder.builtin import build_database, run_query, sql_execution
 
@@ -53,11 +55,20 @@ def test_bad_sweep_configs_are_refused():
     assert [e.name for e in load_configs('[{"name": "a", "rank": 4}]')] == ["a"]
 
 
-def test_sweep_of_two_experiments_end_to_end(stack, tmp_path):
+def png_colours(path) -> set[tuple[int, int, int]]:
+    with Image.open(path) as im:
+        return {px[:3] for px in im.convert("RGB").getdata()}
+
+
+def test_sweep_of_two_experiments_end_to_end(stack, tmp_path, monkeypatch):
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_ERROR_REPORTING": "false",
+                        "WANDB_CONFIG_DIR": tmp_path / "wandb-config", "WANDB_CACHE_DIR": tmp_path / "wandb-cache"}.items():  # fmt: skip
+        monkeypatch.setenv(name, str(value))
     small = dict(sft_steps=6, sft_batch=8, rl_steps=2, groups_per_step=2, group_size=4, max_tokens=24)
     experiments = [Experiment(name="lr3e-3", sft_learning_rate=3e-3, **small),
                    Experiment(name="rank4-no-partial", sft_learning_rate=3e-3, rank=4, partial_credit=0.0, **small)]  # fmt: skip
-    results = asyncio.run(sweep(experiments, base_url=stack.url, api_key=stack.api_key, log_dir=tmp_path, progress=False))
+    tracking = Tracking(wandb_project="openrl-test", tensorboard_dir=tmp_path / "tb")
+    results = asyncio.run(sweep(experiments, base_url=stack.url, api_key=stack.api_key, log_dir=tmp_path, progress=False, tracking=tracking))
     saved = json.loads((tmp_path / "sweep.json").read_text())
     assert saved["results"] == json.loads(json.dumps(results)) and saved["heldout"] == len(make_dataset(0)[1])
     assert len({r["model_id"] for r in results}) == 2  # two models on the one trainer
@@ -69,9 +80,12 @@ def test_sweep_of_two_experiments_end_to_end(stack, tmp_path):
         rows = [json.loads(line) for line in (tmp_path / r["experiment"]["name"] / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and all(x["staleness/max"] <= 1 and x["reward/errors"] == 0 for x in rows)
         assert all("score/executed" in x and "score/correct" in x for x in rows)  # the sql reward's metrics
-        read_png(tmp_path / r["experiment"]["name"] / "reward.png")
+        assert png_colours(tmp_path / r["experiment"]["name"] / "reward.png")
+        # Each experiment is a W&B run of the sweep's group and a TensorBoard run of its own.
+        assert_tracked_like_jsonl(rows, tmp_path / "tb" / r["experiment"]["name"], tmp_path / r["experiment"]["name"] / "wandb")
+    groups = {wandb_offline_run(next((tmp_path / n / "wandb").glob("offline-run-*")))[0]["group"] for n in ("lr3e-3", "rank4-no-partial")}
+    assert len(groups) == 1 and groups.pop().startswith("sql-sweep-")
     printed = table(results)
     assert "lr3e-3" in printed and "rank4-no-partial" in printed
-    _, _, rgb = read_png(tmp_path / "heldout_accuracy.png")
-    pixels = {rgb[i : i + 3] for i in range(0, len(rgb), 3)}
-    assert bytes((31, 119, 180)) in pixels and bytes((214, 39, 40)) in pixels  # one line per experiment
+    pixels = png_colours(tmp_path / "heldout_accuracy.png")
+    assert (31, 119, 180) in pixels and (214, 39, 40) in pixels  # one line per experiment
