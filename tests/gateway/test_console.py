@@ -260,3 +260,41 @@ def test_the_session_cookie_is_not_an_api_credential_and_works_on_every_replica(
         # Another gateway replica reads the same session (the secret is shared through KV).
         other = httpx.get(f"{extra_gateway}{CONSOLE}", cookies={"openrl_console": token}, timeout=30)
         assert other.status_code == 200 and run["model_id"] in other.text
+
+
+# -- the step history, without a stack -------------------------------------------------------
+
+
+def _usage(request_id: str, call: str, seq_id: int, tokens: int = 0, **metrics: float):
+    from openrl.bus.messages import UsageRecord
+
+    return UsageRecord(at=1000.0 + seq_id, owner="o", kind="training", tokens=tokens, seconds=0.5, base_model=BASE_MODEL,
+                       model_id="s-1:train:0", request_id=request_id, call=call, seq_id=seq_id, metrics=metrics)  # fmt: skip
+
+
+def test_steps_are_built_from_usage_records_in_sequence_order_once_each():
+    from openrl.bus.messages import UsageRecord
+    from openrl.gateway.console import curve, histories
+
+    loss = {"loss:sum": 20.0, "tokens:sum": 10.0}
+    records = [
+        _usage("fb2", "forward_backward", 4, 7, **{"loss:sum": 6.0, "tokens:sum": 6.0}),  # arrives first, applied later
+        _usage("fb1a", "forward_backward", 1, 10, **loss),
+        _usage("fb1b", "forward_backward", 2, 10, **{"loss:sum": 10.0, "tokens:sum": 10.0}),  # two passes, one step
+        _usage("eval", "forward", 3, 99, **{"loss:sum": 1.0, "tokens:sum": 1.0}),  # an evaluation: not a step's
+        _usage("opt1", "optim_step", 3, **{"grad_norm:mean": 2.5, "learning_rate:mean": 1e-3}),
+        _usage("fb1a", "forward_backward", 1, 10, **loss),  # a trainer's replay after a crash: counted once
+        _usage("opt2", "optim_step", 5, **{"grad_norm:mean": 1.5}),
+        _usage("fb3", "forward_backward", 6, 5, **{"loss:sum": 1.0, "tokens:sum": 4.0}),  # no optim_step yet
+        UsageRecord(at=1.0, owner="o", kind="sampling_sample", tokens=50, seconds=1.0, base_model=BASE_MODEL, model_id="s-1:sample:0"),
+    ]
+    h = histories(records)["s-1:train:0"]
+    assert h.completed == 2 and h.tokens == 10 + 10 + 7 + 5 and h.forward_passes == 1
+    assert [(s.number, s.passes, s.tokens, s.loss, s.optim is not None) for s in h.steps] == [
+        (1, 2, 20, 30.0 / 20.0, True), (2, 1, 7, 1.0, True), (3, 1, 5, 0.25, False),
+    ]  # fmt: skip
+    assert h.steps[0].optim == {"grad_norm:mean": 2.5, "learning_rate:mean": 1e-3}
+    drawn = curve(h.steps)
+    assert drawn["d"].startswith("M") and drawn["d"].count("L") == 2 and [p["step"] for p in drawn["points"]] == [1, 2, 3]
+    assert drawn["points"][0]["y"] < drawn["points"][1]["y"] < drawn["points"][2]["y"]  # falling loss, rising y
+    assert curve([]) is None and histories([]) == {}
