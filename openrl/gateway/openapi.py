@@ -1,6 +1,7 @@
 """The gateway's OpenAPI document, built from its router: every route it serves is in it
 (nothing to keep in sync by hand), with the handler's docstring as its summary, the auth
 it needs and the error shape every 4xx/5xx shares. Served at `GET /api/v1/openapi.json`.
+Sub-applications are not: the web console (gateway/console.py) is pages for a browser, not API.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import inspect
 import re
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import PrefixedSubAppResource
 
 import openrl
 
@@ -34,7 +36,8 @@ def _summary(handler) -> str:
 
 def document(app: web.Application) -> dict:
     paths: dict[str, dict] = {}
-    for route in app.router.routes():
+    routes = [route for resource in app.router.resources() if not isinstance(resource, PrefixedSubAppResource) for route in resource]
+    for route in routes:
         if route.method in ("HEAD", "OPTIONS", "*"):
             continue
         info = route.resource.get_info() if route.resource is not None else {}
