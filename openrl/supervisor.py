@@ -78,6 +78,12 @@ class Supervisor:
             code = child.proc.poll()
             if code is None or self.stopping:
                 continue
+            # What it started may outlive it (vLLM's engine-core processes, a pool's workers) and
+            # hold memory the restarted child needs: its process group goes with it.
+            try:
+                os.killpg(child.proc.pid, signal.SIGKILL)  # start_new_session: the group is the child's pid
+            except (ProcessLookupError, PermissionError):
+                pass
             # Back off on crash loops; a child that ran a while restarts at once.
             backoff = 0.5 if now - child.started_at > 30 else min(10.0, 0.5 * 2**child.restarts)
             child.restarts += 1

@@ -4,7 +4,8 @@ whose attention head size vLLM's CPU attention supports.
 vLLM's CPU attention takes head sizes 32, 64, 80, 96, 112, 128, ...; the default tiny model's
 is 48. Changing the default model would change its fingerprint, which the demos and many tests
 rely on, so the vLLM tests get a second model: 2 layers, head_dim 64, random weights (seeded),
-fp32, with the default model's tokenizer and chat template (built offline, see
+fp32, with the default model's tokenizer and chat template (trained here exactly as the default
+model's build trains it, seeded: seconds, so these tests never wait for that build's warm-up;
 openrl/default_model.py). It is installed in the test HF cache as `VLLM_MODEL`, the way the
 default model is, so `openrl up --base-model openrl-tests/tiny-qwen3-h64` and
 `AutoTokenizer.from_pretrained` find it offline. Building it takes a second.
@@ -38,28 +39,30 @@ SEED = 0
 # Where vLLM's environment is: scripts/vllm_env.sh builds it and .ci/run exports its python here.
 PYTHON_ENV = "OPENRL_VLLM_PYTHON"
 REQUIRED_ENV = "OPENRL_VLLM_REQUIRED"  # "1" (CI): fail instead of skipping without it
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def ensure_vllm_model() -> Path:
     """The model's snapshot folder in the HF cache (HF_HOME), built on first use."""
+    import random
+
+    import tokenizers
     import torch
     import transformers
     from huggingface_hub import constants
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen3Config
+    from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config
 
-    from openrl.default_model import ensure_default_model
+    from openrl import default_model
 
-    source = ensure_default_model()
-    key = json.dumps([ARCH, SEED, source.name, torch.__version__, transformers.__version__], sort_keys=True)
+    key = json.dumps([ARCH, SEED, default_model.VOCAB_SIZE, default_model.SPLIT_PATTERN, default_model.CHAT_TEMPLATE,
+                      torch.__version__, transformers.__version__, tokenizers.__version__], sort_keys=True)  # fmt: skip
     revision = hashlib.sha256(key.encode()).hexdigest()[:40]
     repo = Path(constants.HF_HUB_CACHE) / ("models--" + VLLM_MODEL.replace("/", "--"))
     snap = repo / "snapshots" / revision
     if not (snap / "config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        # The default model's tokenizer: its build trains it first thing from random.Random(0).
+        tokenizer = default_model._train_tokenizer(random.Random(0), vocab_size=default_model.VOCAB_SIZE)
         eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        vocab = json.loads((source / "config.json").read_text())["vocab_size"]  # the default model's embedding rows
-        config = Qwen3Config(vocab_size=vocab, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+        config = Qwen3Config(vocab_size=default_model.VOCAB_SIZE, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
                              bos_token_id=None, torch_dtype="float32", **ARCH)  # fmt: skip
         torch.manual_seed(SEED)
         model = AutoModelForCausalLM.from_config(config).float()
@@ -68,9 +71,7 @@ def ensure_vllm_model() -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=repo))
         try:
             model.save_pretrained(tmp)
-            for name in TOKENIZER_FILES:
-                if (source / name).exists():
-                    shutil.copyfile(source / name, tmp / name)
+            tokenizer.save_pretrained(tmp)
             snap.parent.mkdir(exist_ok=True)
             shutil.rmtree(snap, ignore_errors=True)
             os.replace(tmp, snap)
