@@ -120,22 +120,27 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+# OpenAI's error type and code for each status the gateway's classification (http.ANSWERS) gives.
+_KINDS = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("permission_error", None),
+    404: ("invalid_request_error", "not_found"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    503: ("server_error", "unavailable"),
+}
+
+
 def _answer(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str] | None]:
-    """The status, OpenAI error body and headers for an error raised on purpose."""
-    msg = str(e)
+    """The status, OpenAI error body and headers for an error raised on purpose: the status is
+    the one every route gives (http.ANSWERS), the body OpenAI's."""
     if isinstance(e, QueueFull):
-        return 429, error_body(msg, "rate_limit_error", code="rate_limit_exceeded"), {"Retry-After": "1"}
-    if isinstance(e, Unavailable):
-        return 503, error_body(msg, "server_error", code="unavailable"), {"Retry-After": "2"}
-    if isinstance(e, Unauthorized):  # before NotFound and InvalidRequest, whose subclass it is
-        return 401, error_body(msg, "invalid_request_error", code="invalid_api_key"), None
-    if isinstance(e, http.Forbidden):
-        return 403, error_body(msg, "permission_error"), None
+        return 429, error_body(str(e), "rate_limit_error", code="rate_limit_exceeded"), {"Retry-After": "1"}
+    status, _, headers = next(http.ANSWERS[cls] for cls in type(e).__mro__ if cls in http.ANSWERS)
+    type_, code = _KINDS.get(status, ("invalid_request_error", None))
     if isinstance(e, ModelNotFound):
-        return 404, error_body(msg, "invalid_request_error", "model", "model_not_found"), None
-    if isinstance(e, NotFound):
-        return 404, error_body(msg, "invalid_request_error", code="not_found"), None
-    return 400, error_body(msg, "invalid_request_error", getattr(e, "param", None), getattr(e, "code", None)), None
+        return status, error_body(str(e), type_, "model", "model_not_found"), headers
+    return status, error_body(str(e), type_, getattr(e, "param", None), getattr(e, "code", None) or code), headers
 
 
 def _openai_errors(handler):
@@ -149,7 +154,7 @@ def _openai_errors(handler):
         except ClientGone:  # nobody reads this answer; 499 is what the metrics record
             log.info("openai_client_gone", path=request.path)
             return web.Response(status=499)
-        except (InvalidRequest, Unavailable) as e:
+        except (QueueFull, *http.ANSWERS) as e:
             status, body, headers = _answer(e)
             return http.reply(body, status=status, headers=headers)
         except http.BUS_UNAVAILABLE as e:
@@ -192,6 +197,9 @@ class TextTokenizer:
                 text = open(path, encoding="utf-8").read()
                 template = (json.loads(text) or {}).get("chat_template") if name.endswith(".json") else text
         self.has_chat_template = bool(template)
+        # The most characters one token stands for: a text longer than the context times this
+        # (twice, for what a normalizer may drop) cannot fit, and is refused before encoding it.
+        self.longest = max(map(len, self.tok.get_vocab(with_added_tokens=True)), default=1)
         self.specials = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
@@ -199,7 +207,10 @@ class TextTokenizer:
         env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
         self.template = env.from_string(template or FALLBACK_CHAT_TEMPLATE)
 
-    def encode(self, text: str, *, special: bool) -> list[int]:
+    def encode(self, text: str, *, special: bool, context: int = 0, param: str = "prompt") -> list[int]:
+        if context and len(text) > 2 * context * self.longest:
+            raise BadParam(f"the prompt is {len(text)} characters, more than this model's context of {context} tokens holds",
+                           param, "context_length_exceeded")  # fmt: skip
         return self.tok.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids: list[int]) -> str:
@@ -424,7 +435,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return out
 
 
-def _prompts(value: Any, tok: TextTokenizer) -> tuple[list[list[int]], list[str | None]]:
+def _prompts(value: Any, tok: TextTokenizer, context: int) -> tuple[list[list[int]], list[str | None]]:
     """Completions' prompt as token ids per prompt, and each prompt's text where it came as text."""
     if isinstance(value, str):
         value = [value]
@@ -437,7 +448,7 @@ def _prompts(value: Any, tok: TextTokenizer) -> tuple[list[list[int]], list[str 
     ids, texts = [], []
     for p in value:
         if isinstance(p, str):
-            ids.append(tok.encode(p, special=True))
+            ids.append(tok.encode(p, special=True, context=context))
             texts.append(p)
         elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             ids.append(p)
@@ -538,28 +549,40 @@ class Run:
         self.jobs: list[Job] = []
 
     async def submit(self, prompts: list[list[int]], texts: list[str | None], max_tokens: list[int | None]) -> None:
+        """Queue one sample request per prompt. Every message is built (and checked) before
+        the first is queued; if the bus fails midway, what was queued is cancelled."""
         if await self.gw.sample_backlog() >= self.gw.cfg.sample_queue_max:
             raise QueueFull("sample queue is full; retry shortly")
+        msgs = [self._message(i, ids, mt) for i, (ids, mt) in enumerate(zip(prompts, max_tokens, strict=True))]
+        try:
+            for msg, ids, text in zip(msgs, prompts, texts, strict=True):
+                job = Job(request_id=msg.request_id, prompt=ids, text=text)
+                self.jobs.append(job)
+                await self.gw.accept(msg.request_id, self.owner, "Sample")
+                ack = await self.gw.bus.publish(subjects.sample(self.target.base_model), msg, msg_id=msg.request_id)
+                job.stream_seq = ack.seq
+        except BaseException:
+            try:
+                await asyncio.shield(self.cancel())
+            except Exception as e:  # the bus is down: the futures expire with their TTL
+                log.warning("openai_cancel_failed", id=self.id, error=repr(e))
+            raise
+        log.info("openai_request_queued", id=self.id, model=self.target.name, prompts=len(prompts), n=self.sampling.n)
+
+    def _message(self, i: int, ids: list[int], max_tokens: int | None) -> SampleRequest:
+        """The SampleRequest of prompt `i`, built as an SDK sample's is (service.sample_fields)."""
         s = self.sampling
-        for i, (ids, text, mt) in enumerate(zip(prompts, texts, max_tokens, strict=True)):
-            body = bodies.ASampleBody(
-                sampling_session_id=self.target.name, seq_id=i, num_samples=s.n,
-                prompt=bodies.ModelInput(chunks=[bodies.Chunk(tokens=ids)]),
-                sampling_params=bodies.SamplingParams(max_tokens=mt, seed=s.seed, stop=s.stop or None, temperature=s.temperature,
-                                                      top_k=s.top_k, top_p=s.top_p),
-                prompt_logprobs=s.echo and s.logprobs is not None,
-                topk_prompt_logprobs=(s.logprobs or 0) if s.echo else 0,
-                topk_sample_logprobs=s.logprobs or 0,
-            )  # fmt: skip
-            rid = f"sample-oai-{self.id}-{i}"
-            msg = SampleRequest(request_id=rid, sampler_id=self.target.name, base_model=self.target.base_model,
-                                weights=self.target.weights, lora=self.target.lora, **sample_fields(body))  # fmt: skip
-            job = Job(request_id=rid, prompt=ids, text=text)
-            self.jobs.append(job)
-            await self.gw.accept(rid, self.owner, "Sample")
-            ack = await self.gw.bus.publish(subjects.sample(self.target.base_model), msg, msg_id=rid)
-            job.stream_seq = ack.seq
-        log.info("openai_request_queued", id=self.id, model=self.target.name, prompts=len(prompts), n=s.n)
+        body = bodies.ASampleBody(
+            sampling_session_id=self.target.name, seq_id=i, num_samples=s.n,
+            prompt=bodies.ModelInput(chunks=[bodies.Chunk(tokens=ids)]),
+            sampling_params=bodies.SamplingParams(max_tokens=max_tokens, seed=s.seed, stop=s.stop or None, temperature=s.temperature,
+                                                  top_k=s.top_k, top_p=s.top_p),
+            prompt_logprobs=s.echo and s.logprobs is not None,
+            topk_prompt_logprobs=(s.logprobs or 0) if s.echo else 0,
+            topk_sample_logprobs=s.logprobs or 0,
+        )  # fmt: skip
+        return SampleRequest(request_id=f"sample-oai-{self.id}-{i}", sampler_id=self.target.name, base_model=self.target.base_model,
+                             weights=self.target.weights, lora=self.target.lora, **sample_fields(body))  # fmt: skip
 
     async def wait(self, gone) -> list[SampleResult]:
         """Every job's result, in order. While one is pending, `await gone()` is asked every
@@ -647,8 +670,8 @@ def _choices(results: list[SampleResult], jobs: list[Job], s: Sampling, tok: Tex
 
 
 def _tokens_within(tok: TextTokenizer, tokens: list[int], chars: int) -> int:
-    """How many of `tokens` it takes to reach `chars` characters of their text (at least one)."""
-    for k in range(1, len(tokens) + 1):
+    """How many of `tokens` it takes to reach `chars` characters of their text."""
+    for k in range(len(tokens) + 1):
         if len(tok.decode(tokens[:k])) >= chars:
             return k
     return len(tokens)
@@ -670,7 +693,7 @@ def _topk(t) -> list[list[tuple[int, float]]]:
 
 def _usage(jobs: list[Job], results: list[SampleResult]) -> dict[str, int]:
     prompt = sum(len(j.prompt) for j in jobs)
-    completion = sum(len(seq.tokens) // 4 for r in results for seq in r.sequences)
+    completion = sum(len(seq.tokens) // 4 for r in results for seq in r.sequences)  # int32 each: every token generated
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -762,7 +785,7 @@ class OpenAI:
         stream = p.bool("stream", False)
         include_usage = p.stream_options(stream)
         tok = await self.tokenizers.get(target.sampler.tokenizer_id or target.base_model)
-        prompts, texts = await asyncio.to_thread(_prompts, p.body.get("prompt"), tok)
+        prompts, texts = await asyncio.to_thread(_prompts, p.body.get("prompt"), tok, target.sampler.max_context)
         if len(prompts) * s.n > MAX_SEQUENCES:
             raise BadParam(f"prompts x n must be at most {MAX_SEQUENCES}, got {len(prompts) * s.n}", "n")
         max_tokens = [_check_context(ids, s, target.sampler, "prompt") for ids in prompts]
@@ -804,7 +827,7 @@ class OpenAI:
         stream = p.bool("stream", False)
         include_usage = p.stream_options(stream)
         tok = await self.tokenizers.get(target.sampler.tokenizer_id or target.base_model)
-        ids = await asyncio.to_thread(lambda: tok.encode(tok.chat(messages), special=False))
+        ids = await asyncio.to_thread(lambda: tok.encode(tok.chat(messages), special=False, context=target.sampler.max_context, param="messages"))
         max_tokens = [_check_context(ids, s, target.sampler, "messages")]
         run = Run(self.gw, owner, target, s)
         await run.submit([ids], [None], max_tokens)

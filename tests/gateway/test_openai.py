@@ -256,7 +256,7 @@ def test_unsupported_or_bad_fields_are_400_naming_them(stack, extra, param):
 
 def test_completions_fields_are_checked(stack):
     for extra, param in (({"logprobs": 6}, "logprobs"), ({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"), ({"prompt": [[1, "a"]]}, "prompt"),
-                         ({"prompt": [10**6]}, "prompt"), ({"prompt": ""}, "prompt")):  # fmt: skip
+                         ({"prompt": [10**6]}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": "ab" * 100_000}, "prompt")):  # fmt: skip
         body = {"model": BASE_MODEL, "prompt": "hi", "max_tokens": 2, **extra}
         r = httpx.post(f"{stack.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
