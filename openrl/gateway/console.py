@@ -293,6 +293,7 @@ class Console:
         context.setdefault("key", None)
         context["csrf"] = self._csrf(request, response)
         context["root"] = ROOT
+        context["status"] = status
         response.text = self.env.get_template(template).render(**context)
         return response
 
@@ -450,7 +451,15 @@ def add_routes(app: web.Application, gw: Gateway, cat: Catalogue) -> None:
                 for name, value in HEADERS.items():
                     e.headers.setdefault(name, value)
                 raise
-            response = console.page(request, "missing.html", status=e.status, key=console.signed_in(request), what=f"page {request.path[:200]!r}")
+            if e.status == 404:
+                what = f"page {request.path[:200]!r}"
+            elif e.status == 405:
+                what = f"{request.method} is not served here: the console only shows things."
+            else:
+                what = e.reason
+            response = console.page(request, "missing.html", status=e.status, key=console.signed_in(request), what=what)
+            if "Allow" in e.headers:  # a 405 says what is allowed
+                response.headers["Allow"] = e.headers["Allow"]
         except (Unavailable, *BUS_UNAVAILABLE) as e:
             log.warning("console_unavailable", path=request.path, error=repr(e))
             response = console.page(request, "unavailable.html", status=503)

@@ -238,7 +238,8 @@ def test_sign_in_is_csrf_safe_and_pages_carry_security_headers(stack, run):
         actions = set(re.findall(r'<form[^>]*action="([^"]+)"', page.text + http.get(f"{CONSOLE}/runs/{run['model_id']}").text))
         assert actions == {f"{CONSOLE}/sign-out"}, actions
         for method in ("POST", "PUT", "DELETE", "PATCH"):
-            assert http.request(method, f"{CONSOLE}/runs/{run['model_id']}").status_code == 405
+            refused = http.request(method, f"{CONSOLE}/runs/{run['model_id']}")
+            assert refused.status_code == 405 and set(refused.headers["allow"].split(",")) == {"GET", "HEAD"} and "http-error" in refused.text
             assert http.request(method, CONSOLE).status_code == 405
         # Bad addresses are pages, not errors: a malformed or unknown run is a 404.
         for bad_run in ("a..b", "a.b", "x" * 300, "s-nope:train:0", "%00"):
