@@ -175,6 +175,10 @@ def test_topk_and_target_prompt_logprobs(trained):
         ({"num_samples": 0}, 400, "num_samples"),
         ({"num_samples": 10**6}, 400, "num_samples"),
         ({"sampling_params": {"max_tokens": -1}}, 400, "max_tokens"),
+        # The checks that need no model run at the gateway (the sampler runs the same again).
+        ({"sampling_params": {"max_tokens": 4, "temperature": -1.0}}, 400, "temperature"),
+        ({"sampling_params": {"max_tokens": 4, "top_p": 0.0}}, 400, "top_p"),
+        ({"sampling_params": {"max_tokens": 4, "top_k": 0}}, 400, "top_k"),
         ({"prompt": {"chunks": [{"type": "image", "data": "x", "format": "png"}]}}, 400, "image"),
         ({"sampling_session_id": "nobody:sample:0"}, 404, "unknown sampling session"),
     ],
@@ -204,7 +208,6 @@ def test_bad_sample_requests_get_clear_errors(stack, trained, body, status, deta
     [
         ([1, 2, 10**6], {"max_tokens": 4}, "token ids"),
         ([1] * 3000, {"max_tokens": 4}, "context"),
-        ([1, 2, 3], {"max_tokens": 4, "temperature": -1.0}, "temperature"),
     ],
 )
 def test_bad_sample_content_fails_as_user_error(trained, tokens, params, detail):
@@ -214,6 +217,19 @@ def test_bad_sample_content_fails_as_user_error(trained, tokens, params, detail)
         sc.sample(types.ModelInput.from_ints(tokens), 1, types.SamplingParams(**params)).result()
     assert err.value.category == types.RequestErrorCategory.User and detail in str(err.value)
     assert sc.sample(types.ModelInput.from_ints([1, 2, 3]), 1, types.SamplingParams(max_tokens=2)).result().sequences
+
+
+def test_max_tokens_none_is_the_samplers_default_end_to_end(trained):
+    """No max_tokens: the request carries None to the sampler, which samples its default
+    (openrl sampler --default-max-tokens, 256) with stop=[]; with a prompt that leaves less
+    room than that, the error names the default."""
+    tc, _, _ = trained
+    sc = tc.save_weights_and_get_sampling_client().result()
+    out = sc.sample(types.ModelInput.from_ints([1, 2, 3]), 1, types.SamplingParams(temperature=1.0, seed=5, stop=[])).result()
+    assert len(out.sequences[0].tokens) == 256 and out.sequences[0].stop_reason == "length"
+    with pytest.raises(tinker.RequestFailedError) as err:
+        sc.sample(types.ModelInput.from_ints([1] * 2000), 1, types.SamplingParams(seed=5)).result()
+    assert err.value.category == types.RequestErrorCategory.User and "default max_tokens (256)" in str(err.value)
 
 
 def test_full_sample_queue_answers_429_and_accepts_nothing(stack, extra_gateway, trained):

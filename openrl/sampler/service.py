@@ -110,6 +110,7 @@ class Sampler:
         self._fetching: dict[str, asyncio.Future] = {}
         self._busy_s = 0.0
         self._started = time.time()
+        self._stop: asyncio.Event | None = None  # run's: once set, requests in flight are handed back
         self.served = 0
 
     # -- requests
@@ -193,7 +194,7 @@ class Sampler:
             self._busy_from = time.perf_counter()
         self._inflight += 1
         try:
-            return await self.backend.sample(spec, blob)
+            return await self._unless_stopping(self.backend.sample(spec, blob))
         except InvalidRequest:
             raise
         except Exception as e:
@@ -205,6 +206,25 @@ class Sampler:
             self._inflight -= 1
             if self._inflight == 0:
                 self._busy_s += time.perf_counter() - self._busy_from
+
+    async def _unless_stopping(self, work):
+        """`work`'s result; once the process is stopping, cancel it and hand the message back
+        (CancelledError: the bus naks it, for another sampler), without waiting for it to finish."""
+        if self._stop is None:
+            return await work
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this handler was cancelled: so is its work
+            task.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if not task.done():
+            task.cancel()
+            raise asyncio.CancelledError("the sampler is stopping")
+        return task.result()
 
     async def _blob(self, name: str) -> bytes:
         blob = self._blobs.get(name)
@@ -264,6 +284,7 @@ class Sampler:
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("sampler_ready", worker_id=self.worker_id, base_model=self.cfg.base_model, device=self.backend.info.device)
+        self._stop = stop
         await asyncio.gather(
             self.bus.heartbeat(self.worker_id, self.info, self.cfg.heartbeat_s, stop),
             self.serve(stop),
