@@ -18,8 +18,14 @@
    of `sample(..., max_tokens=1)` on the client it returns; repeated with a training step in
    between each, p50/p99.
 
+4. `--backend vllm` (instead of 1-3): a stack with a vLLM sampler (under OPENRL_VLLM_PYTHON,
+   scripts/vllm_env.sh) and one with a transformers sampler, both up at once on the head-64
+   test model (tests/vllm_model.py), the same SDK requests to each in alternating
+   repetitions: tokens/s and their ratio; then weight-sync latency on each. JSON to
+   bench/results/sampling_vllm.json.
+
     python bench/sampling.py [--prompts 32] [--samples 2] [--max-tokens 64] [--reps 5] [--sync-reps 10] [--threads N] [--quick]
-        [--out bench/results/sampling.json]
+        [--backend transformers|vllm] [--out bench/results/sampling.json]
 
 Prints the figures and writes them as JSON.
 """
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -91,13 +98,13 @@ def bare_runner(model_path: str, prompts: list[list[int]], samples: int, max_tok
     return run
 
 
-def stack_runner(url: str, prompts: list[list[int]], samples: int, max_tokens: int):
+def stack_runner(url: str, prompts: list[list[int]], samples: int, max_tokens: int, base_model: str = BASE_MODEL):
     """The unmodified tinker SDK on the base model: every prompt's `sample` future in flight at once."""
     import tinker
     from tinker import types
 
     service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
-    sc = service.create_sampling_client(base_model=BASE_MODEL).result()
+    sc = service.create_sampling_client(base_model=base_model).result()
     inputs = [types.ModelInput.from_ints(p) for p in prompts]
 
     def run() -> tuple[float, int]:
@@ -157,7 +164,7 @@ def repeated(run, reps: int, warmup: int) -> dict:
     return summarize([run() for _ in range(reps)])
 
 
-def bench_weight_sync(url: str, tokenizer, prompt: list[int], reps: int, rank: int) -> dict:
+def bench_weight_sync(url: str, tokenizer, prompt: list[int], reps: int, rank: int, base_model: str = BASE_MODEL) -> dict:
     """save_weights_and_get_sampling_client() -> first token of a max_tokens=1 sample on it."""
     import tinker
     from tinker import types
@@ -165,7 +172,7 @@ def bench_weight_sync(url: str, tokenizer, prompt: list[int], reps: int, rank: i
     from openrl.demo import make_datum, sft_examples
 
     service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
-    tc = service.create_lora_training_client(base_model=BASE_MODEL, rank=rank).result()
+    tc = service.create_lora_training_client(base_model=base_model, rank=rank).result()
     data = [make_datum(tokenizer, q, a) for q, a in sft_examples(4, seed=1)]
     adam = types.AdamParams(learning_rate=1e-3)
     x = types.ModelInput.from_ints(prompt)
@@ -207,6 +214,69 @@ def bench_weight_sync(url: str, tokenizer, prompt: list[int], reps: int, rank: i
     }
 
 
+# -- vLLM against transformers -------------------------------------------------------
+
+
+def bench_vllm(args) -> None:
+    """Two stacks up at once on the tiny head-64 model (tests/vllm_model.py; vLLM's CPU attention
+    does not take the default model's head size 48), one with a vLLM sampler (run under
+    OPENRL_VLLM_PYTHON), one with a transformers sampler; the same SDK requests to each, in
+    alternating repetitions; then weight-sync latency on each."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TINKER_TELEMETRY"] = "0"
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    vllm_python = os.environ.get("OPENRL_VLLM_PYTHON", "")
+    if not vllm_python:
+        sys.exit("--backend vllm needs OPENRL_VLLM_PYTHON: OPENRL_VLLM_PYTHON=$(bash scripts/vllm_env.sh | tail -1)")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from transformers import AutoTokenizer
+    from vllm_model import VLLM_MODEL, ensure_vllm_model
+
+    ensure_vllm_model()
+    tokenizer = AutoTokenizer.from_pretrained(VLLM_MODEL)
+    prompts = make_prompts(tokenizer, args.prompts)
+    cpus = len(os.sched_getaffinity(0))
+    threads = args.threads or cpus
+    expected = args.prompts * args.samples * args.max_tokens
+    print(f"workload: {args.prompts} prompts x {args.samples} samples x {args.max_tokens} tokens = {expected} tokens per rep; "
+          f"model {VLLM_MODEL}; sampler threads {threads}", flush=True)  # fmt: skip
+    common = ("--base-model", VLLM_MODEL, "--samplers", "1", "--threads", str(threads))
+    vllm_env = {"OPENRL_KV_CACHE_GIB": "1", "OPENRL_MAX_MODEL_LEN": "512", "OPENRL_ENFORCE_EAGER": "1", "OPENRL_MAX_LORA_RANK": "32",
+                "OPENRL_MAX_LORAS": "4"}  # fmt: skip
+    results: dict = {"machine": {"cpus": cpus, "sampler_threads": threads}, "model": VLLM_MODEL}
+    with tempfile.TemporaryDirectory(prefix="openrl-bench-vllm-") as tmp:
+        saved = {k: os.environ.get(k) for k in vllm_env}
+        os.environ.update(vllm_env)
+        try:
+            vproc, vurl = start_stack(Path(tmp) / "vllm", *common, "--sampler-backend", "vllm", "--sampler-python", vllm_python)
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        tproc, turl = start_stack(Path(tmp) / "transformers", *common)
+        try:
+            runners = {name: stack_runner(url, prompts, args.samples, args.max_tokens, base_model=VLLM_MODEL)
+                       for name, url in (("vllm", vurl), ("transformers", turl))}  # fmt: skip
+            summaries, runs = interleaved(runners, args.reps, args.warmup)
+            results.update(summaries)
+            results["vllm_vs_transformers"] = round(summaries["vllm"]["tokens_per_s"] / summaries["transformers"]["tokens_per_s"], 3)
+            results["vllm_vs_transformers_paired"] = paired_ratio(runs["vllm"], runs["transformers"])
+            for name in ("vllm", "transformers"):
+                print(f"{name} sampler through the stack: {summaries[name]['tokens_per_s']} tokens/s "
+                      f"(median {summaries[name]['seconds_median']} s per rep)", flush=True)  # fmt: skip
+            print(f"vllm / transformers = {results['vllm_vs_transformers']:.3f} "
+                  f"(paired median {results['vllm_vs_transformers_paired']['median']:.3f})", flush=True)  # fmt: skip
+            for name, url in (("vllm", vurl), ("transformers", turl)):
+                results[f"weight_sync_{name}"] = w = bench_weight_sync(url, tokenizer, prompts[0], args.sync_reps, args.rank, base_model=VLLM_MODEL)
+                print(f"weight sync, {name} sampler (save -> first token), rank {w['rank']}, {w['reps']} reps: p50 {w['p50_ms']} ms, "
+                      f"p99 {w['p99_ms']} ms; save p50 {w['save_p50_ms']} ms, first token p50 {w['first_token_after_save_p50_ms']} ms",
+                      flush=True)  # fmt: skip
+        finally:
+            stop_stack(vproc)
+            stop_stack(tproc)
+    results["config"] = {k: v for k, v in vars(args).items() if k != "out"}
+    write_results(args.out, results)
+
+
 # -- main ------------------------------------------------------------------------------
 
 
@@ -222,10 +292,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: all cores)")
     p.add_argument("--no-two-samplers", action="store_true", help="skip the --samplers 2 stack")
     p.add_argument("--quick", action="store_true", help="a tiny run to check the script: 4 prompts x 2 x 8 tokens, 2 reps, 3 syncs")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "sampling.json"))
+    p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                   help="vllm: a stack with a vLLM sampler against one with a transformers sampler, same requests "
+                        "(bench_vllm; needs OPENRL_VLLM_PYTHON, scripts/vllm_env.sh)")
+    p.add_argument("--out", default="")
     args = p.parse_args()
     if args.quick:
         args.prompts, args.samples, args.max_tokens, args.reps, args.warmup, args.sync_reps = 4, 2, 8, 2, 1, 3
+    args.out = args.out or str(ROOT / "bench" / "results" / ("sampling_vllm.json" if args.backend == "vllm" else "sampling.json"))
+    if args.backend == "vllm":
+        return bench_vllm(args)
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TINKER_TELEMETRY"] = "0"
