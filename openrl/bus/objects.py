@@ -20,7 +20,7 @@ import hashlib
 import io
 from collections.abc import AsyncIterator
 
-from nats.js import JetStreamContext
+from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError, ObjectDeletedError, ObjectNotFoundError
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_META_PRE_TEMPLATE, ObjectStore
 
@@ -74,6 +74,35 @@ async def _chunks(js: JetStreamContext, store: ObjectStore, name: str, info) -> 
     want = (info.digest or "").split("=", 1)[-1]
     if total != info.size or (want and base64.urlsafe_b64decode(want) != digest.digest()):
         raise Truncated(f"object {name} does not match its digest")
+
+
+async def names(js: JetStreamContext, store: ObjectStore, prefix: str = "") -> list[str]:
+    """The names of the objects in the store that start with `prefix` (deleted ones whose
+    tombstone is left may be among them). Not nats-py's `list()`: its push watcher can end
+    early on a busy machine and stays subscribed when cancelled. This pulls the last meta
+    message of each object, headers only (the name is in the subject), until none is left, and
+    always unsubscribes."""
+    meta = f"$O.{store._name}.M."  # noqa: SLF001
+    config = api.ConsumerConfig(
+        deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, ack_policy=api.AckPolicy.NONE, headers_only=True,
+        inactive_threshold=30.0, mem_storage=True, filter_subject=f"{meta}>",
+    )  # fmt: skip
+    sub = await js.pull_subscribe(f"{meta}>", stream=_stream(store), config=config)
+    found: list[str] = []
+    try:
+        remaining = (await sub.consumer_info()).num_pending
+        while remaining > 0:
+            for msg in await sub.fetch(min(remaining, 512), timeout=10):
+                remaining = msg.metadata.num_pending
+                name = base64.urlsafe_b64decode(msg.subject[len(meta) :]).decode()
+                if name.startswith(prefix):
+                    found.append(name)
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:  # the connection is gone: so is the subscription
+            pass
+    return found
 
 
 class _Reader(io.RawIOBase):

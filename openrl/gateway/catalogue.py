@@ -597,10 +597,7 @@ class Catalogue:
 
     async def _collect_adapters(self, referenced: set[str]) -> int:
         referenced |= {w.object for w in await self.records(self.bus.weights, WeightsRecord, strict=True)}
-        try:
-            stored = [o.name for o in await self.bus.objects.list(ignore_deletes=True) if o.name.startswith(ADAPTERS)]
-        except NotFoundError:  # an empty store
-            stored = []
+        stored = await objects.names(self.bus.js, self.bus.objects, ADAPTERS)
         unreferenced = set(stored) - referenced
         if unreferenced:
             unreferenced -= await self._queued_weights()
