@@ -43,7 +43,7 @@ def trained(stack, data):
     service, tc = training_client(stack, seed=4242, rank=4)
     sdk_steps(tc, [data[:4], data[4:]], lr=2e-2)
     path = tc.save_weights_for_sampler("openai-served").result(timeout=120).path
-    return path, service.create_sampling_client(model_path=path)
+    return path, service.create_sampling_client(model_path=path).result(timeout=120)
 
 
 def _ids(tokenizer, text: str) -> list[int]:
