@@ -126,7 +126,8 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         collect_every_s=args.collect_every_s,
         collect_grace_s=args.collect_grace_s,
         quotas=Quotas(sessions=args.quota_sessions, models=args.quota_models, checkpoints=args.quota_checkpoints,
-                      checkpoint_bytes=int(args.quota_checkpoint_gb * 1024**3), reward_items=args.quota_reward_items),
+                      checkpoint_bytes=int(args.quota_checkpoint_gb * 1024**3), reward_items=args.quota_reward_items,
+                      sample_sequences=args.quota_samples),
     )
 
     async def main() -> None:
@@ -901,6 +902,8 @@ def parser() -> argparse.ArgumentParser:
                     help="GiB of checkpoints per key [OPENRL_QUOTA_CHECKPOINT_GB]")
     gw.add_argument("--quota-reward-items", type=int, default=int(_env("QUOTA_REWARD_ITEMS", 65536)),
                     help="reward items in flight per key, per gateway replica [OPENRL_QUOTA_REWARD_ITEMS]")
+    gw.add_argument("--quota-samples", type=int, default=int(_env("QUOTA_SAMPLES", 1024)),
+                    help="sequences (num_samples) in flight per key, per gateway replica [OPENRL_QUOTA_SAMPLES]")
     gw.set_defaults(func=cmd_gateway)
 
     tr = sub.add_parser("trainer", help="a LoRA trainer for one base model")

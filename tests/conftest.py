@@ -177,8 +177,9 @@ def jwt_gateway(stack, tmp_path_factory):
 @pytest.fixture(scope="session")
 def quota_gateway(stack, tmp_path_factory):
     """A second gateway replica on the same bus with small per-key quotas (tests/gateway/test_quotas.py):
-    3 live sessions, 2 models in them, 2 checkpoints, 4 reward items in flight."""
-    env = {"OPENRL_QUOTA_SESSIONS": "3", "OPENRL_QUOTA_MODELS": "2", "OPENRL_QUOTA_CHECKPOINTS": "2", "OPENRL_QUOTA_REWARD_ITEMS": "4"}
+    3 live sessions, 2 models in them, 2 checkpoints, 4 reward items and 4 sample sequences in flight."""
+    env = {"OPENRL_QUOTA_SESSIONS": "3", "OPENRL_QUOTA_MODELS": "2", "OPENRL_QUOTA_CHECKPOINTS": "2", "OPENRL_QUOTA_REWARD_ITEMS": "4",
+           "OPENRL_QUOTA_SAMPLES": "4"}
     yield from _gateway(stack, tmp_path_factory, "gw-quota", env)
 
 

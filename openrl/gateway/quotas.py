@@ -5,14 +5,16 @@ tenants share (docs/limits.md has the defaults and the flags).
   every 10 s while its ServiceClient lives);
 - models: training runs in the key's live sessions;
 - checkpoints: named saves (KV `openrl-weights`) not yet expired, by count and by bytes;
-- reward items in flight: items of the key's score requests whose futures are still pending.
+- reward items in flight: items of the key's score requests whose futures are still pending;
+- sample sequences in flight: `num_samples` of the key's sample requests still pending, so one
+  key cannot fill the samplers' shared queue.
 
 Every gateway keeps its own view of the first three by watching the KV buckets (as keys.py
 watches the keys), so a check is a dictionary lookup, whichever replica answers; what this
 replica creates counts at once, what another replica creates counts once its watch has seen
 it (within a moment): a key racing several replicas may overshoot by the requests in flight.
-Reward items in flight are counted by the replica that accepted them (a key spread over N
-replicas may have N times the quota in flight). A refusal is a 429 naming the quota and its
+Reward items and sample sequences in flight are counted by the replica that accepted them (a
+key spread over N replicas may have N times the quota in flight). A refusal is a 429 naming the quota and its
 flag; a refused sequenced request still fills its seq_id (service._in_sequence).
 """
 
@@ -45,6 +47,7 @@ class Quotas:
     checkpoints: int = 1024
     checkpoint_bytes: int = 64 * 1024**3
     reward_items: int = 65536
+    sample_sequences: int = 1024
 
 
 class Usage:
@@ -61,7 +64,8 @@ class Usage:
         self._sessions_of: dict[str, set[str]] = defaultdict(set)
         self._models_of: dict[str, set[str]] = defaultdict(set)
         self._checkpoints_of: dict[str, set[str]] = defaultdict(set)
-        self._scoring: dict[str, dict[str, int]] = defaultdict(dict)  # owner -> request id -> items
+        # In flight, by kind ("reward", "sample"): owner -> request id -> items or sequences.
+        self._in_flight: dict[str, dict[str, dict[str, int]]] = {"reward": defaultdict(dict), "sample": defaultdict(dict)}
         self._tasks: list[asyncio.Task] = []
 
     # -- what a key holds
@@ -113,25 +117,39 @@ class Usage:
             )
 
     async def check_reward_items(self, owner: str, request_id: str, items: int) -> None:
-        """Room for `items` more reward items in flight; finished requests are forgotten first
-        (read back from their futures only when the count says the key is at its quota)."""
-        q = self.quotas.reward_items
-        mine = self._scoring[owner]
+        await self._check_in_flight(
+            "reward", owner, request_id, items, self.quotas.reward_items,
+            "reward items being scored", "--quota-reward-items / OPENRL_QUOTA_REWARD_ITEMS",
+        )  # fmt: skip
+
+    def scoring(self, owner: str, request_id: str, items: int) -> None:
+        self._in_flight["reward"][owner][request_id] = items
+
+    async def check_samples(self, owner: str, request_id: str, sequences: int) -> None:
+        await self._check_in_flight(
+            "sample", owner, request_id, sequences, self.quotas.sample_sequences,
+            "sequences being sampled", "--quota-samples / OPENRL_QUOTA_SAMPLES",
+        )  # fmt: skip
+
+    def sampling(self, owner: str, request_id: str, sequences: int) -> None:
+        self._in_flight["sample"][owner][request_id] = sequences
+
+    async def _check_in_flight(self, kind: str, owner: str, request_id: str, n: int, q: int, what: str, flag: str) -> None:
+        """Room for `n` more in flight; finished requests are forgotten first (read back from
+        their futures only when the count says the key is at its quota)."""
+        mine = self._in_flight[kind][owner]
         if not q or request_id in mine:
             return
-        if sum(mine.values()) + items > q:
+        if sum(mine.values()) + n > q:
             for rid in list(mine):
                 fut = await self.bus.kv_get(self.bus.futures, rid, Future)
                 if fut is None or fut.state != "pending":
                     mine.pop(rid, None)
-        if (n := sum(mine.values())) + items > q:
+        if (held := sum(mine.values())) + n > q:
             raise QuotaExceeded(
-                f"quota exceeded: this key has {n} reward items being scored and asks for {items} more; at most {q} may be in flight "
-                "(--quota-reward-items / OPENRL_QUOTA_REWARD_ITEMS): wait for results before sending more"
+                f"quota exceeded: this key has {held} {what} and asks for {n} more; at most {q} may be in flight "
+                f"({flag}): wait for results before sending more"
             )
-
-    def scoring(self, owner: str, request_id: str, items: int) -> None:
-        self._scoring[owner][request_id] = items
 
     # -- kept current
 

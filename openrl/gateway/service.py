@@ -626,7 +626,9 @@ class Gateway:
         msg = SampleRequest(request_id=rid, sampler_id=sampler.sampler_id, base_model=sampler.base_model, weights=sampler.weights,
                             lora=sampler.lora, **msg_fields)  # fmt: skip
         bounds.encoded(msg, "sample request")
+        await self.usage.check_samples(owner, rid, body.num_samples)  # 429 past the key's sequences in flight
         await self.accept(rid, owner, "Sample")
+        self.usage.sampling(owner, rid, body.num_samples)
         await self.bus.publish(subjects.sample(sampler.base_model), msg, msg_id=rid)
         return reply({"request_id": rid, "sample_sequence_ids": [f"{rid}:{i}" for i in range(body.num_samples)]})
 

@@ -2,7 +2,7 @@
 and a request past a quota is a 429 naming the quota and its flag.
 
 Against `openrl up` and a second gateway replica with small quotas (`quota_gateway`: 3 live
-sessions, 2 models, 2 checkpoints, 4 reward items in flight), each test with a fresh key made
+sessions, 2 models, 2 checkpoints, 4 reward items and 4 sample sequences in flight), each test with a fresh key made
 by `openrl keys create` (quotas count per key, and other tests' keys hold plenty). The
 accounting itself (live sessions, expiry, bytes) is also checked on `Usage` directly.
 """
@@ -16,7 +16,7 @@ import httpx
 import pytest
 import tinker
 
-from openrl.bus.messages import ModelRecord, LoraSpec, SessionRecord, WeightsRecord
+from openrl.bus.messages import Future, LoraSpec, ModelRecord, SessionRecord, WeightsRecord
 from openrl.gateway.http import QuotaExceeded
 from openrl.gateway.quotas import SESSION_LIVE_S, Quotas, Usage
 from stack_helpers import BASE_MODEL
@@ -46,7 +46,7 @@ class Client:
             r = self.post("/retrieve_future", json={"request_id": rid}, headers={"x-stainless-read-timeout": "15"})
             if r.status_code != 408:
                 assert r.status_code == 200, r.text
-                return r.json()
+                return r.json() if r.headers["content-type"].startswith("application/json") else {"bytes": len(r.content)}
         raise AssertionError(f"{rid} still pending after {timeout_s} s")
 
 
@@ -120,7 +120,51 @@ def test_reward_items_in_flight_per_key(stack, quota_gateway):
     assert r.status_code == 200, r.text  # the finished request no longer counts
 
 
+def test_sample_sequences_in_flight_per_key(stack, quota_gateway):
+    c = Client(quota_gateway, fresh_key(stack))
+    sid = c.session().json()["session_id"]
+    sampler = c.post("/create_sampling_session", json={"session_id": sid, "sampling_session_seq_id": 0, "base_model": BASE_MODEL}).json()
+    body = {"sampling_session_id": sampler["sampling_session_id"], "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2, 3]}]},
+            "sampling_params": {"max_tokens": 2, "temperature": 0.0}}  # fmt: skip
+    over_quota(c.post("/asample", json={**body, "seq_id": 1, "num_samples": 5}), "sequences being sampled", "--quota-samples")
+    r = c.post("/asample", json={**body, "seq_id": 2, "num_samples": 4})
+    assert r.status_code == 200, r.text
+    c.result(r.json()["request_id"])
+    r = c.post("/asample", json={**body, "seq_id": 3, "num_samples": 4})  # the finished one no longer counts
+    assert r.status_code == 200, r.text
+
+
 # -- the accounting, without a stack
+
+
+class _Futures:
+    """The one bus call the in-flight accounting makes (read a future), over a dict."""
+
+    def __init__(self):
+        self.futures = "futures"
+        self.states: dict[str, str] = {}
+
+    async def kv_get(self, kv, key: str, type_):
+        state = self.states.get(key)
+        return None if state is None else Future(request_id=key, owner="k", request_type="Sample", created_at=0.0, state=state)
+
+
+async def test_usage_counts_what_is_in_flight_until_it_finishes():
+    bus = _Futures()
+    u = Usage(bus=bus, quotas=Quotas(sample_sequences=8, reward_items=0))
+    for rid, n in (("a", 4), ("b", 3)):
+        await u.check_samples("k", rid, n)
+        u.sampling("k", rid, n)
+        bus.states[rid] = "pending"
+    await u.check_samples("k", "a", 4)  # a retry of one in flight: not counted twice
+    await u.check_samples("other", "c", 8)  # another key's room is its own
+    with pytest.raises(QuotaExceeded, match="7 sequences being sampled and asks for 2 more; at most 8"):
+        await u.check_samples("k", "d", 2)
+    bus.states["a"] = "done"
+    await u.check_samples("k", "d", 2)
+    await u.check_reward_items("k", "r", 10**9)  # 0: that quota is off
+
+
 
 
 def _session(sid: str, owner: str, *, at: float, finished: bool = False) -> SessionRecord:
