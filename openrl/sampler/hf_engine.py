@@ -40,7 +40,7 @@ from openrl import metrics
 from openrl.bus.errors import InvalidRequest
 from openrl.bus.messages import LORA_ALPHA
 from openrl.sampler.hf_batching import Scheduler
-from openrl.sampler.hf_model import TransformersSampler
+from openrl.sampler.hf_model import SlotsBusy, TransformersSampler
 from openrl.sampler.spec import SampleResult, SamplerInfo, SampleSpec, check_spec
 
 log = structlog.get_logger(__name__)
@@ -74,11 +74,17 @@ def _set_result(done: asyncio.Future, result) -> None:
 
 
 class HfEngine:
-    def __init__(self, sampler: TransformersSampler, *, max_requests: int = 64, idle_wait_s: float = 0.25):
+    def __init__(
+        self, sampler: TransformersSampler, *, max_requests: int = 64, idle_wait_s: float = 0.25, slot_wait_s: float = 60.0
+    ):
         self.sampler = sampler
         self.info: SamplerInfo = sampler.info
         self.max_requests = max_requests
         self.idle_wait_s = idle_wait_s  # the idle compute thread checks for `close` this often
+        # A request whose adapter finds every slot pinned by requests in flight waits this long
+        # for one to free up, then fails (SampleFailed); it never runs on another adapter.
+        self.slot_wait_s = slot_wait_s
+        self._blocked: deque[_Job] = deque()  # waiting for a free adapter slot, oldest first
         self._jobs: queue.Queue[_Job] = queue.Queue()
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, name="openrl-sample-compute", daemon=True)
@@ -135,6 +141,7 @@ class HfEngine:
                 if not active:
                     self._admit(scheduler, next(numbers), solo.popleft(), active)
             else:
+                self._retry_blocked(scheduler, numbers, active)
                 while len(active) < self.max_requests:
                     try:
                         job = self._jobs.get_nowait() if active or not scheduler.idle else self._jobs.get(timeout=self.idle_wait_s)
@@ -163,10 +170,26 @@ class HfEngine:
         # Closing: requests still in flight are never answered here; the service does not ack
         # their messages, so they go to another sampler (or this one, restarted).
 
+    def _retry_blocked(self, scheduler: Scheduler, numbers, active: dict[int, _Job]) -> None:
+        """Admit the jobs that waited for an adapter slot, in order, while slots free up; fail
+        those that waited past `slot_wait_s`."""
+        for _ in range(len(self._blocked)):
+            if len(active) >= self.max_requests:
+                return
+            job = self._blocked.popleft()
+            if not job.cancelled:
+                self._admit(scheduler, next(numbers), job, active)
+
     def _admit(self, scheduler: Scheduler, number: int, job: _Job, active: dict[int, _Job]) -> None:
         """Load the job's adapter if needed and add its request to the scheduler, or resolve the job
-        with the error that stops it."""
+        with the error that stops it. Every slot pinned: the job waits (`_blocked`), with a bound."""
         error = self._load_adapter(job)
+        if isinstance(error, SlotsBusy):
+            waited = time.perf_counter() - job.queued
+            if waited < self.slot_wait_s and not scheduler.idle:
+                self._blocked.append(job)
+                return
+            error = SampleFailed(f"{error} (waited {waited:.1f} s for a free slot)")
         if error is not None:
             job.resolve(error)
             return
@@ -193,7 +216,7 @@ class HfEngine:
             rank = next((int(v.shape[0]) for k, v in state.items() if "lora_A" in k and v.ndim == 2), 0)
             targets = sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in state})
             self.sampler.load_adapter(key, state, rank=rank, alpha=LORA_ALPHA, target_modules=targets)
-        except InvalidRequest as e:
+        except (InvalidRequest, SlotsBusy) as e:
             return e
         except Exception as e:  # a bug: fail this request only
             log.exception("adapter_load_failed", key=key)

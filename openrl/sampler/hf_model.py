@@ -19,7 +19,8 @@ How a call runs (`Scheduler`: continuous batching; `sample` is a loop over it):
 - Requests join a running decode between steps, and leave it as soon as all their rows
   stop. At most `max_batch_rows` sampled sequences are active; requests that do not fit
   wait, in order, for rows to free up. Requests on different adapters, and the base model,
-  share every forward (peft's mixed-adapter forward, `adapter_names=`).
+  share every forward: adapters live in preallocated LoRA slots (openrl/lora_slots.py) and
+  each row goes through its request's slot (one pair of matmuls per adapter in the batch).
 - Prefill: the requests admitted at a step, each prompt once, left-padded, with an attention
   mask and position ids that count real tokens only. Their KV cache is repeated to
   `num_samples` rows and merged into the running cache (the shorter one left-padded, masked).
@@ -28,7 +29,8 @@ How a call runs (`Scheduler`: continuous batching; `sample` is a loop over it):
   and their tokens when a stop string must be checked) decides that; a finished row's
   outputs move to the CPU when it stops.
 - Adapters a running or waiting request uses are pinned: LRU eviction (and replacement
-  under the same key) never removes them from under it.
+  under the same key) never removes them from under it. When every slot is pinned, loading
+  another raises `SlotsBusy` and changes nothing; never a wrong adapter.
 
 Semantics (Tinker's, spec §5.6-5.7; choices marked *):
 - Sampled-token `logprobs` are log_softmax(logits / temperature) of the token: the
@@ -67,7 +69,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from collections import Counter, OrderedDict
 
 import numpy as np
@@ -75,7 +76,9 @@ import structlog
 import torch
 from transformers import AutoModelForCausalLM
 
-from openrl.bus.errors import InvalidRequest, NotFound
+from openrl.bus.errors import InvalidRequest, NotFound, Unavailable
+from openrl.lora_slots import BASE as BASE_SLOT
+from openrl.lora_slots import LoraSlots
 from openrl.sampler.hf_batching import BASE, Rows, Scheduler
 from openrl.sampler.sampling import SENTINEL_LOGPROB, SENTINEL_TOKEN, draw, top_logprobs, uniforms
 from openrl.sampler.spec import (
@@ -106,6 +109,10 @@ def _cap_memory(dev: torch.device, fraction: float) -> None:
     torch.cuda.set_per_process_memory_fraction(float(fraction), dev.index if dev.index is not None else torch.cuda.current_device())
 
 
+class SlotsBusy(Unavailable):
+    """Every adapter slot is pinned by a request in flight: try again when one finishes."""
+
+
 def pick_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
@@ -124,6 +131,7 @@ class TransformersSampler:
         max_adapters: int = 16,
         max_batch_rows: int = 256,
         memory_fraction: float | None = None,
+        slot_rank: int = 32,
     ):
         device = device or pick_device()
         if memory_fraction is not None:
@@ -133,16 +141,18 @@ class TransformersSampler:
         model.to(device).eval()
         model.requires_grad_(False)
         self.model = model
-        self.peft = None  # a PeftModel around `model` once the first adapter is loaded
         self.device = torch.device(device)
+        if max_adapters < 1:
+            raise ValueError(f"max_adapters must be >= 1, got {max_adapters}")
         self.max_adapters = max_adapters
         self.max_batch_rows = max_batch_rows
-        self._adapters: OrderedDict[str, str] = OrderedDict()  # key -> peft adapter name, LRU first
-        # Peft adapter names that running requests use (how many): never deleted under them. A
-        # replaced adapter still in use is deleted when its last request finishes (`_doomed`).
-        self._pins: Counter[str] = Counter()
-        self._doomed: set[str] = set()
-        self._next = 0
+        # Adapters live in preallocated slots (one per `max_adapters`); rank grows on demand.
+        self.slots = LoraSlots(model, num_slots=max_adapters, rank=slot_rank, max_rank=MAX_RANK)
+        self._adapters: OrderedDict[str, int] = OrderedDict()  # key -> slot, LRU first
+        # Slots that running requests use (how many): never freed under them. A replaced
+        # adapter's slot still in use is freed when its last request finishes (`_doomed`).
+        self._pins: Counter[int] = Counter()
+        self._doomed: set[int] = set()
         # transformers 5 renamed the forward's `past_key_values` to `cache`.
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # Shapes of every Linear, to check adapter states before touching the model.
@@ -167,46 +177,33 @@ class TransformersSampler:
     def load_adapter(
         self, key: str, state: dict[str, torch.Tensor], *, rank: int, alpha: float, target_modules: list[str]
     ) -> None:
-        """Load a LoRA adapter under `key`, replacing any adapter of that key.
+        """Load a LoRA adapter under `key` into a free slot, replacing any adapter of that key.
 
         `state` is keyed as a saved peft adapter (what `LoraEngine.adapter_state` returns):
         `base_model.model.<module>.lora_A.weight` [rank, in], `...lora_B.weight` [out, rank] for
         every Linear whose last name component is in `target_modules`. The state is checked
-        completely before the model is touched. Past `max_adapters`, the least recently used
-        adapter that no added request uses is dropped; sampling it then fails with `NotFound` until
-        it is loaded again. Replacing an adapter in use keeps the old weights for the requests
-        already added (deleted when the last of them finishes).
+        completely before the model is touched (a module whose shapes do not fit is named). The
+        tensors are copied into one of `max_adapters` preallocated slots (openrl/lora_slots.py):
+        no module is added or removed. With no slot free, the least recently used adapter that
+        no added request uses is dropped (sampling it then fails with `NotFound` until it is
+        loaded again); when every slot is pinned by requests in flight, `SlotsBusy` is raised and
+        nothing changes (the engine waits for a slot, with a bound). Replacing an adapter in use
+        keeps the old slot for the requests already added (freed when the last of them finishes).
         """
-        from peft import LoraConfig, get_peft_model
-
         expected = self._adapter_shapes(rank, alpha, target_modules)
         _check_state(state, expected)
-        name = f"a{self._next}"
-        self._next += 1
-        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules))
-        cuda_devices = list(range(torch.cuda.device_count()))
-        # peft initialises new LoRA weights from the global RNG; leave the caller's streams alone.
-        with torch.random.fork_rng(devices=cuda_devices), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tied lm_head and similar notices
-            if self.peft is None:
-                self.peft = get_peft_model(self.model, config, adapter_name=name)
-            else:
-                self.peft.add_adapter(name, config)
-        self.peft.eval()
-        params = {n.replace(f".{name}.", "."): p for n, p in self.peft.named_parameters() if f".{name}." in n}
-        assert params.keys() == expected.keys(), "peft named the adapter's weights unlike a saved adapter"
-        with torch.no_grad():
-            for stable, p in params.items():
-                p.copy_(state[stable])
-        old = self._adapters.pop(key, None)
-        self._adapters[key] = name
-        if old is not None:
-            if old in self._pins:
-                self._doomed.add(old)
-            else:
-                self._delete(old)
-        self._evict(keep=key)
-        log.info("adapter_loaded", key=key, adapter=name, rank=rank, modules=len(expected) // 2)
+        modules = self.slots.check(state, rank)
+        old = self._adapters.get(key)
+        # The key's own slot, when no request uses it: overwritten in place.
+        slot = old if old is not None and old not in self._pins else self._free_slot(keep=key)
+        if slot is None:
+            raise SlotsBusy(f"all {self.max_adapters} adapter slots are in use by requests in flight")
+        self.slots.load(slot, modules, rank=rank, alpha=alpha)
+        self._adapters.pop(key, None)
+        self._adapters[key] = slot
+        if old is not None and old != slot:  # in use: freed when its last request finishes
+            self._doomed.add(old)
+        log.info("adapter_loaded", key=key, slot=slot, rank=rank, modules=len(modules))
 
     def has_adapter(self, key: str) -> bool:
         return key in self._adapters
@@ -215,26 +212,27 @@ class TransformersSampler:
         """Loaded adapters, least recently used first."""
         return list(self._adapters)
 
-    def _delete(self, name: str) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "adapter was active which is now deleted"
-            self.peft.delete_adapter(name)
+    def _free_slot(self, keep: str) -> int | None:
+        """A slot no adapter holds, evicting the least recently used adapter no running request
+        uses (never `keep`'s, which may be replaced while in use) when none is; None when every
+        slot is pinned."""
+        used = set(self._adapters.values()) | self._doomed
+        free = next((s for s in range(self.max_adapters) if s not in used), None)
+        if free is not None:
+            return free
+        victim = next((k for k, s in self._adapters.items() if s not in self._pins and k != keep), None)
+        if victim is None:
+            return None
+        slot = self._adapters.pop(victim)
+        self.slots.free(slot)
+        log.info("adapter_evicted", key=victim, slot=slot)
+        return slot
 
-    def _evict(self, keep: str | None = None) -> None:
-        """Past `max_adapters`, drop the least recently used adapters that no running request uses,
-        never `keep` (just loaded); when all others are in use, the cap is exceeded until some finish."""
-        while len(self._adapters) > self.max_adapters:
-            victim = next((k for k, n in self._adapters.items() if n not in self._pins and k != keep), None)
-            if victim is None:
-                return
-            self._delete(self._adapters.pop(victim))
-            log.info("adapter_evicted", key=victim)
-
-    def _pin(self, name: str) -> None:
+    def _pin(self, name) -> None:
         if name != BASE:
             self._pins[name] += 1
 
-    def _unpin(self, name: str) -> None:
+    def _unpin(self, name) -> None:
         if name == BASE:
             return
         self._pins[name] -= 1
@@ -243,8 +241,7 @@ class TransformersSampler:
         del self._pins[name]
         if name in self._doomed:
             self._doomed.discard(name)
-            self._delete(name)
-        self._evict()
+            self.slots.free(name)
 
     def _adapter_shapes(self, rank: int, alpha: float, target_modules: list[str]) -> dict[str, tuple[int, int]]:
         if not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
@@ -353,10 +350,8 @@ class TransformersSampler:
         kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         kwargs[self._cache_kw] = cache
         kwargs["logits_to_keep"] = 0 if keep_all else 1
-        if self.peft is None:
+        with self.slots.route([BASE_SLOT if n == BASE else n for n in names]):
             out = self.model(**kwargs)
-        else:
-            out = self.peft(**kwargs, adapter_names=names)
         return out.logits, getattr(out, self._cache_kw)
 
     def _prompt_stats(self, spec: SampleSpec, logits_L_V: torch.Tensor, seed: int) -> SampleResult:

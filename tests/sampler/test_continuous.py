@@ -11,7 +11,7 @@ import pytest
 
 from openrl.bus.errors import InvalidRequest
 from openrl.sampler.hf_batching import Scheduler
-from openrl.sampler.hf_model import TransformersSampler
+from openrl.sampler.hf_model import SlotsBusy, TransformersSampler
 from openrl.sampler.spec import SampleSpec
 from factories import sample_spec
 from test_backend import (  # noqa: F401  (fixtures)
@@ -180,7 +180,7 @@ def test_many_staggered_arrivals_all_complete_correctly(sampler, ref_model):
 
 
 def test_adapters_in_use_are_never_evicted_or_replaced_under_a_request(tiny_path, engine):
-    sampler = TransformersSampler(tiny_path, device="cpu", max_adapters=1)
+    sampler = TransformersSampler(tiny_path, device="cpu", max_adapters=2)  # two adapter slots
     load_from_engine(sampler, engine, "m1", key="x")
     p = prompts(40, (6,))[0]
     spec = sample_spec(prompt=p, num_samples=2, max_tokens=15, seed=4, adapter="x", stop_at_eos=False)
@@ -188,17 +188,25 @@ def test_adapters_in_use_are_never_evicted_or_replaced_under_a_request(tiny_path
     scheduler = Scheduler(sampler)
     scheduler.add("a", spec)
     results = dict(scheduler.step())
-    load_from_engine(sampler, engine, "m2", key="y")  # over the cap: "x" is in use, so it stays
+    load_from_engine(sampler, engine, "m2", key="y")  # the second slot
     assert sampler.adapter_keys() == ["x", "y"]
     load_from_engine(sampler, engine, "m2", key="x")  # replaced; the running request keeps the old weights
-    assert sampler.adapter_keys() == ["x"]  # "y", not in use, makes room
-    assert len(sampler.peft.peft_config) == 2  # the new "x", and the old one until its request finishes
+    assert sampler.adapter_keys() == ["x"]  # "y", not in use, gave up its slot
+    assert sampler._doomed == {sampler._adapters["x"] ^ 1}  # the old "x" slot, until its request finishes
+    # Every slot pinned (the old "x" by "a", the new "x" by "b"): another adapter is refused,
+    # nothing changes, and no request runs on a wrong adapter.
+    spec_b = sample_spec(prompt=p, num_samples=1, max_tokens=15, seed=5, adapter="x", stop_at_eos=False)
+    scheduler.add("b", spec_b)
+    with pytest.raises(SlotsBusy, match="all 2 adapter slots"):
+        load_from_engine(sampler, engine, "m1", key="z")
+    assert sampler.adapter_keys() == ["x"]
     while not scheduler.idle:
         results.update(scheduler.step())
     assert_same(alone, results["a"], spec)
     # Finished: the old weights are gone and the cap holds again (the newest stays).
     assert sampler.adapter_keys() == ["x"] and not sampler._pins and not sampler._doomed
-    assert len(sampler.peft.peft_config) == 1
+    for seq in results["b"].sequences:
+        np.testing.assert_allclose(seq.logprobs, trainer_logprobs(engine, "m2", p, seq.tokens), **TOL)
     [seq] = one(sampler, sample_spec(prompt=p, num_samples=1, max_tokens=8, seed=4, adapter="x", stop_at_eos=False)).sequences
     np.testing.assert_allclose(seq.logprobs, trainer_logprobs(engine, "m2", p, seq.tokens), **TOL)
 

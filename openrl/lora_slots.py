@@ -1,0 +1,261 @@
+"""LoRA adapters as data: preallocated slots on a base model's Linear layers, picked per row.
+
+The S-LoRA / Punica shape (what vLLM does): every targeted Linear of the base model is wrapped
+once by a `SlotLinear` holding stacked adapter tensors for S slots,
+
+    A[S, r_max, in]    B[S, out, r_max]    (and per slot: its rank r_s and scale alpha / r_s)
+
+and a forward computes, for each row b of the batch with slot s_b,
+
+    y_b = base(x_b) + scale[s_b] * ((x_b @ A[s_b, :r]^T) @ B[s_b, :, :r]^T)
+
+Slot -1 (`BASE`) is the base model alone: no contribution at all, so a base row is exactly
+the base model's output. Loading a weights version copies its tensors into a slot; freeing a
+slot only marks it free. No module is added or removed per version (peft's `add_adapter` /
+`delete_adapter` walk every module and rebuild layers); a module is wrapped the first time an
+adapter targets it, once.
+
+Which rows use which slot is set for one forward by `LoraSlots.route(slot_B)` (a context
+manager). Rows are grouped by slot once per forward, and each layer runs, per slot present,
+one pair of matmuls over that slot's rows (`index_select` / `index_add`): the cost is one
+adapter matmul per distinct slot, with no per-row gather of the slot tensors. A slot is
+computed at its own rank (the stored tensors are zero-padded to r_max, which would give the
+same numbers at more cost). The arithmetic is peft's (`lora_B(lora_A(x)) * scaling` added to
+the base output, per sub-batch in a mixed batch), so results equal peft's.
+
+`route_weights(segments)` is the same forward with weights given per group of rows instead of
+slot indices (any tensors, e.g. leaves that need gradients): a training pass over several
+tenants' rows, each through its own adapter, whose gradients autograd routes back to each
+tenant's own tensors.
+
+Rank: the slots start at `rank` (r_max). An adapter of a larger rank (up to `max_rank`) grows
+every slot tensor once, copying what is loaded (a reallocation, not module surgery); past
+`max_rank` it is refused. State keys and shapes are peft's saved-adapter format
+(`base_model.model.<module>.lora_A.weight` [r, in], `...lora_B.weight` [out, r]); a shape
+that does not fit the base model is refused naming the module, before anything is copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from openrl.bus.errors import InvalidRequest
+
+BASE = -1  # the slot index of "no adapter"
+PREFIX = "base_model.model."  # peft's saved-adapter key prefix
+
+
+@dataclass
+class Segment:
+    """A group of a batch's rows (`rows`: their indices along dim 0, or None for all rows) and
+    the adapter they go through: `weights(module_name)` -> (A [r, in], B [out, r], scale) or
+    None where that adapter does not target the module."""
+
+    rows: torch.Tensor | None
+    weights: object  # Callable[[str], tuple[Tensor, Tensor, float] | None]
+
+
+class SlotLinear(torch.nn.Module):
+    """A Linear plus the slots' LoRA terms for the rows of the current route."""
+
+    def __init__(self, base: torch.nn.Linear, name: str, owner: LoraSlots):
+        super().__init__()
+        self.base = base
+        self.name = name
+        self._owner = [owner]  # a list: not a submodule (the owner is not a Module)
+        S, r = owner.num_slots, owner.rank
+        dev, dtype = base.weight.device, base.weight.dtype
+        self.register_buffer("A", torch.zeros((S, r, base.in_features), device=dev, dtype=dtype), persistent=False)
+        self.register_buffer("B", torch.zeros((S, base.out_features, r), device=dev, dtype=dtype), persistent=False)
+        self.on = [False] * S  # which slots' adapters target this module
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads a Linear's weight (tied embeddings, dtype probes)
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        segments = self._owner[0].segments
+        if not segments:
+            return y
+        for seg in segments:
+            w = seg.weights(self.name)
+            if w is None:
+                continue
+            a, b, scale = w
+            xs = x if seg.rows is None else x.index_select(0, seg.rows)
+            delta = F.linear(F.linear(xs.to(a.dtype), a), b) * scale
+            if seg.rows is None:
+                y = y + delta
+            else:
+                y = y.index_add(0, seg.rows, delta.to(y.dtype))
+        return y
+
+    def grow(self, rank: int) -> None:
+        """Zero-pad every slot to `rank` (loaded adapters keep their values)."""
+        S, r = self.A.shape[0], self.A.shape[1]
+        A = self.A.new_zeros((S, rank, self.A.shape[2]))
+        B = self.B.new_zeros((S, self.B.shape[1], rank))
+        A[:, :r], B[:, :, :r] = self.A, self.B
+        self.A, self.B = A, B
+
+
+class LoraSlots:
+    """S LoRA slots on `model`'s Linear layers. Not thread-safe: one compute thread."""
+
+    def __init__(self, model: torch.nn.Module, *, num_slots: int, rank: int = 32, max_rank: int = 256):
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if not 1 <= rank <= max_rank:
+            raise ValueError(f"rank must be in [1, {max_rank}], got {rank}")
+        self.model = model
+        self.num_slots = num_slots
+        self.rank = rank
+        self.max_rank = max_rank
+        self.layers: dict[str, SlotLinear] = {}  # module name -> its wrapper (wrapped once, on first use)
+        self.linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        self.ranks = [0] * num_slots  # 0: free (or empty)
+        self.scales = [0.0] * num_slots
+        self.segments: list[Segment] = []  # the current forward's routing
+
+    # -- loading
+
+    def check(self, state: dict[str, torch.Tensor], rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The adapter's (A, B) per module name, every shape and value checked against the base
+        model: InvalidRequest naming the module otherwise. Touches nothing."""
+        if not isinstance(rank, int) or not 1 <= rank <= self.max_rank:
+            raise InvalidRequest(f"lora rank must be in [1, {self.max_rank}] on this model's slots, got {rank}")
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in state.items():
+            head, _, kind = key.rpartition(".lora_")
+            if not key.startswith(PREFIX) or kind not in ("A.weight", "B.weight"):
+                raise InvalidRequest(f"adapter tensor {key!r} is not a peft LoRA weight (base_model.model.<module>.lora_A/B.weight)")
+            pairs.setdefault(head.removeprefix(PREFIX), {})[kind[0]] = t
+        if not pairs:
+            raise InvalidRequest("adapter has no LoRA tensors")
+        out = {}
+        for module, ab in sorted(pairs.items()):
+            linear = self.linears.get(module)
+            if linear is None:
+                raise InvalidRequest(f"adapter module {module!r} is not a Linear layer of the base model")
+            if set(ab) != {"A", "B"}:
+                raise InvalidRequest(f"adapter module {module!r} lacks lora_{'B' if 'A' in ab else 'A'}.weight")
+            a, b = ab["A"], ab["B"]
+            want_a, want_b = (rank, linear.in_features), (linear.out_features, rank)
+            if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                raise InvalidRequest(
+                    f"adapter module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit the "
+                    f"base model's layer (expected {list(want_a)} and {list(want_b)} at rank {rank})"
+                )
+            if not (a.is_floating_point() and b.is_floating_point() and torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise InvalidRequest(f"adapter module {module!r}: values must be finite floating point")
+            out[module] = (a, b)
+        return out
+
+    def load(self, slot: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]], *, rank: int, alpha: float) -> None:
+        """Copy a checked adapter (`check`'s result) into `slot`, replacing what it held."""
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
+        if rank > self.rank:
+            self._grow(min(self.max_rank, max(rank, 2 * self.rank)))
+        for name in modules:
+            if name not in self.layers:
+                self._wrap(name)
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                ab = modules.get(name)
+                layer.on[slot] = ab is not None
+                if ab is None:
+                    continue
+                layer.A[slot].zero_()
+                layer.B[slot].zero_()
+                layer.A[slot, :rank].copy_(ab[0])
+                layer.B[slot, :, :rank].copy_(ab[1])
+        self.ranks[slot] = rank
+        self.scales[slot] = alpha / rank
+
+    def free(self, slot: int) -> None:
+        """Mark `slot` empty (its tensors are overwritten by the next load)."""
+        self.ranks[slot] = 0
+        for layer in self.layers.values():
+            layer.on[slot] = False
+
+    def state(self, slot: int) -> dict[str, torch.Tensor]:
+        """The adapter in `slot`, as a peft state (CPU copies)."""
+        r = self.ranks[slot]
+        out = {}
+        for name, layer in self.layers.items():
+            if layer.on[slot]:
+                out[f"{PREFIX}{name}.lora_A.weight"] = layer.A[slot, :r].to("cpu", copy=True)
+                out[f"{PREFIX}{name}.lora_B.weight"] = layer.B[slot, :, :r].to("cpu", copy=True)
+        return out
+
+    def _wrap(self, name: str) -> None:
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        layer = SlotLinear(self.linears[name], name, self)
+        setattr(parent, child, layer)
+        self.layers[name] = layer
+
+    def _grow(self, rank: int) -> None:
+        for layer in self.layers.values():
+            layer.grow(rank)
+        self.rank = rank
+
+    # -- routing
+
+    @contextlib.contextmanager
+    def route(self, slot_B: list[int]):
+        """For the forwards inside: row b goes through slot `slot_B[b]` (BASE: the base model)."""
+        device = next(iter(self.linears.values())).weight.device
+        by_slot: dict[int, list[int]] = {}
+        for b, s in enumerate(slot_B):
+            by_slot.setdefault(s, []).append(b)
+        segments = []
+        for s, rows in by_slot.items():
+            if s == BASE:
+                continue
+            if not 0 <= s < self.num_slots or self.ranks[s] == 0:
+                raise ValueError(f"slot {s} holds no adapter")
+            index = None if len(rows) == len(slot_B) else torch.tensor(rows, device=device)
+            segments.append(Segment(rows=index, weights=self._slot_weights(s)))
+        with self.route_segments(segments):
+            yield
+
+    @contextlib.contextmanager
+    def route_segments(self, segments: list[Segment]):
+        """For the forwards inside: each segment's rows through its own weights."""
+        if self.segments:
+            raise RuntimeError("LoraSlots routes do not nest")
+        self.segments = segments
+        try:
+            yield
+        finally:
+            self.segments = []
+
+    def _slot_weights(self, s: int):
+        r, scale = self.ranks[s], self.scales[s]
+
+        def weights(name: str):
+            layer = self.layers[name]
+            return (layer.A[s, :r], layer.B[s, :, :r], scale) if layer.on[s] else None
+
+        return weights
+
+    def wrap(self, names: list[str]) -> None:
+        """Wrap these modules now (the trainer's targets, before any tenant's weights)."""
+        for name in names:
+            if name not in self.layers:
+                self._wrap(name)
