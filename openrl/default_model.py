@@ -244,9 +244,12 @@ def _warm_up(model, tokenizer, rng: random.Random, steps: int, batch_size: int =
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / ramp) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
     )
+    from tqdm.auto import tqdm
+
     model.train()
     losses = []
-    for _ in range(steps):
+    # A bar on a terminal (openrl up, openrl prepare); nothing in a log file (disable=None).
+    for _ in tqdm(range(steps), desc=f"building {DEFAULT_MODEL} (once)", unit="step", disable=None):
         tokens, weights = _batch(tokenizer, rng, batch_size)
         logits = model(input_ids=tokens).logits[:, :-1]
         nll = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
@@ -488,6 +491,44 @@ def resolve_model_path(name: str) -> str:
 
 
 _DONE = "openrl-build.json"
+
+# What a base model needs from the hub: config, weights, tokenizer. Not other formats'
+# weights (*.bin, *.pt, *.gguf, onnx/), which many repos also carry.
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+class ModelUnavailable(Exception):
+    """A base model that is neither a local folder nor fetchable (offline and not cached, unknown, gated)."""
+
+
+def fetch_model(name: str) -> str:
+    """A hub model's snapshot folder in the HF cache, downloaded first when the hub is reachable
+    (huggingface_hub's progress bars on a terminal). Offline (HF_HUB_OFFLINE=1) a cached snapshot
+    is used as it is. A local folder is returned unchanged; the default model is built."""
+    if name == DEFAULT_MODEL:
+        return str(ensure_default_model())
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(name, allow_patterns=MODEL_FILES)
+    except GatedRepoError as e:
+        raise ModelUnavailable(f"{name} is gated on the Hugging Face hub: accept its terms there and set HF_TOKEN ({e})") from None
+    except RepositoryNotFoundError:
+        raise ModelUnavailable(f"{name} is not a model on the Hugging Face hub (nor a local folder); "
+                               "a private one needs HF_TOKEN") from None
+    except HFValidationError:
+        raise ModelUnavailable(f"{name!r} is neither a local folder nor a hub name 'org/model'") from None
+    except LocalEntryNotFoundError:
+        raise ModelUnavailable(
+            f"{name} is not in the Hugging Face cache ({cache_dir()}) and the hub cannot be reached "
+            "(HF_HUB_OFFLINE=1, or no network): run `openrl prepare " + name + "` where it can, "
+            "with the same HF_HOME, or give a local folder"
+        ) from None
+    except OSError as e:  # the network failing midway, a full disk
+        raise ModelUnavailable(f"cannot fetch {name}: {e}") from None
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
 """`openrl up`: nats-server, gateway and trainer as separate OS processes, supervised.
 
-A child that dies is restarted with back-off; Ctrl-C or SIGTERM stops the workers first
-(SIGTERM, then SIGKILL after the grace period) and nats-server last. Every child's
+A child that dies is restarted with back-off; one that dies soon after starting has the end
+of its log shown on the console, and one that does so `crash_loop` times in a row with the
+same last log line stops the stack (CrashLoop) instead of looping. Ctrl-C or SIGTERM stops
+the workers first (SIGTERM, then SIGKILL after the grace period) and nats-server last. Every child's
 output goes to `<data-dir>/logs/<role>.log`; pids are in `<data-dir>/run/<role>.pid` and
 the connection facts in `<data-dir>/run/stack.json` (0600: it holds the API key).
 
@@ -42,12 +44,44 @@ class Child:
     restarts: int = 0
     next_start: float = 0.0
     started_at: float = 0.0
+    log_offset: int = 0  # where this run's output starts in its log
+    last_error: str = ""  # the last line of its previous early death's output, normalized
+    same_errors: int = 0  # early deaths in a row that ended with that line
+
+
+class CrashLoop(Exception):
+    """A child died soon after starting, with the same last log line, `crash_loop` times in a
+    row: restarting it again would only repeat the error."""
+
+    def __init__(self, role: str, deaths: int, tail: list[str], log_path: Path):
+        self.role, self.deaths, self.tail, self.log_path = role, deaths, tail, log_path
+        super().__init__(f"{role} exited {deaths} times in a row with the same error")
+
+
+def _signature(line: str) -> str:
+    """A log line without what changes from one run to the next (a JSON line's time and pid)."""
+    try:
+        fields = json.loads(line)
+    except ValueError:
+        return line.strip()
+    if not isinstance(fields, dict):
+        return line.strip()
+    return json.dumps({k: v for k, v in fields.items() if k not in ("timestamp", "time", "pid")}, sort_keys=True)
 
 
 class Supervisor:
-    def __init__(self, data_dir: Path, children: list[Child]):
+    """`crash_loop`: early deaths in a row with the same last log line that stop the stack
+    (CrashLoop from poll); a death counts as early within `early_s` of its start (loading a
+    large model may take minutes before it fails). `console`: where a child's last log lines
+    go when it dies early, so the reason is seen without opening its log."""
+
+    def __init__(self, data_dir: Path, children: list[Child], *, crash_loop: int = 3, early_s: float = 600.0,
+                 console=None):
         self.data_dir = data_dir
         self.children = children
+        self.crash_loop = crash_loop
+        self.early_s = early_s
+        self.console = console if console is not None else sys.stderr
         self.logs = data_dir / "logs"
         self.run_dir = data_dir / "run"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -56,6 +90,7 @@ class Supervisor:
 
     def start(self, child: Child) -> None:
         out = open(self.logs / f"{child.role}.log", "ab")
+        child.log_offset = out.seek(0, os.SEEK_END)
         env = {**{k: v for k, v in os.environ.items() if k not in SECRET_ENV}, **child.env}
         child.proc = subprocess.Popen(child.argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         out.close()
@@ -90,6 +125,31 @@ class Supervisor:
             child.proc = None
             child.next_start = now + backoff
             log.warning("process_died", role=child.role, code=code, restart_in_s=backoff, restarts=child.restarts)
+            if now - child.started_at <= self.early_s:
+                self._early_death(child)
+            else:
+                child.last_error, child.same_errors = "", 0
+
+    def tail(self, child: Child, lines: int = 12) -> list[str]:
+        """The last lines its current (or last) run wrote to its log."""
+        with open(self.logs / f"{child.role}.log", "rb") as f:
+            f.seek(max(child.log_offset, f.seek(0, os.SEEK_END) - 64 * 1024))
+            text = f.read().decode("utf-8", "replace")
+        return [line for line in text.splitlines() if line.strip()][-lines:]
+
+    def _early_death(self, child: Child) -> None:
+        """Show why it died (once per distinct error); stop the stack when the error repeats."""
+        tail = self.tail(child)
+        error = _signature(tail[-1]) if tail else ""
+        if error and error == child.last_error:
+            child.same_errors += 1
+        else:
+            child.last_error, child.same_errors = error, 1
+            shown = "\n".join(f"  | {line}" for line in tail) or "  | (nothing)"
+            print(f"{child.role} exited soon after starting; the end of {self.logs / (child.role + '.log')}:\n{shown}",
+                  file=self.console, flush=True)
+        if self.crash_loop and child.same_errors >= self.crash_loop:
+            raise CrashLoop(child.role, child.same_errors, tail, self.logs / f"{child.role}.log")
 
     def stop_all(self) -> None:
         self.stopping = True
