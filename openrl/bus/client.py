@@ -288,7 +288,7 @@ class Bus:
     async def bind(self, retry_s: float = 1.0) -> None:
         """Handles on the streams and buckets this role uses, made by the operator (`ensure`);
         waits until they all exist (a worker may start before `openrl bus-init` has run)."""
-        role = auth.TABLE[self.cfg.role]
+        role = auth.TABLE[self.cfg.role or "operator"]  # no role (an open server): what the operator uses
         buckets = {b: a for a, b in KV_HANDLES.items()}
         waited = 0.0
         while True:
