@@ -28,9 +28,11 @@ slot indices (any tensors, e.g. leaves that need gradients): a training pass ove
 tenants' rows, each through its own adapter, whose gradients autograd routes back to each
 tenant's own tensors.
 
-Rank: the slots start at `rank` (r_max). An adapter of a larger rank (up to `max_rank`) grows
-every slot tensor once, copying what is loaded (a reallocation, not module surgery); past
-`max_rank` it is refused. State keys and shapes are peft's saved-adapter format
+Memory: S slots cost S * r_max * sum(in + out) over the targeted Linears, so the tensors grow
+on demand: room for 4 slots at first, doubled (up to S) when a higher slot is loaded, and
+r_max starts at `rank`: an adapter of a larger rank (up to `max_rank`) grows every slot
+tensor once (to the larger of its rank and twice r_max), copying what is loaded (a
+reallocation, not module surgery); past `max_rank` it is refused. State keys and shapes are peft's saved-adapter format
 (`base_model.model.<module>.lora_A.weight` [r, in], `...lora_B.weight` [out, r]); a shape
 that does not fit the base model is refused naming the module, before anything is copied.
 """
@@ -67,7 +69,7 @@ class SlotLinear(torch.nn.Module):
         self.base = base
         self.name = name
         self._owner = [owner]  # a list: not a submodule (the owner is not a Module)
-        S, r = owner.num_slots, owner.rank
+        S, r = owner.allocated, owner.rank
         dev, dtype = base.weight.device, base.weight.dtype
         self.register_buffer("A", torch.zeros((S, r, base.in_features), device=dev, dtype=dtype), persistent=False)
         self.register_buffer("B", torch.zeros((S, base.out_features, r), device=dev, dtype=dtype), persistent=False)
@@ -103,13 +105,14 @@ class SlotLinear(torch.nn.Module):
                 y = y.index_add(0, seg.rows, delta.to(y.dtype))
         return y
 
-    def grow(self, rank: int) -> None:
-        """Zero-pad every slot to `rank` (loaded adapters keep their values)."""
+    def grow(self, slots: int, rank: int) -> None:
+        """Room for `slots` slots of `rank`, zero-padded (loaded adapters keep their values)."""
         S, r = self.A.shape[0], self.A.shape[1]
-        A = self.A.new_zeros((S, rank, self.A.shape[2]))
-        B = self.B.new_zeros((S, self.B.shape[1], rank))
-        A[:, :r], B[:, :, :r] = self.A, self.B
+        A = self.A.new_zeros((slots, rank, self.A.shape[2]))
+        B = self.B.new_zeros((slots, self.B.shape[1], rank))
+        A[:S, :r], B[:S, :, :r] = self.A, self.B
         self.A, self.B = A, B
+        self.on += [False] * (slots - S)
 
 
 class LoraSlots:
@@ -122,6 +125,7 @@ class LoraSlots:
             raise ValueError(f"rank must be in [1, {max_rank}], got {rank}")
         self.model = model
         self.num_slots = num_slots
+        self.allocated = min(num_slots, 4)  # slots with memory so far: grows (doubling) as slots are used
         self.rank = rank
         self.max_rank = max_rank
         self.layers: dict[str, SlotLinear] = {}  # module name -> its wrapper (wrapped once, on first use)
@@ -168,8 +172,11 @@ class LoraSlots:
         """Copy a checked adapter (`check`'s result) into `slot`, replacing what it held."""
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
-        if rank > self.rank:
-            self._grow(min(self.max_rank, max(rank, 2 * self.rank)))
+        if rank > self.rank or slot >= self.allocated:
+            self._grow(
+                min(self.num_slots, max(slot + 1, 2 * self.allocated)) if slot >= self.allocated else self.allocated,
+                min(self.max_rank, max(rank, 2 * self.rank)) if rank > self.rank else self.rank,
+            )
         for name in modules:
             if name not in self.layers:
                 self._wrap(name)
@@ -209,10 +216,10 @@ class LoraSlots:
         setattr(parent, child, layer)
         self.layers[name] = layer
 
-    def _grow(self, rank: int) -> None:
+    def _grow(self, slots: int, rank: int) -> None:
         for layer in self.layers.values():
-            layer.grow(rank)
-        self.rank = rank
+            layer.grow(slots, rank)
+        self.allocated, self.rank = slots, rank
 
     # -- routing
 

@@ -86,13 +86,14 @@ def peft_logits(base, state, rank, targets, ids) -> torch.Tensor:
 
 def test_a_mixed_batch_equals_peft_row_by_row(base):
     model = copy.deepcopy(base)
-    slots = LoraSlots(model, num_slots=4, rank=8)
+    slots = LoraSlots(model, num_slots=6, rank=8)
+    assert slots.allocated == 4
     states = {k: random_state(base, r, t, seed=i) for i, (k, (r, t)) in enumerate(ADAPTERS.items())}
     slot_of = {}
-    for slot, (key, (rank, _)) in zip((2, 0, 3), ADAPTERS.items()):  # slots in no particular order
+    for slot, (key, (rank, _)) in zip((2, 0, 5), ADAPTERS.items()):  # "c" grows both slots and rank
         slots.load(slot, slots.check(states[key], rank), rank=rank, alpha=ALPHA)
         slot_of[key] = slot
-    assert slots.rank == 16  # grew once, for "c"
+    assert slots.rank == 16 and slots.allocated == 6  # grew once, for "c", keeping "a" and "b"
     rows = ["a", None, "c", "b", "a", None, "c", "b"]
     ids = torch.randint(0, VOCAB, (len(rows), 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), slots.route([BASE if k is None else slot_of[k] for k in rows]):
