@@ -70,6 +70,7 @@ class Config:
     group_size: int = 8
     max_staleness: int = 1
     learning_rate: float = 3e-4
+    loss_fn: str = "importance_sampling"  # or ppo, cispo: the same inputs (sampler logprobs, advantages)
     rank: int = 16
     max_tokens: int = 3  # say_word_tasks: a word, then end of turn (the measured toy task: 1)
     temperature: float = 1.0
@@ -297,7 +298,7 @@ class AsyncGRPO:
                         fresh.append(g.version == step)
                 row_mismatch = row_fresh = float("nan")
                 if datums:
-                    fwd = self.training.forward_backward(datums, loss_fn="importance_sampling")
+                    fwd = self.training.forward_backward(datums, loss_fn=cfg.loss_fn)
                     opt = self.training.optim_step(types.AdamParams(learning_rate=cfg.learning_rate))
                     out = await fwd
                     await opt
@@ -408,7 +409,7 @@ def train_sequential(cfg: Config, tasks: Sequence[Task], training=None) -> list[
                                     reward_s=sum(s.seconds for s in scores)))  # fmt: skip
             datums = [d for g in groups for d in group_datums(g)]
             if datums:
-                fwd = training.forward_backward(datums, loss_fn="importance_sampling")
+                fwd = training.forward_backward(datums, loss_fn=cfg.loss_fn)
                 opt = training.optim_step(types.AdamParams(learning_rate=cfg.learning_rate))
                 fwd.result()
                 opt.result()
