@@ -631,6 +631,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_sft_demo(args.base_url, args.api_key, base_model=args.base_model, steps=args.steps)
 
 
+# -- openrl autoresearch -------------------------------------------------------------
+
+
+def cmd_autoresearch(args: argparse.Namespace) -> None:
+    from openrl.recipes.autoresearch.main import run
+
+    sys.exit(run(args))
+
+
 # -- openrl keys ---------------------------------------------------------------------
 
 
@@ -1257,6 +1266,13 @@ def parser() -> argparse.ArgumentParser:
     dm.add_argument("--steps", type=int, default=40)
     dm.add_argument("--rl", action="store_true", help="a GRPO-style RL loop (sampling + importance_sampling) instead of SFT")
     dm.set_defaults(func=cmd_demo)
+
+    ar = sub.add_parser("autoresearch", help="researchers run a study's attempts at once against the stack, "
+                        "proposed by Optuna or an agent command, kept or discarded by a metric (docs/autoresearch.md)")
+    from openrl.recipes.autoresearch.main import add_arguments as autoresearch_arguments
+
+    autoresearch_arguments(ar)
+    ar.set_defaults(func=cmd_autoresearch)
     return p
 
 

@@ -1,0 +1,3 @@
+from openrl.recipes.autoresearch.main import main
+
+main()
