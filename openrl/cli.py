@@ -457,31 +457,88 @@ def cmd_rewarder(args: argparse.Namespace) -> None:
 # -- openrl export -------------------------------------------------------------------
 
 
+def _local_stack(args: argparse.Namespace) -> tuple[str, dict]:
+    """The NATS URL an operator command talks to, and the local stack's facts: --nats-url /
+    OPENRL_NATS_URL when given, else the URL in <data-dir>/run/stack.json (the local `openrl
+    up`, whose facts come with it), else nats://127.0.0.1:4222. The operator's credentials come
+    from the same data dir (_credentials)."""
+    stack_file = Path(args.data_dir).expanduser() / "run" / "stack.json"
+    try:
+        facts = json.loads(stack_file.read_text())
+    except (OSError, ValueError):
+        facts = {}
+    facts = facts if isinstance(facts, dict) and facts.get("nats_url") else {}
+    if args.nats_url:  # another system than the local stack: none of its facts apply
+        return args.nats_url, {}
+    return facts.get("nats_url") or "nats://127.0.0.1:4222", facts
+
+
 def cmd_export(args: argparse.Namespace) -> None:
-    """Write a saved checkpoint out of the object store: an external_weights path becomes its
-    PEFT folder; a weights or sampler_weights path becomes its safetensors file."""
+    """Write a saved checkpoint out of the object store as a PEFT folder (any kind of path), or
+    with --merge as the base model with the adapter merged in (openrl/export.py)."""
     from openrl.bus import paths
     from openrl.bus.client import Bus, BusConfig
+    from openrl.bus.errors import InvalidRequest
     from openrl.bus.messages import WeightsRecord
+    from openrl.export import ExportError, _check_out, merge, peft_folder, write_folder
+    from openrl.gateway.http import key_id
 
-    parsed = paths.parse(args.path)
-    out = Path(args.out_dir)
+    try:
+        parsed = paths.parse(args.path)
+    except InvalidRequest as e:
+        sys.exit(f"openrl export: {e}")
+    out = Path(args.out_dir).expanduser().absolute()
+    try:
+        _check_out(out)  # before any work: a refused export writes nothing
+    except ExportError as e:
+        sys.exit(f"openrl export: {e}")
+    nats_url, facts = _local_stack(args)
+    # Whose checkpoints: the key's (TINKER_API_KEY, else the local stack's); a key sees its own
+    # and published ones, as through the gateway.
+    api_key = os.environ.get("TINKER_API_KEY") or facts.get("api_key", "")
 
-    async def main() -> None:
-        bus = await Bus.connect(BusConfig(url=args.nats_url, name="openrl-export", replicas=args.nats_replicas, **_bus_auth("operator")))
+    async def fetch() -> tuple[WeightsRecord, dict[str, bytes]]:
+        cfg = BusConfig(url=nats_url, name="openrl-export", replicas=args.nats_replicas, ensure=False, **_bus_auth("operator", args.data_dir))
+        try:
+            bus = await asyncio.wait_for(Bus.connect(cfg), 30)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise ExportError(f"cannot reach the stack's NATS at {nats_url} ({e or 'timed out'}): is `openrl up` running?") from None
         try:
             rec = await bus.kv_get(bus.weights, str(parsed), WeightsRecord)
-            if rec is None:
-                sys.exit(f"openrl export: no checkpoint at {args.path}")
-            out.mkdir(parents=True, exist_ok=True)
+            if rec is None or (api_key and rec.owner != key_id(api_key) and not rec.public):
+                raise ExportError(f"no checkpoint at {args.path}" + (" for this API key" if api_key else ""))
             names = {f: f"{rec.object}/{f}" for f in rec.files} if rec.files else {"checkpoint.safetensors": rec.object}
+            files = {}
             for name, obj in names.items():
-                (out / name).write_bytes((await bus.objects.get(obj)).data)
-            print(f"wrote {', '.join(sorted(names))} to {out}")
+                try:
+                    files[name] = (await bus.objects.get(obj)).data
+                except Exception as e:  # noqa: BLE001 - nats-py's not-found errors differ by version
+                    raise ExportError(f"the data of {args.path} is gone ({type(e).__name__}): it expired or was deleted") from None
+            return rec, files
         finally:
             await bus.close()
 
-    asyncio.run(main())
+    try:
+        rec, files = asyncio.run(fetch())
+        folder = peft_folder(rec, files)
+        if not args.merge:
+            write_folder(out, folder)
+            print(f"wrote the PEFT adapter of {args.path} (base model {rec.base_model}) to {out}: {', '.join(sorted(folder))}")
+            return
+        import tempfile
+
+        from openrl.default_model import ModelUnavailable, fetch_model
+
+        try:
+            base = fetch_model(rec.base_model)
+        except ModelUnavailable as e:
+            raise ExportError(f"--merge needs the base model: {e}") from None
+        with tempfile.TemporaryDirectory() as adapter_dir:
+            write_folder(Path(adapter_dir) / "adapter", folder)
+            merge(Path(adapter_dir) / "adapter", base, out)
+        print(f"wrote {rec.base_model} with the adapter of {args.path} merged in to {out}")
+    except ExportError as e:
+        sys.exit(f"openrl export: {e}")
 
 
 # -- openrl prepare ------------------------------------------------------------------
@@ -528,8 +585,8 @@ def cmd_record(args: argparse.Namespace) -> None:
         sys.exit("openrl record: --subjects needs at least one subject pattern")
 
     async def main() -> None:
-        await record.record(args.nats_url, subjects, Path(args.out), _stop_event(), duration_s=args.duration_s or None,
-                            credentials=_credentials("operator"))
+        await record.record(_local_stack(args)[0], subjects, Path(args.out), _stop_event(), duration_s=args.duration_s or None,
+                            credentials=_credentials("operator", args.data_dir))
 
     asyncio.run(main())
 
@@ -552,7 +609,8 @@ def cmd_dlq(args: argparse.Namespace) -> None:
     from openrl.bus.errors import InvalidRequest
 
     async def main() -> None:
-        bus = await Bus.connect(BusConfig(url=args.nats_url, name="openrl-dlq", replicas=args.nats_replicas, **_bus_auth("operator")))
+        bus = await Bus.connect(BusConfig(url=_local_stack(args)[0], name="openrl-dlq", replicas=args.nats_replicas, ensure=False,
+                                          **_bus_auth("operator", args.data_dir)))
         try:
             if args.action == "list":
                 letters = await dlq.list_dead(bus)
@@ -1201,8 +1259,13 @@ def parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write a saved checkpoint (e.g. a PEFT folder from save_weights_external) to a directory")
     _add_common(ex)
-    ex.add_argument("path", help="tinker://<model>/<segment>/<name>")
-    ex.add_argument("out_dir")
+    ex.add_argument("path", help="tinker://<model>/<segment>/<name>: weights, sampler_weights or external_weights")
+    ex.add_argument("out_dir", help="a new (or empty) folder to write")
+    ex.add_argument("--merge", action="store_true",
+                    help="write the base model with the adapter merged in (a plain Hugging Face model) instead of the PEFT folder")
+    ex.add_argument("--data-dir", default=_env("DATA_DIR", "~/.openrl"),
+                    help="the local openrl up's data dir: its NATS URL, API key and operator credentials [OPENRL_DATA_DIR]")
+    ex.set_defaults(nats_url=_env("NATS_URL", ""))
     ex.set_defaults(func=cmd_export)
 
     st = sub.add_parser("status", help="workers, streams and consumers, sessions and models of a running system")
@@ -1236,6 +1299,9 @@ def parser() -> argparse.ArgumentParser:
                     help="comma-separated subject patterns, e.g. 'openrl.>,$KV.openrl-models.>' [OPENRL_RECORD_SUBJECTS]")
     rc.add_argument("--out", required=True, help="the recording file to write")
     rc.add_argument("--duration-s", type=float, default=0, help="stop after this long (0: at SIGINT/SIGTERM)")
+    rc.add_argument("--data-dir", default=_env("DATA_DIR", "~/.openrl"),
+                    help="the local openrl up's data dir: its NATS URL (run/stack.json) and operator credentials [OPENRL_DATA_DIR]")
+    rc.set_defaults(nats_url=_env("NATS_URL", ""))
     rc.set_defaults(func=cmd_record)
     rp = sub.add_parser("replay", help="publish a recording into a bus (JetStream where a stream holds the subject)")
     _add_common(rp)
@@ -1250,6 +1316,9 @@ def parser() -> argparse.ArgumentParser:
     dq.add_argument("action", choices=["list", "retry"])
     dq.add_argument("id", nargs="?", type=int, help="with retry: the dead letter's id (from list)")
     dq.add_argument("--json", action="store_true", help="with list: JSON")
+    dq.add_argument("--data-dir", default=_env("DATA_DIR", "~/.openrl"),
+                    help="the local openrl up's data dir: its NATS URL (run/stack.json) and operator credentials [OPENRL_DATA_DIR]")
+    dq.set_defaults(nats_url=_env("NATS_URL", ""))
     dq.set_defaults(func=cmd_dlq)
     bi = sub.add_parser("bus-init", help="create or update the streams and buckets (operator credentials; a cluster's init step)")
     _add_common(bi)

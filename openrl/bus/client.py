@@ -133,6 +133,9 @@ class BusConfig:
     user: str = ""
     password: str = field(default="", repr=False)
     tls_ca: str = ""  # for a tls:// URL: the CA of the server's certificate (a PEM path or PEM text)
+    # False: bind to the streams and buckets as they are, even as the operator. Tools that read
+    # a running system (openrl export, openrl dlq) must not bring its stream configs to theirs.
+    ensure: bool = True
 
 
 # Bus attribute -> KV bucket: what `bind` looks up for a role.
@@ -230,7 +233,7 @@ class Bus:
         nc = connecting.result()
         bus = cls(nc, cfg)
         try:
-            if cfg.user and cfg.role != "operator":
+            if (cfg.user and cfg.role != "operator") or not cfg.ensure:
                 await bus.bind()
             else:
                 await bus.ensure()
