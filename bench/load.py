@@ -9,9 +9,18 @@ exception is an error. Afterwards the gateway's own counters are read: the HTTP 
 it gave during the run by status (a 5xx the SDK retried silently still shows there).
 
     python bench/load.py [--clients 64] [--seconds 180] [--url URL --api-key KEY]
+    python bench/load.py --hostile [--clients 16] [--seconds 60]
 
 Without --url it starts its own `openrl up --samplers 2` (bench/common.py). Prints p50 / p95 /
 p99 per call kind and writes bench/results/load.json (--out).
+
+--hostile (docs/limits.md): the same clients run twice on one stack, quiet and then while a
+second API key floods it (`flood`): the largest requests the bounds allow (forward_backward
+bodies near the body limit far ahead of their model's next seq_id; in-order training steps of
+the longest datums; sample requests of MAX_NUM_SAMPLES), sessions past its quota, and reward
+requests of 4096 items past its reward quota. The result has both runs' error counts and
+latencies, and the flood run's p99 over the quiet run's, per call kind
+(bench/results/load_hostile.json).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import argparse
 import asyncio
 import inspect
 import json
+import os
 import random
 import re
 import tempfile
@@ -144,6 +154,121 @@ async def run_load(url: str, api_key: str, args, metrics_url: str | None = None)
     }  # fmt: skip
 
 
+# -- the hostile key
+
+
+HOSTILE_KEY = "tml-bench-hostile-0000000000"
+
+
+class Flood:
+    """What the hostile key sent and got back, by kind and HTTP status."""
+
+    def __init__(self):
+        self.statuses: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    def saw(self, kind: str, status: int | str) -> None:
+        self.statuses[kind][str(status)] += 1
+
+
+async def flood(url: str, key: str, until: asyncio.Event, args, out: Flood) -> None:
+    """Flood the stack with what one key may send, until `until` is set (each kind on its own)."""
+    import httpx
+    import tinker
+    from tinker.proto.request_conv import forward_backward_request_to_proto
+
+    from openrl.bus.messages import MAX_NUM_SAMPLES
+    from openrl.gateway.proto import pb
+
+    service = tinker.ServiceClient(base_url=url, api_key=key)
+    tc = await service.create_lora_training_client(base_model=args.base_model, rank=args.rank, seed=999)
+    http = httpx.AsyncClient(base_url=f"{url}/api/v1", headers={"X-API-Key": key}, timeout=httpx.Timeout(120.0, connect=10.0))
+    caps = {m["model_name"]: m for m in (await http.get("/get_server_capabilities")).json()["supported_models"]}
+    context = int(caps.get(args.base_model, {}).get("max_context_length") or 2048)
+    tokens = min(context - 2, args.hostile_tokens)
+    rng = random.Random(999)
+    sampler = (await http.post("/create_sampling_session", json={"session_id": tc.model_id.split(":")[0], "sampling_session_seq_id": 77,
+                                                                 "base_model": args.base_model})).json()["sampling_session_id"]  # fmt: skip
+    # A forward_backward body near the body limit (dense weights), for seq_ids far ahead.
+    rows = max(1, args.hostile_body_mb * 1024 * 1024 // (16 * tokens))  # int32 token, int64 target, float32 weight
+    big = _batch(rng, rows, tokens)
+    req = tinker.types.ForwardBackwardRequest(model_id=tc.model_id, seq_id=10**6,
+                                              forward_backward_input=tinker.types.ForwardBackwardInput(data=big, loss_fn="cross_entropy"))  # fmt: skip
+    template = forward_backward_request_to_proto(req)
+    ahead_seq = [10**6]
+
+    def far_ahead() -> bytes:
+        """The same body at the next far-ahead seq_id (a new request each time, never a duplicate)."""
+        ahead_seq[0] += 1
+        msg = pb.ForwardBackwardRequest()
+        msg.CopyFrom(template)
+        msg.seq_id = ahead_seq[0]
+        return msg.SerializeToString()
+
+    longest = _batch(rng, args.hostile_rows, tokens)
+    prompt = {"chunks": [{"type": "encoded_text", "tokens": [rng.randrange(10, 800) for _ in range(8)]}]}
+    items = [{"completion": "a" * 64, "reference": "b"}] * 4096
+
+    async def loop(kind: str, send) -> None:
+        while not until.is_set():
+            try:
+                status = await send()
+            except Exception as e:  # the flood must go on; what failed is counted
+                status = type(e).__name__
+            out.saw(kind, status)
+
+    async def ahead() -> int:
+        return (await http.post("/forward_backward", content=far_ahead(), headers={"Content-Type": "application/x-protobuf"})).status_code
+
+    async def train_longest() -> int:
+        fb = tc.forward_backward(longest, "cross_entropy")  # submitted back to back, as the clients do
+        opt = tc.optim_step(tinker.types.AdamParams(learning_rate=1e-4))
+        await fb.result_async()
+        await opt.result_async()
+        return 200
+
+    async def sample_most() -> int:
+        r = await http.post("/asample", json={"sampling_session_id": sampler, "seq_id": rng.randrange(1, 10**9), "num_samples": MAX_NUM_SAMPLES,
+                                              "prompt": prompt, "sampling_params": {"max_tokens": args.max_tokens, "temperature": 1.0}})  # fmt: skip
+        return r.status_code
+
+    async def sessions() -> int:
+        return (await http.post("/create_session", json={}, headers={"X-Idempotency-Key": f"flood-{rng.random()}"})).status_code
+
+    async def rewards() -> int:
+        return (await http.post("/score", json={"reward_name": "exact_match", "items": items})).status_code
+
+    kinds = [("forward_backward_far_ahead", ahead), ("train_longest", train_longest), ("asample_max", sample_most),
+             ("create_session", sessions), ("score_4096", rewards)]  # fmt: skip
+    try:
+        await asyncio.gather(*(loop(kind, send) for kind, send in kinds for _ in range(args.hostile_concurrency)))
+    finally:
+        await http.aclose()
+
+
+async def run_hostile(url: str, api_key: str, args, metrics_url: str | None = None) -> dict:
+    """The clients quiet, then the clients while the hostile key floods; both runs' figures."""
+    quiet = await run_load(url, api_key, args, metrics_url)
+    until = asyncio.Event()
+    sent = Flood()
+    flooding = asyncio.create_task(flood(url, HOSTILE_KEY, until, args, sent))
+    await asyncio.sleep(args.flood_warmup_s)  # the flood is under way before the clients start
+    try:
+        loud = await run_load(url, api_key, args, metrics_url)
+    finally:
+        until.set()
+        await asyncio.gather(flooding, return_exceptions=True)
+    ratio = {}
+    for kind, p in loud["latency_ms"].items():
+        q = quiet["latency_ms"].get(kind)
+        if q and q["p99"] > 0:
+            ratio[kind] = round(p["p99"] / q["p99"], 2)
+    return {
+        "quiet": quiet, "flood": loud, "hostile_sent": {k: dict(v) for k, v in sent.statuses.items()},
+        "p99_flood_over_quiet": ratio, "errors_quiet": quiet["error_count"], "errors_flood": loud["error_count"],
+        "goal": "0 errors, p99 <= 2x the quiet run", "met": loud["error_count"] == 0 and all(r <= 2.0 for r in ratio.values()),
+    }  # fmt: skip
+
+
 def print_report(res: dict) -> None:
     print(f"\n{res['clients']} clients for {res['wall_s']} s: {res['steps']} train steps ({res['steps_per_s']}/s), "
           f"{res['calls_resolved']}/{res['calls_submitted']} calls resolved, {res['error_count']} errors, "
@@ -164,6 +289,12 @@ def add_args(p: argparse.ArgumentParser, clients: int = 64, seconds: float = 180
     p.add_argument("--max-tokens", type=int, default=4, help="tokens per sample")
     p.add_argument("--sample-every", type=int, default=3, help="save weights + sample every this many steps")
     p.add_argument("--base-model", default=BASE_MODEL)
+    p.add_argument("--hostile", action="store_true", help="run quiet, then under a hostile key's flood (docs/limits.md)")
+    p.add_argument("--hostile-concurrency", type=int, default=2, help="hostile requests in flight per flood kind")
+    p.add_argument("--hostile-body-mb", type=int, default=4, help="size of the far-ahead forward_backward bodies")
+    p.add_argument("--hostile-tokens", type=int, default=2048, help="tokens per hostile datum (at most the model's context)")
+    p.add_argument("--hostile-rows", type=int, default=4, help="datums per hostile training step")
+    p.add_argument("--flood-warmup-s", type=float, default=5.0)
 
 
 def main() -> None:
@@ -172,8 +303,9 @@ def main() -> None:
     p.add_argument("--url", help="an existing stack's gateway (default: start one)")
     p.add_argument("--api-key")
     p.add_argument("--metrics-url", help="the gateway's /metrics (from <data-dir>/run/stack.json)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "load.json"))
+    p.add_argument("--out", default="")
     args = p.parse_args()
+    args.out = args.out or str(Path(__file__).parent / "results" / ("load_hostile.json" if args.hostile else "load.json"))
     proc = None
     metrics_url = args.metrics_url
     if args.url:
@@ -182,18 +314,28 @@ def main() -> None:
         from common import API_KEY, start_stack
 
         data_dir = Path(tempfile.mkdtemp(prefix="openrl-load-"))
+        if args.hostile:  # the gateway accepts the hostile key beside the clients' one
+            os.environ["OPENRL_API_KEYS"] = HOSTILE_KEY
         proc, url = start_stack(data_dir, "--samplers", "2", "--threads", "1")
         api_key = API_KEY
         metrics_url = json.loads((data_dir / "run" / "stack.json").read_text())["metrics"]["gateway"]
     try:
-        res = asyncio.run(run_load(url, api_key, args, metrics_url))
+        res = asyncio.run((run_hostile if args.hostile else run_load)(url, api_key, args, metrics_url))
     finally:
         if proc is not None:
             from common import stop_stack
 
             stop_stack(proc)
     res["date"] = datetime.now().isoformat(timespec="seconds")
-    print_report(res)
+    res["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    if args.hostile:
+        for name in ("quiet", "flood"):
+            print(f"\n== {name}")
+            print_report(res[name])
+        print(f"\nhostile key sent: {res['hostile_sent']}")
+        print(f"p99 flood / quiet: {res['p99_flood_over_quiet']}; errors quiet {res['errors_quiet']}, flood {res['errors_flood']}; goal met: {res['met']}")
+    else:
+        print_report(res)
     from common import write_results
 
     write_results(args.out, res)
