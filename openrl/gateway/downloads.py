@@ -220,7 +220,8 @@ class Downloads:
                     misses += 1
                 else:
                     misses = 0
-                    events.append(self._event(fut.request_type, rec.model_id, fut, {"request_id": rid, "seq_id": seq}, None))
+                    # Its submission time left with its log entry: shown at its finish, zero long.
+                    events.append(self._event(fut.request_type, rec.model_id, fut, {"request_id": rid, "seq_id": seq, "purged": True}, fut.finished_at))
                 seq -= 1
         for s in sorted(samplers, key=lambda r: r.sampler_id):
             misses, n = 0, 0
