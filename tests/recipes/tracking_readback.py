@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +24,18 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def wandb_offline_run(run_dir: Path) -> tuple[dict, dict, list[dict]]:
-    """(run record: project/group/name, config, history rows) of a W&B offline run folder."""
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
-
-    (path,) = run_dir.glob("*.wandb")
-    store = datastore.DataStore()
-    store.open_for_scan(str(path))
+def wandb_offline_run(run_dir: Path, timeout_s: float = 30.0) -> tuple[dict, dict, list[dict]]:
+    """(run record: project/group/name, config, history rows) of a finished W&B offline run
+    folder. `run.finish()` can return before W&B's writer process has written the last
+    records: read again until the run's exit record is there."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = _wandb_records(run_dir)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     run, config, history = {}, {}, []
-    while (data := store.scan_data()) is not None:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = {"project": record.run.project, "group": record.run.run_group, "name": record.run.display_name}
@@ -43,7 +44,23 @@ def wandb_offline_run(run_dir: Path) -> tuple[dict, dict, list[dict]]:
             config |= {u.key: json.loads(u.value_json) for u in record.config.update}
         elif kind == "history":
             history.append({(i.key or "/".join(i.nested_key)): _number(i.value_json) for i in record.history.item})
+    assert any(r.WhichOneof("record_type") == "exit" for r in records), f"{run_dir}: the run has no exit record"
     return run, config, history
+
+
+def _wandb_records(run_dir: Path) -> list:
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    (path,) = run_dir.glob("*.wandb")
+    store = datastore.DataStore()
+    store.open_for_scan(str(path))
+    records = []
+    while (data := store.scan_data()) is not None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        records.append(record)
+    return records
 
 
 def _number(value_json: str):
