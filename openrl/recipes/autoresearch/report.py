@@ -24,7 +24,13 @@ def best_entry(study: Study, entries: list[dict]) -> dict | None:
 
 def table(study: Study, entries: list[dict]) -> str:
     best = best_entry(study, entries)
-    names = sorted({k for e in entries for k in (e.get("params") or {})})
+    # The searched parameters, and any other that some attempt changed (an agent may edit more).
+    declared = {p.name for p in study.params}
+    seen: dict[str, set[str]] = {}
+    for e in entries:
+        for k, v in (e.get("params") or {}).items():
+            seen.setdefault(k, set()).add(json.dumps(v, sort_keys=True))
+    names = sorted(k for k, values in seen.items() if k in declared or len(values) > 1)
     head = ["#", "researcher", "attempt", "status", study.metric.key, "seconds", *names, "commit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k, e in enumerate(entries):
