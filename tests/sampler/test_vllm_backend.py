@@ -322,7 +322,7 @@ def test_cli_without_vllm_says_how_to_install_it(how):
         env["OPENRL_SAMPLER_BACKEND"] = "vllm"
     out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode != 0
-    assert "pip install 'openrl[vllm]'" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert "pip install 'openrl-server[vllm]'" in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 def test_the_module_imports_without_vllm():
