@@ -747,7 +747,9 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 def _wait_ready(url: str, timeout_s: float, sup, samplers: int, trainers: int = 1) -> bool:
     """Until the gateway answers and sees every trainer and every sampler."""
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline, next_note = started + timeout_s, started + 15
+    health: dict = {}
     while time.monotonic() < deadline:
         sup.poll()
         try:
@@ -757,6 +759,11 @@ def _wait_ready(url: str, timeout_s: float, sup, samplers: int, trainers: int = 
                     return True
         except OSError:
             pass
+        if time.monotonic() >= next_note:  # a loading model says nothing for minutes: say what is awaited
+            next_note += 15
+            log.info("still_waiting", seconds=round(time.monotonic() - started), gateway=bool(health),
+                     trainers_ready=f"{len(health.get('trainers', []))}/{trainers}",
+                     samplers_ready=f"{len(health.get('samplers', []))}/{samplers}", logs=str(sup.logs))
         time.sleep(0.5)
     return False
 
