@@ -70,7 +70,8 @@ _WORKER_OUT = (f"{P}.done.>", f"{P}.usage.>", f"{P}.dlq.>")
 
 TABLE: dict[str, Role] = {
     "gateway": Role(
-        publish=(f"{P}.train.>", f"{P}.create.>", f"{P}.sample.>", f"{P}.reward.>", f"{P}.audit.>", *_WORKER_OUT),
+        publish=(f"{P}.train.>", f"{P}.create.>", f"{P}.sample.>", f"{P}.reward.>", f"{P}.audit.>", *_WORKER_OUT,
+                 f"{P}.cancel.>"),  # a sample request whose OpenAI client left (openai_api.Run.cancel)
         subscribe=(f"{P}.done.>",),
         streams=STREAMS,  # queue depths (metrics, 429s), audit and usage logs, trace export
         purges=(subjects.SAMPLE_STREAM,),  # an OpenAI request whose client left: its queued message (openai_api.Run.cancel)
@@ -89,6 +90,7 @@ TABLE: dict[str, Role] = {
     ),  # fmt: skip
     "sampler": Role(
         publish=_WORKER_OUT,
+        subscribe=(f"{P}.cancel.>",),  # stop generating a request whose client left
         streams=(subjects.SAMPLE_STREAM,),
         kv_write=(subjects.FUTURES_BUCKET, subjects.WORKERS_BUCKET),
         kv_read=(subjects.WEIGHTS_BUCKET, subjects.SAMPLERS_BUCKET, subjects.MODELS_BUCKET, subjects.SESSIONS_BUCKET),

@@ -65,6 +65,17 @@ def done(request_id: str) -> str:
 DONE_ALL = f"{PREFIX}.done.>"
 
 
+def cancel(base_model: str, request_id: str) -> str:
+    """Core-NATS notice that a sample request's client left (its future is already failed):
+    a sampler generating it stops. The request's token is the subject's last token."""
+    return f"{PREFIX}.cancel.{token(base_model)}.{token(request_id)}"
+
+
+def cancel_all(base_model: str) -> str:
+    """What the samplers of one base model listen to."""
+    return f"{PREFIX}.cancel.{token(base_model)}.>"
+
+
 def sample(base_model: str) -> str:
     return f"{PREFIX}.sample.{token(base_model)}"
 

@@ -21,9 +21,11 @@ sends its role at once and its text when the sample is done (with `: keepalive` 
 between), in OpenAI's chunk format, ending with `data: [DONE]`.
 
 A client that goes away before its answer frees its request: the future is failed (so a
-sampler that takes the request later drops it without computing), and the message is deleted
-from the sample queue if no sampler has acked it. A sampler already generating it runs to the
-end and records nothing (the compare-and-set on the pending future fails).
+sampler that takes the request later drops it without computing), the message is deleted
+from the sample queue if no sampler has acked it, and a cancel notice (`subjects.cancel`) tells
+a sampler already generating it to stop: its engine drops the request's rows at the next step.
+A sampler that misses the notice runs it to the end and records nothing (the compare-and-set
+on the pending future fails).
 
 Errors come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, from the same
 error classes as every other route. docs/openai.md has the details and examples.
@@ -609,8 +611,9 @@ class Run:
         return results
 
     async def cancel(self) -> None:
-        """Free what is still pending: fail its future (a sampler that takes it later skips it)
-        and delete its message from the sample queue if no sampler has acked it yet."""
+        """Free what is still pending: fail its future (a sampler that takes it later skips it),
+        delete its message from the sample queue if no sampler has acked it yet, and tell the
+        samplers (a core-NATS notice): one generating it stops at its next step."""
         for job in self.jobs:
             pending = await self.gw.bus.pending_future(job.request_id)
             if pending is None:
@@ -625,6 +628,10 @@ class Run:
                     await self.gw.bus.js.delete_msg(subjects.SAMPLE_STREAM, job.stream_seq)
                 except Exception as e:  # acked meanwhile (gone already), or no permission: the sampler skips it
                     log.debug("openai_delete_failed", request_id=job.request_id, error=repr(e))
+            try:  # at most once: a sampler that misses it computes the request and stores nothing
+                await self.gw.bus.nc.publish(subjects.cancel(self.target.base_model, job.request_id), b"")
+            except Exception as e:
+                log.warning("openai_cancel_notice_failed", request_id=job.request_id, error=repr(e))
             log.info("openai_request_cancelled", id=self.id, request_id=job.request_id)
 
 

@@ -233,6 +233,34 @@ class Scheduler:
         self._clear_rows()
         return [r.spec_id for r in dropped]
 
+    def cancel(self, spec_id: object) -> bool:
+        """Drop one request between steps (its caller stopped waiting): out of the queue, or its
+        rows out of the running decode, their cache columns freed now; its adapter is unpinned.
+        The other rows go on as they would have without it (a row's tokens depend only on its own
+        prompt, adapter and seed). False if the request is not here (finished, or never added)."""
+        for request in self._waiting:
+            if request.spec_id == spec_id:
+                self._waiting.remove(request)
+                self.sampler._unpin(request.name)
+                return True
+        number = next((n for n, r in self._running.items() if r.spec_id == spec_id), None)
+        if number is None:
+            return False
+        request = self._running.pop(number)
+        self.sampler._unpin(request.name)
+        gone = self._req == number
+        self._stops.drop(self._ids[gone])
+        if gone.all():
+            self._clear_rows()
+            return True
+        keep = np.flatnonzero(~gone)
+        keep_dev = torch.from_numpy(keep).to(self.sampler.device)
+        logits_b_V = self._logits_b_V[keep_dev]  # between steps they are the next token's: kept
+        self._select(keep, keep_dev)
+        self._logits_b_V = logits_b_V
+        self._trim(uncached=0)
+        return True
+
     # -- admission
 
     def _admit(self) -> None:
@@ -374,10 +402,10 @@ class Scheduler:
             a[keep] for a in (self._req, self._sample, self._t, self._plen, self._ids)
         )
 
-    def _trim(self) -> None:
-        """Cut the leading cache columns that no active row attends to (rows hold prompt + t - 1
-        tokens here: the newest token is not in the cache yet)."""
-        cut = self._mask_b_W.shape[1] - int((self._plen + self._t - 1).max())
+    def _trim(self, uncached: int = 1) -> None:
+        """Cut the leading cache columns that no active row attends to (rows hold prompt + t -
+        `uncached` tokens: within a step the newest token is not in the cache yet, between steps it is)."""
+        cut = self._mask_b_W.shape[1] - int((self._plen + self._t - uncached).max())
         if cut <= 0:
             return
         for layer in self._cache.layers:

@@ -12,6 +12,10 @@ mixed in every forward) and hands each request's result back as soon as its last
 An adapter is loaded from its blob on the compute thread right before its request joins the
 decode (so an LRU eviction can never strand a queued request; running requests pin theirs).
 
+Cancelling a `sample` call (the service does, when the request's client has left) drops the
+request: skipped if it is still queued, its rows taken out of the running decode at the next
+step boundary if it runs (`Scheduler.cancel`), its adapter slot unpinned; the other rows go on.
+
 Failures, each confined to the request it belongs to:
 - `InvalidRequest` (the request's fields, or its adapter's weights, are wrong): raised to that
   caller only; nothing else is touched.
@@ -57,7 +61,7 @@ class _Job:
     done: asyncio.Future
     loop: asyncio.AbstractEventLoop
     solo: bool = False  # a step failed with it in the batch: it runs alone
-    cancelled: bool = False  # its caller stopped waiting: skip it if not admitted yet
+    cancelled: bool = False  # its caller stopped waiting: skipped if queued, dropped between steps if running
     queued: float = field(default_factory=time.perf_counter)
 
     def resolve(self, result: SampleResult | BaseException) -> None:
@@ -137,9 +141,10 @@ class HfEngine:
         solo: deque[_Job] = deque()
         numbers = itertools.count()
         while not self._halt.is_set():
+            self._drop_cancelled(scheduler, active)
             if solo:
-                if not active:
-                    self._admit(scheduler, next(numbers), solo.popleft(), active)
+                if not active and not (job := solo.popleft()).cancelled:
+                    self._admit(scheduler, next(numbers), job, active)
             else:
                 self._retry_blocked(scheduler, numbers, active)
                 while len(active) < self.max_requests:
@@ -169,6 +174,15 @@ class HfEngine:
                 log.debug("sample_done", rows=job.spec.num_samples, ms=round((time.perf_counter() - job.queued) * 1000, 1))
         # Closing: requests still in flight are never answered here; the service does not ack
         # their messages, so they go to another sampler (or this one, restarted).
+
+    def _drop_cancelled(self, scheduler: Scheduler, active: dict[int, _Job]) -> None:
+        """Take the requests whose callers stopped waiting (a cancelled `sample`: the client left)
+        out of the decode now, between steps: their rows and cache go, their slots free up."""
+        for number in [n for n, job in active.items() if job.cancelled]:
+            job = active.pop(number)
+            scheduler.cancel(number)
+            log.info("sample_cancelled", rows=job.spec.num_samples, max_tokens=job.spec.max_tokens,
+                     seconds=round(time.perf_counter() - job.queued, 3))  # fmt: skip
 
     def _retry_blocked(self, scheduler: Scheduler, numbers, active: dict[int, _Job]) -> None:
         """Admit the jobs that waited for an adapter slot, in order, while slots free up; fail

@@ -20,6 +20,15 @@ A request's failure is its own: a user error (InvalidRequest) fails its future w
 "user"; any other exception from the engine fails it with category "server" (the others in
 its batch complete: the engine isolates them); only a dead engine leaves the message unacked,
 for another sampler.
+
+A request whose client left (an OpenAI stream closed) is cancelled by the gateway: it fails the
+future, then publishes a core-NATS notice (`subjects.cancel`). A sampler generating the request
+cancels the engine's `sample` call (the engine drops its rows at its next step boundary), records
+nothing and acks the message: the request is finished, its future already says so. A notice that
+comes before the engine has the request (weights still being fetched) is remembered for a while.
+A notice can be missed (the sampler reconnecting): the request then runs to the end, and the
+compare-and-set on the pending future stores nothing over the cancelled one. Either way no usage
+is recorded: usage is billed for results stored.
 """
 
 from __future__ import annotations
@@ -59,6 +68,10 @@ from openrl.sampler import spec as sp
 
 log = structlog.get_logger(__name__)
 
+# Cancel notices kept for requests that are not in this sampler's engine (yet): enough for the
+# requests any one sampler can have between pulling a message and starting its generation.
+MAX_REMEMBERED_CANCELS = 4096
+
 
 @dataclass(frozen=True)
 class SamplerConfig:
@@ -72,6 +85,14 @@ class SamplerConfig:
     cached_adapters: int = 32  # adapter blobs kept in memory
     heartbeat_s: float = 2.0
     ack_wait_s: float = 10.0  # a dead sampler's requests go to another after this; in-progress acks keep live ones
+
+
+class Aborted(Exception):
+    """The request was cancelled (its client left) while this sampler had it: nothing to record."""
+
+    def __init__(self, generating_s: float | None):
+        super().__init__("cancelled")
+        self.generating_s = generating_s  # how long the engine had it; None: it never reached the engine
 
 
 class EngineFailed(Exception):
@@ -88,7 +109,9 @@ class AsyncBackend(Protocol):
 
     async def sample(self, spec: sp.SampleSpec, blob: bytes | None) -> sp.SampleResult:
         """The request's result (its adapter loaded from `blob` if needed). InvalidRequest: a user
-        error; any other exception: a server error (`dead` says whether the engine is gone)."""
+        error; any other exception: a server error (`dead` says whether the engine is gone).
+        Cancelling the call aborts the request: the engine stops computing it at its next step and
+        frees what it held (HfEngine drops its rows; vLLM's AsyncLLM.generate aborts on cancel)."""
 
     @property
     def dead(self) -> bool:
@@ -111,6 +134,8 @@ class Sampler:
         self._busy_s = 0.0
         self._started = time.time()
         self._stop: asyncio.Event | None = None  # run's: once set, requests in flight are handed back
+        self._generating: dict[str, asyncio.Future] = {}  # the engine's sample calls, by subjects.token(request id)
+        self._cancelled: OrderedDict[str, None] = OrderedDict()  # recent notices for requests not in the engine here
         self.served = 0
 
     # -- requests
@@ -157,7 +182,7 @@ class Sampler:
             self.backend.validate(dataclasses.replace(spec, adapter=None))
             # Fetch the weights now, so the engine never waits on the network.
             blob = await self._blob(msg.weights) if msg.weights is not None else None
-            result = await self._sample(spec, blob)
+            result = await self._sample(msg.request_id, spec, blob)
             fut = Future(state="done", content_type="sample", payload=encode(to_bus(result, msg.target_prompt_logprobs)), finished_at=time.time(), **base)
             self.served += 1
             metrics.SAMPLED_TOKENS.inc(sum(len(seq.tokens) for seq in result.sequences))
@@ -166,6 +191,9 @@ class Sampler:
             fut = Future(state="failed", error=str(e), category="user", finished_at=time.time(), **base)
         except EngineFailed as e:
             fut = Future(state="failed", error=str(e), category="server", finished_at=time.time(), **base)
+        except Aborted as e:  # the gateway failed the future already: acked, nothing stored or billed
+            log.info("sample_aborted", request_id=msg.request_id, generating_s=e.generating_s)
+            return
         # The result first (one compare-and-set on the revision read above), accounting after.
         if not await self.bus.finish_pending(fut, revision):
             log.info("sample_already_recorded", request_id=msg.request_id)
@@ -185,17 +213,21 @@ class Sampler:
 
         await asyncio.gather(one("sampling_prefill", prompt_tokens), one("sampling_sample", sampled_tokens))
 
-    async def _sample(self, spec: sp.SampleSpec, blob: bytes | None) -> sp.SampleResult:
+    async def _sample(self, request_id: str, spec: sp.SampleSpec, blob: bytes | None) -> sp.SampleResult:
         """The engine's result; the time with any request in flight counts as busy. An engine's
         failure that is not the request's is EngineFailed, unless the engine is dead: then the
         message stays unacked for another sampler. (Other failures, a bus error fetching the
         weights say, are not caught here: the message is handed back and retried.)"""
+        key = subjects.token(request_id)
+        if key in self._cancelled:  # its notice came while the weights were fetched
+            del self._cancelled[key]
+            raise Aborted(None)
         if self._inflight == 0:
             self._busy_from = time.perf_counter()
         self._inflight += 1
         try:
-            return await self._unless_stopping(self.backend.sample(spec, blob))
-        except InvalidRequest:
+            return await self._generate(key, self.backend.sample(spec, blob))
+        except (InvalidRequest, Aborted):
             raise
         except Exception as e:
             if self.backend.dead:
@@ -207,24 +239,43 @@ class Sampler:
             if self._inflight == 0:
                 self._busy_s += time.perf_counter() - self._busy_from
 
-    async def _unless_stopping(self, work):
-        """`work`'s result; once the process is stopping, cancel it and hand the message back
-        (CancelledError: the bus naks it, for another sampler), without waiting for it to finish."""
-        if self._stop is None:
-            return await work
+    async def _generate(self, key: str, work) -> sp.SampleResult:
+        """`work`'s result (the engine's sample call). A cancel notice for the request cancels it:
+        Aborted. Once the process is stopping, cancel it and hand the message back (CancelledError:
+        the bus naks it, for another sampler), without waiting for it to finish."""
         task = asyncio.ensure_future(work)
-        stopping = asyncio.ensure_future(self._stop.wait())
+        self._generating[key] = task
+        started = time.perf_counter()
+        stopping = asyncio.ensure_future(self._stop.wait()) if self._stop is not None else None
         try:
-            await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([task] if stopping is None else [task, stopping], return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # this handler was cancelled: so is its work
             task.cancel()
             raise
         finally:
-            stopping.cancel()
+            if stopping is not None:
+                stopping.cancel()
+            if self._generating.get(key) is task:  # (a redelivered copy may be running too)
+                del self._generating[key]
+        if task.cancelled():  # by _on_cancel
+            raise Aborted(round(time.perf_counter() - started, 3))
         if not task.done():
             task.cancel()
             raise asyncio.CancelledError("the sampler is stopping")
         return task.result()
+
+    async def _on_cancel(self, raw) -> None:
+        """A cancel notice (subjects.cancel): the request's client left and its future is failed.
+        Generating it here: cancel the engine's call. Not yet: remember it (bounded), so that it
+        never starts here; most notices are for requests another sampler holds, or none does."""
+        key = raw.subject.rsplit(".", 1)[-1]
+        task = self._generating.get(key)
+        if task is not None:
+            task.cancel()
+            return
+        self._cancelled[key] = None
+        while len(self._cancelled) > MAX_REMEMBERED_CANCELS:
+            self._cancelled.popitem(last=False)
 
     async def _blob(self, name: str) -> bytes:
         blob = self._blobs.get(name)
@@ -285,22 +336,29 @@ class Sampler:
     async def run(self, stop: asyncio.Event) -> None:
         log.info("sampler_ready", worker_id=self.worker_id, base_model=self.cfg.base_model, device=self.backend.info.device)
         self._stop = stop
-        await asyncio.gather(
-            self.bus.heartbeat(self.worker_id, self.info, self.cfg.heartbeat_s, stop),
-            self.serve(stop),
-            self.bus.consume(
-                stream=subjects.SAMPLE_STREAM,
-                durable=subjects.sampler_consumer(self.cfg.base_model),
-                filter_subject=subjects.sample(self.cfg.base_model),
-                type_=SampleRequest,
-                handle=self.on_sample,
-                on_dead=lambda msg, reason: self.bus.fail_dead(msg.request_id, "Sample", reason),
-                ack_wait_s=self.cfg.ack_wait_s,
-                max_inflight=4 * self.cfg.max_batch,
-                batch=self.cfg.max_batch,
-                stop=stop,
-            ),
-        )
+        cancels = await self.bus.nc.subscribe(subjects.cancel_all(self.cfg.base_model), cb=self._on_cancel)
+        try:
+            await asyncio.gather(
+                self.bus.heartbeat(self.worker_id, self.info, self.cfg.heartbeat_s, stop),
+                self.serve(stop),
+                self.bus.consume(
+                    stream=subjects.SAMPLE_STREAM,
+                    durable=subjects.sampler_consumer(self.cfg.base_model),
+                    filter_subject=subjects.sample(self.cfg.base_model),
+                    type_=SampleRequest,
+                    handle=self.on_sample,
+                    on_dead=lambda msg, reason: self.bus.fail_dead(msg.request_id, "Sample", reason),
+                    ack_wait_s=self.cfg.ack_wait_s,
+                    max_inflight=4 * self.cfg.max_batch,
+                    batch=self.cfg.max_batch,
+                    stop=stop,
+                ),
+            )
+        finally:
+            try:
+                await cancels.unsubscribe()
+            except Exception:  # the connection is gone already
+                pass
 
 
 def _dense_int64(t: Tensor, *, rows: int, pad: int) -> np.ndarray:

@@ -295,3 +295,87 @@ async def test_engine_answers_each_request_as_it_finishes(sampler):
         assert_same(one(sampler, specs[i]), results[i], specs[i])
     assert order[-1] == 0  # the long request, first in, finished last
     assert not sampler._pins and not engine.dead
+
+
+def test_a_cancelled_request_leaves_the_others_as_they_were(sampler):
+    """Cancelling a request between steps takes its rows and their cache columns out of the decode
+    at once and unpins its adapter; the rows around it get exactly what they get in a run without
+    it. A request cancelled while it waits never runs."""
+    pa, pb, pc, pd = prompts(80, (5, 12, 3, 4))
+    a = sample_spec(prompt=pa, num_samples=2, max_tokens=30, seed=1, stop_at_eos=False)
+    b = sample_spec(prompt=pb, num_samples=3, max_tokens=45, seed=2, adapter="m1", stop_at_eos=False)  # the longest prompt: the cache's widest rows
+    c = sample_spec(prompt=pc, num_samples=1, max_tokens=25, seed=3, temperature=0.7, adapter="m2", stop_at_eos=False)
+    d = sample_spec(prompt=pd, num_samples=1, max_tokens=10, seed=4, adapter="m1", stop_at_eos=False)
+    without = run(Scheduler(sampler), {0: [("a", a)], 4: [("c", c)]})
+    steps = 0
+
+    def cancel_b_at_step_8(scheduler: Scheduler) -> None:
+        nonlocal steps
+        steps += 1
+        cache_is_tight(scheduler)
+        if steps == 8:  # a, b, c and d (admitted at step 7) running
+            rows, width = scheduler.rows, scheduler._mask_b_W.shape[1]
+            assert rows == 2 + 3 + 1 + 1
+            assert scheduler.cancel("b") and not scheduler.cancel("b")
+            assert scheduler.rows == rows - 3 and scheduler._mask_b_W.shape[1] < width  # b's prompt was the widest
+            cache_is_tight(scheduler)
+            assert scheduler.cancel("d") and scheduler.rows == rows - 4
+            assert sampler._adapters["m1"] not in sampler._pins and sampler._adapters["m2"] in sampler._pins  # c's
+            scheduler.add("e", d)  # queued, cancelled before it is admitted
+            assert scheduler.cancel("e") and scheduler.requests == 2
+
+    results = run(Scheduler(sampler), {0: [("a", a), ("b", b)], 4: [("c", c)], 7: [("d", d)]}, check=cancel_b_at_step_8)
+    assert set(results) == {"a", "c"}
+    assert_same(without["a"], results["a"], a)
+    assert_same(without["c"], results["c"], c)
+    assert not sampler._pins and not Scheduler(sampler).cancel("a")
+
+
+async def test_engine_drops_a_cancelled_call_at_the_next_step(sampler, monkeypatch):
+    """The transformers engine behind the async protocol: cancelling a `sample` call (the service
+    does when the client left) takes its rows out of the running decode at the next step and frees
+    its adapter slot; the request beside it gets what it gets alone, and the engine serves on."""
+    import asyncio
+    import time
+
+    from openrl.sampler.hf_engine import HfEngine
+
+    decode_rows: list[int] = []  # rows of each decode forward
+    forward = sampler._forward
+
+    def slow_forward(tokens, *args, **kwargs):
+        if tokens.shape[1] == 1:
+            decode_rows.append(tokens.shape[0])
+            time.sleep(0.01)  # a long request stays long on a fast machine
+        return forward(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(sampler, "_forward", slow_forward)
+    engine = HfEngine(sampler, max_requests=4, idle_wait_s=0.05)
+    pl, ps = prompts(90, (6, 4))
+    long = sample_spec(prompt=pl, num_samples=3, max_tokens=56, seed=1, adapter="m1", stop_at_eos=False)
+    short = sample_spec(prompt=ps, num_samples=2, max_tokens=40, seed=2, adapter="m2", stop_at_eos=False)
+
+    async def until(what, timeout_s=30.0):
+        deadline = time.monotonic() + timeout_s
+        while not what():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+
+    try:
+        doomed = asyncio.create_task(engine.sample(long, None))
+        await until(lambda: decode_rows[-1:] == [3])
+        kept = asyncio.create_task(engine.sample(short, None))
+        await until(lambda: decode_rows[-1:] == [5])
+        at = len(decode_rows)
+        doomed.cancel()
+        await until(lambda: sampler._adapters["m1"] not in sampler._pins, timeout_s=5)
+        result = await asyncio.wait_for(kept, 60)
+        assert doomed.cancelled()
+        assert set(decode_rows[at + 1 :]) == {2}  # after the step under way, the short request's rows alone
+        assert_same(one(sampler, short), result, short)
+        # The engine serves on, the cancelled request's adapter included.
+        again = sample_spec(prompt=pl, num_samples=1, max_tokens=5, seed=3, adapter="m1", stop_at_eos=False)
+        assert_same(one(sampler, again), await asyncio.wait_for(engine.sample(again, None), 60), again)
+    finally:
+        engine.close()
+    assert not sampler._pins and not engine.dead

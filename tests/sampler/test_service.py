@@ -283,3 +283,116 @@ async def test_the_engine_isolates_without_the_bus(sampler):
         assert not isinstance(result, (InvalidRequest, SampleFailed)), result
         assert_same(one(sampler, spec), result, spec)
     assert not sampler._pins and not hf.dead
+
+
+# ---------------------------------------------------------------------- cancellation
+
+
+async def test_a_cancelled_request_stops_and_is_acked_with_nothing_recorded(bus, tiny_path, engine):
+    """What the gateway does when an OpenAI client leaves (fail the future, then a core-NATS cancel
+    notice), for a request the engine is generating: its rows leave the decode at the next step,
+    the message is acked, nothing is stored over the cancelled future and no usage is recorded.
+    A notice that comes while the weights are fetched: the request never reaches the engine. A
+    notice missed (the sampler reconnecting): the request runs to the end and the compare-and-set
+    stores nothing over the cancelled future."""
+    import time
+
+    import structlog
+    from nats.js.errors import NotFoundError
+
+    from openrl.trainer.weights import adapter_bytes
+
+    base, owner = f"svc-cancel-{os.getpid()}", f"owner-cancel-{os.getpid()}"
+    weights = f"adapters/svc-cancel-m1-{os.getpid()}/seq-1"
+    await bus.objects.put(weights, adapter_bytes(engine, "m1"))
+    model = TransformersSampler(tiny_path, device="cpu")
+    decode_rows: list[int] = []
+    forward = model._forward
+
+    def slow_forward(tokens, *args, **kwargs):
+        if tokens.shape[1] == 1:
+            decode_rows.append(tokens.shape[0])
+            time.sleep(0.02)  # 56 steps take over a second, whatever the machine
+        return forward(tokens, *args, **kwargs)
+
+    model._forward = slow_forward
+    hf = HfEngine(model, idle_wait_s=0.05)
+    service = Sampler(SamplerConfig(base_model=base, model_path=tiny_path, idle_wait_s=0.05, ack_wait_s=5.0), bus, hf)
+    fetching, fetched = asyncio.Event(), asyncio.Event()
+    blob = service._blob
+
+    async def held_blob(name: str) -> bytes:
+        fetching.set()
+        await fetched.wait()
+        return await blob(name)
+
+    service._blob = held_blob
+    p = packed(prompts(44, (6,))[0])
+    params = SamplingParams(max_tokens=56, seed=1, stop_at_eos=False)
+
+    async def request(name: str, **kw) -> SampleRequest:
+        rid = f"svc-{name}-{os.getpid()}"
+        await bus.kv_put(bus.futures, rid, Future(request_id=rid, owner=owner, request_type="Sample"))
+        msg = SampleRequest(request_id=rid, sampler_id="s", base_model=base, prompt=p, num_samples=2, sampling=params, **kw)
+        await bus.publish(subjects.sample(base), msg, msg_id=rid)
+        return msg
+
+    async def cancel(rid: str, notice: bool = True) -> Future:
+        """Openai_api.Run.cancel's steps."""
+        stored, revision = await bus.pending_future(rid)
+        fut = Future(request_id=rid, owner=owner, request_type="Sample", state="failed", error="cancelled: gone", category="user")
+        assert await bus.finish_pending(fut, revision)
+        if notice:
+            await bus.nc.publish(subjects.cancel(base, rid), b"")
+        return await bus.kv_get(bus.futures, rid, Future)
+
+    async def until(what, timeout_s: float):
+        deadline = time.monotonic() + timeout_s
+        while not await what():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.01)
+
+    async def acked() -> bool:
+        info = await bus.js.consumer_info(subjects.SAMPLE_STREAM, subjects.sampler_consumer(base))
+        return info.num_pending == 0 and info.num_ack_pending == 0
+
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(stop))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            # Running: dropped at the next step.
+            first = await request("running")
+            await until(lambda: asyncio.sleep(0, len(decode_rows) >= 3), 30)
+            cancelled = await cancel(first.request_id)
+            await until(acked, 5)
+            steps = len(decode_rows)
+            assert steps < 55 and not service._generating
+            await asyncio.sleep(0.3)
+            assert len(decode_rows) == steps  # nothing left in the decode
+            assert await bus.kv_get(bus.futures, first.request_id, Future) == cancelled
+            # Cancelled while its weights were fetched: it never reaches the engine.
+            early = await request("early", weights=weights)
+            await asyncio.wait_for(fetching.wait(), 30)
+            cancelled_early = await cancel(early.request_id)
+            await asyncio.sleep(0.2)  # the notice arrives
+            fetched.set()
+            await until(acked, 5)
+            assert len(decode_rows) == steps and await bus.kv_get(bus.futures, early.request_id, Future) == cancelled_early
+            # The notice missed: computed to the end, the cancelled future kept.
+            missed = await request("missed")
+            await until(lambda: asyncio.sleep(0, len(decode_rows) >= steps + 3), 30)
+            cancelled_missed = await cancel(missed.request_id, notice=False)
+            await until(acked, 30)
+            assert len(decode_rows) == steps + 55  # a forward for every token but the last
+            assert await bus.kv_get(bus.futures, missed.request_id, Future) == cancelled_missed
+        aborted = {e["request_id"]: e["generating_s"] for e in logs if e["event"] == "sample_aborted"}
+        assert set(aborted) == {first.request_id, early.request_id} and aborted[early.request_id] is None, aborted
+        assert [e["request_id"] for e in logs if e["event"] == "sample_already_recorded"] == [missed.request_id]
+        with pytest.raises(NotFoundError):  # billed for nothing
+            await bus.js.get_last_msg(subjects.USAGE_STREAM, subjects.usage(owner))
+        info = await bus.js.consumer_info(subjects.SAMPLE_STREAM, subjects.sampler_consumer(base))
+        assert info.num_redelivered == 0 and not running.done() and not hf.dead and not model._pins
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+        hf.close()
