@@ -328,6 +328,9 @@ def build_default_model(out_dir: Path, *, warmup_steps: int, seed: int = 0) -> d
     return stats
 
 
+# -- end of the build recipe: the cache key hashes the source above this line (revision()) --
+
+
 class BuildOutOfBounds(RuntimeError):
     """The warm-up did not reach BUILD_BOUNDS: the model would not serve the demos."""
 
@@ -365,6 +368,15 @@ def _package_versions() -> dict[str, str]:
     return out
 
 
+def _recipe_source() -> bytes:
+    """This file's source up to the end-of-recipe marker: the code that determines the weights.
+    Edits below it (the cache, the lock, fetching, messages) keep the cache key, so they do not
+    force every cache to rebuild."""
+    source = Path(__file__).read_bytes()
+    end = source.index(b"# -- end of the build recipe")
+    return source[:end]
+
+
 def revision(warmup_steps: int = WARMUP_STEPS) -> str:
     """The snapshot name: a hash of everything that determines the build, git-commit shaped."""
     recipe = {
@@ -374,7 +386,7 @@ def revision(warmup_steps: int = WARMUP_STEPS) -> str:
         "arch": ARCH,
         "warmup_steps": warmup_steps,
         "threads": BUILD_THREADS,
-        "builder": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "builder": hashlib.sha256(_recipe_source()).hexdigest(),
         "packages": _package_versions(),
     }
     return hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()

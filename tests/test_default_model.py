@@ -67,10 +67,23 @@ def test_revision_tracks_the_recipe_the_builder_and_the_packages(monkeypatch):
     monkeypatch.setattr(dm, "_package_versions", lambda: {**versions, "transformers": "0.0.1"})
     assert dm.revision() != before
     monkeypatch.undo()
-    # Another builder (its source is part of the key).
+    # Another builder: its recipe's source is part of the key...
     real = dm.Path.read_bytes
-    monkeypatch.setattr(dm.Path, "read_bytes", lambda self: real(self) + b"# changed" if self.name == "default_model.py" else real(self))
+
+    def edited(where: str):
+        def read(self):
+            source = real(self)
+            if self.name != "default_model.py":
+                return source
+            return b"# changed\n" + source if where == "recipe" else source + b"# changed\n"
+
+        return read
+
+    monkeypatch.setattr(dm.Path, "read_bytes", edited("recipe"))
     assert dm.revision() != before
+    # ...and what follows the end-of-recipe marker (cache, lock, fetching) is not.
+    monkeypatch.setattr(dm.Path, "read_bytes", edited("tail"))
+    assert dm.revision() == before
 
 
 def test_the_build_report_is_checked_against_its_bounds(default_model):
