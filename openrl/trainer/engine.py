@@ -46,6 +46,7 @@ from transformers import AutoModelForCausalLM
 
 from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import LORA_ALPHA, AdamParams, ForwardBackward, LoraSpec
+from openrl.lora_slots import LoraSlots, Segment
 from openrl.trainer import losses, requests
 
 log = structlog.get_logger(__name__)
@@ -157,6 +158,7 @@ class LoraEngine:
         self._chunk_rows = max(1, logits_chunk_bytes // (4 * model.get_output_embeddings().out_features))
         self._tenants: dict[str, _Tenant] = {}
         self._active: str | None = None  # peft adapter currently active
+        self._slots: LoraSlots | None = None  # per-row routing for shared passes (forward_backward_many)
         self._next = 0
         linear_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         cfg = model.config
@@ -457,6 +459,135 @@ class LoraEngine:
             self._accumulate(params, grads, loss_sum)
         metrics = {"loss:sum": loss_sum, "tokens:sum": float(sum(batch.lengths))}
         return FwdBwdResult(logprobs=[logprobs.get(i) for i in range(len(batch.tokens_D))], metrics=metrics)
+
+    def forward_backward_many(self, reqs: list[ForwardBackward]) -> list[FwdBwdResult | InvalidRequest]:
+        """Several tenants' requests (at most one per model, all forward-only or all not) in
+        shared micro-batches: each row goes through its own tenant's adapter (LoRA slots routed
+        per row, openrl/lora_slots.py, with the tenants' own parameters as the weights, so
+        autograd brings each tenant its own gradients). One result or InvalidRequest per request,
+        in order; each equals what the request gets alone (float noise: the sums group
+        differently). A request that fails its checks, or whose gradients are not finite, fails
+        alone and changes nothing; the others go on. In a trainer group, or for one request,
+        each runs alone (`forward_backward`)."""
+        out: list[FwdBwdResult | InvalidRequest | None] = [None] * len(reqs)
+        if self.world > 1 or len(reqs) < 2 or len({r.model_id for r in reqs}) < len(reqs) or len({r.forward_only for r in reqs}) > 1:
+            return [self._one(r) for r in reqs]
+        jobs = []  # (position, request, tenant, batch, config)
+        for pos, req in enumerate(reqs):
+            try:
+                tenant = self._tenant(req.model_id)
+                signature = requests.check_loss_fn(req.loss_fn)
+                config = requests.check_config(req.loss_fn, signature, req.loss_fn_config)
+                batch = requests.parse(req.data, req.loss_fn, signature, config, self.info.vocab_size, self.info.max_context)
+            except InvalidRequest as e:
+                out[pos] = e
+                continue
+            if not batch.tokens_D:
+                out[pos] = FwdBwdResult(logprobs=[], metrics={"loss:sum": 0.0, "tokens:sum": 0.0})
+                continue
+            jobs.append((pos, req, tenant, batch, config))
+        if len(jobs) < 2:
+            for pos, req, *_ in jobs:
+                out[pos] = self._one(req)
+            return out
+        forward_only = reqs[0].forward_only
+        slots = self._tenant_slots()
+        params_J = [list(t.params.values()) for _, _, t, _, _ in jobs]
+        grads_J: list[list[torch.Tensor | None]] = [[None] * len(ps) for ps in params_J]
+        loss_J = [0.0] * len(jobs)
+        logprobs_J: list[dict[int, np.ndarray]] = [{} for _ in jobs]
+        entries = [(j, i) for j, (_, _, _, batch, _) in enumerate(jobs) for i in range(len(batch.tokens_D))]
+        lengths = [len(jobs[j][3].tokens_D[i]) for j, i in entries]
+        for plan in requests.micro_batches(lengths, self.microbatch_tokens):
+            members = [entries[k] for k in plan]
+            tokens_B = [jobs[j][3].tokens_D[i] for j, i in members]
+            ids_B_T = np.zeros((len(members), max(map(len, tokens_B))), dtype=np.int64)
+            for row, tokens in enumerate(tokens_B):
+                ids_B_T[row, : len(tokens)] = tokens
+            by_job: dict[int, list[int]] = {}
+            for row, (j, _) in enumerate(members):
+                by_job.setdefault(j, []).append(row)
+            device = self.info.device
+            segments = [Segment(rows=torch.tensor(rows, device=device), weights=self._weights_of(jobs[j][2])) for j, rows in by_job.items()]
+            involved = [p for j in by_job for p in params_J[j]]
+            with torch.inference_mode() if forward_only else contextlib.nullcontext(), self._adapters_off(involved):
+                with slots.route_segments(segments):
+                    hidden_B_T_H = self._decoder(input_ids=torch.from_numpy(ids_B_T).to(device), use_cache=False).last_hidden_state
+                total = None
+                for j, rows in by_job.items():
+                    _, _, tenant, batch, config = jobs[j]
+                    idx = [members[r][1] for r in rows]
+                    real = torch.zeros((len(rows), ids_B_T.shape[1]), dtype=torch.bool)
+                    for k, i in enumerate(idx):
+                        real[k, : len(batch.tokens_D[i])] = True
+                    hidden_M_H = hidden_B_T_H[torch.tensor(rows, device=device)][real.to(device)]
+                    x = {name: torch.from_numpy(values).to(device) for name, values in batch.inputs(idx).items()}
+                    targets_M_K = x.pop("target_tokens")
+                    with slots.route_segments([Segment(rows=None, weights=self._weights_of(tenant))]):
+                        lp_M_K = self._logprobs(hidden_M_H, targets_M_K)
+                    loss = losses.total(jobs[j][1].loss_fn, lp_M_K if batch.signature.top_k else lp_M_K[:, 0], x, config)
+                    loss_J[j] += loss.item()
+                    total = loss if total is None else total + loss
+                    rows_D = np.split(lp_M_K.detach().cpu().numpy(), np.cumsum([len(batch.tokens_D[i]) for i in idx])[:-1])
+                    for i, lp in zip(idx, rows_D):
+                        shape = batch.inputs_D[i]["target_tokens"].shape
+                        logprobs_J[j][i] = np.ascontiguousarray(lp[:, 0] if len(shape) == 1 else lp[:, : shape[1]])
+                if not forward_only:
+                    got = torch.autograd.grad(total, involved, allow_unused=True)
+                    offset = 0
+                    for j in by_job:
+                        _add(grads_J[j], got[offset : offset + len(params_J[j])])
+                        offset += len(params_J[j])
+        for j, (pos, req, _, batch, _) in enumerate(jobs):
+            if not forward_only:
+                try:
+                    self._accumulate(params_J[j], grads_J[j], loss_J[j])
+                except InvalidRequest as e:
+                    out[pos] = e
+                    continue
+            metrics = {"loss:sum": loss_J[j], "tokens:sum": float(sum(batch.lengths))}
+            out[pos] = FwdBwdResult(logprobs=[logprobs_J[j].get(i) for i in range(len(batch.tokens_D))], metrics=metrics)
+        return out
+
+    def _one(self, req: ForwardBackward) -> FwdBwdResult | InvalidRequest:
+        try:
+            return self.forward_backward(req)
+        except InvalidRequest as e:
+            return e
+
+    def _tenant_slots(self) -> LoraSlots:
+        """Slot routing on the base Linear under each of peft's LoRA layers (made once; layers
+        that peft adds later for new targets are wrapped when first needed)."""
+        if self._slots is None:
+            self._slots = LoraSlots(self.peft, num_slots=1, rank=1, max_rank=MAX_RANK)
+        new = {
+            n: m for n, m in self.peft.named_modules()
+            if n.endswith(".base_layer") and isinstance(m, torch.nn.Linear) and n not in self._slots.layers
+        }  # fmt: skip
+        self._slots.linears.update(new)
+        self._slots.wrap(list(new))
+        return self._slots
+
+    def _weights_of(self, tenant: _Tenant):
+        """Per wrapped base layer: the tenant's (lora_A, lora_B, scale) leaves, or None."""
+        params, scale = tenant.params, self.info.lora_alpha / tenant.lora.rank
+
+        def weights(name: str):
+            stem = name.removesuffix(".base_layer")
+            a = params.get(f"{stem}.lora_A.weight")
+            return None if a is None else (a, params[f"{stem}.lora_B.weight"], scale)
+
+        return weights
+
+    @contextlib.contextmanager
+    def _adapters_off(self, params: list[torch.nn.Parameter]):
+        """peft's own LoRA terms off (the routed slots supply them). peft's disable_adapter also
+        turns off requires_grad of every adapter; the batch's leaves get it back, and leaving
+        restores peft's flags (the active adapter's only)."""
+        with self.peft.disable_adapter():
+            for p in params:
+                p.requires_grad_(True)
+            yield
 
     def _idle_pass(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A one-token pass whose loss is 0 and gradients are zeros: a rank with no micro-batch

@@ -1,0 +1,107 @@
+"""Several tenants' requests in shared micro-batches (LoraEngine.forward_backward_many) give each
+tenant what it gets alone.
+
+Golden: tenants of different ranks, seeds and targets (the head among them), on a tied Qwen3
+and an untied Llama, take three rounds of forward_backward (cross_entropy and
+importance_sampling mixed, ragged datums) + optim_step; one engine runs each request alone
+(`forward_backward`), the other all the round's requests in one `forward_backward_many` call.
+Losses, logprobs, pending gradients and the weights after every step agree to 1e-5 (fp32; the
+sums group differently, so not bitwise). A request that fails its checks fails alone and
+changes nothing; the others go on exactly. Forward-only rounds batch too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from openrl.bus.errors import InvalidRequest
+from openrl.bus.messages import AdamParams, LoraSpec
+from openrl.trainer.engine import LoraEngine
+from test_tenants import make_fb
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+SPECS = {
+    "run.a": LoraSpec(rank=4, seed=1),
+    "run.b": LoraSpec(rank=8, seed=2, train_mlp=False),
+    "run.c": LoraSpec(rank=16, seed=3, train_attn=False),
+    "run.d": LoraSpec(rank=4, seed=4, train_unembed=False),
+}
+
+
+def engines(path: str) -> tuple[LoraEngine, LoraEngine]:
+    pair = []
+    for _ in range(2):
+        engine = LoraEngine(path, device="cpu", microbatch_tokens=24)  # small: several passes per round
+        for model_id, lora in SPECS.items():
+            engine.create(model_id, lora)
+        pair.append(engine)
+    return pair[0], pair[1]
+
+
+def assert_results(shared, alone, what: str) -> None:
+    assert shared.metrics.keys() == alone.metrics.keys(), what
+    for k in alone.metrics:
+        np.testing.assert_allclose(shared.metrics[k], alone.metrics[k], **TOL, err_msg=f"{what} {k}")
+    assert len(shared.logprobs) == len(alone.logprobs)
+    for a, b in zip(shared.logprobs, alone.logprobs, strict=True):
+        np.testing.assert_allclose(a, b, **TOL, err_msg=what)
+
+
+def assert_tenant(shared: LoraEngine, alone: LoraEngine, model_id: str, what: str) -> None:
+    for getter in (LoraEngine.adapter_state, LoraEngine.adapter_grads):
+        got, want = getter(shared, model_id), getter(alone, model_id)
+        assert got.keys() == want.keys()
+        for k in want:
+            if want[k] is None:
+                assert got[k] is None, f"{what} {k}"
+            else:
+                torch.testing.assert_close(got[k], want[k], **TOL, msg=lambda m: f"{what} {model_id} {k}: {m}")
+
+
+@pytest.mark.parametrize("path_fixture", ["qwen3_path", "llama_path"])
+def test_shared_passes_equal_each_tenant_alone(path_fixture, request):
+    shared, alone = engines(request.getfixturevalue(path_fixture))
+    ids = list(SPECS)
+    seed = 0
+    for step in range(3):
+        round_ = []
+        for k, model_id in enumerate(ids):
+            seed += 1
+            round_.append(make_fb(model_id, ("cross_entropy", "importance_sampling")[(k + step) % 2], 100 * seed))
+        together = shared.forward_backward_many(round_)
+        assert shared._slots is not None and shared._slots.layers  # they did share passes
+        for req, got in zip(round_, together, strict=True):
+            assert_results(got, alone.forward_backward(req), f"step {step} {req.model_id}")
+        for model_id in ids:
+            assert_tenant(shared, alone, model_id, f"step {step} pending grads")
+            adam = AdamParams(learning_rate=0.02, grad_clip_norm=1.0)
+            assert shared.optim_step(model_id, adam)["grad_norm:mean"] == pytest.approx(
+                alone.optim_step(model_id, adam)["grad_norm:mean"], rel=1e-5
+            )
+            assert_tenant(shared, alone, model_id, f"step {step} weights")
+    # Forward-only requests share passes too, and leave no gradients.
+    fwd = [make_fb(m, "cross_entropy", 7000 + k, forward_only=True) for k, m in enumerate(ids)]
+    for req, got in zip(fwd, shared.forward_backward_many(fwd), strict=True):
+        assert_results(got, alone.forward_backward(req), f"forward-only {req.model_id}")
+    for model_id in ids:
+        assert all(g is None for g in shared.adapter_grads(model_id).values())
+    # Single-tenant requests afterwards still run through peft as before, on the same weights.
+    req = make_fb("run.b", "cross_entropy", 9001)
+    assert_results(shared.forward_backward(req), alone.forward_backward(req), "alone after shared")
+
+
+def test_a_bad_request_fails_alone_and_changes_nothing(qwen3_path):
+    shared, alone = engines(qwen3_path)
+    good = [make_fb("run.a", "cross_entropy", 11), make_fb("run.c", "importance_sampling", 12)]
+    bad_loss = make_fb("run.b", "cross_entropy", 13)
+    bad_loss = type(bad_loss)(**{**{f: getattr(bad_loss, f) for f in bad_loss.__struct_fields__}, "loss_fn": "nope"})
+    unknown = make_fb("run.zzz", "cross_entropy", 14)
+    out = shared.forward_backward_many([good[0], bad_loss, good[1], unknown])
+    assert isinstance(out[1], InvalidRequest) and "nope" in str(out[1])
+    assert isinstance(out[3], InvalidRequest) and "run.zzz" in str(out[3])
+    assert_results(out[0], alone.forward_backward(good[0]), "good 0")
+    assert_results(out[2], alone.forward_backward(good[1]), "good 1")
+    for model_id in SPECS:  # run.b and run.d untouched (no grads), the others as alone
+        assert_tenant(shared, alone, model_id, "after a bad request")
