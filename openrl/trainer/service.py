@@ -96,6 +96,9 @@ class TrainerConfig:
     max_seq_ahead: int = 1024
     max_held_bytes_per_model: int = 256 * 1024 * 1024
     max_held_bytes: int = 1024 * 1024 * 1024
+    # forward_backward requests of up to this many models, ready at once, run in shared
+    # micro-batches (LoraEngine.forward_backward_many; docs/tenants.md). 1: each alone.
+    max_shared_requests: int = 8
 
 
 # How the future of a request refused for being too far ahead starts its error: a rebuild
@@ -131,7 +134,10 @@ class Tenant:
     record: ModelRecord
     since_snapshot: int = 0
     first_unapplied: int | None = None  # stream sequence a new durable consumer starts at
-    refused: set[int] = field(default_factory=set)  # seq_ids refused as too far ahead: skipped when reached
+    # seq_ids refused as too far ahead: skipped when reached. At most max_seq_ahead of them, each
+    # at most twice the window past next_seq when refused (the place of a client that pipelined
+    # past the window); one further ahead is refused without being remembered (docs/limits.md).
+    refused: set[int] = field(default_factory=set)
     held_bytes: int = 0  # what this model's waiting requests hold (held_size)
 
     def skip_refused(self) -> None:
@@ -167,6 +173,9 @@ class Trainer:
         self._busy_s = 0.0
         self._started = time.time()
         self._held_bytes = 0  # what waiting requests of every model hold
+        # forward_backward requests of several models waiting for the compute thread (shared passes)
+        self._ready: list[tuple[ForwardBackward, str, asyncio.Future]] = []
+        self._draining: asyncio.Task | None = None
 
     # -- compute on the single compute thread
 
@@ -187,15 +196,7 @@ class Trainer:
                     return Future(request_type=type(msg).__name__, state="failed", error=msg.error, category="server", **base)
                 raise InvalidRequest(msg.error)
             if isinstance(msg, ForwardBackward):
-                out = self.engine.forward_backward(msg)
-                metrics.TRAINED_TOKENS.inc(sum(len(d.tokens) // 4 for d in msg.data), **{"pass": "forward" if msg.forward_only else "forward_backward"})
-                result = ForwardBackwardResult(
-                    logprobs=[a.astype("<f4").tobytes() for a in out.logprobs],
-                    metrics=out.metrics,
-                    trailing=[list(a.shape[1:]) for a in out.logprobs],
-                )
-                kind = "Forward" if msg.forward_only else "ForwardBackward"
-                return Future(request_type=kind, state="done", content_type="forward_backward", payload=encode(result), **base)
+                return self._fb_future(msg, self.engine.forward_backward(msg), base)
             step_metrics = self.engine.optim_step(msg.model_id, msg.adam)
             metrics.OPTIM_STEPS.inc()
             return Future(request_type="OptimStep", state="done", payload=msgspec.json.encode({"metrics": step_metrics}), **base)
@@ -205,6 +206,70 @@ class Trainer:
             log.exception("train_request_failed", model_id=msg.model_id, seq_id=msg.seq_id)
             return Future(request_type=type(msg).__name__, state="failed", error=f"trainer error: {e!r}", category="server", **base)
 
+    def _fb_future(self, msg: ForwardBackward, out, base: dict) -> Future:
+        metrics.TRAINED_TOKENS.inc(sum(len(d.tokens) // 4 for d in msg.data), **{"pass": "forward" if msg.forward_only else "forward_backward"})
+        result = ForwardBackwardResult(
+            logprobs=[a.astype("<f4").tobytes() for a in out.logprobs],
+            metrics=out.metrics,
+            trailing=[list(a.shape[1:]) for a in out.logprobs],
+        )
+        kind = "Forward" if msg.forward_only else "ForwardBackward"
+        return Future(request_type=kind, state="done", content_type="forward_backward", payload=encode(result), **base)
+
+    def _apply_many(self, items: list[tuple[ForwardBackward, str]]) -> list[Future]:
+        """Several models' forward_backward requests in shared passes (engine.forward_backward_many).
+        Never raises: a failure of the shared pass (a bug, OOM) runs each request alone instead."""
+        try:
+            outs = self.engine.forward_backward_many([msg for msg, _ in items])
+        except Exception:
+            log.exception("shared_pass_failed", requests=len(items))
+            return [self._apply(msg, owner) for msg, owner in items]
+        futs = []
+        for (msg, owner), out in zip(items, outs, strict=True):
+            base = dict(request_id=msg.request_id, owner=owner, finished_at=time.time())
+            if isinstance(out, InvalidRequest):
+                futs.append(Future(request_type=type(msg).__name__, state="failed", error=str(out), category="user", **base))
+            else:
+                futs.append(self._fb_future(msg, out, base))
+        return futs
+
+    async def _forward_backward(self, msg: ForwardBackward, owner: str) -> Future:
+        """Run a forward_backward on the compute thread, together with the other models' that are
+        ready by then: each waits in `_ready` while the thread is busy, and the next run takes
+        every waiting one of the same kind (forward-only or not) in one shared call. Each model
+        holds its turn while its request waits, so a batch has at most one request per model and
+        it is that model's next in sequence: order and exactly-once are unchanged."""
+        done = asyncio.get_running_loop().create_future()
+        self._ready.append((msg, owner, done))
+        if self._draining is None or self._draining.done():
+            self._draining = asyncio.ensure_future(self._drain())
+        return await done  # cancelled before its batch starts: it never runs (as a queued executor call)
+
+    async def _drain(self) -> None:
+        while self._ready:
+            kind = self._ready[0][0].forward_only
+            batch = [item for item in self._ready if item[0].forward_only == kind][: self.cfg.max_shared_requests]
+            for item in batch:
+                self._ready.remove(item)
+            batch = [item for item in batch if not item[2].cancelled()]
+            if not batch:
+                continue
+            try:
+                if len(batch) == 1:
+                    futs = [await self._run(self._apply, batch[0][0], batch[0][1])]
+                else:
+                    futs = await self._run(self._apply_many, [(m, o) for m, o, _ in batch])
+                    log.debug("shared_pass", requests=len(batch))
+            except BaseException as e:  # the executor itself failed (shutting down): hand it to every waiter
+                for _, _, done in batch + self._ready:
+                    if not done.done():
+                        done.set_exception(e if isinstance(e, Exception) else Unavailable("trainer stopping"))
+                self._ready.clear()
+                raise
+            for (_, _, done), fut in zip(batch, futs, strict=True):
+                if not done.done():
+                    done.set_result(fut)
+
     async def _step(self, msg: TrainRequest, rec: ModelRecord) -> Future:
         """Apply one request of the model's sequence; the caller holds the model's turn."""
         if isinstance(msg, SaveWeights):
@@ -212,7 +277,11 @@ class Trainer:
         if isinstance(msg, LoadWeights):
             return await self._load(msg, rec)
         started = time.perf_counter()
-        fut = await self._run(self._apply, msg, rec.owner)
+        # A trainer group's engine (group.py) runs each request alone on every rank.
+        if isinstance(msg, ForwardBackward) and self.cfg.max_shared_requests > 1 and isinstance(self.engine, LoraEngine):
+            fut = await self._forward_backward(msg, rec.owner)
+        else:
+            fut = await self._run(self._apply, msg, rec.owner)
         if isinstance(msg, (ForwardBackward, OptimStep)) and fut.state == "done":  # billing usage (read back deduplicated by request id)
             try:
                 if isinstance(msg, ForwardBackward):
@@ -368,6 +437,8 @@ class Trainer:
                 stored = await self.bus.kv_get(self.bus.futures, msg.request_id, Future)
                 if stored is not None and stored.state == "failed" and (stored.error or "").startswith(TOO_FAR_AHEAD):
                     refused.add(seq_id)
+        # The same bound as _refuse_ahead (the nearest ones, as the previous owner kept them).
+        refused = set(sorted(s for s in refused if s - seq <= 2 * self.cfg.max_seq_ahead)[: max(self.cfg.max_seq_ahead, 0)])
         return Tenant(
             model_id=model_id, owner=rec.owner, next_seq=seq, turn=asyncio.Condition(), record=rec,
             first_unapplied=min(unapplied) if unapplied else (after if entries else None), refused=refused,
@@ -418,7 +489,8 @@ class Trainer:
             f"{TOO_FAR_AHEAD}: seq_id {msg.seq_id} is {msg.seq_id - t.next_seq} past the model's next seq_id "
             f"{t.next_seq}; at most {self.cfg.max_seq_ahead} may wait. Send a model's requests in order"
         )
-        t.refused.add(msg.seq_id)
+        if msg.seq_id - t.next_seq <= 2 * self.cfg.max_seq_ahead and len(t.refused) < self.cfg.max_seq_ahead:
+            t.refused.add(msg.seq_id)  # bounded: at most the window (Tenant.refused)
         fut = Future(request_id=msg.request_id, owner=t.owner, request_type=type(msg).__name__, state="failed", error=error,
                      category="user", finished_at=time.time())  # fmt: skip
         await self.bus.finish_future(fut)

@@ -105,3 +105,42 @@ def test_a_bad_request_fails_alone_and_changes_nothing(qwen3_path):
     assert_results(out[2], alone.forward_backward(good[1]), "good 1")
     for model_id in SPECS:  # run.b and run.d untouched (no grads), the others as alone
         assert_tenant(shared, alone, model_id, "after a bad request")
+
+
+@pytest.mark.timeout(300)
+async def test_the_trainer_shares_passes_among_models_ready_at_once(bus, qwen3_path):
+    """A real Trainer on the session's nats-server: four models' requests arrive together (two
+    each, seq 1 and 2); the first runs alone, the others that are ready while it runs share one
+    call; every future equals what the model gets alone, in each model's own order."""
+    import asyncio
+
+    import msgspec
+
+    from openrl.bus.messages import ForwardBackwardResult
+    from test_bounds import _future, _model, _send, _trainer
+
+    trainer = await _trainer(bus, qwen3_path)
+    calls = []
+    many = trainer.engine.forward_backward_many
+    trainer.engine.forward_backward_many = lambda reqs: calls.append([r.model_id for r in reqs]) or many(reqs)
+    models = [await _model(bus, trainer) for _ in range(4)]
+    reference = LoraEngine(qwen3_path, device="cpu")
+    for m in models:
+        reference.create(m, LoraSpec(rank=4, seed=1))  # what _model records
+    msgs = {m: [make_fb(m, ("cross_entropy", "importance_sampling")[k % 2], 50 * k + s) for s in (1, 2)] for k, m in enumerate(models)}
+    for m in models:
+        msgs[m] = [type(r)(**{**{f: getattr(r, f) for f in r.__struct_fields__}, "seq_id": s, "request_id": f"{m}-{s}"})
+                   for s, r in enumerate(msgs[m], start=1)]  # fmt: skip
+    await asyncio.gather(*(_send(bus, trainer, r) for m in models for r in reversed(msgs[m])))  # seq 2 first: it waits
+    assert calls and max(map(len, calls)) > 1, calls  # shared passes happened
+    assert all(len(set(c)) == len(c) for c in calls)  # never two requests of one model in a call
+    for m in models:
+        for r in msgs[m]:
+            fut = await _future(bus, r.request_id)
+            assert fut.state == "done", fut.error
+            got = msgspec.msgpack.decode(fut.payload, type=ForwardBackwardResult)
+            want = reference.forward_backward(r)
+            np.testing.assert_allclose(got.metrics["loss:sum"], want.metrics["loss:sum"], **TOL)
+            for raw, lp in zip(got.logprobs, want.logprobs, strict=True):
+                np.testing.assert_allclose(np.frombuffer(raw, "<f4"), lp, **TOL)
+        assert_tenant(trainer.engine, reference, m, "after the service's shared passes")
