@@ -9,6 +9,9 @@ rows of many adapters cost.
    gathered per row (A[idx], B[idx] then bmm: the other way), and peft's mixed-adapter forward
    (`adapter_names=`), for a decode step (one token per row) and a prefill (16 tokens per row).
    Also the base model alone. Medians of interleaved repetitions, so machine load affects all alike.
+3. Tenant batching in the trainer: 8 tenants x 4 sequences x 64 tokens of forward_backward in
+   one shared call (`LoraEngine.forward_backward_many`) vs one tenant at a time, tokens/s, on
+   the wider Qwen3; and the largest logprob difference between the two.
 
 Models (random weights, built in process): the default model's shape (Qwen3, hidden 192, 4
 layers, vocab 1024), the tiny Llama of issue 20 (vocab 4096, hidden 128, intermediate 256, 2
@@ -197,10 +200,58 @@ def bench_forward(name: str, config, reps: int, tenants: int = 6, rows_per_tenan
     return out
 
 
+def bench_tenant_batching(config, reps: int, tenants: int = 8, seqs: int = 4, length: int = 64) -> dict:
+    """The trainer: `tenants` forward_backward requests of `seqs` x `length` tokens, in one
+    shared call (forward_backward_many) vs one request at a time; tokens/s and the largest
+    difference between their logprobs."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from openrl.bus.messages import Datum, ForwardBackward, LoraSpec, Tensor
+    from openrl.trainer.engine import LoraEngine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+        engine = LoraEngine(tmp, device="cpu")
+    rng = np.random.default_rng(0)
+    reqs = []
+    for t in range(tenants):
+        engine.create(f"m{t}", LoraSpec(rank=32, seed=t))
+        data = []
+        for _ in range(seqs):
+            tokens = rng.integers(0, config.vocab_size, length)
+            target = Tensor(data=rng.integers(0, config.vocab_size, length).astype("<i8").tobytes(), dtype="int64", shape=[length])
+            data.append(Datum(tokens=tokens.astype("<i4").tobytes(), loss_fn_inputs={"target_tokens": target}))
+        reqs.append(ForwardBackward(request_id=f"r{t}", model_id=f"m{t}", seq_id=1, loss_fn="cross_entropy", data=data))
+    shared_s, alone_s, diff = [], [], 0.0
+    for rep in range(reps):
+        t0 = time.perf_counter()
+        shared = engine.forward_backward_many(reqs)
+        shared_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        alone = [engine.forward_backward(r) for r in reqs]
+        alone_s.append(time.perf_counter() - t0)
+        if rep == 0:
+            diff = max(float(np.abs(a - b).max()) for x, y in zip(shared, alone) for a, b in zip(x.logprobs, y.logprobs))
+    tokens = tenants * seqs * length
+    out = {
+        "tenants": tenants, "sequences_per_tenant": seqs, "tokens_per_sequence": length,
+        "shared_tokens_per_s": round(tokens / statistics.median(shared_s), 1),
+        "alone_tokens_per_s": round(tokens / statistics.median(alone_s), 1),
+        "shared_over_alone": round(statistics.median(alone_s) / statistics.median(shared_s), 2),
+        "max_logprob_diff": diff,
+    }  # fmt: skip
+    print("tenant batching", out, flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--only-training", action="store_true", help="the load and tenant-batching parts only")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora_slots.json")
     args = p.parse_args()
     import torch
@@ -215,6 +266,9 @@ def main() -> None:
         AutoModelForCausalLM.from_config(cfgs["default_shape"]).save_pretrained(tmp)
         results["load_default_shape"] = bench_load(tmp, args.reps)
         print("load", results["load_default_shape"], flush=True)
+    results["tenant_batching_wide_qwen3"] = bench_tenant_batching(cfgs["wide_qwen3"], max(3, args.reps // 4))
+    if args.only_training:
+        return finish_results(args.out, results, args, started)
     for name, cfg in cfgs.items():
         results[f"forward_{name}"] = bench_forward(name, cfg, args.reps)
     finish_results(args.out, results, args, started)
