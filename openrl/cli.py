@@ -154,10 +154,11 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         fwdbwd_max_chunk_len=args.fwdbwd_max_chunk_len,
         proto_compress_fwdbwd=args.proto_compress,
         sample_queue_max=args.sample_queue_max,
+        max_seq_ahead=args.max_seq_ahead,
         jwt_auth=args.jwt_auth,
         quotas=Quotas(sessions=args.quota_sessions, models=args.quota_models, checkpoints=args.quota_checkpoints,
                       checkpoint_bytes=int(args.quota_checkpoint_gb * 1024**3), reward_items=args.quota_reward_items,
-                      sample_sequences=args.quota_samples),
+                      sample_sequences=args.quota_samples, train_bytes=int(args.quota_train_gb * 1024**3)),
         sampler_weights_keep=max(1, args.sampler_weights_keep),
         collect_every_s=args.collect_every_s,
         collect_grace_s=args.collect_grace_s,
@@ -1176,6 +1177,10 @@ def parser() -> argparse.ArgumentParser:
                     help="reward items in flight per key, per gateway replica [OPENRL_QUOTA_REWARD_ITEMS]")
     gw.add_argument("--quota-samples", type=int, default=_env_int("QUOTA_SAMPLES", 1024),
                     help="sequences (num_samples) in flight per key, per gateway replica [OPENRL_QUOTA_SAMPLES]")
+    gw.add_argument("--quota-train-gb", type=float, default=_env_float("QUOTA_TRAIN_GB", 2),
+                    help="GiB of training requests waiting to be applied per key, per gateway replica [OPENRL_QUOTA_TRAIN_GB]")
+    gw.add_argument("--max-seq-ahead", type=int, default=_env_int("MAX_SEQ_AHEAD", 1024),
+                    help="a training request more than this past its model's next seq_id is a 400; the trainers' window (docs/limits.md) [OPENRL_MAX_SEQ_AHEAD]")
     gw.set_defaults(func=cmd_gateway)
 
     tr = sub.add_parser("trainer", help="a LoRA trainer for one base model")

@@ -26,6 +26,34 @@ MAX_MESSAGE_BYTES = MAX_PAYLOAD - 64 * 1024
 # sends at most fwdbwd_max_chunk_len (1024 by default) datums per request.
 MAX_DATUMS = 16384
 MAX_LOSS_INPUTS = 16
+# The tokens of one sample request's prompt: more than any served context. Counted on the body's
+# bytes before it is decoded (`prompt_size`), so a body of millions of token ids is refused
+# before msgspec makes Python ints of them (tens of bytes each, ten times the body).
+MAX_PROMPT_TOKENS = 1 << 18
+
+
+class _PromptOnly(msgspec.Struct):
+    prompt: msgspec.Raw = msgspec.Raw(b"null")
+
+
+def prompt_size(raw: bytes) -> None:
+    """A 400 when an asample body's prompt holds more than MAX_PROMPT_TOKENS token ids, read
+    from the JSON text itself: a JSON list of n ints has n - 1 commas, and a chunk adds two
+    (its fields, the next chunk), so a prompt of at most MAX_PROMPT_TOKENS tokens in chunks
+    of at least one token each has fewer than twice that many commas. msgspec checks the JSON
+    and keeps the prompt as a view of the body: nothing is built. A body that does not decode
+    here is left to the decoder that follows (its error is the one the client sees)."""
+    try:
+        prompt = memoryview(msgspec.json.decode(raw or b"{}", type=_PromptOnly).prompt)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return
+    step = 1 << 20
+    commas = sum(prompt[i : i + step].tobytes().count(b",") for i in range(0, prompt.nbytes, step))
+    if commas > 2 * MAX_PROMPT_TOKENS:
+        raise InvalidRequest(
+            f"prompt: a {prompt.nbytes}-byte prompt of about {commas} token ids or chunks; a prompt may hold at most "
+            f"{MAX_PROMPT_TOKENS} tokens (refused before decoding)"
+        )
 
 
 def tensor_elements(shape: list[int], where: str, *, max_dims: int = 2) -> int:

@@ -70,6 +70,12 @@ class QuotaExceeded(InvalidRequest):
     sequenced one fills its seq_id like any other 4xx."""
 
 
+class Backlogged(Unavailable):
+    """The key has as many bytes of training requests waiting as it may (quotas.py): 429 with
+    Retry-After. Nothing is decided, so a sequenced request fills nothing: the client sends the
+    same request again (the SDK does, on a 429) once some of its earlier ones have finished."""
+
+
 class InvalidToken(Unauthorized):
     """A JWT that is malformed, tampered with, not ours or expired (auth.py): 401 with
     `WWW-Authenticate: Bearer error="invalid_token"`, on which the SDK fetches a fresh JWT and
@@ -91,6 +97,7 @@ ANSWERS: dict[type[Exception], tuple[int, str, dict[str, str] | None]] = {
     Unauthorized: (401, "unauthorized", None),
     InvalidToken: (401, "unauthorized", {"WWW-Authenticate": 'Bearer error="invalid_token"'}),
     Unavailable: (503, "unavailable", {"Retry-After": "2"}),
+    Backlogged: (429, "rate_limited", {"Retry-After": "2"}),
 }
 
 # Errors that mean "the bus is down or reconnecting", not "this request is wrong".

@@ -7,7 +7,10 @@ tenants share (docs/limits.md has the defaults and the flags).
 - checkpoints: named saves (KV `openrl-weights`) not yet expired, by count and by bytes;
 - reward items in flight: items of the key's score requests whose futures are still pending;
 - sample sequences in flight: `num_samples` of the key's sample requests still pending, so one
-  key cannot fill the samplers' shared queue.
+  key cannot fill the samplers' shared queue;
+- training bytes in flight: the bytes (as the bus carries them) of the key's training requests
+  published and still pending, so one key cannot fill the train log ahead of the trainers. Past
+  it a 429 with Retry-After that fills nothing (http.Backlogged): the client sends it again.
 
 Every gateway keeps its own view of the first three by watching the KV buckets (as keys.py
 watches the keys), so a check is a dictionary lookup, whichever replica answers; what this
@@ -31,11 +34,13 @@ from aiohttp import web
 from openrl.bus.client import Bus
 from openrl.bus.subjects import kv_key
 from openrl.bus.messages import Future, ModelRecord, SessionRecord, WeightsRecord, decode
-from openrl.gateway.http import QuotaExceeded
+from openrl.gateway.http import Backlogged, QuotaExceeded
 
 log = structlog.get_logger(__name__)
 
 SESSION_LIVE_S = 120.0  # a session nobody heartbeated for this long no longer counts
+SWEEP_EVERY_S = 0.5
+SWEEP_ENTRIES = 4096
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class Quotas:
     checkpoint_bytes: int = 64 * 1024**3
     reward_items: int = 65536
     sample_sequences: int = 1024
+    train_bytes: int = 2 * 1024**3  # training requests in flight (published, future pending), as the bus carries them
 
 
 class Usage:
@@ -65,8 +71,9 @@ class Usage:
         self._models_of: dict[str, set[str]] = defaultdict(set)
         self._checkpoints_of: dict[str, set[str]] = defaultdict(set)
         # In flight, by kind ("reward", "sample"): owner -> request id -> items or sequences.
-        self._in_flight: dict[str, dict[str, dict[str, int]]] = {"reward": defaultdict(dict), "sample": defaultdict(dict)}
+        self._in_flight: dict[str, dict[str, dict[str, int]]] = {"reward": defaultdict(dict), "sample": defaultdict(dict), "train": defaultdict(dict)}
         self._tasks: list[asyncio.Task] = []
+        self._swept: dict[str, float] = {}  # owner -> when its training requests in flight were last read back
 
     # -- what a key holds
 
@@ -134,19 +141,44 @@ class Usage:
     def sampling(self, owner: str, request_id: str, sequences: int) -> None:
         self._in_flight["sample"][owner][request_id] = sequences
 
-    async def _check_in_flight(self, kind: str, owner: str, request_id: str, n: int, q: int, what: str, flag: str) -> None:
+    async def check_train_bytes(self, owner: str, request_id: str, size: int) -> None:
+        """Room for a training request of `size` bytes in the train log ahead of the trainer;
+        past the quota a Backlogged (429 + Retry-After, nothing filled: the client retries)."""
+        await self._check_in_flight(
+            "train", owner, request_id, size, self.quotas.train_bytes,
+            "bytes of training requests waiting to be applied", "--quota-train-gb / OPENRL_QUOTA_TRAIN_GB", error=Backlogged,
+        )  # fmt: skip
+
+    def training(self, owner: str, request_id: str, size: int) -> None:
+        if self.quotas.train_bytes:  # (off: nothing would ever read the entries back)
+            self._in_flight["train"][owner][request_id] = size
+
+    async def _check_in_flight(self, kind: str, owner: str, request_id: str, n: int, q: int, what: str, flag: str,
+                               error: type[Exception] = QuotaExceeded) -> None:  # fmt: skip
         """Room for `n` more in flight; finished requests are forgotten first (read back from
         their futures only when the count says the key is at its quota)."""
         mine = self._in_flight[kind][owner]
         if not q or request_id in mine:
             return
-        if sum(mine.values()) + n > q:
+        # Training requests are many, small ones too, and finish in order: they are read back
+        # also when a key has more than SWEEP_ENTRIES of them (else a quota of bytes would let
+        # millions of small entries pile up), at most every SWEEP_EVERY_S per key, oldest first,
+        # stopping once there is room.
+        held = sum(mine.values())
+        if kind != "train":
+            sweep = held + n > q
+        else:
+            sweep = (held + n > q or len(mine) > SWEEP_ENTRIES) and time.monotonic() - self._swept.get(owner, 0.0) > SWEEP_EVERY_S
+        if sweep:
+            self._swept[owner] = time.monotonic()
             for rid in list(mine):
                 fut = await self.bus.kv_get(self.bus.futures, rid, Future)
                 if fut is None or fut.state != "pending":
-                    mine.pop(rid, None)
+                    held -= mine.pop(rid, 0)
+                    if kind == "train" and held + n <= q and len(mine) <= SWEEP_ENTRIES // 2:
+                        break
         if (held := sum(mine.values())) + n > q:
-            raise QuotaExceeded(
+            raise error(
                 f"quota exceeded: this key has {held} {what} and asks for {n} more; at most {q} may be in flight "
                 f"({flag}): wait for results before sending more"
             )

@@ -67,6 +67,7 @@ from openrl.gateway.bodies import (
     SessionBody,
 )
 from openrl.gateway.futures import Waiters
+from openrl.gateway.progress import Progress
 from openrl.gateway.quotas import Quotas, Usage
 from openrl.gateway.http import API, InvalidToken, check_ttl, key_id, read_body, reply, request_id
 
@@ -84,6 +85,7 @@ class GatewayConfig:
     fwdbwd_max_chunk_len: int = 1024
     proto_compress_fwdbwd: bool = False
     sample_queue_max: int = 4096  # sample requests waiting for a sampler; above it, 429
+    max_seq_ahead: int = 1024  # the trainers' window: a training request further ahead is a 400 (progress.py)
     jwt_auth: bool = False  # tell clients to trade their key for a JWT (auth.py); whoami needs it
     # Sampler retention (catalogue.collect_samplers_once, docs/storage.md): the newest this many
     # unnamed sampler weights of each model are kept; the sweep runs this often; an unreferenced
@@ -121,6 +123,8 @@ def sample_fields(body: ASampleBody) -> dict[str, Any]:
         tokens += chunk.tokens
     if not tokens:
         raise InvalidRequest("prompt is empty")
+    if len(tokens) > bounds.MAX_PROMPT_TOKENS:  # (bounds.prompt_size refused most such bodies before decoding)
+        raise InvalidRequest(f"prompt: {len(tokens)} tokens; a prompt may hold at most {bounds.MAX_PROMPT_TOKENS}")
     if any(not -(2**31) <= t < 2**31 for t in tokens):
         raise InvalidRequest("prompt: token ids must fit in int32")
     params = body.sampling_params
@@ -201,6 +205,7 @@ class Gateway:
         self.live_keys: set[str] = set()  # ids of the keys made with `openrl keys`, kept current by keys.watch
         self.jwt_secret: bytes | None = None  # loaded at startup by auth.attach
         self.waiters = Waiters(bus)
+        self.progress = Progress(bus, cfg.max_seq_ahead)  # far-ahead training requests refused before the log
         self.usage = Usage(bus, cfg.quotas)  # what each key holds, for the quota checks (quotas.attach starts it)
         self._workers: tuple[float, list[WorkerInfo]] = (0.0, [])
         self._backlog: tuple[float, int] = (0.0, 0)
@@ -617,6 +622,7 @@ class Gateway:
 
     async def asample(self, request: web.Request) -> web.Response:
         owner = self.owner(request)
+        bounds.prompt_size(await request.read())  # a prompt's size, before its tokens become Python ints
         body = await read_body(request, ASampleBody)
         sampler = await self.sampler(body.sampling_session_id, owner)
         msg_fields = sample_fields(body)
@@ -667,7 +673,9 @@ class Gateway:
         """Once a request's model and seq_id are known, any refusal (a 4xx: bad content, a
         missing checkpoint, a quota) still takes its seq_id, as a Rejected request whose future
         holds the error: the SDK moves on to seq_id + 1, and the model's sequence must have no
-        gap. Unavailable (503) is not a refusal: the client retries the same seq_id."""
+        gap. Unavailable (503) is not a refusal: the client retries the same seq_id. A seq_id
+        too far ahead of the model is refused before, filling nothing (progress.py)."""
+        await self.progress.check(rec, seq_id)
         try:
             yield
         except (InvalidRequest, NotFound) as e:
@@ -694,6 +702,7 @@ class Gateway:
             if place.seq_id >= 1:
                 try:
                     rec = await self.model(place.model_id, owner)
+                    await self.progress.check(rec, place.seq_id)
                 except (InvalidRequest, NotFound):
                     raise e from None
                 await self._fill(rec, place.seq_id, str(e))
@@ -705,8 +714,10 @@ class Gateway:
     async def _submit_train(self, rec: ModelRecord, msg, owner: str, kind: str) -> web.Response:
         # Measured as the bus carries it (protobuf -> msgpack can grow several times): too big
         # is a 400 here, inside the caller's _in_sequence, so its seq_id is still filled.
-        bounds.encoded(msg, f"{kind} request")
+        size = bounds.encoded(msg, f"{kind} request")
+        await self.usage.check_train_bytes(owner, msg.request_id, size)  # 429, fills nothing: the client retries
         await self.accept(msg.request_id, owner, kind)
+        self.usage.training(owner, msg.request_id, size)
         # Always publish, even for a request seen before: the first attempt may have died
         # between accepting and publishing. JetStream drops the duplicate by Nats-Msg-Id,
         # and the trainer applies each seq_id once.

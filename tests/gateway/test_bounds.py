@@ -11,10 +11,12 @@ seq_id completes); retrieve_future answers another key's id at once. The stack s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 import tinker
@@ -204,14 +206,29 @@ def test_refused_training_requests_leave_no_hole(stack, http, data):
     assert "metrics" in done, done
 
 
-def test_far_ahead_requests_fail_as_user_errors(stack, http, data):
+def test_far_ahead_requests_are_refused_before_the_log(stack, http, data):
+    """Past the window (1024) of the model's progress: a 400 naming seq_id and the window, at
+    once, for every kind of sequenced request and for an undecodable body; nothing recorded (no
+    future, nothing in the train log), and the model goes on."""
     _, tc = training_client(stack, seed=42, rank=2)
-    sdk_steps(tc, [data[:2]])
-    rid = _optim(http, tc.model_id, 10**6)
-    out = http.result(rid)
-    assert out["category"] == "user" and out["error"].startswith("too far ahead"), out
-    done = http.result(_optim(http, tc.model_id, 3))  # the model is unharmed
-    assert "metrics" in done
+    sdk_steps(tc, [data[:2]])  # seq 1, 2: next is 3
+    model = tc.model_id
+    for seq in (3 + 1025, 10**6):
+        started = time.monotonic()
+        refused(http.post("/optim_step", json={"model_id": model, "seq_id": seq, "adam_params": {"learning_rate": 1e-3}}),
+                400, f"seq_id {seq} is too far ahead", "at most 1024")  # fmt: skip
+        assert time.monotonic() - started < 5
+        r = http.post("/forward_backward", content=_fb_proto(tc, seq, data[:1]), headers={"Content-Type": "application/x-protobuf"})
+        refused(r, 400, f"seq_id {seq} is too far ahead")
+        refused(http.post("/save_weights", json={"model_id": model, "seq_id": seq, "path": "far"}), 400, "too far ahead")
+        # An undecodable body at a far seq_id is the decoding error, and fills nothing either.
+        refused(http.post("/optim_step", json={"model_id": model, "seq_id": seq, "adam_params": "fast"}), 400, "adam_params")
+        r = http.post("/retrieve_future", json={"request_id": request_id("train", model, seq)})
+        assert r.status_code == 404, r.text  # nothing was recorded for that seq_id
+    # Within the window is accepted as before (it waits for seq 3 and 4), and the model goes on.
+    waiting = _optim(http, model, 5)
+    assert http.result(_optim(http, model, 3))["metrics"] is not None
+    assert "metrics" in http.result(_optim(http, model, 4)) and "metrics" in http.result(waiting)
 
 
 def test_retrieve_future_answers_another_keys_id_at_once(stack, http, data):
@@ -245,3 +262,146 @@ def test_ids_nats_refuses_and_non_ascii_signatures_are_4xx(stack, http):
     r = http.http.get("/signed/tinker:/x/weights/y", params={"expires": str(int(time.time()) + 600), "sig": "\u2603" * 64})
     assert r.status_code in (403, 404), r.text
     assert stack.healthz()["bus"]
+
+
+async def test_far_ahead_check_reads_progress_from_futures(bus):
+    """progress.Progress on the session's nats-server, window 4: seq_id S is refused while the
+    future of S - 5 is not finished, accepted once it is; a refusal is cached for its TTL (no
+    read per request) and never outlives it; what the futures cannot tell (a model older than
+    the futures' TTL, a place the trainer refused itself) is left to the trainer; nothing is
+    written."""
+    from openrl.bus.errors import InvalidRequest
+    from openrl.bus.messages import Future, LoraSpec, ModelRecord
+    from openrl.gateway.progress import Progress
+
+    await bus.ensure()
+    model = f"s-{time.monotonic_ns()}:train:0"
+    rec = ModelRecord(model_id=model, session_id=model.split(":")[0], owner="k", base_model=BASE_MODEL, lora=LoraSpec(rank=2),
+                      created_at=time.time(), create_request_id="c")  # fmt: skip
+    progress = Progress(bus, 4, ttl_s=3.0)
+
+    async def finish(seq: int, state: str = "done", error: str = "") -> None:
+        rid = request_id("train", model, seq)
+        await bus.kv_put(bus.futures, rid, Future(request_id=rid, owner="k", request_type="OptimStep", state=state, error=error))
+
+    for seq in range(1, 6):  # next is 1: 1..5 are within the window, no read
+        await progress.check(rec, seq)
+    assert progress.reads == 0
+    for seq in (6, 7, 10**9):
+        with pytest.raises(InvalidRequest, match=f"seq_id {seq} is too far ahead: at most 4 requests"):
+            await progress.check(rec, seq)
+    assert progress.reads == 1  # one read, then the cached refusal (6's place: seq 1 unfinished)
+    for seq in range(1, 4):
+        await finish(seq)
+    with pytest.raises(InvalidRequest):  # stale for the TTL (a refused seq_id stays open: it may come again)
+        await progress.check(rec, 8)
+    await asyncio.sleep(3.1)
+    await progress.check(rec, 8)  # seq 3 finished: next >= 4, so 8 is 4 ahead at most
+    assert progress.applied[model] == 3 and progress.reads == 2
+    await progress.check(rec, 7)  # below what is known applied: no read
+    assert progress.reads == 2
+    with pytest.raises(InvalidRequest):
+        await progress.check(rec, 9)
+    # A place the trainer refused as too far ahead (it may be skipped since): the trainer decides.
+    await finish(4, "failed", "too far ahead: seq_id 4 is ...")
+    await asyncio.sleep(3.1)
+    await progress.check(rec, 9)
+    # A model older than the futures' TTL: a missing future may have expired; the trainer decides.
+    old = msgspec.structs.replace(rec, created_at=time.time() - bus.cfg.futures_ttl_s - 1)
+    await Progress(bus, 4).check(old, 10**9)
+    assert await bus.kv_get(bus.futures, request_id("train", model, 10**9), Future) is None
+
+
+async def test_training_bytes_in_flight_per_key_are_bounded(bus):
+    """quotas.Usage on the session's nats-server: a key's training requests published and still
+    pending count by their bus size; past the quota a Backlogged (429 + Retry-After, which
+    _in_sequence does not fill: the client sends the same request again); a finished one stops
+    counting (read back at most every SWEEP_EVERY_S); another key is not affected; small
+    requests do not pile up entries past SWEEP_ENTRIES."""
+    from openrl.bus.errors import InvalidRequest
+    from openrl.bus.messages import Future
+    from openrl.gateway import quotas
+    from openrl.gateway.http import Backlogged, _answer
+
+    await bus.ensure()
+    usage = quotas.Usage(bus, quotas.Quotas(train_bytes=1000))
+    tag = time.monotonic_ns()
+
+    async def submit(owner: str, n: int, size: int) -> str:
+        rid = f"train-q{tag}-{owner}-{n}"
+        await usage.check_train_bytes(owner, rid, size)
+        await bus.kv_create(bus.futures, rid, Future(request_id=rid, owner=owner, request_type="ForwardBackward"))
+        usage.training(owner, rid, size)
+        return rid
+
+    first = await submit("a", 1, 600)
+    await submit("a", 2, 300)
+    with pytest.raises(Backlogged, match="at most 1000 may be in flight .--quota-train-gb") as e:
+        await submit("a", 3, 200)
+    assert not isinstance(e.value, InvalidRequest)  # so service._in_sequence fills nothing
+    assert _answer(e.value) == (429, "rate_limited", {"Retry-After": "2"})
+    await submit("b", 1, 900)  # another key's room is its own
+    await usage.check_train_bytes("a", first, 600)  # a request already counted (a retry) passes
+    await bus.kv_put(bus.futures, first, Future(request_id=first, owner="a", request_type="ForwardBackward", state="done"))
+    await asyncio.sleep(quotas.SWEEP_EVERY_S + 0.1)
+    await submit("a", 3, 200)  # the finished one no longer counts
+    assert sum(usage._in_flight["train"]["a"].values()) == 500
+
+    # Many small finished requests: read back once past SWEEP_ENTRIES, not kept forever.
+    small = quotas.Usage(bus, quotas.Quotas(train_bytes=10**9))
+    for i in range(quotas.SWEEP_ENTRIES + 1):
+        small.training("c", first, 1) if i == 0 else small.training("c", f"gone-{tag}-{i}", 1)
+    await small.check_train_bytes("c", f"new-{tag}", 1)
+    assert len(small._in_flight["train"]["c"]) <= quotas.SWEEP_ENTRIES // 2
+
+
+async def test_a_huge_prompt_is_refused_before_its_tokens_are_decoded(nats_server):
+    """A 32 MB JSON list of token ids in asample: a 400 naming the prompt limit, at once, and
+    the gateway (in this process: tracemalloc sees it) never holds the Python ints; a body of
+    the same size of fewer, larger tokens decodes as before. An in-process gateway on the
+    session's nats-server, driven over HTTP."""
+    import tracemalloc
+
+    import aiohttp
+    from aiohttp import web
+
+    from openrl.bus.client import Bus
+    from openrl.bus.server import free_port
+    from openrl.gateway.app import GatewayConfig, make_app
+    from openrl.gateway.bounds import MAX_PROMPT_TOKENS
+    from stack_helpers import bus_config
+
+    bus = await Bus.connect(bus_config(nats_server.url, "gateway", name="test-gateway-prompt"))
+    port = free_port()
+    runner = web.AppRunner(make_app(GatewayConfig(port=port, nats_url=nats_server.url, api_keys=(API_KEY,)), bus), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        head = b'{"sampling_session_id": "s-none:sample:0", "seq_id": 1, "num_samples": 1, "sampling_params": {"max_tokens": 1}, '
+        tokens = b",".join([b"1234567"] * 4_000_000)  # 32 MB, 4 million tokens
+        body = head + b'"prompt": {"chunks": [{"type": "encoded_text", "tokens": [' + tokens + b"]}]}}"
+        assert 31_000_000 < len(body) < GatewayConfig().max_body_bytes
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{port}/api/v1/asample"
+            headers = {"X-API-Key": API_KEY, "Content-Type": "application/json"}
+            tracemalloc.start()
+            started = time.monotonic()
+            async with http.post(url, data=body, headers=headers) as r:
+                status, out = r.status, await r.json()
+            took = time.monotonic() - started
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            assert status == 400 and f"at most {MAX_PROMPT_TOKENS} tokens" in out["detail"], (status, out)
+            assert "before decoding" in out["detail"]
+            # The body itself (read once, and a 1 MB slice at a time while counting) and no
+            # more: 4 million ints and their list would be about 150 MB.
+            assert peak < 2.5 * len(body), (peak, len(body))
+            assert took < 10, took
+            # A prompt within the limit, as large as a body allows, is decoded and checked as before
+            # (this session does not exist: the 404 comes after the decode).
+            ok = head + b'"prompt": {"chunks": [{"type": "encoded_text", "tokens": [' + b",".join([b"1234567"] * MAX_PROMPT_TOKENS) + b"]}]}}"
+            async with http.post(url, data=ok, headers=headers) as r:
+                assert r.status == 404, await r.text()
+    finally:
+        await runner.cleanup()
+        await bus.close()

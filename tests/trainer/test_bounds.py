@@ -126,3 +126,39 @@ def test_a_sparse_input_past_the_element_bound_is_refused_before_allocation():
     d = Datum(tokens=np.arange(rows, dtype="<i4").tobytes(), loss_fn_inputs={"target_tokens": wide})
     with pytest.raises(InvalidRequest, match=f"more than {MAX_REQUEST_ELEMENTS} elements"):
         requests.parse([d], "cross_entropy", sig, dict(sig.config), 96, 64)
+
+
+@pytest.mark.timeout(300)
+async def test_the_refused_seq_ids_of_a_model_are_bounded(bus, qwen3_path):
+    """Tenant.refused holds at most the window (max_seq_ahead) of seq_ids, each at most twice the
+    window past next_seq: those are the places of a client that pipelined past the window. Any
+    further ahead is refused all the same (its future fails) but not remembered, so a flood of
+    far-ahead seq_ids cannot grow the trainer's memory; a rebuild keeps the same bound."""
+    await bus.ensure()
+    trainer = await _trainer(bus, qwen3_path, max_seq_ahead=4)
+    model_id = await _model(bus, trainer)
+    await _send(bus, trainer, fb(model_id, 1), log=True)  # next is 2: 7 .. 10 are within twice the window
+    far = [7, 8, 9, 10, 11, 50, 10**6, 10**9] + list(range(2000, 2200))
+    for seq in far:
+        await _send(bus, trainer, fb(model_id, seq, n=2), log=seq < 60)
+        out = await _future(bus, f"{model_id}-{seq}")
+        assert out.state == "failed" and out.error.startswith(TOO_FAR_AHEAD), (seq, out)
+    assert trainer.tenants[model_id].refused == {7, 8, 9, 10}
+
+    # A rebuild from the log keeps the same bound (11 and 50 are in the log, refused, too far).
+    other = await _trainer(bus, qwen3_path, max_seq_ahead=4)
+    other.held[model_id] = Held(stop=asyncio.Event(), task=None)
+    rebuilt = await other.tenant(model_id)
+    assert rebuilt.next_seq == 2 and rebuilt.refused == {7, 8, 9, 10}
+
+    # Full: once the sequence moves on (next 6), 11 is within twice the window but the set
+    # already holds the window's worth: refused, not remembered.
+    for seq in (2, 3, 4, 5):
+        await _send(bus, trainer, fb(model_id, seq))
+    t = trainer.tenants[model_id]
+    assert t.next_seq == 6
+    await _send(bus, trainer, fb(model_id, 11, n=3))  # the same request id as before (fb names it by seq_id)
+    assert t.refused == {7, 8, 9, 10}
+    # The remembered places are skipped when reached: after 6, next is 11.
+    await _send(bus, trainer, fb(model_id, 6))
+    assert t.next_seq == 11 and not t.refused
