@@ -467,8 +467,10 @@ class LoraEngine:
         autograd brings each tenant its own gradients). One result or InvalidRequest per request,
         in order; each equals what the request gets alone (float noise: the sums group
         differently). A request that fails its checks, or whose gradients are not finite, fails
-        alone and changes nothing; the others go on. In a trainer group, or for one request,
-        each runs alone (`forward_backward`)."""
+        alone and changes nothing; the others go on. In a trainer group, with activation
+        checkpointing, when a request's logits need several chunks (their backward recomputes
+        the forward, after the route is gone), or for one request, each runs alone
+        (`forward_backward`)."""
         out: list[FwdBwdResult | InvalidRequest | None] = [None] * len(reqs)
         if self.world > 1 or len(reqs) < 2 or len({r.model_id for r in reqs}) < len(reqs) or len({r.forward_only for r in reqs}) > 1:
             return [self._one(r) for r in reqs]
@@ -486,7 +488,9 @@ class LoraEngine:
                 out[pos] = FwdBwdResult(logprobs=[], metrics={"loss:sum": 0.0, "tokens:sum": 0.0})
                 continue
             jobs.append((pos, req, tenant, batch, config))
-        if len(jobs) < 2:
+        # The route is set only while the forward runs, so nothing may be recomputed in the
+        # backward pass: no activation checkpointing, and every job's logits in one chunk.
+        if len(jobs) < 2 or self.checkpointing or any(sum(b.lengths) > self._chunk_rows for *_, b, _ in jobs):
             for pos, req, *_ in jobs:
                 out[pos] = self._one(req)
             return out

@@ -30,10 +30,10 @@ SPECS = {
 }
 
 
-def engines(path: str) -> tuple[LoraEngine, LoraEngine]:
+def engines(path: str, **kw) -> tuple[LoraEngine, LoraEngine]:
     pair = []
     for _ in range(2):
-        engine = LoraEngine(path, device="cpu", microbatch_tokens=24)  # small: several passes per round
+        engine = LoraEngine(path, device="cpu", microbatch_tokens=24, **kw)  # small: several passes per round
         for model_id, lora in SPECS.items():
             engine.create(model_id, lora)
         pair.append(engine)
@@ -90,6 +90,22 @@ def test_shared_passes_equal_each_tenant_alone(path_fixture, request):
     # Single-tenant requests afterwards still run through peft as before, on the same weights.
     req = make_fb("run.b", "cross_entropy", 9001)
     assert_results(shared.forward_backward(req), alone.forward_backward(req), "alone after shared")
+
+
+@pytest.mark.parametrize("kw", [dict(activation_checkpointing=True), dict(logits_chunk_bytes=4 * 96 * 8)])
+def test_requests_whose_backward_recomputes_run_alone(qwen3_path, kw):
+    """Checkpointed layers or chunked logits recompute the forward in the backward pass, after
+    the route is gone: such requests run one at a time, and still equal each alone."""
+    shared, alone = engines(qwen3_path, **kw)
+    round_ = [make_fb(m, "importance_sampling", 300 + k) for k, m in enumerate(SPECS)]
+    for _ in range(2):
+        for req, got in zip(round_, shared.forward_backward_many(round_), strict=True):
+            assert_results(got, alone.forward_backward(req), f"{kw} {req.model_id}")
+        for model_id in SPECS:
+            assert_tenant(shared, alone, model_id, f"{kw}")
+            shared.optim_step(model_id, AdamParams(learning_rate=0.02))
+            alone.optim_step(model_id, AdamParams(learning_rate=0.02))
+    assert shared._slots is None  # never shared
 
 
 def test_a_bad_request_fails_alone_and_changes_nothing(qwen3_path):
