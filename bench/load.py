@@ -328,11 +328,13 @@ def main() -> None:
             stop_stack(proc)
     res["date"] = datetime.now().isoformat(timespec="seconds")
     res["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    if not args.url:  # what the train log holds on disk at the end (far-ahead bodies used to pile up there)
+        res["train_stream_bytes"] = sum(f.stat().st_size for d in data_dir.rglob("OPENRL_TRAIN") if d.is_dir() for f in d.rglob("*") if f.is_file())
     if args.hostile:
         for name in ("quiet", "flood"):
             print(f"\n== {name}")
             print_report(res[name])
-        print(f"\nhostile key sent: {res['hostile_sent']}")
+        print(f"\nhostile key sent: {res['hostile_sent']}; train stream on disk at the end: {res.get('train_stream_bytes')} bytes")
         print(f"p99 flood / quiet: {res['p99_flood_over_quiet']}; errors quiet {res['errors_quiet']}, flood {res['errors_flood']}; goal met: {res['met']}")
     else:
         print_report(res)
