@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from openrl.recipes.autoresearch.study import StudyError, load_study, read_metric
+from stack_helpers import BASE_MODEL
 
 pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parents[2]
@@ -379,3 +380,25 @@ def test_async_grpo_study_beats_the_default_configuration(stack, tmp_path):
         assert [row["step"] for row in rows] == list(range(6))
         assert e["metric"] == pytest.approx(sum(row["reward/mean"] for row in rows[-3:]) / 3)
     assert "learning_rate" in (study / "run" / "best.diff").read_text()
+
+
+def test_text_to_sql_attempt_runs_through_the_harness(stack, tmp_path):
+    """The text-to-sql study's attempt (SFT, GRPO with the `sql` reward, held-out evaluation)
+    on the default model, cut to a few steps: the baseline only. The default model does not
+    learn SQL; this checks the attempt's plumbing, not its accuracy."""
+    study = tmp_path / "text-to-sql"
+    shutil.copytree(EXAMPLES / "text-to-sql", study)
+    params = json.loads((study / "params.json").read_text())
+    small = {"base_model": BASE_MODEL, "sft_steps": 2, "sft_batch": 4, "rl_steps": 1, "groups_per_step": 2, "max_tokens": 16}
+    (study / "params.json").write_text(json.dumps({**params, **small}, indent=1) + "\n")
+    env = {"TINKER_BASE_URL": stack.url, "TINKER_API_KEY": stack.api_key}
+    r = autoresearch(study, "--researchers", "1", "--attempts", "1", env=env, timeout=580)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (entry,) = ledger(study)
+    assert entry["status"] == "baseline", (entry["error"], (Path(entry["attempt_dir"]) / "command.log").read_text()[-3000:])
+    rows = [json.loads(line) for line in (Path(entry["attempt_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [row["phase"] for row in rows] == ["base", "sft", "rl"]
+    assert all(0.0 <= row["heldout/accuracy"] <= row["heldout/executed"] <= 1.0 for row in rows)
+    assert entry["metric"] == rows[-1]["heldout/accuracy"]
+    rl = [json.loads(line) for line in (Path(entry["attempt_dir"]) / "rl" / "attempt" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rl) == 1 and "score/executed" in rl[0]  # scored by the sql reward workers
