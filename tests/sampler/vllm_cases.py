@@ -316,3 +316,25 @@ async def test_refuses_what_it_cannot_do_and_keeps_serving(vllm_sampler, trainer
     assert not vllm_sampler.has_adapter("broken") and set(vllm_sampler._dir.iterdir()) == before
     ok = await vllm_sampler.sample(sample_spec(prompt=p, num_samples=1, max_tokens=2))
     assert len(ok.sequences[0].tokens) >= 1 and not vllm_sampler.dead
+
+
+async def test_a_cancelled_sample_is_aborted_in_the_engine(vllm_sampler):
+    """Cancelling `sample` (the sampler service does when the request's client left) aborts its
+    vLLM requests: the engine holds none of them soon after, and serves on."""
+    spec = sample_spec(prompt=random_prompt(8, 8), num_samples=4, max_tokens=240, temperature=1.0, seed=1, stop_at_eos=False)
+    processor = vllm_sampler.engine.output_processor
+    task = asyncio.create_task(vllm_sampler.sample(spec))
+    while processor.get_num_unfinished_requests() < 4:
+        assert not task.done(), "finished before it could be cancelled"
+        await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(500):  # 5 s
+        if processor.get_num_unfinished_requests() == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert processor.get_num_unfinished_requests() == 0
+    short = respec(spec, max_tokens=5)
+    result = await vllm_sampler.sample(short)
+    assert [len(s.tokens) for s in result.sequences] == [5] * 4
