@@ -177,9 +177,10 @@ def jwt_gateway(stack, tmp_path_factory):
 @pytest.fixture(scope="session")
 def quota_gateway(stack, tmp_path_factory):
     """A second gateway replica on the same bus with small per-key quotas (tests/gateway/test_quotas.py):
-    3 live sessions, 2 models in them, 2 checkpoints, 4 reward items and 4 sample sequences in flight."""
+    3 live sessions, 2 models in them, 2 checkpoints, 4 reward items and 4 sample sequences in
+    flight, 16 KiB of training requests in flight (test_bounds)."""
     env = {"OPENRL_QUOTA_SESSIONS": "3", "OPENRL_QUOTA_MODELS": "2", "OPENRL_QUOTA_CHECKPOINTS": "2", "OPENRL_QUOTA_REWARD_ITEMS": "4",
-           "OPENRL_QUOTA_SAMPLES": "4"}
+           "OPENRL_QUOTA_SAMPLES": "4", "OPENRL_QUOTA_TRAIN_GB": str(16 * 1024 / 1024**3)}
     yield from _gateway(stack, tmp_path_factory, "gw-quota", env)
 
 

@@ -405,3 +405,32 @@ async def test_a_huge_prompt_is_refused_before_its_tokens_are_decoded(nats_serve
     finally:
         await runner.cleanup()
         await bus.close()
+
+
+def test_training_bytes_past_the_key_quota_are_a_retryable_429(stack, quota_gateway, data):
+    """On the replica with 16 KiB of training requests in flight per key: a request waiting for
+    its turn holds its bytes; the next one past the quota is a 429 rate_limited with
+    Retry-After that fills nothing (no future); once the first has finished, the same request
+    sent again is accepted and applied."""
+    _, tc = training_client(stack, seed=44, rank=2)
+    sdk_steps(tc, [data[:2]])  # seq 1, 2: next is 3
+    q = Http(quota_gateway)
+    rows = data[:1]
+    while len(_fb_proto(tc, 4, rows)) < 9 * 1024:
+        rows = rows + data[:1]
+    proto = {"Content-Type": "application/x-protobuf"}
+    first = q.post("/forward_backward", content=_fb_proto(tc, 4, rows), headers=proto)  # waits for seq 3
+    assert first.status_code == 200, first.text
+    r = q.post("/forward_backward", content=_fb_proto(tc, 5, rows), headers=proto)
+    assert r.status_code == 429 and r.headers.get("Retry-After") and r.json()["type"] == "rate_limited", (r.status_code, r.text)
+    assert "--quota-train-gb" in r.json()["detail"]
+    assert q.post("/retrieve_future", json={"request_id": request_id("train", tc.model_id, 5)}).status_code == 404  # nothing filled
+    assert "metrics" in q.result(_optim(q, tc.model_id, 3))
+    assert "error" not in q.result(first.json()["request_id"])  # a forward_backward's result (binary)
+    deadline = time.monotonic() + 30
+    while (r := q.post("/forward_backward", content=_fb_proto(tc, 5, rows), headers=proto)).status_code == 429:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.3)
+    assert r.status_code == 200, r.text
+    assert "error" not in q.result(r.json()["request_id"])
+    assert "metrics" in q.result(_optim(q, tc.model_id, 6))  # the sequence goes on
