@@ -387,6 +387,42 @@ def test_a_client_that_leaves_mid_stream_frees_its_request(client, stack):
     assert client.chat.completions.create(model=BASE_MODEL, messages=MESSAGES, max_tokens=3).choices
 
 
+COUNTING = "1 2 3 4 5 6 7 8 9 10 11 12"  # greedy, the default model counts on ("1111...") to the end of its context
+
+
+def test_a_client_that_leaves_mid_generation_stops_it(stack):
+    """A long generation (greedy counting: no end token before max_tokens, ~1,900 tokens x 16
+    choices) through the streaming route; the client hangs up after the first keepalive, while a
+    sampler generates it. The gateway fails the future and sends the cancel notice; the sampler's
+    engine drops the rows within seconds (its log), acks the message and stores nothing."""
+    logs = [stack.data_dir / "logs" / f"sampler-{i}.log" for i in (0, 1)]
+    seen = [len(log.read_text()) for log in logs]
+    body = {"model": BASE_MODEL, "prompt": COUNTING, "max_tokens": 1900, "temperature": 0, "n": 16, "stream": True}
+    with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as r:
+        assert r.status_code == 200
+        [rid] = r.headers["x-openrl-request-ids"].split(",")
+        first = next(line for line in r.iter_lines() if line)
+        assert first == ": keepalive", first  # 5 s in, still generating
+        assert _unfinished(stack) == (0, 1), _unfinished(stack)  # a sampler holds it
+    left = time.monotonic()
+
+    def sampler_lines(event: str) -> list[dict]:
+        lines = [json.loads(x) for log, n in zip(logs, seen, strict=True) for x in log.read_text()[n:].splitlines() if event in x]
+        return [x for x in lines if x.get("event") == event]
+
+    aborted = _wait(lambda: [x for x in sampler_lines("sample_aborted") if x["request_id"] == rid], 20)
+    stopped = time.monotonic() - left
+    assert aborted[0]["generating_s"] is not None  # it was in the engine
+    # The engine dropped its rows at its next step (its compute thread logs it).
+    assert [x["rows"] for x in _wait(lambda: sampler_lines("sample_cancelled"), 5)] == [16]
+    failed = _future(stack, rid)
+    assert failed["category"] == "user" and "cancelled" in failed["error"], failed
+    _wait(lambda: _unfinished(stack) == (0, 0), 10)  # acked, not handed back
+    time.sleep(1.0)
+    assert not sampler_lines("sample_already_recorded") and _future(stack, rid) == failed
+    assert stopped < 15, stopped
+
+
 def test_a_client_that_leaves_a_plain_request_frees_it(stack):
     victims = [stack.pid("sampler-0"), stack.pid("sampler-1")]
     gateway_log = stack.data_dir / "logs" / "gateway.log"
