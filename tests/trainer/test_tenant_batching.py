@@ -133,7 +133,7 @@ async def test_the_trainer_shares_passes_among_models_ready_at_once(bus, qwen3_p
     import msgspec
 
     from openrl.bus.messages import ForwardBackwardResult
-    from test_bounds import _future, _model, _send, _trainer
+    from test_trainer_bounds import _future, _model, _send, _trainer
 
     trainer = await _trainer(bus, qwen3_path)
     calls = []
