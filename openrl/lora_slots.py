@@ -99,10 +99,11 @@ class SlotLinear(torch.nn.Module):
             a, b, scale = w
             xs = x if seg.rows is None else x.index_select(0, seg.rows)
             delta = F.linear(F.linear(xs.to(a.dtype), a), b) * scale
+            # In place: the base output is fresh, and autograd keeps no Linear output for backward.
             if seg.rows is None:
-                y = y + delta
+                y.add_(delta)
             else:
-                y = y.index_add(0, seg.rows, delta.to(y.dtype))
+                y.index_add_(0, seg.rows, delta.to(y.dtype))
         return y
 
     def grow(self, slots: int, rank: int) -> None:
