@@ -746,11 +746,32 @@ def cmd_status(args: argparse.Namespace) -> None:
 # -- openrl up -----------------------------------------------------------------------
 
 
+def _loading_progress(sup) -> dict[str, str]:
+    """Each child's latest progress bar in its log since it started (transformers writes
+    "Loading weights:  40%|...| 18/46" there while a model loads; the hub's downloads likewise),
+    as "Loading weights: 40% 18/46": the workers' logs are files, so `up` shows them for them."""
+    out: dict[str, str] = {}
+    for child in sup.children:
+        path = sup.logs / f"{child.role}.log"
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(getattr(child, "log_offset", 0), f.seek(0, os.SEEK_END) - 4096))
+                tail = f.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        bars = [line for line in re.split(r"[\r\n]+", tail) if "%|" in line]
+        m = re.match(r"\s*(?P<what>[^|]*?):?\s*(?P<pct>\d+%)\|[^|]*\|\s*(?P<count>\S+)", bars[-1]) if bars else None
+        if m:
+            out[child.role] = f"{m['what']}: {m['pct']} {m['count']}"
+    return out
+
+
 def _wait_ready(url: str, timeout_s: float, sup, samplers: int, trainers: int = 1) -> bool:
     """Until the gateway answers and sees every trainer and every sampler."""
     started = time.monotonic()
     deadline, next_note = started + timeout_s, started + 15
     health: dict = {}
+    shown_progress: dict[str, tuple[str, float]] = {}
     while time.monotonic() < deadline:
         sup.poll()
         try:
@@ -760,6 +781,11 @@ def _wait_ready(url: str, timeout_s: float, sup, samplers: int, trainers: int = 
                     return True
         except OSError:
             pass
+        for role, progress in _loading_progress(sup).items():  # weights loading: its bar, as it moves
+            last, at = shown_progress.get(role, ("", 0.0))
+            if progress != last and (time.monotonic() - at >= 2 or " 100% " in progress):  # at most one line per 2 s
+                shown_progress[role] = (progress, time.monotonic())
+                print(f"  {role}: {progress}", flush=True)
         if time.monotonic() >= next_note:  # a loading model says nothing for minutes: say what is awaited
             next_note += 15
             log.info("still_waiting", seconds=round(time.monotonic() - started), gateway=bool(health),

@@ -250,3 +250,28 @@ def test_prepare_offline_finds_a_cached_model(tmp_path):
     assert out.returncode == 0, out.stderr
     facts = json.loads(out.stdout)
     assert Path(facts["path"]) == snap and facts["files"] == ["config.json", "tokenizer.json"]
+
+
+def test_up_shows_each_workers_loading_bar_from_its_log(tmp_path):
+    """While workers load, `up` shows the progress bars their logs hold (tqdm writes them there
+    with carriage returns even when not on a terminal, as transformers does for "Loading
+    weights"), only what a child wrote since it started, and nothing for a child with no bar."""
+    import types
+
+    from tqdm import tqdm
+
+    from openrl import cli
+
+    trainer_log, sampler_log = tmp_path / "trainer.log", tmp_path / "sampler.log"
+    sampler_log.write_text("Loading weights: 100%|##########| 46/46 [00:00<00:00]\n")  # a previous run's
+    offset = sampler_log.stat().st_size
+    with open(trainer_log, "w") as f:
+        for _ in tqdm(range(46), desc="Loading weights", file=f, mininterval=0, ascii=True, total=46):
+            if f.tell() and _ == 18:
+                break
+    children = [types.SimpleNamespace(role="trainer", log_offset=0), types.SimpleNamespace(role="sampler", log_offset=offset)]
+    sup = types.SimpleNamespace(logs=tmp_path, children=children)
+    assert cli._loading_progress(sup) == {"trainer": "Loading weights: 39% 18/46"}
+    with open(sampler_log, "a") as f:
+        f.write("\rLoading checkpoint shards:  60%|######    | 3/5 [00:09<00:06]")
+    assert cli._loading_progress(sup)["sampler"] == "Loading checkpoint shards: 60% 3/5"
