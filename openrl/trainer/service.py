@@ -270,8 +270,10 @@ class Trainer:
                 if not done.done():
                     done.set_result(fut)
 
-    async def _step(self, msg: TrainRequest, rec: ModelRecord) -> Future:
-        """Apply one request of the model's sequence; the caller holds the model's turn."""
+    async def _step(self, msg: TrainRequest, rec: ModelRecord, usage_after: list | None = None) -> Future:
+        """Apply one request of the model's sequence; the caller holds the model's turn.
+        `usage_after`: a list to put the billing usage record in, for the caller to publish
+        (`_publish_usage`) after the result is out, rather than on the request's hot path."""
         if isinstance(msg, SaveWeights):
             return await self._save(msg, rec)
         if isinstance(msg, LoadWeights):
@@ -293,10 +295,21 @@ class Trainer:
                 usage = UsageRecord(at=time.time(), owner=rec.owner, kind="training", tokens=tokens,
                                     seconds=time.perf_counter() - started, base_model=rec.base_model, session_id=rec.session_id,
                                     model_id=rec.model_id, request_id=msg.request_id, call=call, seq_id=msg.seq_id, metrics=reported)  # fmt: skip
-                await self.bus.publish(subjects.usage(rec.owner), usage, msg_id=f"usage-{msg.request_id}")
             except Exception as e:  # never fail (or redo) applied work over its accounting
                 log.warning("usage_record_failed", request_id=msg.request_id, error=repr(e))
+            else:
+                if usage_after is not None:
+                    usage_after.append(usage)
+                else:
+                    await self._publish_usage(usage)
         return fut
+
+    async def _publish_usage(self, usage: UsageRecord) -> None:
+        """Publish a billing usage record (read back deduplicated by request id); never raises."""
+        try:
+            await self.bus.publish(subjects.usage(usage.owner), usage, msg_id=f"usage-{usage.request_id}")
+        except Exception as e:  # never fail (or redo) applied work over its accounting
+            log.warning("usage_record_failed", request_id=usage.request_id, error=repr(e))
 
     async def _save(self, msg: SaveWeights, rec: ModelRecord) -> Future:
         """Store the model's state as of this seq_id in the object store, then record where it is.
@@ -505,7 +518,8 @@ class Trainer:
             if msg.seq_id < t.next_seq:
                 return await self._resend(msg)
             started = time.perf_counter()
-            fut = await self._step(msg, t.record)
+            usage: list[UsageRecord] = []
+            fut = await self._step(msg, t.record, usage)
             t.next_seq += 1  # state and counter move together, before any await that may fail
             t.skip_refused()
             t.since_snapshot += 1
@@ -520,7 +534,11 @@ class Trainer:
             t.turn.notify_all()
         computed = time.perf_counter()
         self._remember(fut)
-        await self.bus.finish_future(fut)
+        try:
+            await self.bus.finish_future(fut)
+        finally:  # accounting after the result: it never delays the caller (as the sampler does)
+            for u in usage:
+                await self._publish_usage(u)
         if snapshot is not None and await recovery.store_snapshot(self.bus, msg.model_id, msg.seq_id, snapshot) and purge_below:
             await recovery.purge_log(self.bus, t.record, purge_below)
         log.debug(
