@@ -244,10 +244,12 @@ def main() -> None:
             ensure_llama()
             results["llama"] = run_model(name, LLAMA, LLAMA_ARCH["vocab_size"], args)
         else:
-            from openrl.default_model import DEFAULT_MODEL, VOCAB_SIZE, ensure_default_model
+            from transformers import AutoTokenizer
 
-            ensure_default_model()
-            results["default"] = run_model(name, DEFAULT_MODEL, VOCAB_SIZE, args)
+            from openrl.default_model import DEFAULT_MODEL, ensure_default_model
+
+            # Prompts of ids the tokenizer has (the model's vocab is padded past them).
+            results["default"] = run_model(name, DEFAULT_MODEL, len(AutoTokenizer.from_pretrained(ensure_default_model())), args)
     finish_results(args.out, results, args, started)
 
 

@@ -1,0 +1,163 @@
+"""The no-op request's latency (SDK -> gateway -> JetStream -> trainer -> KV future -> gateway
+-> SDK), and where it goes, optionally against another source tree in the same run.
+
+The request is an `optim_step` with no accumulated gradients (the trainer's AdamW skips every
+parameter), sent one at a time through the tinker SDK, as bench/stack_overhead.py measures it.
+Beside it, to split the total: the SDK's `get_server_capabilities` (one HTTP round trip to
+the gateway, no bus), the same no-op as two plain HTTP calls (httpx: the optim_step POST, the
+retrieve_future poll), and a KV get and a PING from a NATS client (one bus round trip).
+
+With `--baseline-tree DIR` (the code before a change, e.g. `git archive HEAD openrl | tar -x
+-C DIR`), a second stack runs from DIR (its `openrl` package first on PYTHONPATH) and the two
+are measured in alternating blocks, so machine load hits both alike.
+
+    python bench/noop.py [--requests 400] [--baseline-tree DIR] [--out bench/results/noop.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import API_KEY, finish_results, start_stack, stop_stack
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_MODEL = "openrl/tiny-qwen3"
+
+
+def summary(samples: list[float]) -> dict:
+    return {"n": len(samples), "p50_ms": round(float(np.percentile(samples, 50)) * 1000, 2),
+            "p90_ms": round(float(np.percentile(samples, 90)) * 1000, 2), "mean_ms": round(float(np.mean(samples)) * 1000, 2)}  # fmt: skip
+
+
+async def bus_round_trips(data_dir: Path, n: int) -> dict:
+    """A NATS KV get (the futures bucket, a missing key) and a PING/PONG (`flush`), from this
+    process with the stack's operator credentials: what one of the path's bus round trips
+    costs on this machine now."""
+    import json
+
+    import nats
+
+    from openrl.bus import auth
+    from openrl.bus.subjects import FUTURES_BUCKET
+
+    url = json.loads((data_dir / "run" / "stack.json").read_text())["nats_url"]
+    creds = auth.load(data_dir / "nats-credentials.json", "operator")
+    nc = await nats.connect(url, **auth.connect_options("operator", creds))
+    try:
+        kv = await nc.jetstream().key_value(FUTURES_BUCKET)
+        gets, flushes = [], []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            try:
+                await kv.get("bench-missing-key")
+            except Exception:
+                pass
+            t1 = time.perf_counter()
+            await nc.flush()
+            gets.append(t1 - t0)
+            flushes.append(time.perf_counter() - t1)
+        return {"kv_get": summary(gets), "ping": summary(flushes)}
+    finally:
+        await nc.close()
+
+
+def raw_http(url: str, model_id: str, n: int) -> dict:
+    """The same no-op as two plain HTTP calls (httpx, one kept-alive connection): the
+    optim_step POST (gateway -> JetStream, answered once published) and the retrieve_future
+    long poll (trainer -> KV future -> gateway). What the SDK adds is the rest."""
+    import httpx
+
+    post, poll = [], []
+    headers = {"X-API-Key": API_KEY}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
+        for seq in range(1, n + 1):
+            t0 = time.perf_counter()
+            r = http.post("/api/v1/optim_step", json={"model_id": model_id, "seq_id": seq, "adam_params": {"learning_rate": 1e-4}})
+            r.raise_for_status()
+            t1 = time.perf_counter()
+            while True:
+                f = http.post("/api/v1/retrieve_future", json={"request_id": r.json()["request_id"]})
+                if f.status_code != 408:
+                    f.raise_for_status()
+                    break
+            t2 = time.perf_counter()
+            if seq > 10:  # the first warm the connection
+                post.append(t1 - t0)
+                poll.append(t2 - t1)
+    return {"optim_step_post": summary(post), "retrieve_future": summary(poll), "both": summary([a + b for a, b in zip(post, poll)])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=400, help="no-op requests per stack")
+    p.add_argument("--block", type=int, default=20, help="requests per stack before switching")
+    p.add_argument("--baseline-tree", default="", help="a source tree to measure against (its openrl/ first on PYTHONPATH)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "noop.json"))
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TINKER_TELEMETRY", "0")
+    import tinker
+
+    from openrl.default_model import ensure_default_model
+
+    ensure_default_model()
+    started = time.perf_counter()
+    trees = {"this": str(ROOT)} | ({"baseline": str(Path(args.baseline_tree).resolve())} if args.baseline_tree else {})
+    results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]}, "trees": trees}
+    stacks, clients = {}, {}
+    pythonpath = os.environ.get("PYTHONPATH", "")
+    with tempfile.TemporaryDirectory(prefix="openrl-bench-noop-") as tmp:
+        try:
+            for name, tree in trees.items():
+                os.environ["PYTHONPATH"] = os.pathsep.join(x for x in [tree, pythonpath] if x)
+                stacks[name] = start_stack(Path(tmp) / name, "--threads", "1")
+            os.environ["PYTHONPATH"] = pythonpath
+            adam = tinker.types.AdamParams(learning_rate=1e-4)
+            for name, (_, url) in stacks.items():
+                service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
+                tc = service.create_lora_training_client(base_model=BASE_MODEL, rank=8).result()
+                for _ in range(20):  # warm the connection pool and the trainer's tenant
+                    tc.optim_step(adam).result()
+                    service.get_server_capabilities()
+                clients[name] = (service, tc)
+            noop = {n: [] for n in trees}
+            caps = {n: [] for n in trees}
+            for _ in range(0, args.requests, args.block):
+                for name, (service, tc) in clients.items():
+                    for _ in range(args.block):
+                        t0 = time.perf_counter()
+                        tc.optim_step(adam).result()
+                        t1 = time.perf_counter()
+                        service.get_server_capabilities()
+                        noop[name].append(t1 - t0)
+                        caps[name].append(time.perf_counter() - t1)
+            import asyncio
+
+            raw_tc = tinker.ServiceClient(base_url=stacks["this"][1], api_key=API_KEY).create_lora_training_client(base_model=BASE_MODEL, rank=8).result()
+            results["raw_http"] = raw_http(stacks["this"][1], raw_tc.get_info().model_id, 210)
+            print(f"the no-op as two plain HTTP calls: {results['raw_http']}", flush=True)
+
+            results["bus_round_trip"] = asyncio.run(bus_round_trips(Path(tmp) / "this", 200))
+            print(f"bus round trips from this process: {results['bus_round_trip']}", flush=True)
+        finally:
+            for proc, _ in stacks.values():
+                stop_stack(proc)
+    for name in trees:
+        results[name] = {"noop": summary(noop[name]), "capabilities": summary(caps[name])}
+        r = results[name]
+        print(f"{name}: no-op p50 {r['noop']['p50_ms']} ms (p90 {r['noop']['p90_ms']}), one gateway round trip "
+              f"(get_server_capabilities) p50 {r['capabilities']['p50_ms']} ms", flush=True)  # fmt: skip
+    if "baseline" in results:
+        results["ratio_p50"] = round(results["baseline"]["noop"]["p50_ms"] / results["this"]["noop"]["p50_ms"], 3)
+        print(f"baseline / this, no-op p50: {results['ratio_p50']}", flush=True)
+    finish_results(args.out, results, args, started)
+
+
+if __name__ == "__main__":
+    main()
