@@ -28,6 +28,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
+import msgspec
 import structlog
 from aiohttp import web
 
@@ -206,7 +207,9 @@ class Usage:
             index[rec.owner].discard(key)
 
     async def _watch(self, kv, type_, saw, records, index, ready: asyncio.Event) -> None:
+        unreadable: set[str] = set()  # entries of another shape: skipped, said once each
         while True:
+            watcher = None
             try:
                 watcher = await kv.watchall()
                 async for entry in watcher:
@@ -216,12 +219,25 @@ class Usage:
                     if entry.operation in ("DEL", "PURGE") or not entry.value:
                         self._forget(records, index, entry.key)
                         continue
-                    saw(decode(entry.value, type_))
+                    try:
+                        rec = decode(entry.value, type_)
+                    except msgspec.MsgspecError as e:  # not ours to count; watching goes on
+                        if entry.key not in unreadable and len(unreadable) < 10_000:
+                            unreadable.add(entry.key)
+                            log.warning("quota_entry_unreadable", bucket=getattr(kv, "_name", ""), key=entry.key, error=str(e))
+                        continue
+                    saw(rec)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the bus reconnecting: watch again
                 log.warning("quota_watch_failed", bucket=getattr(kv, "_name", ""), error=repr(e))
                 await asyncio.sleep(1.0)
+            finally:
+                if watcher is not None:  # its subscription (an ordered consumer) goes with it
+                    try:
+                        await watcher.stop()
+                    except Exception:
+                        pass
 
     async def start(self) -> None:
         watches = [

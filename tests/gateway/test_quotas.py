@@ -9,6 +9,7 @@ accounting itself (live sessions, expiry, bytes) is also checked on `Usage` dire
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -18,6 +19,7 @@ import tinker
 
 from openrl.bus.messages import Future, LoraSpec, ModelRecord, SessionRecord, WeightsRecord
 from openrl.gateway.http import QuotaExceeded
+from openrl.bus.subjects import kv_key
 from openrl.gateway.quotas import SESSION_LIVE_S, Quotas, Usage
 from stack_helpers import BASE_MODEL
 
@@ -207,3 +209,30 @@ def test_usage_counts_live_sessions_their_models_and_unexpired_checkpoints():
 
     u._forget(u.checkpoints, u._checkpoints_of, kv_key(ckpt("two", 0).path))  # what the watch does on a deletion
     u.check_checkpoint("k")
+
+
+async def test_an_unreadable_entry_is_skipped_and_the_watch_goes_on(bus):
+    """A record of another shape in a watched bucket (an older or newer writer, a stray tool)
+    is skipped and said once: the watch neither restarts on it every second (each restart a new
+    consumer on the server) nor stops counting what comes after it."""
+    before = await bus.js.consumers_info(f"KV_{bus.models._name}")
+    stray = "stray-" + uuid.uuid4().hex[:8]
+    await bus.kv_put(bus.models, stray, LoraSpec(rank=4))  # no model_id: not a ModelRecord
+    u = Usage(bus=bus, quotas=Quotas())
+    await u.start()
+    try:
+        owner = "k-" + uuid.uuid4().hex[:8]
+        sid = "s-" + uuid.uuid4().hex[:8]
+        await bus.kv_put(bus.models, f"{sid}:train:0", ModelRecord(model_id=f"{sid}:train:0", session_id=sid, owner=owner, base_model="b",
+                                                                  lora=LoraSpec(rank=1, seed=0), created_at=time.time(), create_request_id=""))  # fmt: skip
+        for _ in range(100):
+            if u._models_of[owner]:
+                break
+            await asyncio.sleep(0.05)
+        assert u._models_of[owner] == {kv_key(f"{sid}:train:0")}
+        await asyncio.sleep(2.5)  # the old code restarted its watch every second here
+        consumers = await bus.js.consumers_info(f"KV_{bus.models._name}")
+        assert len(consumers) <= len(before) + 1, [c.name for c in consumers]
+    finally:
+        await u.stop()
+        await bus.models.delete(stray)
