@@ -147,7 +147,8 @@ def test_another_key_cannot_write_sample_load_or_delete(owner, other, other_sess
         refused(other("DELETE", ckpt_url(path, "/publish")))
         refused(other("PUT", ckpt_url(path, "/ttl"), json={"ttl_seconds": 3600}))
     # a future of the owner's
-    fut = mine("POST", "/optim_step", json={"model_id": owner.model_id, "seq_id": 10_000, "adam_params": {"learning_rate": 0.0}})
+    # (ahead of the model, so it stays pending; within the window, or the gateway refuses it)
+    fut = mine("POST", "/optim_step", json={"model_id": owner.model_id, "seq_id": 1000, "adam_params": {"learning_rate": 0.0}})
     refused(other("POST", "/retrieve_future", json={"request_id": fut.json()["request_id"]}))
     # The SDK, too, gets NotFoundError.
     other_service = tinker.ServiceClient(base_url=owner.url, api_key=OTHER_KEY)
