@@ -90,7 +90,20 @@ def _sign_in(browser, stack, key: str) -> None:
     browser.get(f"{stack.url}/")  # / points at the console, which asks to sign in
     assert browser.current_url.endswith(f"{CONSOLE}/sign-in"), browser.current_url
     browser.find_element(By.ID, "api_key").send_keys(key)
-    browser.find_element(By.ID, "sign-in").click()
+    form = browser.find_element(By.ID, "sign-in")
+    form.click()
+    # A click submits the form without waiting for the answer's page: wait until this one is gone.
+    _wait(lambda: _gone(form), timeout_s=30, every_s=0.1, what="the sign-in form's answer")
+
+
+def _gone(element) -> bool:
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    try:
+        element.is_enabled()
+        return False
+    except StaleElementReferenceException:
+        return True
 
 
 def _wait(condition, timeout_s: float = 30, every_s: float = 0.5, what: str = ""):
@@ -137,7 +150,9 @@ def test_the_key_sees_its_run_curve_checkpoints_and_samplers(stack, run, browser
     assert {"OPENRL_TRAIN", "OPENRL_SAMPLE"} <= streams, streams
     _shot(browser, artifacts, "overview")
 
-    found.find_element(By.TAG_NAME, "a").click()
+    link = found.find_element(By.TAG_NAME, "a")
+    link.click()
+    _wait(lambda: _gone(link), timeout_s=30, every_s=0.1, what="the run's page")
     assert browser.find_element(By.ID, "run-id").text == run["model_id"]
     assert browser.find_element(By.ID, "steps").text == str(STEPS)
     path = browser.find_element(By.CSS_SELECTOR, "svg#loss-curve path.curve").get_attribute("d")
@@ -165,7 +180,9 @@ def test_the_key_sees_its_run_curve_checkpoints_and_samplers(stack, run, browser
     assert all(tr.find_element(By.CSS_SELECTOR, "td.public").text == "private" for tr in browser.find_elements(By.CSS_SELECTOR, "#checkpoints tr[data-path]"))
     _shot(browser, artifacts, "run")
 
-    browser.find_element(By.ID, "sign-out").click()
+    sign_out = browser.find_element(By.ID, "sign-out")
+    sign_out.click()
+    _wait(lambda: _gone(sign_out), timeout_s=30, every_s=0.1, what="the sign-out's answer")
     assert browser.current_url.endswith(f"{CONSOLE}/sign-in") and browser.get_cookie("openrl_console") is None
     browser.get(f"{stack.url}{CONSOLE}/runs/{run['model_id']}")
     assert browser.current_url.endswith(f"{CONSOLE}/sign-in")
