@@ -235,7 +235,7 @@ class Usage:
             finally:
                 if watcher is not None:  # its subscription (an ordered consumer) goes with it
                     try:
-                        await watcher.stop()
+                        await asyncio.wait_for(watcher.stop(), 2.0)  # bounded: a closing connection must not hold up shutdown
                     except Exception:
                         pass
 
