@@ -164,7 +164,7 @@ def main() -> None:
     import torch
 
     from openrl.default_model import ensure_default_model
-    from openrl.trainer.engine import pick_device
+    from openrl.base_model import pick_device
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # quiet the engine's info logs
     threads = args.threads or len(os.sched_getaffinity(0))

@@ -218,7 +218,8 @@ def cmd_trainer(args: argparse.Namespace) -> None:
     from openrl.bus.client import Bus, BusConfig
     from openrl.trainer import group as groups
     from openrl.default_model import DEFAULT_MODEL, resolve_model_path
-    from openrl.trainer.engine import LoraEngine, pick_device
+    from openrl.base_model import pick_device
+    from openrl.trainer.engine import LoraEngine
     from openrl.trainer.service import Trainer, TrainerConfig
 
     if args.microbatch_tokens is not None and args.microbatch_tokens < 1:
@@ -313,7 +314,8 @@ def cmd_sampler(args: argparse.Namespace) -> None:
 
     from openrl.bus.client import Bus, BusConfig
     from openrl.sampler.hf_engine import HfEngine
-    from openrl.sampler.hf_model import TransformersSampler, pick_device
+    from openrl.base_model import pick_device
+    from openrl.sampler.hf_model import TransformersSampler
     from openrl.sampler.service import Sampler, SamplerConfig
     from openrl.default_model import resolve_model_path
 

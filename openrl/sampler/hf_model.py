@@ -74,8 +74,8 @@ from collections import Counter, OrderedDict
 import numpy as np
 import structlog
 import torch
-from transformers import AutoModelForCausalLM
 
+from openrl.base_model import default_dtype, load_base, pick_device
 from openrl.bus.errors import InvalidRequest, NotFound, Unavailable
 from openrl.lora_slots import BASE as BASE_SLOT
 from openrl.lora_slots import LoraSlots
@@ -113,14 +113,6 @@ class SlotsBusy(Unavailable):
     """Every adapter slot is pinned by a request in flight: try again when one finishes."""
 
 
-def pick_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 class TransformersSampler:
     def __init__(
         self,
@@ -136,10 +128,8 @@ class TransformersSampler:
         device = device or pick_device()
         if memory_fraction is not None:
             _cap_memory(torch.device(device), memory_fraction)
-        dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-        model.to(device).eval()
-        model.requires_grad_(False)
+        dtype = dtype or default_dtype(device)
+        model = load_base(model_path, device, dtype).eval()
         self.model = model
         self.device = torch.device(device)
         if max_adapters < 1:

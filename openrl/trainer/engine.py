@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save as safetensors_save
-from transformers import AutoModelForCausalLM
 
+from openrl.base_model import default_dtype, load_base, pick_device
 from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import LORA_ALPHA, AdamParams, ForwardBackward, LoraSpec
 from openrl.lora_slots import LoraSlots, Segment
@@ -113,14 +113,6 @@ class _StateMeta:
     optimizer: str  # "adamw" | "none"
 
 
-def pick_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 class LoraEngine:
     def __init__(
         self,
@@ -137,12 +129,8 @@ class LoraEngine:
         device = device or pick_device()
         if microbatch_tokens is not None and microbatch_tokens < 1:
             raise ValueError(f"microbatch_tokens must be >= 1, got {microbatch_tokens}")
-        # bf16 halves memory and is what GPUs train in; CPU/MPS bf16 matmuls are slow or inexact.
-        dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-        if not sharded:  # sharded: each rank's shards move to its device, never the whole model
-            model.to(device)
-        model.requires_grad_(False)
+        dtype = dtype or default_dtype(device)
+        model = load_base(model_path, device, dtype, move=not sharded)
         self.model = model
         self.peft: PeftModel | None = None  # wraps `model` once the first tenant exists
         self.microbatch_tokens = microbatch_tokens or MICROBATCH_TOKENS[device]
