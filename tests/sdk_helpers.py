@@ -1,8 +1,13 @@
 """What the tests that drive a stack through the tinker SDK share: a training client, the
-logprobs of a result, a few SFT steps, and the comparison of two runs' logprobs. The `tokenizer`
+logprobs of a result, a few SFT steps, the comparison of two runs' logprobs, and a run
+finished across a killed trainer. The `tokenizer`
 and `data` fixtures built on them are in conftest.py."""
 
 from __future__ import annotations
+
+import json
+import os
+import signal
 
 import numpy as np
 import tinker
@@ -31,3 +36,21 @@ def assert_logprobs_equal(a: list[np.ndarray], b: list[np.ndarray], rtol=1e-5, a
     assert len(a) == len(b)
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+def finish_across_a_trainer_kill(stack, tc, clean, batches, data) -> list[dict]:
+    """SIGKILL the stack's trainer, run `batches` on `tc` (the SDK retries until the restarted
+    trainer answers) and check that `tc` ends with exactly the weights of `clean`, a run that
+    was never interrupted. Returns the trainer log's `model_loaded` records of `tc`'s model."""
+    victim = stack.pid("trainer")
+    os.kill(victim, signal.SIGKILL)
+    sdk_steps(tc, batches)
+    assert stack.wait_restarted("trainer", victim) != victim
+    assert_logprobs_equal(
+        logprobs(tc.forward(data, loss_fn="cross_entropy").result()),
+        logprobs(clean.forward(data, loss_fn="cross_entropy").result()),
+        rtol=0,
+        atol=0,
+    )
+    lines = [json.loads(x) for x in (stack.data_dir / "logs" / "trainer.log").read_text().splitlines() if x.startswith("{")]
+    return [x for x in lines if x.get("event") == "model_loaded" and x.get("model_id") == tc.model_id]

@@ -5,7 +5,6 @@ collected by the retention policy, and a long RL loop whose store stays under a 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -15,7 +14,7 @@ import uuid
 import pytest
 
 from openrl.bus import objects
-from sdk_helpers import assert_logprobs_equal, logprobs, sdk_steps, training_client
+from sdk_helpers import finish_across_a_trainer_kill, sdk_steps, training_client
 
 MiB = 1024 * 1024
 
@@ -255,18 +254,7 @@ def test_the_train_log_is_purged_below_the_newest_snapshot_and_recovery_stays_ex
     # The snapshot is stored (then the log purged) just after the optim_step's result.
     seq_ids = _wait(lambda: (ids := _log_seq_ids(stack, tc.model_id)) and ids[0] > 8 and ids, 30, "the log purged below seq 8")
     assert seq_ids[-1] == 12 and len(seq_ids) <= 4, seq_ids
-    victim = stack.pid("trainer")
-    os.kill(victim, signal.SIGKILL)
-    sdk_steps(tc, batches[6:])
-    assert stack.wait_restarted("trainer", victim) != victim
-    assert_logprobs_equal(
-        logprobs(tc.forward(data, loss_fn="cross_entropy").result()),
-        logprobs(clean.forward(data, loss_fn="cross_entropy").result()),
-        rtol=0,
-        atol=0,
-    )
-    lines = [json.loads(x) for x in (stack.data_dir / "logs" / "trainer.log").read_text().splitlines() if x.startswith("{")]
-    loads = [x for x in lines if x.get("event") == "model_loaded" and x.get("model_id") == tc.model_id]
+    loads = finish_across_a_trainer_kill(stack, tc, clean, batches[6:], data)
     assert loads and loads[-1]["snapshot"] >= 8, loads  # rebuilt from a snapshot, not from a purged log
     assert _log_seq_ids(stack, clean.model_id)[0] > 8  # the clean run's log was purged too
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from tinker.proto.response_conv import deserialize_forward_backward_output
 
 from openrl.demo import run_sft_demo
 
-from sdk_helpers import assert_logprobs_equal, logprobs, sdk_steps, training_client
+from sdk_helpers import assert_logprobs_equal, finish_across_a_trainer_kill, logprobs, sdk_steps, training_client
 from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY
 
 pytestmark = pytest.mark.timeout(600)
@@ -424,18 +423,7 @@ def test_recovery_starts_from_the_newest_snapshot(stack, data):
     batches = [data[(2 * i) % 8 : (2 * i) % 8 + 2] for i in range(7)]
     sdk_steps(clean, batches)
     sdk_steps(tc, batches[:6])  # 12 requests: snapshots after seq 4, 8 and 12
-    victim = stack.pid("trainer")
-    os.kill(victim, signal.SIGKILL)
-    sdk_steps(tc, batches[6:])
-    assert stack.wait_restarted("trainer", victim) != victim
-    assert_logprobs_equal(
-        logprobs(tc.forward(data, loss_fn="cross_entropy").result()),
-        logprobs(clean.forward(data, loss_fn="cross_entropy").result()),
-        rtol=0,
-        atol=0,
-    )
-    lines = [json.loads(x) for x in (stack.data_dir / "logs" / "trainer.log").read_text().splitlines() if x.startswith("{")]
-    loads = [x for x in lines if x.get("event") == "model_loaded" and x.get("model_id") == tc.model_id]
+    loads = finish_across_a_trainer_kill(stack, tc, clean, batches[6:], data)
     # The kill may land before the newest snapshot's upload finished: then the one before it.
     assert loads and loads[-1]["snapshot"] >= 8 and loads[-1]["replayed"] <= 6, loads
 
