@@ -97,13 +97,19 @@ def _sign_in(browser, stack, key: str) -> None:
 
 
 def _gone(element) -> bool:
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 
     try:
         element.is_enabled()
         return False
     except StaleElementReferenceException:
         return True
+    except WebDriverException as e:
+        # Mid-navigation chromedriver may answer for the old node with an inspector error
+        # instead of a stale reference: the node is from a document that is gone all the same.
+        if "does not belong to the document" in str(e):
+            return True
+        raise
 
 
 def _wait(condition, timeout_s: float = 30, every_s: float = 0.5, what: str = ""):
