@@ -25,7 +25,7 @@ import numpy as np
 
 from common import finish_results, start_stack, stop_stack
 import sampling
-from sampling import bench_weight_sync, interleaved, make_prompts, paired_ratio, stack_runner
+from sampling import bench_weight_sync, compare, make_prompts, stack_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,18 +81,7 @@ def main() -> None:
             stacks["baseline"] = start(Path(tmp) / "baseline", baseline, args.threads, args.base_model)
             stacks["this"] = start(Path(tmp) / "this", ROOT, args.threads, args.base_model)
             runners = {name: stack_runner(url, prompts, args.samples, args.max_tokens) for name, (_, url) in stacks.items()}
-            summaries, runs = interleaved(runners, args.reps, args.warmup)
-            results.update(summaries)
-            b, t = results["baseline"], results["this"]
-            results["ratio"] = round(t["tokens_per_s"] / b["tokens_per_s"], 3)
-            results["ratio_paired"] = rp = paired_ratio(runs["this"], runs["baseline"])
-            print(f"baseline: {b['tokens_per_s']} tokens/s (median {b['seconds_median']} s per rep)", flush=True)
-            print(f"this:     {t['tokens_per_s']} tokens/s (median {t['seconds_median']} s per rep)", flush=True)
-            print(f"this / baseline = {results['ratio']:.3f} of the medians; per back-to-back pair: median {rp['median']:.3f} "
-                  f"(p25 {rp['p25']:.3f}, p75 {rp['p75']:.3f})", flush=True)  # fmt: skip
-            for name in ("baseline", "this"):
-                if results[name]["tokens_per_rep"] != expected:
-                    print(f"WARNING: {name} generated {results[name]['tokens_per_rep']} tokens per rep, expected {expected}", flush=True)
+            results.update(compare(runners, "this", "baseline", args.reps, args.warmup, expected))
             for _, url in stacks.values():  # untimed: each stack's first training client and adapter load
                 bench_weight_sync(url, tokenizer, prompts[0], 1, 8)
             for name, (_, url) in stacks.items():

@@ -158,6 +158,24 @@ def paired_ratio(stack: list[tuple[float, int]], bare: list[tuple[float, int]]) 
     }
 
 
+def compare(runners: dict, new: str, ref: str, reps: int, warmup: int, expected_tokens: int, target: str = "") -> dict:
+    """`runners` (name -> run) in alternating repetitions, `new` measured against `ref`: each
+    one's summary by name, "ratio" (new / ref tokens/s, of the medians) and "ratio_paired" (per
+    back-to-back pair). Printed as it comes, with a warning where a side did not generate
+    `expected_tokens` per repetition."""
+    summaries, runs = interleaved(runners, reps, warmup)
+    ratio = round(summaries[new]["tokens_per_s"] / summaries[ref]["tokens_per_s"], 3)
+    rp = paired_ratio(runs[new], runs[ref])
+    for name in (ref, new):
+        s = summaries[name]
+        print(f"{name}: {s['tokens_per_s']} tokens/s (median {s['seconds_median']} s per rep)", flush=True)
+        if s["tokens_per_rep"] != expected_tokens:
+            print(f"WARNING: {name} generated {s['tokens_per_rep']} tokens per rep, expected {expected_tokens}", flush=True)
+    print(f"{new} / {ref} = {ratio:.3f} of the medians; per back-to-back pair: median {rp['median']:.3f} "
+          f"(p25 {rp['p25']:.3f}, p75 {rp['p75']:.3f}){target}", flush=True)  # fmt: skip
+    return {**summaries, "ratio": ratio, "ratio_paired": rp}
+
+
 def repeated(run, reps: int, warmup: int) -> dict:
     for _ in range(warmup):
         run()
@@ -256,15 +274,9 @@ def bench_vllm(args) -> None:
         try:
             runners = {name: stack_runner(url, prompts, args.samples, args.max_tokens, base_model=VLLM_MODEL)
                        for name, url in (("vllm", vurl), ("transformers", turl))}  # fmt: skip
-            summaries, runs = interleaved(runners, args.reps, args.warmup)
-            results.update(summaries)
-            results["vllm_vs_transformers"] = round(summaries["vllm"]["tokens_per_s"] / summaries["transformers"]["tokens_per_s"], 3)
-            results["vllm_vs_transformers_paired"] = paired_ratio(runs["vllm"], runs["transformers"])
-            for name in ("vllm", "transformers"):
-                print(f"{name} sampler through the stack: {summaries[name]['tokens_per_s']} tokens/s "
-                      f"(median {summaries[name]['seconds_median']} s per rep)", flush=True)  # fmt: skip
-            print(f"vllm / transformers = {results['vllm_vs_transformers']:.3f} "
-                  f"(paired median {results['vllm_vs_transformers_paired']['median']:.3f})", flush=True)  # fmt: skip
+            results.update(compare(runners, "vllm", "transformers", args.reps, args.warmup, expected))
+            results["vllm_vs_transformers"] = results.pop("ratio")
+            results["vllm_vs_transformers_paired"] = results.pop("ratio_paired")
             for name, url in (("vllm", vurl), ("transformers", turl)):
                 results[f"weight_sync_{name}"] = w = bench_weight_sync(url, tokenizer, prompts[0], args.sync_reps, args.rank, base_model=VLLM_MODEL)
                 print(f"weight sync, {name} sampler (save -> first token), rank {w['rank']}, {w['reps']} reps: p50 {w['p50_ms']} ms, "
@@ -325,20 +337,11 @@ def main() -> None:
         proc, url = start_stack(Path(tmp) / "one", "--threads", str(threads), "--samplers", "1")
         try:
             stack = stack_runner(url, prompts, args.samples, args.max_tokens)
-            summaries, runs = interleaved({"stack_1_sampler": stack, "bare": bare}, args.reps, args.warmup)
-            results.update(summaries)
-            s, b = results["stack_1_sampler"], results["bare"]
-            results["ratio"] = round(s["tokens_per_s"] / b["tokens_per_s"], 3)
-            results["ratio_paired"] = rp = paired_ratio(runs["stack_1_sampler"], runs["bare"])
-            print(f"bare backend, in process: {b['tokens_per_s']} tokens/s (median {b['seconds_median']} s per rep)", flush=True)
-            print(f"through the stack, 1 sampler: {s['tokens_per_s']} tokens/s (median {s['seconds_median']} s per rep)", flush=True)
-            print(f"stack / bare = {results['ratio']:.3f} of the medians; per back-to-back pair: median {rp['median']:.3f} "
-                  f"(p25 {rp['p25']:.3f}, p75 {rp['p75']:.3f}) (target >= 0.90)", flush=True)  # fmt: skip
+            # bare: the backend in this process; stack_1_sampler: through the stack, one sampler.
+            runners = {"stack_1_sampler": stack, "bare": bare}
+            results.update(compare(runners, "stack_1_sampler", "bare", args.reps, args.warmup, expected_tokens, " (target >= 0.90)"))
             if args.quick:
                 print("(--quick: a few requests of a few tokens; per-request overhead dominates, the ratio says little)", flush=True)
-            for name in ("stack_1_sampler", "bare"):
-                if results[name]["tokens_per_rep"] != expected_tokens:
-                    print(f"WARNING: {name} generated {results[name]['tokens_per_rep']} tokens per rep, expected {expected_tokens}", flush=True)
 
             results["weight_sync"] = w = bench_weight_sync(url, tokenizer, prompts[0], args.sync_reps, args.rank)
             print(
