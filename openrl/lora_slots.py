@@ -23,10 +23,16 @@ computed at its own rank (the stored tensors are zero-padded to r_max, which wou
 same numbers at more cost). The arithmetic is peft's (`lora_B(lora_A(x)) * scaling` added to
 the base output, per sub-batch in a mixed batch), so results equal peft's.
 
-`route_weights(segments)` is the same forward with weights given per group of rows instead of
+`route_segments(segments)` is the same forward with weights given per group of rows instead of
 slot indices (any tensors, e.g. leaves that need gradients): a training pass over several
 tenants' rows, each through its own adapter, whose gradients autograd routes back to each
 tenant's own tensors.
+
+A backward that recomputes a forward (torch.utils.checkpoint: activation checkpointing, logits
+in chunks) runs after the route is gone. `checkpoint_contexts` is the `context_fn` to give
+such a checkpoint: called when the checkpointed forward runs, it captures the route of that
+moment and puts it back around the recompute, so the recomputed forward routes every row as
+the first one did.
 
 Memory: S slots cost S * r_max * sum(in + out) over the targeted Linears, so the tensors grow
 on demand: room for 4 slots at first, doubled (up to S) when a higher slot is loaded, and
@@ -252,6 +258,21 @@ class LoraSlots:
             yield
         finally:
             self.segments = []
+
+    def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """torch.utils.checkpoint's `context_fn` (non-reentrant): nothing around the forward,
+        and around its recompute in the backward pass the route that was set when the forward
+        ran (captured now). The route is a plain attribute, not thread-local: on CUDA the
+        recompute runs in autograd's device thread while the caller waits in backward."""
+        return contextlib.nullcontext(), self._replay(self.segments)
+
+    @contextlib.contextmanager
+    def _replay(self, segments: list[Segment]):
+        before, self.segments = self.segments, segments
+        try:
+            yield
+        finally:
+            self.segments = before
 
     def _slot_weights(self, s: int):
         r, scale = self.ranks[s], self.scales[s]

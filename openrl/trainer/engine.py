@@ -136,7 +136,7 @@ class LoraEngine:
         self.microbatch_tokens = microbatch_tokens or MICROBATCH_TOKENS[device]
         self.checkpointing = device == "cuda" if activation_checkpointing is None else activation_checkpointing
         if self.checkpointing:
-            _enable_checkpointing(model)
+            _enable_checkpointing(model, self._checkpoint_contexts)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
         if sharded:
             _shard(model, device)
@@ -455,9 +455,9 @@ class LoraEngine:
         autograd brings each tenant its own gradients). One result or InvalidRequest per request,
         in order; each equals what the request gets alone (float noise: the sums group
         differently). A request that fails its checks, or whose gradients are not finite, fails
-        alone and changes nothing; the others go on. In a trainer group, with activation
-        checkpointing, when a request's logits need several chunks (their backward recomputes
-        the forward, after the route is gone), or for one request, each runs alone
+        alone and changes nothing; the others go on. A backward that recomputes a forward
+        (activation checkpointing, logits in several chunks) recomputes it on the same route
+        (`_checkpoint_contexts`). In a trainer group, or for one request, each runs alone
         (`forward_backward`)."""
         out: list[FwdBwdResult | InvalidRequest | None] = [None] * len(reqs)
         if self.world > 1 or len(reqs) < 2 or len({r.model_id for r in reqs}) < len(reqs) or len({r.forward_only for r in reqs}) > 1:
@@ -476,9 +476,7 @@ class LoraEngine:
                 out[pos] = FwdBwdResult(logprobs=[], metrics={"loss:sum": 0.0, "tokens:sum": 0.0})
                 continue
             jobs.append((pos, req, tenant, batch, config))
-        # The route is set only while the forward runs, so nothing may be recomputed in the
-        # backward pass: no activation checkpointing, and every job's logits in one chunk.
-        if len(jobs) < 2 or self.checkpointing or any(sum(b.lengths) > self._chunk_rows for *_, b, _ in jobs):
+        if len(jobs) < 2:
             for pos, req, *_ in jobs:
                 out[pos] = self._one(req)
             return out
@@ -546,6 +544,14 @@ class LoraEngine:
             return self.forward_backward(req)
         except InvalidRequest as e:
             return e
+
+    def _checkpoint_contexts(self):
+        """torch.utils.checkpoint's `context_fn` for every recompute here (the decoder layers'
+        activation checkpointing, the logits' chunks): in a shared pass the route of the
+        forward, put back around its recompute in the backward pass; elsewhere nothing."""
+        if self._slots is None:
+            return contextlib.nullcontext(), contextlib.nullcontext()
+        return self._slots.checkpoint_contexts()
 
     def _tenant_slots(self) -> LoraSlots:
         """Slot routing on the base Linear under each of peft's LoRA layers (made once; layers
@@ -689,7 +695,7 @@ class LoraEngine:
     def _logprobs(self, hidden_M_H: torch.Tensor, targets_M_K: torch.Tensor) -> torch.Tensor:
         """log_softmax(head(hidden))[targets] in chunks of positions: fp32 logits exist for one
         chunk at a time, and with gradients each chunk is recomputed in the backward pass
-        instead of kept (torch.utils.checkpoint)."""
+        instead of kept (torch.utils.checkpoint, on the route the chunk was made on)."""
         # The head is looked up each time: peft may wrap it.
         chunk = functools.partial(self._head_logprobs, self.model.get_output_embeddings())
 
@@ -700,7 +706,10 @@ class LoraEngine:
         for start in range(0, len(hidden_M_H), rows):
             h, t = hidden_M_H[start : start + rows], targets_M_K[start : start + rows]
             grad = torch.is_grad_enabled()  # the head may hold LoRA weights even if h needs no grad
-            parts.append(torch.utils.checkpoint.checkpoint(chunk, h, t, use_reentrant=False) if grad else chunk(h, t))
+            parts.append(
+                torch.utils.checkpoint.checkpoint(chunk, h, t, use_reentrant=False, context_fn=self._checkpoint_contexts)
+                if grad else chunk(h, t)
+            )  # fmt: skip
         return torch.cat(parts)
 
     def _accumulate(self, params: list[torch.nn.Parameter], grads: list[torch.Tensor | None], loss: float) -> None:
@@ -831,18 +840,20 @@ def _checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def _enable_checkpointing(model) -> None:
+def _enable_checkpointing(model, context_fn) -> None:
     """transformers' own activation checkpointing of the decoder layers, non-reentrant (the
-    frozen base's inputs need no grad, and FSDP2 hooks stay outside the checkpoint)."""
+    frozen base's inputs need no grad, and FSDP2 hooks stay outside the checkpoint; only
+    non-reentrant takes a `context_fn`, which puts a shared pass's route back around the
+    recompute)."""
     if not _checkpointed_layers(model):
         raise ValueError(f"{type(model).__name__} does not support activation checkpointing")
     enable = getattr(model, "activation_checkpointing_enable", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable(activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
 
 
 def _shard(model: torch.nn.Module, device: str) -> None:

@@ -6,8 +6,10 @@ and an untied Llama, take three rounds of forward_backward (cross_entropy and
 importance_sampling mixed, ragged datums) + optim_step; one engine runs each request alone
 (`forward_backward`), the other all the round's requests in one `forward_backward_many` call.
 Losses, logprobs, pending gradients and the weights after every step agree to 1e-5 (fp32; the
-sums group differently, so not bitwise). A request that fails its checks fails alone and
-changes nothing; the others go on exactly. Forward-only rounds batch too.
+sums group differently, so not bitwise). The same holds where the backward recomputes the
+forward (activation checkpointing, logits in several chunks): the recompute runs on the route
+its forward had. A request that fails its checks fails alone and changes nothing; the others go
+on exactly. Forward-only rounds batch too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from openrl.bus.errors import InvalidRequest
 from openrl.bus.messages import AdamParams, LoraSpec
+from openrl.lora_slots import LoraSlots
 from openrl.trainer.engine import LoraEngine
 from test_tenants import make_fb
 
@@ -60,9 +63,9 @@ def assert_tenant(shared: LoraEngine, alone: LoraEngine, model_id: str, what: st
                 torch.testing.assert_close(got[k], want[k], **TOL, msg=lambda m: f"{what} {model_id} {k}: {m}")
 
 
-@pytest.mark.parametrize("path_fixture", ["qwen3_path", "llama_path"])
-def test_shared_passes_equal_each_tenant_alone(path_fixture, request):
-    shared, alone = engines(request.getfixturevalue(path_fixture))
+def three_rounds(shared: LoraEngine, alone: LoraEngine) -> None:
+    """Three rounds of the four tenants' forward_backward (one shared call vs each alone) +
+    optim_step: results, pending gradients, grad norms and weights equal at every step."""
     ids = list(SPECS)
     seed = 0
     for step in range(3):
@@ -81,6 +84,13 @@ def test_shared_passes_equal_each_tenant_alone(path_fixture, request):
                 alone.optim_step(model_id, adam)["grad_norm:mean"], rel=1e-5
             )
             assert_tenant(shared, alone, model_id, f"step {step} weights")
+
+
+@pytest.mark.parametrize("path_fixture", ["qwen3_path", "llama_path"])
+def test_shared_passes_equal_each_tenant_alone(path_fixture, request):
+    shared, alone = engines(request.getfixturevalue(path_fixture))
+    three_rounds(shared, alone)
+    ids = list(SPECS)
     # Forward-only requests share passes too, and leave no gradients.
     fwd = [make_fb(m, "cross_entropy", 7000 + k, forward_only=True) for k, m in enumerate(ids)]
     for req, got in zip(fwd, shared.forward_backward_many(fwd), strict=True):
@@ -92,20 +102,33 @@ def test_shared_passes_equal_each_tenant_alone(path_fixture, request):
     assert_results(shared.forward_backward(req), alone.forward_backward(req), "alone after shared")
 
 
-@pytest.mark.parametrize("kw", [dict(activation_checkpointing=True), dict(logits_chunk_bytes=4 * 96 * 8)])
-def test_requests_whose_backward_recomputes_run_alone(qwen3_path, kw):
-    """Checkpointed layers or chunked logits recompute the forward in the backward pass, after
-    the route is gone: such requests run one at a time, and still equal each alone."""
-    shared, alone = engines(qwen3_path, **kw)
-    round_ = [make_fb(m, "importance_sampling", 300 + k) for k, m in enumerate(SPECS)]
-    for _ in range(2):
-        for req, got in zip(round_, shared.forward_backward_many(round_), strict=True):
-            assert_results(got, alone.forward_backward(req), f"{kw} {req.model_id}")
-        for model_id in SPECS:
-            assert_tenant(shared, alone, model_id, f"{kw}")
-            shared.optim_step(model_id, AdamParams(learning_rate=0.02))
-            alone.optim_step(model_id, AdamParams(learning_rate=0.02))
-    assert shared._slots is None  # never shared
+RECOMPUTING = {
+    "checkpointing": dict(activation_checkpointing=True),
+    "chunked_logits": dict(logits_chunk_bytes=4 * 96 * 8),  # 8 positions per chunk (vocab 96): several per pass
+    "both": dict(activation_checkpointing=True, logits_chunk_bytes=4 * 96 * 8),
+}
+
+
+@pytest.mark.parametrize("path_fixture", ["qwen3_path", "llama_path"])
+@pytest.mark.parametrize("kw", RECOMPUTING.values(), ids=RECOMPUTING.keys())
+def test_shared_passes_whose_backward_recomputes_equal_each_alone(path_fixture, kw, request, monkeypatch):
+    """Checkpointed decoder layers and chunked logits recompute the forward in the backward
+    pass, after the route is gone: the recompute runs on the route its forward had, so shared
+    passes (they do share, and do recompute routed) still give each tenant what it gets alone."""
+    replayed = []
+    replay = LoraSlots._replay
+
+    def counting(self, segments):
+        replayed.append(len(segments))
+        return replay(self, segments)
+
+    monkeypatch.setattr(LoraSlots, "_replay", counting)
+    shared, alone = engines(request.getfixturevalue(path_fixture), **kw)
+    assert shared._chunk_rows == 8 or "logits_chunk_bytes" not in kw
+    three_rounds(shared, alone)
+    assert any(replayed), "no shared pass recomputed a routed forward"
+    req = make_fb("run.c", "importance_sampling", 9002)  # alone afterwards: peft, with recomputes on no route
+    assert_results(shared.forward_backward(req), alone.forward_backward(req), "alone after shared")
 
 
 def test_a_bad_request_fails_alone_and_changes_nothing(qwen3_path):
