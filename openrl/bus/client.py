@@ -41,6 +41,10 @@ log = structlog.get_logger(__name__)
 # connection on an oversize publish, so it must never get that far).
 MAX_PAYLOAD = 32 * 1024 * 1024
 
+# A finished future up to this size rides in its done notification (Bus.finish_future), which
+# every gateway replica receives: small enough that N replicas each getting it costs little.
+DONE_INLINE_MAX = 16 * 1024
+
 # How long a worker's heartbeat entry outlives its last beat: a worker is alive while its
 # entry exists (there is no clock comparison across hosts).
 WORKER_TTL_S = 10.0
@@ -453,8 +457,16 @@ class Bus:
 
     async def finish_future(self, fut: Future) -> None:
         """Store a finished future and wake whoever long-polls it."""
-        await self.kv_put(self.futures, fut.request_id, fut)
-        await self.nc.publish(subjects.done(fut.request_id), b"")
+        data = encode(fut)
+        await self.futures.put(subjects.kv_key(fut.request_id), data)
+        await self._announce(fut.request_id, data)
+
+    async def _announce(self, request_id: str, data: bytes) -> None:
+        """The done notification, once the future is stored. It carries the stored future when
+        that is small (an optim_step's, most forward_backwards'), so that a waiting gateway
+        answers without reading KV again; a large one is announced empty and read from KV.
+        Every role that may publish it may write the future itself: it is trusted as much."""
+        await self.nc.publish(subjects.done(request_id), data if len(data) <= DONE_INLINE_MAX else b"")
 
     async def pending_future(self, request_id: str) -> tuple[Future, int] | None:
         """The stored future and its revision while it is pending; None once finished or gone."""
@@ -479,10 +491,11 @@ class Bus:
                 return False  # finished elsewhere, or expired
             revision = pending[1]
         try:
-            await self.futures.update(key, encode(fut), last=revision)
+            data = encode(fut)
+            await self.futures.update(key, data, last=revision)
         except KeyWrongLastSequenceError:
             return False
-        await self.nc.publish(subjects.done(fut.request_id), b"")
+        await self._announce(fut.request_id, data)
         return True
 
     # -- consuming -----------------------------------------------------------------

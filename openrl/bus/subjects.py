@@ -58,7 +58,8 @@ def create(base_model: str) -> str:
 
 
 def done(request_id: str) -> str:
-    """Core-NATS notification that a future finished (the result itself is in KV)."""
+    """Core-NATS notification that a future finished, once it is stored in KV (the message
+    carries the stored future when it is small: Bus.finish_future)."""
     return f"{PREFIX}.done.{token(request_id)}"
 
 

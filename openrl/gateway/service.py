@@ -240,7 +240,15 @@ class Gateway:
         return await self._owned(self.bus.sessions, session_id, SessionRecord, owner, "session")
 
     async def model(self, model_id: str, owner: str, *, trainable: bool = True) -> ModelRecord:
-        rec = await self._owned(self.bus.models, model_id, ModelRecord, owner, "model_id")
+        # A model record is created once and never changed or deleted (the bucket has no TTL):
+        # the quota watch's copy of the bucket (usage.models) answers without a KV round trip
+        # on every request. A model too new for the watch to have seen is read from KV.
+        names.check_id(model_id, "model_id")
+        rec = self.usage.models.get(subjects.kv_key(model_id))
+        if rec is None:
+            rec = await self._owned(self.bus.models, model_id, ModelRecord, owner, "model_id")
+        elif rec.owner != owner:  # another key's model looks absent, as _owned answers it
+            raise NotFound(f"unknown model_id {model_id!r}")
         if trainable and rec.copy_of:  # a run copy_weights made to hold a copy: read-only
             raise InvalidRequest(f"{model_id} holds a copy of {rec.copy_of} and cannot be trained; load it with create_training_client_from_state")
         return rec
@@ -736,13 +744,11 @@ class Gateway:
                 timeout = max(0.0, min(timeout, float(client_timeout) - 5))
             except ValueError:
                 pass
-        # The owner is checked before the wait: another key's id answers 404 at once, so the
-        # time of the answer tells nothing about whether that id exists.
+        # The owner is checked before any wait (`wait` returns another key's future at once):
+        # another key's id answers 404 at once, so the time of the answer tells nothing about
+        # whether that id exists. One KV read serves the owner check and the wait.
         names.check_id(body.request_id, "request_id")
-        first = await self.bus.kv_get(self.bus.futures, body.request_id, Future)
-        if first is None or first.owner != owner:
-            raise NotFound(f"unknown request_id {body.request_id!r}")
-        fut = first if first.state != "pending" else await self.waiters.wait(body.request_id, timeout)
+        fut = await self.waiters.wait(body.request_id, timeout, owner=owner)
         if fut is None or fut.owner != owner:
             raise NotFound(f"unknown request_id {body.request_id!r}")
         if fut.state == "pending":

@@ -97,3 +97,69 @@ async def test_notification_during_the_kv_read_is_not_lost(nats_server):
         await waiters.stop()
     finally:
         await bus.close()
+
+
+async def test_the_notification_carries_a_small_future(nats_server):
+    """A small finished future rides in its done notification: the waiter answers from it
+    with one KV read (the one that saw it pending), and a large one is read back from KV. A
+    notification whose future names another request wakes the waiter but is not its answer."""
+    from stack_helpers import bus_config
+
+    from openrl.bus.client import DONE_INLINE_MAX
+    from openrl.bus import subjects
+    from openrl.bus.messages import encode
+
+    bus = await Bus.connect(bus_config(nats_server.url))
+    try:
+        waiters = Waiters(bus, recheck_s=60)
+        await waiters.start()
+        for size, reads in ((2, 1), (DONE_INLINE_MAX + 1, 2)):
+            fut = _pending()
+            await bus.kv_put(bus.futures, fut.request_id, fut)
+            waiters.reads = 0
+            poll = asyncio.create_task(waiters.wait(fut.request_id, POLL_S))
+            await asyncio.sleep(0.3)
+            assert waiters.reads == 1 and not poll.done()
+            done = Future(request_id=fut.request_id, owner="o", request_type="Sample", state="done", payload=b"x" * size, finished_at=time.time())
+            await bus.finish_future(done)
+            got = await asyncio.wait_for(poll, POLL_S / 2)
+            assert got == done
+            assert waiters.reads == reads, f"a {size}-byte future took {waiters.reads} KV reads"
+
+        # Another request's future on this one's subject (as a confused worker might send):
+        # the waiter reads KV, where this request is still pending, and waits on.
+        fut, other = _pending(), _pending()
+        await bus.kv_put(bus.futures, fut.request_id, fut)
+        waiters.reads = 0
+        poll = asyncio.create_task(waiters.wait(fut.request_id, POLL_S))
+        await asyncio.sleep(0.3)
+        await bus.nc.publish(subjects.done(fut.request_id), encode(_done(other)))
+        await asyncio.sleep(0.3)
+        assert waiters.reads == 2 and not poll.done(), "a future of another request answered this one"
+        await bus.finish_future(_done(fut))
+        got = await asyncio.wait_for(poll, POLL_S / 2)
+        assert got.request_id == fut.request_id and got.state == "done"
+        await waiters.stop()
+    finally:
+        await bus.close()
+
+
+async def test_another_owners_future_is_answered_at_once(nats_server):
+    """With `owner`, a pending future of another owner comes back at once (the gateway
+    answers it as unknown), not after the poll's wait."""
+    from stack_helpers import bus_config
+
+    bus = await Bus.connect(bus_config(nats_server.url))
+    try:
+        waiters = Waiters(bus, recheck_s=60)
+        await waiters.start()
+        fut = _pending()
+        await bus.kv_put(bus.futures, fut.request_id, fut)
+        started = time.monotonic()
+        got = await asyncio.wait_for(waiters.wait(fut.request_id, POLL_S, owner="someone-else"), POLL_S + 10)
+        assert got.owner == "o" and got.state == "pending"
+        assert time.monotonic() - started < 2.0
+        assert waiters.pending == 0
+        await waiters.stop()
+    finally:
+        await bus.close()
