@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import secrets
 import time
+from collections.abc import AsyncIterator, Iterable
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
@@ -48,7 +50,7 @@ log = structlog.get_logger(__name__)
 URL_TTL_S = 3600
 SIGNING_KEY = "download-signing"
 TRACE_BATCH = 256  # trace events encoded and written at a time
-SAMPLE_MISSES = 64  # consecutive unknown sample seq_ids after which a sampler's requests are taken to end
+SAMPLE_MISSES = 64  # consecutive unknown seq_ids after which a sampler's requests (or a purged log's) are taken to end
 
 
 class Expired(Forbidden):
@@ -165,6 +167,22 @@ class Downloads:
     async def _future(self, rid: str) -> Future | None:
         return await self.bus.kv_get(self.bus.futures, rid, Future)
 
+    async def _futures_by_id(self, kind: str, owner: str, seq_ids: Iterable[int]) -> AsyncIterator[tuple[int, str, Future]]:
+        """(seq_id, request id, future) of `owner`'s `kind` requests at `seq_ids`, in that order,
+        found by their deterministic ids, until SAMPLE_MISSES ids in a row have no future (expired,
+        or never made)."""
+        misses = 0
+        for seq in seq_ids:
+            if misses >= SAMPLE_MISSES:
+                return
+            rid = request_id(kind, owner, seq)
+            fut = await self._future(rid)
+            if fut is None:
+                misses += 1
+            else:
+                misses = 0
+                yield seq, rid, fut
+
     def _event(self, name: str, track: str, fut: Future | None, args: dict[str, Any], start: float | None) -> dict[str, Any]:
         """A complete ("X") event from submission to finish; an instant ("i") at the finish when
         the submission time is unknown (a sample's: its queue keeps no record once taken)."""
@@ -212,28 +230,12 @@ class Downloads:
             if not seen:
                 snap = await self.bus.kv_get(self.bus.snapshots, rec.model_id, SnapshotRecord)
                 first = snap.seq_id + 1 if snap else 1
-            misses, seq = 0, first - 1
-            while seq >= 1 and misses < SAMPLE_MISSES:
-                rid = request_id("train", rec.model_id, seq)
-                fut = await self._future(rid)
-                if fut is None:
-                    misses += 1
-                else:
-                    misses = 0
-                    # Its submission time left with its log entry: shown at its finish, zero long.
-                    events.append(self._event(fut.request_type, rec.model_id, fut, {"request_id": rid, "seq_id": seq, "purged": True}, fut.finished_at))
-                seq -= 1
+            async for seq, rid, fut in self._futures_by_id("train", rec.model_id, range(first - 1, 0, -1)):
+                # Its submission time left with its log entry: shown at its finish, zero long.
+                events.append(self._event(fut.request_type, rec.model_id, fut, {"request_id": rid, "seq_id": seq, "purged": True}, fut.finished_at))
         for s in sorted(samplers, key=lambda r: r.sampler_id):
-            misses, n = 0, 0
-            while misses < SAMPLE_MISSES:
-                rid = request_id("sample", s.sampler_id, n)
-                fut = await self._future(rid)
-                if fut is None:
-                    misses += 1
-                else:
-                    misses = 0
-                    events.append(self._event(fut.request_type, s.sampler_id, fut, {"request_id": rid, "seq_id": n}, None))
-                n += 1
+            async for n, rid, fut in self._futures_by_id("sample", s.sampler_id, itertools.count()):
+                events.append(self._event(fut.request_type, s.sampler_id, fut, {"request_id": rid, "seq_id": n}, None))
         for ev in sorted(events, key=lambda e: e["ts"]):
             a = ev["args"]
             requests.append({"request_id": a["request_id"], "track": ev["tid"], "type": ev["name"], "seq_id": a["seq_id"],

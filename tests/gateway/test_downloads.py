@@ -78,3 +78,33 @@ def test_external_weights_download_and_load_with_peft(stack, default_model, tmp_
     tinker.RestClient(base_url=stack.url, api_key=API_KEY).delete_checkpoint_from_tinker_path(path).result()
     gone = httpx.get(resp.urls["adapter_config.json"], timeout=60)
     assert gone.status_code == 404 and gone.json()["detail"]
+
+
+def test_a_session_trace_lists_every_training_request_once_after_its_log_is_purged(stack):
+    """The session stack snapshots every 4 requests and purges the train log below the newest
+    snapshot: the trace finds the purged requests by their futures' ids (marked purged), the rest
+    in the log, and lists each of seq 1..13 exactly once (13: the save for the sampler); a
+    sampler's requests likewise by id."""
+    service = tinker.ServiceClient(base_url=stack.url, api_key=API_KEY)
+    tc = service.create_lora_training_client(base_model=BASE_MODEL, rank=4, seed=23).result()
+    data = [make_datum(tc.get_tokenizer(), q, a) for q, a in sft_examples(2, seed=4)]
+    for _ in range(6):  # 12 requests: snapshots after seq 4, 8 and 12
+        tc.forward_backward(data, "cross_entropy").result(timeout=120)
+        tc.optim_step(tinker.types.AdamParams(learning_rate=1e-3)).result(timeout=120)
+    sc = tc.save_weights_and_get_sampling_client().result(timeout=120)
+    for _ in range(2):
+        sc.sample(data[0].model_input, 1, tinker.types.SamplingParams(max_tokens=2)).result(timeout=120)
+    model_id = tc.get_info().model_id
+    rest = tinker.RestClient(base_url=stack.url, api_key=API_KEY)
+    deadline = time.monotonic() + 60
+    while True:  # the snapshot is stored, then the log purged, just after the optim_step's result
+        events = httpx.get(rest.export_session_trace(model_id.split(":train:")[0]).result(), timeout=60).json()["traceEvents"]
+        train = [e["args"] for e in events if e["tid"] == model_id and e["args"]["seq_id"] > 0]
+        purged = sorted(a["seq_id"] for a in train if a.get("purged"))
+        if len(purged) >= 8 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert purged[:8] == list(range(1, 9)), purged
+    assert sorted(a["seq_id"] for a in train) == list(range(1, 14)), train
+    sampled = sorted(e["args"]["seq_id"] for e in events if ":sample:" in e["tid"])
+    assert sampled == list(range(len(sampled))) and len(sampled) >= 2, sampled
