@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from stack_helpers import API_KEY, OTHER_KEY, Stack, alive, bus_config, free_port, stack_pid
+from stack_helpers import API_KEY, OTHER_KEY, Stack, alive, bus_config, free_port
 
 # Must be set before huggingface_hub is imported anywhere (it reads them at import).
 os.environ.setdefault("OPENRL_TEST_HF_HOME", str(Path.home() / ".cache" / "openrl-tests" / "hf"))
@@ -82,22 +82,21 @@ def default_model() -> Path:
     return ensure_default_model()
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory, default_model, nats_credentials):
-    """`openrl up` as a user runs it: separate processes, supervised, its NATS enforcing the
-    session's credentials (copied to where `openrl up` keeps them)."""
+def run_stack(data_dir: Path, nats_credentials: Path, *, args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+    """`openrl up` as a user runs it in `data_dir` (separate processes, supervised, its NATS
+    enforcing the session's credentials, copied to where `openrl up` keeps them); yields the
+    Stack, then stops it with SIGTERM and checks every role stopped within its permissions."""
     import shutil
 
-    data_dir = tmp_path_factory.mktemp("stack")
     shutil.copy(nats_credentials, data_dir / nats_credentials.name)
     port = free_port()
     cmd = [
         sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(port),
-        "--api-key", API_KEY, "--log-level", "info", "--samplers", "2", "--threads", "1", "--snapshot-every", "4",
+        "--api-key", API_KEY, "--log-level", "info", "--threads", "1", "--snapshot-every", "4", *args,
     ]
-    env = {**os.environ, "OPENRL_API_KEYS": OTHER_KEY}
     log = open(data_dir / "up.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OPENRL_API_KEYS": OTHER_KEY, **(env or {})},
+                            start_new_session=True)  # fmt: skip
     stack_file = data_dir / "run" / "stack.json"
     deadline = time.monotonic() + 900
     while not stack_file.exists():
@@ -106,7 +105,7 @@ def stack(tmp_path_factory, default_model, nats_credentials):
         time.sleep(0.3)
     facts = json.loads(stack_file.read_text())
     yield Stack(url=facts["base_url"], api_key=API_KEY, data_dir=data_dir, nats_url=facts["nats_url"], proc=proc)
-    pids = {role: stack_pid(data_dir, role) for role in ("nats", "trainer", "gateway", "sampler-0", "sampler-1")}
+    pids = {path.stem: int(path.read_text()) for path in (data_dir / "run").glob("*.pid")}
     proc.send_signal(signal.SIGTERM)  # what Ctrl-C does
     try:
         code = proc.wait(60)
@@ -122,6 +121,12 @@ def stack(tmp_path_factory, default_model, nats_credentials):
     # Every role did its work within its permissions: nats-server logs each refusal.
     violations = [line for line in (data_dir / "logs" / "nats.log").read_text().splitlines() if "Violation" in line]
     assert not violations, "NATS refused the stack's own processes (openrl/bus/auth.py):\n" + "\n".join(violations[:20])
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, default_model, nats_credentials):
+    """The session's stack: `openrl up` with two samplers, shared by the tests that drive one."""
+    yield from run_stack(tmp_path_factory.mktemp("stack"), nats_credentials, args=("--samplers", "2"))
 
 
 def _gateway(stack, tmp_path_factory, name: str, env: dict[str, str]):
@@ -153,6 +158,15 @@ def _gateway(stack, tmp_path_factory, name: str, env: dict[str, str]):
     proc.terminate()
     proc.wait(15)
     log.close()
+
+
+@pytest.fixture(scope="module")
+def retention_stack(tmp_path_factory, default_model, nats_credentials):
+    """A stack of its own (one sampler) with the retention gateway's settings (below), so that
+    its JetStream dir holds only what one test leaves there (tests/test_storage.py's RL loop:
+    the session stack's store also holds every other test's leftovers)."""
+    env = {"OPENRL_SAMPLER_WEIGHTS_KEEP": "2", "OPENRL_COLLECT_EVERY_S": "0.5", "OPENRL_COLLECT_GRACE_S": "1"}
+    yield from run_stack(tmp_path_factory.mktemp("retention-stack"), nats_credentials, args=("--samplers", "1"), env=env)
 
 
 @pytest.fixture(scope="session")

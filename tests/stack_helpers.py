@@ -79,10 +79,6 @@ def free_port() -> int:
     return free_port()
 
 
-def stack_pid(data_dir: Path, role: str) -> int:
-    return int((data_dir / "run" / f"{role}.pid").read_text())
-
-
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
     try:
