@@ -15,6 +15,12 @@ stack, against a bare torch + peft loop on the same batches, in one run.
    on the same batches. tokens/s, MFU, torch's peak allocated memory; stack / bare (the target
    is >= 0.90). Step 0's loss from both (the LoRA starts at zero, so both are the base model's)
    is a check that they computed the same thing.
+4. Tenant batching (issue 20), in process on the trainer's engine (`LoraEngine`, activation
+   checkpointing on, as on CUDA by default): --tenants (8) models x 4 sequences x
+   --tenant-length (256) tokens of forward_backward, all in one shared call
+   (`forward_backward_many`, every row through its own tenant's LoRA, checkpointed layers
+   recomputed on that route) against one tenant at a time, alternating; tokens/s of each,
+   shared / alone, and the largest logprob and loss difference between the two (bf16).
 
     bash bench/gpu_check.sh                 # on the GPU machine: installs the carried wheels, then this
     python bench/gpu_check.py --tiny        # a small Qwen3 on CPU, a few tokens: checks the script end to end
@@ -37,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import API_KEY, finish_results, start_stack, stop_stack
+from common import API_KEY, fb_message, finish_results, start_stack, stop_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -235,6 +241,64 @@ def run_bare(path: Path, batches: list[dict], args, device: str, dtype) -> dict:
     return out
 
 
+def run_tenants(path: Path, args, device: str, dtype) -> dict:
+    """8 tenants' forward_backward requests in one shared call vs one tenant at a time, on the
+    trainer's engine with activation checkpointing on (the CUDA default, forced on --tiny too so
+    that the CPU dry run takes the same path)."""
+    import torch
+
+    from openrl.bus.messages import LoraSpec
+    from openrl.trainer.engine import LoraEngine
+
+    t0 = time.perf_counter()
+    engine = LoraEngine(str(path), device=device, dtype=dtype, activation_checkpointing=True)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(1)
+    vocab = engine.info.vocab_size
+    reqs = []
+    for t in range(args.tenants):
+        engine.create(f"tenant-{t}", LoraSpec(rank=LORA_RANK, seed=t))
+        reqs.append(fb_message(f"tenant-{t}", rng.integers(0, vocab, (4, args.tenant_length + 1))))
+
+    def timed(call) -> tuple[float, list]:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = call()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t, out
+
+    shared_s, alone_s, lp_diff, loss_diff = [], [], 0.0, 0.0
+    for rep in range(args.warmup + args.steps):
+        s, shared = timed(lambda: engine.forward_backward_many(reqs))
+        a, alone = timed(lambda: [engine.forward_backward(r) for r in reqs])
+        for got, want in zip(shared, alone, strict=True):
+            if isinstance(got, Exception) or isinstance(want, Exception):
+                raise RuntimeError(f"a tenant's request failed: shared {got!r}, alone {want!r}")
+        if rep == 0:  # the same weights both ways (no optim_step here)
+            lp_diff = max(float(np.abs(x - y).max()) for g, w in zip(shared, alone) for x, y in zip(g.logprobs, w.logprobs))
+            loss_diff = max(abs(g.metrics["loss:sum"] - w.metrics["loss:sum"]) / max(abs(w.metrics["loss:sum"]), 1e-9)
+                            for g, w in zip(shared, alone))  # fmt: skip
+        if rep >= args.warmup:
+            shared_s.append(s)
+            alone_s.append(a)
+    tokens = args.tenants * 4 * args.tenant_length
+    out = {
+        "load_s": round(load_s, 1), "tenants": args.tenants, "sequences_per_tenant": 4, "tokens_per_sequence": args.tenant_length,
+        "activation_checkpointing": engine.checkpointing, "microbatch_tokens": engine.microbatch_tokens,
+        "shared_times_s": [round(t, 3) for t in shared_s], "alone_times_s": [round(t, 3) for t in alone_s],
+        "shared_tokens_per_s": round(tokens / float(np.median(shared_s)), 1),
+        "alone_tokens_per_s": round(tokens / float(np.median(alone_s)), 1),
+        "shared_over_alone": round(float(np.median(alone_s)) / float(np.median(shared_s)), 3),
+        "max_logprob_diff": lp_diff, "max_loss_rel_diff": loss_diff,
+    }  # fmt: skip
+    if device == "cuda":
+        out["gpu_memory"] = {"peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
+    del engine
+    return out
+
+
 def summarize(side: dict, tokens: int, params: int, peak: float | None) -> None:
     med = float(np.median(side["times_s"]))
     side["step_s_median"] = round(med, 3)
@@ -254,6 +318,8 @@ def main() -> None:
                    help="tokens per forward in the bare loop (its logits are whole: 4096 x 151936 fp32 is 2.5 GB)")
     p.add_argument("--bare-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="activation checkpointing in the bare loop (default: as the trainer, on on CUDA)")
+    p.add_argument("--tenants", type=int, default=8, help="tenants in the tenant-batching part (0: skip it)")
+    p.add_argument("--tenant-length", type=int, help="tokens per sequence in the tenant-batching part (256; --tiny: 32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the trainer (0: openrl up's choice)")
     p.add_argument("--model-dir", default=None, help="where to save the random model (default: a temp dir, removed after)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check.json"))
@@ -261,6 +327,7 @@ def main() -> None:
     args.batch = args.batch or (4 if args.tiny else 64)
     args.length = args.length or (128 if args.tiny else 1024)
     args.steps = args.steps or (2 if args.tiny else 4)
+    args.tenant_length = args.tenant_length or (32 if args.tiny else 256)
     if args.tiny:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # every process, the stack's trainer too, on CPU
 
@@ -312,6 +379,16 @@ def main() -> None:
         s0, b0 = stack["losses"][0], bare["losses"][0]
         results["step0_loss"] = {"stack": s0, "bare": b0, "rel_diff": round(abs(s0 - b0) / max(abs(b0), 1e-9), 5)}
         print(f"stack / bare = {results['ratio']} (target >= 0.90); step-0 loss stack {s0:.4g}, bare {b0:.4g}", flush=True)
+
+        if args.tenants:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            results["tenants"] = ten = run_tenants(model_dir, args, device, dtype)
+            print(f"tenant batching ({args.tenants} tenants x 4 x {args.tenant_length} tokens, checkpointing "
+                  f"{ten['activation_checkpointing']}): shared {ten['shared_tokens_per_s']} vs alone "
+                  f"{ten['alone_tokens_per_s']} tokens/s = {ten['shared_over_alone']}x (target >= 1.5); "
+                  f"max logprob diff {ten['max_logprob_diff']:.3g}", flush=True)  # fmt: skip
     except BaseException as e:
         results["error"] = "".join(traceback.format_exception(e))[-4000:]
         raise

@@ -11,7 +11,9 @@ rows of many adapters cost.
    Also the base model alone. Medians of interleaved repetitions, so machine load affects all alike.
 3. Tenant batching in the trainer: 8 tenants x 4 sequences x 64 tokens of forward_backward in
    one shared call (`LoraEngine.forward_backward_many`) vs one tenant at a time, tokens/s, on
-   the wider Qwen3; and the largest logprob difference between the two.
+   the wider Qwen3; and the largest logprob difference between the two. `--only-training`
+   also runs it with activation checkpointing on (the CUDA default; shared passes recompute
+   each layer on its route), on the wider Qwen3 (64 tokens) and the default shape (16 tokens).
 
 Models (random weights, built in process): the default model's shape (Qwen3, hidden 192, 4
 layers, vocab 1024), the tiny Llama of issue 20 (vocab 4096, hidden 128, intermediate 256, 2
@@ -19,6 +21,7 @@ layers, 4 heads, untied), and a wider Qwen3 (hidden 1024, intermediate 3072, 4 l
 the matmuls matter.
 
     python bench/lora_slots.py [--reps 30] [--threads 1] [--out bench/results/lora_slots.json]
+    python bench/lora_slots.py --only-training --reps 12 --out bench/results/lora_slots_training.json
 """
 
 from __future__ import annotations
@@ -200,10 +203,11 @@ def bench_forward(name: str, config, reps: int, tenants: int = 6, rows_per_tenan
     return out
 
 
-def bench_tenant_batching(config, reps: int, tenants: int = 8, seqs: int = 4, length: int = 64) -> dict:
+def bench_tenant_batching(config, reps: int, tenants: int = 8, seqs: int = 4, length: int = 64, checkpointing: bool = False) -> dict:
     """The trainer: `tenants` forward_backward requests of `seqs` x `length` tokens, in one
     shared call (forward_backward_many) vs one request at a time; tokens/s and the largest
-    difference between their logprobs."""
+    difference between their logprobs. `checkpointing`: activation checkpointing of the decoder
+    layers (both ways recompute them in the backward pass)."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
@@ -214,7 +218,7 @@ def bench_tenant_batching(config, reps: int, tenants: int = 8, seqs: int = 4, le
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
-        engine = LoraEngine(tmp, device="cpu")
+        engine = LoraEngine(tmp, device="cpu", activation_checkpointing=checkpointing)
     rng = np.random.default_rng(0)
     reqs = []
     for t in range(tenants):
@@ -237,7 +241,7 @@ def bench_tenant_batching(config, reps: int, tenants: int = 8, seqs: int = 4, le
             diff = max(float(np.abs(a - b).max()) for x, y in zip(shared, alone) for a, b in zip(x.logprobs, y.logprobs))
     tokens = tenants * seqs * length
     out = {
-        "tenants": tenants, "sequences_per_tenant": seqs, "tokens_per_sequence": length,
+        "tenants": tenants, "sequences_per_tenant": seqs, "tokens_per_sequence": length, "activation_checkpointing": checkpointing,
         "shared_tokens_per_s": round(tokens / statistics.median(shared_s), 1),
         "alone_tokens_per_s": round(tokens / statistics.median(alone_s), 1),
         "shared_over_alone": round(statistics.median(alone_s) / statistics.median(shared_s), 2),
@@ -268,6 +272,13 @@ def main() -> None:
         print("load", results["load_default_shape"], flush=True)
     results["tenant_batching_wide_qwen3"] = bench_tenant_batching(cfgs["wide_qwen3"], max(3, args.reps // 4))
     if args.only_training:
+        reps = max(3, args.reps // 4)
+        results["tenant_batching_wide_qwen3_checkpointing"] = bench_tenant_batching(cfgs["wide_qwen3"], reps, checkpointing=True)
+        # Small passes are quick: more repetitions, for a steadier median on a shared machine.
+        results["tenant_batching_default_shape_16_tokens"] = bench_tenant_batching(cfgs["default_shape"], args.reps, length=16)
+        results["tenant_batching_default_shape_16_tokens_checkpointing"] = bench_tenant_batching(
+            cfgs["default_shape"], args.reps, length=16, checkpointing=True
+        )
         return finish_results(args.out, results, args, started)
     for name, cfg in cfgs.items():
         results[f"forward_{name}"] = bench_forward(name, cfg, args.reps)
