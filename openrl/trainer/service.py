@@ -14,8 +14,9 @@ Order and exactly-once (ARCHITECTURE.md, contract 2):
   Every `snapshot_every` requests (at an optim_step) the model's full state is stored in the
   object store, and recovery starts from the newest snapshot, replaying only what follows.
 
-All model compute runs on one thread, in arrival order across tenants, so the event
-loop stays free for heartbeats and in-progress acks while a step runs.
+All model compute runs on one thread, so the event loop stays free for heartbeats and
+in-progress acks while a step runs. What runs next on it is chosen fairly between API keys by
+the tokens each has run (`compute.FairCompute`, docs/limits.md "Fairness"), not in arrival order.
 
 This file is the sequencing (turns, duplicates, futures) and the holding of models; which
 trainer owns a model is `leases.py`, what a model is rebuilt from is `recovery.py`, the math is
@@ -58,6 +59,7 @@ from openrl.bus.messages import (
     encode,
 )
 from openrl.trainer import recovery, weights
+from openrl.trainer.compute import FairCompute
 from openrl.trainer.engine import LoraEngine
 from openrl.trainer.leases import Leases, least_loaded
 
@@ -104,6 +106,18 @@ class TrainerConfig:
 # How the future of a request refused for being too far ahead starts its error: a rebuild
 # replaying the log reads it, and skips that seq_id as the first owner did.
 TOO_FAR_AHEAD = "too far ahead"
+
+
+# What a call that is not a forward pass costs a key, in tokens (an optim_step, a save's export, a
+# rebuild's import): about a small step's worth, so that a key's many small calls still count.
+OTHER_COST = 64
+
+
+def cost_of(msg: TrainRequest) -> int:
+    """A request's cost on the compute thread, in tokens (rows x length of its datums)."""
+    if isinstance(msg, ForwardBackward):
+        return max(sum(len(d.tokens) // 4 for d in msg.data), 1)
+    return OTHER_COST
 
 
 def held_size(msg: TrainRequest) -> int:
@@ -170,22 +184,17 @@ class Trainer:
         self._stop = asyncio.Event()
         self._recent: OrderedDict[str, Future] = OrderedDict()  # re-sent if a KV write was lost
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
-        self._busy_s = 0.0
+        # The one compute thread, taken in turn fairly between keys; forward_backward requests of
+        # several models ready at once share passes (LoraEngine.forward_backward_many).
+        self._compute = FairCompute(self._pool, max_shared=cfg.max_shared_requests)
         self._started = time.time()
         self._held_bytes = 0  # what waiting requests of every model hold
-        # forward_backward requests of several models waiting for the compute thread (shared passes)
-        self._ready: list[tuple[ForwardBackward, str, asyncio.Future]] = []
-        self._draining: asyncio.Task | None = None
 
     # -- compute on the single compute thread
 
-    async def _run(self, fn, *args):
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        try:
-            return await loop.run_in_executor(self._pool, fn, *args)
-        finally:
-            self._busy_s += time.perf_counter() - started
+    async def _run(self, fn, *args, key: str = "", cost: int = OTHER_COST):
+        """`fn(*args)` on the compute thread, in `key`'s fair turn (key "": the trainer's own work)."""
+        return await self._compute.call(key, cost, fn, *args)
 
     def _apply(self, msg: TrainRequest, owner: str) -> Future:
         """Run one training request. Never raises: errors become failed futures."""
@@ -233,42 +242,15 @@ class Trainer:
                 futs.append(self._fb_future(msg, out, base))
         return futs
 
-    async def _forward_backward(self, msg: ForwardBackward, owner: str) -> Future:
-        """Run a forward_backward on the compute thread, together with the other models' that are
-        ready by then: each waits in `_ready` while the thread is busy, and the next run takes
-        every waiting one of the same kind (forward-only or not) in one shared call. Each model
-        holds its turn while its request waits, so a batch has at most one request per model and
-        it is that model's next in sequence: order and exactly-once are unchanged."""
-        done = asyncio.get_running_loop().create_future()
-        self._ready.append((msg, owner, done))
-        if self._draining is None or self._draining.done():
-            self._draining = asyncio.ensure_future(self._drain())
-        return await done  # cancelled before its batch starts: it never runs (as a queued executor call)
-
-    async def _drain(self) -> None:
-        while self._ready:
-            kind = self._ready[0][0].forward_only
-            batch = [item for item in self._ready if item[0].forward_only == kind][: self.cfg.max_shared_requests]
-            for item in batch:
-                self._ready.remove(item)
-            batch = [item for item in batch if not item[2].cancelled()]
-            if not batch:
-                continue
-            try:
-                if len(batch) == 1:
-                    futs = [await self._run(self._apply, batch[0][0], batch[0][1])]
-                else:
-                    futs = await self._run(self._apply_many, [(m, o) for m, o, _ in batch])
-                    log.debug("shared_pass", requests=len(batch))
-            except BaseException as e:  # the executor itself failed (shutting down): hand it to every waiter
-                for _, _, done in batch + self._ready:
-                    if not done.done():
-                        done.set_exception(e if isinstance(e, Exception) else Unavailable("trainer stopping"))
-                self._ready.clear()
-                raise
-            for (_, _, done), fut in zip(batch, futs, strict=True):
-                if not done.done():
-                    done.set_result(fut)
+    def _apply_shared(self, items: list[tuple[ForwardBackward, str]]) -> list[Future]:
+        """forward_backward requests of several models, ready at once, in one call: shared passes
+        (`_apply_many`); one alone as usual. Each model holds its turn while its request waits,
+        so a call has at most one request per model and it is that model's next in sequence:
+        order and exactly-once are unchanged."""
+        if len(items) == 1:
+            return [self._apply(*items[0])]
+        log.debug("shared_pass", requests=len(items))
+        return self._apply_many(items)
 
     async def _step(self, msg: TrainRequest, rec: ModelRecord, usage_after: list | None = None) -> Future:
         """Apply one request of the model's sequence; the caller holds the model's turn.
@@ -281,9 +263,10 @@ class Trainer:
         started = time.perf_counter()
         # A trainer group's engine (group.py) runs each request alone on every rank.
         if isinstance(msg, ForwardBackward) and self.cfg.max_shared_requests > 1 and isinstance(self.engine, LoraEngine):
-            fut = await self._forward_backward(msg, rec.owner)
+            # Cancelled before its call starts, it never runs (as a queued executor call).
+            fut = await self._compute.submit(rec.owner, cost_of(msg), self._apply_shared, (msg, rec.owner), kind=("fb", msg.forward_only))
         else:
-            fut = await self._run(self._apply, msg, rec.owner)
+            fut = await self._run(self._apply, msg, rec.owner, key=rec.owner, cost=cost_of(msg))
         if isinstance(msg, (ForwardBackward, OptimStep)) and fut.state == "done":  # billing usage (read back deduplicated by request id)
             try:
                 if isinstance(msg, ForwardBackward):
@@ -331,15 +314,15 @@ class Trainer:
             obj = paths.checkpoint_object(rec.model_id, msg.seq_id, msg.kind)
             files: list[str] = []
             if msg.kind == "sampler":
-                blob = await self._run(weights.adapter_bytes, self.engine, rec.model_id)
+                blob = await self._run(weights.adapter_bytes, self.engine, rec.model_id, key=rec.owner)
                 await self.bus.objects.put(obj, blob)
                 size = len(blob)
             elif msg.kind == "state":
-                blob = await self._run(lambda: weights.state_bytes(self.engine, rec.model_id, with_optimizer=True))
+                blob = await self._run(lambda: weights.state_bytes(self.engine, rec.model_id, with_optimizer=True), key=rec.owner)
                 await self.bus.objects.put(obj, blob)
                 size = len(blob)
             else:
-                folder = await self._run(self.engine.peft_files, rec.model_id)
+                folder = await self._run(self.engine.peft_files, rec.model_id, key=rec.owner)
                 for name, data in folder.items():
                     await self.bus.objects.put(f"{obj}/{name}", data)
                 files, size = sorted(folder), sum(len(d) for d in folder.values())
@@ -369,16 +352,16 @@ class Trainer:
         """load_state in sequence: the checkpoint replaces the weights (and the optimizer)."""
         base = dict(request_id=msg.request_id, owner=rec.owner, request_type="LoadWeights")
         try:
-            await self._import(rec.model_id, msg.object, msg.with_optimizer)
+            await self._import(rec.model_id, msg.object, msg.with_optimizer, key=rec.owner)
             result = {"path": msg.path, "type": "load_weights"}
             return Future(state="done", payload=msgspec.json.encode(result), finished_at=time.time(), **base)
         except InvalidRequest as e:
             return Future(state="failed", error=str(e), category="user", finished_at=time.time(), **base)
 
-    async def _import(self, model_id: str, obj: str, with_optimizer: bool) -> None:
+    async def _import(self, model_id: str, obj: str, with_optimizer: bool, key: str = "") -> None:
         blob = await recovery.checkpoint_blob(self.bus, obj)
-        tensors, meta = await self._run(weights.read_state, blob)
-        await self._run(lambda: self.engine.import_state(model_id, tensors, meta, with_optimizer=with_optimizer))
+        tensors, meta = await self._run(weights.read_state, blob, key=key)
+        await self._run(lambda: self.engine.import_state(model_id, tensors, meta, with_optimizer=with_optimizer), key=key)
 
     # -- tenants
 
@@ -401,13 +384,13 @@ class Trainer:
         started = time.monotonic()
         fresh = not self.engine.has(model_id)
         if fresh:
-            await self._run(self.engine.create, model_id, rec.lora)
+            await self._run(self.engine.create, model_id, rec.lora, key=rec.owner)
         seq = 1
         restored = False
         snap = await recovery.newest_snapshot(self.bus, model_id)
         if snap is not None:
             try:
-                await self._import(model_id, snap.object, with_optimizer=True)
+                await self._import(model_id, snap.object, with_optimizer=True, key=rec.owner)
                 seq = snap.seq_id + 1
                 restored = True
             except InvalidRequest as e:  # unreadable: the full log rebuilds it, unless purged (below)
@@ -416,7 +399,7 @@ class Trainer:
         # snapshots its seq 0 when it is created, so the checkpoint may be deleted later).
         if fresh and not restored and rec.init_state is not None:
             try:
-                await self._import(model_id, rec.init_state, rec.init_with_optimizer)
+                await self._import(model_id, rec.init_state, rec.init_with_optimizer, key=rec.owner)
             except InvalidRequest:
                 await self._run(self.engine.drop, model_id)
                 raise
@@ -528,7 +511,7 @@ class Trainer:
             # would not hold. Exported while this model's turn is still held, and so is the log
             # position it covers (nothing past this seq_id is applied yet).
             if isinstance(msg, OptimStep) and fut.state == "done" and 0 < self.cfg.snapshot_every <= t.since_snapshot:
-                snapshot = await self._run(lambda: weights.state_bytes(self.engine, msg.model_id, with_optimizer=True))
+                snapshot = await self._run(lambda: weights.state_bytes(self.engine, msg.model_id, with_optimizer=True), key=t.owner)
                 t.since_snapshot = 0
                 purge_below = await recovery.applied_below(self.bus, t.record)
             t.turn.notify_all()
@@ -705,7 +688,7 @@ class Trainer:
             device=base.device,
             started_at=self._started,
             heartbeat_at=now,
-            busy_fraction=min(1.0, self._busy_s / max(now - self._started, 1e-9)),
+            busy_fraction=min(1.0, self._compute.busy_s / max(now - self._started, 1e-9)),
             models=len(self.tenants),
             ranks=getattr(self.engine, "world", 1),
         )

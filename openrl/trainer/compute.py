@@ -1,0 +1,117 @@
+"""The trainer's one compute thread, shared fairly between API keys (openrl/fair.py).
+
+Every call the trainer makes into its engine (a model's forward_backward or optim_step, a save's
+export, a rebuild's import) waits here while the thread is busy, as a job with an owner key and a
+cost in tokens. When the thread frees up, the next job is the one whose key's virtual time is the
+lowest: one key's 4 x 2048-token steps no longer hold up the 16-token steps of sixteen others,
+which run first; the big one runs once the others have run as much, or when nothing else waits.
+
+Jobs of one `kind` (forward_backward, forward-only or not) may share a call: with the job picked,
+up to `max_shared - 1` more of its kind ride along (each key charged its own cost), lowest first,
+those whose keys were not past the picked job's end in virtual time (a key's other models
+with it, a key in debt not). The caller keeps each
+model's order: a model holds its turn while its job waits, so it has at most one job here.
+
+    compute = FairCompute(ThreadPoolExecutor(max_workers=1), max_shared=8)
+    out = await compute.call("key-a", 64, engine.optim_step, model_id, adam)
+    fut = await compute.submit("key-b", 4096, run_many, item, kind="fb")   # run_many(items) -> results
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from openrl.bus.errors import Unavailable
+from openrl.fair import FairShare
+
+
+@dataclass
+class _Job:
+    key: str
+    cost: float
+    run: Callable[[list[Any]], list[Any]]  # on the compute thread: one result per item
+    item: Any
+    kind: Hashable | None  # jobs of one kind may share a call
+    done: asyncio.Future
+
+
+def _call_one(items: list[tuple[Callable, tuple]]) -> list[Any]:
+    (fn, args), = items
+    return [fn(*args)]
+
+
+class FairCompute:
+    def __init__(self, pool: ThreadPoolExecutor, *, max_shared: int = 1, share: FairShare | None = None):
+        self.pool = pool
+        self.share = share or FairShare()
+        self.max_shared = max(1, max_shared)
+        self.busy_s = 0.0  # seconds the thread has spent on jobs
+        self._waiting: list[_Job] = []
+        self._dispatching: asyncio.Task | None = None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    async def call(self, key: str, cost: float, fn: Callable, *args) -> Any:
+        """`fn(*args)` on the compute thread, in `key`'s fair turn; its exception is raised here."""
+        return await self.submit(key, cost, _call_one, (fn, args))
+
+    async def submit(self, key: str, cost: float, run: Callable[[list[Any]], list[Any]], item: Any, kind: Hashable | None = None) -> Any:
+        """`run([item, ...])`'s result for `item`, on the compute thread in `key`'s fair turn, in
+        one call with other jobs of the same `kind` (None: alone). Cancelled before its call
+        starts, it never runs."""
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Job(key=key, cost=cost, run=run, item=item, kind=kind, done=done))
+        if self._dispatching is None or self._dispatching.done():
+            self._dispatching = asyncio.ensure_future(self._dispatch())
+        return await done
+
+    def _next(self) -> list[_Job]:
+        """The jobs of the next call (charged), out of the waiting ones."""
+        self._waiting = [j for j in self._waiting if not j.done.done()]  # cancelled callers: never run
+        if not self._waiting:
+            return []
+        lead = self._waiting.pop(self.share.pick(self._waiting, key=lambda j: j.key))
+        before = {j.key: self.share.vtime(j.key) for j in self._waiting}  # as the call is formed
+        end = self.share.charge(lead.key, lead.cost)
+        batch = [lead]
+        if lead.kind is not None and self.max_shared > 1:
+            for job in self.share.order([j for j in self._waiting if j.kind == lead.kind], key=lambda j: j.key):
+                if len(batch) >= self.max_shared:
+                    break
+                if before[job.key] <= end:  # not in debt past the picked job: rides along, charged its own
+                    self.share.charge(job.key, job.cost, advance=False)
+                    batch.append(job)
+            for job in batch[1:]:
+                self._waiting.remove(job)
+        return batch
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch: list[_Job] = []
+        try:
+            while batch := self._next():
+                started = time.perf_counter()
+                try:
+                    results = await loop.run_in_executor(self.pool, batch[0].run, [j.item for j in batch])
+                except Exception as e:  # the call's own error (or the executor shut down): its jobs', not the next ones'
+                    for job in batch:
+                        if not job.done.done():
+                            job.done.set_exception(e)
+                    continue
+                finally:
+                    self.busy_s += time.perf_counter() - started
+                for job, result in zip(batch, results, strict=True):
+                    if not job.done.done():
+                        job.done.set_result(result)
+        finally:  # this task was cancelled (the loop is closing): nobody is left waiting forever
+            for job in batch + self._waiting:
+                if not job.done.done():
+                    job.done.set_exception(Unavailable("trainer stopping"))
+            self._waiting = [j for j in self._waiting if not j.done.done()]

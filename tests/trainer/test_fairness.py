@@ -1,0 +1,114 @@
+"""The trainer's compute thread is shared fairly between keys (trainer/compute.py, openrl/fair.py).
+
+A real Trainer on the session's nats-server and a tiny engine: a hostile key's long requests (one
+per model, four models) are ready first, a small key's short one just after. The small one runs
+second, not after the hostile queue is drained (in arrival order it ran last), alone and in shared
+passes; each model's requests still apply in seq_id order, exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from openrl.bus.messages import ForwardBackward, Future, LoraSpec, ModelRecord
+from openrl.trainer.compute import FairCompute
+from openrl.trainer.service import Held
+from factories import datum
+from test_trainer_bounds import BASE, _future, _trainer
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def long_fb(model_id: str, seq_id: int, rows: int, length: int) -> ForwardBackward:
+    rng = np.random.default_rng(seq_id + 7 * rows)
+    data = [datum(rng.integers(0, 96, length), rng.integers(0, 96, length), np.ones(length)) for _ in range(rows)]
+    return ForwardBackward(request_id=f"{model_id}-{seq_id}", model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy", data=data)
+
+
+async def model_of(bus, trainer, owner: str) -> str:
+    """A model of `owner`, built and held (its consumer is not under test)."""
+    model_id = f"s-{uuid.uuid4().hex[:8]}:train:0"
+    rec = ModelRecord(model_id=model_id, session_id=model_id.split(":")[0], owner=owner, base_model=BASE, lora=LoraSpec(rank=4, seed=1),
+                      created_at=time.time(), create_request_id=f"create-{model_id}")  # fmt: skip
+    await bus.kv_put(bus.models, model_id, rec)
+    trainer.held[model_id] = Held(stop=asyncio.Event(), task=None)
+    await trainer.tenant(model_id)  # hydrated now: on_train reaches the compute queue without waiting on the bus
+    return model_id
+
+
+async def pending(bus, msg, owner: str) -> None:
+    await bus.kv_create(bus.futures, msg.request_id, Future(request_id=msg.request_id, owner=owner, request_type="ForwardBackward", created_at=time.time()))
+
+
+async def run_hostile_then_small(bus, path, max_shared: int) -> list[list[str]]:
+    """The engine calls, as lists of the models in each, for: four hostile models' 4 x 60-token
+    steps arriving first, then a small model's 6-token step; then the hostile models' second steps."""
+    await bus.ensure()
+    trainer = await _trainer(bus, path, max_shared_requests=max_shared)
+    calls: list[list[str]] = []
+    one, many = trainer.engine.forward_backward, trainer.engine.forward_backward_many
+    trainer.engine.forward_backward = lambda req: calls.append([req.model_id]) or one(req)
+    trainer.engine.forward_backward_many = lambda reqs: calls.append([r.model_id for r in reqs]) or many(reqs)
+    hostile = [await model_of(bus, trainer, "hostile") for _ in range(4)]
+    small = await model_of(bus, trainer, "small")
+    msgs = [long_fb(m, s, 4, 60) for s in (1, 2) for m in hostile]
+    tiny = long_fb(small, 1, 1, 6)
+    for msg in msgs:
+        await pending(bus, msg, "hostile")
+    await pending(bus, tiny, "small")
+    # All handed over in one go, in arrival order (the hostile ones first; each hostile model's
+    # seq 2 waits for its seq 1): the compute queue sees them in that order.
+    await asyncio.wait_for(asyncio.gather(*(trainer.on_train(m) for m in [*msgs, tiny])), 120)
+    for msg in [*msgs, tiny]:
+        fut = await _future(bus, msg.request_id)
+        assert fut.state == "done", fut.error
+    # Each model's requests ran in seq_id order, exactly once.
+    assert sorted(m for c in calls for m in c) == sorted([*hostile * 2, small])
+    for m in hostile:
+        assert trainer.tenants[m].next_seq == 3
+    return [[("small" if m == small else f"h{hostile.index(m)}") for m in c] for c in calls]
+
+
+async def test_a_small_key_runs_before_a_hostile_keys_queue_is_drained(bus, qwen3_path):
+    calls = await run_hostile_then_small(bus, qwen3_path, max_shared=1)
+    # In arrival order the small step ran fifth, after all four hostile steps of 240 tokens.
+    assert calls[:2] == [["h0"], ["small"]], calls
+
+
+async def test_in_shared_passes_the_small_key_rides_with_the_first(bus, qwen3_path):
+    calls = await run_hostile_then_small(bus, qwen3_path, max_shared=2)
+    # In arrival order: [h0, h1], [h2, h3], [small], ...
+    assert calls[0] == ["h0", "small"], calls
+    assert all(len(set(c)) == len(c) for c in calls)  # never two requests of one model in a call
+
+
+async def test_fair_compute_shares_calls_only_with_keys_not_in_debt():
+    """FairCompute alone (no engine): a key in debt does not ride along in another key's call, and a
+    call's exception goes to its own callers only."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    compute = FairCompute(ThreadPoolExecutor(max_workers=1), max_shared=8)
+    calls: list[list[str]] = []
+
+    def run(items):
+        calls.append(list(items))
+        return [f"done {i}" for i in items]
+
+    def boom():
+        raise ValueError("its own")
+
+    first = asyncio.ensure_future(compute.submit("h", 1000, run, "h-big", kind="fb"))
+    await asyncio.sleep(0.05)  # running: h is now 1000 tokens ahead
+    rest = [compute.submit("h", 1000, run, "h-next", kind="fb"), compute.submit("a", 10, run, "a-1", kind="fb"),
+            compute.submit("b", 10, run, "b-1", kind="fb"), compute.call("b", 10, boom)]  # fmt: skip
+    got = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert got[:4] == ["done h-big", "done h-next", "done a-1", "done b-1"]
+    assert isinstance(got[4], ValueError)
+    assert calls[0] == ["h-big"]
+    assert calls[1] == ["a-1", "b-1"]  # h (1000 ahead) does not ride with a's call
+    assert calls[2] == ["h-next"]
