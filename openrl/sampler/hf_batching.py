@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from openrl.bus.errors import InvalidRequest
+from openrl.fair import FairShare
 from openrl.sampler.sampling import pick, top_logprobs
 from openrl.sampler.spec import SampledSequence, SampleResult, SampleSpec
 
@@ -140,9 +141,12 @@ class Scheduler:
         scheduler.add("b", spec_b)               # joins the running decode at the next step
 
     `add` validates a request (an invalid one comes back from the next `step` as its
-    InvalidRequest, touching nothing) and queues it. `step` first admits queued requests in
-    order while the active rows stay within `max_batch_rows` (always at least one when none
-    are active): one left-padded prefill forward for all of them (prompt statistics come
+    InvalidRequest, touching nothing) and queues it. `step` first admits queued requests while
+    the active rows stay within `max_batch_rows` (always at least one when none are active),
+    fairly between their owner keys (openrl/fair.py: the key that has been admitted the fewest
+    tokens, num_samples x (prompt + max_tokens), goes first; in order within a key), so one key's
+    128-row requests cannot fill the batch while others wait: one left-padded prefill forward
+    for all of them (prompt statistics come
     from it), their KV cache repeated to `num_samples` rows and merged into the running
     one. Then it draws one token for every active row and runs one forward (base and
     adapters mixed) for the rows that go on; it returns the requests whose last row stopped.
@@ -158,6 +162,7 @@ class Scheduler:
     def __init__(self, sampler):  # a TransformersSampler (hf_model.py imports this module)
         self.sampler = sampler
         self._waiting: deque[_Request] = deque()
+        self.share = FairShare()  # between the owner keys of waiting requests
         self._running: dict[int, _Request] = {}  # by admission number
         self._admitting: list[_Request] = []  # being prefilled and merged (for `abort` if that fails)
         self._done: list[tuple[object, SampleResult | InvalidRequest]] = []
@@ -266,9 +271,15 @@ class Scheduler:
     def _admit(self) -> None:
         cap, rows = self.sampler.max_batch_rows, self.rows
         group: list[_Request] = []
-        while self._waiting and (rows + self._waiting[0].spec.num_samples <= cap or (rows == 0 and not group)):
-            group.append(self._waiting.popleft())
-            rows += group[-1].spec.num_samples
+        while self._waiting:
+            i = self.share.pick(self._waiting, key=lambda r: r.spec.owner)
+            request = self._waiting[i]
+            if rows + request.spec.num_samples > cap and (rows or group):  # the fair next waits for room
+                break
+            del self._waiting[i]
+            self.share.charge(request.spec.owner, request.spec.cost)
+            group.append(request)
+            rows += request.spec.num_samples
         if not group:
             return
         self._admitting = group

@@ -4,6 +4,8 @@ knows nothing of threads. The engine's own compute thread runs a `Scheduler` (co
 hf_batching.py) over a `TransformersSampler` (hf_model.py): it admits what is queued into the
 running decode between steps (at most `max_requests` requests at once, base model and adapters
 mixed in every forward) and hands each request's result back as soon as its last row stops.
+Both admissions, into the running requests and into the decode's rows, are fair between the
+requests' owner keys (openrl/fair.py), not first come first served.
 
     engine = HfEngine(TransformersSampler(path), max_requests=64)
     result = await engine.sample(SampleSpec(prompt=ids, num_samples=4), blob)   # blob: the adapter's safetensors, or None
@@ -43,6 +45,7 @@ from safetensors.torch import load
 from openrl import metrics
 from openrl.bus.errors import InvalidRequest
 from openrl.bus.messages import LORA_ALPHA
+from openrl.fair import FairShare
 from openrl.sampler.hf_batching import Scheduler
 from openrl.sampler.hf_model import SlotsBusy, TransformersSampler
 from openrl.sampler.spec import SampleResult, SamplerInfo, SampleSpec, check_spec
@@ -134,11 +137,14 @@ class HfEngine:
             log.exception("sample_engine_died")
 
     def _loop(self) -> None:
-        """Admit queued jobs between decode steps; resolve each job when its request finishes.
-        After a failed step, its requests run one at a time before anything new is admitted."""
+        """Admit queued jobs between decode steps, fairly between keys; resolve each job when its
+        request finishes. After a failed step, its requests run one at a time before anything new
+        is admitted."""
         scheduler = Scheduler(self.sampler)
         active: dict[int, _Job] = {}
         solo: deque[_Job] = deque()
+        pending: list[_Job] = []  # taken off the queue, not yet admitted (at most max_requests run)
+        share = FairShare()
         numbers = itertools.count()
         while not self._halt.is_set():
             self._drop_cancelled(scheduler, active)
@@ -147,13 +153,11 @@ class HfEngine:
                     self._admit(scheduler, next(numbers), job, active)
             else:
                 self._retry_blocked(scheduler, numbers, active)
-                while len(active) < self.max_requests:
-                    try:
-                        job = self._jobs.get_nowait() if active or not scheduler.idle else self._jobs.get(timeout=self.idle_wait_s)
-                    except queue.Empty:
-                        break
-                    if not job.cancelled:
-                        self._admit(scheduler, next(numbers), job, active)
+                self._take(pending, wait=not (active or pending or not scheduler.idle))
+                while pending and len(active) < self.max_requests:
+                    job = pending.pop(share.pick(pending, key=lambda j: j.spec.owner))
+                    share.charge(job.spec.owner, job.spec.cost)
+                    self._admit(scheduler, next(numbers), job, active)
             if scheduler.idle:
                 continue
             try:
@@ -174,6 +178,18 @@ class HfEngine:
                 log.debug("sample_done", rows=job.spec.num_samples, ms=round((time.perf_counter() - job.queued) * 1000, 1))
         # Closing: requests still in flight are never answered here; the service does not ack
         # their messages, so they go to another sampler (or this one, restarted).
+
+    def _take(self, pending: list[_Job], wait: bool) -> None:
+        """Move every queued job to `pending` (waiting up to `idle_wait_s` for one if `wait`);
+        drop the cancelled ones."""
+        try:
+            if wait:
+                pending.append(self._jobs.get(timeout=self.idle_wait_s))
+            while True:
+                pending.append(self._jobs.get_nowait())
+        except queue.Empty:
+            pass
+        pending[:] = [job for job in pending if not job.cancelled]
 
     def _drop_cancelled(self, scheduler: Scheduler, active: dict[int, _Job]) -> None:
         """Take the requests whose callers stopped waiting (a cancelled `sample`: the client left)

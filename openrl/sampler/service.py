@@ -140,9 +140,10 @@ class Sampler:
 
     # -- requests
 
-    def spec(self, msg: SampleRequest) -> sp.SampleSpec:
-        """The engine's request for `msg`. Sizes are checked before anything is allocated for them
-        (a message need not have come through a gateway)."""
+    def spec(self, msg: SampleRequest, owner: str = "") -> sp.SampleSpec:
+        """The engine's request for `msg` (of the API key `owner`, as its future says). Sizes are
+        checked before anything is allocated for them (a message need not have come through a
+        gateway)."""
         if len(msg.prompt) % 4:
             raise InvalidRequest("prompt: packed int32 token ids expected")
         n, context = len(msg.prompt) // 4, self.backend.info.max_context
@@ -165,6 +166,7 @@ class Sampler:
             target_prompt_logprobs=target,
             prompt_alt_tokens_k=msg.prompt_alt_tokens_k,
             adapter=msg.weights,
+            owner=owner,
         )
 
     async def on_sample(self, msg: SampleRequest) -> None:
@@ -177,7 +179,7 @@ class Sampler:
         usage = None
         started = time.perf_counter()
         try:
-            spec = self.spec(msg)
+            spec = self.spec(msg, stored.owner)
             # Content checks now; the adapter is looked up by the engine.
             self.backend.validate(dataclasses.replace(spec, adapter=None))
             # Fetch the weights now, so the engine never waits on the network.

@@ -40,6 +40,7 @@ class SampleSpec:
     target_prompt_logprobs: np.ndarray | None = None  # int [L-1, K] dense, -1 = nothing asked
     prompt_alt_tokens_k: int = 0
     adapter: str | None = None  # the adapter's key (its object name); None = the base model
+    owner: str = ""  # the API key the request belongs to: admission is fair between keys (openrl/fair.py)
 
     # The engines read the sampling parameters through these.
     @property
@@ -57,6 +58,11 @@ class SampleSpec:
     @property
     def top_p(self) -> float:
         return self.params.top_p
+
+    @property
+    def cost(self) -> int:
+        """What the request costs a key's fair share, in tokens: every row's prompt and budget."""
+        return self.num_samples * (len(self.prompt) + self.max_tokens)
 
     @property
     def seed(self) -> int | None:
