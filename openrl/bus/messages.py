@@ -22,6 +22,9 @@ import msgspec
 
 MAX_NUM_SAMPLES = 128  # sequences one sample request may ask for
 MAX_TOPK = 64  # topk_prompt_logprobs, topk_sample_logprobs, prompt_alt_tokens_k
+MAX_STOP_STRINGS = 16  # stop strings per sample request (each row matches every one after every token)
+MAX_STOP_STRING_CHARS = 256  # characters of one stop string
+MAX_STOP_TOKEN_IDS = 256  # stop token ids per sample request (a [rows, ids] tensor in the sampler)
 MAX_TENSOR_COLUMNS = 1024  # K of an (N, K) tensor: top-K targets, target_prompt_logprobs
 # A request's tensors counted as dense (a sparse one as rows x columns, whatever it lists):
 # what a worker may have to allocate for them. 2^24 elements is 128 MiB of int64.

@@ -11,7 +11,7 @@ import math
 import numbers
 
 from openrl.bus.errors import InvalidRequest
-from openrl.bus.messages import SampleRequest, SamplingParams
+from openrl.bus.messages import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SampleRequest, SamplingParams
 
 
 def check_params(p: SamplingParams) -> None:
@@ -26,8 +26,14 @@ def check_params(p: SamplingParams) -> None:
         raise InvalidRequest(f"sampling_params.top_k must be -1 (off) or >= 1, got {p.top_k}")
     if p.seed is not None and not _is_int(p.seed):
         raise InvalidRequest(f"sampling_params.seed must be an integer, got {p.seed!r}")
+    if len(p.stop_strings) > MAX_STOP_STRINGS:
+        raise InvalidRequest(f"sampling_params.stop: {len(p.stop_strings)} stop strings; at most {MAX_STOP_STRINGS} are allowed")
     if not all(isinstance(s, str) and s for s in p.stop_strings):
         raise InvalidRequest("sampling_params.stop: stop strings must be non-empty strings")
+    if any(len(s) > MAX_STOP_STRING_CHARS for s in p.stop_strings):
+        raise InvalidRequest(f"sampling_params.stop: a stop string may hold at most {MAX_STOP_STRING_CHARS} characters")
+    if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequest(f"sampling_params.stop: {len(p.stop_token_ids)} stop token ids; at most {MAX_STOP_TOKEN_IDS} are allowed")
     if not all(_is_int(t) and t >= 0 for t in p.stop_token_ids):
         raise InvalidRequest("sampling_params.stop: token ids must be integers >= 0")
 

@@ -52,7 +52,7 @@ from multidict import CIMultiDict
 
 from openrl.bus import subjects
 from openrl.bus.errors import InvalidRequest, NotFound, Unauthorized, Unavailable
-from openrl.bus.messages import Future, SampleRequest, SampleResult, WorkerInfo, decode
+from openrl.bus.messages import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, Future, SampleRequest, SampleResult, WorkerInfo, decode
 from openrl.gateway import bodies, http
 from openrl.gateway.names import check_id
 from openrl.gateway.service import Gateway, sample_fields
@@ -64,7 +64,7 @@ MAX_N = 128  # choices per prompt (the samplers' num_samples bound)
 MAX_SEQUENCES = 256  # prompts x n
 MAX_COMPLETION_LOGPROBS = 5  # completions' `logprobs`, as OpenAI's
 MAX_TOP_LOGPROBS = 20  # chat's `top_logprobs`, as OpenAI's
-MAX_STOP = 16  # stop strings
+MAX_STOP = MAX_STOP_STRINGS  # stop strings, each at most MAX_STOP_STRING_CHARS
 MAX_MESSAGES = 4096
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 POLL_S = 1.0  # how often a waiting request checks that its client is still there
@@ -349,6 +349,8 @@ class Params:
         stops = [value] if isinstance(value, str) else value
         if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
             raise BadParam(f"stop must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
+            raise BadParam(f"a stop string may hold at most {MAX_STOP_STRING_CHARS} characters", "stop")
         return stops
 
     def stream_options(self, stream: bool) -> bool:

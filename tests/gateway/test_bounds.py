@@ -22,7 +22,14 @@ import pytest
 import tinker
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
-from openrl.bus.messages import MAX_NUM_SAMPLES, MAX_REQUEST_ELEMENTS, MAX_TENSOR_COLUMNS
+from openrl.bus.messages import (
+    MAX_NUM_SAMPLES,
+    MAX_REQUEST_ELEMENTS,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TENSOR_COLUMNS,
+)
 from openrl.gateway.bounds import MAX_MESSAGE_BYTES
 from openrl.gateway.http import request_id
 from openrl.gateway.proto import pb
@@ -98,6 +105,16 @@ def test_sample_requests_past_a_bound_are_refused_at_once(http, sampler):
     for field, value in (("seq_id", 2**70), ("num_samples", 2**64), ("sampling_params", {"max_tokens": 2, "seed": 2**65})):
         refused(http.post("/asample", json=asample(sampler, **{field: value})), 400, field if field != "sampling_params" else "seed")
     refused(http.post("/asample", json=asample(sampler, sampling_params={"max_tokens": 2, "stop": [2**40]})), 400, "int32")
+    many = ["x"] * (MAX_STOP_STRINGS + 1)
+    refused(http.post("/asample", json=asample(sampler, sampling_params={"max_tokens": 2, "stop": many})), 400, "stop strings", str(MAX_STOP_STRINGS))
+    long = "y" * (MAX_STOP_STRING_CHARS + 1)
+    refused(http.post("/asample", json=asample(sampler, sampling_params={"max_tokens": 2, "stop": ["z", long]})), 400, "stop", str(MAX_STOP_STRING_CHARS))
+    ids = list(range(MAX_STOP_TOKEN_IDS + 1))
+    refused(http.post("/asample", json=asample(sampler, sampling_params={"max_tokens": 2, "stop": ids})), 400, "stop token ids", str(MAX_STOP_TOKEN_IDS))
+    at_bounds = {"max_tokens": 2, "temperature": 0.0, "stop": ["x" * MAX_STOP_STRING_CHARS] * MAX_STOP_STRINGS}
+    r = http.post("/asample", json=asample(sampler, seq_id=3, sampling_params=at_bounds))
+    assert r.status_code == 200, r.text
+    assert "bytes" in http.result(r.json()["request_id"])
     # Within the bounds it samples, and a sparse target that is allowed works.
     ok = {"data": [5, 7], "dtype": "int64", "shape": [2, 2], "sparse_crow_indices": [0, 1, 2], "sparse_col_indices": [0, 1]}
     r = http.post("/asample", json=asample(sampler, seq_id=2, target_prompt_logprobs=ok))
