@@ -15,7 +15,10 @@ ahead itself) lets the request through: the trainer's own check stays the backst
 
 A refused request fills nothing: the model has not reached its place, so its seq_id stays
 open, and a request with that seq_id sent once the model has caught up is applied as usual
-(docs/limits.md).
+(docs/limits.md). So the refusal is a 429 with Retry-After, not a 400: the SDK sends the same
+request again after its back-off (for up to 5 minutes) instead of giving up on that seq_id
+and moving on, which would leave a hole that every later request of the model waits behind.
+A client pipelining more than the window ahead is slowed down, never stranded.
 """
 
 from __future__ import annotations
@@ -24,14 +27,18 @@ import time
 from collections import OrderedDict
 
 from openrl.bus.client import Bus
-from openrl.bus.errors import InvalidRequest
 from openrl.bus.messages import Future, ModelRecord
-from openrl.gateway.http import request_id
+from openrl.gateway.http import Backlogged, request_id
 
 # A trainer's future error for a request it refused as too far ahead (trainer.service.TOO_FAR_AHEAD;
 # the gateway may not import the trainer).
 TOO_FAR_AHEAD = "too far ahead"
 MAX_MODELS = 65536  # models whose progress is cached (least recently used dropped)
+
+
+class TooFarAhead(Backlogged):
+    """A sequenced request more than the window past its model's progress: 429 with
+    Retry-After, nothing recorded (the client sends it again once the model has caught up)."""
 
 
 class Progress:
@@ -51,7 +58,7 @@ class Progress:
             d.popitem(last=False)
 
     async def check(self, rec: ModelRecord, seq_id: int) -> None:
-        """InvalidRequest when seq_id is more than the window past the model's next seq_id."""
+        """TooFarAhead when seq_id is more than the window past the model's next seq_id."""
         if self.window <= 0:
             return
         k = seq_id - self.window - 1  # must be applied for seq_id to be within the window
@@ -70,8 +77,8 @@ class Progress:
             if fut is None and time.time() - rec.created_at > self.futures_ttl_s:
                 return  # its future may have expired: the trainer decides
             self._put(self.unfinished, model, (k, time.monotonic()))
-        raise InvalidRequest(
+        raise TooFarAhead(
             f"seq_id {seq_id} is too far ahead: at most {self.window} requests may wait past the model's next seq_id, "
             f"and seq_id {k} is not finished yet. Nothing was recorded for seq_id {seq_id}: send it again once the "
-            f"model's earlier requests have finished"
+            f"model's earlier requests have finished (retry after the back-off)"
         )

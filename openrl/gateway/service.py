@@ -67,7 +67,7 @@ from openrl.gateway.bodies import (
     SessionBody,
 )
 from openrl.gateway.futures import Waiters
-from openrl.gateway.progress import Progress
+from openrl.gateway.progress import Progress, TooFarAhead
 from openrl.gateway.quotas import Quotas, Usage
 from openrl.gateway.http import API, InvalidToken, check_ttl, key_id, read_body, reply, request_id
 
@@ -85,7 +85,7 @@ class GatewayConfig:
     fwdbwd_max_chunk_len: int = 1024
     proto_compress_fwdbwd: bool = False
     sample_queue_max: int = 4096  # sample requests waiting for a sampler; above it, 429
-    max_seq_ahead: int = 1024  # the trainers' window: a training request further ahead is a 400 (progress.py)
+    max_seq_ahead: int = 1024  # the trainers' window: a training request further ahead is a 429 (progress.py)
     jwt_auth: bool = False  # tell clients to trade their key for a JWT (auth.py); whoami needs it
     # Sampler retention (catalogue.collect_samplers_once, docs/storage.md): the newest this many
     # unnamed sampler weights of each model are kept; the sweep runs this often; an unreferenced
@@ -682,7 +682,7 @@ class Gateway:
         missing checkpoint, a quota) still takes its seq_id, as a Rejected request whose future
         holds the error: the SDK moves on to seq_id + 1, and the model's sequence must have no
         gap. Unavailable (503) is not a refusal: the client retries the same seq_id. A seq_id
-        too far ahead of the model is refused before, filling nothing (progress.py)."""
+        too far ahead of the model is answered 429 before, filling nothing (progress.py)."""
         await self.progress.check(rec, seq_id)
         try:
             yield
@@ -711,7 +711,7 @@ class Gateway:
                 try:
                     rec = await self.model(place.model_id, owner)
                     await self.progress.check(rec, place.seq_id)
-                except (InvalidRequest, NotFound):
+                except (InvalidRequest, NotFound, TooFarAhead):  # the decoding error it is; a retry cannot mend it
                     raise e from None
                 await self._fill(rec, place.seq_id, str(e))
             raise

@@ -224,20 +224,23 @@ def test_refused_training_requests_leave_no_hole(stack, http, data):
 
 
 def test_far_ahead_requests_are_refused_before_the_log(stack, http, data):
-    """Past the window (1024) of the model's progress: a 400 naming seq_id and the window, at
-    once, for every kind of sequenced request and for an undecodable body; nothing recorded (no
-    future, nothing in the train log), and the model goes on."""
+    """Past the window (1024) of the model's progress: a 429 with Retry-After naming seq_id and
+    the window, at once, for every kind of sequenced request (the SDK sends the same request
+    again after its back-off, where a 400 would make it move on and leave a hole); an
+    undecodable body there is its decoding error (400). Nothing recorded (no future, nothing in
+    the train log), and the model goes on."""
     _, tc = training_client(stack, seed=42, rank=2)
     sdk_steps(tc, [data[:2]])  # seq 1, 2: next is 3
     model = tc.model_id
     for seq in (3 + 1025, 10**6):
         started = time.monotonic()
-        refused(http.post("/optim_step", json={"model_id": model, "seq_id": seq, "adam_params": {"learning_rate": 1e-3}}),
-                400, f"seq_id {seq} is too far ahead", "at most 1024")  # fmt: skip
+        r = http.post("/optim_step", json={"model_id": model, "seq_id": seq, "adam_params": {"learning_rate": 1e-3}})
+        refused(r, 429, f"seq_id {seq} is too far ahead", "at most 1024")
+        assert r.json()["type"] == "rate_limited" and int(r.headers["Retry-After"]) >= 1, (r.headers, r.text)
         assert time.monotonic() - started < 5
         r = http.post("/forward_backward", content=_fb_proto(tc, seq, data[:1]), headers={"Content-Type": "application/x-protobuf"})
-        refused(r, 400, f"seq_id {seq} is too far ahead")
-        refused(http.post("/save_weights", json={"model_id": model, "seq_id": seq, "path": "far"}), 400, "too far ahead")
+        refused(r, 429, f"seq_id {seq} is too far ahead")
+        refused(http.post("/save_weights", json={"model_id": model, "seq_id": seq, "path": "far"}), 429, "too far ahead")
         # An undecodable body at a far seq_id is the decoding error, and fills nothing either.
         refused(http.post("/optim_step", json={"model_id": model, "seq_id": seq, "adam_params": "fast"}), 400, "adam_params")
         r = http.post("/retrieve_future", json={"request_id": request_id("train", model, seq)})
@@ -287,9 +290,8 @@ async def test_far_ahead_check_reads_progress_from_futures(bus):
     read per request) and never outlives it; what the futures cannot tell (a model older than
     the futures' TTL, a place the trainer refused itself) is left to the trainer; nothing is
     written."""
-    from openrl.bus.errors import InvalidRequest
     from openrl.bus.messages import Future, LoraSpec, ModelRecord
-    from openrl.gateway.progress import Progress
+    from openrl.gateway.progress import Progress, TooFarAhead
 
     await bus.ensure()
     model = f"s-{time.monotonic_ns()}:train:0"
@@ -305,19 +307,19 @@ async def test_far_ahead_check_reads_progress_from_futures(bus):
         await progress.check(rec, seq)
     assert progress.reads == 0
     for seq in (6, 7, 10**9):
-        with pytest.raises(InvalidRequest, match=f"seq_id {seq} is too far ahead: at most 4 requests"):
+        with pytest.raises(TooFarAhead, match=f"seq_id {seq} is too far ahead: at most 4 requests"):
             await progress.check(rec, seq)
     assert progress.reads == 1  # one read, then the cached refusal (6's place: seq 1 unfinished)
     for seq in range(1, 4):
         await finish(seq)
-    with pytest.raises(InvalidRequest):  # stale for the TTL (a refused seq_id stays open: it may come again)
+    with pytest.raises(TooFarAhead):  # stale for the TTL (a refused seq_id stays open: it may come again)
         await progress.check(rec, 8)
     await asyncio.sleep(3.1)
     await progress.check(rec, 8)  # seq 3 finished: next >= 4, so 8 is 4 ahead at most
     assert progress.applied[model] == 3 and progress.reads == 2
     await progress.check(rec, 7)  # below what is known applied: no read
     assert progress.reads == 2
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(TooFarAhead):
         await progress.check(rec, 9)
     # A place the trainer refused as too far ahead (it may be skipped since): the trainer decides.
     await finish(4, "failed", "too far ahead: seq_id 4 is ...")
