@@ -5,7 +5,8 @@ The request is an `optim_step` with no accumulated gradients (the trainer's Adam
 parameter), sent one at a time through the tinker SDK, as bench/stack_overhead.py measures it.
 Beside it, to split the total: the SDK's `get_server_capabilities` (one HTTP round trip to
 the gateway, no bus), the same no-op as two plain HTTP calls (httpx: the optim_step POST, the
-retrieve_future poll), and a KV get and a PING from a NATS client (one bus round trip).
+retrieve_future poll, beside a get_server_capabilities GET; per stack, alternating too), and a
+KV get and a PING from a NATS client (one bus round trip).
 
 With `--baseline-tree DIR` (the code before a change, e.g. `git archive HEAD openrl | tar -x
 -C DIR`), a second stack runs from DIR (its `openrl` package first on PYTHONPATH) and the two
@@ -32,7 +33,8 @@ BASE_MODEL = "openrl/tiny-qwen3"
 
 def summary(samples: list[float]) -> dict:
     return {"n": len(samples), "p50_ms": round(float(np.percentile(samples, 50)) * 1000, 2),
-            "p90_ms": round(float(np.percentile(samples, 90)) * 1000, 2), "mean_ms": round(float(np.mean(samples)) * 1000, 2)}  # fmt: skip
+            "p90_ms": round(float(np.percentile(samples, 90)) * 1000, 2), "p99_ms": round(float(np.percentile(samples, 99)) * 1000, 2),
+            "mean_ms": round(float(np.mean(samples)) * 1000, 2)}  # fmt: skip
 
 
 async def bus_round_trips(data_dir: Path, n: int) -> dict:
@@ -67,30 +69,47 @@ async def bus_round_trips(data_dir: Path, n: int) -> dict:
         await nc.close()
 
 
-def raw_http(url: str, model_id: str, n: int) -> dict:
-    """The same no-op as two plain HTTP calls (httpx, one kept-alive connection): the
-    optim_step POST (gateway -> JetStream, answered once published) and the retrieve_future
-    long poll (trainer -> KV future -> gateway). What the SDK adds is the rest."""
+def raw_http(targets: dict[str, tuple[str, str]], n: int, block: int) -> dict:
+    """The same no-op as two plain HTTP calls (httpx, one kept-alive connection per stack):
+    the optim_step POST (gateway -> JetStream, answered once published) and the retrieve_future
+    long poll (trainer -> KV future -> gateway). What the SDK adds is the rest. Beside them,
+    `no_bus_get`: get_server_capabilities the same way (an HTTP round trip, no bus work).
+    `targets`: name -> (base URL, model id); the stacks take turns in blocks of `block`."""
     import httpx
 
-    post, poll = [], []
     headers = {"X-API-Key": API_KEY}
-    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
-        for seq in range(1, n + 1):
-            t0 = time.perf_counter()
-            r = http.post("/api/v1/optim_step", json={"model_id": model_id, "seq_id": seq, "adam_params": {"learning_rate": 1e-4}})
-            r.raise_for_status()
-            t1 = time.perf_counter()
-            while True:
-                f = http.post("/api/v1/retrieve_future", json={"request_id": r.json()["request_id"]})
-                if f.status_code != 408:
-                    f.raise_for_status()
-                    break
-            t2 = time.perf_counter()
-            if seq > 10:  # the first warm the connection
-                post.append(t1 - t0)
-                poll.append(t2 - t1)
-    return {"optim_step_post": summary(post), "retrieve_future": summary(poll), "both": summary([a + b for a, b in zip(post, poll)])}
+    clients = {name: (httpx.Client(base_url=url, headers=headers, timeout=60), model_id) for name, (url, model_id) in targets.items()}
+    times = {name: {"post": [], "poll": [], "plain": []} for name in targets}
+    seq = 0
+    try:
+        for start in range(0, n, block):
+            for name, (http, model_id) in clients.items():
+                for k in range(start, min(start + block, n)):
+                    t = time.perf_counter()  # one HTTP round trip to the gateway with no bus work
+                    http.get("/api/v1/get_server_capabilities").raise_for_status()
+                    plain = time.perf_counter() - t
+                    t0 = time.perf_counter()
+                    r = http.post("/api/v1/optim_step", json={"model_id": model_id, "seq_id": k + 1, "adam_params": {"learning_rate": 1e-4}})
+                    r.raise_for_status()
+                    t1 = time.perf_counter()
+                    while True:
+                        f = http.post("/api/v1/retrieve_future", json={"request_id": r.json()["request_id"]})
+                        if f.status_code != 408:
+                            f.raise_for_status()
+                            break
+                    t2 = time.perf_counter()
+                    if k >= 10:  # the first warm the connection
+                        times[name]["post"].append(t1 - t0)
+                        times[name]["poll"].append(t2 - t1)
+                        times[name]["plain"].append(plain)
+    finally:
+        for http, _ in clients.values():
+            http.close()
+    return {
+        name: {"optim_step_post": summary(t["post"]), "retrieve_future": summary(t["poll"]),
+               "both": summary([a + b for a, b in zip(t["post"], t["poll"])]), "no_bus_get": summary(t["plain"])}
+        for name, t in times.items()
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -139,9 +158,13 @@ def main() -> None:
                         caps[name].append(time.perf_counter() - t1)
             import asyncio
 
-            raw_tc = tinker.ServiceClient(base_url=stacks["this"][1], api_key=API_KEY).create_lora_training_client(base_model=BASE_MODEL, rank=8).result()
-            results["raw_http"] = raw_http(stacks["this"][1], raw_tc.get_info().model_id, 210)
-            print(f"the no-op as two plain HTTP calls: {results['raw_http']}", flush=True)
+            targets = {}
+            for name, (_, url) in stacks.items():
+                raw_tc = tinker.ServiceClient(base_url=url, api_key=API_KEY).create_lora_training_client(base_model=BASE_MODEL, rank=8).result()
+                targets[name] = (url, raw_tc.get_info().model_id)
+            results["raw_http"] = raw_http(targets, args.requests + 10, args.block)
+            for name, r in results["raw_http"].items():
+                print(f"{name}: the no-op as two plain HTTP calls: {r}", flush=True)
 
             results["bus_round_trip"] = asyncio.run(bus_round_trips(Path(tmp) / "this", 200))
             print(f"bus round trips from this process: {results['bus_round_trip']}", flush=True)
@@ -155,7 +178,9 @@ def main() -> None:
               f"(get_server_capabilities) p50 {r['capabilities']['p50_ms']} ms", flush=True)  # fmt: skip
     if "baseline" in results:
         results["ratio_p50"] = round(results["baseline"]["noop"]["p50_ms"] / results["this"]["noop"]["p50_ms"], 3)
-        print(f"baseline / this, no-op p50: {results['ratio_p50']}", flush=True)
+        results["ratio_p99"] = round(results["baseline"]["noop"]["p99_ms"] / results["this"]["noop"]["p99_ms"], 3)
+        print(f"baseline / this, no-op p50: {results['ratio_p50']}, p99: {results['ratio_p99']}", flush=True)
+    results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     finish_results(args.out, results, args, started)
 
 
