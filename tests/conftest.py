@@ -11,9 +11,7 @@ included, runs with HF_HUB_OFFLINE=1: nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from stack_helpers import API_KEY, OTHER_KEY, Stack, alive, bus_config, free_port
+from stack_helpers import API_KEY, OTHER_KEY, bus_config, free_port, run_stack
 
 # Must be set before huggingface_hub is imported anywhere (it reads them at import).
 os.environ.setdefault("OPENRL_TEST_HF_HOME", str(Path.home() / ".cache" / "openrl-tests" / "hf"))
@@ -80,47 +78,6 @@ def default_model() -> Path:
     from openrl.default_model import ensure_default_model
 
     return ensure_default_model()
-
-
-def run_stack(data_dir: Path, nats_credentials: Path, *, args: tuple[str, ...] = (), env: dict[str, str] | None = None):
-    """`openrl up` as a user runs it in `data_dir` (separate processes, supervised, its NATS
-    enforcing the session's credentials, copied to where `openrl up` keeps them); yields the
-    Stack, then stops it with SIGTERM and checks every role stopped within its permissions."""
-    import shutil
-
-    shutil.copy(nats_credentials, data_dir / nats_credentials.name)
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(port),
-        "--api-key", API_KEY, "--log-level", "info", "--threads", "1", "--snapshot-every", "4", *args,
-    ]
-    log = open(data_dir / "up.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OPENRL_API_KEYS": OTHER_KEY, **(env or {})},
-                            start_new_session=True)  # fmt: skip
-    stack_file = data_dir / "run" / "stack.json"
-    deadline = time.monotonic() + 900
-    while not stack_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"openrl up failed to start; see {data_dir}/up.log and {data_dir}/logs:\n" + (data_dir / "up.log").read_text()[-4000:])
-        time.sleep(0.3)
-    facts = json.loads(stack_file.read_text())
-    yield Stack(url=facts["base_url"], api_key=API_KEY, data_dir=data_dir, nats_url=facts["nats_url"], proc=proc)
-    pids = {path.stem: int(path.read_text()) for path in (data_dir / "run").glob("*.pid")}
-    proc.send_signal(signal.SIGTERM)  # what Ctrl-C does
-    try:
-        code = proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise AssertionError("openrl up did not stop within 60 s of SIGTERM") from None
-    finally:
-        log.close()
-    assert code == 0, f"openrl up exited with {code}"
-    running = [role for role, pid in pids.items() if alive(pid)]
-    assert not running, f"still running after openrl up stopped: {running}"
-    # Every role did its work within its permissions: nats-server logs each refusal.
-    violations = [line for line in (data_dir / "logs" / "nats.log").read_text().splitlines() if "Violation" in line]
-    assert not violations, "NATS refused the stack's own processes (openrl/bus/auth.py):\n" + "\n".join(violations[:20])
 
 
 @pytest.fixture(scope="session")

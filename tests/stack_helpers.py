@@ -1,11 +1,14 @@
 """What the tests that drive a stack import by name: the API keys, the base model, the Stack
-handle and process checks. Not in conftest.py: with several conftest.py files collected
-together, `from conftest import ...` finds whichever was imported first."""
+handle, `openrl up` run for a test (`run_stack`) and process checks. Not in conftest.py: with
+several conftest.py files collected together, `from conftest import ...` finds whichever was
+imported first."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -90,3 +93,45 @@ def alive(pid: int) -> bool:
         return open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def run_stack(
+    data_dir: Path, nats_credentials: Path, *, args: tuple[str, ...] = (), env: dict[str, str] | None = None, stop_s: float = 60
+):
+    """`openrl up ARGS` as a user runs it in `data_dir` (separate processes, supervised, its NATS
+    enforcing the session's credentials, copied to where `openrl up` keeps them), with `env`
+    added to the environment; yields the Stack, then stops it with SIGTERM and checks that it
+    stopped within `stop_s`, every role with it, each having kept to its permissions."""
+    shutil.copy(nats_credentials, data_dir / nats_credentials.name)
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(port),
+        "--api-key", API_KEY, "--log-level", "info", "--threads", "1", "--snapshot-every", "4", *args,
+    ]
+    log = open(data_dir / "up.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OPENRL_API_KEYS": OTHER_KEY, **(env or {})},
+                            start_new_session=True)  # fmt: skip
+    stack_file = data_dir / "run" / "stack.json"
+    deadline = time.monotonic() + 900
+    while not stack_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"openrl up failed to start; see {data_dir}/up.log and {data_dir}/logs:\n" + (data_dir / "up.log").read_text()[-4000:])
+        time.sleep(0.3)
+    facts = json.loads(stack_file.read_text())
+    yield Stack(url=facts["base_url"], api_key=API_KEY, data_dir=data_dir, nats_url=facts["nats_url"], proc=proc)
+    pids = {path.stem: int(path.read_text()) for path in (data_dir / "run").glob("*.pid")}
+    proc.send_signal(signal.SIGTERM)  # what Ctrl-C does
+    try:
+        code = proc.wait(stop_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"openrl up did not stop within {stop_s} s of SIGTERM") from None
+    finally:
+        log.close()
+    assert code == 0, f"openrl up exited with {code}"
+    running = [role for role, pid in pids.items() if alive(pid)]
+    assert not running, f"still running after openrl up stopped: {running}"
+    # Every role did its work within its permissions: nats-server logs each refusal.
+    violations = [line for line in (data_dir / "logs" / "nats.log").read_text().splitlines() if "Violation" in line]
+    assert not violations, "NATS refused the stack's own processes (openrl/bus/auth.py):\n" + "\n".join(violations[:20])

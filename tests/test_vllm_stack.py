@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -26,7 +23,7 @@ import pytest
 import tinker
 from tinker import types
 
-from stack_helpers import API_KEY, Stack, free_port
+from stack_helpers import Stack, run_stack
 from vllm_model import VLLM_MODEL, vllm_model, vllm_python  # noqa: F401  (fixtures)
 
 LOGPROB_ATOL = 5e-4
@@ -35,36 +32,11 @@ MAX_ADAPTERS = 2
 
 @pytest.fixture(scope="module")
 def vllm_stack(tmp_path_factory, vllm_python, vllm_model, nats_credentials):
-    data_dir = tmp_path_factory.mktemp("vllm-stack")
-    shutil.copy(nats_credentials, data_dir / nats_credentials.name)
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(port), "--api-key", API_KEY,
-        "--base-model", VLLM_MODEL, "--samplers", "1", "--threads", "1", "--sampler-backend", "vllm",
-        "--sampler-python", vllm_python,
-    ]  # fmt: skip
-    env = {**os.environ, "OPENRL_KV_CACHE_GIB": "0.25", "OPENRL_MAX_MODEL_LEN": "256", "OPENRL_ENFORCE_EAGER": "1",
+    args = ("--base-model", VLLM_MODEL, "--samplers", "1", "--sampler-backend", "vllm", "--sampler-python", vllm_python)
+    env = {"OPENRL_KV_CACHE_GIB": "0.25", "OPENRL_MAX_MODEL_LEN": "256", "OPENRL_ENFORCE_EAGER": "1",
            "OPENRL_MAX_LORA_RANK": "8", "OPENRL_MAX_LORAS": "2", "OPENRL_MAX_ADAPTERS": str(MAX_ADAPTERS),
            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}  # fmt: skip
-    log = open(data_dir / "up.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    stack_file = data_dir / "run" / "stack.json"
-    deadline = time.monotonic() + 600
-    while not stack_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("openrl up failed to start:\n" + (data_dir / "up.log").read_text()[-4000:])
-        time.sleep(0.3)
-    facts = json.loads(stack_file.read_text())
-    yield Stack(url=facts["base_url"], api_key=API_KEY, data_dir=data_dir, nats_url=facts["nats_url"], proc=proc)
-    proc.send_signal(signal.SIGTERM)
-    try:
-        assert proc.wait(90) == 0
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise AssertionError("openrl up did not stop within 90 s of SIGTERM") from None
-    finally:
-        log.close()
+    yield from run_stack(tmp_path_factory.mktemp("vllm-stack"), nats_credentials, args=args, env=env, stop_s=90)
 
 
 def sampler_events(stack: Stack, event: str) -> list[dict]:
