@@ -4,48 +4,27 @@ stack's single trainer computes, and a kill -9 of either rank loses nothing."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import tinker
 
-from stack_helpers import API_KEY, Stack, alive, free_port
+from stack_helpers import alive, run_stack
 from sdk_helpers import assert_logprobs_equal, logprobs, training_client
 
 pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def group_stack(tmp_path_factory, default_model):
-    data_dir = tmp_path_factory.mktemp("group-stack")
-    cmd = [
-        sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(free_port()),
-        "--api-key", API_KEY, "--samplers", "0", "--threads", "1", "--snapshot-every", "4", "--trainer-nproc", "2",
-    ]  # fmt: skip
-    log = open(data_dir / "up.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    stack_file = data_dir / "run" / "stack.json"
-    deadline = time.monotonic() + 600
-    while not stack_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("openrl up --trainer-nproc 2 failed to start:\n" + (data_dir / "up.log").read_text()[-4000:])
-        time.sleep(0.3)
-    facts = json.loads(stack_file.read_text())
-    yield Stack(url=facts["base_url"], api_key=API_KEY, data_dir=data_dir, nats_url=facts["nats_url"], proc=proc)
+def group_stack(tmp_path_factory, default_model, nats_credentials):
+    stacks = run_stack(tmp_path_factory.mktemp("group-stack"), nats_credentials,
+                       args=("--samplers", "0", "--trainer-nproc", "2"), stop_s=90)  # fmt: skip
+    yield next(stacks)
     ranks = rank_pids()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        assert proc.wait(90) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+    next(stacks, None)  # SIGTERM; every role stopped, within its permissions
     assert not [pid for pid in ranks.values() if alive(pid)], "a rank outlived openrl up"
 
 
