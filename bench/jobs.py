@@ -18,6 +18,12 @@ model), one stack:
   first sampled token with the new weights (a 1-token sample on the new sampling client), p50.
 
     python bench/jobs.py [--steps 8] [--models llama,default] [--out bench/results/jobs.json]
+    python bench/jobs.py --only-sync --models default [--sync-n 30] [--baseline-tree DIR]
+
+`--only-sync` measures only the weight sync (p50, p90, and the split: until the SDK's
+save_weights_and_get_sampling_client returned, then the sample), on this tree and, with
+`--baseline-tree DIR` (e.g. `git worktree add DIR <rev>`), on a second stack from DIR, the two
+taking turns in blocks of 5 so machine load hits both alike.
 
 Prints the figures and writes them as JSON, with the load average before and after.
 """
@@ -178,31 +184,65 @@ async def phase(url: str, base_model: str, jobs: int, steps: int, procs: dict[in
             "cpu_s_per_step": cpu, "cpu_s_per_step_total": round(sum(cpu.values()), 4)}  # fmt: skip
 
 
-async def weight_sync(url: str, base_model: str, n: int, vocab: int) -> dict:
-    """save -> the first token sampled with the new weights, after a real training step each time."""
-    from tinker import types
+class WeightSync:
+    """save -> the first token sampled with the new weights, after a real training step each time,
+    on one training client of one stack. `save_ms`: until save_weights_and_get_sampling_client
+    returned (the SDK's save POST and its future); `sample_ms`: the 1-token sample after it."""
 
-    import tinker
+    def __init__(self, url: str, base_model: str):
+        self.url, self.base_model = url, base_model
+        self.times: list[tuple[float, float]] = []
 
-    service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
-    tc = await service.create_lora_training_client(base_model=base_model, rank=8, seed=99)
-    adam = types.AdamParams(learning_rate=1e-4)
-    prompt = list(range(3, 11))
-    times = []
-    for i in range(n + 2):
-        sampler = await tc.save_weights_and_get_sampling_client()
-        g = await sample_group(sampler, prompt, i)
-        data = datums(*g) or datums(g[0], g[1], g[2], [1.0] + [0.0] * (len(g[1]) - 1))
-        fb, opt = tc.forward_backward(data, loss_fn="importance_sampling"), tc.optim_step(adam)
-        await fb
-        await opt
-        t0 = time.perf_counter()
-        sampler = await tc.save_weights_and_get_sampling_client()
-        await sampler.sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=1, temperature=1.0, seed=i))
-        if i >= 2:  # the first two warm the paths
-            times.append(time.perf_counter() - t0)
-    return {"n": n, "p50_ms": round(float(np.median(times)) * 1000, 1), "min_ms": round(min(times) * 1000, 1),
-            "max_ms": round(max(times) * 1000, 1)}  # fmt: skip
+    async def start(self) -> None:
+        import tinker
+        from tinker import types
+
+        self.service = tinker.ServiceClient(base_url=self.url, api_key=API_KEY)
+        self.tc = await self.service.create_lora_training_client(base_model=self.base_model, rank=8, seed=99)
+        self.adam = types.AdamParams(learning_rate=1e-4)
+        self.i = 0
+        await self.measure(2, keep=False)  # the first two warm the paths
+
+    async def measure(self, n: int, keep: bool = True) -> None:
+        from tinker import types
+
+        prompt = list(range(3, 11))
+        for _ in range(n):
+            self.i += 1
+            sampler = await self.tc.save_weights_and_get_sampling_client()
+            g = await sample_group(sampler, prompt, self.i)
+            data = datums(*g) or datums(g[0], g[1], g[2], [1.0] + [0.0] * (len(g[1]) - 1))
+            fb, opt = self.tc.forward_backward(data, loss_fn="importance_sampling"), self.tc.optim_step(self.adam)
+            await fb
+            await opt
+            t0 = time.perf_counter()
+            sampler = await self.tc.save_weights_and_get_sampling_client()
+            t1 = time.perf_counter()
+            await sampler.sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=1, temperature=1.0, seed=self.i))
+            if keep:
+                self.times.append((t1 - t0, time.perf_counter() - t1))
+
+    def summary(self) -> dict:
+        total = [a + b for a, b in self.times]
+
+        def ms(xs, q):
+            return round(float(np.percentile(xs, q)) * 1000, 1)
+
+        return {"n": len(total), "p50_ms": ms(total, 50), "p90_ms": ms(total, 90), "min_ms": round(min(total) * 1000, 1),
+                "max_ms": round(max(total) * 1000, 1), "save_p50_ms": ms([a for a, _ in self.times], 50),
+                "sample_p50_ms": ms([b for _, b in self.times], 50)}  # fmt: skip
+
+
+async def weight_sync(urls: dict[str, str], base_model: str, n: int, block: int = 5) -> dict:
+    """`WeightSync` on each stack (name -> URL), taking turns in blocks of `block`, so machine
+    load hits them alike."""
+    syncs = {name: WeightSync(url, base_model) for name, url in urls.items()}
+    for s in syncs.values():
+        await s.start()
+    for start in range(0, n, block):
+        for s in syncs.values():
+            await s.measure(min(block, n - start))
+    return {name: s.summary() for name, s in syncs.items()}
 
 
 def run_model(name: str, base_model: str, vocab: int, args) -> dict:
@@ -217,11 +257,38 @@ def run_model(name: str, base_model: str, vocab: int, args) -> dict:
                 out[f"jobs_{jobs}"] = row
                 print(f"{name}: {jobs} job(s): {row['steps_per_s']} RL steps/s; CPU-s per RL step {row['cpu_s_per_step']}", flush=True)
             out["ratio"] = round(out[f"jobs_{args.jobs}"]["steps_per_s"] / out["jobs_1"]["steps_per_s"], 3)
-            out["weight_sync"] = asyncio.run(weight_sync(url, base_model, args.sync_n, vocab))
+            out["weight_sync"] = asyncio.run(weight_sync({"this": url}, base_model, args.sync_n))["this"]
             print(f"{name}: {args.jobs} jobs / 1 job = {out['ratio']}; weight sync p50 {out['weight_sync']['p50_ms']} ms", flush=True)
             return out
         finally:
             stop_stack(proc)
+
+
+def run_sync(name: str, base_model: str, args) -> dict:
+    """Only the weight sync (`--only-sync`), on this tree's stack and, with --baseline-tree,
+    on a second stack from that tree (its `openrl` first on PYTHONPATH), in alternating blocks."""
+    trees = {"this": str(ROOT)} | ({"baseline": str(Path(args.baseline_tree).resolve())} if args.baseline_tree else {})
+    pythonpath = os.environ.get("PYTHONPATH", "")
+    stacks = {}
+    with tempfile.TemporaryDirectory(prefix="openrl-bench-sync-") as tmp:
+        try:
+            for tree_name, tree in trees.items():
+                os.environ["PYTHONPATH"] = os.pathsep.join(x for x in [tree, pythonpath] if x)
+                stacks[tree_name] = start_stack(Path(tmp) / tree_name, "--base-model", base_model, "--threads", str(args.threads))
+            os.environ["PYTHONPATH"] = pythonpath
+            out = {"base_model": base_model, "trees": trees}
+            out |= asyncio.run(weight_sync({k: url for k, (_, url) in stacks.items()}, base_model, args.sync_n))
+            for tree_name in trees:
+                r = out[tree_name]
+                print(f"{name} [{tree_name}]: weight sync p50 {r['p50_ms']} ms, p90 {r['p90_ms']} ms "
+                      f"(save {r['save_p50_ms']}, sample {r['sample_p50_ms']})", flush=True)  # fmt: skip
+            if "baseline" in out:
+                out["ratio_p50"] = round(out["baseline"]["p50_ms"] / out["this"]["p50_ms"], 3)
+                print(f"{name}: baseline / this, weight sync p50: {out['ratio_p50']}", flush=True)
+            return out
+        finally:
+            for proc, _ in stacks.values():
+                stop_stack(proc)
 
 
 def main() -> None:
@@ -229,27 +296,33 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="RL steps per job in each phase")
     p.add_argument("--jobs", type=int, default=6, help="concurrent jobs of the second phase")
     p.add_argument("--models", default="llama,default")
-    p.add_argument("--sync-n", type=int, default=10, help="weight-sync measurements")
+    p.add_argument("--sync-n", type=int, default=10, help="weight-sync measurements (per tree)")
+    p.add_argument("--only-sync", action="store_true", help="only the weight sync (about a minute per model)")
+    p.add_argument("--baseline-tree", default="", help="with --only-sync: a source tree to measure against, in alternating blocks")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "jobs.json"))
+    p.add_argument("--out", default="", help="default bench/results/jobs.json (weight_sync.json with --only-sync)")
     args = p.parse_args()
+    args.out = args.out or str(ROOT / "bench" / "results" / ("weight_sync.json" if args.only_sync else "jobs.json"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TINKER_TELEMETRY", "0")
     started = time.perf_counter()
     results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
                      "workload": {"prompts": PROMPTS, "samples": SAMPLES, "tokens": TOKENS, "reward_s_per_group": REWARD_S,
                                   "reward": "asyncio.sleep in the bench process", "loss_fn": "importance_sampling"}}  # fmt: skip
+    if args.baseline_tree and not args.only_sync:
+        p.error("--baseline-tree needs --only-sync")
     for name in args.models.split(","):
         if name == "llama":
             ensure_llama()
-            results["llama"] = run_model(name, LLAMA, LLAMA_ARCH["vocab_size"], args)
+            base_model, vocab = LLAMA, lambda: LLAMA_ARCH["vocab_size"]
         else:
             from transformers import AutoTokenizer
 
             from openrl.default_model import DEFAULT_MODEL, ensure_default_model
 
             # Prompts of ids the tokenizer has (the model's vocab is padded past them).
-            results["default"] = run_model(name, DEFAULT_MODEL, len(AutoTokenizer.from_pretrained(ensure_default_model())), args)
+            base_model, vocab = DEFAULT_MODEL, lambda: len(AutoTokenizer.from_pretrained(ensure_default_model()))
+        results[name] = run_sync(name, base_model, args) if args.only_sync else run_model(name, base_model, vocab(), args)
     finish_results(args.out, results, args, started)
 
 
