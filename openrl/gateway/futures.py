@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Callable
 
 import msgspec
 
@@ -37,9 +38,10 @@ class _Waiter:
 
 
 class Waiters:
-    def __init__(self, bus: Bus, recheck_s: float = 15.0):
+    def __init__(self, bus: Bus, recheck_s: float = 15.0, on_finished: Callable[[str], None] | None = None):
         self.bus = bus
         self.recheck_s = recheck_s
+        self.on_finished = on_finished  # told every finished request's id (subject token), waited on here or not
         self._waiters: dict[str, set[_Waiter]] = {}
         self._sub = None
         self.closing = False  # shutting down: waits return at once (pending: "try again")
@@ -71,7 +73,10 @@ class Waiters:
         return sum(len(v) for v in self._waiters.values())
 
     async def _on_done(self, msg) -> None:
-        waiters = self._waiters.get(msg.subject.removeprefix(f"{subjects.PREFIX}.done."))
+        key = msg.subject.removeprefix(f"{subjects.PREFIX}.done.")
+        if self.on_finished is not None:
+            self.on_finished(key)
+        waiters = self._waiters.get(key)
         if not waiters:
             return
         fut = None

@@ -75,6 +75,7 @@ class Usage:
         self._in_flight: dict[str, dict[str, dict[str, int]]] = {"reward": defaultdict(dict), "sample": defaultdict(dict), "train": defaultdict(dict)}
         self._tasks: list[asyncio.Task] = []
         self._swept: dict[str, float] = {}  # owner -> when its training requests in flight were last read back
+        self._in_flight_as: dict[str, tuple[str, str]] = {}  # request id -> (kind, owner), while in flight
 
     # -- what a key holds
 
@@ -131,6 +132,7 @@ class Usage:
         )  # fmt: skip
 
     def scoring(self, owner: str, request_id: str, items: int) -> None:
+        self._in_flight_as[request_id] = ("reward", owner)
         self._in_flight["reward"][owner][request_id] = items
 
     async def check_samples(self, owner: str, request_id: str, sequences: int) -> None:
@@ -140,6 +142,7 @@ class Usage:
         )  # fmt: skip
 
     def sampling(self, owner: str, request_id: str, sequences: int) -> None:
+        self._in_flight_as[request_id] = ("sample", owner)
         self._in_flight["sample"][owner][request_id] = sequences
 
     async def check_train_bytes(self, owner: str, request_id: str, size: int) -> None:
@@ -152,7 +155,19 @@ class Usage:
 
     def training(self, owner: str, request_id: str, size: int) -> None:
         if self.quotas.train_bytes:  # (off: nothing would ever read the entries back)
+            self._in_flight_as[request_id] = ("train", owner)
             self._in_flight["train"][owner][request_id] = size
+
+    def finished(self, request_id: str) -> None:
+        """A request's future finished (its done notice, which futures.Waiters hears for every
+        request): it is no longer in flight, and no quota check reads its future back. A notice
+        that never arrives (core NATS drops some) is covered by the read-back below."""
+        where = self._in_flight_as.pop(request_id, None)
+        if where is not None:
+            kind, owner = where
+            mine = self._in_flight[kind].get(owner)
+            if mine is not None:
+                mine.pop(request_id, None)
 
     async def _check_in_flight(self, kind: str, owner: str, request_id: str, n: int, q: int, what: str, flag: str,
                                error: type[Exception] = QuotaExceeded) -> None:  # fmt: skip
@@ -176,6 +191,7 @@ class Usage:
                 fut = await self.bus.kv_get(self.bus.futures, rid, Future)
                 if fut is None or fut.state != "pending":
                     held -= mine.pop(rid, 0)
+                    self._in_flight_as.pop(rid, None)
                     if kind == "train" and held + n <= q and len(mine) <= SWEEP_ENTRIES // 2:
                         break
         if (held := sum(mine.values())) + n > q:

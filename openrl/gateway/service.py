@@ -204,9 +204,9 @@ class Gateway:
         self.keys = {key_id(k) for k in cfg.api_keys}
         self.live_keys: set[str] = set()  # ids of the keys made with `openrl keys`, kept current by keys.watch
         self.jwt_secret: bytes | None = None  # loaded at startup by auth.attach
-        self.waiters = Waiters(bus)
-        self.progress = Progress(bus, cfg.max_seq_ahead)  # far-ahead training requests refused before the log
         self.usage = Usage(bus, cfg.quotas)  # what each key holds, for the quota checks (quotas.attach starts it)
+        self.waiters = Waiters(bus, on_finished=self.usage.finished)  # done notices end what usage counts in flight
+        self.progress = Progress(bus, cfg.max_seq_ahead)  # far-ahead training requests refused before the log
         self._workers: tuple[float, list[WorkerInfo]] = (0.0, [])
         self._backlog: tuple[float, int] = (0.0, 0)
 

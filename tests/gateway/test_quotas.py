@@ -236,3 +236,35 @@ async def test_an_unreadable_entry_is_skipped_and_the_watch_goes_on(bus):
     finally:
         await u.stop()
         await bus.models.delete(stray)
+
+
+async def test_a_done_notice_ends_what_a_key_has_in_flight(bus):
+    """A training request stops counting against its key's bytes in flight when its done notice
+    arrives (as the gateway's waiters hear it), with no read-back of its future on a later
+    request's path; one whose notice never came is still read back once the key is at its quota."""
+    from openrl.gateway.futures import Waiters
+
+    u = Usage(bus=bus, quotas=Quotas(train_bytes=1000))
+    waiters = Waiters(bus, on_finished=u.finished)
+    await waiters.start()
+    owner = "k-" + uuid.uuid4().hex[:8]
+    announced, silent = (f"train-{uuid.uuid4().hex}" for _ in range(2))
+    try:
+        for rid in (announced, silent):
+            await bus.kv_put(bus.futures, rid, Future(request_id=rid, owner=owner, request_type="OptimStep", created_at=time.time()))
+            await u.check_train_bytes(owner, rid, 400)
+            u.training(owner, rid, 400)
+        await bus.finish_future(Future(request_id=announced, owner=owner, request_type="OptimStep", state="done", payload=b"{}", finished_at=time.time()))
+        for _ in range(100):
+            if announced not in u._in_flight["train"][owner]:
+                break
+            await asyncio.sleep(0.05)
+        assert set(u._in_flight["train"][owner]) == {silent}, "the done notice did not end the request's bytes in flight"
+
+        # Finished in KV, never announced (a lost notice): read back when the key needs the room.
+        await bus.kv_put(bus.futures, silent, Future(request_id=silent, owner=owner, request_type="OptimStep", state="done", finished_at=time.time()))
+        await u.check_train_bytes(owner, "train-next", 700)
+        assert not u._in_flight["train"][owner]
+        assert not u._in_flight_as, "a forgotten request is still mapped to its key"
+    finally:
+        await waiters.stop()
