@@ -6,6 +6,11 @@ cost in tokens. When the thread frees up, the next job is the one whose key's vi
 lowest: one key's 4 x 2048-token steps no longer hold up the 16-token steps of sixteen others,
 which run first; the big one runs once the others have run as much, or when nothing else waits.
 
+A job may also be a generator run a step at a time (`steps`: a big forward_backward, one
+micro-batch per step): after each step it waits again, in its key's turn, so other keys' jobs run
+between its micro-batches. Its whole cost is charged when it first starts; its later steps cost
+nothing more.
+
 Jobs of one `kind` (forward_backward, forward-only or not) may share a call: with the job picked,
 up to `max_shared - 1` more of its kind ride along (each key charged its own cost), lowest first,
 those whose keys were not past the picked job's end in virtual time (a key's other models
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Generator, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +43,25 @@ class _Job:
     item: Any
     kind: Hashable | None  # jobs of one kind may share a call
     done: asyncio.Future
+    steps: Generator | None = None  # a job run a step at a time: its generator, once started
+
+
+class _Steps:
+    """`run` of a job run a step at a time (FairCompute.steps)."""
+
+    def __init__(self, make: Callable[..., Generator], args: tuple):
+        self.make, self.args = make, args
+
+
+def _advance(job: _Job) -> tuple[bool, Any]:
+    """One step of a stepped job, on the compute thread: (finished, its result)."""
+    if job.steps is None:
+        job.steps = job.item.make(*job.item.args)
+    try:
+        next(job.steps)
+    except StopIteration as done:
+        return True, done.value
+    return False, None
 
 
 def _call_one(items: list[tuple[Callable, tuple]]) -> list[Any]:
@@ -62,6 +86,12 @@ class FairCompute:
         """`fn(*args)` on the compute thread, in `key`'s fair turn; its exception is raised here."""
         return await self.submit(key, cost, _call_one, (fn, args))
 
+    async def steps(self, key: str, cost: float, make: Callable[..., Generator], *args) -> Any:
+        """The return value of the generator `make(*args)`, run on the compute thread a step (a
+        `next`) per turn of `key`: other keys' jobs run between its steps. Its exceptions are
+        raised here. Cancelled, it runs no further step."""
+        return await self.submit(key, cost, _advance, _Steps(make, args))
+
     async def submit(self, key: str, cost: float, run: Callable[[list[Any]], list[Any]], item: Any, kind: Hashable | None = None) -> Any:
         """`run([item, ...])`'s result for `item`, on the compute thread in `key`'s fair turn, in
         one call with other jobs of the same `kind` (None: alone). Cancelled before its call
@@ -71,6 +101,24 @@ class FairCompute:
         if self._dispatching is None or self._dispatching.done():
             self._dispatching = asyncio.ensure_future(self._dispatch())
         return await done
+
+    async def _step(self, loop, job: _Job) -> None:
+        """Run one step of a stepped job; finished, hand its result over, else it waits again."""
+        started = time.perf_counter()
+        try:
+            finished, result = await loop.run_in_executor(self.pool, _advance, job)
+        except Exception as e:
+            if not job.done.done():
+                job.done.set_exception(e)
+            return
+        finally:
+            self.busy_s += time.perf_counter() - started
+        if finished:
+            if not job.done.done():
+                job.done.set_result(result)
+        else:  # its next step in its key's next turn (charged already)
+            job.cost = 0.0
+            self._waiting.append(job)
 
     def _next(self) -> list[_Job]:
         """The jobs of the next call (charged), out of the waiting ones."""
@@ -97,6 +145,9 @@ class FairCompute:
         batch: list[_Job] = []
         try:
             while batch := self._next():
+                if isinstance(batch[0].item, _Steps):
+                    await self._step(loop, batch[0])
+                    continue
                 started = time.perf_counter()
                 try:
                     results = await loop.run_in_executor(self.pool, batch[0].run, [j.item for j in batch])

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Generator
 import json
 import warnings
 from dataclasses import dataclass
@@ -406,6 +407,20 @@ class LoraEngine:
     # ------------------------------------------------------------------ compute
 
     def forward_backward(self, req: ForwardBackward) -> FwdBwdResult:
+        steps = self.forward_backward_steps(req)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def forward_backward_steps(self, req: ForwardBackward) -> Generator[int, None, FwdBwdResult]:
+        """`forward_backward` one micro-batch at a time: yields the tokens of each micro-batch run,
+        returns the result. Between two steps the caller may run other models' calls (the trainer
+        does, so that one big request does not hold the thread for all its passes): every step
+        makes this model's adapter the active one again, and its gradients stay in a local list
+        until the last step adds them to `.grad`, so no other call sees or touches them. With more
+        than one rank nothing is yielded (the ranks' collectives must line up)."""
         tenant = self._tenant(req.model_id)
         signature = requests.check_loss_fn(req.loss_fn)
         config = requests.check_config(req.loss_fn, signature, req.loss_fn_config)
@@ -422,6 +437,9 @@ class LoraEngine:
         passes = -(-len(plan) // self.world)  # every rank the same number, so collectives line up
         with self._unsharded_root():
             for k in range(passes):
+                if k and self.world == 1:
+                    yield sum(batch.lengths[i] for i in mine[k - 1])
+                    self._activate(tenant)  # another model's call may have run meanwhile
                 idx = mine[k] if k < len(mine) else None
                 if not idx:
                     with torch.inference_mode() if req.forward_only else contextlib.nullcontext():

@@ -242,6 +242,19 @@ class Trainer:
                 futs.append(self._fb_future(msg, out, base))
         return futs
 
+    def _apply_steps(self, msg: ForwardBackward, owner: str):
+        """`_apply` of a forward_backward a micro-batch per step (a generator that returns the
+        Future; never raises)."""
+        base = dict(request_id=msg.request_id, owner=owner, finished_at=time.time())
+        try:
+            out = yield from self.engine.forward_backward_steps(msg)
+        except InvalidRequest as e:
+            return Future(request_type=type(msg).__name__, state="failed", error=str(e), category="user", **base)
+        except Exception as e:  # a bug or an OOM: fail this request, keep serving
+            log.exception("train_request_failed", model_id=msg.model_id, seq_id=msg.seq_id)
+            return Future(request_type=type(msg).__name__, state="failed", error=f"trainer error: {e!r}", category="server", **base)
+        return self._fb_future(msg, out, base)
+
     def _apply_shared(self, items: list[tuple[ForwardBackward, str]]) -> list[Future]:
         """forward_backward requests of several models, ready at once, in one call: shared passes
         (`_apply_many`); one alone as usual. Each model holds its turn while its request waits,
@@ -262,7 +275,10 @@ class Trainer:
             return await self._load(msg, rec)
         started = time.perf_counter()
         # A trainer group's engine (group.py) runs each request alone on every rank.
-        if isinstance(msg, ForwardBackward) and self.cfg.max_shared_requests > 1 and isinstance(self.engine, LoraEngine):
+        if isinstance(msg, ForwardBackward) and isinstance(self.engine, LoraEngine) and cost_of(msg) > self.engine.microbatch_tokens:
+            # More than one micro-batch: one per turn of its key, other keys' work runs between.
+            fut = await self._compute.steps(rec.owner, cost_of(msg), self._apply_steps, msg, rec.owner)
+        elif isinstance(msg, ForwardBackward) and self.cfg.max_shared_requests > 1 and isinstance(self.engine, LoraEngine):
             # Cancelled before its call starts, it never runs (as a queued executor call).
             fut = await self._compute.submit(rec.owner, cost_of(msg), self._apply_shared, (msg, rec.owner), kind=("fb", msg.forward_only))
         else:
@@ -315,16 +331,16 @@ class Trainer:
             files: list[str] = []
             if msg.kind == "sampler":
                 blob = await self._run(weights.adapter_bytes, self.engine, rec.model_id, key=rec.owner)
-                await self.bus.objects.put(obj, blob)
+                await objects.put(self.bus.objects, obj, blob)
                 size = len(blob)
             elif msg.kind == "state":
                 blob = await self._run(lambda: weights.state_bytes(self.engine, rec.model_id, with_optimizer=True), key=rec.owner)
-                await self.bus.objects.put(obj, blob)
+                await objects.put(self.bus.objects, obj, blob)
                 size = len(blob)
             else:
                 folder = await self._run(self.engine.peft_files, rec.model_id, key=rec.owner)
                 for name, data in folder.items():
-                    await self.bus.objects.put(f"{obj}/{name}", data)
+                    await objects.put(self.bus.objects, f"{obj}/{name}", data)
                 files, size = sorted(folder), sum(len(d) for d in folder.values())
             if path is None:
                 result = {"sampling_session_id": msg.sampler_id, "type": "save_weights_for_sampler"}

@@ -112,3 +112,67 @@ async def test_fair_compute_shares_calls_only_with_keys_not_in_debt():
     assert calls[0] == ["h-big"]
     assert calls[1] == ["a-1", "b-1"]  # h (1000 ahead) does not ride with a's call
     assert calls[2] == ["h-next"]
+
+
+async def test_a_big_request_runs_a_micro_batch_per_turn_and_others_run_between(bus, qwen3_path):
+    """A request of several micro-batches yields the thread after each (engine.forward_backward_steps):
+    a small key's step, ready just after it, runs after its first micro-batch instead of after its
+    last. Its gradients are its own: result, pending gradients and the step after equal a
+    reference engine's, which ran it whole."""
+    import msgspec
+    import torch
+
+    from openrl.bus.messages import AdamParams, ForwardBackwardResult, OptimStep
+    from openrl.trainer.engine import LoraEngine
+    from openrl.trainer.service import Trainer, TrainerConfig
+
+    await bus.ensure()
+    engine = LoraEngine(qwen3_path, device="cpu", microbatch_tokens=64)  # a 60-token datum per micro-batch
+    trainer = Trainer(TrainerConfig(base_model=BASE, model_path=qwen3_path, worker_id=f"t-{uuid.uuid4().hex[:6]}"), bus, engine)
+    events: list[str] = []
+    steps = engine.forward_backward_steps
+
+    def recorded(req):
+        name = "big" if len(req.data) > 1 else "small"
+        gen = steps(req)
+        while True:
+            try:
+                n = next(gen)
+            except StopIteration as done:
+                events.append(name)
+                return done.value
+            events.append(name)
+            yield n
+
+    engine.forward_backward_steps = recorded
+    big_model, small_model = await model_of(bus, trainer, "hostile"), await model_of(bus, trainer, "small")
+    big, small = long_fb(big_model, 1, 4, 60), long_fb(small_model, 1, 1, 6)
+    await pending(bus, big, "hostile")
+    await pending(bus, small, "small")
+    await asyncio.wait_for(asyncio.gather(trainer.on_train(big), trainer.on_train(small)), 120)
+    assert events == ["big", "small", "big", "big", "big"], events  # arrival order ran the big one whole first
+
+    reference = LoraEngine(qwen3_path, device="cpu")
+    for m in (big_model, small_model):
+        reference.create(m, LoraSpec(rank=4, seed=1))
+    for msg in (big, small):
+        fut = await _future(bus, msg.request_id)
+        assert fut.state == "done", fut.error
+        got, want = msgspec.msgpack.decode(fut.payload, type=ForwardBackwardResult), reference.forward_backward(msg)
+        np.testing.assert_allclose(got.metrics["loss:sum"], want.metrics["loss:sum"], rtol=1e-5, atol=1e-5)
+        for raw, lp in zip(got.logprobs, want.logprobs, strict=True):
+            np.testing.assert_allclose(np.frombuffer(raw, "<f4"), lp, rtol=1e-5, atol=1e-5)
+    for m in (big_model, small_model):
+        got, want = LoraEngine.adapter_grads(engine, m), LoraEngine.adapter_grads(reference, m)
+        assert got.keys() == want.keys()
+        for k in want:
+            if want[k] is None:
+                assert got[k] is None, k
+            else:
+                torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
+    step = OptimStep(request_id=f"{big_model}-2", model_id=big_model, seq_id=2, adam=AdamParams(learning_rate=1e-2))
+    await pending(bus, step, "hostile")
+    await asyncio.wait_for(trainer.on_train(step), 60)
+    reference.optim_step(big_model, step.adam)
+    for k, v in LoraEngine.adapter_state(reference, big_model).items():
+        torch.testing.assert_close(LoraEngine.adapter_state(engine, big_model)[k], v, atol=1e-5, rtol=1e-5)
