@@ -38,6 +38,19 @@ async def test_an_object_much_larger_than_a_chunk_streams_back_byte_for_byte(bus
     await objects.delete(bus.objects, name)
 
 
+async def test_put_writes_an_adapter_in_one_chunk_and_read_gets_an_object_whole(bus):
+    """objects.put's 1 MiB chunks: the default model's adapter (0.5 MB) is one publish on the
+    weight sync's path; a larger object is several chunks and reads back byte for byte."""
+    for blob, n_chunks in ((os.urandom(600_000), 1), (os.urandom(2 * MiB + 7), 3)):
+        name = _name("put")
+        assert await objects.put(bus.objects, name, blob) == len(blob)
+        assert (await bus.objects.get_info(name)).chunks == n_chunks
+        assert await objects.read(bus.js, bus.objects, name) == blob
+        await objects.delete(bus.objects, name)
+    with pytest.raises(objects.GONE):
+        await objects.read(bus.js, bus.objects, _name("absent"))
+
+
 async def test_reading_and_copying_hold_one_chunk_not_the_object(bus):
     """tracemalloc peak while streaming / copying a 24 MiB object stays a small fraction of it
     (nats-py's own get() holds the whole object, which this would catch)."""

@@ -44,10 +44,9 @@ from typing import Protocol
 
 import numpy as np
 import structlog
-from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 from openrl import metrics
-from openrl.bus import subjects
+from openrl.bus import objects, subjects
 from openrl.bus.client import Bus
 from openrl.bus.errors import InvalidRequest
 from openrl.bus.messages import (
@@ -293,14 +292,14 @@ class Sampler:
 
     async def _fetch(self, name: str) -> bytes:
         try:
-            result = await self.bus.objects.get(name)
-        except (ObjectNotFoundError, NotFoundError):
+            data = await objects.read(self.bus.js, self.bus.objects, name)
+        except objects.GONE:
             raise InvalidRequest(f"the weights of this sampling session ({name}) are not available") from None
-        self._blobs[name] = result.data
+        self._blobs[name] = data
         while len(self._blobs) > self.cfg.cached_adapters:
             self._blobs.popitem(last=False)
-        log.info("adapter_fetched", object=name, bytes=len(result.data))
-        return result.data
+        log.info("adapter_fetched", object=name, bytes=len(data))
+        return data
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Until `stop`; raise when the engine has died, so the process exits and is restarted
