@@ -176,3 +176,41 @@ async def test_a_big_request_runs_a_micro_batch_per_turn_and_others_run_between(
     reference.optim_step(big_model, step.adam)
     for k, v in LoraEngine.adapter_state(reference, big_model).items():
         torch.testing.assert_close(LoraEngine.adapter_state(engine, big_model)[k], v, atol=1e-5, rtol=1e-5)
+
+
+async def test_a_small_keys_next_request_in_sequence_runs_before_the_big_ones_next_micro_batch(bus, qwen3_path):
+    """A client sends forward_backward and optim_step back to back: the optim_step becomes ready
+    only as the forward_backward finishes (its model's turn). It still runs before the hostile
+    key's next micro-batch (the thread lets what a finished call readied come in before it picks),
+    rather than a whole micro-batch later."""
+    from openrl.bus.messages import AdamParams, OptimStep
+    from openrl.trainer.engine import LoraEngine
+    from openrl.trainer.service import Trainer, TrainerConfig
+
+    await bus.ensure()
+    engine = LoraEngine(qwen3_path, device="cpu", microbatch_tokens=64)
+    trainer = Trainer(TrainerConfig(base_model=BASE, model_path=qwen3_path, worker_id=f"t-{uuid.uuid4().hex[:6]}"), bus, engine)
+    events: list[str] = []
+    steps, optim = engine.forward_backward_steps, engine.optim_step
+
+    def recorded(req):
+        name = "big" if len(req.data) > 1 else "fb"
+        gen = steps(req)
+        while True:
+            try:
+                n = next(gen)
+            except StopIteration as done:
+                events.append(name)
+                return done.value
+            events.append(name)
+            yield n
+
+    engine.forward_backward_steps = recorded
+    engine.optim_step = lambda *a: events.append("optim") or optim(*a)
+    big_model, small_model = await model_of(bus, trainer, "hostile"), await model_of(bus, trainer, "small")
+    big, fb = long_fb(big_model, 1, 4, 60), long_fb(small_model, 1, 1, 6)
+    step = OptimStep(request_id=f"{small_model}-2", model_id=small_model, seq_id=2, adam=AdamParams(learning_rate=1e-2))
+    for msg, owner in ((big, "hostile"), (fb, "small"), (step, "small")):
+        await pending(bus, msg, owner)
+    await asyncio.wait_for(asyncio.gather(trainer.on_train(big), trainer.on_train(fb), trainer.on_train(step)), 120)
+    assert events == ["big", "fb", "optim", "big", "big", "big"], events
