@@ -6,7 +6,8 @@ parameter), sent one at a time through the tinker SDK, as bench/stack_overhead.p
 Beside it, to split the total: the SDK's `get_server_capabilities` (one HTTP round trip to
 the gateway, no bus), the same no-op as two plain HTTP calls (httpx: the optim_step POST, the
 retrieve_future poll, beside a get_server_capabilities GET; per stack, alternating too), and a
-KV get and a PING from a NATS client (one bus round trip).
+KV get and a PING from a NATS client (one bus round trip). CPU milliseconds per no-op by process
+(utime + stime from /proc over the SDK no-op blocks; "bench" is the SDK client, this process).
 
 With `--baseline-tree DIR` (the code before a change, e.g. `git archive HEAD openrl | tar -x
 -C DIR`), a second stack runs from DIR (its `openrl` package first on PYTHONPATH) and the two
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from common import API_KEY, finish_results, start_stack, stop_stack
+from jobs import cpu_by_kind, stack_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_MODEL = "openrl/tiny-qwen3"
@@ -147,14 +149,22 @@ def main() -> None:
                 clients[name] = (service, tc)
             noop = {n: [] for n in trees}
             caps = {n: [] for n in trees}
+            # CPU-seconds by process over the no-op blocks alone ("bench": this process, the SDK client)
+            procs = {name: stack_processes(proc.pid) for name, (proc, _) in stacks.items()}
+            cpu = {name: {} for name in trees}
             for _ in range(0, args.requests, args.block):
                 for name, (service, tc) in clients.items():
+                    before = cpu_by_kind(procs[name])
                     for _ in range(args.block):
                         t0 = time.perf_counter()
                         tc.optim_step(adam).result()
+                        noop[name].append(time.perf_counter() - t0)
+                    after = cpu_by_kind(procs[name])
+                    for kind in after:
+                        cpu[name][kind] = cpu[name].get(kind, 0.0) + after[kind] - before.get(kind, 0.0)
+                    for _ in range(args.block):
                         t1 = time.perf_counter()
                         service.get_server_capabilities()
-                        noop[name].append(t1 - t0)
                         caps[name].append(time.perf_counter() - t1)
             import asyncio
 
@@ -172,10 +182,12 @@ def main() -> None:
             for proc, _ in stacks.values():
                 stop_stack(proc)
     for name in trees:
-        results[name] = {"noop": summary(noop[name]), "capabilities": summary(caps[name])}
+        results[name] = {"noop": summary(noop[name]), "capabilities": summary(caps[name]),
+                         "cpu_ms_per_noop": {k: round(v / len(noop[name]) * 1000, 3) for k, v in sorted(cpu[name].items()) if v > 0}}  # fmt: skip
         r = results[name]
         print(f"{name}: no-op p50 {r['noop']['p50_ms']} ms (p90 {r['noop']['p90_ms']}), one gateway round trip "
-              f"(get_server_capabilities) p50 {r['capabilities']['p50_ms']} ms", flush=True)  # fmt: skip
+              f"(get_server_capabilities) p50 {r['capabilities']['p50_ms']} ms; CPU ms per no-op by process "
+              f"{r['cpu_ms_per_noop']}", flush=True)  # fmt: skip
     if "baseline" in results:
         results["ratio_p50"] = round(results["baseline"]["noop"]["p50_ms"] / results["this"]["noop"]["p50_ms"], 3)
         results["ratio_p99"] = round(results["baseline"]["noop"]["p99_ms"] / results["this"]["noop"]["p99_ms"], 3)
