@@ -42,7 +42,8 @@ async def model_of(bus, trainer, owner: str) -> str:
 
 
 async def pending(bus, msg, owner: str) -> None:
-    await bus.kv_create(bus.futures, msg.request_id, Future(request_id=msg.request_id, owner=owner, request_type="ForwardBackward", created_at=time.time()))
+    fut = Future(request_id=msg.request_id, owner=owner, request_type=type(msg).__name__, created_at=time.time())
+    await bus.kv_create(bus.futures, msg.request_id, fut)
 
 
 async def run_hostile_then_small(bus, path, max_shared: int) -> list[list[str]]:
