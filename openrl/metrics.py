@@ -163,7 +163,7 @@ OPTIM_STEPS = _r.add(Counter("openrl_optim_steps_total", "optimizer steps applie
 WORKER_MODELS = _r.add(Gauge("openrl_worker_models", "models this worker holds (trainer: LoRA tenants built; sampler: adapters cached)", ["kind", "worker_id"]))
 LEASES_HANDED_OVER = _r.add(Counter("openrl_leases_handed_over_total", "models handed to another trainer at shutdown"))
 SAMPLED_TOKENS = _r.add(Counter("openrl_sampled_tokens_total", "tokens generated"))
-ADAPTER_CACHE = _r.add(Counter("openrl_adapter_cache_total", "sampler adapter lookups: result=hit (cached bytes) or miss (fetched from the object store)", ["result"]))
+ADAPTER_CACHE = _r.add(Counter("openrl_adapter_cache_total", "sampler adapter lookups: result=hit (cached bytes) or miss (fetched from the object store); result=prefetch: fetched ahead on a trainer's notice", ["result"]))
 ADAPTER_LOADS = _r.add(Counter("openrl_adapter_loads_total", "adapters loaded into the sampling backend"))
 REWARD_SECONDS = _r.add(Histogram("openrl_reward_seconds", "time to score one request (all its items)", ["reward"]))
 REWARD_ITEMS = _r.add(Counter("openrl_reward_items_total", "items scored", ["reward"]))

@@ -80,7 +80,7 @@ TABLE: dict[str, Role] = {
         creates=(f"KV_{subjects.SECRETS_BUCKET}",),  # the only role that may: nobody else can even look
     ),
     "trainer": Role(
-        publish=_WORKER_OUT,
+        publish=(*_WORKER_OUT, f"{P}.adapter.>"),  # a sampler weights version stored (samplers prefetch it)
         streams=(subjects.TRAIN_STREAM, subjects.CREATE_STREAM),
         purges=(subjects.TRAIN_STREAM,),  # the train log, below each model's newest snapshot
         kv_write=(subjects.FUTURES_BUCKET, subjects.MODELS_BUCKET, subjects.WORKERS_BUCKET, subjects.WEIGHTS_BUCKET,
@@ -90,7 +90,7 @@ TABLE: dict[str, Role] = {
     ),  # fmt: skip
     "sampler": Role(
         publish=_WORKER_OUT,
-        subscribe=(f"{P}.cancel.>",),  # stop generating a request whose client left
+        subscribe=(f"{P}.cancel.>", f"{P}.adapter.>"),  # stop generating a request whose client left; prefetch a new adapter
         streams=(subjects.SAMPLE_STREAM,),
         kv_write=(subjects.FUTURES_BUCKET, subjects.WORKERS_BUCKET),
         kv_read=(subjects.WEIGHTS_BUCKET, subjects.SAMPLERS_BUCKET, subjects.MODELS_BUCKET, subjects.SESSIONS_BUCKET),

@@ -475,6 +475,15 @@ class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
     metrics: dict[str, float] = {}  # training: the result's, e.g. loss:sum, tokens:sum; grad_norm:mean
 
 
+class AdapterStored(msgspec.Struct, frozen=True, kw_only=True):
+    """A sampler weights version is in the object store (subjects.adapter_stored): trainer ->
+    samplers, so that one that served an earlier version of the model prefetches it."""
+
+    model_id: str
+    object: str  # paths.adapter_object(model_id, seq_id)
+    size_bytes: int
+
+
 _encoder = msgspec.msgpack.Encoder()
 
 

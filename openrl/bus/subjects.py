@@ -77,6 +77,13 @@ def cancel_all(base_model: str) -> str:
     return f"{PREFIX}.cancel.{token(base_model)}.>"
 
 
+def adapter_stored(base_model: str) -> str:
+    """Core-NATS notice (AdapterStored) that a trainer stored a sampler weights version of a
+    model on `base_model`: the samplers of that base model that served the model fetch it now,
+    before the first sample request naming it arrives. A lost notice only loses that head start."""
+    return f"{PREFIX}.adapter.{token(base_model)}"
+
+
 def sample(base_model: str) -> str:
     return f"{PREFIX}.sample.{token(base_model)}"
 

@@ -42,14 +42,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
 import numpy as np
 import structlog
 
 from openrl import metrics
-from openrl.bus import objects, subjects
+from openrl.bus import objects, paths, subjects
 from openrl.bus.client import Bus
 from openrl.bus.errors import InvalidRequest
 from openrl.bus.messages import (
+    AdapterStored,
     MAX_REQUEST_ELEMENTS,
     MAX_TENSOR_COLUMNS,
     Future,
@@ -60,6 +62,7 @@ from openrl.bus.messages import (
     TopK,
     UsageRecord,
     WorkerInfo,
+    decode,
     encode,
 )
 from openrl.bus.sampling import params_of
@@ -284,11 +287,34 @@ class Sampler:
         if blob is not None:
             self._blobs.move_to_end(name)
             return blob
+        return await asyncio.shield(self._start_fetch(name))
+
+    def _start_fetch(self, name: str) -> asyncio.Future:
+        """The fetch of `name` in flight, started if none is (one fetch per object at a time)."""
         pending = self._fetching.get(name)
         if pending is None:
             pending = self._fetching[name] = asyncio.ensure_future(self._fetch(name))
             pending.add_done_callback(lambda _: self._fetching.pop(name, None))
-        return await asyncio.shield(pending)
+        return pending
+
+    async def _on_adapter_stored(self, raw) -> None:
+        """A trainer stored a sampler weights version (AdapterStored): fetch it now when this
+        sampler served an earlier version of the model (one is cached here), so that the first
+        sample request naming it finds it cached: a training loop's next version usually goes where
+        the last one went. Others are left alone: every sampler fetching every version of every
+        model would multiply the store's reads by the samplers. Which version a request samples is
+        still the one its message names (the object is per seq_id): a prefetch only fills the cache."""
+        try:
+            notice = decode(raw.data, AdapterStored)
+        except msgspec.MsgspecError:
+            return
+        prefix = paths.adapter_object(notice.model_id, 0).rsplit("/", 1)[0] + "/"
+        if not notice.object.startswith(prefix) or notice.object in self._blobs or notice.object in self._fetching:
+            return
+        if not any(name.startswith(prefix) for name in self._blobs):
+            return
+        metrics.ADAPTER_CACHE.inc(result="prefetch")
+        self._start_fetch(notice.object).add_done_callback(_log_prefetch_failure)
 
     async def _fetch(self, name: str) -> bytes:
         try:
@@ -338,6 +364,7 @@ class Sampler:
         log.info("sampler_ready", worker_id=self.worker_id, base_model=self.cfg.base_model, device=self.backend.info.device)
         self._stop = stop
         cancels = await self.bus.nc.subscribe(subjects.cancel_all(self.cfg.base_model), cb=self._on_cancel)
+        stored = await self.bus.nc.subscribe(subjects.adapter_stored(self.cfg.base_model), cb=self._on_adapter_stored)
         try:
             await asyncio.gather(
                 self.bus.heartbeat(self.worker_id, self.info, self.cfg.heartbeat_s, stop),
@@ -356,10 +383,18 @@ class Sampler:
                 ),
             )
         finally:
-            try:
-                await cancels.unsubscribe()
-            except Exception:  # the connection is gone already
-                pass
+            for sub in (cancels, stored):
+                try:
+                    await sub.unsubscribe()
+                except Exception:  # the connection is gone already
+                    pass
+
+
+def _log_prefetch_failure(fut: asyncio.Future) -> None:
+    """A prefetch that failed is only a head start lost: the request that needs the object
+    fetches it again and meets the error there, if it lasts."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.info("adapter_prefetch_failed", error=repr(fut.exception()))
 
 
 def _dense_int64(t: Tensor, *, rows: int, pad: int) -> np.ndarray:

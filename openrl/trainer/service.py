@@ -43,6 +43,7 @@ from openrl.bus import objects, paths, subjects
 from openrl.bus.client import DEAD_LETTERED, Bus
 from openrl.bus.errors import InvalidRequest, Unavailable
 from openrl.bus.messages import (
+    AdapterStored,
     UsageRecord,
     CreateModel,
     ForwardBackward,
@@ -333,6 +334,11 @@ class Trainer:
                 blob = await self._run(weights.adapter_bytes, self.engine, rec.model_id, key=rec.owner)
                 await objects.put(self.bus.objects, obj, blob)
                 size = len(blob)
+                # Samplers that served this model fetch the new version now (core NATS: a lost
+                # notice loses only that head start), while the client's future and its sample
+                # request are still on their way.
+                notice = AdapterStored(model_id=rec.model_id, object=obj, size_bytes=size)
+                await self.bus.nc.publish(subjects.adapter_stored(rec.base_model), encode(notice))
             elif msg.kind == "state":
                 blob = await self._run(lambda: weights.state_bytes(self.engine, rec.model_id, with_optimizer=True), key=rec.owner)
                 await objects.put(self.bus.objects, obj, blob)

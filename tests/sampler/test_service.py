@@ -396,3 +396,60 @@ async def test_a_cancelled_request_stops_and_is_acked_with_nothing_recorded(bus,
         stop.set()
         await asyncio.wait_for(running, 30)
         hf.close()
+
+
+async def test_a_sampler_prefetches_the_next_version_of_a_model_it_served_on_the_trainers_notice(bus, tiny_path, engine):
+    """The trainer's AdapterStored notice: a sampler that sampled version 1 of a model fetches
+    version 2 at once, so the request naming version 2 finds it cached (one fetch in all); a
+    model it never served, a notice whose object is not the model's, and bytes that are not a
+    notice are left alone."""
+    from openrl.bus import paths
+    from openrl.bus.messages import AdapterStored, encode
+    from openrl.trainer.weights import adapter_bytes
+
+    base, model, other = f"svc-pre-{os.getpid()}", f"svc-pre-m-{os.getpid()}", f"svc-pre-o-{os.getpid()}"
+    blob = adapter_bytes(engine, "m1")
+    v1, v2, o2 = paths.adapter_object(model, 1), paths.adapter_object(model, 2), paths.adapter_object(other, 2)
+    for name in (v1, v2, o2):
+        await bus.objects.put(name, blob)
+    service = Sampler(SamplerConfig(base_model=base, model_path=tiny_path, idle_wait_s=0.05), bus, HfEngine(TransformersSampler(tiny_path, device="cpu")))
+    fetched: list[str] = []
+    fetch = service._fetch
+
+    async def counted(name: str) -> bytes:
+        fetched.append(name)
+        return await fetch(name)
+
+    service._fetch = counted
+
+    async def sample(weights: str) -> Future:
+        rid = await pending(bus, f"pre-{weights.rsplit('/', 1)[-1]}")
+        msg = SampleRequest(request_id=rid, sampler_id="s", base_model=base, prompt=packed([5, 6, 7]), num_samples=1,
+                            sampling=SamplingParams(max_tokens=2, seed=1), weights=weights)  # fmt: skip
+        await bus.publish(subjects.sample(base), msg, msg_id=rid)
+        return (await settled(bus, [rid]))[rid]
+
+    async def notice(model_id: str, name: str) -> None:
+        await bus.nc.publish(subjects.adapter_stored(base), encode(AdapterStored(model_id=model_id, object=name, size_bytes=len(blob))))
+
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(stop))
+    try:
+        await asyncio.sleep(0.3)  # subscribed
+        await notice(model, v1)  # nothing of the model served yet: not fetched
+        assert (await sample(v1)).state == "done" and fetched == [v1]
+        await bus.nc.publish(subjects.adapter_stored(base), b"not a notice")
+        await notice(other, o2)  # never served here
+        await notice(model, o2)  # not the model's object
+        await notice(model, v2)
+        for _ in range(200):
+            if v2 in service._blobs:
+                break
+            await asyncio.sleep(0.02)
+        assert v2 in service._blobs  # before any request names it
+        assert (await sample(v2)).state == "done"
+        assert fetched == [v1, v2] and o2 not in service._blobs
+    finally:
+        stop.set()
+        await running
+        service.backend.close()
