@@ -193,8 +193,7 @@ class LoraSlots:
                 layer.on[slot] = ab is not None
                 if ab is None:
                     continue
-                layer.A[slot].zero_()
-                layer.B[slot].zero_()
+                # Columns past `rank` are never read (a segment's weights are [:rank]): not zeroed.
                 layer.A[slot, :rank].copy_(ab[0])
                 layer.B[slot, :, :rank].copy_(ab[1])
         self.ranks[slot] = rank

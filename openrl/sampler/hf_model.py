@@ -388,5 +388,5 @@ def _check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, 
         t = state[key]
         if tuple(t.shape) != shape:
             raise InvalidRequest(f"adapter state {key}: shape {list(t.shape)}, expected {list(shape)}")
-        if not torch.isfinite(t).all():
-            raise InvalidRequest(f"adapter state {key}: values must be finite")
+    # Values (finite floating point) are LoraSlots.check's, once per tensor: a second pass here
+    # cost ~0.7 ms of a 0.5 MB adapter's load, on the path from a save to its first token.
