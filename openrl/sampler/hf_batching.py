@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,11 @@ from openrl.sampler.sampling import pick, top_logprobs
 from openrl.sampler.spec import SampledSequence, SampleResult, SampleSpec
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+# While other keys have work, a key's rows in the decode are held to max(this, max_batch_rows /
+# keys with work): decode cost grows with rows, so one key's 128-sequence requests would slow
+# every other key's steps. Also the least rows a slice of a request is admitted with (each slice
+# prefills its prompt again), unless the request has fewer left. docs/limits.md.
+MIN_SHARE_ROWS = 16
 
 
 @dataclass
@@ -128,7 +134,9 @@ class _Request:
     name: str  # peft adapter name, BASE for the base model
     result: SampleResult | None = None  # prompt statistics, once prefilled; sequences when finished
     sequences: list[SampledSequence | None] = field(default_factory=list)
-    left: int = 0  # rows still generating
+    left: int = 0  # rows still generating or waiting (set when its first slice is admitted)
+    admitted: int = 0  # samples admitted so far: 0 .. admitted-1 (it waits while < num_samples)
+    number: int = -1  # its admission number, once its first slice is admitted
 
 
 class Scheduler:
@@ -142,14 +150,20 @@ class Scheduler:
 
     `add` validates a request (an invalid one comes back from the next `step` as its
     InvalidRequest, touching nothing) and queues it. `step` first admits queued requests while
-    the active rows stay within `max_batch_rows` (always at least one when none are active),
-    fairly between their owner keys (openrl/fair.py: the key that has been admitted the fewest
-    tokens, num_samples x (prompt + max_tokens), goes first; in order within a key), so one key's
-    128-row requests cannot fill the batch while others wait: one left-padded prefill forward
-    for all of them (prompt statistics come
-    from it), their KV cache repeated to `num_samples` rows and merged into the running
-    one. Then it draws one token for every active row and runs one forward (base and
-    adapters mixed) for the rows that go on; it returns the requests whose last row stopped.
+    the active rows stay within `max_batch_rows`, fairly between their owner keys
+    (openrl/fair.py: the key that has been admitted the fewest tokens, num_samples x (prompt +
+    max_tokens), goes first; in order within a key), and within each key's share of the rows:
+    while other keys have requests running or waiting here, a key's active rows stay within
+    max(`min_share_rows`, max_batch_rows / keys with work); a key alone may fill the batch. A key
+    at its share is admitted nothing more until its rows finish (running rows are never
+    preempted); the others' requests go meanwhile. A request is admitted in slices of its
+    samples (at least `min_share_rows` rows each, or what it has left) when its share or the
+    free rows are fewer than its samples; each slice prefills the prompt again (the first one's
+    prompt statistics are the request's). Each admission: one left-padded prefill forward for
+    the slices admitted (prompt statistics come from it), their KV cache repeated to their
+    rows and merged into the running one. Then it draws one token for every active row and
+    runs one forward (base and adapters mixed) for the rows that go on; it returns the
+    requests whose last row stopped.
 
     The running cache has one common length W; each row's real tokens are its last columns
     (left padding masked out by the attention mask, positions counted per row), so rows of
@@ -163,6 +177,7 @@ class Scheduler:
         self.sampler = sampler
         self._waiting: deque[_Request] = deque()
         self.share = FairShare()  # between the owner keys of waiting requests
+        self.min_share_rows = MIN_SHARE_ROWS
         self._running: dict[int, _Request] = {}  # by admission number
         self._admitting: list[_Request] = []  # being prefilled and merged (for `abort` if that fails)
         self._done: list[tuple[object, SampleResult | InvalidRequest]] = []
@@ -195,7 +210,8 @@ class Scheduler:
     @property
     def requests(self) -> int:
         """Requests added and not yet returned by `step`."""
-        return len(self._waiting) + len(self._running) + len(self._done)
+        partly = sum(r.number in self._running for r in self._waiting)  # in both: some slices run
+        return len(self._waiting) + len(self._running) - partly + len(self._done)
 
     @property
     def idle(self) -> bool:
@@ -243,14 +259,15 @@ class Scheduler:
         rows out of the running decode, their cache columns freed now; its adapter is unpinned.
         The other rows go on as they would have without it (a row's tokens depend only on its own
         prompt, adapter and seed). False if the request is not here (finished, or never added)."""
-        for request in self._waiting:
-            if request.spec_id == spec_id:
-                self._waiting.remove(request)
-                self.sampler._unpin(request.name)
-                return True
+        waiting = next((r for r in self._waiting if r.spec_id == spec_id), None)
+        if waiting is not None:  # not admitted, or some of its samples not yet
+            self._waiting.remove(waiting)
         number = next((n for n, r in self._running.items() if r.spec_id == spec_id), None)
         if number is None:
-            return False
+            if waiting is None:
+                return False
+            self.sampler._unpin(waiting.name)
+            return True
         request = self._running.pop(number)
         self.sampler._unpin(request.name)
         gone = self._req == number
@@ -269,39 +286,63 @@ class Scheduler:
     # -- admission
 
     def _admit(self) -> None:
-        cap, rows = self.sampler.max_batch_rows, self.rows
-        group: list[_Request] = []
-        while self._waiting:
-            i = self.share.pick(self._waiting, key=lambda r: r.spec.owner)
-            request = self._waiting[i]
-            if rows + request.spec.num_samples > cap and (rows or group):  # the fair next waits for room
+        """Admit slices of waiting requests, fair order first, within the free rows and each
+        key's share of them."""
+        cap, rows, least = self.sampler.max_batch_rows, self.rows, self.min_share_rows
+        owners = [self._running[n].spec.owner for n in self._req]
+        held = Counter(owners)  # active rows by key
+        keys = set(owners) | {r.spec.owner for r in self._waiting}
+        share = cap if len(keys) <= 1 else min(cap, max(least, cap // len(keys)))
+        group: list[tuple[_Request, int, int]] = []  # (request, first sample, end)
+        full: set[str] = set()  # keys at their share: their requests wait, the others' go
+        while True:
+            ready = [r for r in self._waiting if r.spec.owner not in full]
+            if not ready:
                 break
-            del self._waiting[i]
-            self.share.charge(request.spec.owner, request.spec.cost)
-            group.append(request)
-            rows += request.spec.num_samples
+            request = ready[self.share.pick(ready, key=lambda r: r.spec.owner)]
+            owner, left = request.spec.owner, request.spec.num_samples - request.admitted
+            smallest = min(left, least, cap)  # the least slice worth a prefill
+            if share - held[owner] < smallest:
+                full.add(owner)
+                continue
+            if cap - rows < smallest and (rows or group):  # the fair next waits for room
+                break
+            take = min(left, share - held[owner], cap - rows)
+            first = request.admitted
+            request.admitted += take
+            if request.admitted == request.spec.num_samples:
+                self._waiting.remove(request)
+            self.share.charge(owner, take * (len(request.spec.prompt) + request.spec.max_tokens))
+            group.append((request, first, first + take))
+            held[owner] += take
+            rows += take
         if not group:
             return
-        self._admitting = group
+        self._admitting = [request for request, _, _ in group]
         self._merge(group)
         self._admitting = []
 
-    def _merge(self, group: list[_Request]) -> None:
-        """Prefill `group` and merge its rows into the running batch."""
+    def _merge(self, group: list[tuple[_Request, int, int]]) -> None:
+        """Prefill `group`'s slices (samples first..end-1 of each request) and merge their rows
+        into the running batch."""
         sampler, dev = self.sampler, self.sampler.device
-        specs = [r.spec for r in group]
-        results, last_R_V, cache, mask_R_L = sampler._prefill(specs, [r.name for r in group], [r.seed for r in group])
+        specs = [_slice(r.spec, first, end) for r, first, end in group]
+        requests = [r for r, _, _ in group]
+        seeds = [r.seed for r in requests]
+        results, last_R_V, cache, mask_R_L = sampler._prefill(specs, [r.name for r in requests], seeds)
         counts = [s.num_samples for s in specs]
         owner = np.repeat(np.arange(len(group)), counts)
         owner_dev = torch.from_numpy(owner).to(dev)
         if len(owner) != len(group):
             cache.batch_select_indices(owner_dev)  # each prompt's cache, copied to its samples' rows
         numbers = []
-        for request, result in zip(group, results, strict=True):
-            request.result, request.sequences, request.left = result, [None] * request.spec.num_samples, request.spec.num_samples
-            self._running[self._admitted] = request
-            numbers.append(self._admitted)
-            self._admitted += 1
+        for (request, first, _), result in zip(group, results, strict=True):
+            if first == 0:  # its first slice: its prompt statistics, its place in the running requests
+                request.result, request.sequences = result, [None] * request.spec.num_samples
+                request.left, request.number = request.spec.num_samples, self._admitted
+                self._running[self._admitted] = request
+                self._admitted += 1
+            numbers.append(request.number)
         lens = np.array([len(s.prompt) for s in specs], dtype=np.int64)
         ids = np.arange(self._row_ids, self._row_ids + len(owner))
         self._row_ids += len(owner)
@@ -311,17 +352,17 @@ class Scheduler:
             logits=last_R_V[owner_dev],
             pos=torch.from_numpy(lens).to(dev)[owner_dev],
             t=torch.zeros(len(owner), dtype=torch.int64, device=dev),
-            params=sampler._rows(specs, [r.seed for r in group]),
+            params=sampler._rows(specs, seeds, firsts=[first for _, first, _ in group]),
             out=Outputs.empty(len(owner), max(s.max_tokens for s in specs), max(s.topk_sample_logprobs for s in specs), dev),
         )
         host = dict(
             req=np.array(numbers, dtype=np.int64)[owner],
-            sample=np.concatenate([np.arange(n) for n in counts]),
+            sample=np.concatenate([np.arange(first, end) for _, first, end in group]),
             t=np.zeros(len(owner), dtype=np.int64),
             plen=lens[owner],
             ids=ids,
         )
-        names = [group[r].name for r in owner]
+        names = [requests[r].name for r in owner]
         if self.rows == 0:
             self._cache = cache
             self._mask_b_W, self._logits_b_V, self._pos_b = new["mask"], new["logits"], new["pos"]
@@ -464,6 +505,17 @@ class StopStrings:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _slice(spec: SampleSpec, first: int, end: int) -> SampleSpec:
+    """What a slice of `spec`'s samples prefills and decodes: samples first..end-1; the prompt
+    statistics with the first slice only."""
+    if first == 0 and end == spec.num_samples:
+        return spec
+    if first == 0:
+        return dataclasses.replace(spec, num_samples=end)
+    return dataclasses.replace(spec, num_samples=end - first, prompt_logprobs=False, topk_prompt_logprobs=0,
+                               target_prompt_logprobs=None, prompt_alt_tokens_k=0)  # fmt: skip
 
 
 def _pad_left(x: torch.Tensor, dim: int, size: int, value=0) -> torch.Tensor:

@@ -307,10 +307,12 @@ class TransformersSampler:
         ]
         return results, logits_R_X_V[:, -1], cache, mask_R_L
 
-    def _rows(self, specs: list[SampleSpec], seeds: list[int]) -> Rows:
-        """Per-row parameters for the samples of `specs`, in order (row j of a request is sample j)."""
+    def _rows(self, specs: list[SampleSpec], seeds: list[int], firsts: list[int] | None = None) -> Rows:
+        """Per-row parameters for the samples of `specs`, in order (row j of a request is sample
+        firsts[r] + j: a slice of a request's samples, hf_batching.Scheduler)."""
         vocab, horizon = self.info.vocab_size, max(s.max_tokens for s in specs)
-        rows = [(s, seed, j) for s, seed in zip(specs, seeds, strict=True) for j in range(s.num_samples)]
+        firsts = firsts or [0] * len(specs)
+        rows = [(s, seed, f + j) for s, seed, f in zip(specs, seeds, firsts, strict=True) for j in range(s.num_samples)]
         row_specs = [s for s, _, _ in rows]
         greedy = [s.temperature < GREEDY_BELOW for s in row_specs]
         stop_sets = [sorted(stop_ids(s, self.info.eos_token_ids)) for s in row_specs]

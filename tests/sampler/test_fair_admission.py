@@ -1,5 +1,6 @@
 """Sampler admission is fair between keys (openrl/fair.py): a hostile key's big requests queued
-first do not fill the batch, or the engine's running requests, while other keys' requests wait.
+first do not fill the batch, or the engine's running requests, while other keys' requests wait;
+while other keys have work, a key's rows in the decode are held to its share of the batch.
 
 Uses the tiny model and sampler of test_backend.py. Requests are told apart by their owner key
 (SampleSpec.owner, which the service fills from the request's future)."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import Counter
 
 import pytest
 
@@ -15,7 +17,7 @@ from openrl.sampler.hf_batching import Scheduler
 from openrl.sampler.hf_engine import HfEngine
 from factories import sample_spec
 from test_backend import engine, one, prompts, sampler, tiny_path  # noqa: F401  (fixtures)
-from test_continuous import assert_same
+from test_continuous import assert_same, run
 
 
 def finish_order(scheduler: Scheduler, specs: dict[str, object]) -> list[str]:
@@ -36,6 +38,83 @@ def test_a_full_batch_admits_the_other_keys_before_the_hostile_keys_next(sampler
     # h0 fills the batch (8 rows); then a and b (they have been admitted nothing yet), then h1, h2.
     # First come first served finished h0, h1, h2 before a and b.
     assert order == ["h0", "a", "b", "h1", "h2"], order
+
+
+def rows_by_key(scheduler: Scheduler) -> Counter:
+    return Counter(scheduler._running[n].spec.owner for n in scheduler._req)
+
+
+def test_a_key_is_held_to_its_share_of_the_rows_while_another_key_has_work(sampler, monkeypatch):
+    """A key's 128-sequence request alone takes the whole batch (64 rows); a small key arriving
+    then waits for rows to free up (running rows are never preempted), and from then on the big
+    key is held to 64 / 2 keys = 32 rows while the small key has work: its next slices join as
+    its share allows. Every row is what it is when the request runs alone, in one piece."""
+    ps = prompts(73, (5, 3))
+    big = sample_spec(prompt=ps[0], num_samples=128, max_tokens=4, seed=3, temperature=1.0, stop_at_eos=False,
+                      prompt_logprobs=True, topk_sample_logprobs=2, owner="hostile")  # fmt: skip
+    small = sample_spec(prompt=ps[1], num_samples=1, max_tokens=6, seed=4, temperature=1.0, stop_at_eos=False, owner="small")
+    alone = {"big": one(sampler, big), "small": one(sampler, small)}  # max_batch_rows 256: in one piece
+    monkeypatch.setattr(sampler, "max_batch_rows", 64)
+    seen: list[Counter] = []
+    scheduler = Scheduler(sampler)
+    results = run(scheduler, {0: [("big", big)], 1: [("small", small)]}, check=lambda s: seen.append(rows_by_key(s)))
+    assert seen[0] == {"hostile": 64}, seen[0]  # alone: the whole batch (the old code: all 128 rows)
+    with_small = [c for c in seen if c["small"]]
+    assert with_small and seen.index(with_small[0]) == 4, seen  # it waited for the first slice's 4 tokens
+    assert all(c["hostile"] <= 32 for c in with_small), seen
+    assert max(c["hostile"] for c in with_small) == 32, seen
+    assert scheduler.idle and not sampler._pins
+    for name, spec in (("big", big), ("small", small)):
+        assert_same(alone[name], results[name], spec)
+
+
+def test_a_small_key_is_admitted_beside_a_big_key_queued_first(sampler, monkeypatch):
+    """Both queued at once, the big key first: the small key's row goes into the first step with
+    the big key's share (the old code admitted the 128 rows alone, the small key after them)."""
+    ps = prompts(74, (4, 3))
+    big = sample_spec(prompt=ps[0], num_samples=128, max_tokens=3, seed=5, temperature=1.0, stop_at_eos=False, owner="hostile")
+    small = sample_spec(prompt=ps[1], num_samples=1, max_tokens=3, seed=6, temperature=1.0, stop_at_eos=False, owner="small")
+    alone = one(sampler, big)
+    monkeypatch.setattr(sampler, "max_batch_rows", 64)
+    seen: list[Counter] = []
+    results = run(Scheduler(sampler), {0: [("big", big), ("small", small)]}, check=lambda s: seen.append(rows_by_key(s)))
+    assert seen[0] == {"hostile": 32, "small": 1}, seen[0]
+    assert seen[3] == {"hostile": 64}, seen  # the small key done: the big key alone fills the batch
+    assert_same(alone, results["big"], big)
+
+
+def test_a_key_alone_uses_the_whole_batch(sampler, monkeypatch):
+    """Work-conserving: one key's two 48-row requests fill the 64 rows (the second one's first
+    16 samples join the first), and a request with more samples than the batch takes it all."""
+    ps = prompts(75, (4, 6))
+    specs = {f"r{i}": sample_spec(prompt=ps[i], num_samples=48, max_tokens=3, seed=i, temperature=1.0, stop_at_eos=False, owner="k") for i in range(2)}
+    specs["huge"] = sample_spec(prompt=ps[0], num_samples=100, max_tokens=2, seed=7, temperature=1.0, stop_at_eos=False, owner="k")
+    alone = {name: one(sampler, spec) for name, spec in specs.items()}
+    monkeypatch.setattr(sampler, "max_batch_rows", 64)
+    seen: list[int] = []
+    results = run(Scheduler(sampler), {0: list(specs.items())}, check=lambda s: seen.append(s.rows))
+    assert seen[0] == 64 and max(seen) == 64, seen
+    for name, spec in specs.items():
+        assert_same(alone[name], results[name], spec)
+
+
+def test_a_cancelled_request_with_samples_still_waiting_leaves_nothing_behind(sampler, monkeypatch):
+    """Cancelled after its first slice: its running rows and its waiting samples both go, its
+    adapter is unpinned, and the other key's request is what it is alone."""
+    ps = prompts(76, (4, 3))
+    big = sample_spec(prompt=ps[0], num_samples=40, max_tokens=8, seed=8, adapter="m1", stop_at_eos=False, owner="hostile")
+    small = sample_spec(prompt=ps[1], num_samples=2, max_tokens=8, seed=9, temperature=1.0, stop_at_eos=False, owner="small")
+    alone = one(sampler, small)
+    monkeypatch.setattr(sampler, "max_batch_rows", 32)
+    scheduler = Scheduler(sampler)
+    scheduler.add("big", big)
+    scheduler.add("small", small)
+    assert scheduler.step() == [] and rows_by_key(scheduler) == {"hostile": 16, "small": 2}
+    assert scheduler.requests == 2
+    assert scheduler.cancel("big") and rows_by_key(scheduler) == {"small": 2} and scheduler.requests == 1
+    results = run(scheduler, {})
+    assert list(results) == ["small"] and scheduler.idle and not sampler._pins
+    assert_same(alone, results["small"], small)
 
 
 def test_within_a_key_requests_keep_their_order_and_equal_keys_alternate(sampler, monkeypatch):
