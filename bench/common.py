@@ -16,8 +16,10 @@ import numpy as np
 API_KEY = "tml-bench-key-0000000000"
 
 
-def start_stack(data_dir: Path, *up_args: str) -> tuple[subprocess.Popen, str]:
-    """`openrl up` on a free port with its state under `data_dir`; returns (process, base URL)."""
+def start_stack(data_dir: Path, *up_args: str, cwd: str | Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`openrl up` on a free port with its state under `data_dir`; returns (process, base URL).
+    `cwd`: the source tree to run (`python -m` puts the working directory first on sys.path,
+    before PYTHONPATH: a stack started from this repository runs this repository's `openrl`)."""
     from openrl.bus.server import free_port
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -25,7 +27,7 @@ def start_stack(data_dir: Path, *up_args: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "openrl", "up", "--data-dir", str(data_dir), "--port", str(free_port()), "--api-key", API_KEY,
          *up_args],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd,
     )  # fmt: skip
     stack_file = data_dir / "run" / "stack.json"
     deadline = time.monotonic() + 900

@@ -266,16 +266,14 @@ def run_model(name: str, base_model: str, vocab: int, args) -> dict:
 
 def run_sync(name: str, base_model: str, args) -> dict:
     """Only the weight sync (`--only-sync`), on this tree's stack and, with --baseline-tree,
-    on a second stack from that tree (its `openrl` first on PYTHONPATH), in alternating blocks."""
+    on a second stack run from that tree (its working directory, so its `openrl` comes first),
+    in alternating blocks."""
     trees = {"this": str(ROOT)} | ({"baseline": str(Path(args.baseline_tree).resolve())} if args.baseline_tree else {})
-    pythonpath = os.environ.get("PYTHONPATH", "")
     stacks = {}
     with tempfile.TemporaryDirectory(prefix="openrl-bench-sync-") as tmp:
         try:
             for tree_name, tree in trees.items():
-                os.environ["PYTHONPATH"] = os.pathsep.join(x for x in [tree, pythonpath] if x)
-                stacks[tree_name] = start_stack(Path(tmp) / tree_name, "--base-model", base_model, "--threads", str(args.threads))
-            os.environ["PYTHONPATH"] = pythonpath
+                stacks[tree_name] = start_stack(Path(tmp) / tree_name, "--base-model", base_model, "--threads", str(args.threads), cwd=tree)
             out = {"base_model": base_model, "trees": trees}
             out |= asyncio.run(weight_sync({k: url for k, (_, url) in stacks.items()}, base_model, args.sync_n))
             for tree_name in trees:
