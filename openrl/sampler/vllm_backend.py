@@ -42,6 +42,11 @@ process) batches everything in flight continuously, adapters mixed. How a reques
   saved version (`adapters/<model>/seq-<n>`). An adapter vLLM will not load (for
   example a LoRA on lm_head, train_unembed=True, which vLLM's Qwen3 class does not support)
   fails the request with a user error carrying vLLM's reason.
+- Fair order between keys: the engine runs with `scheduling_policy="priority"`, and every row of
+  a request goes in with its key's start in virtual time as its priority (`FairPriorities`,
+  openrl/fair.py's rule, lower runs first, arrival order among ties): what waits in vLLM's
+  queue runs in fair order, and under KV-cache pressure vLLM preempts the latest start first.
+  vLLM decides how many rows run at once (`max_num_seqs`); there is no per-key share of them.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ import json
 import re
 import shutil
 import tempfile
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +71,7 @@ import torch
 
 from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import LORA_ALPHA
+from openrl.fair import FairShare
 from openrl.sampler import spec as be
 from openrl.sampler.sampling import SENTINEL_LOGPROB, SENTINEL_TOKEN, derive_seed
 
@@ -342,6 +348,38 @@ def check_engine_args(*, max_lora_rank: int, tensor_parallel_size: int, kv_cache
         raise ValueError(f"--max-model-len must be >= 2, got {max_model_len}")
 
 
+class FairPriorities:
+    """vLLM priorities (lower runs first) that make its scheduler fair between keys: a request's
+    priority is its key's start in virtual time (openrl/fair.py), charged its cost when it is
+    submitted. The worker's virtual time is the earliest start still in flight (vLLM runs the
+    lowest priority first, so that is the work being served), or the last one's when nothing is:
+    a key that had nothing in flight rejoins there, a key that submitted much waits behind what
+    the others submit meanwhile.
+
+        start = fair.submit(spec.owner, spec.cost)    # every row of the request: priority=start
+        ...
+        fair.done(start)                              # finished, failed or cancelled
+    """
+
+    def __init__(self):
+        self.share = FairShare()
+        self._in_flight: Counter[int] = Counter()  # start -> requests in flight with it
+
+    def submit(self, owner: str, cost: int) -> int:
+        """The priority of `owner`'s request costing `cost` (tokens), charged now."""
+        start = int(self.share.vtime(owner))
+        self.share.charge(owner, cost, advance=not self._in_flight)  # nothing else in flight: it is served now
+        self._in_flight[start] += 1
+        return start
+
+    def done(self, start: int) -> None:
+        self._in_flight[start] -= 1
+        if not self._in_flight[start]:
+            del self._in_flight[start]
+        if self._in_flight:
+            self.share.now = max(self.share.now, min(self._in_flight))
+
+
 class VllmSampler:
     """vLLM's AsyncLLM over one base model, LoRA enabled. Build it inside the event loop that
     will call `sample` (vLLM's client binds its sockets and output task to that loop)."""
@@ -388,6 +426,7 @@ class VllmSampler:
         self._removing: set[asyncio.Task] = set()
         self._lora_ids = itertools.count(1)  # vLLM's lora_int_id must be > 0
         self._request_ids = itertools.count()
+        self._fair = FairPriorities()
         # vLLM 0.32's CPU LoRA kernels (punica_cpu.add_lora_logits) index the prompt-logprob
         # logits by the batch's requests, not by prompt position: a prompt-logprobs request
         # batched with any other kills the engine (einsum size mismatch). On CPU such requests
@@ -412,6 +451,7 @@ class VllmSampler:
             max_cpu_loras=max(max_loras, max_adapters),
             max_logprobs=be.MAX_TOPK,
             logprobs_mode="processed_logprobs",
+            scheduling_policy="priority",  # FairPriorities: fair order between keys
             disable_log_stats=True,
         )
         self.engine = AsyncLLM.from_engine_args(args)
@@ -449,6 +489,7 @@ class VllmSampler:
 
         self.validate(spec)
         lora = await self._acquire(spec.adapter, blob) if spec.adapter is not None else None
+        start = None
         try:
             params = []
             for row in range(spec.num_samples):
@@ -457,7 +498,8 @@ class VllmSampler:
                                                  output_kind=RequestOutputKind.FINAL_ONLY))  # fmt: skip
                 except (VLLMClientError, ValueError) as e:  # a value this vLLM version will not take
                     raise InvalidRequest(f"sampling_params: vLLM refused them: {e}") from None
-            rows = [asyncio.ensure_future(self._generate(spec.prompt, p, lora)) for p in params]
+            start = self._fair.submit(spec.owner, spec.cost)
+            rows = [asyncio.ensure_future(self._generate(spec.prompt, p, lora, start)) for p in params]
             try:
                 outs = await asyncio.gather(*rows)
             except BaseException:
@@ -465,6 +507,8 @@ class VllmSampler:
                     task.cancel()
                 raise
         finally:
+            if start is not None:
+                self._fair.done(start)
             if lora is not None:
                 self._release(lora)
         rows = [_completion(out.outputs[0]) for out in outs]
@@ -479,7 +523,7 @@ class VllmSampler:
 
     # -- generation
 
-    async def _generate(self, prompt: list[int], params, lora: _Lora | None):
+    async def _generate(self, prompt: list[int], params, lora: _Lora | None, priority: int = 0):
         from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
 
@@ -489,8 +533,9 @@ class VllmSampler:
         try:
             async with self._gate(alone):
                 async for out in self.engine.generate(
-                    TokensPrompt(prompt_token_ids=list(prompt)), params, request_id, lora_request=None if lora is None else lora.request
-                ):
+                    TokensPrompt(prompt_token_ids=list(prompt)), params, request_id,
+                    lora_request=None if lora is None else lora.request, priority=priority,
+                ):  # fmt: skip
                     final = out
         except (VLLMClientError, ValueError) as e:  # vLLM's input checks: the request's fault, not the engine's
             raise InvalidRequest(f"vLLM refused the request: {e}") from None

@@ -31,6 +31,7 @@ from openrl.sampler.spec import MAX_TOPK
 from openrl.sampler.sampling import SENTINEL_LOGPROB, derive_seed
 from openrl.sampler.vllm_backend import (
     Completion,
+    FairPriorities,
     adapter_files,
     first_stop_string,
     finish,
@@ -149,6 +150,26 @@ def test_sampling_kwargs():
 
 
 # ---------------------------------------------------------------------- outputs
+
+
+def test_fair_priorities_put_other_keys_before_a_big_keys_next_request():
+    """vLLM's priority (lower first) per request: a key's start in virtual time. A key's second
+    128-row request goes after what other keys submit meanwhile; a key idle for a while rejoins at
+    the earliest start in flight, with no credit for its idle time."""
+    fair = FairPriorities()
+    h1, h2 = fair.submit("hostile", 1280), fair.submit("hostile", 1280)
+    s1, s2 = fair.submit("small", 10), fair.submit("small", 10)
+    assert (h1, h2, s1, s2) == (0, 1280, 0, 10)  # FCFS would run h2 before s1 and s2
+    for start in (h1, s1, s2):
+        fair.done(start)
+    assert fair.submit("late", 5) == 1280  # only h2 (start 1280) is in flight: no credit for idling
+    assert fair.submit("small", 10) == 1280 and fair.submit("hostile", 1) == 2560
+    fair.done(h2)
+    assert fair.submit("small", 10) == 1290
+    serial = FairPriorities()  # one request at a time: the last one's start is the virtual time
+    serial.done(serial.submit("a", 100))
+    serial.done(serial.submit("a", 100))
+    assert serial.submit("b", 1) == 100 and serial.submit("a", 1) == 200  # b rejoins at a's last start
 
 
 def test_top_picks_the_k_most_likely():

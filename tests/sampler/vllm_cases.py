@@ -14,6 +14,7 @@ so its logprobs agree with them to float32 rounding of a different kernel order:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 
 import numpy as np
@@ -338,3 +339,39 @@ async def test_a_cancelled_sample_is_aborted_in_the_engine(vllm_sampler):
     short = respec(spec, max_tokens=5)
     result = await vllm_sampler.sample(short)
     assert [len(s.tokens) for s in result.sequences] == [5] * 4
+
+
+async def test_requests_go_to_the_engine_in_fair_order_between_keys(vllm_sampler):
+    """The engine schedules by priority, and a key's second request goes in behind a small key's
+    that arrived after it (FairPriorities); every row is what the same seed gives alone."""
+    assert vllm_sampler.engine.vllm_config.scheduler_config.policy == "priority"
+    p = random_prompt(9, 6)
+    specs = {f"h{i}": sample_spec(prompt=p, num_samples=8, max_tokens=6, temperature=1.0, seed=i, stop_at_eos=False, owner="hostile")
+             for i in range(2)}  # fmt: skip
+    specs["small"] = sample_spec(prompt=p, num_samples=1, max_tokens=6, temperature=1.0, seed=7, stop_at_eos=False, owner="small")
+    alone = {name: await vllm_sampler.sample(respec(spec, owner="alone")) for name, spec in specs.items()}
+    priorities: dict[str, set[int]] = {}
+    current = contextvars.ContextVar("current")  # which of specs a vLLM request is a row of
+    generate = vllm_sampler.engine.generate
+
+    def recording(*args, priority=0, **kwargs):
+        priorities.setdefault(current.get(), set()).add(priority)
+        return generate(*args, priority=priority, **kwargs)
+
+    async def sample(name):
+        current.set(name)
+        return await vllm_sampler.sample(specs[name])
+
+    vllm_sampler.engine.generate = recording
+    try:
+        tasks = {}
+        for name in specs:  # submitted in this order: h0, h1, small
+            tasks[name] = asyncio.create_task(sample(name))
+            await asyncio.sleep(0)
+        results = dict(zip(tasks, await asyncio.gather(*tasks.values()), strict=True))
+    finally:
+        del vllm_sampler.engine.generate
+    [h0], [h1], [small] = priorities["h0"], priorities["h1"], priorities["small"]
+    assert h0 <= small < h1, priorities  # first come first served: h1 before small
+    for name, result in results.items():
+        assert [s.tokens.tolist() for s in result.sequences] == [s.tokens.tolist() for s in alone[name].sequences], name
