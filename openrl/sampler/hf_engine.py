@@ -5,7 +5,8 @@ hf_batching.py) over a `TransformersSampler` (hf_model.py): it admits what is qu
 running decode between steps (at most `max_requests` requests at once, base model and adapters
 mixed in every forward) and hands each request's result back as soon as its last row stops.
 Both admissions, into the running requests and into the decode's rows, are fair between the
-requests' owner keys (openrl/fair.py), not first come first served.
+requests' owner keys (openrl/fair.py), not first come first served; and while other keys have
+work, a key's rows in the decode are held to its share (hf_batching.MIN_SHARE_ROWS).
 
     engine = HfEngine(TransformersSampler(path), max_requests=64)
     result = await engine.sample(SampleSpec(prompt=ids, num_samples=4), blob)   # blob: the adapter's safetensors, or None
