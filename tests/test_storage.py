@@ -51,6 +51,32 @@ async def test_put_writes_an_adapter_in_one_chunk_and_read_gets_an_object_whole(
         await objects.read(bus.js, bus.objects, _name("absent"))
 
 
+async def test_read_falls_back_to_the_stream_leader_when_a_direct_get_finds_nothing(bus, monkeypatch):
+    """Any replica may answer a direct get, and one behind the leader may not have a chunk
+    just written: `read` then asks the leader; an object deleted meanwhile still ends Truncated."""
+    from nats.js.errors import NotFoundError
+
+    blob = os.urandom(600_000)
+    name = _name("lagging")
+    await objects.put(bus.objects, name, blob)
+    get_msg, asked = bus.js.get_msg, []
+
+    async def lagging_replica(*args, direct=False, **kwargs):
+        asked.append(direct)
+        if direct and kwargs.get("next"):
+            raise NotFoundError
+        return await get_msg(*args, direct=direct, **kwargs)
+
+    monkeypatch.setattr(bus.js, "get_msg", lagging_replica)
+    assert await objects.read(bus.js, bus.objects, name) == blob
+    assert asked[-2:] == [True, False]  # the chunk: direct first, then the leader
+    info = await bus.objects.get_info(name)
+    await objects.delete(bus.objects, name)
+    with pytest.raises(objects.Truncated):
+        async for _ in objects._chunks(bus.js, bus.objects, name, info, direct=True):
+            pass
+
+
 async def test_reading_and_copying_hold_one_chunk_not_the_object(bus):
     """tracemalloc peak while streaming / copying a 24 MiB object stays a small fraction of it
     (nats-py's own get() holds the whole object, which this would catch)."""
