@@ -10,8 +10,9 @@ KV get and a PING from a NATS client (one bus round trip). CPU milliseconds per 
 (utime + stime from /proc over the SDK no-op blocks; "bench" is the SDK client, this process).
 
 With `--baseline-tree DIR` (the code before a change, e.g. `git archive HEAD openrl | tar -x
--C DIR`), a second stack runs from DIR (its `openrl` package first on PYTHONPATH) and the two
-are measured in alternating blocks, so machine load hits both alike.
+-C DIR`), a second stack runs from DIR (started in DIR, its `openrl` package first on sys.path:
+`python -m` puts the working directory before PYTHONPATH) and the two are measured in
+alternating blocks, so machine load hits both alike.
 
     python bench/noop.py [--requests 400] [--baseline-tree DIR] [--out bench/results/noop.json]
 """
@@ -137,7 +138,7 @@ def main() -> None:
         try:
             for name, tree in trees.items():
                 os.environ["PYTHONPATH"] = os.pathsep.join(x for x in [tree, pythonpath] if x)
-                stacks[name] = start_stack(Path(tmp) / name, "--threads", "1")
+                stacks[name] = start_stack(Path(tmp) / name, "--threads", "1", cwd=tree)
             os.environ["PYTHONPATH"] = pythonpath
             adam = tinker.types.AdamParams(learning_rate=1e-4)
             for name, (_, url) in stacks.items():

@@ -10,7 +10,7 @@ on each. Made to check that a refactor of the sampler did not slow sampling:
     git archive <old-commit> | tar -x -C /tmp/openrl-baseline
     python bench/sampler_versions.py --baseline /tmp/openrl-baseline [--prompts 16] [--samples 2] [--max-tokens 32] [--reps 5]
 
-The baseline's processes import its code (PYTHONPATH); this checkout's import this one.
+The baseline's processes import its code (each stack starts in its own tree); this checkout's import this one.
 """
 
 from __future__ import annotations
@@ -31,16 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def start(data_dir: Path, code: Path, threads: int, base_model: str):
-    """`openrl up` whose processes import openrl from `code`."""
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(code)
-    try:
-        return start_stack(data_dir, "--threads", str(threads), "--samplers", "1", "--base-model", base_model)
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH")
-        else:
-            os.environ["PYTHONPATH"] = saved
+    """`openrl up` whose processes import openrl from `code` (started there: `python -m` puts
+    the working directory first on sys.path, before PYTHONPATH)."""
+    return start_stack(data_dir, "--threads", str(threads), "--samplers", "1", "--base-model", base_model, cwd=code)
 
 
 def main() -> None:
