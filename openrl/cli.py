@@ -190,11 +190,19 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         # (at most shutdown_timeout), then the bus connection drains.
         log.info("gateway_stopping", long_polls=waiters.pending)
         waiters.close()
-        await runner.cleanup()
-        await bus.close()
+        # Each step bounded and timed, so a shutdown past the orchestrator's grace (Kubernetes'
+        # 30 s) cannot happen silently: the log says which step was slow.
+        steps: dict[str, float] = {}
+        for step, work, limit_s in (("http", runner.cleanup, 7.0), ("bus", lambda: bus.close(2.0), 3.0)):
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(work(), limit_s)
+            except asyncio.TimeoutError:
+                log.warning("gateway_stop_step_slow", step=step, after_s=limit_s)
+            steps[step] = round(time.monotonic() - started, 3)
         if metrics_server is not None:
             await metrics_server.cleanup()
-        log.info("gateway_stopped")
+        log.info("gateway_stopped", seconds=steps)
 
     asyncio.run(main())
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 import nats
+import nats.errors
 import structlog
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
@@ -254,9 +255,20 @@ class Bus:
         for hook in list(self.on_messages_lost):
             hook()
 
-    async def close(self) -> None:
-        if self.nc.is_connected:
-            await self.nc.drain()
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Drain the connection (what was published is flushed, subscriptions finish what they
+        hold), for at most `timeout_s`; then close it. Bounded: a subscription whose handler
+        cannot go on (e.g. a KV watch whose reader was cancelled, its queue full) would hold
+        nats-py's drain for its own 30 s timeout, and a process's shutdown with it."""
+        if not self.nc.is_connected:
+            return
+        try:
+            await asyncio.wait_for(self.nc.drain(), timeout_s)
+        except (asyncio.TimeoutError, nats.errors.Error) as e:
+            log.warning("bus_drain_incomplete", after_s=timeout_s, error=repr(e))
+        finally:
+            if not self.nc.is_closed:
+                await self.nc.close()
 
     # -- topology ---------------------------------------------------------------
 

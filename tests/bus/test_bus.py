@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import msgspec
@@ -97,3 +98,28 @@ async def test_ack_policy_ack_term_and_redeliver(bus):
     assert calls == {1: 1, 2: 1, 3: 3}
     info = await bus.js.consumer_info(subjects.TRAIN_STREAM, f"t-{base}")
     assert info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def test_close_is_bounded_when_a_subscription_cannot_drain(nats_server):
+    """A subscription whose handler never returns would hold nats-py's drain for its own 30 s:
+    Bus.close drains for at most its timeout, then closes (a process's shutdown stays bounded)."""
+    from openrl.bus.client import Bus
+    from stack_helpers import bus_config
+
+    b = await Bus.connect(bus_config(nats_server.url))
+    stuck = asyncio.Event()
+
+    async def never_returns(msg) -> None:
+        stuck.set()
+        await asyncio.Event().wait()
+
+    subject = f"{subjects.PREFIX}.done.close-test-{uuid.uuid4().hex[:8]}"
+    await b.nc.subscribe(subject, cb=never_returns)
+    for _ in range(3):
+        await b.nc.publish(subject, b"x")
+    await b.nc.flush()
+    await asyncio.wait_for(stuck.wait(), 10)
+    started = time.monotonic()
+    await b.close(timeout_s=0.5)
+    assert time.monotonic() - started < 3
+    assert b.nc.is_closed
