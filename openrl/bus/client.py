@@ -96,6 +96,18 @@ STREAMS = (
 )
 
 
+async def stop_watch(watcher, timeout_s: float = 2.0) -> None:
+    """Stop a KV watcher (its ordered consumer's subscription), for at most `timeout_s`, never
+    raising: a watch that ends must not leave its subscription behind (the server keeps
+    pushing to it, and a connection's drain waits for it), nor hold up a shutdown."""
+    if watcher is None:
+        return
+    try:
+        await asyncio.wait_for(watcher.stop(), timeout_s)
+    except Exception:  # closing or closed connection, timeout: nothing more to do
+        pass
+
+
 async def kv_keys(js: JetStreamContext, kv: KeyValue) -> list[str]:
     """Every live key of a bucket (escaped, as stored). Not nats-py's `KeyValue.keys()`: its
     watcher can queue its "no more" marker ahead of entries still being delivered and return

@@ -19,7 +19,7 @@ import time
 import structlog
 from aiohttp import web
 
-from openrl.bus.client import Bus, BusConfig
+from openrl.bus.client import Bus, BusConfig, stop_watch
 from openrl.bus.errors import InvalidRequest
 from openrl.bus.messages import ApiKeyRecord, decode
 from openrl.gateway import audit
@@ -69,6 +69,7 @@ async def revoke(bus: Bus, name_or_id: str) -> list[ApiKeyRecord]:
 async def watch(bus: Bus, valid: set[str], ready: asyncio.Event | None = None) -> None:
     """Keep `valid` equal to the ids of the live keys in the bucket, until cancelled."""
     while True:
+        watcher = None
         try:
             watcher = await bus.keys.watchall()
             async for entry in watcher:
@@ -86,6 +87,8 @@ async def watch(bus: Bus, valid: set[str], ready: asyncio.Event | None = None) -
         except Exception as e:  # the bus reconnecting: watch again
             log.warning("keys_watch_failed", error=repr(e))
             await asyncio.sleep(1.0)
+        finally:
+            await stop_watch(watcher)  # its subscription must not outlive the watch (or hold up a drain)
 
 
 KEYS_WATCH = web.AppKey("keys_watch", asyncio.Task)

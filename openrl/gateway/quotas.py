@@ -32,7 +32,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from openrl.bus.client import Bus
+from openrl.bus.client import Bus, stop_watch
 from openrl.bus.subjects import kv_key
 from openrl.bus.messages import Future, ModelRecord, SessionRecord, WeightsRecord, decode
 from openrl.gateway.http import Backlogged, QuotaExceeded
@@ -249,11 +249,7 @@ class Usage:
                 log.warning("quota_watch_failed", bucket=getattr(kv, "_name", ""), error=repr(e))
                 await asyncio.sleep(1.0)
             finally:
-                if watcher is not None:  # its subscription (an ordered consumer) goes with it
-                    try:
-                        await asyncio.wait_for(watcher.stop(), 2.0)  # bounded: a closing connection must not hold up shutdown
-                    except Exception:
-                        pass
+                await stop_watch(watcher)  # its subscription (an ordered consumer) goes with it
 
     async def start(self) -> None:
         watches = [

@@ -25,7 +25,7 @@ from nats.js.kv import KV_DEL, KV_PURGE
 
 from openrl import metrics
 from openrl.bus import subjects
-from openrl.bus.client import Bus
+from openrl.bus.client import Bus, stop_watch
 from openrl.bus.messages import Lease, WorkerInfo, decode, encode
 
 log = structlog.get_logger(__name__)
@@ -125,11 +125,7 @@ class Leases:
                 log.warning("lease_watch_failed", error=repr(e))
                 await asyncio.sleep(1.0)
             finally:
-                if watcher is not None:
-                    try:
-                        await watcher.stop()
-                    except Exception:
-                        pass
+                await stop_watch(watcher)
 
     async def take_over(self, model_id: str) -> bool:
         """Move an orphan's lease to this trainer by compare-and-set; False if another moved it first."""
