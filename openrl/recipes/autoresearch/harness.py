@@ -96,9 +96,12 @@ def staged_changes(tree: Path) -> tuple[list[str], str]:
 
 class Researcher:
     def __init__(self, i: int, study: Study, run_dir: Path, tree: Path, proposer: Proposer, ledger: Ledger, stack: Stack,
-                 stop: threading.Event, say=print):  # fmt: skip
+                 stop: threading.Event, say=print, baseline_done: threading.Event | None = None):  # fmt: skip
         self.i, self.study, self.run_dir, self.tree = i, study, run_dir, tree
         self.proposer, self.ledger, self.stack, self.stop, self.say = proposer, ledger, stack, stop, say
+        # Set once researcher 0's baseline is in the ledger (or researcher 0 has ended): the bar
+        # every other attempt is judged against, so none is judged before it.
+        self.baseline_done = baseline_done if baseline_done is not None else threading.Event()
         allowed = set(study.editable) | ({study.params_file} if proposer.name == "optuna" else set())
         self.allowed = {Path(f).as_posix() for f in allowed}
         self.error: BaseException | None = None
@@ -106,13 +109,19 @@ class Researcher:
     def run(self) -> None:
         try:
             done = sum(1 for e in self.ledger.entries() if e.get("researcher") == self.i)  # a resumed study goes on counting
+            if self.i == 0 and done:
+                self.baseline_done.set()
             for n in range(done, self.study.attempts):
                 if self.stop.is_set():
                     break
                 self.attempt(n)
+                if self.i == 0:
+                    self.baseline_done.set()
         except BaseException as e:  # reported by run_study; the others go on
             self.error = e
         finally:
+            if self.i == 0:
+                self.baseline_done.set()  # whatever became of it: the others must not wait forever
             try:
                 reset(self.tree)
             except GitError as e:
@@ -183,6 +192,8 @@ class Researcher:
                     e["status"] = "discarded"
             return e
 
+        while judge and not (self.baseline_done.is_set() or self.stop.is_set()):  # attempts run beside the baseline; judged after it
+            self.baseline_done.wait(0.2)
         entry = self.ledger.judge_and_append(entry, metric.better, decide)
         reset(self.tree)
         if baseline:
@@ -201,7 +212,9 @@ def run_study(study: Study, proposer: Proposer, stack: Stack, run_dir: Path, sto
     base = prepare_repo(study, run_dir, say)
     ledger = Ledger(run_dir / "ledger.jsonl")
     n = researchers or study.researchers
-    team = [Researcher(i, study, run_dir, worktree(study, run_dir, i, base), proposer, ledger, stack, stop, say) for i in range(n)]
+    baseline_done = threading.Event()
+    team = [Researcher(i, study, run_dir, worktree(study, run_dir, i, base), proposer, ledger, stack, stop, say, baseline_done)
+            for i in range(n)]  # fmt: skip
     (run_dir / "base_commit").write_text(base + "\n")
     threads = [threading.Thread(target=r.run, name=f"researcher-{r.i}", daemon=True) for r in team]
     for t in threads:
