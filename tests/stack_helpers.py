@@ -135,3 +135,23 @@ def run_stack(
     # Every role did its work within its permissions: nats-server logs each refusal.
     violations = [line for line in (data_dir / "logs" / "nats.log").read_text().splitlines() if "Violation" in line]
     assert not violations, "NATS refused the stack's own processes (openrl/bus/auth.py):\n" + "\n".join(violations[:20])
+
+
+def run_alone(fn, *args):
+    """`fn(*args)` (a module-level function, a coroutine function or not) in a fresh interpreter
+    (multiprocessing's spawn): a process with no thread but its own. For tracemalloc: CPython
+    3.11's tracemalloc.start()/stop() can crash (SIGSEGV) while other threads allocate, and
+    this test process has many (SDK clients' background threads, torch's). Returns fn's result;
+    raises its exception."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_call, (fn, args))
+
+
+def _call(fn, args):
+    import asyncio
+    import inspect
+
+    result = fn(*args)
+    return asyncio.run(result) if inspect.iscoroutine(result) else result

@@ -33,7 +33,7 @@ from openrl.bus.messages import (
 from openrl.gateway.bounds import MAX_MESSAGE_BYTES
 from openrl.gateway.http import request_id
 from openrl.gateway.proto import pb
-from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY
+from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY, run_alone
 from sdk_helpers import sdk_steps, training_client
 
 pytestmark = pytest.mark.timeout(900)
@@ -374,11 +374,27 @@ async def test_training_bytes_in_flight_per_key_are_bounded(bus):
     assert len(small._in_flight["train"]["c"]) <= quotas.SWEEP_ENTRIES // 2
 
 
-async def test_a_huge_prompt_is_refused_before_its_tokens_are_decoded(nats_server):
+def test_a_huge_prompt_is_refused_before_its_tokens_are_decoded(nats_server):
     """A 32 MB JSON list of token ids in asample: a 400 naming the prompt limit, at once, and
-    the gateway (in this process: tracemalloc sees it) never holds the Python ints; a body of
-    the same size of fewer, larger tokens decodes as before. An in-process gateway on the
-    session's nats-server, driven over HTTP."""
+    the gateway (in the probe's process: tracemalloc sees it) never holds the Python ints; a body
+    of the same size of fewer, larger tokens decodes as before. An in-process gateway on the
+    session's nats-server, driven over HTTP, in a process of its own (run_alone: tracemalloc)."""
+    from openrl.gateway.bounds import MAX_PROMPT_TOKENS
+
+    r = run_alone(_huge_prompt_probe, nats_server.url)
+    assert 31_000_000 < r["body"] < r["max_body"]
+    assert r["status"] == 400 and f"at most {MAX_PROMPT_TOKENS} tokens" in r["out"]["detail"], r
+    assert "before decoding" in r["out"]["detail"]
+    # The body itself (read once, and a 1 MB slice at a time while counting) and no more: 4
+    # million ints and their list would be about 150 MB.
+    assert r["peak"] < 2.5 * r["body"], r
+    assert r["took"] < 10, r
+    # A prompt within the limit, as large as a body allows, is decoded and checked as before
+    # (this session does not exist: the 404 comes after the decode).
+    assert r["ok_status"] == 404, r
+
+
+async def _huge_prompt_probe(nats_url: str) -> dict:
     import tracemalloc
 
     import aiohttp
@@ -390,16 +406,15 @@ async def test_a_huge_prompt_is_refused_before_its_tokens_are_decoded(nats_serve
     from openrl.gateway.bounds import MAX_PROMPT_TOKENS
     from stack_helpers import bus_config
 
-    bus = await Bus.connect(bus_config(nats_server.url, "gateway", name="test-gateway-prompt"))
+    bus = await Bus.connect(bus_config(nats_url, "gateway", name="test-gateway-prompt"))
     port = free_port()
-    runner = web.AppRunner(make_app(GatewayConfig(port=port, nats_url=nats_server.url, api_keys=(API_KEY,)), bus), access_log=None)
+    runner = web.AppRunner(make_app(GatewayConfig(port=port, nats_url=nats_url, api_keys=(API_KEY,)), bus), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
         head = b'{"sampling_session_id": "s-none:sample:0", "seq_id": 1, "num_samples": 1, "sampling_params": {"max_tokens": 1}, '
         tokens = b",".join([b"1234567"] * 4_000_000)  # 32 MB, 4 million tokens
         body = head + b'"prompt": {"chunks": [{"type": "encoded_text", "tokens": [' + tokens + b"]}]}}"
-        assert 31_000_000 < len(body) < GatewayConfig().max_body_bytes
         async with aiohttp.ClientSession() as http:
             url = f"http://127.0.0.1:{port}/api/v1/asample"
             headers = {"X-API-Key": API_KEY, "Content-Type": "application/json"}
@@ -410,20 +425,14 @@ async def test_a_huge_prompt_is_refused_before_its_tokens_are_decoded(nats_serve
             took = time.monotonic() - started
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
-            assert status == 400 and f"at most {MAX_PROMPT_TOKENS} tokens" in out["detail"], (status, out)
-            assert "before decoding" in out["detail"]
-            # The body itself (read once, and a 1 MB slice at a time while counting) and no
-            # more: 4 million ints and their list would be about 150 MB.
-            assert peak < 2.5 * len(body), (peak, len(body))
-            assert took < 10, took
-            # A prompt within the limit, as large as a body allows, is decoded and checked as before
-            # (this session does not exist: the 404 comes after the decode).
             ok = head + b'"prompt": {"chunks": [{"type": "encoded_text", "tokens": [' + b",".join([b"1234567"] * MAX_PROMPT_TOKENS) + b"]}]}}"
             async with http.post(url, data=ok, headers=headers) as r:
-                assert r.status == 404, await r.text()
+                ok_status = r.status
     finally:
         await runner.cleanup()
         await bus.close()
+    return {"status": status, "out": out, "took": took, "peak": peak, "body": len(body), "max_body": GatewayConfig().max_body_bytes,
+            "ok_status": ok_status}  # fmt: skip
 
 
 def test_training_bytes_past_the_key_quota_are_a_retryable_429(stack, quota_gateway, data):
