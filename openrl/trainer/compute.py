@@ -105,17 +105,26 @@ class FairCompute:
             self._dispatching = asyncio.ensure_future(self._dispatch())
         return await done
 
-    async def _step(self, loop, job: _Job) -> None:
-        """Run one step of a stepped job; finished, hand its result over, else it waits again."""
+    async def _on_thread(self, loop, jobs: list[_Job], fn: Callable, arg) -> tuple[bool, Any]:
+        """`fn(arg)` on the compute thread, its time counted busy: (True, its result), or (False,
+        None) once its exception has failed `jobs` (theirs, not the next ones')."""
         started = time.perf_counter()
         try:
-            finished, result = await loop.run_in_executor(self.pool, _advance, job)
-        except Exception as e:
-            if not job.done.done():
-                job.done.set_exception(e)
-            return
+            return True, await loop.run_in_executor(self.pool, fn, arg)
+        except Exception as e:  # the call's own error (or the executor shut down)
+            for job in jobs:
+                if not job.done.done():
+                    job.done.set_exception(e)
+            return False, None
         finally:
             self.busy_s += time.perf_counter() - started
+
+    async def _step(self, loop, job: _Job) -> None:
+        """Run one step of a stepped job; finished, hand its result over, else it waits again."""
+        ok, out = await self._on_thread(loop, [job], _advance, job)
+        if not ok:
+            return
+        finished, result = out
         if finished:
             if not job.done.done():
                 job.done.set_result(result)
@@ -165,16 +174,9 @@ class FairCompute:
                 if isinstance(batch[0].item, _Steps):
                     await self._step(loop, batch[0])
                     continue
-                started = time.perf_counter()
-                try:
-                    results = await loop.run_in_executor(self.pool, batch[0].run, [j.item for j in batch])
-                except Exception as e:  # the call's own error (or the executor shut down): its jobs', not the next ones'
-                    for job in batch:
-                        if not job.done.done():
-                            job.done.set_exception(e)
+                ok, results = await self._on_thread(loop, batch, batch[0].run, [j.item for j in batch])
+                if not ok:
                     continue
-                finally:
-                    self.busy_s += time.perf_counter() - started
                 for job, result in zip(batch, results, strict=True):
                     if not job.done.done():
                         job.done.set_result(result)
