@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from openrl.recipes.autoresearch.study import StudyError, load_study, read_metric
-from stack_helpers import BASE_MODEL
+from stack_helpers import BASE_MODEL, alive
 
 pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,17 +106,6 @@ def assert_worktrees_clean(study: Path) -> None:
     assert trees
     for tree in trees:
         assert git(tree, "status", "--porcelain", "--untracked-files=all", "--ignored") == "", tree
-
-
-def dead(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        return open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 # -- study.toml ---------------------------------------------------------------------
@@ -305,9 +294,9 @@ def test_cmd_proposer_failures_overruns_and_forbidden_edits_are_discarded(tmp_pa
     # The overrun's whole process group is gone (its grandchild too).
     pids = [int(p) for p in (Path(entries[2]["attempt_dir"]) / "pids").read_text().split()]
     deadline = time.monotonic() + 10
-    while not all(dead(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert all(dead(p) for p in pids), pids
+    assert not any(alive(p) for p in pids), pids
     # The forbidden attempts never ran; the researcher went on; only the kept ones are commits.
     assert "attempt_dir" not in entries[3] and "attempt_dir" not in entries[4]
     assert [e["params"]["x"] for e in entries[6:]] == pytest.approx([0.1, 0.01, 1.0])
@@ -344,9 +333,9 @@ def test_ctrl_c_stops_the_researchers_and_leaves_clean_worktrees(tmp_path):
     for f in pid_files:
         for pid in map(int, f.read_text().split()):
             deadline = time.monotonic() + 10
-            while not dead(pid) and time.monotonic() < deadline:
+            while alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert dead(pid), pid
+            assert not alive(pid), pid
     entries = ledger(study)  # intact: every line is JSON
     assert sorted((e["researcher"], e["status"]) for e in entries) == [(0, "interrupted"), (1, "interrupted")]
     assert_worktrees_clean(study)

@@ -115,6 +115,29 @@ async def test_fair_compute_shares_calls_only_with_keys_not_in_debt():
     assert calls[2] == ["h-next"]
 
 
+def record_steps(engine, *, small: str) -> list[str]:
+    """Wrap `engine.forward_backward_steps` so that each micro-batch a request runs (and its
+    end) appends its name to the list returned: "big" for a request of several datums, else
+    `small`."""
+    events: list[str] = []
+    steps = engine.forward_backward_steps
+
+    def recorded(req):
+        name = "big" if len(req.data) > 1 else small
+        gen = steps(req)
+        while True:
+            try:
+                n = next(gen)
+            except StopIteration as done:
+                events.append(name)
+                return done.value
+            events.append(name)
+            yield n
+
+    engine.forward_backward_steps = recorded
+    return events
+
+
 async def test_a_big_request_runs_a_micro_batch_per_turn_and_others_run_between(bus, qwen3_path):
     """A request of several micro-batches yields the thread after each (engine.forward_backward_steps):
     a small key's step, ready just after it, runs after its first micro-batch instead of after its
@@ -130,22 +153,7 @@ async def test_a_big_request_runs_a_micro_batch_per_turn_and_others_run_between(
     await bus.ensure()
     engine = LoraEngine(qwen3_path, device="cpu", microbatch_tokens=64)  # a 60-token datum per micro-batch
     trainer = Trainer(TrainerConfig(base_model=BASE, model_path=qwen3_path, worker_id=f"t-{uuid.uuid4().hex[:6]}"), bus, engine)
-    events: list[str] = []
-    steps = engine.forward_backward_steps
-
-    def recorded(req):
-        name = "big" if len(req.data) > 1 else "small"
-        gen = steps(req)
-        while True:
-            try:
-                n = next(gen)
-            except StopIteration as done:
-                events.append(name)
-                return done.value
-            events.append(name)
-            yield n
-
-    engine.forward_backward_steps = recorded
+    events = record_steps(engine, small="small")
     big_model, small_model = await model_of(bus, trainer, "hostile"), await model_of(bus, trainer, "small")
     big, small = long_fb(big_model, 1, 4, 60), long_fb(small_model, 1, 1, 6)
     await pending(bus, big, "hostile")
@@ -191,22 +199,8 @@ async def test_a_small_keys_next_request_in_sequence_runs_before_the_big_ones_ne
     await bus.ensure()
     engine = LoraEngine(qwen3_path, device="cpu", microbatch_tokens=64)
     trainer = Trainer(TrainerConfig(base_model=BASE, model_path=qwen3_path, worker_id=f"t-{uuid.uuid4().hex[:6]}"), bus, engine)
-    events: list[str] = []
-    steps, optim = engine.forward_backward_steps, engine.optim_step
-
-    def recorded(req):
-        name = "big" if len(req.data) > 1 else "fb"
-        gen = steps(req)
-        while True:
-            try:
-                n = next(gen)
-            except StopIteration as done:
-                events.append(name)
-                return done.value
-            events.append(name)
-            yield n
-
-    engine.forward_backward_steps = recorded
+    events = record_steps(engine, small="fb")
+    optim = engine.optim_step
     engine.optim_step = lambda *a: events.append("optim") or optim(*a)
     big_model, small_model = await model_of(bus, trainer, "hostile"), await model_of(bus, trainer, "small")
     big, fb = long_fb(big_model, 1, 4, 60), long_fb(small_model, 1, 1, 6)
