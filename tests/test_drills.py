@@ -3,7 +3,7 @@
 A stopped process sends no in-progress acks, so after the consumer's ack_wait (10 s) its
 requests are redelivered to the other process of its kind. Each drill checks that every
 request completes while the victim is still stopped, that each future is finished exactly
-once (the `openrl.done.<id>` pings, counted on the bus, including after the victim wakes up
+once (the futures the `openrl.done.<id>` pings carry, including after the victim wakes up
 and finishes the work it was doing when it stopped), and that after SIGCONT the victim
 serves new work in the same process.
 """
@@ -33,10 +33,14 @@ ACK_WAIT_S = 10  # the samplers' and rewarders' consumers
 
 
 class DonePings:
-    """Counts `openrl.done.<id>` pings on the bus, from a subscriber in its own thread."""
+    """The `openrl.done.<id>` pings on the bus, from a subscriber in its own thread. A ping
+    carries the stored future (these are small), so `of` counts the distinct futures announced:
+    a request finished twice is announced with two; one announced again (a worker that finds it
+    finished elsewhere repeats the notice, in case the one that finished it died before
+    announcing) repeats the same bytes."""
 
     def __init__(self, nats_url: str):
-        self.counts: collections.Counter[str] = collections.Counter()
+        self.counts: collections.defaultdict[str, set[bytes]] = collections.defaultdict(set)
         self._ready = threading.Event()
         self._thread = threading.Thread(target=asyncio.run, args=(self._run(nats_url),), daemon=True)
         self._thread.start()
@@ -52,7 +56,7 @@ class DonePings:
         self._stop = asyncio.Event()
 
         async def on_done(msg):
-            self.counts[msg.subject] += 1
+            self.counts[msg.subject].add(msg.data)
 
         await nc.subscribe(subjects.DONE_ALL, cb=on_done)
         await nc.flush()
@@ -61,7 +65,9 @@ class DonePings:
         await nc.close()
 
     def of(self, request_id: str) -> int:
-        return self.counts[subjects.done(request_id)]
+        announced = self.counts[subjects.done(request_id)]
+        assert b"" not in announced, f"{request_id}: a done notice without its future"
+        return len(announced)
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)

@@ -492,6 +492,20 @@ class Bus:
         Every role that may publish it may write the future itself: it is trusted as much."""
         await self.nc.publish(subjects.done(request_id), data if len(data) <= DONE_INLINE_MAX else b"")
 
+    async def announce_finished(self, request_id: str, data: bytes | None = None) -> None:
+        """Announce a future that another worker finished, again: that worker may have died
+        between storing it and announcing it (kill -9), and whoever waits would then hear
+        nothing until its next re-read. A second notice is harmless (every listener is
+        idempotent). `data`: the stored future's bytes when already read; else read here."""
+        if data is None:
+            try:
+                entry = await self.futures.get(subjects.kv_key(request_id))
+            except KeyNotFoundError:
+                return
+            data = entry.value
+        if data and decode(data, Future).state != "pending":
+            await self._announce(request_id, data)
+
     async def pending_future(self, request_id: str) -> tuple[Future, int] | None:
         """The stored future and its revision while it is pending; None once finished or gone."""
         try:
@@ -512,12 +526,14 @@ class Bus:
         if revision is None:
             pending = await self.pending_future(fut.request_id)
             if pending is None:
-                return False  # finished elsewhere, or expired
+                await self.announce_finished(fut.request_id)  # finished elsewhere (or expired)
+                return False
             revision = pending[1]
         try:
             data = encode(fut)
             await self.futures.update(key, data, last=revision)
         except KeyWrongLastSequenceError:
+            await self.announce_finished(fut.request_id)
             return False
         await self._announce(fut.request_id, data)
         return True

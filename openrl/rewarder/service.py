@@ -72,8 +72,9 @@ class Rewarder:
             entry = None
         if entry is not None and entry.value is not None:
             pending = decode(entry.value, Future)
-            if pending.state != "pending":
-                return  # scored before (a redelivery after the result was stored)
+            if pending.state != "pending":  # scored before (a redelivery after the result was stored):
+                await self.bus.announce_finished(msg.request_id, entry.value)  # its scorer may have died before announcing
+                return
         else:
             entry = None
             pending = Future(request_id=msg.request_id, owner="", request_type="Score", created_at=time.time())
@@ -85,16 +86,17 @@ class Rewarder:
             raise group.exceptions[0] from None
         result = ScoreResult(request_id=msg.request_id, reward_name=self.cfg.name, scores=[t.result() for t in tasks],
                              worker_id=self.worker_id)  # fmt: skip
-        done = msgspec.structs.replace(pending, state="done", content_type="json", payload=msgspec.json.encode(result), finished_at=time.time())
+        done = encode(msgspec.structs.replace(pending, state="done", content_type="json", payload=msgspec.json.encode(result), finished_at=time.time()))
         try:
             if entry is None:
-                await self.bus.futures.create(key, encode(done))
+                await self.bus.futures.create(key, done)
             else:
-                await self.bus.futures.update(key, encode(done), last=entry.revision)
+                await self.bus.futures.update(key, done, last=entry.revision)
         except KeyWrongLastSequenceError:
             log.info("score_already_recorded", request_id=msg.request_id)
+            await self.bus.announce_finished(msg.request_id)
             return
-        await self.bus.nc.publish(subjects.done(msg.request_id), b"")
+        await self.bus.announce_finished(msg.request_id, done)
         self.scored += 1
         metrics.REWARD_SECONDS.observe(time.monotonic() - started, reward=self.cfg.name)
         metrics.REWARD_ITEMS.inc(len(result.scores), reward=self.cfg.name)

@@ -633,7 +633,10 @@ class Trainer:
     async def _finish_create(self, rec: ModelRecord, error: str | None = None) -> None:
         """The create (or create-via-load) future, if still pending: done, or failed with `error`."""
         stored = await self.bus.kv_get(self.bus.futures, rec.create_request_id, Future)
-        if stored is None or stored.state != "pending":
+        if stored is None:
+            return
+        if stored.state != "pending":  # finished before: announced again, in case its trainer died in between
+            await self.bus.announce_finished(rec.create_request_id, encode(stored))
             return
         init = rec.init_state is not None
         base = dict(request_id=rec.create_request_id, owner=rec.owner, request_type="LoadWeights" if init else "CreateModel", finished_at=time.time())

@@ -100,10 +100,13 @@ async def test_kill_9_of_one_of_two_rewarders_during_100_requests_scores_each_on
     await wait_heartbeat(bus, b)
     a_workers = _children(a.pid)
     rids = {}
-    done_pings: collections.Counter[str] = collections.Counter()
+    # Each done notice carries the stored future: a request recorded twice would be announced
+    # with two different futures; one announced again (the dead rewarder may have stored it
+    # and died before announcing) repeats the same bytes.
+    done_pings: collections.defaultdict[str, set[bytes]] = collections.defaultdict(set)
 
     async def on_done(msg):
-        done_pings[msg.subject.removeprefix(f"{subjects.PREFIX}.done.")] += 1
+        done_pings[msg.subject.removeprefix(f"{subjects.PREFIX}.done.")].add(msg.data)
 
     sub = await bus.nc.subscribe(f"{subjects.PREFIX}.done.>", cb=on_done)
     for i in range(100):
@@ -121,8 +124,9 @@ async def test_kill_9_of_one_of_two_rewarders_during_100_requests_scores_each_on
     await sub.unsubscribe()
     assert {i: r["scores"][0]["reward"] for i, r in results.items()} == {i: float(i) for i in range(100)}
     # Each request was recorded exactly once ...
-    assert {subjects.token(rid) for rid in rids.values()} == set(done_pings), "a request was never recorded"
-    assert set(done_pings.values()) == {1}, {k: v for k, v in done_pings.items() if v != 1}
+    assert {subjects.token(rid) for rid in rids.values()} == set(done_pings), "a request was never announced"
+    assert {len(v) for v in done_pings.values()} == {1}, {k: v for k, v in done_pings.items() if len(v) != 1}
+    assert all(data for v in done_pings.values() for data in v), "a score's done notice carries its future"
     # ... both rewarders scored, and the survivor took over what the dead one held.
     by_worker = collections.Counter(r["worker_id"] for r in results.values())
     assert len(by_worker) == 2, by_worker
@@ -142,7 +146,18 @@ async def test_a_finished_request_is_never_scored_again(bus, rewarders, tmp_path
     rid = await submit(bus, name, [item("", reference=ref)])
     assert (await result(bus, rid))["scores"][0]["reward"] == 7.0
     # The same request again, past JetStream's duplicate window (another msg id): a redelivery.
+    # It is announced again with the stored future (the rewarder that stored it may have died
+    # before announcing it, and a waiter would hear nothing until its next re-read).
+    notices: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_notice(msg):
+        notices.put_nowait(msg.data)
+
+    sub = await bus.nc.subscribe(subjects.done(rid), cb=on_notice)
     await bus.publish(subjects.reward(name), ScoreRequest(request_id=rid, reward_name=name, items=[item("", reference=ref)]), msg_id=rid + "-again")
+    again = await asyncio.wait_for(notices.get(), 15)
+    await sub.unsubscribe()
+    assert again == (await bus.futures.get(subjects.kv_key(rid))).value
     # A request published straight to the bus (a recipe, a replayed recording: no future was
     # accepted for it) is scored all the same, its result created; a later copy is not rescored.
     direct = unique("direct")
