@@ -19,6 +19,8 @@ import tinker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from openrl.bus.messages import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+
 from sdk_helpers import sdk_steps, training_client
 from stack_helpers import API_KEY, BASE_MODEL, OTHER_KEY, nats_options
 
@@ -240,6 +242,8 @@ def test_max_tokens_past_the_context_is_400(client, tokenizer):
         ({"max_tokens": 0}, "max_tokens"),
         ({"seed": "x"}, "seed"),
         ({"stop": [""]}, "stop"),
+        ({"stop": [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]}, "stop"),
+        ({"stop": "x" * (MAX_STOP_STRING_CHARS + 1)}, "stop"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
@@ -252,6 +256,14 @@ def test_unsupported_or_bad_fields_are_400_naming_them(stack, extra, param):
     r = httpx.post(f"{stack.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.text
+
+
+def test_stop_strings_at_their_bounds_are_served(client):
+    """The most stop strings, each of the most characters, are served: the bounds refused above
+    are the first values past what is allowed."""
+    stops = [chr(0x3b1 + i) * MAX_STOP_STRING_CHARS for i in range(MAX_STOP_STRINGS)]  # never sampled: the tiny tokenizer has no Greek
+    got = client.completions.create(model=BASE_MODEL, prompt="hi", temperature=0, max_tokens=4, stop=stops)
+    assert got.choices[0].finish_reason == "length"
 
 
 def test_completions_fields_are_checked(stack):
