@@ -285,6 +285,8 @@ def cmd_trainer(args: argparse.Namespace) -> None:
             await server.cleanup()
 
     asyncio.run(main())  # rank 0 stops on a signal, which torchrun sends every rank of the group
+    if rank is not None:
+        groups.leave()
 
 
 # -- openrl sampler -------------------------------------------------------------------

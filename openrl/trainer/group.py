@@ -148,6 +148,15 @@ def init_rank(cfg: GroupConfig, device: str) -> Rank:
     return Rank(rank=rank, world=world, local_rank=local_rank, device=device)
 
 
+def leave() -> None:
+    """Leave the process group (destroy it), as torch documents for the end of a program. Left to
+    the interpreter's teardown, the backend's threads and store connection are torn down in
+    whatever order finalisation picks; a rank that had done all its work was seen to abort then
+    ("terminate called without an active exception", exit -6). Local: waits for no other rank."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def set_title(title: str) -> None:
     """What `ps` shows for this process (its whole command line), where setproctitle is installed."""
     try:
@@ -285,7 +294,9 @@ class GroupEngine:
             self._both(KeepAlive(), lambda: None)
 
     def stop(self) -> None:
+        """Tell every rank to stop, then leave the group."""
         self._both(Stop(), lambda: None)
+        leave()
 
     # Reads: adapters are whole on every rank, so rank 0 answers alone.
     def has(self, model_id: str) -> bool:
@@ -330,6 +341,7 @@ def follow(engine) -> None:
                     pass
                 case Stop():
                     log.info("trainer_rank_stopping", rank=engine.rank)
+                    leave()
                     return
         except InvalidRequest:
             pass  # rank 0 failed the same way and told the client
