@@ -26,15 +26,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import API_KEY, finish_results, start_stack, stop_stack  # noqa: E402
+from common import API_KEY, cpu_seconds, finish_results, start_stack, stop_stack  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
 
 
 def worker_pids(data_dir: Path) -> dict[str, int]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 API_KEY = "tml-bench-key-0000000000"
+PROCESS_KINDS = ("nats-server", "gateway", "trainer", "sampler", "rewarder")
 
 
 def start_stack(data_dir: Path, *up_args: str, cwd: str | Path | None = None) -> tuple[subprocess.Popen, str]:
@@ -83,3 +84,41 @@ def fb_message(model_id: str, rows: np.ndarray):
         for row in rows
     ]
     return ForwardBackward(request_id="r", model_id=model_id, seq_id=1, loss_fn="cross_entropy", data=data)
+
+
+# -- CPU-seconds per process of a stack
+
+
+def stack_processes(root: int) -> dict[int, str]:
+    """pid -> kind of `openrl up` (root) and every process under it, by its command line."""
+    parent, cmd = {}, {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    out, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        out[pid] = "up" if pid == root else next((k for k in PROCESS_KINDS if k in cmd.get(pid, "")), "other")
+        todo += [c for c, pp in parent.items() if pp == pid]
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` (all its threads), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_kind(procs: dict[int, str]) -> dict[str, float]:
+    out: dict[str, float] = {"bench": cpu_seconds(os.getpid())}
+    for pid, kind in procs.items():
+        out[kind] = out.get(kind, 0.0) + cpu_seconds(pid)
+    return out

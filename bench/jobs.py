@@ -43,14 +43,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common import API_KEY, finish_results, start_stack, stop_stack
+from common import API_KEY, cpu_by_kind, finish_results, stack_processes, start_stack, stop_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA = "openrl-bench/tiny-llama"
 LLAMA_ARCH = dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)  # fmt: skip
 PROMPTS, SAMPLES, TOKENS, REWARD_S = 4, 4, 8, 0.2
-PROCESS_KINDS = ("nats-server", "gateway", "trainer", "sampler", "rewarder")
 
 
 def ensure_llama() -> Path:
@@ -85,41 +84,6 @@ def ensure_llama() -> Path:
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
     return snap
-
-
-def stack_processes(root: int) -> dict[int, str]:
-    """pid -> kind of `openrl up` (root) and every process under it, by its command line."""
-    parent, cmd = {}, {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmd[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-    out, todo = {}, [root]
-    while todo:
-        pid = todo.pop()
-        out[pid] = "up" if pid == root else next((k for k in PROCESS_KINDS if k in cmd.get(pid, "")), "other")
-        todo += [c for c, pp in parent.items() if pp == pid]
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` (all its threads), in seconds."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_by_kind(procs: dict[int, str]) -> dict[str, float]:
-    out: dict[str, float] = {"bench": cpu_seconds(os.getpid())}
-    for pid, kind in procs.items():
-        out[kind] = out.get(kind, 0.0) + cpu_seconds(pid)
-    return out
 
 
 async def sample_group(sampler, prompt: list[int], seed: int):

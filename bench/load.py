@@ -14,13 +14,14 @@ it gave during the run by status (a 5xx the SDK retried silently still shows the
 Without --url it starts its own `openrl up --samplers 2` (bench/common.py). Prints p50 / p95 /
 p99 per call kind and writes bench/results/load.json (--out).
 
---hostile (docs/limits.md): the same clients run twice on one stack, quiet and then while a
-second API key floods it (`flood`): the largest requests the bounds allow (forward_backward
+--hostile (docs/limits.md): the same clients (each with an API key of its own: --client-keys)
+run twice on one stack, quiet and then while another key floods it (`flood`, from a process of
+its own, as it would be another machine): the largest requests the bounds allow (forward_backward
 bodies near the body limit far ahead of their model's next seq_id; in-order training steps of
 the longest datums; sample requests of MAX_NUM_SAMPLES), sessions past its quota, and reward
 requests of 4096 items past its reward quota. The result has both runs' error counts and
-latencies, and the flood run's p99 over the quiet run's, per call kind
-(bench/results/load_hostile.json).
+latencies, the flood run's p99 over the quiet run's per call kind, and the CPU-seconds each
+process of the stack used in each run (bench/results/load_hostile.json).
 """
 
 from __future__ import annotations
@@ -131,12 +132,19 @@ def gateway_statuses(metrics_url: str | None) -> dict[str, float]:
     return dict(out)
 
 
+def client_keys(api_key: str, n: int) -> list[str]:
+    """The clients' API keys: `api_key` first, then n - 1 more (each its own tenant)."""
+    return [api_key] + [f"tml-bench-client-{i:03d}-0000000000" for i in range(1, n)]
+
+
 async def run_load(url: str, api_key: str, args, metrics_url: str | None = None) -> dict:
-    """Drive the stack at `url`; returns the figures (errors listed, not raised)."""
+    """Drive the stack at `url`; returns the figures (errors listed, not raised). The clients
+    take `--client-keys` keys in turn (client i the key i mod n)."""
     import tinker
 
     before = gateway_statuses(metrics_url)
-    services = [tinker.ServiceClient(base_url=url, api_key=api_key) for _ in range(args.clients)]
+    keys = client_keys(api_key, max(1, args.client_keys or 1))
+    services = [tinker.ServiceClient(base_url=url, api_key=keys[i % len(keys)]) for i in range(args.clients)]
     rec = Recorder()
     started = time.monotonic()
     deadline = started + args.seconds
@@ -146,7 +154,7 @@ async def run_load(url: str, api_key: str, args, metrics_url: str | None = None)
     statuses = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(after) | set(before)) if after.get(k, 0) - before.get(k, 0)}
     steps = [r for r in results if isinstance(r, int)]
     return {
-        "clients": args.clients, "seconds": args.seconds, "wall_s": round(wall_s, 1),
+        "clients": args.clients, "client_keys": len(keys), "seconds": args.seconds, "wall_s": round(wall_s, 1),
         "rank": args.rank, "rows": args.rows, "tokens": args.tokens, "max_tokens": args.max_tokens, "sample_every": args.sample_every,
         "clients_failed": len(results) - len(steps), "steps": sum(steps), "min_client_steps": min(steps, default=0), "steps_per_s": round(sum(steps) / wall_s, 2),
         "calls_submitted": rec.submitted, "calls_resolved": rec.resolved, "errors": rec.errors[:50], "error_count": len(rec.errors),
@@ -245,25 +253,60 @@ async def flood(url: str, key: str, until: asyncio.Event, args, out: Flood) -> N
         await http.aclose()
 
 
-async def run_hostile(url: str, api_key: str, args, metrics_url: str | None = None) -> dict:
-    """The clients quiet, then the clients while the hostile key floods; both runs' figures."""
-    quiet = await run_load(url, api_key, args, metrics_url)
-    until = asyncio.Event()
-    sent = Flood()
-    flooding = asyncio.create_task(flood(url, HOSTILE_KEY, until, args, sent))
-    await asyncio.sleep(args.flood_warmup_s)  # the flood is under way before the clients start
-    try:
-        loud = await run_load(url, api_key, args, metrics_url)
-    finally:
+def _flood_process(url: str, key: str, args, stop, statuses) -> None:
+    """The hostile key's own process (as it would be its own machine): its request building
+    (4 MiB protobuf bodies, 4096-item JSON) never holds the clients' interpreter."""
+
+    async def main() -> None:
+        until = asyncio.Event()
+        out = Flood()
+        flooding = asyncio.create_task(flood(url, key, until, args, out))
+        while not stop.is_set() and not flooding.done():
+            await asyncio.sleep(0.1)
         until.set()
         await asyncio.gather(flooding, return_exceptions=True)
+        statuses.put(({k: dict(v) for k, v in out.statuses.items()}, time.process_time()))
+
+    asyncio.run(main())
+
+
+async def run_hostile(url: str, api_key: str, args, metrics_url: str | None = None, cpu=None) -> dict:
+    """The clients quiet, then the clients while the hostile key floods from a process of its
+    own; both runs' figures. `cpu`: CPU-seconds so far by process kind (the stack's, when this
+    benchmark started it), read around each run."""
+    import multiprocessing
+
+    def used(before: dict | None) -> dict | None:
+        if cpu is None:
+            return None
+        now = cpu()
+        return now if before is None else {k: round(v - before.get(k, 0.0), 1) for k, v in now.items()}
+
+    start = used(None)
+    quiet = await run_load(url, api_key, args, metrics_url)
+    quiet["cpu_seconds"] = used(start)
+    ctx = multiprocessing.get_context("spawn")
+    stop, statuses = ctx.Event(), ctx.Queue()
+    flooding = ctx.Process(target=_flood_process, args=(url, HOSTILE_KEY, args, stop, statuses), daemon=True)
+    flooding.start()
+    await asyncio.sleep(args.flood_warmup_s)  # the flood is under way before the clients start
+    try:
+        start = used(None)
+        loud = await run_load(url, api_key, args, metrics_url)
+        loud["cpu_seconds"] = used(start)
+    finally:
+        stop.set()
+        sent, flood_cpu_s = await asyncio.to_thread(statuses.get, True, 120)
+        await asyncio.to_thread(flooding.join, 30)
+    if loud.get("cpu_seconds") is not None:
+        loud["cpu_seconds"]["hostile client (whole flood)"] = round(flood_cpu_s, 1)
     ratio = {}
     for kind, p in loud["latency_ms"].items():
         q = quiet["latency_ms"].get(kind)
         if q and q["p99"] > 0:
             ratio[kind] = round(p["p99"] / q["p99"], 2)
     return {
-        "quiet": quiet, "flood": loud, "hostile_sent": {k: dict(v) for k, v in sent.statuses.items()},
+        "quiet": quiet, "flood": loud, "hostile_sent": sent,
         "p99_flood_over_quiet": ratio, "errors_quiet": quiet["error_count"], "errors_flood": loud["error_count"],
         "goal": "0 errors, p99 <= 2x the quiet run", "met": loud["error_count"] == 0 and all(r <= 2.0 for r in ratio.values()),
     }  # fmt: skip
@@ -289,6 +332,10 @@ def add_args(p: argparse.ArgumentParser, clients: int = 64, seconds: float = 180
     p.add_argument("--max-tokens", type=int, default=4, help="tokens per sample")
     p.add_argument("--sample-every", type=int, default=3, help="save weights + sample every this many steps")
     p.add_argument("--base-model", default=BASE_MODEL)
+    p.add_argument("--client-keys", type=int, default=None,
+                   help="API keys the clients use in turn: 1 (one tenant; the default) up to --clients (each client a tenant of "
+                        "its own; the default with --hostile); with --url, the extra keys must be accepted there "
+                        "(tml-bench-client-NNN-0000000000)")
     p.add_argument("--hostile", action="store_true", help="run quiet, then under a hostile key's flood (docs/limits.md)")
     p.add_argument("--hostile-concurrency", type=int, default=2, help="hostile requests in flight per flood kind")
     p.add_argument("--hostile-body-mb", type=int, default=4, help="size of the far-ahead forward_backward bodies")
@@ -306,7 +353,9 @@ def main() -> None:
     p.add_argument("--out", default="")
     args = p.parse_args()
     args.out = args.out or str(Path(__file__).parent / "results" / ("load_hostile.json" if args.hostile else "load.json"))
-    proc = None
+    if args.client_keys is None:  # well-behaved users are many tenants; fair shares are per key
+        args.client_keys = args.clients if args.hostile else 1
+    proc = cpu = None
     metrics_url = args.metrics_url
     if args.url:
         url, api_key = args.url, args.api_key
@@ -314,13 +363,19 @@ def main() -> None:
         from common import API_KEY, start_stack
 
         data_dir = Path(tempfile.mkdtemp(prefix="openrl-load-"))
-        if args.hostile:  # the gateway accepts the hostile key beside the clients' one
-            os.environ["OPENRL_API_KEYS"] = HOSTILE_KEY
+        # The gateway accepts the clients' other keys and the hostile key beside API_KEY.
+        extra = client_keys(API_KEY, args.client_keys)[1:] + ([HOSTILE_KEY] if args.hostile else [])
+        if extra:
+            os.environ["OPENRL_API_KEYS"] = ",".join(extra)
         proc, url = start_stack(data_dir, "--samplers", "2", "--threads", "1")
         api_key = API_KEY
+        from common import cpu_by_kind, stack_processes
+
+        procs = stack_processes(proc.pid)
+        cpu = lambda: cpu_by_kind(procs)  # noqa: E731
         metrics_url = json.loads((data_dir / "run" / "stack.json").read_text())["metrics"]["gateway"]
     try:
-        res = asyncio.run((run_hostile if args.hostile else run_load)(url, api_key, args, metrics_url))
+        res = asyncio.run(run_hostile(url, api_key, args, metrics_url, cpu) if args.hostile else run_load(url, api_key, args, metrics_url))
     finally:
         if proc is not None:
             from common import stop_stack
@@ -334,6 +389,8 @@ def main() -> None:
         for name in ("quiet", "flood"):
             print(f"\n== {name}")
             print_report(res[name])
+            if res[name].get("cpu_seconds"):
+                print(f"CPU-seconds by process: {res[name]['cpu_seconds']}")
         print(f"\nhostile key sent: {res['hostile_sent']}; train stream on disk at the end: {res.get('train_stream_bytes')} bytes")
         print(f"p99 flood / quiet: {res['p99_flood_over_quiet']}; errors quiet {res['errors_quiet']}, flood {res['errors_flood']}; goal met: {res['met']}")
     else:
