@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,12 @@ class Stack:
         """`openrl keys ARGS` against this stack's bus."""
         return subprocess.run([sys.executable, "-m", "openrl", "keys", *args, "--nats-url", self.nats_url],
                               capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    def new_key(self, prefix: str = "test") -> str:
+        """A fresh API key (`openrl keys create`): a tenant that no other test has used."""
+        out = self.keys("create", "--name", f"{prefix}-{uuid.uuid4().hex[:8]}")
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout.strip().splitlines()[-1]
 
     def service_client(self, api_key: str | None = None, base_url: str | None = None):
         import tinker

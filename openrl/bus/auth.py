@@ -36,7 +36,7 @@ P = subjects.PREFIX
 BUCKETS = (
     subjects.FUTURES_BUCKET, subjects.MODELS_BUCKET, subjects.SESSIONS_BUCKET, subjects.WORKERS_BUCKET,
     subjects.WEIGHTS_BUCKET, subjects.SAMPLERS_BUCKET, subjects.SNAPSHOTS_BUCKET, subjects.LEASES_BUCKET,
-    subjects.KEYS_BUCKET,
+    subjects.KEYS_BUCKET, subjects.INFLIGHT_BUCKET,
 )  # fmt: skip
 STREAMS = (
     subjects.TRAIN_STREAM, subjects.CREATE_STREAM, subjects.SAMPLE_STREAM, subjects.DLQ_STREAM,

@@ -49,6 +49,7 @@ DONE_INLINE_MAX = 16 * 1024
 # How long a worker's heartbeat entry outlives its last beat: a worker is alive while its
 # entry exists (there is no clock comparison across hosts).
 WORKER_TTL_S = 10.0
+INFLIGHT_TTL_S = 30.0  # a gateway replica's in-flight counts outlive it by at most this (quotas.py)
 
 # A message delivered this many times without being handled (its handler kept failing, or
 # the worker holding it kept dying) is a dead letter: moved to OPENRL_DLQ with the reason,
@@ -160,7 +161,7 @@ KV_HANDLES = {
     "futures": subjects.FUTURES_BUCKET, "models": subjects.MODELS_BUCKET, "sessions": subjects.SESSIONS_BUCKET,
     "workers": subjects.WORKERS_BUCKET, "weights": subjects.WEIGHTS_BUCKET, "samplers": subjects.SAMPLERS_BUCKET,
     "snapshots": subjects.SNAPSHOTS_BUCKET, "leases": subjects.LEASES_BUCKET, "keys": subjects.KEYS_BUCKET,
-    "secrets": subjects.SECRETS_BUCKET,
+    "secrets": subjects.SECRETS_BUCKET, "inflight": subjects.INFLIGHT_BUCKET,
 }  # fmt: skip
 
 
@@ -179,6 +180,7 @@ class Bus:
         self.samplers: KeyValue
         self.snapshots: KeyValue
         self.leases: KeyValue
+        self.inflight: KeyValue
         self.keys: KeyValue
         self.secrets: KeyValue
         self.objects: ObjectStore
@@ -312,6 +314,8 @@ class Bus:
         self.snapshots = await self._ensure_kv(subjects.SNAPSHOTS_BUCKET)
         self.leases = await self._ensure_kv(subjects.LEASES_BUCKET)
         self.keys = await self._ensure_kv(subjects.KEYS_BUCKET)
+        # Each gateway replica's keys in flight (gateway/quotas.py), rewritten while it lives.
+        self.inflight = await self._ensure_kv(subjects.INFLIGHT_BUCKET, ttl=INFLIGHT_TTL_S)
         if not self.cfg.user:  # with authorization, the gateway makes it: no other role may touch it
             self.secrets = await self._ensure_kv(subjects.SECRETS_BUCKET)
         self.objects = await self._ensure_objects(subjects.WEIGHTS_OBJECTS)

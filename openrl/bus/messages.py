@@ -282,6 +282,17 @@ class ApiKeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     hint: str = ""  # the key's first characters, to tell keys apart in a listing
 
 
+class InFlight(msgspec.Struct, frozen=True, kw_only=True):
+    """KV `inflight`, key = a gateway replica's id: what that replica has accepted and not yet
+    seen finish, by kind ("reward" items, "sample" sequences, "train" bytes) and owner. Every
+    replica adds the others' to its own before a quota check (gateway/quotas.py), so a key's
+    in-flight quotas hold over all replicas. Rewritten while the replica lives (bucket TTL)."""
+
+    replica: str
+    at: float
+    held: dict[str, dict[str, int]] = {}
+
+
 class SamplerRecord(msgspec.Struct, frozen=True, kw_only=True):
     """KV `samplers`, key = sampler id (`<session>:sample:<n>`): what a sampling session samples."""
 

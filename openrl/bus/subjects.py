@@ -31,6 +31,7 @@ SNAPSHOTS_BUCKET = "openrl-snapshots"  # KV: model id -> SnapshotRecord (the new
 LEASES_BUCKET = "openrl-leases"  # KV: <base>.<model id> -> Lease (which trainer owns a model)
 KEYS_BUCKET = "openrl-keys"  # KV: key id (a hash of the API key) -> ApiKeyRecord
 SECRETS_BUCKET = "openrl-secrets"  # KV: name -> Secret (the download-URL signing key, made once)
+INFLIGHT_BUCKET = "openrl-inflight"  # KV: gateway replica -> InFlight (what each key has in flight there)
 WEIGHTS_OBJECTS = "openrl-weights"  # object store: adapter safetensors
 
 _SAFE = re.compile(r"[^A-Za-z0-9_\-:]")

@@ -16,15 +16,19 @@ Every gateway keeps its own view of the first three by watching the KV buckets (
 watches the keys), so a check is a dictionary lookup, whichever replica answers; what this
 replica creates counts at once, what another replica creates counts once its watch has seen
 it (within a moment): a key racing several replicas may overshoot by the requests in flight.
-Reward items and sample sequences in flight are counted by the replica that accepted them (a
-key spread over N replicas may have N times the quota in flight). A refusal is a 429 naming the quota and its
-flag; a refused sequenced request still fills its seq_id (service._in_sequence).
+What is in flight (reward items, sample sequences, training bytes) is counted by the replica
+that accepted it, which publishes its totals per key to KV `inflight` (at most PUBLISH_DELAY_S
+after a change, and every REFRESH_S while it holds any; the bucket's TTL drops a dead
+replica's); every replica adds the others' totals to its own before a check. A refusal is a 429
+naming the quota and its flag; a refused sequenced request still fills its seq_id
+(service._in_sequence).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -32,9 +36,9 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from openrl.bus.client import Bus, stop_watch
+from openrl.bus.client import INFLIGHT_TTL_S, Bus, stop_watch
 from openrl.bus.subjects import kv_key
-from openrl.bus.messages import Future, ModelRecord, SessionRecord, WeightsRecord, decode
+from openrl.bus.messages import Future, InFlight, ModelRecord, SessionRecord, WeightsRecord, decode, encode
 from openrl.gateway.http import Backlogged, QuotaExceeded
 
 log = structlog.get_logger(__name__)
@@ -42,6 +46,9 @@ log = structlog.get_logger(__name__)
 SESSION_LIVE_S = 120.0  # a session nobody heartbeated for this long no longer counts
 SWEEP_EVERY_S = 0.5
 SWEEP_ENTRIES = 4096
+PUBLISH_DELAY_S = 0.1  # this replica's in-flight totals reach the others this long after a change (plus the bus)
+REFRESH_S = 10.0  # ... and are rewritten this often while it holds any (the bucket's TTL is INFLIGHT_TTL_S)
+MAX_PUBLISHED_OWNERS = 4096  # per kind: the keys holding the most (one entry stays well under a NATS payload)
 
 
 @dataclass(frozen=True)
@@ -62,9 +69,13 @@ class Usage:
     Records are keyed as the bucket keys them (escaped: subjects.kv_key), so a deletion seen
     by the watch finds its record."""
 
-    def __init__(self, bus: Bus, quotas: Quotas):
+    def __init__(self, bus: Bus, quotas: Quotas, replica: str | None = None):
         self.bus = bus
         self.quotas = quotas
+        self.replica = replica or uuid.uuid4().hex[:16]  # this gateway's entry in KV `inflight`
+        self.others: dict[str, InFlight] = {}  # the other replicas' in-flight totals, by their entry's key
+        self._changed = asyncio.Event()  # what this replica holds in flight changed since it was published
+        self._published = False  # its entry in KV `inflight` was ever written
         self.sessions: dict[str, SessionRecord] = {}
         self.models: dict[str, ModelRecord] = {}
         self.checkpoints: dict[str, WeightsRecord] = {}
@@ -134,6 +145,7 @@ class Usage:
     def scoring(self, owner: str, request_id: str, items: int) -> None:
         self._in_flight_as[request_id] = ("reward", owner)
         self._in_flight["reward"][owner][request_id] = items
+        self._changed.set()
 
     async def check_samples(self, owner: str, request_id: str, sequences: int) -> None:
         await self._check_in_flight(
@@ -144,6 +156,7 @@ class Usage:
     def sampling(self, owner: str, request_id: str, sequences: int) -> None:
         self._in_flight_as[request_id] = ("sample", owner)
         self._in_flight["sample"][owner][request_id] = sequences
+        self._changed.set()
 
     async def check_train_bytes(self, owner: str, request_id: str, size: int) -> None:
         """Room for a training request of `size` bytes in the train log ahead of the trainer;
@@ -157,6 +170,7 @@ class Usage:
         if self.quotas.train_bytes:  # (off: nothing would ever read the entries back)
             self._in_flight_as[request_id] = ("train", owner)
             self._in_flight["train"][owner][request_id] = size
+            self._changed.set()
 
     def finished(self, request_id: str) -> None:
         """A request's future finished (its done notice, which futures.Waiters hears for every
@@ -168,6 +182,24 @@ class Usage:
             mine = self._in_flight[kind].get(owner)
             if mine is not None:
                 mine.pop(request_id, None)
+                if not mine:
+                    del self._in_flight[kind][owner]
+            self._changed.set()
+
+    def held_elsewhere(self, kind: str, owner: str, now: float | None = None) -> int:
+        """What the other gateway replicas have in flight for `owner` (as they last published it;
+        an entry older than the bucket's TTL is a replica that died: not counted)."""
+        now = time.time() if now is None else now
+        return sum(rec.held.get(kind, {}).get(owner, 0) for rec in self.others.values() if now - rec.at < INFLIGHT_TTL_S)
+
+    def published(self, now: float | None = None) -> InFlight:
+        """This replica's entry for KV `inflight`: its totals per kind and owner (nonzero only)."""
+        held = {}
+        for kind, by_owner in self._in_flight.items():
+            totals = sorted(((sum(m.values()), owner) for owner, m in by_owner.items() if m), reverse=True)
+            if totals:
+                held[kind] = {owner: n for n, owner in totals[:MAX_PUBLISHED_OWNERS]}
+        return InFlight(replica=self.replica, at=time.time() if now is None else now, held=held)
 
     async def _check_in_flight(self, kind: str, owner: str, request_id: str, n: int, q: int, what: str, flag: str,
                                error: type[Exception] = QuotaExceeded) -> None:  # fmt: skip
@@ -176,15 +208,16 @@ class Usage:
         mine = self._in_flight[kind][owner]
         if not q or request_id in mine:
             return
+        theirs = self.held_elsewhere(kind, owner)
         # Training requests are many, small ones too, and finish in order: they are read back
         # also when a key has more than SWEEP_ENTRIES of them (else a quota of bytes would let
         # millions of small entries pile up), at most every SWEEP_EVERY_S per key, oldest first,
         # stopping once there is room.
         held = sum(mine.values())
         if kind != "train":
-            sweep = held + n > q
+            sweep = held + theirs + n > q
         else:
-            sweep = (held + n > q or len(mine) > SWEEP_ENTRIES) and time.monotonic() - self._swept.get(owner, 0.0) > SWEEP_EVERY_S
+            sweep = (held + theirs + n > q or len(mine) > SWEEP_ENTRIES) and time.monotonic() - self._swept.get(owner, 0.0) > SWEEP_EVERY_S
         if sweep:
             self._swept[owner] = time.monotonic()
             for rid in list(mine):
@@ -192,11 +225,13 @@ class Usage:
                 if fut is None or fut.state != "pending":
                     held -= mine.pop(rid, 0)
                     self._in_flight_as.pop(rid, None)
-                    if kind == "train" and held + n <= q and len(mine) <= SWEEP_ENTRIES // 2:
+                    self._changed.set()
+                    if kind == "train" and held + theirs + n <= q and len(mine) <= SWEEP_ENTRIES // 2:
                         break
-        if (held := sum(mine.values())) + n > q:
+        if (held := sum(mine.values()) + theirs) + n > q:
+            where = f" ({theirs} of them through other gateway replicas)" if theirs else ""
             raise error(
-                f"quota exceeded: this key has {held} {what} and asks for {n} more; at most {q} may be in flight "
+                f"quota exceeded: this key has {held} {what}{where} and asks for {n} more; at most {q} may be in flight "
                 f"({flag}): wait for results before sending more"
             )
 
@@ -216,10 +251,14 @@ class Usage:
         records[key] = rec
         index[rec.owner].add(key)
 
+    def saw_inflight(self, rec: InFlight) -> None:
+        if rec.replica != self.replica:
+            self.others[kv_key(rec.replica)] = rec
+
     @staticmethod
-    def _forget(records: dict, index: dict[str, set[str]], key: str) -> None:
+    def _forget(records: dict, index: dict[str, set[str]] | None, key: str) -> None:
         rec = records.pop(key, None)
-        if rec is not None:
+        if rec is not None and index is not None:
             index[rec.owner].discard(key)
 
     async def _watch(self, kv, type_, saw, records, index, ready: asyncio.Event) -> None:
@@ -256,21 +295,55 @@ class Usage:
             (self.bus.sessions, SessionRecord, self.saw_session, self.sessions, self._sessions_of),
             (self.bus.models, ModelRecord, self.saw_model, self.models, self._models_of),
             (self.bus.weights, WeightsRecord, self.saw_checkpoint, self.checkpoints, self._checkpoints_of),
+            (self.bus.inflight, InFlight, self.saw_inflight, self.others, None),
         ]
         ready = []
         for kv, type_, saw, records, index in watches:
             event = asyncio.Event()
             ready.append(event)
             self._tasks.append(asyncio.create_task(self._watch(kv, type_, saw, records, index, event)))
+        self._tasks.append(asyncio.create_task(self._publish()))
         try:
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 20)
         except asyncio.TimeoutError:
             log.warning("quota_usage_not_loaded", after_s=20)
 
+    async def _publish(self) -> None:
+        """Keep this replica's entry in KV `inflight` current: rewritten PUBLISH_DELAY_S after a
+        change, and every REFRESH_S while it holds anything (so that the TTL keeps it)."""
+        key = kv_key(self.replica)
+        written_empty = True  # nothing written yet: nothing to clear
+        while True:
+            try:
+                await asyncio.wait_for(self._changed.wait(), REFRESH_S)
+                await asyncio.sleep(PUBLISH_DELAY_S)  # a burst of changes, one write
+            except asyncio.TimeoutError:
+                pass
+            self._changed.clear()
+            entry = self.published()
+            if not entry.held and written_empty:
+                continue
+            try:
+                await self.bus.inflight.put(key, encode(entry))
+                written_empty = not entry.held
+                self._published = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the bus reconnecting: the next change or refresh writes it
+                log.warning("quota_inflight_not_published", error=repr(e))
+                self._changed.set()
+                await asyncio.sleep(1.0)
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if not self._published or not self.bus.nc.is_connected:
+            return  # nothing to clear, or no bus to clear it on (the entry expires with the TTL)
+        try:  # what this replica held no longer counts anywhere (else it would until the TTL)
+            await asyncio.wait_for(self.bus.inflight.delete(kv_key(self.replica)), 2.0)
+        except Exception as e:
+            log.info("quota_inflight_not_cleared", error=repr(e))
 
 
 def _live(rec: SessionRecord | None, now: float) -> bool:

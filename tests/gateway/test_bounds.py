@@ -440,9 +440,10 @@ def test_training_bytes_past_the_key_quota_are_a_retryable_429(stack, quota_gate
     its turn holds its bytes; the next one past the quota is a 429 rate_limited with
     Retry-After that fills nothing (no future); once the first has finished, the same request
     sent again is accepted and applied."""
-    _, tc = training_client(stack, seed=44, rank=2)
+    key = stack.new_key("train-bytes")  # its own tenant: what other tests hold in flight never counts
+    _, tc = training_client(stack, seed=44, rank=2, api_key=key)
     sdk_steps(tc, [data[:2]])  # seq 1, 2: next is 3
-    q = Http(quota_gateway)
+    q = Http(quota_gateway, key)
     rows = data[:1]
     while len(_fb_proto(tc, 4, rows)) < 9 * 1024:
         rows = rows + data[:1]

@@ -17,7 +17,8 @@ import httpx
 import pytest
 import tinker
 
-from openrl.bus.messages import Future, LoraSpec, ModelRecord, SessionRecord, WeightsRecord
+from openrl.bus.client import INFLIGHT_TTL_S
+from openrl.bus.messages import Future, InFlight, LoraSpec, ModelRecord, SessionRecord, WeightsRecord
 from openrl.gateway.http import QuotaExceeded
 from openrl.bus.subjects import kv_key
 from openrl.gateway.quotas import SESSION_LIVE_S, Quotas, Usage
@@ -27,9 +28,7 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def fresh_key(stack) -> str:
-    out = stack.keys("create", "--name", f"quota-{uuid.uuid4().hex[:8]}")
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout.strip().splitlines()[-1]
+    return stack.new_key("quota")
 
 
 class Client:
@@ -136,6 +135,37 @@ def test_sample_sequences_in_flight_per_key(stack, quota_gateway):
     assert r.status_code == 200, r.text
 
 
+def test_what_a_key_has_in_flight_through_another_replica_counts_here(stack, quota_gateway):
+    """Reward items accepted by the stack's own gateway (default quotas) count on the replica
+    with a quota of 4: every replica publishes its totals per key (KV `inflight`) and adds the
+    others' before a check. Once the other replica's request finishes, they stop counting."""
+    key = fresh_key(stack)
+    slow = "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r"
+    ref = {"schema": "CREATE TABLE t (a INTEGER);", "gold": "SELECT 1", "timeout_s": 5}
+    elsewhere = Client(stack.url, key).post("/score", json={"reward_name": "sql", "items": [{"completion": slow, "reference": ref}] * 3})
+    assert elsewhere.status_code == 200, elsewhere.text
+    c = Client(quota_gateway, key)
+    quick = {"reward_name": "exact_match", "items": [{"completion": "a", "reference": "a"}]}
+    slow_one = {"reward_name": "sql", "items": [{"completion": slow, "reference": ref}]}
+
+    def seen_here(want: str) -> None:
+        """Probe with 5 items (always past the quota of 4: never accepted) until the refusal
+        shows what this replica counts."""
+        deadline = time.monotonic() + 15
+        while want not in (r := c.post("/score", json={**quick, "items": quick["items"] * 5})).json()["detail"]:
+            assert r.status_code == 429 and time.monotonic() < deadline, r.text
+            time.sleep(0.1)
+
+    seen_here("has 3 reward items being scored (3 of them through other gateway replicas)")
+    here = c.post("/score", json=slow_one)
+    assert here.status_code == 200, here.text  # 3 + 1: within 4
+    over_quota(c.post("/score", json=quick), "4 reward items", "3 of them through other gateway replicas", "--quota-reward-items")
+    Client(stack.url, key).result(elsewhere.json()["request_id"])
+    c.result(here.json()["request_id"])
+    seen_here("has 0 reward items")  # both finished: nothing counts any more
+    assert c.post("/score", json={**quick, "items": quick["items"] * 4}).status_code == 200
+
+
 # -- the accounting, without a stack
 
 
@@ -167,6 +197,25 @@ async def test_usage_counts_what_is_in_flight_until_it_finishes():
     await u.check_reward_items("k", "r", 10**9)  # 0: that quota is off
 
 
+
+
+async def test_other_replicas_in_flight_counts_until_their_entry_is_stale():
+    bus = _Futures()
+    u = Usage(bus=bus, quotas=Quotas(sample_sequences=8), replica="me")
+    u.saw_inflight(InFlight(replica="other", at=time.time(), held={"sample": {"k": 5}, "reward": {"k": 100}}))
+    u.saw_inflight(InFlight(replica="me", at=time.time(), held={"sample": {"k": 100}}))  # its own entry, read back: not counted
+    await u.check_samples("k", "a", 3)
+    u.sampling("k", "a", 3)
+    bus.states["a"] = "pending"
+    with pytest.raises(QuotaExceeded, match=r"8 sequences being sampled \(5 of them through other gateway replicas\) and asks for 1 more"):
+        await u.check_samples("k", "b", 1)
+    await u.check_samples("k2", "c", 8)  # another key's room is its own
+    assert u.published().held == {"sample": {"k": 3}} and u.published().replica == "me"
+    # A replica that stopped rewriting its entry (dead: the bucket's TTL drops it) stops counting.
+    u.saw_inflight(InFlight(replica="other", at=time.time() - INFLIGHT_TTL_S - 1, held={"sample": {"k": 5}}))
+    await u.check_samples("k", "b", 5)
+    u.finished("a")
+    assert u.published().held == {}
 
 
 def _session(sid: str, owner: str, *, at: float, finished: bool = False) -> SessionRecord:
