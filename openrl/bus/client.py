@@ -273,16 +273,22 @@ class Bus:
         """Drain the connection (what was published is flushed, subscriptions finish what they
         hold), for at most `timeout_s`; then close it. Bounded: a subscription whose handler
         cannot go on (e.g. a KV watch whose reader was cancelled, its queue full) would hold
-        nats-py's drain for its own 30 s timeout, and a process's shutdown with it."""
-        if not self.nc.is_connected:
+        nats-py's drain for its own 30 s timeout, and a process's shutdown with it. Without a
+        server to drain to (disconnected, reconnecting), it closes at once: the client stops
+        reconnecting, and what it had buffered is dropped."""
+        if self.nc.is_closed:
             return
         try:
-            await asyncio.wait_for(self.nc.drain(), timeout_s)
+            if self.nc.is_connected:
+                await asyncio.wait_for(self.nc.drain(), timeout_s)
         except (asyncio.TimeoutError, nats.errors.Error) as e:
             log.warning("bus_drain_incomplete", after_s=timeout_s, error=repr(e))
         finally:
             if not self.nc.is_closed:
-                await self.nc.close()
+                try:
+                    await self.nc.close()
+                except OSError as e:  # the server went away with writes still buffered: nothing left to flush them to
+                    log.warning("bus_close_unflushed", error=repr(e))
 
     # -- topology ---------------------------------------------------------------
 

@@ -100,6 +100,28 @@ async def test_ack_policy_ack_term_and_redeliver(bus):
     assert info.num_pending == 0 and info.num_ack_pending == 0
 
 
+async def test_close_without_a_server_stops_the_client_and_raises_nothing(tmp_path):
+    """The server gone (and a write buffered for it): Bus.close closes the client at once, so it
+    stops reconnecting, instead of raising ConnectionResetError or leaving it running."""
+    from openrl.bus.client import Bus, BusConfig
+    from openrl.bus.server import NatsServer
+
+    server = NatsServer(tmp_path / "nats").start()  # open (no credentials): this test's alone
+    b = await Bus.connect(BusConfig(url=server.url))
+    server.kill()
+    for _ in range(100):
+        if not b.nc.is_connected:
+            break
+        await asyncio.sleep(0.05)
+    assert not b.nc.is_connected
+    await b.nc.publish(f"{subjects.PREFIX}.done.buffered", b"x")  # held for a reconnect that never comes
+    started = time.monotonic()
+    await b.close(timeout_s=0.5)
+    assert time.monotonic() - started < 3
+    assert b.nc.is_closed
+    server.stop()
+
+
 async def test_close_is_bounded_when_a_subscription_cannot_drain(nats_server):
     """A subscription whose handler never returns would hold nats-py's drain for its own 30 s:
     Bus.close drains for at most its timeout, then closes (a process's shutdown stays bounded)."""
