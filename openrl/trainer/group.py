@@ -25,6 +25,7 @@ hangs; an idle rank 0 sends a keep-alive every `keepalive_s` so idle followers n
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import signal
 import sys
@@ -137,6 +138,9 @@ class Rank:
 def init_rank(cfg: GroupConfig, device: str) -> Rank:
     """Join the process group this process was launched into (torchrun's env), on `device`."""
     _die_with_parent()
+    # A rank that dies inside the backend (an abort in C++: gloo, nccl) prints every thread's
+    # Python stack to its stderr first, so the log says which call it was in.
+    faulthandler.enable(all_threads=True)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     if device == "cuda":

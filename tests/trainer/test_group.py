@@ -116,6 +116,24 @@ def test_group_settings_that_cannot_start_are_refused():
     groups.GroupConfig(nproc_per_node=2).check(cuda_devices=None)  # CPU ranks: no device limit
 
 
+def test_a_rank_that_aborts_in_the_backend_prints_its_python_stack(tmp_path):
+    """An abort inside C++ (gloo, nccl: std::terminate) kills a rank with no Python traceback;
+    a rank that joined its group prints every thread's Python stack first (faulthandler)."""
+    script = tmp_path / "aborting_rank.py"
+    script.write_text(
+        "import os\n"
+        "from openrl.trainer import group\n"
+        "group.init_rank(group.GroupConfig(collective_timeout_s=30), 'cpu')\n"
+        "def the_call_it_was_in():\n"
+        "    os.abort()\n"
+        "the_call_it_was_in()\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--standalone", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "Fatal Python error: Aborted" in proc.stderr and "in the_call_it_was_in" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_a_node_that_cannot_reach_its_rendezvous_fails_with_a_clear_error(tmp_path):
     """Node 1 of 2 whose master never answers: the launcher gives up after the rendezvous
     timeout and exits non-zero, saying why; it never hangs."""
