@@ -254,6 +254,9 @@ class Usage:
     def saw_inflight(self, rec: InFlight) -> None:
         if rec.replica != self.replica:
             self.others[kv_key(rec.replica)] = rec
+        # Replicas that died wrote no deletion (their entries expired): forgotten here.
+        for key in [k for k, r in self.others.items() if time.time() - r.at >= INFLIGHT_TTL_S]:
+            del self.others[key]
 
     @staticmethod
     def _forget(records: dict, index: dict[str, set[str]] | None, key: str) -> None:

@@ -211,8 +211,11 @@ async def test_other_replicas_in_flight_counts_until_their_entry_is_stale():
         await u.check_samples("k", "b", 1)
     await u.check_samples("k2", "c", 8)  # another key's room is its own
     assert u.published().held == {"sample": {"k": 3}} and u.published().replica == "me"
-    # A replica that stopped rewriting its entry (dead: the bucket's TTL drops it) stops counting.
+    # A replica that stopped rewriting its entry (dead: the bucket's TTL drops it, with no
+    # deletion to watch) stops counting once the entry is that old, and is forgotten.
+    assert u.held_elsewhere("sample", "k") == 5 and u.held_elsewhere("sample", "k", now=time.time() + INFLIGHT_TTL_S) == 0
     u.saw_inflight(InFlight(replica="other", at=time.time() - INFLIGHT_TTL_S - 1, held={"sample": {"k": 5}}))
+    assert u.others == {}
     await u.check_samples("k", "b", 5)
     u.finished("a")
     assert u.published().held == {}
