@@ -402,10 +402,41 @@ class LoraEngine:
         return tenant
 
     def _activate(self, tenant: _Tenant) -> None:
-        # set_adapter walks every module, so skip it when the tenant is already active.
-        if self._active != tenant.adapter:
+        """Make the tenant's adapter the active one. peft's set_adapter walks every module and sets
+        requires_grad on every adapter of every layer (5 ms a switch on the default model, and
+        more with each tenant); a switch from a tenant held here does what it does to the two
+        adapters that change (their parameters' requires_grad; each LoRA layer's active adapter,
+        on peft's layers listed once: `_peft_layers`)."""
+        if self._active == tenant.adapter:
+            return
+        old = next((t for t in self._tenants.values() if t.adapter == self._active), None)
+        layers = self._peft_layers()
+        if old is None or layers is None:  # none active, or a dropped one: peft's own walk
             self.peft.set_adapter(tenant.adapter)
-            self._active = tenant.adapter
+        else:
+            for p in old.params.values():
+                if p.is_leaf:
+                    p.requires_grad_(False)
+            for p in tenant.params.values():
+                if p.is_leaf:
+                    p.requires_grad_(True)
+            for layer in layers:
+                layer._active_adapter = [tenant.adapter]
+            self.peft.active_adapter = self.peft.base_model.active_adapter = tenant.adapter  # as PeftModel.set_adapter sets both
+        self._active = tenant.adapter
+
+    def _peft_layers(self) -> list | None:
+        """peft's LoRA layers (listed once per set of adapters), or None where the model also has
+        other adapter wrappers (modules_to_save, trainable tokens: never configured here), whose
+        switches peft's own calls handle."""
+        if self._lora_layers is None:
+            from peft.tuners.tuners_utils import AuxiliaryTrainingWrapper, BaseTunerLayer
+
+            modules = list(self.peft.modules())
+            if any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules):
+                return None
+            self._lora_layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
+        return self._lora_layers
 
     # ------------------------------------------------------------------ compute
 
@@ -607,21 +638,13 @@ class LoraEngine:
         resets every adapter's requires_grad, walking the model twice, which took 40 ms of each
         shared call on the default model, a fifth of it. Other adapters' parameters keep their
         flags: with the layers off no forward reaches them."""
-        if self._lora_layers is None:
-            from peft.tuners.tuners_utils import AuxiliaryTrainingWrapper, BaseTunerLayer
-
-            modules = list(self.peft.modules())
-            # Wrappers beside the LoRA layers (modules_to_save, trainable tokens: never configured
-            # here) have their own switches: then peft's own way, whatever it costs.
-            aux = any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules)
-            self._lora_layers = None if aux else [m for m in modules if isinstance(m, BaseTunerLayer)]
-            if aux:
-                with self.peft.disable_adapter():
-                    for p in params:
-                        p.requires_grad_(True)
-                    yield
-                return
-        layers = self._lora_layers
+        layers = self._peft_layers()
+        if layers is None:  # other wrapper kinds: peft's own way, whatever it costs
+            with self.peft.disable_adapter():
+                for p in params:
+                    p.requires_grad_(True)
+                yield
+            return
         flags = [p.requires_grad for p in params]
         off = [layer.disable_adapters for layer in layers]
         for layer in layers:
@@ -915,4 +938,3 @@ def _shard(model: torch.nn.Module, device: str) -> None:
     for layer in _checkpointed_layers(model) or model.get_decoder().layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-

@@ -230,3 +230,24 @@ def test_interleaved_tenants_train_exactly_as_alone(qwen3_path):
         assert_same_result(run(shared, op), run(alone[m], op), f"{m} after the drops")
     for m in survivors:
         assert_identical(snapshot(shared, m), snapshot(alone[m], m), f"{m} after the drops")
+
+
+def test_a_tenant_switch_leaves_peft_as_its_set_adapter_would(qwen3_path):
+    """The engine switches the active adapter itself (peft's set_adapter walks every module):
+    after each switch, every adapter parameter's requires_grad and every LoRA layer's active
+    adapter are what peft's own set_adapter gives."""
+    engine = LoraEngine(qwen3_path, device="cpu")
+    for m, spec in SPECS.items():
+        engine.create(m, spec)
+
+    def state() -> tuple[dict[str, bool], list]:
+        flags = {n: p.requires_grad for n, p in engine.peft.named_parameters() if ".lora_" in n}
+        return flags, [list(layer.active_adapters) for layer in engine._peft_layers()], engine.peft.active_adapter
+
+    for m in [*SPECS, *reversed(SPECS)]:
+        tenant = engine._tenants[m]
+        engine._activate(tenant)
+        mine = state()
+        assert any(mine[0].values()) and mine[2] == tenant.adapter, m
+        engine.peft.set_adapter(tenant.adapter)
+        assert state() == mine, m
