@@ -145,3 +145,45 @@ async def test_close_is_bounded_when_a_subscription_cannot_drain(nats_server):
     await b.close(timeout_s=0.5)
     assert time.monotonic() - started < 3
     assert b.nc.is_closed
+
+
+async def test_kv_keys_sees_every_key_while_keys_are_rewritten(bus):
+    """Heartbeats rewrite keys while `kv_keys` scans: each scan lists every live key once, not
+    the deleted one, and leaves no consumer behind (a scan's ephemeral consumer is deleted)."""
+    tag = uuid.uuid4().hex[:8]
+    kv = bus.workers
+    still = [f"kvscan-{tag}-still-{i}" for i in range(300)]
+    beating = [f"kvscan-{tag}-beat-{i}" for i in range(4)]
+    for k in still + beating + [f"kvscan-{tag}-gone"]:
+        await kv.put(k, b"x")
+    await kv.delete(f"kvscan-{tag}-gone")
+    stream = f"KV_{kv._name}"
+    consumers_before = (await bus.js.stream_info(stream)).state.consumer_count
+    stop = asyncio.Event()
+
+    async def beat(key: str) -> int:
+        n = 0
+        while not stop.is_set():
+            await kv.put(key, str(n).encode())
+            n += 1
+            await asyncio.sleep(0.002)
+        return n
+
+    beaters = [asyncio.ensure_future(beat(k)) for k in beating]
+    scans, misses = 0, []
+    try:
+        deadline = time.monotonic() + 6.0
+        while time.monotonic() < deadline:
+            keys = await bus.kv_keys(kv)
+            scans += 1
+            mine = [k for k in keys if k.startswith(f"kvscan-{tag}-")]
+            if sorted(mine) != sorted(still + beating):
+                misses.append(sorted(set(still + beating) ^ set(mine)))
+    finally:
+        stop.set()
+        beats = await asyncio.gather(*beaters)
+    assert min(beats) > 100 and scans > 50, (beats, scans)  # the keys really moved during the scans
+    assert not misses, f"{len(misses)} of {scans} scans were wrong: {misses[:3]}"
+    assert (await bus.js.stream_info(stream)).state.consumer_count <= consumers_before
+    for k in still + beating:
+        await kv.delete(k)
