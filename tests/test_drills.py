@@ -69,6 +69,15 @@ class DonePings:
         assert b"" not in announced, f"{request_id}: a done notice without its future"
         return len(announced)
 
+    def settled(self, request_ids: list[str], timeout_s: float = 10.0) -> dict[str, int]:
+        """The count of each request once every one has been announced at least once. A result
+        is readable from the store a moment before its ping arrives (the future is stored, then
+        announced), so a count read right after the result can still be 0."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not all(self.of(rid) for rid in request_ids):
+            time.sleep(0.05)
+        return {rid: self.of(rid) for rid in request_ids}
+
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
@@ -125,7 +134,7 @@ def test_sigstop_sampler_its_requests_move_on_and_finish_once(stack):
             all_done_s = time.monotonic() - stopped
             # Everything finished while the victim was stopped: the other sampler did its part.
             assert stack.pid(victim_role) == victim
-            assert all(pings.of(rid) == 1 for rid in rids), {rid: pings.of(rid) for rid in rids}
+            assert pings.settled(rids) == {rid: 1 for rid in rids}
         finally:
             os.kill(victim, signal.SIGCONT)
         # Awake, the victim finishes what it was decoding when it stopped; that must not
@@ -164,7 +173,7 @@ def test_sigstop_rewarder_its_requests_move_on_and_finish_once(stack, drill_rewa
         try:
             results = [_result(stack.url, rid) for rid in rids]
             all_done_s = time.monotonic() - stopped
-            assert all(pings.of(rid) == 1 for rid in rids), {rid: pings.of(rid) for rid in rids}
+            assert pings.settled(rids) == {rid: 1 for rid in rids}
         finally:
             os.kill(victim.proc.pid, signal.SIGCONT)
         assert all([s["reward"] for s in r["scores"]] == [1.0, 0.5] for r in results), results

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import io
+import time
 import warnings
 
 import numpy as np
@@ -225,10 +226,14 @@ def test_engine_waits_for_a_pinned_slot_with_a_bound(tmp_path):
     async def scenario(slot_wait_s: float):
         engine = HfEngine(TransformersSampler(str(tmp_path), device="cpu", max_adapters=1), slot_wait_s=slot_wait_s)
         try:
-            long = sample_spec(prompt=prompt, num_samples=1, max_tokens=40, seed=1, adapter="x", stop_at_eos=False)
+            long = sample_spec(prompt=prompt, num_samples=1, max_tokens=56, seed=1, adapter="x", stop_at_eos=False)
             short = sample_spec(prompt=prompt, num_samples=1, max_tokens=4, seed=2, adapter="y", stop_at_eos=False)
             first = asyncio.ensure_future(engine.sample(long, blobs["x"]))
-            await asyncio.sleep(0.05)
+            # The long request holds the slot (its adapter loaded, it is admitted in the same
+            # turn of the engine's loop) before the short one is sent, with 56 steps to go.
+            deadline = time.monotonic() + 30
+            while not engine.sampler.has_adapter("x") and time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
             second = await asyncio.gather(engine.sample(short, blobs["y"]), return_exceptions=True)
             await first
             return engine, second[0]

@@ -145,6 +145,12 @@ def _score(url: str, items: list[dict]) -> str:
     return r.json()["request_id"]
 
 
+def _rewards(url: str) -> dict[str, dict]:
+    r = httpx.get(f"{url}/api/v1/rewards", headers={"X-API-Key": API_KEY}, timeout=30)
+    assert r.status_code == 200, r.text
+    return {x["name"]: x for x in r.json()["rewards"]}
+
+
 def _result(url: str, rid: str, timeout_s: float = 120) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -163,6 +169,8 @@ def drill_rewarders(stack, tmp_path):
     try:
         for p in procs:
             p.wait_ready()
+        # Healthy is not yet listed: the gateway learns of a rewarder from its first heartbeat.
+        wait_for(lambda: "drill" in _rewards(stack.url), 30, every_s=0.2)
         yield procs
     finally:
         for p in procs:
