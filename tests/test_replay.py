@@ -147,11 +147,7 @@ class FreshBus:
 
         bus = await self._bus()
         try:
-            try:
-                keys = await bus.workers.keys()
-            except Exception:
-                return False
-            for key in keys:
+            for key in await bus.kv_keys(bus.workers):
                 info = await bus.kv_get(bus.workers, key, WorkerInfo)
                 if info is not None and info.kind == kind:
                     return True

@@ -91,10 +91,7 @@ async def wait_heartbeat(bus: Bus, proc: RewarderProc, timeout_s: float = 30) ->
 
 
 async def workers(bus: Bus) -> list[WorkerInfo]:
-    try:
-        keys = await bus.workers.keys()
-    except Exception:  # empty bucket
-        return []
+    keys = await bus.kv_keys(bus.workers)
     found = []
     for k in keys:
         info = await bus.kv_get(bus.workers, k, WorkerInfo)
