@@ -161,9 +161,10 @@ async def kv_keys(js: JetStreamContext, kv: KeyValue) -> list[str]:
         while remaining > 0:
             remaining = await read(remaining, 10.0) or 0
         for _ in range(_KV_SCAN_CHASES):  # keys rewritten while we read: each pass is quicker
-            last = (await js.stream_info(stream)).state.last_seq
-            # Past the last message, or it (and whatever stood between) was removed for good.
-            if seen >= last or await read(last - seen, 1.0) is None:
+            state = (await js.stream_info(stream)).state
+            # Past the last message; or nothing is left (purged, or every entry past its TTL: the
+            # last sequence stays); or it and whatever stood between were removed for good.
+            if seen >= state.last_seq or not state.messages or await read(state.last_seq - seen, 1.0) is None:
                 break
     finally:
         try:

@@ -187,3 +187,23 @@ async def test_kv_keys_sees_every_key_while_keys_are_rewritten(bus):
     assert (await bus.js.stream_info(stream)).state.consumer_count <= consumers_before
     for k in still + beating:
         await kv.delete(k)
+
+
+async def test_kv_keys_of_a_bucket_emptied_by_a_purge_is_quick(tmp_path):
+    """A bucket whose messages are all gone (a purge, or every entry past its TTL) still has its
+    last sequence number: listing it answers [] at once, without waiting for that message."""
+    from openrl.bus.client import Bus, BusConfig
+    from openrl.bus.server import NatsServer
+
+    with NatsServer(tmp_path / "nats") as server:  # open (no credentials): this test's alone
+        b = await Bus.connect(BusConfig(url=server.url))
+        try:
+            for i in range(3):
+                await b.workers.put(f"w{i}", b"x")
+            assert sorted(await b.kv_keys(b.workers)) == ["w0", "w1", "w2"]
+            await b.js.purge_stream(f"KV_{b.workers._name}")
+            started = time.monotonic()
+            assert await b.kv_keys(b.workers) == []
+            assert time.monotonic() - started < 0.5
+        finally:
+            await b.close()
