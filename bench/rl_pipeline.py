@@ -53,14 +53,16 @@ async def worker_snapshot(nats_url: str) -> dict[str, dict]:
     """worker id -> kind, busy seconds so far (trainers, samplers), busy fraction, heartbeat time."""
     import nats
 
+    from openrl.bus.client import kv_keys
     from openrl.bus.messages import WorkerInfo, decode
     from openrl.bus.subjects import WORKERS_BUCKET
 
     nc = await nats.connect(nats_url, **operator_options())
     try:
-        kv = await nc.jetstream().key_value(WORKERS_BUCKET)
+        js = nc.jetstream()
+        kv = await js.key_value(WORKERS_BUCKET)
         out = {}
-        for key in await kv.keys():
+        for key in await kv_keys(js, kv):
             try:
                 w = decode((await kv.get(key)).value, WorkerInfo)
             except Exception:  # expired between keys() and get()
