@@ -73,9 +73,10 @@ class DonePings:
         """The count of each request once every one has been announced at least once. A result
         is readable from the store a moment before its ping arrives (the future is stored, then
         announced), so a count read right after the result can still be 0."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not all(self.of(rid) for rid in request_ids):
-            time.sleep(0.05)
+        try:
+            wait_for(lambda: all(self.of(rid) for rid in request_ids), timeout_s)
+        except TimeoutError:
+            pass  # the counts say which were never announced
         return {rid: self.of(rid) for rid in request_ids}
 
     def close(self) -> None:
