@@ -22,6 +22,7 @@ import tinker
 from openrl.demo import make_datum, sft_examples
 
 from stack_helpers import API_KEY, BASE_MODEL
+from test_shutdown import _result
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -217,12 +218,18 @@ def test_request_id_header_is_returned_honoured_or_replaced(stack):
     assert {e["event"] for e in scored} == {"scored", "message_handled"}
     assert any(e["event"] == "http_request" and e["route"] == "/api/v1/score" for e in _events(stack, "gateway", trace))
 
+    accepted = []
     for bad in (b"has spaces in it", b"x" * 200, b"short", "\u00e9t\u00e9-1234567".encode(), b"a\\b-12345678"):
         r = post_score(bad)
         assert r.status_code == 200
         assert re.fullmatch(r"req-[0-9a-f]{32}", r.headers["X-Request-Id"]), (bad, r.headers["X-Request-Id"])
+        accepted.append(r.json()["request_id"])
     r = post_score(None)
     assert re.fullmatch(r"req-[0-9a-f]{32}", r.headers["X-Request-Id"])
+    accepted.append(r.json()["request_id"])
+    # Scored before the next test reads the queues (`openrl status` expects none in flight).
+    for rid in accepted:
+        assert _result(stack.url, rid)["scores"][0]["reward"] == 1.0
     # Errors carry one too (the 4xx comes from the error middleware, inside ours).
     r = httpx.post(f"{stack.url}/api/v1/score", headers={"X-API-Key": "tml-wrong", "X-Request-Id": trace + "-401"}, json={})
     assert r.status_code == 401 and r.headers["X-Request-Id"] == trace + "-401"
