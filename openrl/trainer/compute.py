@@ -7,9 +7,10 @@ lowest: one key's 4 x 2048-token steps no longer hold up the 16-token steps of s
 which run first; the big one runs once the others have run as much, or when nothing else waits.
 
 A job may also be a generator run a step at a time (`steps`: a big forward_backward, one
-micro-batch per step): after each step it waits again, in its key's turn, so other keys' jobs run
-between its micro-batches. Its whole cost is charged when it first starts; its later steps cost
-nothing more.
+micro-batch per step, or a slice of one pass: trainer/pauses.py): after each step it waits again,
+in its key's turn, so other keys' jobs run between its steps. Its whole cost is charged when it
+first starts; its later steps are neither charged nor move the virtual time, so the other keys
+keep their turns ahead of it until they have run as much.
 
 Jobs of one `kind` (forward_backward, forward-only or not) may share a call: with the job picked,
 up to `max_shared - 1` more of its kind ride along (each key charged its own cost), lowest first,
@@ -143,6 +144,14 @@ class FairCompute:
                 return
             await asyncio.sleep(0)
 
+    async def _close_dropped(self, loop) -> None:
+        """Stepped jobs whose callers are gone (cancelled between two steps): their generators are
+        closed on the compute thread, so that a pass paused inside (pauses.py) stops there and
+        lets go of its thread and activations now, not whenever the garbage collector runs."""
+        for job in [j for j in self._waiting if j.done.done() and j.steps is not None]:
+            self._waiting.remove(job)
+            await self._on_thread(loop, [], lambda _, gen=job.steps: gen.close(), None)
+
     def _next(self) -> list[_Job]:
         """The jobs of the next call (charged), out of the waiting ones."""
         self._waiting = [j for j in self._waiting if not j.done.done()]  # cancelled callers: never run
@@ -150,7 +159,12 @@ class FairCompute:
             return []
         lead = self._waiting.pop(self.share.pick(self._waiting, key=lambda j: j.key))
         before = {j.key: self.share.vtime(j.key) for j in self._waiting}  # as the call is formed
-        end = self.share.charge(lead.key, lead.cost)
+        if lead.steps is None:
+            end = self.share.charge(lead.key, lead.cost)
+        else:  # a later step of a job charged at its start: a continuation, neither charged nor moving
+            # the virtual time (to its key's finish, past every other key, which would then rank
+            # behind it and wait for all its steps)
+            end = self.share.vtime(lead.key)
         batch = [lead]
         if lead.kind is not None and self.max_shared > 1:
             for job in self.share.order([j for j in self._waiting if j.kind == lead.kind], key=lambda j: j.key):
@@ -169,6 +183,7 @@ class FairCompute:
         try:
             while True:
                 await self._let_ready_in()
+                await self._close_dropped(loop)
                 if not (batch := self._next()):
                     break
                 if isinstance(batch[0].item, _Steps):

@@ -9,6 +9,7 @@ passes; each model's requests still apply in seq_id order, exactly once.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 
@@ -209,3 +210,73 @@ async def test_a_small_keys_next_request_in_sequence_runs_before_the_big_ones_ne
         await pending(bus, msg, owner)
     await asyncio.wait_for(asyncio.gather(trainer.on_train(big), trainer.on_train(fb), trainer.on_train(step)), 120)
     assert events == ["big", "fb", "optim", "big", "big", "big"], events
+
+
+async def test_a_big_jobs_later_steps_keep_it_behind_a_key_that_keeps_sending():
+    """FairCompute alone: a stepped job of key h (charged 1000 at its start, then 10 steps) and key
+    a sending 30 calls of 10 one after another, with a pause after the fifth (only h waits then,
+    and runs alone). a's calls all run before h's last step: a step of h run alone does
+    not move the virtual time to h's finish (it did: a then ranked behind h and waited for all
+    its steps; in the hostile benchmark, clients waited seconds behind one key's passes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    compute = FairCompute(ThreadPoolExecutor(max_workers=1))
+    order: list[str] = []
+
+    def steps():
+        for _ in range(10):
+            order.append("h")
+            time.sleep(0.02)  # on the compute thread, as a slice of a pass
+            yield 0
+        return "h done"
+
+    async def sender():
+        for i in range(30):
+            await compute.call("a", 10, order.append, "a")
+            if i == 4:
+                await asyncio.sleep(0.025)  # a pause of a's: h runs alone meanwhile, a step or three
+
+    big = asyncio.ensure_future(compute.steps("h", 1000, steps))
+    await asyncio.sleep(0)
+    assert await asyncio.wait_for(asyncio.gather(big, sender()), 30) == ["h done", None]
+    last_a, last_h = max(i for i, x in enumerate(order) if x == "a"), max(i for i, x in enumerate(order) if x == "h")
+    assert last_a < last_h, "".join(order)
+    assert compute.share.now < 1000  # never moved to h's finish
+
+
+async def test_a_stepped_job_cancelled_between_steps_has_its_generator_closed_at_once():
+    """The caller of a stepped job goes away (cancelled) between two steps: its generator is
+    closed on the compute thread before the next call runs (dropped, it was closed wherever the
+    last reference went: on the event loop, where a pass paused inside would block the loop while
+    it unwinds, or later, by the garbage collector, holding its thread and activations meanwhile)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    compute = FairCompute(ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute"))
+    events: list[str] = []
+    stepped = asyncio.Event()
+
+    def steps():
+        try:
+            while True:
+                events.append("step")
+                yield 0
+        finally:
+            events.append(f"closed on {threading.current_thread().name}")
+
+    job = asyncio.ensure_future(compute.steps("h", 10, steps))
+    gate = asyncio.get_running_loop().create_future()
+
+    async def other():  # holds the thread's queue open while the job is cancelled
+        await compute.call("a", 1, lambda: None)
+        stepped.set()
+        await gate
+        await compute.call("a", 1, events.append, "other")
+
+    others = asyncio.ensure_future(other())
+    await asyncio.wait_for(stepped.wait(), 10)
+    job.cancel()
+    gate.set_result(None)
+    await asyncio.wait_for(others, 10)
+    closed = [e for e in events if e.startswith("closed")]
+    assert closed == ["closed on compute_0"] and events.index(closed[0]) < events.index("other"), events
+    assert job.cancelled()
