@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import secrets
@@ -233,6 +234,10 @@ def cmd_trainer(args: argparse.Namespace) -> None:
     if args.microbatch_tokens is not None and args.microbatch_tokens < 1:
         sys.exit(f"openrl trainer: --microbatch-tokens must be >= 1, got {args.microbatch_tokens}")
     device = args.device or pick_device()
+    if args.preempt_slice_ms is not None and not (args.preempt_slice_ms >= 0 and math.isfinite(args.preempt_slice_ms)):
+        sys.exit(f"openrl trainer: --preempt-slice-ms must be a finite number >= 0, got {args.preempt_slice_ms}")
+    if args.preempt_slice_ms and device != "cpu":
+        sys.exit(f"openrl trainer: --preempt-slice-ms is for the CPU only (the device is {device}); leave it out or give 0")
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("openrl trainer: --device cuda, but no CUDA device is visible (CUDA_VISIBLE_DEVICES, drivers)")
     group = _trainer_group(args)
@@ -264,7 +269,7 @@ def cmd_trainer(args: argparse.Namespace) -> None:
     checkpointing = {"auto": None, "on": True, "off": False}[args.activation_checkpointing]
     engine = LoraEngine(
         path, model_name=args.base_model, device=device, microbatch_tokens=args.microbatch_tokens,
-        activation_checkpointing=checkpointing, sharded=rank is not None,
+        activation_checkpointing=checkpointing, sharded=rank is not None, preempt_slice_ms=args.preempt_slice_ms,
     )  # fmt: skip
     log.info("base_model_loaded", base_model=args.base_model, path=path, seconds=round(time.monotonic() - started, 2),
              default=args.base_model == DEFAULT_MODEL, rank=rank.rank if rank else 0)
@@ -1236,6 +1241,9 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--activation-checkpointing", choices=["auto", "on", "off"], default=_env("ACTIVATION_CHECKPOINTING", "auto"),
                     help="recompute decoder layers in the backward pass instead of keeping their activations "
                          "(auto: on for cuda) [OPENRL_ACTIVATION_CHECKPOINTING]")
+    tr.add_argument("--preempt-slice-ms", type=float, default=_env_float("PREEMPT_SLICE_MS"),
+                    help="CPU: a long pass hands the compute thread to other keys' calls at its next layer boundary "
+                         "after this many ms (default 50; 0 = never) [OPENRL_PREEMPT_SLICE_MS]")
     # A trainer group on torch.distributed, named as torchrun names them (docs/gpus.md).
     tr.add_argument("--nproc-per-node", type=int, default=_env_int("NPROC_PER_NODE", 1),
                     help="ranks on this node, one per GPU; > 1 (or --nnodes > 1) makes this process the group's launcher [OPENRL_NPROC_PER_NODE]")

@@ -13,6 +13,12 @@ loss is a sum of per-datum terms and no datum is ever split, so the results equa
 over the whole request. Activation checkpointing of the decoder layers is an option (on by
 default on CUDA).
 
+On CPU a long pass may also pause inside (pauses.py): `forward_backward_steps` runs a pass of
+`PREEMPT_MIN_TOKENS` or more on a thread of its own that hands the compute thread back at the
+next boundary of a decoder layer or of its attention or MLP block (or of a chunk of the head)
+once `preempt_slice_ms` has passed, so other keys' short calls run inside one key's long pass;
+the pass's results are the same.
+
 In a trainer group (`sharded=True` under an initialised torch.distributed process group of N
 ranks), the frozen base is sharded with FSDP2 (`fully_shard` per decoder layer, then the root),
 and every rank makes the same calls in the same order (group.py hands them out). Adapters and
@@ -49,6 +55,7 @@ from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import LORA_ALPHA, AdamParams, ForwardBackward, LoraSpec
 from openrl.lora_slots import LoraSlots, Segment
 from openrl.trainer import losses, requests
+from openrl.trainer.pauses import PausablePasses, in_pausable_pass, pause_point
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +73,14 @@ TARGETS = {
 MICROBATCH_TOKENS = {"cuda": 16384, "mps": 4096, "cpu": 4096}
 # fp32 logits materialised at once: 256 MiB is ~440 positions of a 152k vocabulary.
 LOGITS_CHUNK_BYTES = 256 * 2**20
+# Pausing inside a pass (pauses.py), CPU only: the longest a pass runs before it hands the
+# compute thread back at its next block boundary (by default; 0: never), and the fewest tokens
+# of a pass that may pause (shorter ones end soon anyway, and skip the thread hand-over).
+PREEMPT_SLICE_MS = {"cpu": 50.0}
+PREEMPT_MIN_TOKENS = 512
+# Passes paused at once, at most (several keys' long requests may each pause; a fifth runs
+# whole): each holds one micro-batch's activations while it waits.
+PREEMPT_MAX_PASSES = 4
 
 # Checkpoints (export_state / import_state): safetensors tensors keyed like a saved peft
 # adapter, AdamW state under "optimizer.<key>.<exp_avg|exp_avg_sq|step>", string metadata.
@@ -126,8 +141,15 @@ class LoraEngine:
         activation_checkpointing: bool | None = None,
         logits_chunk_bytes: int = LOGITS_CHUNK_BYTES,
         sharded: bool = False,
+        preempt_slice_ms: float | None = None,
     ):
         device = device or pick_device()
+        if preempt_slice_ms is not None and preempt_slice_ms < 0:
+            raise ValueError(f"preempt_slice_ms must be >= 0, got {preempt_slice_ms}")
+        if preempt_slice_ms and device != "cpu":
+            # CUDA's autograd runs each device's backward passes on one thread of its own: a
+            # backward paused in a hook there would stall the next call's backward.
+            raise ValueError(f"pausing inside a pass (preempt_slice_ms) is for the CPU only, not {device!r}")
         if microbatch_tokens is not None and microbatch_tokens < 1:
             raise ValueError(f"microbatch_tokens must be >= 1, got {microbatch_tokens}")
         dtype = dtype or default_dtype(device)
@@ -143,6 +165,11 @@ class LoraEngine:
             _shard(model, device)
         self._eval()
         self._decoder = model.get_decoder()
+        slice_ms = PREEMPT_SLICE_MS.get(device, 0.0) if preempt_slice_ms is None else preempt_slice_ms
+        # One rank only: a group's ranks must reach their collectives together.
+        self._pauses = PausablePasses(slice_ms / 1000, PREEMPT_MAX_PASSES) if slice_ms and self.world == 1 else None
+        if self._pauses is not None:
+            _add_pause_points(_checkpointed_layers(model) or list(self._decoder.layers))
         self._softcap = getattr(model.config, "final_logit_softcapping", None)
         self._chunk_rows = max(1, logits_chunk_bytes // (4 * model.get_output_embeddings().out_features))
         self._tenants: dict[str, _Tenant] = {}
@@ -165,6 +192,7 @@ class LoraEngine:
         log.info(
             "base_loaded", path=model_path, arch=self.info.arch, device=device, dtype=self.info.dtype,
             microbatch_tokens=self.microbatch_tokens, activation_checkpointing=self.checkpointing,
+            preempt_slice_ms=slice_ms if self._pauses else 0,
         )  # fmt: skip
 
     def _eval(self) -> None:
@@ -448,13 +476,27 @@ class LoraEngine:
             except StopIteration as done:
                 return done.value
 
+    def pausable(self, tokens: int) -> bool:
+        """Whether a pass of `tokens` may pause inside (pauses.py) when run by
+        `forward_backward_steps`: the trainer steps such a request even if it is one micro-batch."""
+        return self._pauses is not None and tokens >= PREEMPT_MIN_TOKENS
+
+    @property
+    def pauses(self) -> int:
+        """Pauses inside passes so far."""
+        return self._pauses.pauses if self._pauses is not None else 0
+
     def forward_backward_steps(self, req: ForwardBackward) -> Generator[int, None, FwdBwdResult]:
         """`forward_backward` one micro-batch at a time: yields the tokens of each micro-batch run,
         returns the result. Between two steps the caller may run other models' calls (the trainer
         does, so that one big request does not hold the thread for all its passes): every step
         makes this model's adapter the active one again, and its gradients stay in a local list
         until the last step adds them to `.grad`, so no other call sees or touches them. With more
-        than one rank nothing is yielded (the ranks' collectives must line up)."""
+        than one rank nothing is yielded (the ranks' collectives must line up).
+
+        A micro-batch that may pause (`pausable`) also yields (0) inside its pass, at a block's
+        boundary once its slice is spent (pauses.py); it makes its adapter active again when it
+        goes on."""
         tenant = self._tenant(req.model_id)
         signature = requests.check_loss_fn(req.loss_fn)
         config = requests.check_config(req.loss_fn, signature, req.loss_fn_config)
@@ -481,11 +523,16 @@ class LoraEngine:
                     if not req.forward_only:
                         _add(grads, torch.autograd.grad(loss, params, allow_unused=True))
                     continue
-                if req.forward_only:
-                    with torch.inference_mode():
-                        lp_M_K, loss = self._loss(req.loss_fn, batch, idx, config)
+                def one_pass(idx=idx):
+                    if req.forward_only:
+                        with torch.inference_mode():
+                            return self._loss(req.loss_fn, batch, idx, config)
+                    return self._loss(req.loss_fn, batch, idx, config, grads=grads, params=params)
+
+                if self.world == 1 and self.pausable(len(idx) * max(batch.lengths[i] for i in idx)):
+                    lp_M_K, loss = yield from self._pauses.run(one_pass, on_resume=lambda: self._activate(tenant))
                 else:
-                    lp_M_K, loss = self._loss(req.loss_fn, batch, idx, config, grads=grads, params=params)
+                    lp_M_K, loss = one_pass()
                 loss_sum += loss.item()
                 rows_D = np.split(lp_M_K.detach().cpu().numpy(), np.cumsum([len(batch.tokens_D[i]) for i in idx])[:-1])
                 for i, rows in zip(idx, rows_D):
@@ -759,6 +806,7 @@ class LoraEngine:
         return torch.cat(lp_parts), loss
 
     def _head_logprobs(self, head: torch.nn.Module, h_C_H: torch.Tensor, t_C_K: torch.Tensor) -> torch.Tensor:
+        pause_point()  # a chunk of the head: a boundary where a long pass may pause (pauses.py)
         logits_C_V = head(h_C_H).float()  # fp32 log_softmax, as F.cross_entropy computes it
         if self._softcap:
             logits_C_V = self._softcap * torch.tanh(logits_C_V / self._softcap)
@@ -904,6 +952,30 @@ def _add(total: list[torch.Tensor | None], grads: tuple[torch.Tensor | None, ...
     for k, g in enumerate(grads):
         if g is not None:
             total[k] = g if total[k] is None else total[k].add_(g)
+
+
+def _add_pause_points(layers: list[torch.nn.Module]) -> None:
+    """Hooks that make the boundaries of each decoder layer and of its blocks (attention, MLP:
+    the children holding Linear layers) pause points (pauses.py): before one runs forward, and
+    in a backward pass when the gradient of its output arrives (before its own backward).
+    Outside a pausable pass each costs an attribute lookup."""
+
+    def on_grad(grad: torch.Tensor) -> None:
+        pause_point()
+
+    def before(module, args) -> None:
+        pause_point()
+
+    def after(module, args, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        if isinstance(hidden, torch.Tensor) and hidden.requires_grad and in_pausable_pass():
+            hidden.register_hook(on_grad)
+
+    for layer in layers:
+        blocks = [c for c in layer.children() if any(isinstance(m, torch.nn.Linear) for m in c.modules())]
+        for module in [layer, *blocks]:
+            module.register_forward_pre_hook(before)
+            module.register_forward_hook(after)
 
 
 def _checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

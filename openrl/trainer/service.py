@@ -199,22 +199,25 @@ class Trainer:
 
     def _apply(self, msg: TrainRequest, owner: str) -> Future:
         """Run one training request. Never raises: errors become failed futures."""
-        base = dict(request_id=msg.request_id, owner=owner, finished_at=time.time())
+        base = dict(request_id=msg.request_id, owner=owner)
         try:
             if isinstance(msg, Rejected):
                 if msg.category == "server":
-                    return Future(request_type=type(msg).__name__, state="failed", error=msg.error, category="server", **base)
+                    return Future(request_type=type(msg).__name__, state="failed", error=msg.error, category="server", finished_at=time.time(), **base)
                 raise InvalidRequest(msg.error)
             if isinstance(msg, ForwardBackward):
-                return self._fb_future(msg, self.engine.forward_backward(msg), base)
+                out = self.engine.forward_backward(msg)
+                return self._fb_future(msg, out, dict(base, finished_at=time.time()))
             step_metrics = self.engine.optim_step(msg.model_id, msg.adam)
             metrics.OPTIM_STEPS.inc()
-            return Future(request_type="OptimStep", state="done", payload=msgspec.json.encode({"metrics": step_metrics}), **base)
+            return Future(request_type="OptimStep", state="done", payload=msgspec.json.encode({"metrics": step_metrics}),
+                          finished_at=time.time(), **base)  # fmt: skip
         except InvalidRequest as e:
-            return Future(request_type=type(msg).__name__, state="failed", error=str(e), category="user", **base)
+            return Future(request_type=type(msg).__name__, state="failed", error=str(e), category="user", finished_at=time.time(), **base)
         except Exception as e:  # a bug or an OOM: fail this request, keep serving
             log.exception("train_request_failed", model_id=msg.model_id, seq_id=msg.seq_id)
-            return Future(request_type=type(msg).__name__, state="failed", error=f"trainer error: {e!r}", category="server", **base)
+            return Future(request_type=type(msg).__name__, state="failed", error=f"trainer error: {e!r}", category="server",
+                          finished_at=time.time(), **base)  # fmt: skip
 
     def _fb_future(self, msg: ForwardBackward, out, base: dict) -> Future:
         metrics.TRAINED_TOKENS.inc(sum(len(d.tokens) // 4 for d in msg.data), **{"pass": "forward" if msg.forward_only else "forward_backward"})
@@ -246,15 +249,16 @@ class Trainer:
     def _apply_steps(self, msg: ForwardBackward, owner: str):
         """`_apply` of a forward_backward a micro-batch per step (a generator that returns the
         Future; never raises)."""
-        base = dict(request_id=msg.request_id, owner=owner, finished_at=time.time())
+        base = dict(request_id=msg.request_id, owner=owner)
         try:
             out = yield from self.engine.forward_backward_steps(msg)
         except InvalidRequest as e:
-            return Future(request_type=type(msg).__name__, state="failed", error=str(e), category="user", **base)
+            return Future(request_type=type(msg).__name__, state="failed", error=str(e), category="user", finished_at=time.time(), **base)
         except Exception as e:  # a bug or an OOM: fail this request, keep serving
             log.exception("train_request_failed", model_id=msg.model_id, seq_id=msg.seq_id)
-            return Future(request_type=type(msg).__name__, state="failed", error=f"trainer error: {e!r}", category="server", **base)
-        return self._fb_future(msg, out, base)
+            return Future(request_type=type(msg).__name__, state="failed", error=f"trainer error: {e!r}", category="server",
+                          finished_at=time.time(), **base)  # fmt: skip
+        return self._fb_future(msg, out, dict(base, finished_at=time.time()))  # when its last step ends, not its first
 
     def _apply_shared(self, items: list[tuple[ForwardBackward, str]]) -> list[Future]:
         """forward_backward requests of several models, ready at once, in one call: shared passes
@@ -276,8 +280,11 @@ class Trainer:
             return await self._load(msg, rec)
         started = time.perf_counter()
         # A trainer group's engine (group.py) runs each request alone on every rank.
-        if isinstance(msg, ForwardBackward) and isinstance(self.engine, LoraEngine) and cost_of(msg) > self.engine.microbatch_tokens:
-            # More than one micro-batch: one per turn of its key, other keys' work runs between.
+        if isinstance(msg, ForwardBackward) and isinstance(self.engine, LoraEngine) and (
+            cost_of(msg) > self.engine.microbatch_tokens or self.engine.pausable(cost_of(msg))
+        ):
+            # More than one micro-batch, or a pass long enough to pause inside (engine.pauses.py):
+            # a micro-batch or a slice of a pass per turn of its key, other keys' work runs between.
             fut = await self._compute.steps(rec.owner, cost_of(msg), self._apply_steps, msg, rec.owner)
         elif isinstance(msg, ForwardBackward) and self.cfg.max_shared_requests > 1 and isinstance(self.engine, LoraEngine):
             # Cancelled before its call starts, it never runs (as a queued executor call).

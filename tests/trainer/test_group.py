@@ -153,6 +153,9 @@ def test_impossible_group_settings_are_refused_at_start():
         (["--nnodes", "2"], "--master-addr (node 0's address) is required"),
         (["--microbatch-tokens", "-1"], "--microbatch-tokens must be >= 1"),
         (["--microbatch-tokens", "0"], "--microbatch-tokens must be >= 1"),
+        (["--preempt-slice-ms", "-5"], "--preempt-slice-ms must be a finite number >= 0"),
+        (["--preempt-slice-ms", "nan"], "--preempt-slice-ms must be a finite number >= 0"),
+        (["--preempt-slice-ms", "50", "--device", "cuda"], "--preempt-slice-ms is for the CPU only"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--nproc-per-node", "999"], "CUDA"),
     ):
         proc = subprocess.run([sys.executable, "-m", "openrl", "trainer", *args], capture_output=True, text=True, timeout=120)
