@@ -116,6 +116,19 @@ async def test_fair_compute_shares_calls_only_with_keys_not_in_debt():
     assert calls[2] == ["h-next"]
 
 
+def assert_same_grads(got, want, model_id: str) -> None:
+    """The pending gradients of `model_id` in engine `got` equal those in `want` (1e-5)."""
+    import torch
+
+    g, w = got.adapter_grads(model_id), want.adapter_grads(model_id)
+    assert g.keys() == w.keys()
+    for k in w:
+        if w[k] is None:
+            assert g[k] is None, k
+        else:
+            torch.testing.assert_close(g[k], w[k], atol=1e-5, rtol=1e-5)
+
+
 def record_steps(engine, *, small: str) -> list[str]:
     """Wrap `engine.forward_backward_steps` so that each micro-batch a request runs (and its
     end) appends its name to the list returned: "big" for a request of several datums, else
@@ -173,13 +186,7 @@ async def test_a_big_request_runs_a_micro_batch_per_turn_and_others_run_between(
         for raw, lp in zip(got.logprobs, want.logprobs, strict=True):
             np.testing.assert_allclose(np.frombuffer(raw, "<f4"), lp, rtol=1e-5, atol=1e-5)
     for m in (big_model, small_model):
-        got, want = LoraEngine.adapter_grads(engine, m), LoraEngine.adapter_grads(reference, m)
-        assert got.keys() == want.keys()
-        for k in want:
-            if want[k] is None:
-                assert got[k] is None, k
-            else:
-                torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5)
+        assert_same_grads(engine, reference, m)
     step = OptimStep(request_id=f"{big_model}-2", model_id=big_model, seq_id=2, adam=AdamParams(learning_rate=1e-2))
     await pending(bus, step, "hostile")
     await asyncio.wait_for(trainer.on_train(step), 60)

@@ -18,14 +18,13 @@ import uuid
 import msgspec
 import numpy as np
 import pytest
-import torch
 
 from openrl.bus.messages import ForwardBackward, ForwardBackwardResult, LoraSpec
 from openrl.trainer.engine import PREEMPT_MIN_TOKENS, LoraEngine
 from openrl.trainer.pauses import PausablePasses
 from openrl.trainer.service import Trainer, TrainerConfig
 from factories import random_request
-from test_fairness import BASE, model_of, pending
+from test_fairness import BASE, assert_same_grads, model_of, pending
 from test_trainer_bounds import _future
 
 pytestmark = pytest.mark.timeout(300)
@@ -51,16 +50,6 @@ def assert_same(got, want) -> None:
     np.testing.assert_allclose(got.metrics["loss:sum"], want.metrics["loss:sum"], rtol=1e-5, atol=1e-5)
     for a, b in zip(got.logprobs, want.logprobs, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
-def assert_same_grads(got: LoraEngine, want: LoraEngine, model_id: str) -> None:
-    g, w = got.adapter_grads(model_id), want.adapter_grads(model_id)
-    assert g.keys() == w.keys()
-    for k in w:
-        if w[k] is None:
-            assert g[k] is None, k
-        else:
-            torch.testing.assert_close(g[k], w[k], atol=1e-5, rtol=1e-5)
 
 
 def pass_threads() -> list[threading.Thread]:
