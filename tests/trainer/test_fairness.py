@@ -221,19 +221,22 @@ async def test_a_small_keys_next_request_in_sequence_runs_before_the_big_ones_ne
 
 async def test_a_big_jobs_later_steps_keep_it_behind_a_key_that_keeps_sending():
     """FairCompute alone: a stepped job of key h (charged 1000 at its start, then 10 steps) and key
-    a sending 30 calls of 10 one after another, with a pause after the fifth (only h waits then,
-    and runs alone). a's calls all run before h's last step: a step of h run alone does
-    not move the virtual time to h's finish (it did: a then ranked behind h and waited for all
-    its steps; in the hostile benchmark, clients waited seconds behind one key's passes)."""
+    a sending 30 calls of 10 one after another. After its fifth, a waits until a step of h has
+    run alone (nothing of a's waiting). a's calls all run before h's last step: a step of h run
+    alone does not move the virtual time to h's finish (it did: a then ranked behind h and
+    waited for all its steps; in the hostile benchmark, clients waited seconds behind one key's
+    passes)."""
     from concurrent.futures import ThreadPoolExecutor
 
     compute = FairCompute(ThreadPoolExecutor(max_workers=1))
     order: list[str] = []
+    loop, alone = asyncio.get_running_loop(), asyncio.Event()
 
     def steps():
         for _ in range(10):
             order.append("h")
-            time.sleep(0.02)  # on the compute thread, as a slice of a pass
+            if order.count("a") == 5:  # a is waiting for this: h runs alone
+                loop.call_soon_threadsafe(alone.set)
             yield 0
         return "h done"
 
@@ -241,7 +244,7 @@ async def test_a_big_jobs_later_steps_keep_it_behind_a_key_that_keeps_sending():
         for i in range(30):
             await compute.call("a", 10, order.append, "a")
             if i == 4:
-                await asyncio.sleep(0.025)  # a pause of a's: h runs alone meanwhile, a step or three
+                await alone.wait()
 
     big = asyncio.ensure_future(compute.steps("h", 1000, steps))
     await asyncio.sleep(0)
