@@ -11,8 +11,9 @@ it gave during the run by status (a 5xx the SDK retried silently still shows the
     python bench/load.py [--clients 64] [--seconds 180] [--url URL --api-key KEY]
     python bench/load.py --hostile [--clients 16] [--seconds 60]
 
-Without --url it starts its own `openrl up --samplers 2` (bench/common.py). Prints p50 / p95 /
-p99 per call kind and writes bench/results/load.json (--out).
+Without --url it starts its own `openrl up --samplers 2` (bench/common.py) in a temporary data
+dir, deleted at the end unless --keep (then its path is printed: the processes' logs are in its
+logs/). Prints p50 / p95 / p99 per call kind and writes bench/results/load.json (--out).
 
 --hostile (docs/limits.md): the same clients (each with an API key of its own: --client-keys)
 run twice on one stack, quiet and then while another key floods it (`flood`, from a process of
@@ -33,6 +34,7 @@ import json
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
 import urllib.request
@@ -336,6 +338,7 @@ def add_args(p: argparse.ArgumentParser, clients: int = 64, seconds: float = 180
                    help="API keys the clients use in turn: 1 (one tenant; the default) up to --clients (each client a tenant of "
                         "its own; the default with --hostile); with --url, the extra keys must be accepted there "
                         "(tml-bench-client-NNN-0000000000)")
+    p.add_argument("--keep", action="store_true", help="keep the stack's data dir and logs (printed at the end; else deleted)")
     p.add_argument("--hostile", action="store_true", help="run quiet, then under a hostile key's flood (docs/limits.md)")
     p.add_argument("--hostile-concurrency", type=int, default=2, help="hostile requests in flight per flood kind")
     p.add_argument("--hostile-body-mb", type=int, default=4, help="size of the far-ahead forward_backward bodies")
@@ -385,6 +388,10 @@ def main() -> None:
     res["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     if not args.url:  # what the train log holds on disk at the end (far-ahead bodies used to pile up there)
         res["train_stream_bytes"] = sum(f.stat().st_size for d in data_dir.rglob("OPENRL_TRAIN") if d.is_dir() for f in d.rglob("*") if f.is_file())
+        if args.keep:
+            print(f"the stack's data dir, with its processes' logs (logs/*.log): {data_dir}")
+        else:
+            shutil.rmtree(data_dir, ignore_errors=True)
     if args.hostile:
         for name in ("quiet", "flood"):
             print(f"\n== {name}")
