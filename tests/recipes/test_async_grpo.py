@@ -32,17 +32,19 @@ def first_token_tasks(cfg: Config, n: int = 8) -> list:
 
 
 def test_async_grpo_raises_the_reward_within_the_staleness_bound(stack, tmp_path):
-    cfg = Config(base_url=stack.url, api_key=stack.api_key, steps=24, max_staleness=1, max_tokens=1, learning_rate=1e-3, seed=0,
+    cfg = Config(base_url=stack.url, api_key=stack.api_key, steps=32, max_staleness=1, max_tokens=1, learning_rate=1e-3, seed=0,
                  log_dir=tmp_path, progress=False)  # fmt: skip
     rows = asyncio.run(train(cfg, first_token_tasks(cfg)))
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged] == list(range(24)) and logged == json.loads(json.dumps(rows))
+    assert [r["step"] for r in logged] == list(range(cfg.steps)) and logged == json.loads(json.dumps(rows))
     # Staleness: never above the bound, and the pipeline did run ahead (groups one step old).
     assert max(r["staleness/max"] for r in logged) <= 1
     assert any(r["staleness/max"] == 1 for r in logged)
     assert all(0 <= r["staleness/mean"] <= r["staleness/max"] for r in logged)
     # Learning: the reward the run starts from (its first step, on the base weights) leaves
-    # room to rise, and the mean reward of the last 6 steps is well above the first 6.
+    # room to rise, and the mean reward of the last 6 steps is well above the first 6. 32 steps:
+    # with 24 the last 6 had not always reached the plateau (about 0.85); on a loaded machine the
+    # rise was 0.33-0.43, and once, in a full CI run, 0.28.
     rewards = [r["reward/mean"] for r in logged]
     early, late = np.mean(rewards[:6]), np.mean(rewards[-6:])
     assert rewards[0] <= REWARD_BAND[1] + 0.1, np.round(rewards, 3)
