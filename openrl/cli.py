@@ -1242,7 +1242,7 @@ def parser() -> argparse.ArgumentParser:
                     help="recompute decoder layers in the backward pass instead of keeping their activations "
                          "(auto: on for cuda) [OPENRL_ACTIVATION_CHECKPOINTING]")
     tr.add_argument("--preempt-slice-ms", type=float, default=_env_float("PREEMPT_SLICE_MS"),
-                    help="CPU: a long pass hands the compute thread to other keys' calls at its next layer boundary "
+                    help="CPU: a long pass hands the compute thread to other keys' calls at its next block boundary "
                          "after this many ms (default 50; 0 = never) [OPENRL_PREEMPT_SLICE_MS]")
     # A trainer group on torch.distributed, named as torchrun names them (docs/gpus.md).
     tr.add_argument("--nproc-per-node", type=int, default=_env_int("NPROC_PER_NODE", 1),

@@ -529,7 +529,7 @@ class LoraEngine:
                             return self._loss(req.loss_fn, batch, idx, config)
                     return self._loss(req.loss_fn, batch, idx, config, grads=grads, params=params)
 
-                if self.world == 1 and self.pausable(len(idx) * max(batch.lengths[i] for i in idx)):
+                if self.pausable(len(idx) * max(batch.lengths[i] for i in idx)):  # never in a group: no _pauses there
                     lp_M_K, loss = yield from self._pauses.run(one_pass, on_resume=lambda: self._activate(tenant))
                 else:
                     lp_M_K, loss = one_pass()

@@ -1,4 +1,4 @@
-"""A long pass that hands the compute thread back at layer boundaries (preemption inside a pass).
+"""A long pass that hands the compute thread back at block boundaries (preemption inside a pass).
 
 The trainer's compute thread is shared fairly between API keys (compute.py), but only between
 calls: a key's micro-batch of 2 x 2048 tokens holds the thread for its whole forward and

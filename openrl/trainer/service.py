@@ -121,6 +121,12 @@ def cost_of(msg: TrainRequest) -> int:
     return OTHER_COST
 
 
+def _failed(msg: TrainRequest, owner: str, error: str, category: str) -> Future:
+    """The failed future of a training request, finished now."""
+    return Future(request_id=msg.request_id, owner=owner, request_type=type(msg).__name__, state="failed", error=error,
+                  category=category, finished_at=time.time())  # fmt: skip
+
+
 def held_size(msg: TrainRequest) -> int:
     """The bytes a waiting request holds: its token and tensor buffers (others are small)."""
     if not isinstance(msg, ForwardBackward):
@@ -199,27 +205,25 @@ class Trainer:
 
     def _apply(self, msg: TrainRequest, owner: str) -> Future:
         """Run one training request. Never raises: errors become failed futures."""
-        base = dict(request_id=msg.request_id, owner=owner)
         try:
             if isinstance(msg, Rejected):
                 if msg.category == "server":
-                    return Future(request_type=type(msg).__name__, state="failed", error=msg.error, category="server", finished_at=time.time(), **base)
+                    return _failed(msg, owner, msg.error, "server")
                 raise InvalidRequest(msg.error)
             if isinstance(msg, ForwardBackward):
-                out = self.engine.forward_backward(msg)
-                return self._fb_future(msg, out, dict(base, finished_at=time.time()))
+                return self._fb_future(msg, owner, self.engine.forward_backward(msg))
             step_metrics = self.engine.optim_step(msg.model_id, msg.adam)
             metrics.OPTIM_STEPS.inc()
-            return Future(request_type="OptimStep", state="done", payload=msgspec.json.encode({"metrics": step_metrics}),
-                          finished_at=time.time(), **base)  # fmt: skip
+            return Future(request_id=msg.request_id, owner=owner, request_type="OptimStep", state="done",
+                          payload=msgspec.json.encode({"metrics": step_metrics}), finished_at=time.time())  # fmt: skip
         except InvalidRequest as e:
-            return Future(request_type=type(msg).__name__, state="failed", error=str(e), category="user", finished_at=time.time(), **base)
+            return _failed(msg, owner, str(e), "user")
         except Exception as e:  # a bug or an OOM: fail this request, keep serving
             log.exception("train_request_failed", model_id=msg.model_id, seq_id=msg.seq_id)
-            return Future(request_type=type(msg).__name__, state="failed", error=f"trainer error: {e!r}", category="server",
-                          finished_at=time.time(), **base)  # fmt: skip
+            return _failed(msg, owner, f"trainer error: {e!r}", "server")
 
-    def _fb_future(self, msg: ForwardBackward, out, base: dict) -> Future:
+    def _fb_future(self, msg: ForwardBackward, owner: str, out) -> Future:
+        """The done future of a forward_backward whose work has just ended (its finish time)."""
         metrics.TRAINED_TOKENS.inc(sum(len(d.tokens) // 4 for d in msg.data), **{"pass": "forward" if msg.forward_only else "forward_backward"})
         result = ForwardBackwardResult(
             logprobs=[a.astype("<f4").tobytes() for a in out.logprobs],
@@ -227,7 +231,8 @@ class Trainer:
             trailing=[list(a.shape[1:]) for a in out.logprobs],
         )
         kind = "Forward" if msg.forward_only else "ForwardBackward"
-        return Future(request_type=kind, state="done", content_type="forward_backward", payload=encode(result), **base)
+        return Future(request_id=msg.request_id, owner=owner, request_type=kind, state="done", content_type="forward_backward",
+                      payload=encode(result), finished_at=time.time())  # fmt: skip
 
     def _apply_many(self, items: list[tuple[ForwardBackward, str]]) -> list[Future]:
         """Several models' forward_backward requests in shared passes (engine.forward_backward_many).
@@ -237,28 +242,22 @@ class Trainer:
         except Exception:
             log.exception("shared_pass_failed", requests=len(items))
             return [self._apply(msg, owner) for msg, owner in items]
-        futs = []
-        for (msg, owner), out in zip(items, outs, strict=True):
-            base = dict(request_id=msg.request_id, owner=owner, finished_at=time.time())
-            if isinstance(out, InvalidRequest):
-                futs.append(Future(request_type=type(msg).__name__, state="failed", error=str(out), category="user", **base))
-            else:
-                futs.append(self._fb_future(msg, out, base))
-        return futs
+        return [
+            _failed(msg, owner, str(out), "user") if isinstance(out, InvalidRequest) else self._fb_future(msg, owner, out)
+            for (msg, owner), out in zip(items, outs, strict=True)
+        ]
 
     def _apply_steps(self, msg: ForwardBackward, owner: str):
         """`_apply` of a forward_backward a micro-batch per step (a generator that returns the
         Future; never raises)."""
-        base = dict(request_id=msg.request_id, owner=owner)
         try:
             out = yield from self.engine.forward_backward_steps(msg)
         except InvalidRequest as e:
-            return Future(request_type=type(msg).__name__, state="failed", error=str(e), category="user", finished_at=time.time(), **base)
+            return _failed(msg, owner, str(e), "user")
         except Exception as e:  # a bug or an OOM: fail this request, keep serving
             log.exception("train_request_failed", model_id=msg.model_id, seq_id=msg.seq_id)
-            return Future(request_type=type(msg).__name__, state="failed", error=f"trainer error: {e!r}", category="server",
-                          finished_at=time.time(), **base)  # fmt: skip
-        return self._fb_future(msg, out, dict(base, finished_at=time.time()))  # when its last step ends, not its first
+            return _failed(msg, owner, f"trainer error: {e!r}", "server")
+        return self._fb_future(msg, owner, out)  # when its last step ends, not its first
 
     def _apply_shared(self, items: list[tuple[ForwardBackward, str]]) -> list[Future]:
         """forward_backward requests of several models, ready at once, in one call: shared passes
@@ -516,9 +515,7 @@ class Trainer:
         )
         if msg.seq_id - t.next_seq <= 2 * self.cfg.max_seq_ahead and len(t.refused) < self.cfg.max_seq_ahead:
             t.refused.add(msg.seq_id)  # bounded: at most the window (Tenant.refused)
-        fut = Future(request_id=msg.request_id, owner=t.owner, request_type=type(msg).__name__, state="failed", error=error,
-                     category="user", finished_at=time.time())  # fmt: skip
-        await self.bus.finish_future(fut)
+        await self.bus.finish_future(_failed(msg, t.owner, error, "user"))
         log.warning("train_refused_ahead", model_id=msg.model_id, seq_id=msg.seq_id, next_seq=t.next_seq)
 
     async def _in_turn(self, msg: TrainRequest, t: Tenant) -> None:
