@@ -2,7 +2,8 @@
 
 Started by `pool.Pool` as `python -m openrl.rewarder <name> worker <module:fn>`, so `ps`
 shows which reward it serves. It talks to its parent over its original stdin/stdout with
-length-prefixed msgpack frames (`ScoreItem` in, `ItemScore` out); user code sees
+length-prefixed msgpack frames (a chunk of `ScoreItem`s in; one `ItemScore` out per item, in
+order, each sent as soon as its call returns, so the parent times each call); user code sees
 /dev/null as stdin and the log (stderr) as stdout, so a `print` cannot corrupt a frame.
 
 Everything that can go wrong inside the call (an exception, a result that is not a float
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(1)
     _send(out, Ready(pid=os.getpid()))
     loop = asyncio.new_event_loop()
-    decoder = msgspec.msgpack.Decoder(ScoreItem)
+    decoder = msgspec.msgpack.Decoder(list[ScoreItem])
     while True:
         header = _read(inp, _HEADER.size)
         if header is None:  # the parent closed the pipe: we are done
@@ -181,9 +182,10 @@ def main(argv: list[str] | None = None) -> None:
         data = _read(inp, _HEADER.unpack(header)[0])
         if data is None:
             break
-        score = call(fn, decoder.decode(data), loop, args.memory_mb)
-        sys.stdout.flush()
-        _send(out, score)
+        for item in decoder.decode(data):
+            score = call(fn, item, loop, args.memory_mb)
+            sys.stdout.flush()
+            _send(out, score)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip interpreter teardown: user code may have left threads behind

@@ -31,7 +31,6 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from openrl import metrics
 from openrl.bus import subjects
 from openrl.bus.client import Bus
-from openrl.bus.errors import Unavailable
 from openrl.bus.messages import Future, ScoreRequest, ScoreResult, WorkerInfo, decode, encode
 from openrl.rewarder.pool import Pool
 
@@ -79,13 +78,8 @@ class Rewarder:
             entry = None
             pending = Future(request_id=msg.request_id, owner="", request_type="Score", created_at=time.time())
         started = time.monotonic()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self.pool.score(item)) for item in msg.items]
-        except* Unavailable as group:  # the pool broke: hand the request back (the bus naks it)
-            raise group.exceptions[0] from None
-        result = ScoreResult(request_id=msg.request_id, reward_name=self.cfg.name, scores=[t.result() for t in tasks],
-                             worker_id=self.worker_id)  # fmt: skip
+        scores = await self.pool.score_many(msg.items)  # Unavailable (the pool broke): the bus naks the request
+        result = ScoreResult(request_id=msg.request_id, reward_name=self.cfg.name, scores=scores, worker_id=self.worker_id)
         done = encode(msgspec.structs.replace(pending, state="done", content_type="json", payload=msgspec.json.encode(result), finished_at=time.time()))
         try:
             if entry is None:

@@ -139,3 +139,51 @@ async def test_cancelled_calls_leave_the_pool_whole(chaos_pool):
     assert not set(after) & set(busy) and not [p for p in busy if alive(p)]
     assert [s.reward for s in await asyncio.gather(*(chaos_pool.score(item(f"ok:{i}")) for i in range(4)))] == [0.0, 1.0, 2.0, 3.0]
     assert chaos_pool.busy_seconds() < 5
+
+
+async def test_a_failure_inside_a_chunk_costs_its_item_alone_and_the_rest_are_scored_in_order():
+    """One worker, so a request's items go to it several per frame: after a crash, a timeout or
+    an out-of-memory call mid-chunk, the items the worker had not reached go to its replacement."""
+    pool = Pool("chaos_rewards:chaos", "chunks", 1, timeout_s=1.5, memory_mb=256)
+    await pool.start()
+    try:
+        assert pool._chunk_size(100) > 1  # noqa: SLF001 - the premise: several items per frame
+        completions = ["ok:1", "kill", "ok:2", "ok:3", "sleep:30", "ok:4", "oom:1024", "ok:5", "raise:z", "ok:6", "exit", "ok:7"]
+        scores = await pool.score_many([item(c) for c in completions])
+        assert [s.reward for s in scores] == [1.0, None, 2.0, 3.0, None, 4.0, None, 5.0, None, 6.0, None, 7.0]
+        assert [s.error_kind for s in scores] == [None, "crashed", None, None, "timeout", None, "memory", None, "exception", None, "crashed", None]
+        assert 1.5 <= scores[4].seconds < 3.0
+        assert pool.replaced == 4
+        assert [s.reward for s in await pool.score_many([item(f"ok:{i}") for i in range(300)])] == [float(i) for i in range(300)]
+        assert len(await _full(pool)) == 1
+    finally:
+        await pool.close()
+
+
+async def test_a_small_request_is_not_queued_behind_a_large_ones_items():
+    """Workers go back to the idle queue after each chunk, so concurrent requests take turns:
+    a 1-item request sent while a 300-item one runs (3 s of calls on one worker) finishes first.
+    With one task per item, all of the large request's items were queued ahead of it."""
+    pool = Pool("chaos_rewards:chaos", "turns", 1, timeout_s=5, memory_mb=256)
+    await pool.start()
+    try:
+        large = asyncio.create_task(pool.score_many([item("sleep:0.01")] * 300))
+        await asyncio.sleep(0.3)
+        small = await pool.score_many([item("ok:7")])
+        assert small[0].reward == 7.0
+        assert not large.done()
+        assert [s.reward for s in await large] == [1.0] * 300
+    finally:
+        await pool.close()
+
+
+async def test_one_frame_carries_many_quick_items():
+    """Quick calls are sent in large chunks (the per-frame cost is the pool's overhead)."""
+    pool = Pool("chaos_rewards:chaos", "quick", 2, timeout_s=5, memory_mb=256)
+    await pool.start()
+    try:
+        scores = await pool.score_many([item(f"ok:{i % 7}") for i in range(4096)])
+        assert [s.reward for s in scores] == [float(i % 7) for i in range(4096)]
+        assert pool._next_call < 4096 // 16  # noqa: SLF001 - frames sent: far fewer than items
+    finally:
+        await pool.close()
