@@ -160,6 +160,7 @@ STREAM_MESSAGES = _r.add(Gauge("openrl_stream_messages", "messages stored in the
 WORKER_BUSY = _r.add(Gauge("openrl_worker_busy_fraction", "fraction of time the worker computed (trainer, sampler: since start; rewarder: last 30 s)", ["kind", "worker_id"]))
 TRAINED_TOKENS = _r.add(Counter("openrl_trained_tokens_total", "tokens through forward (pass=forward) or forward+backward (pass=forward_backward)", ["pass"]))
 OPTIM_STEPS = _r.add(Counter("openrl_optim_steps_total", "optimizer steps applied"))
+PASS_PAUSES = _r.add(Counter("openrl_trainer_pass_pauses_total", "times a long training pass paused inside so other keys' calls could run (CPU only: trainer/pauses.py)"))
 WORKER_MODELS = _r.add(Gauge("openrl_worker_models", "models this worker holds (trainer: LoRA tenants built; sampler: adapters cached)", ["kind", "worker_id"]))
 LEASES_HANDED_OVER = _r.add(Counter("openrl_leases_handed_over_total", "models handed to another trainer at shutdown"))
 SAMPLED_TOKENS = _r.add(Counter("openrl_sampled_tokens_total", "tokens generated"))

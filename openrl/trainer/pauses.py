@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable, Generator
 from typing import TypeVar
 
+from openrl import metrics
+
 T = TypeVar("T")
 
 _local = threading.local()
@@ -118,6 +120,7 @@ class PausablePasses:
                 if run.finished:
                     break
                 self.pauses += 1
+                metrics.PASS_PAUSES.inc()
                 try:
                     yield
                 except BaseException:  # closed (GeneratorExit) or thrown into: stop the pass first

@@ -19,6 +19,7 @@ import msgspec
 import numpy as np
 import pytest
 
+from openrl import metrics
 from openrl.bus.messages import ForwardBackward, ForwardBackwardResult, LoraSpec
 from openrl.trainer.engine import PREEMPT_MIN_TOKENS, LoraEngine
 from openrl.trainer.pauses import PausablePasses
@@ -207,12 +208,14 @@ async def test_a_small_keys_request_finishes_while_a_long_one_micro_batch_pass_i
         return (yield from gen)
 
     engine.forward_backward_steps = gated
+    pauses_before = _pauses_counted()
     first = asyncio.ensure_future(trainer.on_train(big))
     await asyncio.wait_for(paused.wait(), 60)
     await asyncio.wait_for(asyncio.gather(first, trainer.on_train(small)), 120)
     got_big, got_small = await _future(bus, big.request_id), await _future(bus, small.request_id)
     assert got_big.state == got_small.state == "done", (got_big.error, got_small.error)
     assert got_small.finished_at < got_big.finished_at
+    assert _pauses_counted() - pauses_before == engine.pauses > 0  # what an operator sees on /metrics
     reference = LoraEngine(qwen3_path, device="cpu", preempt_slice_ms=0)
     for m in (big_model, small_model):
         reference.create(m, LoraSpec(rank=4, seed=1))
@@ -223,3 +226,8 @@ async def test_a_small_keys_request_finishes_while_a_long_one_micro_batch_pass_i
             np.testing.assert_allclose(np.frombuffer(raw, "<f4").reshape(lp.shape), lp, rtol=1e-5, atol=1e-5)
     for m in (big_model, small_model):
         assert_same_grads(engine, reference, m)
+
+
+def _pauses_counted() -> float:
+    """openrl_trainer_pass_pauses_total as the trainer's /metrics shows it."""
+    return metrics.REGISTRY.prom.get_sample_value("openrl_trainer_pass_pauses_total") or 0.0
