@@ -10,8 +10,11 @@ had not reached go back to the request's queue, and a dead worker is replaced in
 background, so the pool keeps its size.
 
 Chunks are sized to about `CHUNK_TARGET_S` of work (from the pool's recent seconds per call)
-so a worker goes back to the idle queue often: concurrent requests take turns, chunk by
-chunk, and a small request is never queued behind all of a large one's items. One item per
+so a worker is handed out again often, and it goes to whichever waiting request is next in fair
+order between API keys (openrl/fair.py, the cost being items): a key with several large
+requests in flight gets the workers for half the chunks when one other key is waiting, not for
+all but one of them, and a small request is never queued behind all of a large one's items.
+Within a key, its oldest request goes first. One item per
 frame cost 0.35 CPU-s in this process per 4,096 quick items (a task, a queue wait and a pipe
 round trip each); docs/rewards.md has the figures.
 
@@ -30,12 +33,14 @@ import signal
 import struct
 import sys
 import time
+from dataclasses import dataclass
 
 import msgspec
 import structlog
 
 from openrl.bus.errors import InvalidRequest, Unavailable
 from openrl.bus.messages import ItemScore, ScoreItem
+from openrl.fair import FairShare
 from openrl.rewarder.child import Ready, scrubbed_env
 
 log = structlog.get_logger(__name__)
@@ -71,6 +76,15 @@ class _Worker:
             self.proc.kill()
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """A request's runner waiting for a worker."""
+
+    key: str  # the request's owner (API key)
+    request: int  # the request's number in this pool: a key's oldest goes first
+    future: asyncio.Future
+
+
 class Pool:
     def __init__(self, fn: str, name: str, size: int, *, timeout_s: float = 30.0, memory_mb: int = 2048, start_timeout_s: float = 60.0,
                  pass_env: tuple[str, ...] = ()):
@@ -84,7 +98,10 @@ class Pool:
         self.start_timeout_s = start_timeout_s
         self.pass_env = tuple(pass_env)  # variables a reward function sees though they look secret
         self.broken: str | None = None  # set when workers can no longer be started
-        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._idle: collections.deque[_Worker] = collections.deque()  # never non-empty while runners wait
+        self._waiters: list[_Waiter] = []
+        self._share = FairShare()  # between the keys of waiting requests; cost = items
+        self._requests = 0
         self._workers: set[_Worker] = set()
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
@@ -137,7 +154,7 @@ class Pool:
         errors = [r for r in results if isinstance(r, BaseException)]
         for r in results:
             if not isinstance(r, BaseException):
-                self._idle.put_nowait(r)
+                self._give(r)
         if errors:
             await self.close()
             raise errors[0]
@@ -166,13 +183,17 @@ class Pool:
             if self._closing:
                 return
             try:
-                self._idle.put_nowait(await self._spawn())
+                self._give(await self._spawn())
                 return
             except RewardLoadError as e:
                 log.error("reward_worker_start_failed", name=self.name, attempt=attempt, error=str(e))
                 await asyncio.sleep(min(8.0, 0.25 * 2**attempt))
         self.broken = f"reward workers for {self.fn} keep failing to start"
         self._broken.set()
+        for waiter in self._waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(Unavailable(self.broken))
+        self._waiters.clear()
 
     async def wait_broken(self) -> str:
         await self._broken.wait()
@@ -184,20 +205,24 @@ class Pool:
         """Score one item in a worker; every failure of the user code is an ItemScore error."""
         return (await self.score_many([item]))[0]
 
-    async def score_many(self, items: list[ScoreItem]) -> list[ItemScore]:
+    async def score_many(self, items: list[ScoreItem], key: str = "") -> list[ItemScore]:
         """Score every item, in order; every failure of the user code is an error for its item
-        alone. At most `size` workers at once, each on a chunk at a time (docstring above).
-        Raises Unavailable when the pool broke (it can no longer start workers)."""
+        alone. At most `size` workers at once, each on a chunk at a time, handed out fairly
+        between the `key`s (owners) of the requests waiting (docstring above). Raises
+        Unavailable when the pool broke (it can no longer start workers)."""
         scores: list[ItemScore | None] = [None] * len(items)
         todo = collections.deque(range(len(items)))
+        request = self._requests
+        self._requests += 1
 
         async def runner() -> None:
             while todo:
-                worker = await self._take()
+                worker = await self._take(key, request)
                 if not todo:  # the other runners took the rest meanwhile
-                    self._idle.put_nowait(worker)
+                    self._give(worker)
                     return
                 chunk = [todo.popleft() for _ in range(min(len(todo), self._chunk_size(len(todo))))]
+                self._share.charge(key, len(chunk))
                 await self._run(worker, items, chunk, scores, todo)
 
         try:
@@ -249,31 +274,41 @@ class Pool:
                 if worker not in self._workers:  # retired: the rest of the chunk goes to another worker
                     todo.extendleft(reversed(chunk[done + 1 :]))
                     return
-            self._idle.put_nowait(worker)
+            self._give(worker)
         except BaseException:  # cancelled mid-call (shutdown, request handed back): its state is unknown
             self._retire(worker, "cancelled")
             raise
         finally:
             self._busy_s += time.monotonic() - self._running.pop(call_id)
 
-    async def _take(self) -> _Worker:
+    async def _take(self, key: str, request: int) -> _Worker:
+        """An idle worker, at once or when it is this request's turn (`_give`)."""
         if self.broken:
             raise Unavailable(self.broken)
-        take = asyncio.ensure_future(self._idle.get())
-        broken = asyncio.ensure_future(self._broken.wait())
+        if self._idle:
+            return self._idle.popleft()
+        waiter = _Waiter(key, request, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
         try:
-            await asyncio.wait([take, broken], return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # cancelled while waiting: a worker we already got goes back
-            if take.done() and not take.cancelled():
-                self._idle.put_nowait(take.result())
-            take.cancel()
+            return await waiter.future
+        except BaseException:  # cancelled while waiting: a worker handed to it meanwhile goes on
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                self._give(waiter.future.result())
             raise
-        finally:
-            broken.cancel()
-        if not take.done():
-            take.cancel()
-            raise Unavailable(self.broken or "reward pool is broken")
-        return take.result()
+
+    def _give(self, worker: _Worker) -> None:
+        """A worker is free: to the waiting runner next in fair order (the key least served so
+        far; within a key, its oldest request), or to the idle queue when none waits."""
+        # A waiter cancelled a moment ago (its runner not yet resumed to leave the list) is skipped.
+        self._waiters = [w for w in self._waiters if not w.future.done()]
+        if not self._waiters:
+            self._idle.append(worker)
+            return
+        waiter = min(self._waiters, key=lambda w: (self._share.vtime(w.key), w.request))
+        self._waiters.remove(waiter)
+        waiter.future.set_result(worker)
 
     def busy_seconds(self) -> float:
         """Seconds workers have spent in calls so far, counting the calls still running."""

@@ -78,7 +78,7 @@ class Rewarder:
             entry = None
             pending = Future(request_id=msg.request_id, owner="", request_type="Score", created_at=time.time())
         started = time.monotonic()
-        scores = await self.pool.score_many(msg.items)  # Unavailable (the pool broke): the bus naks the request
+        scores = await self.pool.score_many(msg.items, key=pending.owner)  # Unavailable (the pool broke): the bus naks the request
         result = ScoreResult(request_id=msg.request_id, reward_name=self.cfg.name, scores=scores, worker_id=self.worker_id)
         done = encode(msgspec.structs.replace(pending, state="done", content_type="json", payload=msgspec.json.encode(result), finished_at=time.time()))
         try:

@@ -17,7 +17,7 @@ from stack_helpers import alive
 
 async def _full(pool: Pool, timeout_s: float = 20) -> list[int]:
     deadline = time.monotonic() + timeout_s
-    while len(pool.pids()) < pool.size or pool._idle.qsize() < pool.size:  # noqa: SLF001 - waiting for replacements
+    while len(pool.pids()) < pool.size or len(pool._idle) < pool.size:  # noqa: SLF001 - waiting for replacements
         assert time.monotonic() < deadline, f"pool did not refill: {pool.pids()}"
         await asyncio.sleep(0.05)
     return pool.pids()
@@ -185,5 +185,34 @@ async def test_one_frame_carries_many_quick_items():
         scores = await pool.score_many([item(f"ok:{i % 7}") for i in range(4096)])
         assert [s.reward for s in scores] == [float(i % 7) for i in range(4096)]
         assert pool._next_call < 4096 // 16  # noqa: SLF001 - frames sent: far fewer than items
+    finally:
+        await pool.close()
+
+
+async def test_workers_are_shared_fairly_between_keys_not_between_requests(tmp_path):
+    """Key a has four 60-item requests in flight when key b sends one of 20 items, one worker:
+    from b's first call to its last, a's calls are about as many as b's (half the chunks each),
+    not four times as many (one turn per request). The calls' log gives their order."""
+    log = tmp_path / "calls.log"
+    pool = Pool("chaos_rewards:counted", "fair", 1, timeout_s=5, memory_mb=256)
+    await pool.start()
+    try:
+
+        def items(first: int, n: int) -> list:
+            return [item("x", reference={"i": first + i, "sleep": 0.01, "log": str(log)}) for i in range(n)]
+
+        a = [asyncio.create_task(pool.score_many(items(100 * r, 60), key="a")) for r in range(4)]
+        while not log.exists() or len(log.read_text().split()) < 20:  # a runs alone for a while
+            await asyncio.sleep(0.01)
+        b = await pool.score_many(items(1000, 20), key="b")
+        assert [s.reward for s in b] == [1000.0 + i for i in range(20)]
+        for r, scores in enumerate(await asyncio.gather(*a)):
+            assert [s.reward for s in scores] == [100.0 * r + i for i in range(60)]
+        calls = [int(x) for x in log.read_text().split()]
+        positions = [i for i, c in enumerate(calls) if c >= 1000]
+        a_between = sum(1 for c in calls[positions[0] : positions[-1]] if c < 1000)
+        assert a_between <= 28, (a_between, calls)  # 20 (+ a chunk or two); one turn per request gives ~80
+        # Within key a, its oldest request goes first: request 0 finishes before request 3 starts.
+        assert calls.index(300) > calls.index(59)
     finally:
         await pool.close()

@@ -175,6 +175,31 @@ async def test_a_finished_request_is_never_scored_again(bus, rewarders, tmp_path
     assert info.num_pending == 0 and info.num_ack_pending == 0
 
 
+async def test_the_workers_are_shared_fairly_between_the_requests_owners(bus, rewarders, tmp_path):
+    """The rewarder hands its workers out by the owner of each request's future: key a's three
+    60-item requests and key b's one of 20 are all held at once (2 workers: 4 in flight), and
+    from b's first call to its last a's calls are about as many as b's, not three times as many."""
+    name = unique("fair")
+    log = tmp_path / "calls.log"
+    proc = rewarders("chaos_rewards:counted", name, "--concurrency", "2")
+    await wait_heartbeat(bus, proc)
+
+    def items(first: int, n: int) -> list:
+        return [item("", reference={"i": first + i, "sleep": 0.01, "log": str(log)}) for i in range(n)]
+
+    a = [await submit(bus, name, items(100 * r, 60), owner="key-a") for r in range(3)]
+    while not log.exists() or len(log.read_text().split()) < 10:
+        await asyncio.sleep(0.01)
+    b = await submit(bus, name, items(1000, 20), owner="key-b")
+    assert [s["reward"] for s in (await result(bus, b))["scores"]] == [1000.0 + i for i in range(20)]
+    for rid in a:
+        await result(bus, rid)
+    calls = [int(x) for x in log.read_text().split()]
+    positions = [i for i, c in enumerate(calls) if c >= 1000]
+    a_between = sum(1 for c in calls[positions[0] : positions[-1]] if c < 1000)
+    assert a_between <= 32, (a_between, calls)  # 19-20; handed out by request alone, 40
+
+
 async def test_sigterm_hands_in_flight_requests_back_at_once(bus, rewarders):
     name = unique("term")
     first = rewarders("chaos_rewards:chaos", name, "--concurrency", "2")
