@@ -3,7 +3,7 @@
 One request of N quick items (`exact_match`, the hostile benchmark's 4,096), scored by one pool
 two ways, alternating repetition by repetition:
 - per item: one `Pool.score` per item, gathered: one task, one frame and one pipe round trip
-  per item (how the rewarder scored a request before chunks);
+  per item (how the rewarder scored a request before chunks, with today's hand-out of workers);
 - chunked: `Pool.score_many`, what the rewarder does now: each worker gets a chunk of items
   per frame and sends each result back as it is done.
 

@@ -27,13 +27,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
+import itertools
 import math
 import os
 import signal
 import struct
 import sys
 import time
-from dataclasses import dataclass
 
 import msgspec
 import structlog
@@ -76,15 +77,6 @@ class _Worker:
             self.proc.kill()
 
 
-@dataclass(eq=False)
-class _Waiter:
-    """A request's runner waiting for a worker."""
-
-    key: str  # the request's owner (API key)
-    request: int  # the request's number in this pool: a key's oldest goes first
-    future: asyncio.Future
-
-
 class Pool:
     def __init__(self, fn: str, name: str, size: int, *, timeout_s: float = 30.0, memory_mb: int = 2048, start_timeout_s: float = 60.0,
                  pass_env: tuple[str, ...] = ()):
@@ -99,7 +91,10 @@ class Pool:
         self.pass_env = tuple(pass_env)  # variables a reward function sees though they look secret
         self.broken: str | None = None  # set when workers can no longer be started
         self._idle: collections.deque[_Worker] = collections.deque()  # never non-empty while runners wait
-        self._waiters: list[_Waiter] = []
+        # Runners waiting for a worker, by key: heaps of (request number, arrival, future); a
+        # cancelled one stays until it reaches the top (its future is done) and is dropped there.
+        self._waiting: dict[str, list[tuple[int, int, asyncio.Future]]] = {}
+        self._arrivals = itertools.count()
         self._share = FairShare()  # between the keys of waiting requests; cost = items
         self._requests = 0
         self._workers: set[_Worker] = set()
@@ -190,10 +185,11 @@ class Pool:
                 await asyncio.sleep(min(8.0, 0.25 * 2**attempt))
         self.broken = f"reward workers for {self.fn} keep failing to start"
         self._broken.set()
-        for waiter in self._waiters:
-            if not waiter.future.done():
-                waiter.future.set_exception(Unavailable(self.broken))
-        self._waiters.clear()
+        for heap in self._waiting.values():
+            for _, _, future in heap:
+                if not future.done():
+                    future.set_exception(Unavailable(self.broken))
+        self._waiting.clear()
 
     async def wait_broken(self) -> str:
         await self._broken.wait()
@@ -287,28 +283,38 @@ class Pool:
             raise Unavailable(self.broken)
         if self._idle:
             return self._idle.popleft()
-        waiter = _Waiter(key, request, asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting.setdefault(key, []), (request, next(self._arrivals), future))
         try:
-            return await waiter.future
+            return await future
         except BaseException:  # cancelled while waiting: a worker handed to it meanwhile goes on
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-            elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
-                self._give(waiter.future.result())
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self._give(future.result())
             raise
 
     def _give(self, worker: _Worker) -> None:
         """A worker is free: to the waiting runner next in fair order (the key least served so
-        far; within a key, its oldest request), or to the idle queue when none waits."""
-        # A waiter cancelled a moment ago (its runner not yet resumed to leave the list) is skipped.
-        self._waiters = [w for w in self._waiters if not w.future.done()]
-        if not self._waiters:
+        far, ties to the older request; within a key, its oldest request), or to the idle queue
+        when none waits. O(keys waiting + log runners)."""
+        best: tuple[tuple[float, int], str] | None = None
+        for key in list(self._waiting):
+            heap = self._waiting[key]
+            while heap and heap[0][2].done():  # cancelled
+                heapq.heappop(heap)
+            if not heap:
+                del self._waiting[key]
+                continue
+            rank = (self._share.vtime(key), heap[0][0])
+            if best is None or rank < best[0]:
+                best = (rank, key)
+        if best is None:
             self._idle.append(worker)
             return
-        waiter = min(self._waiters, key=lambda w: (self._share.vtime(w.key), w.request))
-        self._waiters.remove(waiter)
-        waiter.future.set_result(worker)
+        heap = self._waiting[best[1]]
+        future = heapq.heappop(heap)[2]
+        if not heap:
+            del self._waiting[best[1]]
+        future.set_result(worker)
 
     def busy_seconds(self) -> float:
         """Seconds workers have spent in calls so far, counting the calls still running."""
