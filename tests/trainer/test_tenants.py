@@ -251,3 +251,101 @@ def test_a_tenant_switch_leaves_peft_as_its_set_adapter_would(qwen3_path):
         assert any(mine[0].values()) and mine[2] == tenant.adapter, m
         engine.peft.set_adapter(tenant.adapter)
         assert state() == mine, m
+
+
+def _peft_state(engine: LoraEngine) -> dict:
+    """Everything peft and the engine hold about the adapters: every parameter (name, dtype,
+    requires_grad, values), every module's training flag, the adapters' configs and targeted
+    module names, the active adapter, and each tenant's parameters in order."""
+    peft = engine.peft
+    return {
+        "params": [(n, p.dtype, p.requires_grad, p.detach().clone()) for n, p in peft.named_parameters()],
+        "training": [(n, m.training) for n, m in peft.named_modules()],
+        "configs": {a: c.to_dict() for a, c in peft.peft_config.items()},
+        "targeted": list(peft.base_model.targeted_module_names),
+        "active": (peft.active_adapter, sorted({tuple(layer.active_adapters) for layer in engine._peft_layers()})),
+        "tenants": {m: [(k, p.detach().clone()) for k, p in t.params.items()] for m, t in engine._tenants.items()},
+    }
+
+
+def _assert_same_state(got: dict, want: dict, what: str) -> None:
+    for key in ("training", "configs", "targeted", "active"):
+        assert got[key] == want[key], f"{what}: {key}"
+    assert [p[:3] for p in got["params"]] == [p[:3] for p in want["params"]], what
+    for (name, *_, g), (*_, w) in zip(got["params"], want["params"], strict=True):
+        assert torch.equal(g, w), f"{what}: {name}"
+    assert got["tenants"].keys() == want["tenants"].keys(), what
+    for m, params in want["tenants"].items():
+        assert [k for k, _ in got["tenants"][m]] == [k for k, _ in params], f"{what}: {m} parameter order"
+        assert all(torch.equal(g, w) for (_, g), (_, w) in zip(got["tenants"][m], params, strict=True)), f"{what}: {m}"
+
+
+@pytest.mark.parametrize("path_fixture,dtype", [("qwen3_path", torch.float32), ("llama_path", torch.float32), ("qwen3_path", torch.bfloat16)])
+def test_a_tenant_added_to_existing_lora_layers_is_what_peft_add_adapter_makes(path_fixture, dtype, request, monkeypatch):
+    """create adds a tenant to the LoRA layers that are already there (no walk over the model):
+    after every create and drop, the engine is in the state peft's own add_adapter leaves
+    (bitwise: parameters, dtypes, flags, configs, module names, active adapter), and the tenants
+    train the same. Tenants whose targets are not all LoRA layers yet go through peft."""
+    path = request.getfixturevalue(path_fixture)
+    fast, slow = LoraEngine(path, device="cpu", dtype=dtype), LoraEngine(path, device="cpu", dtype=dtype)
+    slow.fast_create = False
+    script = [
+        ("create", "m.attn", LoraSpec(rank=4, seed=1, train_mlp=False, train_unembed=False)),  # the first: get_peft_model
+        ("create", "m.attn2", LoraSpec(rank=8, seed=2, train_mlp=False, train_unembed=False)),  # fast
+        ("create", "m.all", LoraSpec(rank=4, seed=3)),  # MLP and head are new: peft
+        ("create", "m.mlp", LoraSpec(rank=16, seed=4, train_attn=False, train_unembed=False)),  # fast
+        ("train", "m.all"),
+        ("drop", "m.attn"),
+        ("create", "m.head", LoraSpec(rank=8, seed=5, train_attn=False, train_mlp=False)),  # fast, after a drop
+        ("create", "m.all2", LoraSpec(rank=32, seed=3)),  # fast; same seed as m.all
+        ("train", "m.all2"),
+        ("train", "m.mlp"),
+    ]
+    peft_adds = []
+    for op, model_id, *spec in script:
+        if op == "create":
+            if fast.peft is not None:
+                monkeypatch.setattr(fast.peft, "add_adapter", lambda *a, _add=fast.peft.add_adapter, **k: (peft_adds.append(a[0]), _add(*a, **k)))
+            for engine in (fast, slow):
+                engine.create(model_id, spec[0])
+        elif op == "drop":
+            fast.drop(model_id), slow.drop(model_id)
+        else:
+            for i in range(2):
+                fb = make_fb(model_id, "cross_entropy", seed=i)
+                assert_same_result(run(fast, ("fb", fb)), run(slow, ("fb", fb)), f"{op} {model_id}")
+                step = ("step", model_id, AdamParams(learning_rate=1e-2))
+                assert_same_result(run(fast, step), run(slow, step), f"{op} {model_id}")
+        _assert_same_state(_peft_state(fast), _peft_state(slow), f"after {op} {model_id}")
+    assert [fast._tenants[m].adapter for m in fast._tenants if fast._tenants[m].adapter in peft_adds] == [fast._tenants["m.all"].adapter]
+    if dtype == torch.bfloat16:
+        assert {p.dtype for n, p in fast.peft.named_parameters() if ".lora_" in n} == {torch.float32}
+
+
+def test_a_create_that_fails_inside_a_layer_leaves_the_engine_as_it_was(qwen3_path, monkeypatch):
+    """Out of memory in the middle of adding a tenant to the layers: the error reaches the
+    caller, nothing of the tenant stays behind, and the same create then succeeds as peft's."""
+    engine, reference = LoraEngine(qwen3_path, device="cpu"), LoraEngine(qwen3_path, device="cpu")
+    reference.fast_create = False
+    for e in (engine, reference):
+        e.create("m.a", LoraSpec(rank=4, seed=1))
+    before = _peft_state(engine)
+    layer = engine._lora_layers_of(engine._targets(LoraSpec(rank=8, seed=2)))[5][1]
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory (injected)")
+
+    monkeypatch.setattr(layer, "update_layer", out_of_memory)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.create("m.b", LoraSpec(rank=8, seed=2))
+    _assert_same_state(_peft_state(engine), before, "after the failed create")
+    assert not engine.has("m.b")
+    monkeypatch.undo()
+    for e in (engine, reference):
+        e.create("m.b", LoraSpec(rank=8, seed=2))
+    state, want = _peft_state(engine), _peft_state(reference)
+    # The failed attempt took an adapter name, so the names differ by one: compare the rest.
+    assert [a["r"] for a in state["configs"].values()] == [a["r"] for a in want["configs"].values()]
+    for m in ("m.a", "m.b"):
+        assert [k for k, _ in state["tenants"][m]] == [k for k, _ in want["tenants"][m]]
+        assert all(torch.equal(g, w) for (_, g), (_, w) in zip(state["tenants"][m], want["tenants"][m], strict=True)), m
