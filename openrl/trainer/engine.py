@@ -178,7 +178,7 @@ class LoraEngine:
         self._lora_layers: list | None = None  # peft's LoRA layers (a shared pass turns them off), until an adapter comes or goes
         self._lora_keys: dict[str, torch.nn.Module] | None = None  # the same by module name (create's fast path)
         self._module_keys = [k for k, _ in model.named_modules() if k]  # the base model's, before peft wraps it
-        self.fast_create = True  # add a tenant to existing LoRA layers directly (_inject); False: always peft's add_adapter
+        self.direct_layers = True  # add and drop tenants on the LoRA layers directly (_inject, drop); False: peft's add_adapter and delete_adapter
         self._next = 0
         linear_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         cfg = model.config
@@ -252,7 +252,7 @@ class LoraEngine:
         with torch.random.fork_rng(devices=cuda_devices), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tied lm_head, gradient-checkpointing deprecations
             torch.manual_seed(seed % 2**64)  # any Python int is a valid seed
-            layers = self._lora_layers_of(targets) if self.fast_create else None
+            layers = self._lora_layers_of(targets) if self.direct_layers else None
             if layers is not None:
                 return self._add_to_layers(adapter, config, layers)
             if self.peft is None:
@@ -322,11 +322,31 @@ class LoraEngine:
         tenant = self._tenant(model_id)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "adapter was active which is now deleted"
-            self.peft.delete_adapter(tenant.adapter)
-        self._lora_layers = self._lora_keys = None
+            layers = self._peft_layers() if self.direct_layers else None
+            if layers is not None:
+                self._remove_from_layers(tenant.adapter, layers)  # the LoRA layers stay: the lists stay valid
+            else:
+                self.peft.delete_adapter(tenant.adapter)
+                self._lora_layers = self._lora_keys = None
         self._active = None  # peft picks a new active adapter when the active one goes
         del self._tenants[model_id]
         log.info("tenant_dropped", model_id=model_id, adapter=tenant.adapter)
+
+    def _remove_from_layers(self, adapter: str, layers: list) -> None:
+        """peft's delete_adapter without its walk over every module: the config removed, each
+        LoRA layer's own `delete_adapter` in module order (a layer whose active adapter goes
+        picks another, as peft's does), and the model's active adapter set from the first layer's
+        as peft sets it. Only for a model with no peft wrappers but LoRA layers (`_peft_layers`)."""
+        base = self.peft.base_model
+        del base.peft_config[adapter]
+        new_active = None
+        for layer in layers:
+            layer.delete_adapter(adapter)
+            if new_active is None:
+                new_active = layer.active_adapters[:]
+        base.active_adapter = new_active or []
+        if len(self.peft.active_adapters) == 1:
+            self.peft.active_adapter = self.peft.active_adapters[0]
 
     def model_ids(self) -> list[str]:
         return list(self._tenants)

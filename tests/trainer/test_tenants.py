@@ -281,14 +281,15 @@ def _assert_same_state(got: dict, want: dict, what: str) -> None:
 
 
 @pytest.mark.parametrize("path_fixture,dtype", [("qwen3_path", torch.float32), ("llama_path", torch.float32), ("qwen3_path", torch.bfloat16)])
-def test_a_tenant_added_to_existing_lora_layers_is_what_peft_add_adapter_makes(path_fixture, dtype, request, monkeypatch):
-    """create adds a tenant to the LoRA layers that are already there (no walk over the model):
-    after every create and drop, the engine is in the state peft's own add_adapter leaves
-    (bitwise: parameters, dtypes, flags, configs, module names, active adapter), and the tenants
-    train the same. Tenants whose targets are not all LoRA layers yet go through peft."""
+def test_tenants_added_to_and_dropped_from_existing_lora_layers_leave_what_peft_would(path_fixture, dtype, request, monkeypatch):
+    """create adds a tenant to the LoRA layers that are already there and drop removes it from
+    them (no walk over the model): after every create and drop, the engine is in the state peft's
+    own add_adapter and delete_adapter leave (bitwise: parameters, dtypes, flags, configs, module
+    names, active adapter), and the tenants train the same. Tenants whose targets are not all
+    LoRA layers yet go through peft."""
     path = request.getfixturevalue(path_fixture)
     fast, slow = LoraEngine(path, device="cpu", dtype=dtype), LoraEngine(path, device="cpu", dtype=dtype)
-    slow.fast_create = False
+    slow.direct_layers = False
     script = [
         ("create", "m.attn", LoraSpec(rank=4, seed=1, train_mlp=False, train_unembed=False)),  # the first: get_peft_model
         ("create", "m.attn2", LoraSpec(rank=8, seed=2, train_mlp=False, train_unembed=False)),  # fast
@@ -299,7 +300,11 @@ def test_a_tenant_added_to_existing_lora_layers_is_what_peft_add_adapter_makes(p
         ("create", "m.head", LoraSpec(rank=8, seed=5, train_attn=False, train_mlp=False)),  # fast, after a drop
         ("create", "m.all2", LoraSpec(rank=32, seed=3)),  # fast; same seed as m.all
         ("train", "m.all2"),
+        ("drop", "m.all2"),  # the active one: each layer picks another, as peft's delete does
         ("train", "m.mlp"),
+        ("drop", "m.head"),  # an idle one
+        ("create", "m.late", LoraSpec(rank=4, seed=6, train_unembed=False)),
+        ("train", "m.late"),
     ]
     peft_adds = []
     for op, model_id, *spec in script:
@@ -326,7 +331,7 @@ def test_a_create_that_fails_inside_a_layer_leaves_the_engine_as_it_was(qwen3_pa
     """Out of memory in the middle of adding a tenant to the layers: the error reaches the
     caller, nothing of the tenant stays behind, and the same create then succeeds as peft's."""
     engine, reference = LoraEngine(qwen3_path, device="cpu"), LoraEngine(qwen3_path, device="cpu")
-    reference.fast_create = False
+    reference.direct_layers = False
     for e in (engine, reference):
         e.create("m.a", LoraSpec(rank=4, seed=1))
     before = _peft_state(engine)
