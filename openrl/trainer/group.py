@@ -152,12 +152,17 @@ def init_rank(cfg: GroupConfig, device: str) -> Rank:
     return Rank(rank=rank, world=world, local_rank=local_rank, device=device)
 
 
-def leave() -> None:
+def leave(*, together: bool = False) -> None:
     """Leave the process group (destroy it), as torch documents for the end of a program. Left to
     the interpreter's teardown, the backend's threads and store connection are torn down in
     whatever order finalisation picks; a rank that had done all its work was seen to abort then
-    ("terminate called without an active exception", exit -6). Local: waits for no other rank."""
+    ("terminate called without an active exception", exit -6). Without `together` it waits for
+    no other rank (a failing rank's way out). `together`, for an orderly stop that every rank
+    makes: a barrier first, so no rank tears its connections down while another still reads the
+    stop from them (a follower was seen to abort so once, in a full test run)."""
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -298,9 +303,9 @@ class GroupEngine:
             self._both(KeepAlive(), lambda: None)
 
     def stop(self) -> None:
-        """Tell every rank to stop, then leave the group."""
+        """Tell every rank to stop, then leave the group together (`leave(together=True)`)."""
         self._both(Stop(), lambda: None)
-        leave()
+        leave(together=True)
 
     # Reads: adapters are whole on every rank, so rank 0 answers alone.
     def has(self, model_id: str) -> bool:
@@ -345,7 +350,7 @@ def follow(engine) -> None:
                     pass
                 case Stop():
                     log.info("trainer_rank_stopping", rank=engine.rank)
-                    leave()
+                    leave(together=True)
                     return
         except InvalidRequest:
             pass  # rank 0 failed the same way and told the client
