@@ -13,8 +13,8 @@ Chunks are sized to about `CHUNK_TARGET_S` of work (from the pool's recent secon
 so a worker is handed out again often, and it goes to whichever waiting request is next in fair
 order between API keys (openrl/fair.py, the cost being items): a key with several large
 requests in flight gets the workers for half the chunks when one other key is waiting, not for
-all but one of them, and a small request is never queued behind all of a large one's items.
-Within a key, its oldest request goes first. One item per
+all but one of them. Within a key, its requests take turns (the one served least recently
+first), so a small request is never queued behind all of a large one's items. One item per
 frame cost 0.35 CPU-s in this process per 4,096 quick items (a task, a queue wait and a pipe
 round trip each); docs/rewards.md has the figures.
 
@@ -91,10 +91,13 @@ class Pool:
         self.pass_env = tuple(pass_env)  # variables a reward function sees though they look secret
         self.broken: str | None = None  # set when workers can no longer be started
         self._idle: collections.deque[_Worker] = collections.deque()  # never non-empty while runners wait
-        # Runners waiting for a worker, by key: heaps of (request number, arrival, future); a
-        # cancelled one stays until it reaches the top (its future is done) and is dropped there.
-        self._waiting: dict[str, list[tuple[int, int, asyncio.Future]]] = {}
+        # Runners waiting for a worker, by key: heaps of (when their request last got a worker,
+        # arrival, request, future); a cancelled one stays until it reaches the top (its future
+        # is done) and is dropped there.
+        self._waiting: dict[str, list[tuple[int, int, int, asyncio.Future]]] = {}
         self._arrivals = itertools.count()
+        self._ticks = itertools.count()  # hand-outs so far
+        self._served: dict[int, int] = {}  # request -> the tick of its last hand-out (running requests only)
         self._share = FairShare()  # between the keys of waiting requests; cost = items
         self._requests = 0
         self._workers: set[_Worker] = set()
@@ -186,7 +189,7 @@ class Pool:
         self.broken = f"reward workers for {self.fn} keep failing to start"
         self._broken.set()
         for heap in self._waiting.values():
-            for _, _, future in heap:
+            for *_, future in heap:
                 if not future.done():
                     future.set_exception(Unavailable(self.broken))
         self._waiting.clear()
@@ -227,6 +230,8 @@ class Pool:
                     tg.create_task(runner())
         except* Unavailable as group:
             raise group.exceptions[0] from None
+        finally:
+            self._served.pop(request, None)
         return scores  # type: ignore[return-value]  # every slot is filled once the runners end
 
     def _chunk_size(self, left: int) -> int:
@@ -282,9 +287,10 @@ class Pool:
         if self.broken:
             raise Unavailable(self.broken)
         if self._idle:
+            self._served[request] = next(self._ticks)
             return self._idle.popleft()
         future = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiting.setdefault(key, []), (request, next(self._arrivals), future))
+        heapq.heappush(self._waiting.setdefault(key, []), (self._served.get(request, -1), next(self._arrivals), request, future))
         try:
             return await future
         except BaseException:  # cancelled while waiting: a worker handed to it meanwhile goes on
@@ -294,26 +300,27 @@ class Pool:
 
     def _give(self, worker: _Worker) -> None:
         """A worker is free: to the waiting runner next in fair order (the key least served so
-        far, ties to the older request; within a key, its oldest request), or to the idle queue
-        when none waits. O(keys waiting + log runners)."""
-        best: tuple[tuple[float, int], str] | None = None
+        far; within a key, the request served least recently, a new one first), or to the idle
+        queue when none waits. O(keys waiting + log runners)."""
+        best: tuple[tuple[float, int, int], str] | None = None
         for key in list(self._waiting):
             heap = self._waiting[key]
-            while heap and heap[0][2].done():  # cancelled
+            while heap and heap[0][-1].done():  # cancelled
                 heapq.heappop(heap)
             if not heap:
                 del self._waiting[key]
                 continue
-            rank = (self._share.vtime(key), heap[0][0])
+            rank = (self._share.vtime(key), heap[0][0], heap[0][1])
             if best is None or rank < best[0]:
                 best = (rank, key)
         if best is None:
             self._idle.append(worker)
             return
         heap = self._waiting[best[1]]
-        future = heapq.heappop(heap)[2]
+        *_, request, future = heapq.heappop(heap)
         if not heap:
             del self._waiting[best[1]]
+        self._served[request] = next(self._ticks)
         future.set_result(worker)
 
     def busy_seconds(self) -> float:
