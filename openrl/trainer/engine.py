@@ -176,11 +176,12 @@ class LoraEngine:
         self._active: str | None = None  # peft adapter currently active
         self._slots: LoraSlots | None = None  # per-row routing for shared passes (forward_backward_many)
         self._lora_layers: list | None = None  # peft's LoRA layers (a shared pass turns them off), until an adapter comes or goes
-        self._lora_keys: dict[str, torch.nn.Module] | None = None  # the same by module name (create's fast path)
-        self._module_keys = [k for k, _ in model.named_modules() if k]  # the base model's, before peft wraps it
+        self._lora_keys: dict[str, torch.nn.Module] | None = None  # the same by module name, listed with them (_peft_layers)
+        named = list(model.named_modules())
+        self._module_keys = [k for k, _ in named if k]  # the base model's, before peft wraps it
         self.direct_layers = True  # add and drop tenants on the LoRA layers directly (_inject, drop); False: peft's add_adapter and delete_adapter
         self._next = 0
-        linear_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        linear_names = {name.rsplit(".", 1)[-1] for name, m in named if isinstance(m, torch.nn.Linear)}
         cfg = model.config
         self.info = BaseInfo(
             model_name=model_name or model_path,
@@ -269,13 +270,8 @@ class LoraEngine:
         """(module name, peft LoRA layer) for every module `targets` selects, in module order, as
         peft's matching selects them (the name, or a name ending in "." + it); None when one of
         them is not a LoRA layer yet, or the model has other peft wrappers (`_peft_layers`)."""
-        if self.peft is None or self._peft_layers() is None:
+        if self.peft is None or self._peft_layers() is None:  # lists self._lora_keys too
             return None
-        if self._lora_keys is None:
-            from peft.tuners.lora import LoraLayer
-
-            root = self.peft.base_model.model
-            self._lora_keys = {k: m for k, m in root.named_modules() if isinstance(m, LoraLayer)}
         wanted, suffixes = set(targets), tuple("." + t for t in targets)
         keys = [k for k in self._module_keys if k in wanted or k.endswith(suffixes)]
         if not keys or any(k not in self._lora_keys for k in keys):
@@ -536,16 +532,18 @@ class LoraEngine:
         self._active = tenant.adapter
 
     def _peft_layers(self) -> list | None:
-        """peft's LoRA layers (listed once per set of adapters), or None where the model also has
-        other adapter wrappers (modules_to_save, trainable tokens: never configured here), whose
-        switches peft's own calls handle."""
+        """peft's LoRA layers in module order (listed once per set of adapters, with
+        `_lora_keys`: the same by module name), or None where the model also has other adapter
+        wrappers (modules_to_save, trainable tokens: never configured here), whose switches
+        peft's own calls handle."""
         if self._lora_layers is None:
             from peft.tuners.tuners_utils import AuxiliaryTrainingWrapper, BaseTunerLayer
 
-            modules = list(self.peft.modules())
-            if any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules):
+            named = list(self.peft.base_model.model.named_modules())
+            if any(isinstance(m, AuxiliaryTrainingWrapper) for _, m in named):
                 return None
-            self._lora_layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
+            self._lora_keys = {k: m for k, m in named if isinstance(m, BaseTunerLayer)}
+            self._lora_layers = list(self._lora_keys.values())
         return self._lora_layers
 
     # ------------------------------------------------------------------ compute
