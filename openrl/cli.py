@@ -138,6 +138,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
     from openrl.bus.client import Bus, BusConfig
     from openrl.gateway.app import GatewayConfig, make_app
+    from openrl.gateway.admission import AdmissionConfig
     from openrl.gateway.quotas import Quotas
 
     keys = _api_keys(args.api_key)
@@ -160,6 +161,8 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         quotas=Quotas(sessions=args.quota_sessions, models=args.quota_models, checkpoints=args.quota_checkpoints,
                       checkpoint_bytes=int(args.quota_checkpoint_gb * 1024**3), reward_items=args.quota_reward_items,
                       sample_sequences=args.quota_samples, train_bytes=int(args.quota_train_gb * 1024**3)),
+        admission=AdmissionConfig(per_key=args.admission_per_key, capacity=args.admission_capacity, slack=args.admission_slack,
+                                  max_hold_s=args.admission_max_hold_s, shared=args.admission_shared),
         sampler_weights_keep=max(1, args.sampler_weights_keep),
         collect_every_s=args.collect_every_s,
         collect_grace_s=args.collect_grace_s,
@@ -947,8 +950,10 @@ def cmd_up(args: argparse.Namespace) -> None:
         # The API keys go in the environment: a command line is visible to every user in `ps`.
         Child(
             "gateway",
+            # --admission-shared: the workers share this machine's cores (and GPU), so a key's
+            # share is counted over all of them at once (gateway/admission.py).
             openrl_argv("gateway", "--host", args.host, "--port", str(args.port), *common,
-                        "--fwdbwd-max-chunk-len", str(args.fwdbwd_max_chunk_len)),
+                        "--fwdbwd-max-chunk-len", str(args.fwdbwd_max_chunk_len), "--admission-shared"),
             env=role_env("gateway", OPENRL_API_KEYS=",".join(_api_keys([api_key]))),
         ),
     ]
@@ -1224,6 +1229,20 @@ def parser() -> argparse.ArgumentParser:
                     help="GiB of training requests waiting to be applied per key, per gateway replica [OPENRL_QUOTA_TRAIN_GB]")
     gw.add_argument("--max-seq-ahead", type=int, default=_env_int("MAX_SEQ_AHEAD", 1024),
                     help="a training request more than this past its model's next seq_id is a 400; the trainers' window (docs/limits.md) [OPENRL_MAX_SEQ_AHEAD]")
+    # Admission by share (gateway/admission.py, docs/limits.md).
+    gw.add_argument("--admission-per-key", type=int, default=_env_int("ADMISSION_PER_KEY", 2),
+                    help="requests a key may always have in flight per pool; past it, a key holding over --admission-slack times "
+                         "what another active key holds waits at the gateway; 0 turns this off [OPENRL_ADMISSION_PER_KEY]")
+    gw.add_argument("--admission-capacity", type=int, default=_env_int("ADMISSION_CAPACITY", 64),
+                    help="requests in flight per pool that the keys active in it share evenly: a key may always hold its share "
+                         "[OPENRL_ADMISSION_CAPACITY]")
+    gw.add_argument("--admission-slack", type=float, default=_env_float("ADMISSION_SLACK", 2.0),
+                    help="how many times another active key's share a key may hold before it waits [OPENRL_ADMISSION_SLACK]")
+    gw.add_argument("--admission-max-hold-s", type=float, default=_env_float("ADMISSION_MAX_HOLD_S", 20.0),
+                    help="the longest a request waits for its share; then it goes in [OPENRL_ADMISSION_MAX_HOLD_S]")
+    gw.add_argument("--admission-shared", action="store_true", default=_env_bool("ADMISSION_SHARED"),
+                    help="count training, sampling and scoring as one pool: the workers share one machine (openrl up sets it) "
+                         "[OPENRL_ADMISSION_SHARED=1]")
     gw.set_defaults(func=cmd_gateway)
 
     tr = sub.add_parser("trainer", help="a LoRA trainer for one base model")

@@ -147,6 +147,8 @@ MESSAGE_SECONDS = _r.add(Histogram("openrl_message_seconds", "time from delivery
 # Gateway
 HTTP_REQUESTS = _r.add(Counter("openrl_http_requests_total", "gateway HTTP requests, by route and status", ["route", "method", "status"]))
 HTTP_SECONDS = _r.add(Histogram("openrl_http_request_seconds", "gateway HTTP request latency, by route and status", ["route", "method", "status"]))
+ADMISSION_HELD = _r.add(Counter("openrl_gateway_admission_held_total", "requests that waited at the gateway for their key's share (gateway/admission.py)", ["pool"]))
+ADMISSION_HOLD_SECONDS = _r.add(Histogram("openrl_gateway_admission_hold_seconds", "how long a held request waited at the gateway", ["pool"]))
 FUTURES_WAITING = _r.add(Gauge("openrl_futures_waiting", "long polls waiting on an unfinished future in this gateway"))
 HTTP_IN_FLIGHT = _r.add(Gauge("openrl_http_requests_in_flight", "gateway HTTP requests being served now"))
 # Queues, read from JetStream consumer info (the gateway; `openrl status` reads the same)

@@ -156,6 +156,16 @@ def quota_gateway(stack, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def admission_gateway(stack, tmp_path_factory):
+    """A second gateway replica on the same bus with admission by share as a cluster's gateway
+    has it (pools apart; tests/gateway/test_admission.py): it counts only what it admitted, so
+    other tests' keys on the stack's own gateway do not weigh in. Its capacity is 4 requests in
+    flight per pool: 2 each for two active keys."""
+    env = {"OPENRL_ADMISSION_PER_KEY": "2", "OPENRL_ADMISSION_CAPACITY": "4", "OPENRL_ADMISSION_SLACK": "2"}
+    yield from _gateway(stack, tmp_path_factory, "gw-admission", env)
+
+
+@pytest.fixture(scope="session")
 def retention_gateway(stack, tmp_path_factory):
     """A second gateway replica on the same bus whose sampler retention is tight and fast: the
     newest 2 unnamed sampler weights per model kept, a sweep every 0.5 s, deleted after 1 s

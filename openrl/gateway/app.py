@@ -18,10 +18,21 @@ from openrl.gateway.service import Gateway, GatewayConfig
 __all__ = ["GatewayConfig", "make_app"]
 
 
+def _caller(gw: Gateway, request: web.Request) -> str:
+    """The key of a request to either surface: X-API-Key (Tinker) or `Authorization: Bearer`."""
+    if "X-API-Key" not in request.headers:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return gw.owner(request.clone(headers={**request.headers, "X-API-Key": token.strip()}))
+    return gw.owner(request)
+
+
 def make_app(cfg: GatewayConfig, bus: Bus) -> web.Application:
     gw = Gateway(cfg, bus)
     cat = catalogue.Catalogue(gw)
-    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[metrics.observe_http, http.errors])
+    # Outermost first; the admission middleware sees the answers http.errors made (its 429s).
+    app = web.Application(client_max_size=cfg.max_body_bytes,
+                          middlewares=[metrics.observe_http, gw.admission.middleware(lambda r: _caller(gw, r)), http.errors])
     app["gateway"] = gw  # read by openrl/cli.py; new readers use service.GATEWAY
     service.add_routes(app, gw)  # the Tinker protocol, and the long-poll waiters
     scoring.add_routes(app, gw)  # completions scored by named reward functions

@@ -145,6 +145,18 @@ def _answer(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str] | Non
     return status, error_body(str(e), type_, getattr(e, "param", None), getattr(e, "code", None) or code), headers
 
 
+def _admitted(handler):
+    """The request waits for its key's share of the samplers (admission.py) before its body is
+    read, and holds its place in flight until it is answered."""
+
+    @functools.wraps(handler)
+    async def wrapped(self, request: web.Request) -> web.StreamResponse:
+        async with self.gw.admission.admit(self.owner(request), "sample"):
+            return await handler(self, request)
+
+    return wrapped
+
+
 def _openai_errors(handler):
     """Every error of an OpenAI route in OpenAI's shape (http.errors answers the Tinker routes
     in theirs; it only sees what escapes here, which is nothing)."""
@@ -780,6 +792,7 @@ class OpenAI:
         return owner, p, await resolve(self.gw, p.body.get("model"), owner)
 
     @_openai_errors
+    @_admitted
     async def completions(self, request: web.Request) -> web.StreamResponse:
         """OpenAI completions: text (or token ids) in, sampled text out; echo + logprobs score a prompt."""
         owner, p, target = await self._start(request, COMPLETION_PARAMS)
@@ -824,6 +837,7 @@ class OpenAI:
         return await self._stream(request, run, head, include_usage, [], chunks)
 
     @_openai_errors
+    @_admitted
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """OpenAI chat completions: messages through the base model's chat template, one message back per choice."""
         owner, p, target = await self._start(request, CHAT_PARAMS)

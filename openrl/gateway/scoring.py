@@ -22,6 +22,7 @@ from openrl.bus import subjects
 from openrl.bus.errors import InvalidRequest, Unavailable
 from openrl.bus.messages import ScoreItem, ScoreRequest, WorkerInfo, encode
 from openrl.gateway import bounds
+from openrl.gateway.admission import Slot
 from openrl.gateway.http import API, read_body, reply, request_id
 from openrl.gateway.service import Gateway
 
@@ -69,6 +70,10 @@ class Scoring:
 
     async def score(self, request: web.Request) -> web.Response:
         owner = self.gw.owner(request)
+        async with self.gw.admission.admit(owner, "score") as slot:  # before the body is read
+            return await self._score(request, owner, slot)
+
+    async def _score(self, request: web.Request, owner: str, slot: Slot) -> web.Response:
         body = await read_body(request, ScoreBody)
         if not body.items:
             raise InvalidRequest("items is empty")
@@ -97,7 +102,8 @@ class Scoring:
         msg = ScoreRequest(request_id=rid, reward_name=body.reward_name, items=items)
         bounds.encoded(msg, "score request")
         await self.gw.usage.check_reward_items(owner, rid, len(items))
-        await self.gw.accept(rid, owner, "Score")
+        if await self.gw.accept(rid, owner, "Score"):
+            slot.track(rid)
         self.gw.usage.scoring(owner, rid, len(items))
         # Published even when accepted before: the first attempt may have died in between;
         # JetStream drops the duplicate, and a rewarder never scores a finished request again.

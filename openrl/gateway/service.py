@@ -11,6 +11,7 @@ deterministic request id, and long-polls results. It never imports torch.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import struct
@@ -66,6 +67,7 @@ from openrl.gateway.bodies import (
     SaveNamedBody,
     SessionBody,
 )
+from openrl.gateway.admission import Admission, AdmissionConfig, Slot
 from openrl.gateway.futures import Waiters
 from openrl.gateway.progress import Progress, TooFarAhead
 from openrl.gateway.quotas import Quotas, Usage
@@ -94,6 +96,7 @@ class GatewayConfig:
     collect_every_s: float = 30.0
     collect_grace_s: float = 60.0
     quotas: Quotas = Quotas()  # what one key may hold (quotas.py, docs/limits.md)
+    admission: AdmissionConfig = AdmissionConfig()  # a key far above its share waits (admission.py, docs/limits.md)
     client_config_extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -205,10 +208,18 @@ class Gateway:
         self.live_keys: set[str] = set()  # ids of the keys made with `openrl keys`, kept current by keys.watch
         self.jwt_secret: bytes | None = None  # loaded at startup by auth.attach
         self.usage = Usage(bus, cfg.quotas)  # what each key holds, for the quota checks (quotas.attach starts it)
-        self.waiters = Waiters(bus, on_finished=self.usage.finished)  # done notices end what usage counts in flight
+        self.admission = Admission(cfg.admission)  # a key holding far more in flight than an active other waits
+        self.waiters = Waiters(bus, on_finished=self._finished)  # done notices end what usage and admission count in flight
         self.progress = Progress(bus, cfg.max_seq_ahead)  # far-ahead training requests refused before the log
         self._workers: tuple[float, list[WorkerInfo]] = (0.0, [])
         self._backlog: tuple[float, int] = (0.0, 0)
+
+    def _finished(self, request_id: str) -> None:
+        self.usage.finished(request_id)
+        self.admission.finished(request_id)
+
+    async def _pending(self, request_id: str) -> bool:
+        return await self.bus.pending_future(request_id) is not None
 
     # -- auth and lookups
 
@@ -393,6 +404,10 @@ class Gateway:
 
     async def create_model(self, request: web.Request) -> web.Response:
         owner = self.owner(request)
+        async with self.admission.admit(owner, "train") as slot:  # before the body is read
+            return await self._create_model(request, owner, slot)
+
+    async def _create_model(self, request: web.Request, owner: str, slot: Slot) -> web.Response:
         body = await read_body(request, CreateModelBody)
         session = await self.session(body.session_id, owner)
         if session.finished_at is not None:
@@ -423,9 +438,9 @@ class Gateway:
             create_request_id=rid,
             user_metadata={str(k): str(v) for k, v in (body.user_metadata or {}).items()},
         )
-        return await self._submit_create(record, owner)
+        return await self._submit_create(record, owner, slot=slot)
 
-    async def _submit_create(self, record: ModelRecord, owner: str, init_path: str = "") -> web.Response:
+    async def _submit_create(self, record: ModelRecord, owner: str, init_path: str = "", slot: Slot | None = None) -> web.Response:
         """Record the model once; (re)accept and (re)publish on every attempt, since a first
         attempt may have died in between. Accept and publish are idempotent by request id."""
         if await self.bus.kv_get(self.bus.models, record.model_id, ModelRecord) is None:  # a retry is never refused
@@ -436,7 +451,11 @@ class Gateway:
             record = await self.model(record.model_id, owner)  # a retry: the first record stands
         rid = record.create_request_id
         kind = "LoadWeights" if record.init_state else "CreateModel"
-        await self.accept(rid, owner, kind)
+        if await self.accept(rid, owner, kind):
+            if slot is not None:
+                slot.track(rid)
+            else:
+                self.admission.count(owner, "train", rid)
         msg = CreateModel(request_id=rid, model_id=record.model_id, base_model=record.base_model, lora=record.lora, init_path=init_path)
         await self.bus.publish(subjects.create(record.base_model), msg, msg_id=rid)
         log.info("model_create_submitted", model_id=record.model_id, base_model=record.base_model, rank=record.lora.rank, init=init_path or None)
@@ -630,6 +649,10 @@ class Gateway:
 
     async def asample(self, request: web.Request) -> web.Response:
         owner = self.owner(request)
+        async with self.admission.admit(owner, "sample") as slot:  # before the body is read
+            return await self._asample(request, owner, slot)
+
+    async def _asample(self, request: web.Request, owner: str, slot: Slot) -> web.Response:
         bounds.prompt_size(await request.read())  # a prompt's size, before its tokens become Python ints
         body = await read_body(request, ASampleBody)
         sampler = await self.sampler(body.sampling_session_id, owner)
@@ -641,7 +664,8 @@ class Gateway:
                             lora=sampler.lora, **msg_fields)  # fmt: skip
         bounds.encoded(msg, "sample request")
         await self.usage.check_samples(owner, rid, body.num_samples)  # 429 past the key's sequences in flight
-        await self.accept(rid, owner, "Sample")
+        if await self.accept(rid, owner, "Sample"):
+            slot.track(rid)
         self.usage.sampling(owner, rid, body.num_samples)
         await self.bus.publish(subjects.sample(sampler.base_model), msg, msg_id=rid)
         return reply({"request_id": rid, "sample_sequence_ids": [f"{rid}:{i}" for i in range(body.num_samples)]})
@@ -724,7 +748,8 @@ class Gateway:
         # is a 400 here, inside the caller's _in_sequence, so its seq_id is still filled.
         size = bounds.encoded(msg, f"{kind} request")
         await self.usage.check_train_bytes(owner, msg.request_id, size)  # 429, fills nothing: the client retries
-        await self.accept(msg.request_id, owner, kind)
+        if await self.accept(msg.request_id, owner, kind):
+            self.admission.count(owner, "train", msg.request_id)
         self.usage.training(owner, msg.request_id, size)
         # Always publish, even for a request seen before: the first attempt may have died
         # between accepting and publishing. JetStream drops the duplicate by Nats-Msg-Id,
@@ -767,14 +792,19 @@ class Gateway:
 GATEWAY = web.AppKey("gateway", Gateway)
 
 
+_SWEEPS = web.AppKey("admission_sweeps", asyncio.Task)
+
+
 def add_routes(app: web.Application, gw: Gateway) -> None:
     """The Tinker protocol's routes, and the long-poll waiters they answer from."""
     app[GATEWAY] = gw
 
     async def start_waiters(app: web.Application) -> None:
         await gw.waiters.start()
+        app[_SWEEPS] = asyncio.get_running_loop().create_task(gw.admission.run_sweeps(gw._pending))
 
     async def stop_waiters(app: web.Application) -> None:
+        app[_SWEEPS].cancel()
         await gw.waiters.stop()
 
     app.on_startup.append(start_waiters)
