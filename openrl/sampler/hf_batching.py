@@ -22,6 +22,11 @@ BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 # every other key's steps. Also the least rows a slice of a request is admitted with (each slice
 # prefills its prompt again), unless the request has fewer left. docs/limits.md.
 MIN_SHARE_ROWS = 16
+# A key alone leaves this many rows free (when the batch has at least 4 x as many): rows running
+# are never preempted, so without them another key's request arriving while one key filled the
+# batch waited for that key's rows to finish (up to its max_tokens of steps); with them it joins
+# at the next step, and the share rule above takes over. docs/limits.md.
+RESERVE_ROWS = MIN_SHARE_ROWS
 
 
 @dataclass
@@ -154,9 +159,11 @@ class Scheduler:
     (openrl/fair.py: the key that has been admitted the fewest tokens, num_samples x (prompt +
     max_tokens), goes first; in order within a key), and within each key's share of the rows:
     while other keys have requests running or waiting here, a key's active rows stay within
-    max(`min_share_rows`, max_batch_rows / keys with work); a key alone may fill the batch. A key
-    at its share is admitted nothing more until its rows finish (running rows are never
-    preempted); the others' requests go meanwhile. A request is admitted in slices of its
+    max(`min_share_rows`, max_batch_rows / keys with work); a key alone may fill the batch but
+    `reserve_rows` (16, when the batch has at least 4 x as many), kept for a request of another
+    key arriving meanwhile, which joins at the next step. A key at its share is admitted nothing
+    more until its rows finish (running rows are never preempted); the others' requests go
+    meanwhile. A request is admitted in slices of its
     samples (at least `min_share_rows` rows each, or what it has left) when its share or the
     free rows are fewer than its samples; each slice prefills the prompt again (the first one's
     prompt statistics are the request's). Each admission: one left-padded prefill forward for
@@ -178,6 +185,7 @@ class Scheduler:
         self._waiting: deque[_Request] = deque()
         self.share = FairShare()  # between the owner keys of waiting requests
         self.min_share_rows = MIN_SHARE_ROWS
+        self.reserve_rows = RESERVE_ROWS
         self._running: dict[int, _Request] = {}  # by admission number
         self._admitting: list[_Request] = []  # being prefilled and merged (for `abort` if that fails)
         self._done: list[tuple[object, SampleResult | InvalidRequest]] = []
@@ -292,7 +300,8 @@ class Scheduler:
         owners = [self._running[n].spec.owner for n in self._req]
         held = Counter(owners)  # active rows by key
         keys = set(owners) | {r.spec.owner for r in self._waiting}
-        share = cap if len(keys) <= 1 else min(cap, max(least, cap // len(keys)))
+        reserve = self.reserve_rows if cap >= 4 * self.reserve_rows else 0
+        share = cap - reserve if len(keys) <= 1 else min(cap, max(least, cap // len(keys)))
         group: list[tuple[_Request, int, int]] = []  # (request, first sample, end)
         full: set[str] = set()  # keys at their share: their requests wait, the others' go
         while True:

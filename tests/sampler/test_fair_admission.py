@@ -45,10 +45,11 @@ def rows_by_key(scheduler: Scheduler) -> Counter:
 
 
 def test_a_key_is_held_to_its_share_of_the_rows_while_another_key_has_work(sampler, monkeypatch):
-    """A key's 128-sequence request alone takes the whole batch (64 rows); a small key arriving
-    then waits for rows to free up (running rows are never preempted), and from then on the big
-    key is held to 64 / 2 keys = 32 rows while the small key has work: its next slices join as
-    its share allows. Every row is what it is when the request runs alone, in one piece."""
+    """A key's 128-sequence request alone takes the batch but its 16 reserve rows (48 of 64); a
+    small key arriving then joins at the next step (the rule before the reserve: it waited for the
+    big key's rows to finish, running rows are never preempted), and from then on the big key is
+    held to 64 / 2 keys = 32 rows while the small key has work: its next slices join as its share
+    allows. Every row is what it is when the request runs alone, in one piece."""
     ps = prompts(73, (5, 3))
     big = sample_spec(prompt=ps[0], num_samples=128, max_tokens=4, seed=3, temperature=1.0, stop_at_eos=False,
                       prompt_logprobs=True, topk_sample_logprobs=2, owner="hostile")  # fmt: skip
@@ -58,11 +59,11 @@ def test_a_key_is_held_to_its_share_of_the_rows_while_another_key_has_work(sampl
     seen: list[Counter] = []
     scheduler = Scheduler(sampler)
     results = run(scheduler, {0: [("big", big)], 1: [("small", small)]}, check=lambda s: seen.append(rows_by_key(s)))
-    assert seen[0] == {"hostile": 64}, seen[0]  # alone: the whole batch (the old code: all 128 rows)
+    assert seen[0] == {"hostile": 48}, seen[0]  # alone: all but the reserve (once: all 128 rows; then all 64)
     with_small = [c for c in seen if c["small"]]
-    assert with_small and seen.index(with_small[0]) == 4, seen  # it waited for the first slice's 4 tokens
-    assert all(c["hostile"] <= 32 for c in with_small), seen
-    assert max(c["hostile"] for c in with_small) == 32, seen
+    assert with_small and seen.index(with_small[0]) == 1, seen  # at the next step, beside the running rows
+    assert all(c["hostile"] <= 48 for c in with_small), seen  # nothing more for the big key meanwhile
+    assert 32 in [c["hostile"] for c in with_small], seen  # its next slice: its share
     assert scheduler.idle and not sampler._pins
     for name, spec in (("big", big), ("small", small)):
         assert_same(alone[name], results[name], spec)
@@ -79,13 +80,14 @@ def test_a_small_key_is_admitted_beside_a_big_key_queued_first(sampler, monkeypa
     seen: list[Counter] = []
     results = run(Scheduler(sampler), {0: [("big", big), ("small", small)]}, check=lambda s: seen.append(rows_by_key(s)))
     assert seen[0] == {"hostile": 32, "small": 1}, seen[0]
-    assert seen[3] == {"hostile": 64}, seen  # the small key done: the big key alone fills the batch
+    assert seen[3] == {"hostile": 48}, seen  # the small key done: the big key alone fills the batch but the reserve
     assert_same(alone, results["big"], big)
 
 
-def test_a_key_alone_uses_the_whole_batch(sampler, monkeypatch):
-    """Work-conserving: one key's two 48-row requests fill the 64 rows (the second one's first
-    16 samples join the first), and a request with more samples than the batch takes it all."""
+def test_a_key_alone_uses_the_batch_but_the_reserve(sampler, monkeypatch):
+    """One key's two 48-row requests fill the 64 rows but the 16 reserved for another key (the
+    second one waits for the first), and a request with more samples than the batch takes the
+    same 48 a slice. With a batch under 4 x the reserve, a key alone fills it all."""
     ps = prompts(75, (4, 6))
     specs = {f"r{i}": sample_spec(prompt=ps[i], num_samples=48, max_tokens=3, seed=i, temperature=1.0, stop_at_eos=False, owner="k") for i in range(2)}
     specs["huge"] = sample_spec(prompt=ps[0], num_samples=100, max_tokens=2, seed=7, temperature=1.0, stop_at_eos=False, owner="k")
@@ -93,9 +95,13 @@ def test_a_key_alone_uses_the_whole_batch(sampler, monkeypatch):
     monkeypatch.setattr(sampler, "max_batch_rows", 64)
     seen: list[int] = []
     results = run(Scheduler(sampler), {0: list(specs.items())}, check=lambda s: seen.append(s.rows))
-    assert seen[0] == 64 and max(seen) == 64, seen
+    assert seen[0] == 48 and max(seen) == 48, seen
     for name, spec in specs.items():
         assert_same(alone[name], results[name], spec)
+    monkeypatch.setattr(sampler, "max_batch_rows", 60)  # < 4 x 16: no reserve
+    seen.clear()
+    run(Scheduler(sampler), {0: [("huge", specs["huge"])]}, check=lambda s: seen.append(s.rows))
+    assert seen[0] == 60, seen
 
 
 def test_a_cancelled_request_with_samples_still_waiting_leaves_nothing_behind(sampler, monkeypatch):
