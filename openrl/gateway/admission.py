@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -61,6 +62,7 @@ log = structlog.get_logger(__name__)
 KINDS = ("train", "sample", "score")
 SWEEP_EVERY_S = 10.0
 SWEEP_AFTER_S = 30.0  # a request in flight this long has its future read back at each sweep
+SWEEP_MAX = 256  # futures read back per sweep at most (a key may have thousands of training requests pending)
 POLL_S = 0.05  # a waiting request re-checks this often (occupancies decay between events)
 REFUSALS_BURST = 8.0  # 429s a key may be answered in a burst before its requests cool down
 REFUSALS_PER_S = 4.0  # ... and how fast the bucket drains
@@ -141,6 +143,7 @@ class Admission:
         self._changed: dict[str, asyncio.Event] = {}  # set (and replaced) when a pool's counts change
         self._slot_of: dict[str, Slot] = {}  # request id -> its slot, while in flight
         self._forgot: dict[str, float] = {}  # pool -> when its idle keys were last dropped
+        self._summaries: dict[str, tuple[float, int, list[tuple[float, str]]]] = {}  # pool -> (when, active keys, two lightest)
         self._refusals: dict[str, tuple[float, float]] = {}  # owner -> (bucket level, when)
         self.cooled = 0  # requests that cooled down (tests and the bench read it)
         self.held = 0  # requests that waited (tests and the bench read it)
@@ -174,18 +177,29 @@ class Admission:
         if me is None or me.n < self.cfg.per_key:
             return False
         now = self.clock()
-        mine = me.occupancy(now, self._decay)
-        active, lighter = 1, False  # keys active in the pool (this one too); one of them far lighter
-        for other, k in keys.items():
-            if other != owner and k.active(now):
-                active += 1
-                lighter = lighter or k.occupancy(now, self._decay) * self.cfg.slack < mine
-        return lighter and me.n >= self.cfg.capacity / active
+        n_active, lightest = self._summary(pool, now)
+        others = n_active - (1 if me.active(now) else 0)
+        lighter = next((occ for occ, o in lightest if o != owner), None)
+        if lighter is None or lighter * self.cfg.slack >= me.occupancy(now, self._decay):
+            return False
+        return me.n >= self.cfg.capacity / (others + 1)
+
+    def _summary(self, pool: str, now: float) -> tuple[int, list[tuple[float, str]]]:
+        """The keys active in `pool` now: how many, and the two lightest (occupancy, owner).
+        One walk of the pool's keys per POLL_S / 2 or per change, whatever the requests waiting."""
+        cached = self._summaries.get(pool)
+        if cached is not None and now - cached[0] < POLL_S / 2:
+            return cached[1], cached[2]
+        active = [(k.occupancy(now, self._decay), o) for o, k in self._pools.get(pool, {}).items() if k.active(now)]
+        lightest = heapq.nsmallest(2, active)
+        self._summaries[pool] = (now, len(active), lightest)
+        return len(active), lightest
 
     def _move(self, pool: str, owner: str, delta: int) -> None:
         k = self._key(pool, owner)
         k.settle(self.clock(), self._decay)
         k.n += delta
+        self._summaries.pop(pool, None)
         self._notify(pool)
         self._forget(pool)
 
@@ -217,6 +231,7 @@ class Admission:
             started = time.monotonic()
             deadline = started + self.cfg.max_hold_s
             k.waiting += 1
+            self._summaries.pop(pool, None)
             self.held += 1
             metrics.ADMISSION_HELD.inc(pool=pool)
             try:
@@ -227,6 +242,7 @@ class Admission:
             finally:
                 k = self._key(pool, owner)
                 k.waiting -= 1
+                self._summaries.pop(pool, None)
                 metrics.ADMISSION_HOLD_SECONDS.observe(time.monotonic() - started, pool=pool)
         slot.since = self.clock()
         self._move(pool, owner, +1)
@@ -318,8 +334,9 @@ class Admission:
         longer pending (their done notice was lost) finish now. Returns how many did."""
         now = self.clock()
         done = 0
-        for rid, slot in list(self._slot_of.items()):
-            if now - slot.since >= older_than_s and rid in self._slot_of and not await pending(rid):
+        old = [(slot.since, rid) for rid, slot in self._slot_of.items() if now - slot.since >= older_than_s]
+        for _, rid in heapq.nsmallest(SWEEP_MAX, old):  # the oldest first; the rest at later sweeps
+            if rid in self._slot_of and not await pending(rid):
                 self.finished(rid)
                 done += 1
         return done

@@ -17,7 +17,7 @@ import pytest
 
 from stack_helpers import BASE_MODEL
 
-from openrl.gateway.admission import REFUSALS_BURST, REFUSALS_PER_S, STALE_S, Admission, AdmissionConfig
+from openrl.gateway.admission import REFUSALS_BURST, REFUSALS_PER_S, STALE_S, SWEEP_MAX, Admission, AdmissionConfig
 from openrl.gateway.http import Backlogged
 
 pytestmark = pytest.mark.timeout(300)
@@ -176,6 +176,24 @@ async def test_a_refused_request_leaves_and_a_lost_notice_is_swept():
     adm.finished("r1")
     adm.finished("r1")  # a second notice changes nothing
     assert adm.in_flight("score", "k") == 0
+
+
+async def test_a_sweep_reads_back_at_most_sweep_max_futures_oldest_first():
+    clock = Clock()
+    adm = admission(clock)
+    for i in range(SWEEP_MAX + 44):
+        adm.count("k", "train", f"r{i:04d}")
+        clock.t += 0.01
+    clock.t += 40
+    read: list[str] = []
+
+    async def pending(rid: str) -> bool:
+        read.append(rid)
+        return False
+
+    assert await adm.sweep(pending) == SWEEP_MAX
+    assert read == [f"r{i:04d}" for i in range(SWEEP_MAX)]
+    assert await adm.sweep(pending) == 44 and adm.in_flight("train", "k") == 0
 
 
 async def test_off_when_per_key_is_zero():
