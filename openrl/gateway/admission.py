@@ -240,8 +240,7 @@ class Admission:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(event.wait(), min(POLL_S, left))
             finally:
-                k = self._key(pool, owner)
-                k.waiting -= 1
+                k.waiting -= 1  # (never forgotten meanwhile: _forget keeps a key with requests waiting)
                 self._summaries.pop(pool, None)
                 metrics.ADMISSION_HOLD_SECONDS.observe(time.monotonic() - started, pool=pool)
         slot.since = self.clock()

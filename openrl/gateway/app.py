@@ -19,12 +19,9 @@ __all__ = ["GatewayConfig", "make_app"]
 
 
 def _caller(gw: Gateway, request: web.Request) -> str:
-    """The key of a request to either surface: X-API-Key (Tinker) or `Authorization: Bearer`."""
-    if "X-API-Key" not in request.headers:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return gw.owner(request.clone(headers={**request.headers, "X-API-Key": token.strip()}))
-    return gw.owner(request)
+    """The key of a request to either surface: X-API-Key (Tinker), else the OpenAI routes'
+    `Authorization: Bearer`."""
+    return gw.owner(request) if "X-API-Key" in request.headers else openai_api.bearer_owner(gw, request)
 
 
 def make_app(cfg: GatewayConfig, bus: Bus) -> web.Application:

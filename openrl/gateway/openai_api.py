@@ -145,6 +145,21 @@ def _answer(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str] | Non
     return status, error_body(str(e), type_, getattr(e, "param", None), getattr(e, "code", None) or code), headers
 
 
+def bearer_owner(gw: Gateway, request: web.Request) -> str:
+    """The caller's key id: `Authorization: Bearer <key>` (or X-API-Key), checked by the
+    Tinker routes' own `Gateway.owner`, so both surfaces accept exactly the same keys."""
+    auth = request.headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if auth and scheme.lower() != "bearer":
+        raise Unauthorized("Authorization must be 'Bearer <API key>'")
+    token = token.strip() or request.headers.get("X-API-Key", "")
+    if not token:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <API key>'")
+    headers = CIMultiDict(request.headers)
+    headers["X-API-Key"] = token
+    return gw.owner(request.clone(headers=headers))
+
+
 def _admitted(handler):
     """The request waits for its key's share of the samplers (admission.py) before its body is
     read, and holds its place in flight until it is answered."""
@@ -768,18 +783,7 @@ class OpenAI:
         self.tokenizers = Tokenizers()
 
     def owner(self, request: web.Request) -> str:
-        """The caller's key id: `Authorization: Bearer <key>` (or X-API-Key), checked by the
-        Tinker routes' own `Gateway.owner`, so both surfaces accept exactly the same keys."""
-        auth = request.headers.get("Authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if auth and scheme.lower() != "bearer":
-            raise Unauthorized("Authorization must be 'Bearer <API key>'")
-        token = token.strip() or request.headers.get("X-API-Key", "")
-        if not token:
-            raise Unauthorized("missing API key: send 'Authorization: Bearer <API key>'")
-        headers = CIMultiDict(request.headers)
-        headers["X-API-Key"] = token
-        return self.gw.owner(request.clone(headers=headers))
+        return bearer_owner(self.gw, request)
 
     async def _start(self, request: web.Request, allowed: set[str]) -> tuple[str, Params, Target]:
         owner = self.owner(request)
