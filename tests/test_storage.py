@@ -153,6 +153,43 @@ async def test_delete_leaves_no_tombstone(bus):
         await bus.objects.get_info(name, show_deleted=True)
 
 
+async def test_listing_ends_when_what_it_counted_is_deleted_before_it_is_read(tmp_path, monkeypatch):
+    """`objects.names` counts the objects, then fetches them: a retention sweep deleting them in
+    between left it waiting for messages that no longer exist, and the fetch's timeout failed the
+    listing (seen in a CI run: the RL-loop test below). Counted again, none is left: it ends.
+    On a server of its own (no roles), so that every object of its store can go."""
+    import nats
+    from nats.js.client import JetStreamContext
+
+    from openrl.bus.server import NatsServer
+
+    with NatsServer(tmp_path / "nats") as server:
+        nc = await nats.connect(server.url)
+        try:
+            js = nc.jetstream()
+            store = await js.create_object_store("listing")
+            names = [f"gone-{i}" for i in range(3)]
+            for name in names:
+                await store.put(name, b"x")
+            counted = JetStreamContext.PullSubscription.consumer_info
+            calls = []
+
+            async def count_then_delete(sub):
+                info = await counted(sub)
+                if not calls:  # right after the first count, the sweep deletes them all
+                    for name in names:
+                        assert await objects.delete(store, name)
+                calls.append(info.num_pending)
+                return info
+
+            monkeypatch.setattr(JetStreamContext.PullSubscription, "consumer_info", count_then_delete)
+            monkeypatch.setattr(objects, "FETCH_TIMEOUT_S", 1.0)
+            assert await objects.names(js, store) == []
+            assert calls == [3, 0]  # counted 3, then none: not an error
+        finally:
+            await nc.close()
+
+
 # -- stream limits
 
 

@@ -27,6 +27,7 @@ import hashlib
 import io
 from collections.abc import AsyncIterator
 
+import nats.errors
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError, ObjectDeletedError, ObjectNotFoundError
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_META_PRE_TEMPLATE, ObjectStore
@@ -107,6 +108,9 @@ async def read(js: JetStreamContext, store: ObjectStore, name: str) -> bytes:
     return b"".join([chunk async for chunk in _chunks(js, store, name, info, direct=True)])
 
 
+FETCH_TIMEOUT_S = 10.0  # names: the longest a fetch waits for objects counted as pending
+
+
 async def names(js: JetStreamContext, store: ObjectStore, prefix: str = "") -> list[str]:
     """The names of the objects in the store that start with `prefix` (deleted ones whose
     tombstone is left may be among them). Not nats-py's `list()`: its push watcher can end
@@ -123,7 +127,15 @@ async def names(js: JetStreamContext, store: ObjectStore, prefix: str = "") -> l
     try:
         remaining = (await sub.consumer_info()).num_pending
         while remaining > 0:
-            for msg in await sub.fetch(min(remaining, 512), timeout=10):
+            try:
+                msgs = await sub.fetch(min(remaining, 512), timeout=FETCH_TIMEOUT_S)
+            except nats.errors.TimeoutError:
+                # Nothing came: what was pending was deleted after it was counted (a retention
+                # sweep), or the server is slow. Counted again: none left ends the listing.
+                if (remaining := (await sub.consumer_info()).num_pending) == 0:
+                    break
+                raise
+            for msg in msgs:
                 remaining = msg.metadata.num_pending
                 name = base64.urlsafe_b64decode(msg.subject[len(meta) :]).decode()
                 if name.startswith(prefix):
