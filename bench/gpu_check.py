@@ -21,6 +21,15 @@ stack, against a bare torch + peft loop on the same batches, in one run.
    (`forward_backward_many`, every row through its own tenant's LoRA, checkpointed layers
    recomputed on that route) against one tenant at a time, alternating; tokens/s of each,
    shared / alone, and the largest logprob and loss difference between the two (bf16).
+5. The shared workload of issue 20 (before 4 in a run), through the whole stack on this model:
+   `openrl up` with a trainer and a transformers sampler on the GPU, bench/jobs.py's toy RL
+   jobs (4 prompts x 4 samples x 8 tokens, a 200 ms reward per group, importance_sampling),
+   1 job then --jobs (8) at once: RL steps/s and the ratio (target >= 5), each job step's
+   split (save, sampling + reward, training) and CPU-seconds per process per RL step; then the
+   weight sync, save -> the first token sampled with the new weights, p50 (target <= 50 ms).
+
+`--parts` picks what runs (stack, bare, jobs, tenants; all by default): `--parts jobs,tenants`
+is issue 20's part alone.
 
     bash bench/gpu_check.sh                 # on the GPU machine: installs the carried wheels, then this
     python bench/gpu_check.py --tiny        # a small Qwen3 on CPU, a few tokens: checks the script end to end
@@ -31,6 +40,7 @@ Prints the figures and writes them as JSON (--out), also when a phase fails (wit
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 import os
 import sys
@@ -59,6 +69,7 @@ TINY = dict(
 # bf16 dense peak FLOP/s, by a piece of torch.cuda.get_device_name(); the first match wins.
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12))
 LORA_RANK = 32
+PARTS = ("stack", "bare", "jobs", "tenants")  # what a run does, in this order (--parts)
 LEARNING_RATE = 1e-5
 
 
@@ -299,6 +310,42 @@ def run_tenants(path: Path, args, device: str, dtype) -> dict:
     return out
 
 
+def run_jobs(path: Path, args, device: str, vocab: int) -> dict:
+    """Issue 20's shared workload on this model through the whole stack (`openrl up` with a
+    trainer and a transformers sampler, both on this device): bench/jobs.py's toy RL jobs (rank
+    8; 4 prompts x 4 samples x 8 tokens, a 200 ms reward per group, importance_sampling), 1 job
+    then --jobs at once, --job-steps each; RL steps/s, the ratio, each job step's split and
+    CPU-seconds per process per RL step; then the weight sync (save -> the first token sampled
+    with the new weights) --sync-n times."""
+    from jobs import phase, weight_sync
+
+    from common import stack_processes
+
+    base = str(path)
+    with tempfile.TemporaryDirectory(prefix="openrl-gpu-jobs-") as tmp:
+        t0 = time.perf_counter()
+        watch = GpuMemoryWatch() if device == "cuda" else None
+        proc, url = start_stack(Path(tmp), "--base-model", base, *(["--threads", str(args.threads)] if args.threads else []))
+        ready_s = time.perf_counter() - t0
+        print(f"stack with a sampler up in {ready_s:.1f} s", flush=True)
+        try:
+            procs = stack_processes(proc.pid)
+            out: dict = {"ready_s": round(ready_s, 1), "processes": sorted(procs.values())}
+            asyncio.run(phase(url, base, 1, 2, procs, vocab, 500))  # warm-up: code paths, CUDA kernels, adapters
+            for jobs in (1, args.jobs):
+                out[f"jobs_{jobs}"] = row = asyncio.run(phase(url, base, jobs, args.job_steps, procs, vocab, 100 * jobs))
+                print(f"shared workload, {jobs} job(s): {row['steps_per_s']} RL steps/s; a job's step p50 ms "
+                      f"{row['step_p50_ms']}; CPU-s per RL step {row['cpu_s_per_step']}", flush=True)  # fmt: skip
+            out["ratio"] = round(out[f"jobs_{args.jobs}"]["steps_per_s"] / out["jobs_1"]["steps_per_s"], 3)
+            out["weight_sync"] = sync = asyncio.run(weight_sync({"this": url}, base, args.sync_n))["this"]
+            print(f"shared workload: {args.jobs} jobs / 1 job = {out['ratio']} (target >= 5); weight sync p50 "
+                  f"{sync['p50_ms']} ms (save {sync['save_p50_ms']}, sample {sync['sample_p50_ms']}; target <= 50)", flush=True)  # fmt: skip
+        finally:
+            stop_stack(proc)
+            out["gpu_memory"] = watch.stop() if watch else None
+    return out
+
+
 def summarize(side: dict, tokens: int, params: int, peak: float | None) -> None:
     med = float(np.median(side["times_s"]))
     side["step_s_median"] = round(med, 3)
@@ -318,7 +365,12 @@ def main() -> None:
                    help="tokens per forward in the bare loop (its logits are whole: 4096 x 151936 fp32 is 2.5 GB)")
     p.add_argument("--bare-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="activation checkpointing in the bare loop (default: as the trainer, on on CUDA)")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"which parts to run, in this order: {','.join(PARTS)} (all; e.g. --parts jobs,tenants for issue 20's)")
     p.add_argument("--tenants", type=int, default=8, help="tenants in the tenant-batching part (0: skip it)")
+    p.add_argument("--jobs", type=int, default=8, help="concurrent RL jobs in the shared-workload part (its other phase is 1 job)")
+    p.add_argument("--job-steps", type=int, help="RL steps per job in each shared-workload phase (6; --tiny: 2)")
+    p.add_argument("--sync-n", type=int, help="weight-sync measurements in the shared-workload part (10; --tiny: 3)")
     p.add_argument("--tenant-length", type=int, help="tokens per sequence in the tenant-batching part (256; --tiny: 32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the trainer (0: openrl up's choice)")
     p.add_argument("--model-dir", default=None, help="where to save the random model (default: a temp dir, removed after)")
@@ -328,6 +380,13 @@ def main() -> None:
     args.length = args.length or (128 if args.tiny else 1024)
     args.steps = args.steps or (2 if args.tiny else 4)
     args.tenant_length = args.tenant_length or (32 if args.tiny else 256)
+    args.job_steps = args.job_steps or (2 if args.tiny else 6)
+    args.sync_n = args.sync_n or (3 if args.tiny else 10)
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    if not parts or set(parts) - set(PARTS):
+        p.error(f"--parts: choose among {','.join(PARTS)}, got {args.parts!r}")
+    if "jobs" in parts and args.jobs < 2:
+        p.error("--jobs must be >= 2 (the shared workload compares it with 1 job)")
     if args.tiny:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # every process, the stack's trainer too, on CPU
 
@@ -363,24 +422,32 @@ def main() -> None:
               f"in {built['init_s']} s, saved in {built['save_s']} s", flush=True)  # fmt: skip
         batches = make_batches(config["vocab_size"], args.warmup + args.steps, args.batch, args.length)
 
-        results["stack"] = stack = run_stack(model_dir, batches, args, device)
-        summarize(stack, tokens, params, peak)
-        mem = stack["gpu_memory"]
-        print(f"stack: {stack['tokens_per_s']} tokens/s (step {stack['step_s_median']} s), MFU {stack['mfu']}, "
-              f"peak GPU memory {mem and mem['peak_gb']} GB", flush=True)  # fmt: skip
+        if "stack" in parts:
+            results["stack"] = stack = run_stack(model_dir, batches, args, device)
+            summarize(stack, tokens, params, peak)
+            mem = stack["gpu_memory"]
+            print(f"stack: {stack['tokens_per_s']} tokens/s (step {stack['step_s_median']} s), MFU {stack['mfu']}, "
+                  f"peak GPU memory {mem and mem['peak_gb']} GB", flush=True)  # fmt: skip
 
-        results["bare"] = bare = run_bare(model_dir, batches, args, device, dtype)
-        summarize(bare, tokens, params, peak)
-        mem = bare.get("gpu_memory")
-        print(f"bare torch + peft: {bare['tokens_per_s']} tokens/s (step {bare['step_s_median']} s), MFU {bare['mfu']}, "
-              f"peak GPU memory {mem and mem['peak_allocated_gb']} GB allocated", flush=True)  # fmt: skip
+        if "bare" in parts:
+            results["bare"] = bare = run_bare(model_dir, batches, args, device, dtype)
+            summarize(bare, tokens, params, peak)
+            mem = bare.get("gpu_memory")
+            print(f"bare torch + peft: {bare['tokens_per_s']} tokens/s (step {bare['step_s_median']} s), MFU {bare['mfu']}, "
+                  f"peak GPU memory {mem and mem['peak_allocated_gb']} GB allocated", flush=True)  # fmt: skip
 
-        results["ratio"] = round(bare["step_s_median"] / stack["step_s_median"], 3)
-        s0, b0 = stack["losses"][0], bare["losses"][0]
-        results["step0_loss"] = {"stack": s0, "bare": b0, "rel_diff": round(abs(s0 - b0) / max(abs(b0), 1e-9), 5)}
-        print(f"stack / bare = {results['ratio']} (target >= 0.90); step-0 loss stack {s0:.4g}, bare {b0:.4g}", flush=True)
+        if "stack" in parts and "bare" in parts:
+            results["ratio"] = round(bare["step_s_median"] / stack["step_s_median"], 3)
+            s0, b0 = stack["losses"][0], bare["losses"][0]
+            results["step0_loss"] = {"stack": s0, "bare": b0, "rel_diff": round(abs(s0 - b0) / max(abs(b0), 1e-9), 5)}
+            print(f"stack / bare = {results['ratio']} (target >= 0.90); step-0 loss stack {s0:.4g}, bare {b0:.4g}", flush=True)
 
-        if args.tenants:
+        if "jobs" in parts:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            results["jobs"] = run_jobs(model_dir, args, device, config["vocab_size"])
+
+        if "tenants" in parts and args.tenants:
             if device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()

@@ -50,6 +50,9 @@ LLAMA = "openrl-bench/tiny-llama"
 LLAMA_ARCH = dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)  # fmt: skip
 PROMPTS, SAMPLES, TOKENS, REWARD_S = 4, 4, 8, 0.2
+# A job step's parts, timed in the client (p50 per phase): the save call, the four groups'
+# sampling with their 200 ms reward (concurrent), forward_backward + optim_step.
+STEP_PARTS = ("save_ms", "sample_and_reward_ms", "train_ms")
 
 
 def ensure_llama() -> Path:
@@ -114,23 +117,29 @@ def datums(prompt: list[int], seqs, logprobs, rewards) -> list:
     return out
 
 
-async def job(service, base_model: str, steps: int, seed: int, vocab: int) -> int:
-    """A toy RL job; returns the steps it trained."""
+async def job(service, base_model: str, steps: int, seed: int, vocab: int, parts: list | None = None) -> int:
+    """A toy RL job; returns the steps it trained. With `parts`, appends each step's split in
+    seconds: (save and get the sampling client, sampling and reward, forward_backward + optim_step)."""
     from tinker import types
 
     rng = random.Random(seed)
     tc = await service.create_lora_training_client(base_model=base_model, rank=8, seed=seed)
     adam = types.AdamParams(learning_rate=1e-4)
     for step in range(steps):
+        t0 = time.perf_counter()
         sampler = await tc.save_weights_and_get_sampling_client()
+        t1 = time.perf_counter()
         prompts = [[rng.randrange(3, vocab) for _ in range(8)] for _ in range(PROMPTS)]
         groups = await asyncio.gather(*(sample_group(sampler, p, seed * 1000 + step * PROMPTS + i) for i, p in enumerate(prompts)))
         data = [d for g in groups for d in datums(*g)]
+        t2 = time.perf_counter()
         if data:
             fb = tc.forward_backward(data, loss_fn="importance_sampling")
             opt = tc.optim_step(adam)
             await fb
             await opt
+        if parts is not None:
+            parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
     return steps
 
 
@@ -138,14 +147,16 @@ async def phase(url: str, base_model: str, jobs: int, steps: int, procs: dict[in
     import tinker
 
     service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
+    parts: list[tuple[float, float, float]] = []
     before, t0 = cpu_by_kind(procs), time.monotonic()
-    done = await asyncio.gather(*(job(service, base_model, steps, seed0 + j, vocab) for j in range(jobs)))
+    done = await asyncio.gather(*(job(service, base_model, steps, seed0 + j, vocab, parts) for j in range(jobs)))
     wall = time.monotonic() - t0
     after = cpu_by_kind(procs)
     total = sum(done)
     cpu = {k: round((after[k] - before.get(k, 0.0)) / total, 4) for k in after}
+    split = {name: round(float(np.median([p[i] for p in parts])) * 1000, 1) for i, name in enumerate(STEP_PARTS)}
     return {"jobs": jobs, "steps_per_job": steps, "rl_steps": total, "wall_s": round(wall, 2), "steps_per_s": round(total / wall, 3),
-            "cpu_s_per_step": cpu, "cpu_s_per_step_total": round(sum(cpu.values()), 4)}  # fmt: skip
+            "cpu_s_per_step": cpu, "cpu_s_per_step_total": round(sum(cpu.values()), 4), "step_p50_ms": split}  # fmt: skip
 
 
 class WeightSync:
@@ -219,7 +230,8 @@ def run_model(name: str, base_model: str, vocab: int, args) -> dict:
             for jobs in (1, args.jobs):
                 row = asyncio.run(phase(url, base_model, jobs, args.steps, procs, vocab, 100 * jobs))
                 out[f"jobs_{jobs}"] = row
-                print(f"{name}: {jobs} job(s): {row['steps_per_s']} RL steps/s; CPU-s per RL step {row['cpu_s_per_step']}", flush=True)
+                print(f"{name}: {jobs} job(s): {row['steps_per_s']} RL steps/s; CPU-s per RL step {row['cpu_s_per_step']}; "
+                      f"a job's step, p50 ms: {row['step_p50_ms']}", flush=True)  # fmt: skip
             out["ratio"] = round(out[f"jobs_{args.jobs}"]["steps_per_s"] / out["jobs_1"]["steps_per_s"], 3)
             out["weight_sync"] = asyncio.run(weight_sync({"this": url}, base_model, args.sync_n))["this"]
             print(f"{name}: {args.jobs} jobs / 1 job = {out['ratio']}; weight sync p50 {out['weight_sync']['p50_ms']} ms", flush=True)
