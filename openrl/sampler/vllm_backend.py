@@ -56,6 +56,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -380,6 +381,41 @@ class FairPriorities:
             self.share.now = max(self.share.now, min(self._in_flight))
 
 
+# A Unix socket's path is at most 107 bytes (sun_path); vLLM's are <dir>/<36-character uuid>.
+MAX_RPC_DIR_LEN = 107 - 37
+
+
+def rpc_dir() -> Path | None:
+    """A private directory (mode 700) for vLLM's IPC sockets in the system temp dir, or None
+    where VLLM_RPC_BASE_PATH is set or the temp dir's path is too long for a socket in it."""
+    if os.environ.get("VLLM_RPC_BASE_PATH"):
+        return None
+    path = Path(tempfile.mkdtemp(prefix="openrl-vllm-rpc-"))
+    if len(os.fsencode(path)) > MAX_RPC_DIR_LEN:
+        path.rmdir()
+        log.warning("vllm_rpc_dir_too_long", path=str(path), note="vLLM's sockets stay in the temp dir")
+        return None
+    return path
+
+
+@contextlib.contextmanager
+def _rpc_base_path(path: Path | None):
+    """VLLM_RPC_BASE_PATH = `path` while the engine starts (its sockets are named then), and
+    as it was afterwards: the environment is the process's, not this sampler's."""
+    if path is None:
+        yield
+        return
+    before = os.environ.get("VLLM_RPC_BASE_PATH")
+    os.environ["VLLM_RPC_BASE_PATH"] = str(path)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("VLLM_RPC_BASE_PATH", None)
+        else:
+            os.environ["VLLM_RPC_BASE_PATH"] = before
+
+
 class VllmSampler:
     """vLLM's AsyncLLM over one base model, LoRA enabled. Build it inside the event loop that
     will call `sample` (vLLM's client binds its sockets and output task to that loop)."""
@@ -454,7 +490,18 @@ class VllmSampler:
             scheduling_policy="priority",  # FairPriorities: fair order between keys
             disable_log_stats=True,
         )
-        self.engine = AsyncLLM.from_engine_args(args)
+        # vLLM's processes talk over ZMQ IPC sockets it names `<VLLM_RPC_BASE_PATH>/<uuid4>`
+        # (default: the system temp dir) and never removes: each engine start left about six in
+        # /tmp. They go into a private directory of ours instead, removed by close(); a
+        # VLLM_RPC_BASE_PATH set by the operator is kept.
+        self._rpc_dir = rpc_dir()
+        with _rpc_base_path(self._rpc_dir):
+            try:
+                self.engine = AsyncLLM.from_engine_args(args)
+            except BaseException:
+                if self._rpc_dir is not None:
+                    shutil.rmtree(self._rpc_dir, ignore_errors=True)
+                raise
         mode = self.engine.model_config.logprobs_mode
         if getattr(mode, "value", mode) != "processed_logprobs":
             self.engine.shutdown()
@@ -520,6 +567,8 @@ class VllmSampler:
     def close(self) -> None:
         self.engine.shutdown()
         shutil.rmtree(self._dir, ignore_errors=True)
+        if self._rpc_dir is not None:
+            shutil.rmtree(self._rpc_dir, ignore_errors=True)
 
     # -- generation
 

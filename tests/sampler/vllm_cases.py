@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,7 +79,23 @@ async def vllm_sampler(model_path, tmp_path_factory):
     s = VllmSampler(model_path, max_loras=2, max_lora_rank=16, max_adapters=2, max_model_len=256, enforce_eager=True,
                     kv_cache_memory_bytes=256 << 20, adapter_dir=str(tmp_path_factory.mktemp("vllm-adapters")))  # fmt: skip
     yield s
+    rpc = s._rpc_dir
     s.close()
+    assert rpc is not None and not rpc.exists(), "close() leaves vLLM's socket directory behind"
+
+
+async def test_engine_sockets_live_in_a_private_directory(vllm_sampler):
+    """vLLM's IPC sockets go into the sampler's own directory (removed by close, checked in the
+    fixture's teardown), not loose into the system temp dir."""
+    import stat
+    import tempfile
+
+    rpc = vllm_sampler._rpc_dir
+    assert rpc is not None and rpc.parent == Path(tempfile.gettempdir()) and rpc.name.startswith("openrl-vllm-rpc-")
+    assert stat.S_IMODE(rpc.stat().st_mode) == 0o700
+    sockets = [p for p in rpc.iterdir() if stat.S_ISSOCK(p.stat().st_mode)]
+    assert sockets, f"no vLLM socket in {rpc}: {list(rpc.iterdir())}"
+    assert "VLLM_RPC_BASE_PATH" not in os.environ  # put back as it was once the engine started
 
 
 @pytest.fixture(scope="module")
