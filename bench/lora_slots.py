@@ -6,8 +6,10 @@ rows of many adapters cost.
    of the previous version), rank 32 on every target (attention, MLP, head), p50 ms.
 2. A forward over rows of several adapters (6 tenants x 4 prompts x 4 samples = 96 rows, plus
    base rows): slots grouped by slot (the module's way: one matmul pair per adapter), slots
-   gathered per row (A[idx], B[idx] then bmm: the other way), and peft's mixed-adapter forward
-   (`adapter_names=`), for a decode step (one token per row) and a prefill (16 tokens per row).
+   gathered per row (A[idx], B[idx] then bmm: the other way), slots dense (every row against
+   all slots' A at once, masked to its own slot, then all B: 4 ops, not 6 per slot; the
+   module's way for decode steps), and peft's mixed-adapter forward (`adapter_names=`), for a
+   decode step (one token per row) and a prefill (16 tokens per row).
    Also the base model alone. Medians of interleaved repetitions, so machine load affects all alike.
 3. Tenant batching in the trainer: 8 tenants x 4 sequences x 64 tokens of forward_backward in
    one shared call (`LoraEngine.forward_backward_many`) vs one tenant at a time, tokens/s, on
@@ -22,6 +24,7 @@ the matmuls matter.
 
     python bench/lora_slots.py [--reps 30] [--threads 1] [--out bench/results/lora_slots.json]
     python bench/lora_slots.py --only-training --reps 12 --out bench/results/lora_slots_training.json
+    python bench/lora_slots.py --only-forward --reps 12 --out bench/results/lora_slots_forward.json
 """
 
 from __future__ import annotations
@@ -119,9 +122,9 @@ def gather_forward(self, x):
     scale = self._owner[0].row_scales  # [B], 0 for base rows and slots that skip this module
     on = torch.tensor(self.on, device=x.device)[idx.clamp(min=0)] & (idx >= 0)
     a = self.A[idx.clamp(min=0)]  # [B, r, in]
-    b = self.B[idx.clamp(min=0)]  # [B, out, r]
+    bt = self.Bt[idx.clamp(min=0)]  # [B, r, out]
     h = torch.bmm(x, a.transpose(1, 2))  # [B, T, r]
-    return y + torch.bmm(h, b.transpose(1, 2)) * (scale * on)[:, None, None]
+    return y + torch.bmm(h, bt) * (scale * on)[:, None, None]
 
 
 def bench_forward(name: str, config, reps: int, tenants: int = 6, rows_per_tenant: int = 16, base_rows: int = 8) -> dict:
@@ -160,9 +163,27 @@ def bench_forward(name: str, config, reps: int, tenants: int = 6, rows_per_tenan
     for phase, width in (("decode", 1), ("prefill", 16)):
         ids = torch.randint(0, config.vocab_size, (len(row_slot), width))
         owner = slots
+        defaults = slots.dense_max_tokens, slots.dense_max_work
         segments_forward = SlotLinear.forward
 
         def run_slots():
+            slots.dense_max_tokens = 0  # grouped by slot, whatever the length
+            try:
+                with slots.route(row_slot):
+                    return model(input_ids=ids).logits
+            finally:
+                slots.dense_max_tokens = defaults[0]
+
+        def run_dense():
+            slots.dense_max_tokens, slots.dense_max_work = width, None  # the dense route in every layer
+            try:
+                with slots.route(row_slot):
+                    assert slots.dense is not None
+                    return model(input_ids=ids).logits
+            finally:
+                slots.dense_max_tokens, slots.dense_max_work = defaults
+
+        def run_auto():  # the module's own choice, layer by layer
             with slots.route(row_slot):
                 return model(input_ids=ids).logits
 
@@ -177,6 +198,8 @@ def bench_forward(name: str, config, reps: int, tenants: int = 6, rows_per_tenan
 
         cases = {
             "slots_grouped": run_slots,
+            "slots_dense": run_dense,
+            "slots_auto": run_auto,
             "slots_gathered": run_gather,
             "peft_mixed": lambda: peft(input_ids=ids, adapter_names=names).logits,
             "base_only": lambda: base(input_ids=ids).logits,
@@ -198,6 +221,8 @@ def bench_forward(name: str, config, reps: int, tenants: int = 6, rows_per_tenan
             **{f"{case}_p50_ms": v for case, v in med.items()},
             "peft_over_grouped": round(med["peft_mixed"] / med["slots_grouped"], 2),
             "gathered_over_grouped": round(med["slots_gathered"] / med["slots_grouped"], 2),
+            "grouped_over_dense": round(med["slots_grouped"] / med["slots_dense"], 2),
+            "grouped_over_auto": round(med["slots_grouped"] / med["slots_auto"], 2),
         }
         print(name, phase, out[phase], flush=True)
     return out
@@ -256,6 +281,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only-training", action="store_true", help="the load and tenant-batching parts only")
+    p.add_argument("--only-forward", action="store_true", help="the forward over rows of many adapters only")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora_slots.json")
     args = p.parse_args()
     import torch
@@ -265,6 +291,10 @@ def main() -> None:
     started = time.perf_counter()
     results = {"machine": {"loadavg_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}}
     cfgs = configs()
+    if args.only_forward:
+        for name, cfg in cfgs.items():
+            results[f"forward_{name}"] = bench_forward(name, cfg, args.reps)
+        return finish_results(args.out, results, args, started)
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(cfgs["default_shape"]).save_pretrained(tmp)

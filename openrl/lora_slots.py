@@ -54,7 +54,18 @@ import torch.nn.functional as F
 from openrl.bus.errors import InvalidRequest
 
 BASE = -1  # the slot index of "no adapter"
+DENSE_MAX_WORK_CPU = 1 << 24  # LoraSlots.dense_max_work on CPU
 PREFIX = "base_model.model."  # peft's saved-adapter key prefix
+
+
+@dataclass
+class Dense:
+    """A decode route over slots [0, k): one pair of matmuls for every row, whatever slots the
+    rows use. `mask` [rows, k * r_max] holds, on each row's own slot's block of r_max columns, that
+    slot's scale, and 0 elsewhere (a base row: all 0)."""
+
+    k: int
+    mask: torch.Tensor
 
 
 @dataclass
@@ -78,7 +89,8 @@ class SlotLinear(torch.nn.Module):
         S, r = owner.allocated, owner.rank
         dev, dtype = base.weight.device, base.weight.dtype
         self.register_buffer("A", torch.zeros((S, r, base.in_features), device=dev, dtype=dtype), persistent=False)
-        self.register_buffer("B", torch.zeros((S, base.out_features, r), device=dev, dtype=dtype), persistent=False)
+        # B transposed, [S, r, out]: the decode route reads B[:k] as one contiguous [k * r, out].
+        self.register_buffer("Bt", torch.zeros((S, r, base.out_features), device=dev, dtype=dtype), persistent=False)
         self.on = [False] * S  # which slots' adapters target this module
 
     @property
@@ -95,7 +107,20 @@ class SlotLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        segments = self._owner[0].segments
+        owner = self._owner[0]
+        dense = owner.dense
+        if (
+            dense is not None and x.dim() == 3 and x.shape[0] == dense.mask.shape[0] and x.shape[1] <= owner.dense_max_tokens
+            and (owner.dense_max_work is None or x.shape[0] * dense.mask.shape[1] * (self.A.shape[2] + self.Bt.shape[2]) <= owner.dense_max_work)
+        ):  # fmt: skip
+            # Every row against the A of slots [0, k) at once, masked to its own slot's block
+            # (scaled), then through those slots' B at once: 4 ops, not 6 per slot present.
+            k, r = dense.k, self.A.shape[1]
+            h = F.linear(x.to(self.A.dtype), self.A[:k].reshape(k * r, self.A.shape[2]))
+            h.mul_(dense.mask.unsqueeze(1))
+            y.add_(torch.matmul(h, self.Bt[:k].reshape(k * r, self.Bt.shape[2])).to(y.dtype))
+            return y
+        segments = owner.segments
         if not segments:
             return y
         for seg in segments:
@@ -116,9 +141,9 @@ class SlotLinear(torch.nn.Module):
         """Room for `slots` slots of `rank`, zero-padded (loaded adapters keep their values)."""
         S, r = self.A.shape[0], self.A.shape[1]
         A = self.A.new_zeros((slots, rank, self.A.shape[2]))
-        B = self.B.new_zeros((slots, self.B.shape[1], rank))
-        A[:S, :r], B[:S, :, :r] = self.A, self.B
-        self.A, self.B = A, B
+        Bt = self.Bt.new_zeros((slots, rank, self.Bt.shape[2]))
+        A[:S, :r], Bt[:S, :r] = self.A, self.Bt
+        self.A, self.Bt = A, Bt
         self.on += [False] * (slots - S)
 
 
@@ -140,6 +165,17 @@ class LoraSlots:
         self.ranks = [0] * num_slots  # 0: free (or empty)
         self.scales = [0.0] * num_slots
         self.segments: list[Segment] = []  # the current forward's routing
+        self.dense: Dense | None = None  # ... or, for short inputs of several slots, the one-pass form
+        # Inputs of up to this many positions per row take the dense route when several slots
+        # are present (decode steps: bound by the number of ops, not by arithmetic); longer ones
+        # (prefill) are grouped by slot, where the dense form's k-fold LoRA arithmetic would cost.
+        self.dense_max_tokens = 1
+        # ... and, where arithmetic is dear (CPU), when its extra multiply-adds in a layer, rows x
+        # k x r_max x (in + out), are at most this many (bench/lora_slots.py --only-forward: on
+        # one CPU thread it wins on the default model's and the tiny Llama's widths, 7.7 M here,
+        # and loses on a 1024-wide model, 41 M). On a GPU a decode step is bound by memory and
+        # kernel launches, not arithmetic: no limit (None).
+        self.dense_max_work: int | None = DENSE_MAX_WORK_CPU if self._device().type == "cpu" else None
 
     # -- loading
 
@@ -191,11 +227,14 @@ class LoraSlots:
             for name, layer in self.layers.items():
                 ab = modules.get(name)
                 layer.on[slot] = ab is not None
+                # The dense route reads every slot's whole block, so a module the adapter does
+                # not target, and A's rows past `rank`, are zeros (B's are then never used).
                 if ab is None:
+                    layer.A[slot].zero_()
                     continue
-                # Columns past `rank` are never read (a segment's weights are [:rank]): not zeroed.
                 layer.A[slot, :rank].copy_(ab[0])
-                layer.B[slot, :, :rank].copy_(ab[1])
+                layer.A[slot, rank:].zero_()
+                layer.Bt[slot, :rank].copy_(ab[1].t())
         self.ranks[slot] = rank
         self.scales[slot] = alpha / rank
 
@@ -212,7 +251,7 @@ class LoraSlots:
         for name, layer in self.layers.items():
             if layer.on[slot]:
                 out[f"{PREFIX}{name}.lora_A.weight"] = layer.A[slot, :r].to("cpu", copy=True)
-                out[f"{PREFIX}{name}.lora_B.weight"] = layer.B[slot, :, :r].to("cpu", copy=True)
+                out[f"{PREFIX}{name}.lora_B.weight"] = layer.Bt[slot, :r].t().to("cpu", copy=True).contiguous()
         return out
 
     def _wrap(self, name: str) -> None:
@@ -232,7 +271,7 @@ class LoraSlots:
     @contextlib.contextmanager
     def route(self, slot_B: list[int]):
         """For the forwards inside: row b goes through slot `slot_B[b]` (BASE: the base model)."""
-        device = next(iter(self.linears.values())).weight.device
+        device = self._device()
         by_slot: dict[int, list[int]] = {}
         for b, s in enumerate(slot_B):
             by_slot.setdefault(s, []).append(b)
@@ -244,7 +283,9 @@ class LoraSlots:
                 raise ValueError(f"slot {s} holds no adapter")
             index = None if len(rows) == len(slot_B) else torch.tensor(rows, device=device)
             segments.append(Segment(rows=index, weights=self._slot_weights(s)))
+        dense = self._dense(slot_B, [s for s in by_slot if s != BASE]) if len(segments) >= 2 and self.layers else None
         with self.route_segments(segments):
+            self.dense = dense
             yield
 
     @contextlib.contextmanager
@@ -256,29 +297,47 @@ class LoraSlots:
         try:
             yield
         finally:
-            self.segments = []
+            self.segments, self.dense = [], None
 
     def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         """torch.utils.checkpoint's `context_fn` (non-reentrant): nothing around the forward,
         and around its recompute in the backward pass the route that was set when the forward
         ran (captured now). The route is a plain attribute, not thread-local: on CUDA the
         recompute runs in autograd's device thread while the caller waits in backward."""
-        return contextlib.nullcontext(), self._replay(self.segments)
+        return contextlib.nullcontext(), self._replay(self.segments, self.dense)
 
     @contextlib.contextmanager
-    def _replay(self, segments: list[Segment]):
-        before, self.segments = self.segments, segments
+    def _replay(self, segments: list[Segment], dense: Dense | None):
+        before = self.segments, self.dense
+        self.segments, self.dense = segments, dense
         try:
             yield
         finally:
-            self.segments = before
+            self.segments, self.dense = before
+
+    def _device(self) -> torch.device:
+        return next(iter(self.linears.values())).weight.device
+
+    def _dense(self, slot_B: list[int], present: list[int]) -> Dense | None:
+        """The dense form of a route whose rows use the slots `present`: over slots [0, k), k =
+        the highest present + 1, when the slots below k that no row uses (computed, then masked
+        out) are at most as many as those used; else None (grouped by slot)."""
+        k = max(present) + 1
+        if k > 2 * len(present):
+            return None
+        layer = next(iter(self.layers.values()))
+        dtype, device, r = layer.A.dtype, layer.A.device, self.rank
+        slot = torch.tensor(slot_B)
+        scale = torch.tensor([self.scales[s] if s != BASE else 0.0 for s in slot_B], dtype=torch.float64)
+        mask = (slot[:, None] == torch.arange(k).repeat_interleave(r)[None, :]) * scale[:, None]
+        return Dense(k=k, mask=mask.to(device=device, dtype=dtype))
 
     def _slot_weights(self, s: int):
         r, scale = self.ranks[s], self.scales[s]
 
         def weights(name: str):
             layer = self.layers[name]
-            return (layer.A[s, :r], layer.B[s, :, :r], scale) if layer.on[s] else None
+            return (layer.A[s, :r], layer.Bt[s, :r].t(), scale) if layer.on[s] else None
 
         return weights
 

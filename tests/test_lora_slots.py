@@ -121,6 +121,56 @@ def test_a_mixed_batch_equals_peft_row_by_row(base):
     assert back.keys() == states["c"].keys() and all(torch.equal(back[k], states["c"][k]) for k in back)
 
 
+def test_a_decode_step_of_mixed_slots_runs_dense_and_equals_peft_row_by_row(base):
+    """One position per row (a decode step) with several slots present takes the dense route
+    (every row against slots [0, k) at once, masked to its own): the same numbers as peft, row by
+    row; base rows bitwise. Slot 0 held an adapter of more modules before: what it no longer
+    targets must not leak into the dense pass."""
+    model = copy.deepcopy(base)
+    slots = LoraSlots(model, num_slots=6, rank=8)
+    states = {k: random_state(base, r, t, seed=10 + i) for i, (k, (r, t)) in enumerate(ADAPTERS.items())}
+    for slot, key in ((0, "a"), (1, "c"), (2, "a")):
+        slots.load(slot, slots.check(states[key], ADAPTERS[key][0]), rank=ADAPTERS[key][0], alpha=ALPHA)
+    slots.free(0)
+    slots.load(0, slots.check(states["b"], 8), rank=8, alpha=ALPHA)  # "b": q and v only, rank 8 of 16
+    slot_of = {"b": 0, "c": 1, "a": 2}
+    rows = ["b", "c", None, "a", "c", None, "b"]
+    ids = torch.randint(0, VOCAB, (len(rows), 1), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), slots.route([BASE if k is None else slot_of[k] for k in rows]):
+        assert slots.dense is not None and slots.dense.k == 3
+        mixed = model(input_ids=ids).logits
+    assert slots.dense is None  # the route ends with the block
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+    for b, key in enumerate(rows):
+        if key is None:
+            assert torch.equal(mixed[b], plain[b])
+            continue
+        rank, targets = ADAPTERS[key]
+        ref = peft_logits(base, states[key], rank, targets, ids[b : b + 1])[0]
+        torch.testing.assert_close(mixed[b], ref, atol=ATOL, rtol=0)
+        assert (ref - plain[b]).abs().max() > 1e-2
+    # The grouped route (longer inputs, or slots spread too thin) gives the same numbers.
+    slots.dense_max_tokens = 0
+    with torch.no_grad(), slots.route([BASE if k is None else slot_of[k] for k in rows]):
+        grouped = model(input_ids=ids).logits
+    torch.testing.assert_close(grouped, mixed, atol=ATOL, rtol=0)
+    slots.dense_max_tokens = 1
+    slots.free(1)
+    with torch.no_grad(), slots.route([0, 2, 0]):  # slots 0 and 2 of k = 3: still dense (one unused)
+        assert slots.dense is not None and slots.dense.k == 3
+        two = model(input_ids=ids[[0, 3, 6]]).logits
+    torch.testing.assert_close(two, mixed[[0, 3, 6]], atol=ATOL, rtol=0)
+    with torch.no_grad(), slots.route([2, 2]):  # one slot: grouped (nothing to gain)
+        assert slots.dense is None
+    slots.free(2)
+    slots.load(5, slots.check(states["c"], 16), rank=16, alpha=ALPHA)
+    with torch.no_grad(), slots.route([0, 5]):  # slots 0 and 5: 4 of k = 6 unused, grouped
+        assert slots.dense is None
+        spread = model(input_ids=ids[[0, 1]]).logits
+    torch.testing.assert_close(spread, mixed[[0, 1]], atol=ATOL, rtol=0)
+
+
 def test_freeing_and_reloading_a_slot(base):
     model = copy.deepcopy(base)
     slots = LoraSlots(model, num_slots=1, rank=8)

@@ -118,9 +118,9 @@ def test_shared_passes_whose_backward_recomputes_equal_each_alone(path_fixture, 
     replayed = []
     replay = LoraSlots._replay
 
-    def counting(self, segments):
+    def counting(self, segments, dense):
         replayed.append(len(segments))
-        return replay(self, segments)
+        return replay(self, segments, dense)
 
     monkeypatch.setattr(LoraSlots, "_replay", counting)
     shared, alone = engines(request.getfixturevalue(path_fixture), **kw)
