@@ -3,7 +3,7 @@
 The S-LoRA / Punica shape (what vLLM does): every targeted Linear of the base model is wrapped
 once by a `SlotLinear` holding stacked adapter tensors for S slots,
 
-    A[S, r_max, in]    B[S, out, r_max]    (and per slot: its rank r_s and scale alpha / r_s)
+    A[S, r_max, in]    Bt[S, r_max, out] (B transposed)    (and per slot: its rank r_s and scale alpha / r_s)
 
 and a forward computes, for each row b of the batch with slot s_b,
 
@@ -22,6 +22,11 @@ adapter matmul per distinct slot, with no per-row gather of the slot tensors. A 
 computed at its own rank (the stored tensors are zero-padded to r_max, which would give the
 same numbers at more cost). The arithmetic is peft's (`lora_B(lora_A(x)) * scaling` added to
 the base output, per sub-batch in a mixed batch), so results equal peft's.
+
+A decode step (one position per row) of two or more slots takes the dense route instead (`Dense`):
+every row against A[:k] at once (k = the highest slot present + 1), masked to its own slot's
+block and scaled, then through Bt[:k] at once: 4 ops per layer, not 6 per slot, at k times the
+LoRA arithmetic; so only where that is cheap (`dense_max_tokens`, `dense_max_work`; docs/tenants.md).
 
 `route_segments(segments)` is the same forward with weights given per group of rows instead of
 slot indices (any tensors, e.g. leaves that need gradients): a training pass over several
