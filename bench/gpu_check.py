@@ -28,8 +28,13 @@ stack, against a bare torch + peft loop on the same batches, in one run.
    split (save, sampling + reward, training) and CPU-seconds per process per RL step; then the
    weight sync, save -> the first token sampled with the new weights, p50 (target <= 50 ms).
 
-`--parts` picks what runs (stack, bare, jobs, tenants; all by default): `--parts jobs,tenants`
-is issue 20's part alone.
+6. LoRA slots in the sampler's forward, in process: rows of --tenants adapters (16 each, and 8
+   base rows) grouped by slot against the module's own choice (the dense route, on a GPU, for a
+   decode step), for a decode step and a 16-position prefill; ms each, the ratio, the largest
+   logit difference.
+
+`--parts` picks what runs (stack, bare, jobs, tenants, slots; all by default): `--parts
+jobs,tenants,slots` is issue 20's part alone.
 
     bash bench/gpu_check.sh                 # on the GPU machine: installs the carried wheels, then this
     python bench/gpu_check.py --tiny        # a small Qwen3 on CPU, a few tokens: checks the script end to end
@@ -69,7 +74,7 @@ TINY = dict(
 # bf16 dense peak FLOP/s, by a piece of torch.cuda.get_device_name(); the first match wins.
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12))
 LORA_RANK = 32
-PARTS = ("stack", "bare", "jobs", "tenants")  # what a run does, in this order (--parts)
+PARTS = ("stack", "bare", "jobs", "tenants", "slots")  # what a run does, in this order (--parts)
 LEARNING_RATE = 1e-5
 
 
@@ -346,6 +351,78 @@ def run_jobs(path: Path, args, device: str, vocab: int) -> dict:
     return out
 
 
+def run_slots(path: Path, args, device: str, dtype) -> dict:
+    """The sampler's forward over rows of --tenants adapters on LoRA slots (openrl/lora_slots.py),
+    in process: grouped by slot (6 ops per slot present in each layer) against the module's own
+    choice (on a GPU, the dense route for a decode step: 4 ops a layer), alternating; for a decode
+    step (one position per row) and a prefill of 16 positions. Rank 32 on the attention and MLP
+    projections, 16 rows per tenant and 8 base rows, interleaved."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from openrl.lora_slots import BASE, PREFIX, LoraSlots
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval().requires_grad_(False)
+    load_s = time.perf_counter() - t0
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    slots = LoraSlots(model, num_slots=args.tenants, rank=LORA_RANK)
+    g = torch.Generator(device=device).manual_seed(0)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    for t in range(args.tenants):
+        state = {}
+        for name, m in linears:
+            # Sized so each adapter moves the logits visibly (checked below), not only in rounding.
+            state[f"{PREFIX}{name}.lora_A.weight"] = torch.randn((LORA_RANK, m.in_features), generator=g, device=device, dtype=dtype) / m.in_features**0.5
+            state[f"{PREFIX}{name}.lora_B.weight"] = torch.randn((m.out_features, LORA_RANK), generator=g, device=device, dtype=dtype) * 0.02
+        slots.load(t, slots.check(state, LORA_RANK), rank=LORA_RANK, alpha=LORA_RANK)
+        del state
+    rows = [t for t in range(args.tenants) for _ in range(16)] + [BASE] * 8
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(1)).tolist()
+    rows = [rows[i] for i in order]
+    vocab = model.config.vocab_size
+    auto = slots.dense_max_tokens
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    out: dict = {"load_s": round(load_s, 1), "tenants": args.tenants, "rows": len(rows), "lora_layers": len(slots.layers),
+                 "dense_max_work": slots.dense_max_work}  # fmt: skip
+    for phase, width in (("decode", 1), ("prefill", 16)):
+        ids = torch.randint(0, vocab, (len(rows), width), generator=torch.Generator().manual_seed(2)).to(device)
+
+        def forward(dense: bool):
+            slots.dense_max_tokens = auto if dense else 0
+            with torch.no_grad(), slots.route(rows):
+                logits = model(input_ids=ids, logits_to_keep=1).logits
+            slots.dense_max_tokens = auto
+            return logits
+
+        times: dict[str, list[float]] = {"grouped": [], "auto": []}
+        dense_logits = forward(True).float()
+        diff = float((dense_logits - forward(False).float()).abs().max())
+        with torch.no_grad():
+            effect = float((dense_logits - model(input_ids=ids, logits_to_keep=1).logits.float()).abs().max())  # no route: the base
+        for rep in range(args.warmup + args.steps + 2):
+            for case in times:
+                sync()
+                t = time.perf_counter()
+                forward(case == "auto")
+                sync()
+                if rep >= args.warmup:
+                    times[case].append(time.perf_counter() - t)
+        med = {case: float(np.median(ts)) for case, ts in times.items()}
+        out[phase] = {"grouped_ms": round(med["grouped"] * 1000, 2), "auto_ms": round(med["auto"] * 1000, 2),
+                      "grouped_over_auto": round(med["grouped"] / med["auto"], 3), "max_logit_diff": diff,
+                      "max_adapter_effect": effect}  # fmt: skip
+        print(f"LoRA slots, {phase} ({len(rows)} rows of {args.tenants} tenants, {width} position(s)): grouped "
+              f"{out[phase]['grouped_ms']} ms, auto {out[phase]['auto_ms']} ms = {out[phase]['grouped_over_auto']}x; "
+              f"max logit diff {diff:.3g} (the adapters move them by up to {effect:.3g})", flush=True)  # fmt: skip
+    del model, slots
+    return out
+
+
 def summarize(side: dict, tokens: int, params: int, peak: float | None) -> None:
     med = float(np.median(side["times_s"]))
     side["step_s_median"] = round(med, 3)
@@ -456,6 +533,11 @@ def main() -> None:
                   f"{ten['activation_checkpointing']}): shared {ten['shared_tokens_per_s']} vs alone "
                   f"{ten['alone_tokens_per_s']} tokens/s = {ten['shared_over_alone']}x (target >= 1.5); "
                   f"max logprob diff {ten['max_logprob_diff']:.3g}", flush=True)  # fmt: skip
+
+        if "slots" in parts and args.tenants:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            results["slots"] = run_slots(model_dir, args, device, dtype)
     except BaseException as e:
         results["error"] = "".join(traceback.format_exception(e))[-4000:]
         raise

@@ -10,12 +10,12 @@
 #   bash bench/gpu_check.sh [gpu_check.py flags]
 # It installs the carried wheels as wheels.sh's header says, runs the check, writes
 # bench/results/gpu_check.json (also when a phase fails) and copies it to $OUT when that is set.
-# It takes about 8-9 minutes on an H100 (estimate: build + save 16 GB, trainer load, 2 x 5 steps;
+# It takes about 9 minutes on an H100 (estimate: build + save 16 GB, trainer load, 2 x 5 steps;
 # issue 20's shared workload: a stack with a sampler (two 16 GB loads), 1 then 8 toy RL jobs of 6
 # steps, 10 weight syncs; the tenant-batching part: an engine load, 8 tenants, 5 x (one shared
-# call + 8 alone), with activation checkpointing on); --steps 2 shortens it, --parts picks parts
-# (stack,bare,jobs,tenants: --parts jobs,tenants is issue 20's alone, about 4 minutes), --tenants 0
-# skips the tenant part. On CPU, end to end with a tiny model (a venv needs no wheels):
+# call + 8 alone), with activation checkpointing on; LoRA slots in the sampler's forward, grouped
+# against dense); --steps 2 shortens it, --parts picks parts (stack,bare,jobs,tenants,slots:
+# --parts jobs,tenants,slots is issue 20's alone, about 5 minutes), --tenants 0 skips the last two. On CPU, end to end with a tiny model (a venv needs no wheels):
 #   PYTHON=.venv/bin/python bash bench/gpu_check.sh --tiny
 set -euo pipefail
 cd "$(dirname "$0")/.."

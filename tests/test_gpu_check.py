@@ -1,7 +1,7 @@
 """The prepared GPU check (bench/gpu_check.py) runs end to end: a GPU is lent rarely and for
 minutes, so the one-shot script must not be found broken on it. Here with --tiny (a small
 Qwen3 on CPU, every part: the stack, the bare loop, issue 20's shared workload through a stack
-with a sampler, tenant batching), at the smallest sizes; about 45 s."""
+with a sampler, tenant batching, LoRA slots grouped vs dense), at the smallest sizes; about 45 s."""
 
 from __future__ import annotations
 
@@ -38,6 +38,11 @@ def test_the_gpu_check_runs_every_part_on_cpu(tmp_path):
     tenants = r["tenants"]
     assert tenants["tenants"] == 3 and tenants["activation_checkpointing"] is True
     assert tenants["max_logprob_diff"] < 1e-4 and tenants["max_loss_rel_diff"] < 1e-4
+    slots = r["slots"]
+    assert slots["tenants"] == 3 and slots["rows"] == 3 * 16 + 8
+    for phase in ("decode", "prefill"):
+        assert slots[phase]["grouped_ms"] > 0 and slots[phase]["auto_ms"] > 0
+        assert slots[phase]["max_logit_diff"] < 1e-4 < 1e-2 < slots[phase]["max_adapter_effect"]
 
 
 def test_the_gpu_check_refuses_an_unknown_part(tmp_path):
