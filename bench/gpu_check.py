@@ -20,7 +20,10 @@ stack, against a bare torch + peft loop on the same batches, in one run.
    --tenant-length (256) tokens of forward_backward, all in one shared call
    (`forward_backward_many`, every row through its own tenant's LoRA, checkpointed layers
    recomputed on that route) against one tenant at a time, alternating; tokens/s of each,
-   shared / alone, and the largest logprob and loss difference between the two (bf16).
+   shared / alone, and the largest logprob and loss difference between the two (bf16). The
+   shared call also in its dense form (`LoraEngine.dense_shared_passes`: every tenant's LoRA
+   terms of a layer in one pass instead of a matmul pair each; off by default, slower on CPU),
+   so the first GPU run says which form a GPU should use.
 5. The shared workload of issue 20 (before 4 in a run), through the whole stack on this model:
    `openrl up` with a trainer and a transformers sampler on the GPU, bench/jobs.py's toy RL
    jobs (4 prompts x 4 samples x 8 tokens, a 200 ms reward per group, importance_sampling),
@@ -285,19 +288,29 @@ def run_tenants(path: Path, args, device: str, dtype) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - t, out
 
-    shared_s, alone_s, lp_diff, loss_diff = [], [], 0.0, 0.0
+    def shared_call(dense: bool):
+        engine.dense_shared_passes = dense  # LoraSlots.dense_segments: one pass per layer for all tenants
+        try:
+            return engine.forward_backward_many(reqs)
+        finally:
+            engine.dense_shared_passes = None
+
+    shared_s, dense_s, alone_s, lp_diff, loss_diff, dense_lp_diff = [], [], [], 0.0, 0.0, 0.0
     for rep in range(args.warmup + args.steps):
-        s, shared = timed(lambda: engine.forward_backward_many(reqs))
+        s, shared = timed(lambda: shared_call(False))
+        d, dense = timed(lambda: shared_call(True))
         a, alone = timed(lambda: [engine.forward_backward(r) for r in reqs])
-        for got, want in zip(shared, alone, strict=True):
-            if isinstance(got, Exception) or isinstance(want, Exception):
-                raise RuntimeError(f"a tenant's request failed: shared {got!r}, alone {want!r}")
-        if rep == 0:  # the same weights both ways (no optim_step here)
+        for got, also, want in zip(shared, dense, alone, strict=True):
+            if any(isinstance(x, Exception) for x in (got, also, want)):
+                raise RuntimeError(f"a tenant's request failed: shared {got!r}, dense {also!r}, alone {want!r}")
+        if rep == 0:  # the same weights every way (no optim_step here)
             lp_diff = max(float(np.abs(x - y).max()) for g, w in zip(shared, alone) for x, y in zip(g.logprobs, w.logprobs))
+            dense_lp_diff = max(float(np.abs(x - y).max()) for g, w in zip(dense, alone) for x, y in zip(g.logprobs, w.logprobs))
             loss_diff = max(abs(g.metrics["loss:sum"] - w.metrics["loss:sum"]) / max(abs(w.metrics["loss:sum"]), 1e-9)
                             for g, w in zip(shared, alone))  # fmt: skip
         if rep >= args.warmup:
             shared_s.append(s)
+            dense_s.append(d)
             alone_s.append(a)
     tokens = args.tenants * 4 * args.tenant_length
     out = {
@@ -308,6 +321,10 @@ def run_tenants(path: Path, args, device: str, dtype) -> dict:
         "alone_tokens_per_s": round(tokens / float(np.median(alone_s)), 1),
         "shared_over_alone": round(float(np.median(alone_s)) / float(np.median(shared_s)), 3),
         "max_logprob_diff": lp_diff, "max_loss_rel_diff": loss_diff,
+        "dense_times_s": [round(t, 3) for t in dense_s],
+        "dense_tokens_per_s": round(tokens / float(np.median(dense_s)), 1),
+        "dense_over_alone": round(float(np.median(alone_s)) / float(np.median(dense_s)), 3),
+        "dense_max_logprob_diff": dense_lp_diff,
     }  # fmt: skip
     if device == "cuda":
         out["gpu_memory"] = {"peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
@@ -532,7 +549,9 @@ def main() -> None:
             print(f"tenant batching ({args.tenants} tenants x 4 x {args.tenant_length} tokens, checkpointing "
                   f"{ten['activation_checkpointing']}): shared {ten['shared_tokens_per_s']} vs alone "
                   f"{ten['alone_tokens_per_s']} tokens/s = {ten['shared_over_alone']}x (target >= 1.5); "
-                  f"max logprob diff {ten['max_logprob_diff']:.3g}", flush=True)  # fmt: skip
+                  f"max logprob diff {ten['max_logprob_diff']:.3g}; the dense form of the shared call "
+                  f"{ten['dense_tokens_per_s']} tokens/s = {ten['dense_over_alone']}x, max logprob diff "
+                  f"{ten['dense_max_logprob_diff']:.3g}", flush=True)  # fmt: skip
 
         if "slots" in parts and args.tenants:
             if device == "cuda":

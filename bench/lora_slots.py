@@ -12,7 +12,8 @@ rows of many adapters cost.
    decode step (one token per row) and a prefill (16 tokens per row).
    Also the base model alone. Medians of interleaved repetitions, so machine load affects all alike.
 3. Tenant batching in the trainer: 8 tenants x 4 sequences x 64 tokens of forward_backward in
-   one shared call (`LoraEngine.forward_backward_many`) vs one tenant at a time, tokens/s, on
+   one shared call (`LoraEngine.forward_backward_many`; its LoRA terms grouped per tenant, in
+   the dense form, and as the engine picks) vs one tenant at a time, tokens/s, on
    the wider Qwen3; and the largest logprob difference between the two. `--only-training`
    also runs it with activation checkpointing on (the CUDA default; shared passes recompute
    each layer on its route), on the wider Qwen3 (64 tokens) and the default shape (16 tokens).
@@ -254,16 +255,26 @@ def bench_tenant_batching(config, reps: int, tenants: int = 8, seqs: int = 4, le
             target = Tensor(data=rng.integers(0, config.vocab_size, length).astype("<i8").tobytes(), dtype="int64", shape=[length])
             data.append(Datum(tokens=tokens.astype("<i4").tobytes(), loss_fn_inputs={"target_tokens": target}))
         reqs.append(ForwardBackward(request_id=f"r{t}", model_id=f"m{t}", seq_id=1, loss_fn="cross_entropy", data=data))
-    shared_s, alone_s, diff = [], [], 0.0
+    shared_s, dense_s, auto_s, alone_s, diff, dense_diff = [], [], [], [], 0.0, 0.0
     for rep in range(reps):
+        engine.dense_shared_passes = False  # grouped: a matmul pair per tenant in each layer
         t0 = time.perf_counter()
         shared = engine.forward_backward_many(reqs)
         shared_s.append(time.perf_counter() - t0)
+        engine.dense_shared_passes = True  # the dense form: every tenant's LoRA terms of a layer in one pass
+        t0 = time.perf_counter()
+        dense = engine.forward_backward_many(reqs)
+        dense_s.append(time.perf_counter() - t0)
+        engine.dense_shared_passes = None  # the engine's own choice, layer by layer
+        t0 = time.perf_counter()
+        engine.forward_backward_many(reqs)
+        auto_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         alone = [engine.forward_backward(r) for r in reqs]
         alone_s.append(time.perf_counter() - t0)
         if rep == 0:
             diff = max(float(np.abs(a - b).max()) for x, y in zip(shared, alone) for a, b in zip(x.logprobs, y.logprobs))
+            dense_diff = max(float(np.abs(a - b).max()) for x, y in zip(dense, alone) for a, b in zip(x.logprobs, y.logprobs))
     tokens = tenants * seqs * length
     out = {
         "tenants": tenants, "sequences_per_tenant": seqs, "tokens_per_sequence": length, "activation_checkpointing": checkpointing,
@@ -271,6 +282,11 @@ def bench_tenant_batching(config, reps: int, tenants: int = 8, seqs: int = 4, le
         "alone_tokens_per_s": round(tokens / statistics.median(alone_s), 1),
         "shared_over_alone": round(statistics.median(alone_s) / statistics.median(shared_s), 2),
         "max_logprob_diff": diff,
+        "dense_tokens_per_s": round(tokens / statistics.median(dense_s), 1),
+        "dense_over_alone": round(statistics.median(alone_s) / statistics.median(dense_s), 2),
+        "dense_max_logprob_diff": dense_diff,
+        "auto_tokens_per_s": round(tokens / statistics.median(auto_s), 1),
+        "auto_over_alone": round(statistics.median(alone_s) / statistics.median(auto_s), 2),
     }  # fmt: skip
     print("tenant batching", out, flush=True)
     return out

@@ -274,6 +274,7 @@ def cmd_trainer(args: argparse.Namespace) -> None:
         path, model_name=args.base_model, device=device, microbatch_tokens=args.microbatch_tokens,
         activation_checkpointing=checkpointing, sharded=rank is not None, preempt_slice_ms=args.preempt_slice_ms,
     )  # fmt: skip
+    engine.dense_shared_passes = {"auto": None, "grouped": False, "dense": True}[args.shared_pass_form]
     log.info("base_model_loaded", base_model=args.base_model, path=path, seconds=round(time.monotonic() - started, 2),
              default=args.base_model == DEFAULT_MODEL, rank=rank.rank if rank else 0)
     if rank is not None and rank.rank != 0:
@@ -1260,6 +1261,10 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--activation-checkpointing", choices=["auto", "on", "off"], default=_env("ACTIVATION_CHECKPOINTING", "auto"),
                     help="recompute decoder layers in the backward pass instead of keeping their activations "
                          "(auto: on for cuda) [OPENRL_ACTIVATION_CHECKPOINTING]")
+    tr.add_argument("--shared-pass-form", choices=["auto", "grouped", "dense"], default=_env("SHARED_PASS_FORM", "auto"),
+                    help="how a pass shared by several tenants runs their LoRA terms: a matmul pair per tenant (grouped) "
+                         "or all of a layer's at once (dense); auto: dense on a GPU, on CPU where its extra arithmetic is "
+                         "small (docs/tenants.md) [OPENRL_SHARED_PASS_FORM]")
     tr.add_argument("--preempt-slice-ms", type=float, default=_env_float("PREEMPT_SLICE_MS"),
                     help="CPU: a long pass hands the compute thread to other keys' calls at its next block boundary "
                          "after this many ms (default 50; 0 = never) [OPENRL_PREEMPT_SLICE_MS]")

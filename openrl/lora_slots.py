@@ -128,6 +128,10 @@ class SlotLinear(torch.nn.Module):
         segments = owner.segments
         if not segments:
             return y
+        if owner.dense_segments is not False and len(segments) >= 2 and x.dim() == 3:
+            out = self._segments_dense(x, y, segments, forced=owner.dense_segments is True)
+            if out is not None:
+                return out
         for seg in segments:
             w = seg.weights(self.name)
             if w is None:
@@ -141,6 +145,27 @@ class SlotLinear(torch.nn.Module):
             else:
                 y.index_add_(0, seg.rows, delta.to(y.dtype))
         return y
+
+    def _segments_dense(self, x: torch.Tensor, y: torch.Tensor, segments: list[Segment], forced: bool) -> torch.Tensor | None:
+        """The segments' terms in one pass (`LoraSlots.dense_segments`): the A of every segment
+        that targets this module concatenated (autograd routes each block's gradient back to its
+        own tensor), every row against all of them, masked to its own segment's block (scaled),
+        then through the concatenated B: 5 ops where grouping runs 6 per segment, at the sum of
+        the segments' ranks in arithmetic per row. None (not done) when not `forced` and that
+        arithmetic is over `dense_max_work`."""
+        present = [(i, w) for i, w in ((i, seg.weights(self.name)) for i, seg in enumerate(segments)) if w is not None]
+        if not present:
+            return y
+        limit = self._owner[0].dense_max_work
+        if not forced and limit is not None and x.shape[0] * x.shape[1] * sum(w[0].shape[0] for _, w in present) * (
+            self.in_features + self.out_features
+        ) > limit:
+            return None
+        a = torch.cat([w[0] for _, w in present])  # [sum r, in]
+        b = torch.cat([w[1] for _, w in present], dim=1)  # [out, sum r]
+        mask = self._owner[0].segment_mask(tuple((i, w[0].shape[0], w[2]) for i, w in present), x.shape[0], a.dtype, x.device)
+        h = F.linear(x.to(a.dtype), a) * mask.unsqueeze(1)
+        return y.add_(F.linear(h, b).to(y.dtype))
 
     def grow(self, slots: int, rank: int) -> None:
         """Room for `slots` slots of `rank`, zero-padded (loaded adapters keep their values)."""
@@ -181,6 +206,12 @@ class LoraSlots:
         # and loses on a 1024-wide model, 41 M). On a GPU a decode step is bound by memory and
         # kernel launches, not arithmetic: no limit (None).
         self.dense_max_work: int | None = DENSE_MAX_WORK_CPU if self._device().type == "cpu" else None
+        # route_segments (the trainer's shared passes): all segments of a layer in one pass, not
+        # a matmul pair each. None: where its extra arithmetic, tokens x the ranks' sum x (in +
+        # out), is within dense_max_work (on CPU; always on a GPU); True: always; False: never.
+        # bench/gpu_check.py's tenants part measures both forms on a GPU.
+        self.dense_segments: bool | None = None
+        self._masks: dict = {}  # segment_mask's, for the current route
 
     # -- loading
 
@@ -298,30 +329,47 @@ class LoraSlots:
         """For the forwards inside: each segment's rows through its own weights."""
         if self.segments:
             raise RuntimeError("LoraSlots routes do not nest")
-        self.segments = segments
+        self.segments, self._masks = segments, {}
         try:
             yield
         finally:
-            self.segments, self.dense = [], None
+            self.segments, self.dense, self._masks = [], None, {}
 
     def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         """torch.utils.checkpoint's `context_fn` (non-reentrant): nothing around the forward,
         and around its recompute in the backward pass the route that was set when the forward
         ran (captured now). The route is a plain attribute, not thread-local: on CUDA the
         recompute runs in autograd's device thread while the caller waits in backward."""
-        return contextlib.nullcontext(), self._replay(self.segments, self.dense)
+        return contextlib.nullcontext(), self._replay(self.segments, self.dense, self._masks)
 
     @contextlib.contextmanager
-    def _replay(self, segments: list[Segment], dense: Dense | None):
-        before = self.segments, self.dense
-        self.segments, self.dense = segments, dense
+    def _replay(self, segments: list[Segment], dense: Dense | None, masks: dict):
+        before = self.segments, self.dense, self._masks
+        self.segments, self.dense, self._masks = segments, dense, masks
         try:
             yield
         finally:
-            self.segments, self.dense = before
+            self.segments, self.dense, self._masks = before
+
+    def segment_mask(self, blocks: tuple[tuple[int, int, float], ...], rows: int, dtype, device) -> torch.Tensor:
+        """[rows, sum of ranks]: each row's own segment's block of columns holds that segment's
+        scale, the rest 0. `blocks`: (segment index, rank, scale) of the segments that target a
+        module, in order. Made once per route and set of blocks (every layer of the usual
+        all-targets tenants shares one)."""
+        key = (blocks, rows, dtype, device)
+        mask = self._masks.get(key)
+        if mask is None:
+            row_seg = torch.full((rows,), -1, dtype=torch.long)
+            for i, seg in enumerate(self.segments):
+                row_seg[slice(None) if seg.rows is None else seg.rows.cpu()] = i
+            col_seg = torch.cat([torch.full((r,), i, dtype=torch.long) for i, r, _ in blocks])
+            col_scale = torch.cat([torch.full((r,), scale, dtype=torch.float64) for _, r, scale in blocks])
+            mask = ((row_seg[:, None] == col_seg[None, :]) * col_scale[None, :]).to(device=device, dtype=dtype)
+            self._masks[key] = mask
+        return mask
 
     def _device(self) -> torch.device:
-        return next(iter(self.linears.values())).weight.device
+        return next((m.weight.device for m in self.linears.values()), torch.device("cpu"))
 
     def _dense(self, slot_B: list[int], present: list[int]) -> Dense | None:
         """The dense form of a route whose rows use the slots `present`: over slots [0, k), k =

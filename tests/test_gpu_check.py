@@ -38,6 +38,7 @@ def test_the_gpu_check_runs_every_part_on_cpu(tmp_path):
     tenants = r["tenants"]
     assert tenants["tenants"] == 3 and tenants["activation_checkpointing"] is True
     assert tenants["max_logprob_diff"] < 1e-4 and tenants["max_loss_rel_diff"] < 1e-4
+    assert tenants["dense_tokens_per_s"] > 0 and tenants["dense_max_logprob_diff"] < 1e-4
     slots = r["slots"]
     assert slots["tenants"] == 3 and slots["rows"] == 3 * 16 + 8
     for phase in ("decode", "prefill"):

@@ -180,6 +180,10 @@ class LoraEngine:
         named = list(model.named_modules())
         self._module_keys = [k for k, _ in named if k]  # the base model's, before peft wraps it
         self.direct_layers = True  # add and drop tenants on the LoRA layers directly (_inject, drop); False: peft's add_adapter and delete_adapter
+        # Shared passes run every tenant's LoRA terms of a layer in one pass instead of a matmul pair
+        # per tenant (LoraSlots.dense_segments): None where that is cheap (docs/tenants.md), True
+        # always, False never.
+        self.dense_shared_passes: bool | None = None
         self._next = 0
         linear_names = {name.rsplit(".", 1)[-1] for name, m in named if isinstance(m, torch.nn.Linear)}
         cfg = model.config
@@ -737,6 +741,7 @@ class LoraEngine:
         that peft adds later for new targets are wrapped when first needed)."""
         if self._slots is None:
             self._slots = LoraSlots(self.peft, num_slots=1, rank=1, max_rank=MAX_RANK)
+        self._slots.dense_segments = self.dense_shared_passes
         new = {
             n: m for n, m in self.peft.named_modules()
             if n.endswith(".base_layer") and isinstance(m, torch.nn.Linear) and n not in self._slots.layers

@@ -33,13 +33,17 @@ SPECS = {
 }
 
 
-def engines(path: str, **kw) -> tuple[LoraEngine, LoraEngine]:
+def engines(path: str, dense: bool | None = False, **kw) -> tuple[LoraEngine, LoraEngine]:
+    """(shared, alone) engines with the four tenants. `dense`: the shared engine's
+    dense_shared_passes (False: the grouped form, which the golden tests below check; the dense
+    form has its own test)."""
     pair = []
     for _ in range(2):
         engine = LoraEngine(path, device="cpu", microbatch_tokens=24, **kw)  # small: several passes per round
         for model_id, lora in SPECS.items():
             engine.create(model_id, lora)
         pair.append(engine)
+    pair[0].dense_shared_passes = dense
     return pair[0], pair[1]
 
 
@@ -102,6 +106,54 @@ def test_shared_passes_equal_each_tenant_alone(path_fixture, request):
     assert_results(shared.forward_backward(req), alone.forward_backward(req), "alone after shared")
 
 
+@pytest.mark.parametrize("path_fixture", ["qwen3_path", "llama_path"])
+@pytest.mark.parametrize("kw", [{}, dict(activation_checkpointing=True, logits_chunk_bytes=4 * 96 * 8)], ids=["plain", "recomputing"])
+def test_dense_shared_passes_equal_each_tenant_alone(path_fixture, kw, request, monkeypatch):
+    """The dense form of a shared pass (every tenant's LoRA terms of a layer in one pass,
+    concatenated, masked per row) gives each tenant what it gets alone, recomputes included.
+    Its sums run over more (zero) terms, so its rounding differs from the grouped form's: the
+    first step's gradients agree as closely (1.7e-7 of the largest, both), but three AdamW steps
+    (which divide by the root of a small second moment) carry it to 1.6e-5 in one weight of 64:
+    5e-5 here, far below what a row on the wrong tenant moves (1e-2 and more)."""
+    monkeypatch.setitem(TOL, "atol", 5e-5)
+    monkeypatch.setitem(TOL, "rtol", 5e-5)
+    shared, alone = engines(request.getfixturevalue(path_fixture), dense=True, **kw)
+    calls = []
+    real = LoraSlots.segment_mask
+
+    def counting(self, *args):
+        calls.append(args[0])
+        return real(self, *args)
+
+    LoraSlots.segment_mask = counting
+    try:
+        three_rounds(shared, alone)
+    finally:
+        LoraSlots.segment_mask = real
+    assert calls and any(len(blocks) >= 2 for blocks in calls), "no layer ran the dense form over several tenants"
+
+
+def test_the_engine_picks_the_dense_form_where_its_extra_arithmetic_is_small(llama_path, monkeypatch):
+    """dense_shared_passes None (the default): a layer takes the dense form while tokens x the
+    ranks' sum x (in + out) is within LoraSlots.dense_max_work (on CPU), else grouped; results
+    are each tenant's alone either way."""
+    calls = []
+    real = LoraSlots.segment_mask
+    monkeypatch.setattr(LoraSlots, "segment_mask", lambda self, *a: calls.append(a[0]) or real(self, *a))
+    shared, alone = engines(llama_path, dense=None)
+    ids = list(SPECS)
+    round_ = [make_fb(m, "cross_entropy", 500 + k) for k, m in enumerate(ids)]
+    for req, got in zip(round_, shared.forward_backward_many(round_), strict=True):
+        assert_results(got, alone.forward_backward(req), f"auto {req.model_id}")
+    assert calls, "tiny layers: the dense form"
+    calls.clear()
+    shared._slots.dense_max_work = 0
+    round_ = [make_fb(m, "cross_entropy", 600 + k) for k, m in enumerate(ids)]
+    for req, got in zip(round_, shared.forward_backward_many(round_), strict=True):
+        assert_results(got, alone.forward_backward(req), f"grouped {req.model_id}")
+    assert not calls, "over the limit: grouped"
+
+
 RECOMPUTING = {
     "checkpointing": dict(activation_checkpointing=True),
     "chunked_logits": dict(logits_chunk_bytes=4 * 96 * 8),  # 8 positions per chunk (vocab 96): several per pass
@@ -118,9 +170,9 @@ def test_shared_passes_whose_backward_recomputes_equal_each_alone(path_fixture, 
     replayed = []
     replay = LoraSlots._replay
 
-    def counting(self, segments, dense):
+    def counting(self, segments, *rest):
         replayed.append(len(segments))
-        return replay(self, segments, dense)
+        return replay(self, segments, *rest)
 
     monkeypatch.setattr(LoraSlots, "_replay", counting)
     shared, alone = engines(request.getfixturevalue(path_fixture), **kw)
