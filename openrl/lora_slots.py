@@ -358,13 +358,13 @@ class LoraSlots:
         all-targets tenants shares one)."""
         key = (blocks, rows, dtype, device)
         mask = self._masks.get(key)
-        if mask is None:
-            row_seg = torch.full((rows,), -1, dtype=torch.long)
+        if mask is None:  # built where the rows' indices are, so a GPU is not synchronised for it
+            row_seg = torch.full((rows,), -1, dtype=torch.long, device=device)
             for i, seg in enumerate(self.segments):
-                row_seg[slice(None) if seg.rows is None else seg.rows.cpu()] = i
-            col_seg = torch.cat([torch.full((r,), i, dtype=torch.long) for i, r, _ in blocks])
-            col_scale = torch.cat([torch.full((r,), scale, dtype=torch.float64) for _, r, scale in blocks])
-            mask = ((row_seg[:, None] == col_seg[None, :]) * col_scale[None, :]).to(device=device, dtype=dtype)
+                row_seg[slice(None) if seg.rows is None else seg.rows.to(device)] = i
+            col_seg = torch.cat([torch.full((r,), i, dtype=torch.long) for i, r, _ in blocks]).to(device)
+            col_scale = torch.cat([torch.full((r,), scale, dtype=dtype) for _, r, scale in blocks]).to(device)
+            mask = (row_seg[:, None] == col_seg[None, :]).to(dtype) * col_scale[None, :]
             self._masks[key] = mask
         return mask
 
