@@ -46,7 +46,10 @@ process) batches everything in flight continuously, adapters mixed. How a reques
   a request goes in with its key's start in virtual time as its priority (`FairPriorities`,
   openrl/fair.py's rule, lower runs first, arrival order among ties): what waits in vLLM's
   queue runs in fair order, and under KV-cache pressure vLLM preempts the latest start first.
-  vLLM decides how many rows run at once (`max_num_seqs`); there is no per-key share of them.
+  vLLM decides how many rows run at once (`max_num_seqs`); each key's rows in the engine are
+  held to its share of them (`RowShare`, the transformers engine's rule): a key alone leaves 16
+  rows for another key's request, and while several keys have work each gets max(16,
+  max_num_seqs / keys).
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import LORA_ALPHA
 from openrl.fair import FairShare
 from openrl.sampler import spec as be
+from openrl.sampler.hf_batching import MIN_SHARE_ROWS, RESERVE_ROWS
 from openrl.sampler.sampling import SENTINEL_LOGPROB, SENTINEL_TOKEN, derive_seed
 
 log = structlog.get_logger(__name__)
@@ -381,6 +385,38 @@ class FairPriorities:
             self.share.now = max(self.share.now, min(self._in_flight))
 
 
+class RowShare:
+    """How many of one key's rows may be in vLLM's engine at once: the transformers engine's rule
+    (openrl/sampler/hf_batching.py). While other keys have rows in the engine or waiting to go
+    in, max(`min_share`, `cap` / keys with work); a key alone, `cap` less `reserve` rows kept for
+    another key's request (when `cap` is at least 4 x `reserve`). vLLM never preempts a running
+    row for a better priority, so without the reserve a key whose requests held every row made
+    another key's request wait until they finished; without the share, one key's 128-row requests
+    would slow every other key's decode steps. `cap` is vLLM's max_num_seqs."""
+
+    def __init__(self, cap: int, min_share: int = MIN_SHARE_ROWS, reserve: int = RESERVE_ROWS):
+        self.cap, self.min_share, self.reserve = cap, min_share, reserve
+        self.inside: Counter[str] = Counter()  # rows in the engine, by key
+        self.waiting: Counter[str] = Counter()  # rows waiting to go in, by key
+
+    def limit(self, owner: str) -> int:
+        keys = {k for k, n in self.inside.items() if n} | {k for k, n in self.waiting.items() if n} | {owner}
+        if len(keys) == 1:
+            return self.cap - self.reserve if self.cap >= 4 * self.reserve else self.cap
+        return max(self.min_share, self.cap // len(keys))
+
+    def may_enter(self, owner: str) -> bool:
+        return self.inside[owner] < self.limit(owner)
+
+    def enter(self, owner: str) -> None:
+        self.inside[owner] += 1
+
+    def leave(self, owner: str) -> None:
+        self.inside[owner] -= 1
+        if self.inside[owner] <= 0:
+            del self.inside[owner]
+
+
 # A Unix socket's path is at most 107 bytes (sun_path); vLLM's are <dir>/<36-character uuid>.
 MAX_RPC_DIR_LEN = 107 - 37
 
@@ -471,6 +507,7 @@ class VllmSampler:
         self._turns = asyncio.Condition()
         self._running = 0
         self._waiting_alone = 0
+        self._rows: RowShare | None = None  # made once the engine says its max_num_seqs
         self._alone = False
         args = AsyncEngineArgs(
             model=model_path,
@@ -506,6 +543,7 @@ class VllmSampler:
         if getattr(mode, "value", mode) != "processed_logprobs":
             self.engine.shutdown()
             raise RuntimeError(f"vLLM runs with logprobs_mode {mode!r}, not 'processed_logprobs': the logprobs would be wrong")
+        self._rows = RowShare(self.engine.vllm_config.scheduler_config.max_num_seqs)
         self._dir = Path(tempfile.mkdtemp(prefix="openrl-vllm-adapters-", dir=adapter_dir))  # mode 700, ours alone
         log.info("sampler_loaded", backend="vllm", path=model_path, device=self.info.device, dtype=dtype, eos=self.info.eos_token_ids,
                  max_loras=max_loras, max_lora_rank=max_lora_rank, gpu_memory_utilization=gpu_memory_utilization,
@@ -546,7 +584,7 @@ class VllmSampler:
                 except (VLLMClientError, ValueError) as e:  # a value this vLLM version will not take
                     raise InvalidRequest(f"sampling_params: vLLM refused them: {e}") from None
             start = self._fair.submit(spec.owner, spec.cost)
-            rows = [asyncio.ensure_future(self._generate(spec.prompt, p, lora, start)) for p in params]
+            rows = [asyncio.ensure_future(self._generate(spec.prompt, p, lora, start, spec.owner)) for p in params]
             try:
                 outs = await asyncio.gather(*rows)
             except BaseException:
@@ -572,7 +610,7 @@ class VllmSampler:
 
     # -- generation
 
-    async def _generate(self, prompt: list[int], params, lora: _Lora | None, priority: int = 0):
+    async def _generate(self, prompt: list[int], params, lora: _Lora | None, priority: int = 0, owner: str = ""):
         from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
 
@@ -580,7 +618,7 @@ class VllmSampler:
         final = None
         alone = self._prompt_logprobs_alone and params.prompt_logprobs is not None
         try:
-            async with self._gate(alone):
+            async with self._gate(alone, owner):
                 async for out in self.engine.generate(
                     TokensPrompt(prompt_token_ids=list(prompt)), params, request_id,
                     lora_request=None if lora is None else lora.request, priority=priority,
@@ -593,22 +631,33 @@ class VllmSampler:
         return final
 
     @contextlib.asynccontextmanager
-    async def _gate(self, alone: bool):
-        """Admit a vLLM request: `alone` ones run with no other request in the engine (and
-        go before requests that arrive while they wait), the rest run together."""
+    async def _gate(self, alone: bool, owner: str = ""):
+        """Admit a vLLM request (one row): `alone` ones run with no other request in the engine
+        (and go before requests that arrive while they wait), the rest run together, each key
+        within its share of the engine's rows (`RowShare`)."""
+        rows = self._rows
         async with self._turns:
             self._waiting_alone += alone
+            rows.waiting[owner] += 1
+            self._turns.notify_all()  # one more key with work: the others' shares shrink, and may be rechecked
             try:
-                await self._turns.wait_for(lambda: not self._alone and (self._running == 0 if alone else self._waiting_alone == 0))
+                await self._turns.wait_for(
+                    lambda: not self._alone and (self._running == 0 if alone else self._waiting_alone == 0) and rows.may_enter(owner)
+                )
             finally:
                 self._waiting_alone -= alone
+                rows.waiting[owner] -= 1
+                if rows.waiting[owner] <= 0:
+                    del rows.waiting[owner]
             self._alone = alone
             self._running += 1
+            rows.enter(owner)
         try:
             yield
         finally:
             async with self._turns:
                 self._running -= 1
+                rows.leave(owner)
                 self._alone = False if alone else self._alone
                 self._turns.notify_all()
 

@@ -32,6 +32,7 @@ from openrl.sampler.sampling import SENTINEL_LOGPROB, derive_seed
 from openrl.sampler.vllm_backend import (
     Completion,
     FairPriorities,
+    RowShare,
     adapter_files,
     first_stop_string,
     finish,
@@ -170,6 +171,30 @@ def test_fair_priorities_put_other_keys_before_a_big_keys_next_request():
     serial.done(serial.submit("a", 100))
     serial.done(serial.submit("a", 100))
     assert serial.submit("b", 1) == 100 and serial.submit("a", 1) == 200  # b rejoins at a's last start
+
+
+def test_row_share_holds_a_key_to_its_share_of_the_engines_rows():
+    """RowShare (the transformers engine's rule for vLLM's max_num_seqs): a key alone leaves the
+    reserve free; with others in or waiting, max(min share, cap / keys); rows already in are
+    never taken back, a key over its share only waits to add more."""
+    rows = RowShare(256)
+    assert rows.limit("big") == 240  # alone: 16 rows kept for another key's request
+    for _ in range(240):
+        assert rows.may_enter("big")
+        rows.enter("big")
+    assert not rows.may_enter("big")
+    rows.waiting["small"] += 1  # another key wants in: shares of 128, and room for it now
+    assert rows.limit("big") == 128 and rows.may_enter("small") and not rows.may_enter("big")
+    rows.waiting["small"] -= 1
+    rows.enter("small")
+    for k in ("c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q"):
+        rows.waiting[k] += 1
+    assert rows.limit("small") == 16  # 17 keys: 256 / 17 = 15, at least 16
+    for _ in range(240):
+        rows.leave("big")
+    assert "big" not in rows.inside
+    assert RowShare(32).limit("a") == 32  # under 4 x the reserve: no reserve (RowShare(cap=32))
+    assert RowShare(8, min_share=2, reserve=2).limit("a") == 6
 
 
 def test_top_picks_the_k_most_likely():

@@ -392,3 +392,36 @@ async def test_requests_go_to_the_engine_in_fair_order_between_keys(vllm_sampler
     assert h0 <= small < h1, priorities  # first come first served: h1 before small
     for name, result in results.items():
         assert [s.tokens.tolist() for s in result.sequences] == [s.tokens.tolist() for s in alone[name].sequences], name
+
+
+async def test_a_keys_rows_in_the_engine_stay_within_its_share(vllm_sampler):
+    """RowShare on the real engine, at a small cap: a key alone never has more than cap - reserve
+    rows in vLLM, two keys at once never more than their share each, and every request still
+    completes with every row, as the same seeds give alone."""
+    from openrl.sampler.vllm_backend import RowShare
+
+    p = random_prompt(11, 5)
+    specs = {"a": sample_spec(prompt=p, num_samples=7, max_tokens=5, temperature=1.0, seed=3, stop_at_eos=False, owner="a"),
+             "b": sample_spec(prompt=p, num_samples=3, max_tokens=5, temperature=1.0, seed=4, stop_at_eos=False, owner="b")}  # fmt: skip
+    alone = {k: await vllm_sampler.sample(respec(spec, owner="alone")) for k, spec in specs.items()}
+    most: dict[str, int] = {}
+    share = RowShare(4, min_share=2, reserve=1)  # a key alone: 3 rows; two keys: 2 each
+    enter = share.enter
+
+    def recording(owner):
+        enter(owner)
+        most[owner] = max(most.get(owner, 0), share.inside[owner])
+
+    share.enter = recording
+    real, vllm_sampler._rows = vllm_sampler._rows, share
+    try:
+        solo = await vllm_sampler.sample(specs["a"])
+        assert most == {"a": 3}
+        most.clear()
+        both = dict(zip(specs, await asyncio.gather(*(vllm_sampler.sample(s) for s in specs.values())), strict=True))
+    finally:
+        vllm_sampler._rows = real
+    assert most["b"] <= 2 and most["a"] <= 3, most
+    assert not share.inside and not share.waiting
+    for name, result in [("a", solo), *both.items()]:
+        assert [s.tokens.tolist() for s in result.sequences] == [s.tokens.tolist() for s in alone[name].sequences], name
