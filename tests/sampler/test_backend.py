@@ -279,6 +279,30 @@ def test_mixed_batch_equals_each_request_alone(sampler):
                 np.testing.assert_array_equal(a.topk_tokens, b.topk_tokens)
 
 
+def test_every_lora_form_samples_the_same(tiny_path, engine, sampler):
+    """--lora-form grouped / dense (TransformersSampler's lora_form) only change how a mixed
+    batch's LoRA terms are computed: the same tokens, logprobs within rounding, as auto."""
+    ps = prompts(17, (4, 9, 6))
+    specs = [
+        sample_spec(prompt=ps[0], num_samples=3, max_tokens=8, seed=5, adapter="m1"),
+        sample_spec(prompt=ps[1], num_samples=2, max_tokens=8, seed=6, adapter="m2"),
+        sample_spec(prompt=ps[2], num_samples=2, max_tokens=8, seed=7),
+    ]
+    want = sampler.sample(specs)
+    for form in ("grouped", "dense"):
+        other = TransformersSampler(tiny_path, device="cpu", lora_form=form)
+        for model_id in ("m1", "m2"):
+            load_from_engine(other, engine, model_id)
+        assert (other.slots.dense_max_tokens, other.slots.dense_segments) == ((0, False) if form == "grouped" else (1, None))
+        assert other.slots.dense_max_work is None if form == "dense" else True
+        for got, exp in zip(other.sample(specs), want, strict=True):
+            for a, b in zip(got.sequences, exp.sequences, strict=True):
+                np.testing.assert_array_equal(a.tokens, b.tokens)
+                np.testing.assert_allclose(a.logprobs, b.logprobs, **TOL)
+    with pytest.raises(ValueError, match="lora_form"):
+        TransformersSampler(tiny_path, device="cpu", lora_form="fast")
+
+
 def test_seeded_sampling_is_reproducible_and_unseeded_is_not(sampler):
     p = prompts(8, (5,))[0]
     spec = sample_spec(prompt=p, num_samples=2, max_tokens=20, seed=123, stop_at_eos=False)
