@@ -60,6 +60,7 @@ from openrl.bus.errors import InvalidRequest
 
 BASE = -1  # the slot index of "no adapter"
 DENSE_MAX_WORK_CPU = 1 << 24  # LoraSlots.dense_max_work on CPU
+FORMS = ("auto", "grouped", "dense")  # LoraSlots.set_form
 PREFIX = "base_model.model."  # peft's saved-adapter key prefix
 
 
@@ -81,6 +82,15 @@ class Segment:
 
     rows: torch.Tensor | None
     weights: object  # Callable[[str], tuple[Tensor, Tensor, float] | None]
+
+
+def block_mask(row_block: torch.Tensor, blocks: tuple[tuple[int, int, float], ...], dtype, device) -> torch.Tensor:
+    """[rows, sum of widths]: the columns of each row's own block hold that block's scale, the
+    rest 0 (a row whose block is not among `blocks`, e.g. BASE: all 0). `row_block`: each row's
+    block id; `blocks`: (block id, width, scale), in column order."""
+    col_block = torch.cat([torch.full((w,), b, dtype=torch.long) for b, w, _ in blocks]).to(device)
+    col_scale = torch.cat([torch.full((w,), scale, dtype=dtype) for _, w, scale in blocks]).to(device)
+    return (row_block.to(device)[:, None] == col_block[None, :]).to(dtype) * col_scale[None, :]
 
 
 class SlotLinear(torch.nn.Module):
@@ -116,7 +126,7 @@ class SlotLinear(torch.nn.Module):
         dense = owner.dense
         if (
             dense is not None and x.dim() == 3 and x.shape[0] == dense.mask.shape[0] and x.shape[1] <= owner.dense_max_tokens
-            and (owner.dense_max_work is None or x.shape[0] * dense.mask.shape[1] * (self.A.shape[2] + self.Bt.shape[2]) <= owner.dense_max_work)
+            and owner.affordable(x.shape[0] * x.shape[1], dense.mask.shape[1], self)
         ):  # fmt: skip
             # Every row against the A of slots [0, k) at once, masked to its own slot's block
             # (scaled), then through those slots' B at once: 4 ops, not 6 per slot present.
@@ -156,10 +166,7 @@ class SlotLinear(torch.nn.Module):
         present = [(i, w) for i, w in ((i, seg.weights(self.name)) for i, seg in enumerate(segments)) if w is not None]
         if not present:
             return y
-        limit = self._owner[0].dense_max_work
-        if not forced and limit is not None and x.shape[0] * x.shape[1] * sum(w[0].shape[0] for _, w in present) * (
-            self.in_features + self.out_features
-        ) > limit:
+        if not forced and not self._owner[0].affordable(x.shape[0] * x.shape[1], sum(w[0].shape[0] for _, w in present), self):
             return None
         a = torch.cat([w[0] for _, w in present])  # [sum r, in]
         b = torch.cat([w[1] for _, w in present], dim=1)  # [out, sum r]
@@ -205,13 +212,29 @@ class LoraSlots:
         # one CPU thread it wins on the default model's and the tiny Llama's widths, 7.7 M here,
         # and loses on a 1024-wide model, 41 M). On a GPU a decode step is bound by memory and
         # kernel launches, not arithmetic: no limit (None).
-        self.dense_max_work: int | None = DENSE_MAX_WORK_CPU if self._device().type == "cpu" else None
+        self.dense_max_work: int | None = None
         # route_segments (the trainer's shared passes): all segments of a layer in one pass, not
         # a matmul pair each. None: where its extra arithmetic, tokens x the ranks' sum x (in +
         # out), is within dense_max_work (on CPU; always on a GPU); True: always; False: never.
         # bench/gpu_check.py's tenants part measures both forms on a GPU.
         self.dense_segments: bool | None = None
+        self.set_form("auto")
         self._masks: dict = {}  # segment_mask's, for the current route
+
+    def set_form(self, form: str) -> None:
+        """How several adapters' LoRA terms run (the three settings above): "auto" (the dense
+        forms where they are cheap), "grouped" (never dense) or "dense" (no arithmetic limit)."""
+        if form not in FORMS:
+            raise ValueError(f"LoRA form must be one of {', '.join(FORMS)}, got {form!r}")
+        self.dense_max_tokens = 0 if form == "grouped" else 1
+        self.dense_segments = False if form == "grouped" else None
+        self.dense_max_work = DENSE_MAX_WORK_CPU if form == "auto" and self._device().type == "cpu" else None
+
+    def affordable(self, tokens: int, width: int, layer: SlotLinear) -> bool:
+        """Whether a dense form's LoRA arithmetic in `layer`, `tokens` x `width` (the blocks'
+        columns) x (in + out) multiply-adds, is within dense_max_work."""
+        limit = self.dense_max_work
+        return limit is None or tokens * width * (layer.in_features + layer.out_features) <= limit
 
     # -- loading
 
@@ -362,10 +385,7 @@ class LoraSlots:
             row_seg = torch.full((rows,), -1, dtype=torch.long, device=device)
             for i, seg in enumerate(self.segments):
                 row_seg[slice(None) if seg.rows is None else seg.rows.to(device)] = i
-            col_seg = torch.cat([torch.full((r,), i, dtype=torch.long) for i, r, _ in blocks]).to(device)
-            col_scale = torch.cat([torch.full((r,), scale, dtype=dtype) for _, r, scale in blocks]).to(device)
-            mask = (row_seg[:, None] == col_seg[None, :]).to(dtype) * col_scale[None, :]
-            self._masks[key] = mask
+            mask = self._masks[key] = block_mask(row_seg, blocks, dtype, device)
         return mask
 
     def _device(self) -> torch.device:
@@ -379,11 +399,8 @@ class LoraSlots:
         if k > 2 * len(present):
             return None
         layer = next(iter(self.layers.values()))
-        dtype, device, r = layer.A.dtype, layer.A.device, self.rank
-        slot = torch.tensor(slot_B)
-        scale = torch.tensor([self.scales[s] if s != BASE else 0.0 for s in slot_B], dtype=torch.float64)
-        mask = (slot[:, None] == torch.arange(k).repeat_interleave(r)[None, :]) * scale[:, None]
-        return Dense(k=k, mask=mask.to(device=device, dtype=dtype))
+        blocks = tuple((s, self.rank, self.scales[s]) for s in range(k))  # each slot's r_max columns
+        return Dense(k=k, mask=block_mask(torch.tensor(slot_B), blocks, layer.A.dtype, layer.A.device))
 
     def _slot_weights(self, s: int):
         r, scale = self.ranks[s], self.scales[s]

@@ -78,6 +78,7 @@ import torch
 from openrl.base_model import default_dtype, load_base, pick_device
 from openrl.bus.errors import InvalidRequest, NotFound, Unavailable
 from openrl.lora_slots import BASE as BASE_SLOT
+from openrl.lora_slots import FORMS as LORA_FORMS
 from openrl.lora_slots import LoraSlots
 from openrl.sampler.hf_batching import BASE, Rows, Scheduler
 from openrl.sampler.sampling import SENTINEL_LOGPROB, SENTINEL_TOKEN, draw, top_logprobs, uniforms
@@ -113,9 +114,6 @@ class SlotsBusy(Unavailable):
     """Every adapter slot is pinned by a request in flight: try again when one finishes."""
 
 
-LORA_FORMS = ("auto", "grouped", "dense")  # TransformersSampler's lora_form (openrl sampler --lora-form)
-
-
 class TransformersSampler:
     def __init__(
         self,
@@ -147,11 +145,7 @@ class TransformersSampler:
         self.max_batch_rows = max_batch_rows
         # Adapters live in preallocated slots (one per `max_adapters`); rank grows on demand.
         self.slots = LoraSlots(model, num_slots=max_adapters, rank=slot_rank, max_rank=MAX_RANK)
-        if lora_form == "grouped":
-            self.slots.dense_max_tokens = 0
-            self.slots.dense_segments = False
-        elif lora_form == "dense":
-            self.slots.dense_max_work = None
+        self.slots.set_form(lora_form)
         self._adapters: OrderedDict[str, int] = OrderedDict()  # key -> slot, LRU first
         # Slots that running requests use (how many): never freed under them. A replaced
         # adapter's slot still in use is freed when its last request finishes (`_doomed`).
