@@ -21,9 +21,9 @@ stack, against a bare torch + peft loop on the same batches, in one run.
    (`forward_backward_many`, every row through its own tenant's LoRA, checkpointed layers
    recomputed on that route) against one tenant at a time, alternating; tokens/s of each,
    shared / alone, and the largest logprob and loss difference between the two (bf16). The
-   shared call also in its dense form (`LoraEngine.dense_shared_passes`: every tenant's LoRA
-   terms of a layer in one pass instead of a matmul pair each; off by default, slower on CPU),
-   so the first GPU run says which form a GPU should use.
+   shared call both ways (`LoraEngine.dense_shared_passes`): grouped (a matmul pair per tenant
+   in each layer) and dense (every tenant's LoRA terms of a layer in one pass; the default on
+   a GPU, from an estimate), so the first GPU run says which form a GPU should use.
 5. The shared workload of issue 20 (before 4 in a run), through the whole stack on this model:
    `openrl up` with a trainer and a transformers sampler on the GPU, bench/jobs.py's toy RL
    jobs (4 prompts x 4 samples x 8 tokens, a 200 ms reward per group, importance_sampling),
@@ -61,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import API_KEY, fb_message, finish_results, start_stack, stop_stack
+from common import API_KEY, fb_message, finish_results, stack_processes, start_stack, stop_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -341,8 +341,6 @@ def run_jobs(path: Path, args, device: str, vocab: int) -> dict:
     with the new weights) --sync-n times."""
     from jobs import phase, weight_sync
 
-    from common import stack_processes
-
     base = str(path)
     with tempfile.TemporaryDirectory(prefix="openrl-gpu-jobs-") as tmp:
         t0 = time.perf_counter()
@@ -371,7 +369,8 @@ def run_jobs(path: Path, args, device: str, vocab: int) -> dict:
 def run_slots(path: Path, args, device: str, dtype) -> dict:
     """The sampler's forward over rows of --tenants adapters on LoRA slots (openrl/lora_slots.py),
     in process: grouped by slot (6 ops per slot present in each layer) against the module's own
-    choice (on a GPU, the dense route for a decode step: 4 ops a layer), alternating; for a decode
+    choice (on a GPU, the dense route for a decode step, 4 ops a layer, and the dense form of a
+    shared pass for a prefill), alternating; for a decode
     step (one position per row) and a prefill of 16 positions. Rank 32 on the attention and MLP
     projections, 16 rows per tenant and 8 base rows, interleaved."""
     import torch
@@ -398,7 +397,6 @@ def run_slots(path: Path, args, device: str, dtype) -> dict:
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(1)).tolist()
     rows = [rows[i] for i in order]
     vocab = model.config.vocab_size
-    auto = slots.dense_max_tokens
 
     def sync() -> None:
         if device == "cuda":
@@ -410,10 +408,10 @@ def run_slots(path: Path, args, device: str, dtype) -> dict:
         ids = torch.randint(0, vocab, (len(rows), width), generator=torch.Generator().manual_seed(2)).to(device)
 
         def forward(dense: bool):
-            slots.dense_max_tokens = auto if dense else 0
+            slots.set_form("auto" if dense else "grouped")  # grouped: neither dense form, decode or prefill
             with torch.no_grad(), slots.route(rows):
                 logits = model(input_ids=ids, logits_to_keep=1).logits
-            slots.dense_max_tokens = auto
+            slots.set_form("auto")
             return logits
 
         times: dict[str, list[float]] = {"grouped": [], "auto": []}

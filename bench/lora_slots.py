@@ -164,25 +164,25 @@ def bench_forward(name: str, config, reps: int, tenants: int = 6, rows_per_tenan
     for phase, width in (("decode", 1), ("prefill", 16)):
         ids = torch.randint(0, config.vocab_size, (len(row_slot), width))
         owner = slots
-        defaults = slots.dense_max_tokens, slots.dense_max_work
         segments_forward = SlotLinear.forward
 
         def run_slots():
-            slots.dense_max_tokens = 0  # grouped by slot, whatever the length
+            slots.set_form("grouped")  # grouped by slot, whatever the length
             try:
                 with slots.route(row_slot):
                     return model(input_ids=ids).logits
             finally:
-                slots.dense_max_tokens = defaults[0]
+                slots.set_form("auto")
 
         def run_dense():
-            slots.dense_max_tokens, slots.dense_max_work = width, None  # the dense route in every layer
+            slots.set_form("dense")
+            slots.dense_max_tokens = width  # the dense route in every layer, prefill too
             try:
                 with slots.route(row_slot):
                     assert slots.dense is not None
                     return model(input_ids=ids).logits
             finally:
-                slots.dense_max_tokens, slots.dense_max_work = defaults
+                slots.set_form("auto")
 
         def run_auto():  # the module's own choice, layer by layer
             with slots.route(row_slot):
