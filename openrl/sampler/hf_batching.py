@@ -29,6 +29,14 @@ MIN_SHARE_ROWS = 16
 RESERVE_ROWS = MIN_SHARE_ROWS
 
 
+def key_share(cap: int, keys: int, least: int = MIN_SHARE_ROWS, reserve: int = RESERVE_ROWS) -> int:
+    """The rows one key may hold of `cap` while `keys` keys (it too) have work: a key alone all
+    but `reserve` (when `cap` is at least 4 x `reserve`), else max(`least`, cap / keys), at most cap."""
+    if keys <= 1:
+        return cap - reserve if cap >= 4 * reserve else cap
+    return min(cap, max(least, cap // keys))
+
+
 @dataclass
 class Rows:
     """Per-row sampling parameters of a batch, as device tensors (B rows)."""
@@ -300,8 +308,7 @@ class Scheduler:
         owners = [self._running[n].spec.owner for n in self._req]
         held = Counter(owners)  # active rows by key
         keys = set(owners) | {r.spec.owner for r in self._waiting}
-        reserve = self.reserve_rows if cap >= 4 * self.reserve_rows else 0
-        share = cap - reserve if len(keys) <= 1 else min(cap, max(least, cap // len(keys)))
+        share = key_share(cap, len(keys), least, self.reserve_rows)
         group: list[tuple[_Request, int, int]] = []  # (request, first sample, end)
         full: set[str] = set()  # keys at their share: their requests wait, the others' go
         while True:

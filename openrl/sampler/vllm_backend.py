@@ -77,7 +77,7 @@ from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import LORA_ALPHA
 from openrl.fair import FairShare
 from openrl.sampler import spec as be
-from openrl.sampler.hf_batching import MIN_SHARE_ROWS, RESERVE_ROWS
+from openrl.sampler.hf_batching import MIN_SHARE_ROWS, RESERVE_ROWS, key_share
 from openrl.sampler.sampling import SENTINEL_LOGPROB, SENTINEL_TOKEN, derive_seed
 
 log = structlog.get_logger(__name__)
@@ -387,7 +387,7 @@ class FairPriorities:
 
 class RowShare:
     """How many of one key's rows may be in vLLM's engine at once: the transformers engine's rule
-    (openrl/sampler/hf_batching.py). While other keys have rows in the engine or waiting to go
+    (`hf_batching.key_share`). While other keys have rows in the engine or waiting to go
     in, max(`min_share`, `cap` / keys with work); a key alone, `cap` less `reserve` rows kept for
     another key's request (when `cap` is at least 4 x `reserve`). vLLM never preempts a running
     row for a better priority, so without the reserve a key whose requests held every row made
@@ -401,9 +401,7 @@ class RowShare:
 
     def limit(self, owner: str) -> int:
         keys = {k for k, n in self.inside.items() if n} | {k for k, n in self.waiting.items() if n} | {owner}
-        if len(keys) == 1:
-            return self.cap - self.reserve if self.cap >= 4 * self.reserve else self.cap
-        return max(self.min_share, self.cap // len(keys))
+        return key_share(self.cap, len(keys), self.min_share, self.reserve)
 
     def may_enter(self, owner: str) -> bool:
         return self.inside[owner] < self.limit(owner)
@@ -507,7 +505,6 @@ class VllmSampler:
         self._turns = asyncio.Condition()
         self._running = 0
         self._waiting_alone = 0
-        self._rows: RowShare | None = None  # made once the engine says its max_num_seqs
         self._alone = False
         args = AsyncEngineArgs(
             model=model_path,
@@ -532,17 +529,17 @@ class VllmSampler:
         # /tmp. They go into a private directory of ours instead, removed by close(); a
         # VLLM_RPC_BASE_PATH set by the operator is kept.
         self._rpc_dir = rpc_dir()
-        with _rpc_base_path(self._rpc_dir):
-            try:
+        try:
+            with _rpc_base_path(self._rpc_dir):
                 self.engine = AsyncLLM.from_engine_args(args)
-            except BaseException:
-                if self._rpc_dir is not None:
-                    shutil.rmtree(self._rpc_dir, ignore_errors=True)
-                raise
-        mode = self.engine.model_config.logprobs_mode
-        if getattr(mode, "value", mode) != "processed_logprobs":
-            self.engine.shutdown()
-            raise RuntimeError(f"vLLM runs with logprobs_mode {mode!r}, not 'processed_logprobs': the logprobs would be wrong")
+            mode = self.engine.model_config.logprobs_mode
+            if getattr(mode, "value", mode) != "processed_logprobs":
+                self.engine.shutdown()
+                raise RuntimeError(f"vLLM runs with logprobs_mode {mode!r}, not 'processed_logprobs': the logprobs would be wrong")
+        except BaseException:
+            if self._rpc_dir is not None:
+                shutil.rmtree(self._rpc_dir, ignore_errors=True)
+            raise
         self._rows = RowShare(self.engine.vllm_config.scheduler_config.max_num_seqs)
         self._dir = Path(tempfile.mkdtemp(prefix="openrl-vllm-adapters-", dir=adapter_dir))  # mode 700, ours alone
         log.info("sampler_loaded", backend="vllm", path=model_path, device=self.info.device, dtype=dtype, eos=self.info.eos_token_ids,
