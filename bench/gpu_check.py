@@ -41,6 +41,7 @@ jobs,tenants,slots` is issue 20's part alone.
 
     bash bench/gpu_check.sh                 # on the GPU machine: installs the carried wheels, then this
     python bench/gpu_check.py --tiny        # a small Qwen3 on CPU, a few tokens: checks the script end to end
+    python bench/gpu_check.py --tiny --dtype bfloat16 --parts bare,tenants,slots   # ... in the GPU's dtype
 
 Prints the figures and writes them as JSON (--out), also when a phase fails (with "error").
 """
@@ -465,6 +466,10 @@ def main() -> None:
     p.add_argument("--sync-n", type=int, help="weight-sync measurements in the shared-workload part (10; --tiny: 3)")
     p.add_argument("--tenant-length", type=int, help="tokens per sequence in the tenant-batching part (256; --tiny: 32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the trainer (0: openrl up's choice)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                   help="the model's dtype in the bare, tenants and slots parts, which run in this process (default: "
+                        "bfloat16 on CUDA, float32 on CPU, as the trainer's engine picks; the stack's processes always "
+                        "pick theirs). --tiny --dtype bfloat16 checks the GPU's dtype path on CPU")
     p.add_argument("--model-dir", default=None, help="where to save the random model (default: a temp dir, removed after)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check.json"))
     args = p.parse_args()
@@ -491,7 +496,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cuda" and not args.tiny:
         sys.exit("gpu_check: no CUDA device; pass --tiny to check the script on CPU")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what the trainer's engine picks
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device == "cuda" else torch.float32
     config = TINY if args.tiny else QWEN3_8B
     name = torch.cuda.get_device_name() if device == "cuda" else None
     peak = peak_flops(name)

@@ -6,6 +6,7 @@ with a sampler, tenant batching, LoRA slots grouped vs dense), at the smallest s
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,6 +45,27 @@ def test_the_gpu_check_runs_every_part_on_cpu(tmp_path):
     for phase in ("decode", "prefill"):
         assert slots[phase]["grouped_ms"] > 0 and slots[phase]["auto_ms"] > 0
         assert slots[phase]["max_logit_diff"] < 1e-4 < 1e-2 < slots[phase]["max_adapter_effect"]
+
+
+def test_the_gpu_check_runs_its_in_process_parts_in_the_gpus_dtype_on_cpu(tmp_path):
+    """A GPU runs the engines in bfloat16, where the test above runs float32: the same in-process
+    parts (the bare loop, tenant batching both forms, the LoRA slots) in bfloat16 on CPU."""
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--dtype", "bfloat16", "--parts", "bare,tenants,slots",
+         "--steps", "1", "--tenants", "3", "--tenant-length", "8", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert "error" not in r and r["model"]["dtype"] == "bfloat16"
+    assert r["bare"]["tokens_per_s"] > 0 and all(math.isfinite(x) for x in r["bare"]["losses"])
+    tenants = r["tenants"]
+    assert tenants["max_logprob_diff"] < 0.05 and tenants["dense_max_logprob_diff"] < 0.05  # bf16: 8 significant bits
+    assert tenants["max_loss_rel_diff"] < 0.01
+    for phase in ("decode", "prefill"):
+        assert r["slots"][phase]["max_logit_diff"] < 0.05 < r["slots"][phase]["max_adapter_effect"]
 
 
 def test_the_gpu_check_refuses_an_unknown_part(tmp_path):
