@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from openrl.bus.errors import InvalidRequest
 from openrl.fair import FairShare
+from openrl.sampler.hf_cache import RoomLayer
 from openrl.sampler.sampling import pick, top_logprobs
 from openrl.sampler.spec import SampledSequence, SampleResult, SampleSpec
 
@@ -184,7 +186,8 @@ class Scheduler:
     (left padding masked out by the attention mask, positions counted per row), so rows of
     different prompt lengths and ages share every forward. Merging left-pads whichever of
     the two caches is shorter; when rows leave, the leading columns no active row needs are
-    cut. A row's tokens depend only on its own prompt, adapter and seed (uniforms drawn per
+    cut. Its layers are `RoomLayer`s (hf_cache.py): a decode step writes its column into room
+    kept to the right of the window, where transformers' own layer copied the whole cache. A row's tokens depend only on its own prompt, adapter and seed (uniforms drawn per
     row and step index), never on the rows around it, up to float noise in the logits.
     """
 
@@ -194,6 +197,7 @@ class Scheduler:
         self.share = FairShare()  # between the owner keys of waiting requests
         self.min_share_rows = MIN_SHARE_ROWS
         self.reserve_rows = RESERVE_ROWS
+        self.kv_room = True  # False: no room in the KV cache, a copy per step as transformers' own (bench/kv_cache.py's baseline)
         self._running: dict[int, _Request] = {}  # by admission number
         self._admitting: list[_Request] = []  # being prefilled and merged (for `abort` if that fails)
         self._done: list[tuple[object, SampleResult | InvalidRequest]] = []
@@ -203,7 +207,7 @@ class Scheduler:
 
     def _clear_rows(self) -> None:
         """Active-row state, row i of every field = active row i."""
-        self._cache = None  # KV cache [b, heads, W, dim] per layer
+        self._cache = None  # KV cache [b, heads, W, dim] per layer, each a RoomLayer (hf_cache.py)
         self._mask_b_W: torch.Tensor | None = None  # int64: 1 on the columns a row attends to
         self._logits_b_V: torch.Tensor | None = None  # the next token's logits
         self._pos_b: torch.Tensor | None = None  # the next token's position
@@ -215,6 +219,7 @@ class Scheduler:
         self._sample = np.zeros(0, dtype=np.int64)  # the row's sample index in its request
         self._t = np.zeros(0, dtype=np.int64)
         self._plen = np.zeros(0, dtype=np.int64)  # prompt length
+        self._last = np.zeros(0, dtype=np.int64)  # prompt length + max_tokens: the row's widest
         self._ids = np.zeros(0, dtype=np.int64)
         self._stops = StopStrings(self.sampler.tokenizer)
 
@@ -376,21 +381,29 @@ class Scheduler:
             sample=np.concatenate([np.arange(first, end) for _, first, end in group]),
             t=np.zeros(len(owner), dtype=np.int64),
             plen=lens[owner],
+            last=(lens + [s.max_tokens for s in specs])[owner],
             ids=ids,
         )
         names = [requests[r].name for r in owner]
+        # The cache's room never goes past the widest window its rows can make (hf_cache.py).
+        horizon = int(np.concatenate([self._last, host["last"]]).max()) if self.kv_room else 0
+        for layer in cache.layers:
+            _check_layer(layer, DynamicLayer)
         if self.rows == 0:
+            cache.layers = [RoomLayer.joined([layer], layer.keys.shape[2], horizon) for layer in cache.layers]
             self._cache = cache
             self._mask_b_W, self._logits_b_V, self._pos_b = new["mask"], new["logits"], new["pos"]
             self._t_b, self._params, self._out = new["t"], new["params"], new["out"]
             self._names = names
-            self._req, self._sample, self._t, self._plen, self._ids = (host[k] for k in ("req", "sample", "t", "plen", "ids"))
+            self._req, self._sample, self._t, self._plen, self._last, self._ids = (
+                host[k] for k in ("req", "sample", "t", "plen", "last", "ids")
+            )
             return
         width = max(self._mask_b_W.shape[1], new["mask"].shape[1])
-        for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
-            _check_layer(old_layer)
-            old_layer.keys = torch.cat([_pad_left(old_layer.keys, 2, width), _pad_left(new_layer.keys, 2, width)])
-            old_layer.values = torch.cat([_pad_left(old_layer.values, 2, width), _pad_left(new_layer.values, 2, width)])
+        layers = self._cache.layers
+        for i, (old_layer, new_layer) in enumerate(zip(layers, cache.layers, strict=True)):
+            _check_layer(old_layer, RoomLayer)
+            layers[i] = RoomLayer.joined([old_layer, new_layer], width, horizon)  # one copy of each, padded
         self._mask_b_W = torch.cat([_pad_left(self._mask_b_W, 1, width), _pad_left(new["mask"], 1, width)])
         self._logits_b_V = torch.cat([self._logits_b_V, new["logits"].to(self._logits_b_V.dtype)])
         self._pos_b = torch.cat([self._pos_b, new["pos"]])
@@ -402,6 +415,7 @@ class Scheduler:
         self._sample = np.concatenate([self._sample, host["sample"]])
         self._t = np.concatenate([self._t, host["t"]])
         self._plen = np.concatenate([self._plen, host["plen"]])
+        self._last = np.concatenate([self._last, host["last"]])
         self._ids = np.concatenate([self._ids, host["ids"]])
 
     # -- decoding
@@ -466,8 +480,8 @@ class Scheduler:
         self._logits_b_V = None  # the next forward replaces them
         self._params, self._out = self._params.select(keep_dev), self._out.select(keep_dev)
         self._names = [self._names[i] for i in keep]
-        self._req, self._sample, self._t, self._plen, self._ids = (
-            a[keep] for a in (self._req, self._sample, self._t, self._plen, self._ids)
+        self._req, self._sample, self._t, self._plen, self._last, self._ids = (
+            a[keep] for a in (self._req, self._sample, self._t, self._plen, self._last, self._ids)
         )
 
     def _trim(self, uncached: int = 1) -> None:
@@ -477,8 +491,8 @@ class Scheduler:
         if cut <= 0:
             return
         for layer in self._cache.layers:
-            _check_layer(layer)
-            layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+            _check_layer(layer, RoomLayer)
+            layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]  # views: the room stays
         self._mask_b_W = self._mask_b_W[:, cut:]
 
 
@@ -554,7 +568,8 @@ def _pad_right(x: torch.Tensor, dim: int, size: int, value=0) -> torch.Tensor:
     return torch.cat([x, x.new_full(shape, value)], dim)
 
 
-def _check_layer(layer) -> None:
-    """Merging and cutting caches edit the layers' key/value tensors: plain full-attention layers only."""
-    if type(layer).__name__ != "DynamicLayer" or not getattr(layer, "is_initialized", True):
-        raise NotImplementedError(f"continuous batching needs plain DynamicLayer caches, got {type(layer).__name__}")
+def _check_layer(layer, kind: type) -> None:
+    """Merging and cutting caches edit the layers' key/value tensors: full-attention layers only,
+    plain `DynamicLayer`s from a prefill, `RoomLayer`s in the running cache."""
+    if type(layer) is not kind or not getattr(layer, "is_initialized", True):
+        raise NotImplementedError(f"continuous batching needs full-attention {kind.__name__} caches, got {type(layer).__name__}")

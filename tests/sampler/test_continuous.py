@@ -11,6 +11,7 @@ import pytest
 
 from openrl.bus.errors import InvalidRequest
 from openrl.sampler.hf_batching import Scheduler
+from openrl.sampler.hf_cache import RoomLayer
 from openrl.sampler.hf_model import SlotsBusy, TransformersSampler
 from openrl.sampler.spec import SampleSpec
 from factories import sample_spec
@@ -118,6 +119,31 @@ def test_joining_request_gets_its_prompt_statistics(sampler, ref_model):
     assert results["joiner"].sequences[0].topk_tokens.shape == (6, 4)
     assert results["running"].sequences[0].topk_tokens is None  # asked for none, though it shared the buffers
     assert_same(one(sampler, running), results["running"], running)
+
+
+def test_a_long_generation_copies_its_cache_a_few_times_not_every_step(sampler):
+    """Through the Scheduler: a request joining a running one, to 55 and 50 tokens; every result
+    equals its request alone, the cache stays tight, and the layers' buffers changed a handful
+    of times (each merge, a few regrowths), not once per step as concatenation did."""
+    p_first, p_join = prompts(7, (5, 9))
+    running = sample_spec(prompt=p_first, num_samples=2, max_tokens=55, seed=3, stop_at_eos=False)
+    joiner = sample_spec(prompt=p_join, num_samples=3, max_tokens=50, seed=5, adapter=None, stop_at_eos=False)
+    buffers, capacities = [None], []
+
+    def check(scheduler: Scheduler) -> None:
+        cache_is_tight(scheduler)
+        if scheduler.rows:
+            layer = scheduler._cache.layers[0]
+            assert isinstance(layer, RoomLayer)
+            if layer._k is not buffers[-1]:
+                buffers.append(layer._k)
+            capacities.append(layer.capacity)
+
+    results = run(Scheduler(sampler), {0: [("running", running)], 4: [("joiner", joiner)]}, check=check)
+    assert_same(one(sampler, running), results["running"], running)
+    assert_same(one(sampler, joiner), results["joiner"], joiner)
+    assert len(capacities) >= 50 and len(buffers) - 1 <= 8
+    assert max(capacities) <= max(5 + 55, 9 + 50)  # never past the widest window the rows can make
 
 
 def test_many_staggered_arrivals_all_complete_correctly(sampler, ref_model):
