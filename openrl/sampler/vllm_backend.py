@@ -33,7 +33,8 @@ process) batches everything in flight continuously, adapters mixed. How a reques
   which vLLM silently raises to 0.01.
 - Adapters: the blob (safetensors keyed like a saved PEFT adapter) becomes a PEFT folder
   `lora-<id>/` in a private directory this sampler makes (under `adapter_dir`, default the
-  system temp dir; never a path from a request) and is registered with the engine
+  system temp dir; never a path from a request; a killed sampler's is removed by the next one
+  to start: private_dirs.py) and is registered with the engine
   (`add_lora`). At most `max_adapters` stay (least recently used out first, never one a
   running request uses); an evicted one is removed from the engine and the disk. Each load
   gets a fresh LoRA id and a name of its own, `<weights key>#<id>`: vLLM caches adapters by id
@@ -62,7 +63,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +76,7 @@ import torch
 from openrl.bus.errors import InvalidRequest, NotFound
 from openrl.bus.messages import LORA_ALPHA
 from openrl.fair import FairShare
+from openrl.sampler import private_dirs
 from openrl.sampler import spec as be
 from openrl.sampler.hf_batching import MIN_SHARE_ROWS, RESERVE_ROWS, key_share
 from openrl.sampler.sampling import SENTINEL_LOGPROB, SENTINEL_TOKEN, derive_seed
@@ -419,17 +420,21 @@ class RowShare:
 MAX_RPC_DIR_LEN = 107 - 37
 
 
-def rpc_dir() -> Path | None:
-    """A private directory (mode 700) for vLLM's IPC sockets in the system temp dir, or None
-    where VLLM_RPC_BASE_PATH is set or the temp dir's path is too long for a socket in it."""
+RPC_PREFIX, ADAPTERS_PREFIX = "openrl-vllm-rpc-", "openrl-vllm-adapters-"
+
+
+def rpc_dir() -> tuple[Path, int] | None:
+    """A private directory (mode 700) for vLLM's IPC sockets in the system temp dir and its
+    lock (private_dirs.py), or None where VLLM_RPC_BASE_PATH is set or the temp dir's path is
+    too long for a socket in it."""
     if os.environ.get("VLLM_RPC_BASE_PATH"):
         return None
-    path = Path(tempfile.mkdtemp(prefix="openrl-vllm-rpc-"))
+    path, lock = private_dirs.make(RPC_PREFIX)
     if len(os.fsencode(path)) > MAX_RPC_DIR_LEN:
-        path.rmdir()
+        private_dirs.release(path, lock)
         log.warning("vllm_rpc_dir_too_long", path=str(path), note="vLLM's sockets stay in the temp dir")
         return None
-    return path
+    return path, lock
 
 
 @contextlib.contextmanager
@@ -527,8 +532,12 @@ class VllmSampler:
         # vLLM's processes talk over ZMQ IPC sockets it names `<VLLM_RPC_BASE_PATH>/<uuid4>`
         # (default: the system temp dir) and never removes: each engine start left about six in
         # /tmp. They go into a private directory of ours instead, removed by close(); a
-        # VLLM_RPC_BASE_PATH set by the operator is kept.
-        self._rpc_dir = rpc_dir()
+        # VLLM_RPC_BASE_PATH set by the operator is kept. Those of samplers that were killed
+        # (SIGKILL: no close) are removed here, with their adapter folders (private_dirs.py).
+        private_dirs.sweep(RPC_PREFIX)
+        private_dirs.sweep(ADAPTERS_PREFIX, adapter_dir)
+        rpc = rpc_dir()
+        self._rpc_dir, self._rpc_lock = rpc if rpc is not None else (None, None)
         try:
             with _rpc_base_path(self._rpc_dir):
                 self.engine = AsyncLLM.from_engine_args(args)
@@ -538,10 +547,10 @@ class VllmSampler:
                 raise RuntimeError(f"vLLM runs with logprobs_mode {mode!r}, not 'processed_logprobs': the logprobs would be wrong")
         except BaseException:
             if self._rpc_dir is not None:
-                shutil.rmtree(self._rpc_dir, ignore_errors=True)
+                private_dirs.release(self._rpc_dir, self._rpc_lock)
             raise
         self._rows = RowShare(self.engine.vllm_config.scheduler_config.max_num_seqs)
-        self._dir = Path(tempfile.mkdtemp(prefix="openrl-vllm-adapters-", dir=adapter_dir))  # mode 700, ours alone
+        self._dir, self._dir_lock = private_dirs.make(ADAPTERS_PREFIX, adapter_dir)  # mode 700, ours alone
         log.info("sampler_loaded", backend="vllm", path=model_path, device=self.info.device, dtype=dtype, eos=self.info.eos_token_ids,
                  max_loras=max_loras, max_lora_rank=max_lora_rank, gpu_memory_utilization=gpu_memory_utilization,
                  kv_cache_memory_bytes=kv_cache_memory_bytes, tensor_parallel_size=tensor_parallel_size,
@@ -601,9 +610,9 @@ class VllmSampler:
 
     def close(self) -> None:
         self.engine.shutdown()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        private_dirs.release(self._dir, self._dir_lock)
         if self._rpc_dir is not None:
-            shutil.rmtree(self._rpc_dir, ignore_errors=True)
+            private_dirs.release(self._rpc_dir, self._rpc_lock)
 
     # -- generation
 

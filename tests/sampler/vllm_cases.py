@@ -72,12 +72,46 @@ def model_path() -> str:
     return path
 
 
+KILLED_OWNER = """
+import sys
+from openrl.sampler import private_dirs
+for prefix, parent in ((sys.argv[1], None), (sys.argv[2], sys.argv[3])):
+    path, lock = private_dirs.make(prefix, parent)
+    (path / "lora-7").mkdir()
+    print(path, flush=True)
+sys.stdin.read()
+"""
+
+
+KILLED_DIRS: list[Path] = []  # what the fixture's killed sampler left
+
+
+def killed_samplers_dirs(adapter_dir: Path) -> list[Path]:
+    """The socket and adapter directories of a process that made them as a sampler does and was
+    killed with SIGKILL (it could not remove them)."""
+    import signal
+    import subprocess
+    import sys
+
+    from openrl.sampler.vllm_backend import ADAPTERS_PREFIX, RPC_PREFIX
+
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_OWNER, RPC_PREFIX, ADAPTERS_PREFIX, str(adapter_dir)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    dirs = [Path(proc.stdout.readline().strip()) for _ in range(2)]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert all(d.is_dir() for d in dirs)
+    return dirs
+
+
 @pytest.fixture(scope="module")
 async def vllm_sampler(model_path, tmp_path_factory):
     from openrl.sampler.vllm_backend import VllmSampler
 
+    adapter_dir = tmp_path_factory.mktemp("vllm-adapters")
+    KILLED_DIRS.extend(killed_samplers_dirs(adapter_dir))
     s = VllmSampler(model_path, max_loras=2, max_lora_rank=16, max_adapters=2, max_model_len=256, enforce_eager=True,
-                    kv_cache_memory_bytes=256 << 20, adapter_dir=str(tmp_path_factory.mktemp("vllm-adapters")))  # fmt: skip
+                    kv_cache_memory_bytes=256 << 20, adapter_dir=str(adapter_dir))  # fmt: skip
     yield s
     rpc = s._rpc_dir
     s.close()
@@ -96,6 +130,11 @@ async def test_engine_sockets_live_in_a_private_directory(vllm_sampler):
     sockets = [p for p in rpc.iterdir() if stat.S_ISSOCK(p.stat().st_mode)]
     assert sockets, f"no vLLM socket in {rpc}: {list(rpc.iterdir())}"
     assert "VLLM_RPC_BASE_PATH" not in os.environ  # put back as it was once the engine started
+
+
+async def test_a_killed_samplers_directories_are_removed_when_the_next_one_starts(vllm_sampler):
+    assert KILLED_DIRS and not any(d.exists() for d in KILLED_DIRS), KILLED_DIRS
+    assert vllm_sampler._dir.is_dir() and vllm_sampler._rpc_dir.is_dir()  # its own, made after the sweep
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +335,7 @@ async def test_adapter_lru_evicts_engine_and_folder(vllm_sampler, trainer):
         ids.append(vllm_sampler._loras[key].request.lora_int_id)
     assert vllm_sampler.adapter_keys()[-2:] == ["lru/b", "lru/c"] and not vllm_sampler.has_adapter("lru/a")
     await asyncio.gather(*list(vllm_sampler._removing))
-    assert len(list(vllm_sampler._dir.iterdir())) == 2  # the evicted adapter's folder is gone
+    assert len(list(vllm_sampler._dir.glob("lora-*"))) == 2  # the evicted adapter's folder is gone
     assert ids[0] not in await vllm_sampler.engine.list_loras()  # and vLLM dropped it
     with pytest.raises(NotFound):
         await vllm_sampler.sample(respec(spec, adapter="lru/a"))
