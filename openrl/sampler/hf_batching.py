@@ -187,8 +187,9 @@ class Scheduler:
     different prompt lengths and ages share every forward. Merging left-pads whichever of
     the two caches is shorter; when rows leave, the leading columns no active row needs are
     cut. Its layers are `RoomLayer`s (hf_cache.py): a decode step writes its column into room
-    kept to the right of the window, where transformers' own layer copied the whole cache. A row's tokens depend only on its own prompt, adapter and seed (uniforms drawn per
-    row and step index), never on the rows around it, up to float noise in the logits.
+    kept to the right of the window, where transformers' own layer copied the whole cache. A
+    row's tokens depend only on its own prompt, adapter and seed (uniforms drawn per row and
+    step index), never on the rows around it, up to float noise in the logits.
     """
 
     def __init__(self, sampler):  # a TransformersSampler (hf_model.py imports this module)
