@@ -1,11 +1,19 @@
-"""The transformers engine's running KV cache with room (openrl/sampler/hf_cache.py) against a
-copy of the whole cache per decode step (transformers' DynamicLayer concatenates; here the
-same RoomLayer with no room, `Scheduler.kv_room = False`), in one run, alternating.
+"""The transformers engine's running KV cache with room (openrl/sampler/hf_cache.py) against the
+copies it replaced, in one run, alternating, same code (the Scheduler's `kv_room` and
+`kv_row_room` switches):
+- "room": room for columns and for rows (decode steps, joins and leaves in place);
+- "columns": room for columns only (a decode step in place; each join and leave copies the
+  cache);
+- "copy": no room, a copy of the whole cache every decode step, as transformers' own
+  `DynamicLayer` (its `update` concatenates), and at each join and leave.
 
 Each case: a random model saved locally, the `Scheduler` in this process over
-`TransformersSampler`, `--rows` rows (requests of 4 samples) of a `--prompt`-token prompt
-generating `--max-tokens` each (no stop), run to the end; seconds per run, decode tokens/s, the
-ratio (copy per step / room), and whether both sides drew the same tokens.
+`TransformersSampler`, requests of 4 samples of a 64-token prompt, no stop:
+- "batch": all requests at once, `rows` rows generating `max_tokens` each;
+- "stream": a request arriving every 8 steps, each generating `max_tokens` (so about
+  4 x max_tokens / 8 rows run at once), `rows` rows in all: a join and a leave every 8 steps.
+Seconds per run, generated tokens/s, the ratios to "room", and whether all sides drew the same
+tokens.
 
     HF_HOME=~/.cache/openrl-tests/hf python bench/kv_cache.py [--reps 3] [--threads 1] [--out bench/results/kv_cache.json]
 
@@ -21,19 +29,22 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
 from common import finish_results
 from lora_slots import configs
 
-CASES = (  # model, rows, prompt tokens, max_tokens
-    ("default_shape", 64, 64, 448),
-    ("default_shape", 16, 64, 448),
-    ("wide_qwen3", 32, 64, 448),
+ROOT = Path(__file__).resolve().parent.parent
+CASES = (  # model, workload, rows, max_tokens
+    ("default_shape", "batch", 64, 448),
+    ("default_shape", "batch", 16, 448),
+    ("default_shape", "stream", 256, 128),
+    ("wide_qwen3", "batch", 32, 448),
 )
+SIDES = {"room": (True, True), "columns": (True, False), "copy": (False, False)}  # kv_room, kv_row_room
+PROMPT = 64
+EVERY = 8  # steps between arrivals, in the stream workload
 
 
-def run_once(sampler, rows: int, prompt: int, max_tokens: int, vocab: int, room: bool):
+def run_once(sampler, workload: str, rows: int, max_tokens: int, vocab: int, side: str):
     import numpy as np
 
     from openrl.bus.messages import SamplingParams
@@ -42,47 +53,55 @@ def run_once(sampler, rows: int, prompt: int, max_tokens: int, vocab: int, room:
 
     rng = np.random.default_rng(0)
     scheduler = Scheduler(sampler)
-    scheduler.kv_room = room
+    scheduler.kv_room, scheduler.kv_row_room = SIDES[side]
     scheduler.reserve_rows = 0  # one key: every row runs at once, none kept free for another key
-    for i in range(rows // 4):
-        params = SamplingParams(max_tokens=max_tokens, seed=i, stop_at_eos=False)
-        scheduler.add(i, SampleSpec(prompt=rng.integers(4, vocab, prompt).tolist(), num_samples=4, params=params))
-    results, steps = {}, 0
+    specs = [
+        SampleSpec(prompt=rng.integers(4, vocab, PROMPT).tolist(), num_samples=4,
+                   params=SamplingParams(max_tokens=max_tokens, seed=i, stop_at_eos=False))
+        for i in range(rows // 4)
+    ]  # fmt: skip
+    arrivals = {0: list(enumerate(specs))} if workload == "batch" else {EVERY * i: [(i, spec)] for i, spec in enumerate(specs)}
+    results, step = {}, 0
     t = time.perf_counter()
-    while not scheduler.idle:
+    while step <= max(arrivals) or not scheduler.idle:
+        for i, spec in arrivals.get(step, []):
+            scheduler.add(i, spec)
         results.update(scheduler.step())
-        steps += 1
-    return time.perf_counter() - t, steps, [results[k] for k in sorted(results)]
+        step += 1
+    return time.perf_counter() - t, [results[k] for k in sorted(results)]
 
 
-def bench_case(name: str, config, rows: int, prompt: int, max_tokens: int, reps: int) -> dict:
+def bench_case(name: str, config, workload: str, rows: int, max_tokens: int, reps: int) -> dict:
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
     from openrl.sampler.hf_model import TransformersSampler
 
+    times: dict[str, list[float]] = {side: [] for side in SIDES}
+    outs = {}
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
-        sampler = TransformersSampler(tmp, device="cpu", dtype=torch.float32, max_batch_rows=rows)
-        run_once(sampler, 4, prompt, 8, config.vocab_size, True)  # warm-up
-        room_s, copy_s = [], []
+        sampler = TransformersSampler(tmp, device="cpu", dtype=torch.float32, max_batch_rows=max(rows, 4))
+        run_once(sampler, "batch", 4, 8, config.vocab_size, "room")  # warm-up
         for rep in range(reps):
-            s, steps, room_out = run_once(sampler, rows, prompt, max_tokens, config.vocab_size, True)
-            room_s.append(s)
-            s, _, copy_out = run_once(sampler, rows, prompt, max_tokens, config.vocab_size, False)
-            copy_s.append(s)
-            print(f"{name} {rows} rows: rep {rep}: room {room_s[-1]:.2f} s, copy per step {copy_s[-1]:.2f} s", flush=True)
-    pairs = [(a, b) for x, y in zip(room_out, copy_out, strict=True) for a, b in zip(x.sequences, y.sequences, strict=True)]
+            for side in SIDES if rep % 2 == 0 else reversed(SIDES):
+                s, outs[side] = run_once(sampler, workload, rows, max_tokens, config.vocab_size, side)
+                times[side].append(s)
+            print(f"{name} {workload} {rows} rows: rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+    med = {side: statistics.median(v) for side, v in times.items()}
     tokens = rows * max_tokens
-    room, copy = statistics.median(room_s), statistics.median(copy_s)
+
+    def same(a, b) -> bool:
+        return all(np.array_equal(x.tokens, y.tokens) for p, q in zip(a, b, strict=True) for x, y in zip(p.sequences, q.sequences, strict=True))
+
     out = {
-        "model": name, "rows": rows, "prompt_tokens": prompt, "max_tokens": max_tokens, "steps": steps,
-        "room_tokens_per_s": round(tokens / room, 1), "copy_tokens_per_s": round(tokens / copy, 1),
-        "copy_over_room": round(copy / room, 3), "room_s": [round(x, 3) for x in room_s], "copy_s": [round(x, 3) for x in copy_s],
-        "same_tokens": all(np.array_equal(a.tokens, b.tokens) for a, b in pairs),
-        "max_logprob_diff": max(float(np.abs(a.logprobs - b.logprobs).max()) for a, b in pairs),
+        "model": name, "workload": workload, "rows": rows, "prompt_tokens": PROMPT, "max_tokens": max_tokens,
+        **{f"{side}_tokens_per_s": round(tokens / med[side], 1) for side in SIDES},
+        "columns_over_room": round(med["columns"] / med["room"], 3), "copy_over_room": round(med["copy"] / med["room"], 3),
+        "seconds": {side: [round(x, 3) for x in v] for side, v in times.items()},
+        "same_tokens": same(outs["room"], outs["columns"]) and same(outs["room"], outs["copy"]),
     }  # fmt: skip
     print(out, flush=True)
     return out
@@ -101,10 +120,10 @@ def main() -> None:
     started = time.perf_counter()
     results = {"machine": {"loadavg_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}, "cases": []}
     cfgs = configs()
-    for name, rows, prompt, max_tokens in CASES[:1] if args.quick else CASES:
+    for name, workload, rows, max_tokens in CASES:
         if args.quick:
-            rows, prompt, max_tokens = 8, 8, 24
-        results["cases"].append(bench_case(name, cfgs[name], rows, prompt, max_tokens, 1 if args.quick else args.reps))
+            rows, max_tokens = 8, 24
+        results["cases"].append(bench_case(name, cfgs[name], workload, rows, max_tokens, 1 if args.quick else args.reps))
     finish_results(args.out, results, args, started)
 
 

@@ -186,8 +186,11 @@ class Scheduler:
     (left padding masked out by the attention mask, positions counted per row), so rows of
     different prompt lengths and ages share every forward. Merging left-pads whichever of
     the two caches is shorter; when rows leave, the leading columns no active row needs are
-    cut. Its layers are `RoomLayer`s (hf_cache.py): a decode step writes its column into room
-    kept to the right of the window, where transformers' own layer copied the whole cache. A
+    cut, and the rows that stay keep their places but for the last ones, which move into the
+    places of the rows that left (`_fill_holes`). Its layers are `RoomLayer`s (hf_cache.py):
+    a decode step writes its column into room kept to the right of the window, and a merge
+    writes the new rows into room kept below the others, where transformers' own layer copied
+    the whole cache for each. A
     row's tokens depend only on its own prompt, adapter and seed (uniforms drawn per row and
     step index), never on the rows around it, up to float noise in the logits.
     """
@@ -198,7 +201,9 @@ class Scheduler:
         self.share = FairShare()  # between the owner keys of waiting requests
         self.min_share_rows = MIN_SHARE_ROWS
         self.reserve_rows = RESERVE_ROWS
-        self.kv_room = True  # False: no room in the KV cache, a copy per step as transformers' own (bench/kv_cache.py's baseline)
+        # The KV cache's room (hf_cache.py). Off: a copy of the cache per step and per join, as
+        # transformers' own layer (kv_room), or per join and leave (kv_row_room): bench/kv_cache.py's baselines.
+        self.kv_room = self.kv_row_room = True
         self._running: dict[int, _Request] = {}  # by admission number
         self._admitting: list[_Request] = []  # being prefilled and merged (for `abort` if that fails)
         self._done: list[tuple[object, SampleResult | InvalidRequest]] = []
@@ -297,12 +302,13 @@ class Scheduler:
         if gone.all():
             self._clear_rows()
             return True
-        keep = np.flatnonzero(~gone)
-        keep_dev = torch.from_numpy(keep).to(self.sampler.device)
-        logits_b_V = self._logits_b_V[keep_dev]  # between steps they are the next token's: kept
-        self._select(keep, keep_dev)
-        self._logits_b_V = logits_b_V
-        self._trim(uncached=0)
+        keep = _fill_holes(~gone)
+        with torch.inference_mode():  # the cache's rows move in place, as in `step`
+            keep_dev = torch.from_numpy(keep).to(self.sampler.device)
+            logits_b_V = self._logits_b_V[keep_dev]  # between steps they are the next token's: kept
+            self._select(keep, keep_dev)
+            self._logits_b_V = logits_b_V
+            self._trim(uncached=0)
         return True
 
     # -- admission
@@ -391,7 +397,8 @@ class Scheduler:
         for layer in cache.layers:
             _check_layer(layer, DynamicLayer)
         if self.rows == 0:
-            cache.layers = [RoomLayer.joined([layer], layer.keys.shape[2], horizon) for layer in cache.layers]
+            max_rows = self.sampler.max_batch_rows if self.kv_room and self.kv_row_room else None
+            cache.layers = [RoomLayer.joined([layer], layer.keys.shape[2], horizon, max_rows) for layer in cache.layers]
             self._cache = cache
             self._mask_b_W, self._logits_b_V, self._pos_b = new["mask"], new["logits"], new["pos"]
             self._t_b, self._params, self._out = new["t"], new["params"], new["out"]
@@ -404,7 +411,7 @@ class Scheduler:
         layers = self._cache.layers
         for i, (old_layer, new_layer) in enumerate(zip(layers, cache.layers, strict=True)):
             _check_layer(old_layer, RoomLayer)
-            layers[i] = RoomLayer.joined([old_layer, new_layer], width, horizon)  # one copy of each, padded
+            layers[i] = old_layer.append(new_layer, width, horizon)  # in place where there is room
         self._mask_b_W = torch.cat([_pad_left(self._mask_b_W, 1, width), _pad_left(new["mask"], 1, width)])
         self._logits_b_V = torch.cat([self._logits_b_V, new["logits"].to(self._logits_b_V.dtype)])
         self._pos_b = torch.cat([self._pos_b, new["pos"]])
@@ -439,7 +446,7 @@ class Scheduler:
             if ended.all():
                 self._clear_rows()
                 return
-            keep = np.flatnonzero(~ended)
+            keep = _fill_holes(~ended)
             keep_dev = torch.from_numpy(keep).to(dev)
             self._select(keep, keep_dev)
             token_b = token_b[keep_dev]
@@ -476,7 +483,13 @@ class Scheduler:
         self._stops.drop(self._ids[rows])
 
     def _select(self, keep: np.ndarray, keep_dev: torch.Tensor) -> None:
-        self._cache.batch_select_indices(keep_dev)
+        moved = torch.from_numpy(np.flatnonzero(keep != np.arange(len(keep)))).to(keep_dev.device)  # rows changing place
+        for layer in self._cache.layers:
+            _check_layer(layer, RoomLayer)
+            if self.kv_row_room:
+                layer.keep_rows(keep_dev, moved, keep_dev[moved])
+            else:
+                layer.batch_select_indices(keep_dev)
         self._mask_b_W, self._pos_b, self._t_b = self._mask_b_W[keep_dev], self._pos_b[keep_dev], self._t_b[keep_dev]
         self._logits_b_V = None  # the next forward replaces them
         self._params, self._out = self._params.select(keep_dev), self._out.select(keep_dev)
@@ -536,6 +549,15 @@ class StopStrings:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _fill_holes(alive: np.ndarray) -> np.ndarray:
+    """The rows to keep, in the order that moves fewest: the first k (k = rows kept) stay where
+    they are if alive, and the alive rows past them move into the dead ones' places."""
+    keep = np.flatnonzero(alive)
+    order = np.arange(len(keep))
+    order[~alive[: len(keep)]] = keep[keep >= len(keep)]
+    return order
 
 
 def _slice(spec: SampleSpec, first: int, end: int) -> SampleSpec:

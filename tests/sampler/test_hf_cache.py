@@ -104,3 +104,65 @@ def test_start_is_found_from_the_views_offset(cut):
     assert room._start() == cut
     room.values = room.values.clone()
     assert room._start() is None
+
+
+def test_append_writes_the_new_rows_in_place_and_equals_joining():
+    a, b = kv(3, 5, 0), kv(2, 7, 1)  # the new rows' prompt is longer: the window widens left
+    room = RoomLayer.joined([plain(*a)], 5, horizon=100, max_rows=64)
+    for step in range(4):  # some room used on the right, the window no longer at column 0
+        room.update(*kv(3, 1, 10 + step))
+    room.keys, room.values = room.keys[:, :, 3:], room.values[:, :, 3:]  # cut 3 leading columns
+    ref = RoomLayer.joined([plain(room.keys.clone(), room.values.clone()), plain(*b)], 7, horizon=100)
+    buf = room._k
+    assert room.append(plain(*b), 7, horizon=100) is room and room._k is buf  # in place
+    assert torch.equal(room.keys, ref.keys) and torch.equal(room.values, ref.values)
+    assert room.keys.shape == (5, 2, 7, 4)
+    step = kv(5, 1, 20)
+    room.update(*step)
+    ref.update(*step)
+    assert torch.equal(room.keys, ref.keys)
+
+
+def test_append_without_room_joins_into_a_new_buffer():
+    full = RoomLayer.joined([plain(*kv(3, 5, 0))], 5, horizon=100, max_rows=4)  # 4 rows of room at most
+    assert full.row_capacity == 4
+    joined = full.append(plain(*kv(2, 5, 1)), 5, horizon=100)
+    assert joined is not full and joined.keys.shape[0] == 5 and joined.row_capacity == 5
+    narrow = RoomLayer.joined([plain(*kv(3, 5, 0))], 5, horizon=100, max_rows=64)  # the window at column 0
+    wider = narrow.append(plain(*kv(1, 9, 2)), 9, horizon=100)  # no column to widen into on the left
+    assert wider is not narrow and wider.keys.shape == (4, 2, 9, 4) and not wider.keys[:3, :, :4].any()
+
+
+def test_columns_exposed_by_append_never_show_another_rows_stale_keys():
+    """A row that left a NaN behind (an adapter that overflowed) cannot reach the rows that take
+    its place: what append shows is zeroed or written."""
+    room = RoomLayer.joined([plain(*kv(4, 6, 0))], 6, horizon=100, max_rows=64)
+    room.update(*kv(4, 1, 1))
+    room.keys, room.values = room.keys[:, :, 4:], room.values[:, :, 4:]  # cut 4: the window starts at 4
+    room.keep_rows(torch.tensor([0, 3, 2]), torch.tensor([1]), torch.tensor([3]))  # row 1 left, row 3 moved in
+    shown = room.keys.clone(), room.values.clone()
+    for buf, window in zip((room._k, room._v), shown):
+        buf.fill_(float("nan"))  # every cell the window does not show: poisoned
+        buf[:3, :, 4:7] = window
+    room.append(plain(*kv(2, 5, 2)), 5, horizon=100)  # widen by 2 to the left, 2 rows below
+    assert room.keys.shape == (5, 2, 5, 4) and room.keys.isfinite().all() and room.values.isfinite().all()
+    assert torch.equal(room.keys[:3, :, 2:], shown[0]) and not room.keys[:3, :, :2].any()
+    room.update(*kv(5, 1, 3))
+    room.append(plain(*kv(1, 2, 4)), 6, horizon=100)  # a shorter prompt: 4 columns of left padding
+    assert room.keys.shape == (6, 2, 6, 4) and not room.keys[5, :, :4].any() and not room.values[5, :, :4].any()
+    room.update(*kv(6, 1, 5))
+    assert room.keys.isfinite().all() and room.values.isfinite().all()
+
+
+def test_keep_rows_moves_only_the_rows_that_change_place():
+    room = RoomLayer.joined([plain(*kv(5, 6, 0))], 6, horizon=100, max_rows=64)
+    ref = plain(room.keys.clone(), room.values.clone())
+    buf = room._k
+    keep = torch.tensor([0, 4, 2])  # rows 1 and 3 left; row 4 moves into row 1's place
+    room.keep_rows(keep, torch.tensor([1]), torch.tensor([4]))
+    ref.batch_select_indices(keep)
+    assert room._k is buf and torch.equal(room.keys, ref.keys) and torch.equal(room.values, ref.values)
+    keep = torch.tensor([1, 2])  # a general order: correct too (gathered, then written)
+    room.keep_rows(keep, torch.tensor([0, 1]), torch.tensor([1, 2]))
+    ref.batch_select_indices(keep)
+    assert torch.equal(room.keys, ref.keys)
