@@ -7,7 +7,8 @@ copies it replaced, in one run, alternating, same code (the Scheduler's `kv_room
 - "copy": no room, a copy of the whole cache every decode step, as transformers' own
   `DynamicLayer` (its `update` concatenates), and at each join and leave.
 
-Each case: a random model saved locally, the `Scheduler` in this process over
+Each case: a random model saved locally (the default model's shape, the wide Qwen3 of
+lora_slots.py, and `kv_heavy`), the `Scheduler` in this process over
 `TransformersSampler`, requests of 4 samples of a 64-token prompt, no stop:
 - "batch": all requests at once, `rows` rows generating `max_tokens` each;
 - "stream": a request arriving every 8 steps, each generating `max_tokens` (so about
@@ -15,7 +16,7 @@ Each case: a random model saved locally, the `Scheduler` in this process over
 Seconds per run, generated tokens/s, the ratios to "room", and whether all sides drew the same
 tokens.
 
-    HF_HOME=~/.cache/openrl-tests/hf python bench/kv_cache.py [--reps 3] [--threads 1] [--out bench/results/kv_cache.json]
+    HF_HOME=~/.cache/openrl-tests/hf python bench/kv_cache.py [--reps 3] [--threads 1] [--models kv_heavy] [--out bench/results/kv_cache.json]
 
 Prints the figures and writes them as JSON.
 """
@@ -38,10 +39,20 @@ CASES = (  # model, workload, rows, max_tokens
     ("default_shape", "batch", 16, 448),
     ("default_shape", "stream", 256, 128),
     ("wide_qwen3", "batch", 32, 448),
+    ("kv_heavy", "stream", 256, 128),
 )
 SIDES = {"room": (True, True), "columns": (True, False), "copy": (False, False)}  # kv_room, kv_row_room
 PROMPT = 64
 EVERY = 8  # steps between arrivals, in the stream workload
+
+
+def kv_heavy():
+    """A Qwen3 whose KV cache weighs as much against its weights as a large model's does at a
+    long context (16 KV heads x 64 on a hidden of 256): a step's time goes to the cache."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                       num_attention_heads=16, num_key_value_heads=16, head_dim=64)  # fmt: skip
 
 
 def run_once(sampler, workload: str, rows: int, max_tokens: int, vocab: int, side: str):
@@ -112,6 +123,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="small sizes: checks the script")
+    p.add_argument("--models", default="", help="only the cases of these models (comma-separated; default: all)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kv_cache.json")
     args = p.parse_args()
     import torch
@@ -119,8 +131,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results = {"machine": {"loadavg_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}, "cases": []}
-    cfgs = configs()
+    cfgs = {**configs(), "kv_heavy": kv_heavy()}
     for name, workload, rows, max_tokens in CASES:
+        if args.models and name not in args.models.split(","):
+            continue
         if args.quick:
             rows, max_tokens = 8, 24
         results["cases"].append(bench_case(name, cfgs[name], workload, rows, max_tokens, 1 if args.quick else args.reps))
