@@ -79,18 +79,21 @@ class RoomLayer(DynamicLayer):
         keys/values are not such a window of it."""
         if self._shown is not None and self._shown[0] is self.keys and self._shown[1] is self.values:
             return self._shown[2]
-        for view, buf in ((self.keys, self._k), (self.values, self._v)):
-            if (
-                buf is None
-                or view.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()
-                or (view.shape[1], view.shape[3]) != (buf.shape[1], buf.shape[3])
-                or view.shape[0] > buf.shape[0]
-                or view.stride() != buf.stride()
-            ):
-                return None
-        start, rest = divmod(self.keys.storage_offset() - self._k.storage_offset(), self._k.stride(2))
-        same = self.values.storage_offset() - self._v.storage_offset() == start * self._v.stride(2)
-        return start if rest == 0 and same and start + self.keys.shape[2] <= self._k.shape[2] else None
+        start = None
+        if all(
+            buf is not None
+            and view.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+            and (view.shape[1], view.shape[3]) == (buf.shape[1], buf.shape[3])
+            and view.shape[0] <= buf.shape[0]
+            and view.stride() == buf.stride()
+            for view, buf in ((self.keys, self._k), (self.values, self._v))
+        ):
+            start, rest = divmod(self.keys.storage_offset() - self._k.storage_offset(), self._k.stride(2))
+            same = self.values.storage_offset() - self._v.storage_offset() == start * self._v.stride(2)
+            start = start if rest == 0 and same and start + self.keys.shape[2] <= self._k.shape[2] else None
+        if start is None:  # keys/values were replaced (not by this class): the buffer is no longer theirs
+            self._k = self._v = self._shown = None
+        return start
 
     def _show(self, rows: int, start: int, end: int) -> None:
         self.keys, self.values = self._k[:rows, :, start:end], self._v[:rows, :, start:end]
