@@ -492,11 +492,13 @@ def main() -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from openrl.base_model import default_dtype
+
     hf_logging.disable_progress_bar()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cuda" and not args.tiny:
         sys.exit("gpu_check: no CUDA device; pass --tiny to check the script on CPU")
-    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)  # what the engines pick
     config = TINY if args.tiny else QWEN3_8B
     name = torch.cuda.get_device_name() if device == "cuda" else None
     peak = peak_flops(name)
