@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import API_KEY, cpu_seconds, finish_results, start_stack, stop_stack  # noqa: E402
+from common import API_KEY, cpu_seconds, finish_results, machine, start_stack, stop_stack  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
-    results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]}, "runs": []}
+    results: dict = {"machine": machine(), "runs": []}
     with tempfile.TemporaryDirectory(prefix="bench-autoresearch-") as tmp:
         work = Path(tmp)
         proc, url = start_stack(work / "stack", "--samplers", str(args.samplers), "--threads", str(args.threads))

@@ -60,6 +60,11 @@ def write_results(out: str | Path, results: dict, note: str = "") -> None:
     print(f"wrote {out}{note}", flush=True)
 
 
+def machine() -> dict:
+    """The start of a run's "machine" record (`finish_results` adds the load average at the end)."""
+    return {"cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+
+
 def finish_results(out: str | Path, results: dict, args, started: float) -> None:
     """Close a run's results (load average at the end, seconds, the arguments) and write them."""
     results.setdefault("machine", {})["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

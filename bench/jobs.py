@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import API_KEY, cpu_by_kind, finish_results, stack_processes, start_stack, stop_stack
+from common import API_KEY, cpu_by_kind, finish_results, machine, stack_processes, start_stack, stop_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA = "openrl-bench/tiny-llama"
@@ -280,7 +280,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TINKER_TELEMETRY", "0")
     started = time.perf_counter()
-    results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
+    results: dict = {"machine": machine(),
                      "workload": {"prompts": PROMPTS, "samples": SAMPLES, "tokens": TOKENS, "reward_s_per_group": REWARD_S,
                                   "reward": "asyncio.sleep in the bench process", "loss_fn": "importance_sampling"}}  # fmt: skip
     if args.baseline_tree and not args.only_sync:

@@ -24,13 +24,12 @@ Prints the figures and writes them as JSON.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import finish_results
+from common import finish_results, machine
 from lora_slots import configs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,7 +129,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    results = {"machine": {"loadavg_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}, "cases": []}
+    results = {"machine": machine(), "cases": []}
     cfgs = {**configs(), "kv_heavy": kv_heavy()}
     for name, workload, rows, max_tokens in CASES:
         if args.models and name not in args.models.split(","):

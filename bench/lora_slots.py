@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-from common import finish_results
+from common import finish_results, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
@@ -305,7 +304,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    results = {"machine": {"loadavg_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}}
+    results = {"machine": machine()}
     cfgs = configs()
     if args.only_forward:
         for name, cfg in cfgs.items():

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import API_KEY, finish_results, start_stack, stop_stack
+from common import API_KEY, finish_results, machine, start_stack, stop_stack
 from jobs import cpu_by_kind, stack_processes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,7 +131,7 @@ def main() -> None:
     ensure_default_model()
     started = time.perf_counter()
     trees = {"this": str(ROOT)} | ({"baseline": str(Path(args.baseline_tree).resolve())} if args.baseline_tree else {})
-    results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]}, "trees": trees}
+    results: dict = {"machine": machine(), "trees": trees}
     stacks, clients = {}, {}
     pythonpath = os.environ.get("PYTHONPATH", "")
     with tempfile.TemporaryDirectory(prefix="openrl-bench-noop-") as tmp:

@@ -15,13 +15,12 @@ machine's load affects both alike; compare the ratio, not the absolute figures.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import finish_results
+from common import finish_results, machine
 from lora_slots import ALPHA, TARGETS, configs, random_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +64,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    results = {"machine": {"loadavg_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}}
+    results = {"machine": machine()}
     config = configs()["wide_qwen3"]
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
