@@ -395,7 +395,7 @@ class Scheduler:
         # The cache's room never goes past the widest window its rows can make (hf_cache.py).
         horizon = int(np.concatenate([self._last, host["last"]]).max()) if self.kv_room else 0
         for layer in cache.layers:
-            _check_layer(layer, DynamicLayer)
+            _check_layer(layer)
         if self.rows == 0:
             max_rows = self.sampler.max_batch_rows if self.kv_room and self.kv_row_room else None
             cache.layers = [RoomLayer.joined([layer], layer.keys.shape[2], horizon, max_rows) for layer in cache.layers]
@@ -410,7 +410,6 @@ class Scheduler:
         width = max(self._mask_b_W.shape[1], new["mask"].shape[1])
         layers = self._cache.layers
         for i, (old_layer, new_layer) in enumerate(zip(layers, cache.layers, strict=True)):
-            _check_layer(old_layer, RoomLayer)
             layers[i] = old_layer.append(new_layer, width, horizon)  # in place where there is room
         self._mask_b_W = torch.cat([_pad_left(self._mask_b_W, 1, width), _pad_left(new["mask"], 1, width)])
         self._logits_b_V = torch.cat([self._logits_b_V, new["logits"].to(self._logits_b_V.dtype)])
@@ -484,10 +483,10 @@ class Scheduler:
 
     def _select(self, keep: np.ndarray, keep_dev: torch.Tensor) -> None:
         moved = torch.from_numpy(np.flatnonzero(keep != np.arange(len(keep)))).to(keep_dev.device)  # rows changing place
+        src = keep_dev[moved]
         for layer in self._cache.layers:
-            _check_layer(layer, RoomLayer)
             if self.kv_row_room:
-                layer.keep_rows(keep_dev, moved, keep_dev[moved])
+                layer.keep_rows(keep_dev, moved, src)
             else:
                 layer.batch_select_indices(keep_dev)
         self._mask_b_W, self._pos_b, self._t_b = self._mask_b_W[keep_dev], self._pos_b[keep_dev], self._t_b[keep_dev]
@@ -505,7 +504,6 @@ class Scheduler:
         if cut <= 0:
             return
         for layer in self._cache.layers:
-            _check_layer(layer, RoomLayer)
             layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]  # views: the room stays
         self._mask_b_W = self._mask_b_W[:, cut:]
 
@@ -591,8 +589,8 @@ def _pad_right(x: torch.Tensor, dim: int, size: int, value=0) -> torch.Tensor:
     return torch.cat([x, x.new_full(shape, value)], dim)
 
 
-def _check_layer(layer, kind: type) -> None:
-    """Merging and cutting caches edit the layers' key/value tensors: full-attention layers only,
-    plain `DynamicLayer`s from a prefill, `RoomLayer`s in the running cache."""
-    if type(layer) is not kind or not getattr(layer, "is_initialized", True):
-        raise NotImplementedError(f"continuous batching needs full-attention {kind.__name__} caches, got {type(layer).__name__}")
+def _check_layer(layer) -> None:
+    """Merging and cutting caches edit the layers' key/value tensors: full-attention layers only.
+    Checked on each prefill's cache, whose layers become the running cache's `RoomLayer`s."""
+    if type(layer) is not DynamicLayer or not getattr(layer, "is_initialized", True):
+        raise NotImplementedError(f"continuous batching needs full-attention DynamicLayer caches, got {type(layer).__name__}")
